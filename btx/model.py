@@ -60,3 +60,360 @@ class ModelConfig:
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    @property
+    def experts_per_token(self) -> int:
+        """How many expert FFNs run per token (the 'active' experts)."""
+        if not self.is_moe:
+            return 1
+        if self.router_mode == "soft":
+            return self.n_experts
+        if self.router_mode in ("switch", "sample_top1"):
+            return 1
+        return self.top_k
+
+    def param_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts, embeddings included."""
+        d, f, hd = self.dim, self.ffn_dim, self.head_dim
+        attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d  # q, o, k, v, two norms
+        ffn = 3 * d * f
+        embed = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
+        experts = max(self.n_experts, 1)
+        router = d * self.n_experts
+        total = embed + self.n_layers * (attn + router + experts * ffn)
+        active = embed + self.n_layers * (attn + router + self.experts_per_token * ffn)
+        return {"total": total, "active": active}
+
+    def train_flops_per_token(self, seq_len: int) -> float:
+        """Forward+backward FLOPs per token: 6 x active matmul parameters + causal attention scores.
+
+        Embedding lookups cost no FLOPs, so the input embedding is left out (the LM head is in).
+        """
+        active = self.param_counts()["active"] - self.vocab_size * self.dim - self.dim
+        if self.tie_embeddings:
+            active += self.vocab_size * self.dim
+        attn_scores = 6 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and AV, causal half x2
+        return 6.0 * active + attn_scores
+
+
+@dataclass
+class Routing:
+    """A router's decision for T tokens. Slots whose expert id equals E were dropped (switch)."""
+
+    expert_TK: torch.Tensor  # long
+    gate_TK: torch.Tensor  # fp32 weight of each chosen expert
+    probs_TE: torch.Tensor  # fp32 softmax over all experts (for the balancing loss and analysis)
+    dropped: int = 0
+
+
+@dataclass
+class MoEStats:
+    """Per-layer by-products of an MoE forward: losses (tensors) and load (host ints)."""
+
+    balance_loss: torch.Tensor  # E * sum_i u_i * p_i, not yet scaled by alpha
+    z_loss: torch.Tensor  # mean(logsumexp(logits)^2)
+    tokens_per_expert: list[int]
+    dropped: int
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    balance_loss: torch.Tensor  # summed over MoE layers (0 for dense); the trainer scales it by alpha
+    z_loss: torch.Tensor  # summed over MoE layers
+    moe_stats: list[MoEStats]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32 whatever the activation dtype, as Llama does.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """Inverse frequencies [Hd/2], with Llama-3 scaling of the long wavelengths when configured."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    scaling = cfg.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    elif scaling:
+        raise ValueError(f"unsupported rope_scaling {scaling!r}; btx supports rope_type 'llama3'")
+    return inv_freq
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+        B, S, _ = x_BSD.shape
+        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos_SHd.to(q.dtype), sin_SHd.to(q.dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        out = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, dim: int, ffn_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """fp32 linear router; `route` is the one place where routing modes plug in."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, dtype=torch.float32))
+        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.mode = cfg.router_mode
+        if self.mode == "sample_top1" and cfg.first_layer_soft and layer_index == 0:
+            self.mode = "soft"
+        self.capacity_factor, self.gumbel_rate = cfg.capacity_factor, cfg.gumbel_rate
+        self.step = 0  # set by the trainer; drives the sample_top1 temperature
+
+    def logits(self, x_TD: torch.Tensor) -> torch.Tensor:
+        return F.linear(x_TD.float(), self.weight.float())
+
+    def temperature(self) -> float:
+        return max(0.5, math.exp(-self.gumbel_rate * self.step))
+
+    def route(self, logits_TE: torch.Tensor) -> Routing:
+        probs_TE = logits_TE.softmax(dim=-1)
+        T, E = probs_TE.shape
+        if self.mode == "topk":
+            # softmax over the top-k logits == Mixtral's softmax -> top-k -> renormalise
+            top_TK, expert_TK = probs_TE.topk(self.top_k, dim=-1)
+            return Routing(expert_TK, top_TK / top_TK.sum(-1, keepdim=True), probs_TE)
+        if self.mode == "soft":
+            expert_TK = torch.arange(E, device=logits_TE.device).expand(T, E)
+            return Routing(expert_TK, probs_TE, probs_TE)
+        if self.mode == "switch":
+            gate_T1, expert_T1 = probs_TE.max(dim=-1, keepdim=True)
+            capacity = math.ceil(self.capacity_factor * T / E)
+            # Tokens claim their expert's slots in sequence order; the ones past capacity are
+            # sent to the overflow id E and pass through the residual untouched.
+            onehot_TE = F.one_hot(expert_T1.squeeze(1), E)
+            position_T = (onehot_TE.cumsum(0) * onehot_TE).sum(-1) - 1
+            over_T = position_T >= capacity
+            expert_T1 = expert_T1.masked_fill(over_T[:, None], E)
+            return Routing(expert_T1, gate_T1, probs_TE, dropped=int(over_T.sum()))
+        if self.mode == "sample_top1":
+            if not self.training:  # hard choice at inference
+                expert_T1 = logits_TE.argmax(dim=-1, keepdim=True)
+                return Routing(expert_T1, torch.ones_like(expert_T1, dtype=probs_TE.dtype), probs_TE)
+            gumbel_TE = -torch.empty_like(logits_TE).exponential_().log()
+            sample_TE = ((logits_TE + gumbel_TE) / self.temperature()).softmax(dim=-1)
+            gate_T1, expert_T1 = sample_TE.max(dim=-1, keepdim=True)  # keep only the sample's max
+            return Routing(expert_T1, gate_T1, probs_TE)
+        raise ValueError(f"unknown router_mode {self.mode!r}; expected one of {ROUTER_MODES}")
+
+
+def grouped_mm_supported(x: torch.Tensor) -> bool:
+    """The grouped GEMM is the fast path on Hopper-class GPUs in bf16; elsewhere the loop wins."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and hasattr(torch, "_grouped_mm")
+    )
+
+
+class MoEFeedForward(nn.Module):
+    """E SwiGLU experts with stacked weights and a router. `impl`: auto | loop | grouped."""
+
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        E, D, Fd = cfg.n_experts, cfg.dim, cfg.ffn_dim
+        self.router = Router(cfg, layer_index)
+        self.w1 = nn.Parameter(torch.empty(E, Fd, D))
+        self.w3 = nn.Parameter(torch.empty(E, Fd, D))
+        self.w2 = nn.Parameter(torch.empty(E, D, Fd))
+        self.impl = "auto"
+        self.record_routing = False
+        self.last_routing: Routing | None = None
+
+    def forward(self, x_BSD: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        logits_TE = self.router.logits(x_TD)
+        routing = self.router.route(logits_TE)
+        if self.record_routing:
+            self.last_routing = Routing(
+                routing.expert_TK.detach(), routing.gate_TK.detach(), routing.probs_TE.detach(), routing.dropped
+            )
+        y_TD, counts = self.dispatch(x_TD, routing.expert_TK, routing.gate_TK)
+        stats = MoEStats(
+            balance_loss=self.balance_loss(routing),
+            z_loss=torch.logsumexp(logits_TE, dim=-1).pow(2).mean(),
+            tokens_per_expert=counts,
+            dropped=routing.dropped,
+        )
+        return y_TD.view(B, S, D), stats
+
+    def balance_loss(self, routing: Routing) -> torch.Tensor:
+        """Paper's L_LB / alpha = E * sum_i u_i p_i; u_i mean gate value, p_i mean router prob."""
+        T, E = routing.probs_TE.shape
+        gate_TE = torch.zeros_like(routing.probs_TE)
+        kept_TK = routing.expert_TK < E
+        gate_TE.scatter_add_(
+            1, routing.expert_TK.clamp(max=E - 1), routing.gate_TK * kept_TK.to(routing.gate_TK.dtype)
+        )
+        return E * (gate_TE.mean(0) * routing.probs_TE.mean(0)).sum()
+
+    def dispatch(
+        self, x_TD: torch.Tensor, expert_TK: torch.Tensor, gate_TK: torch.Tensor
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Run each token slot through its expert and sum the gated outputs per token."""
+        T, K = expert_TK.shape
+        E = self.w1.shape[0]
+        expert_N = expert_TK.reshape(-1)  # N = T*K slots; id E marks a dropped slot
+        order_N = torch.argsort(expert_N, stable=True)
+        counts_E = torch.bincount(expert_N, minlength=E + 1)
+        counts = counts_E.tolist()  # the one host sync of this layer
+        kept = T * K - counts[E]
+        order_N = order_N[:kept]
+        token_N = order_N // K
+        x_ND = x_TD.index_select(0, token_N)
+        use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_supported(x_TD))
+        if use_grouped:
+            out_ND = self._experts_grouped(x_ND, counts_E[:E])
+        else:
+            out_ND = self._experts_loop(x_ND, counts[:E])
+        gate_N = gate_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND * gate_N[:, None])
+        return y_TD, counts[:E]
+
+    def _experts_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Reference path: one contiguous slice per expert, no further host syncs."""
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            x_nD = x_ND[start : start + n]
+            h_nF = F.silu(x_nD @ self.w1[e].t()) * (x_nD @ self.w3[e].t())
+            outs.append(h_nF @ self.w2[e].t())
+            start += n
+        if not outs:
+            return x_ND.new_zeros(0, x_ND.shape[1])
+        return torch.cat(outs)
+
+    def _experts_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Fast path: one grouped GEMM per projection over the expert-sorted slots."""
+        grouped_mm = getattr(F, "grouped_mm", None) or torch._grouped_mm
+        offs_E = counts_E.cumsum(0).to(torch.int32)
+        h_NF = F.silu(grouped_mm(x_ND, self.w1.transpose(1, 2), offs=offs_E)) * grouped_mm(
+            x_ND, self.w3.transpose(1, 2), offs=offs_E
+        )
+        return grouped_mm(h_NF, self.w2.transpose(1, 2), offs=offs_E)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = MoEFeedForward(cfg, layer_index) if cfg.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        h = self.ffn(self.ffn_norm(x))
+        if isinstance(h, tuple):
+            return x + h[0], h[1]
+        return x + h, None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Normal(0, std) weights; residual-output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            else:
+                scale = out_std if name.endswith(("wo.weight", "w2.weight", "ffn.w2")) else std
+                with torch.no_grad():
+                    p.normal_(0.0, scale, generator=generator)
+
+    def rope(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+        freqs_SH = torch.outer(pos, self.inv_freq.to(device))
+        emb = torch.cat((freqs_SH, freqs_SH), dim=-1)
+        return emb.cos(), emb.sin()
+
+    def moe_layers(self) -> list[MoEFeedForward]:
+        return [b.ffn for b in self.layers if isinstance(b.ffn, MoEFeedForward)]
+
+    def set_routing_record(self, on: bool) -> None:
+        for ffn in self.moe_layers():
+            ffn.record_routing, ffn.last_routing = on, None
+
+    def set_router_step(self, step: int) -> None:
+        for ffn in self.moe_layers():
+            ffn.router.step = step
+
+    def set_moe_impl(self, impl: str) -> None:
+        for ffn in self.moe_layers():
+            ffn.impl = impl
+
+    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+        x = self.embed(tokens_BS)
+        cos, sin = self.rope(tokens_BS.shape[1], tokens_BS.device)
+        zero = x.new_zeros((), dtype=torch.float32)
+        balance, z, stats = zero, zero, []
+        for block in self.layers:
+            x, layer_stats = block(x, cos, sin)
+            if layer_stats is not None:
+                balance = balance + layer_stats.balance_loss
+                z = z + layer_stats.z_loss
+                stats.append(layer_stats)
+        x = self.norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.embed.weight)
+        return ModelOutput(logits, balance, z, stats)
