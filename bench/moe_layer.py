@@ -22,19 +22,23 @@ import torch
 from btx.model import FeedForward, ModelConfig, MoEFeedForward
 
 
-def timed(fn, device: str, reps: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def timed_rounds(fns: dict, device: str, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median time of each contender, measured in interleaved rounds so that background load
+    and frequency drift hit every contender alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(reps):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            if device == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def fwd_bwd(module, x, grad_out, unpack=False):
@@ -98,10 +102,10 @@ def main() -> None:
         x = torch.randn(1, T, cfg.dim, generator=g).to(device, dtype).requires_grad_()
         grad = torch.randn(1, T, cfg.dim, generator=g).to(device, dtype)
         reps = args.reps if T > 1024 else args.reps * 5
-        t = {"floor": cfg.top_k * timed(fwd_bwd(dense, x, grad), device, reps)}
-        t["btx"] = timed(fwd_bwd(moe, x, grad, unpack=True), device, reps)
-        for impl, block in hf.items():
-            t[f"hf-{impl}"] = timed(fwd_bwd(block, x, grad), device, reps)
+        fns = {"dense": fwd_bwd(dense, x, grad), "btx": fwd_bwd(moe, x, grad, unpack=True)}
+        fns.update({f"hf-{impl}": fwd_bwd(block, x, grad) for impl, block in hf.items()})
+        t = timed_rounds(fns, device, reps)
+        t["floor"] = cfg.top_k * t.pop("dense")
         best_hf = min((v, k) for k, v in t.items() if k.startswith("hf-"))
         print(f"\nT={T}: " + "  ".join(f"{k} {v * 1e3:.2f} ms" for k, v in t.items()))
         print(f"  btx / compute floor           = {t['btx'] / t['floor']:.3f}")

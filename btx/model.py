@@ -256,6 +256,59 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     )
 
 
+class SortedExperts(torch.autograd.Function):
+    """SwiGLU experts over expert-sorted slots, with a hand-written backward.
+
+    Autograd through `w1[e]` (or `unbind`) would build each stacked weight gradient from E
+    separate pieces, allocating and copying [E,F,D] several times per step; here every expert
+    writes its gradient straight into one preallocated [E,F,D] tensor. Activations h1 = x w1^T and
+    h3 = x w3^T are kept for the backward (the same memory autograd would keep).
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND, counts, w1_EFD, w3_EFD, w2_EDF):
+        h1_NF = x_ND.new_empty(x_ND.shape[0], w1_EFD.shape[1])
+        h3_NF = torch.empty_like(h1_NF)
+        out_ND = torch.empty_like(x_ND)
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                s = slice(start, start + n)
+                torch.mm(x_ND[s], w1_EFD[e].t(), out=h1_NF[s])
+                torch.mm(x_ND[s], w3_EFD[e].t(), out=h3_NF[s])
+                torch.mm(F.silu(h1_NF[s]) * h3_NF[s], w2_EDF[e].t(), out=out_ND[s])
+                start += n
+        ctx.counts = counts
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, w1_EFD, w3_EFD, w2_EDF)
+        return out_ND
+
+    @staticmethod
+    def backward(ctx, grad_ND):
+        x_ND, h1_NF, h3_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+        grad_ND = grad_ND.contiguous()
+        gx_ND = torch.empty_like(x_ND)
+        gw1, gw3, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w3_EFD), torch.empty_like(w2_EDF)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                gw1[e].zero_(), gw3[e].zero_(), gw2[e].zero_()
+                continue
+            s = slice(start, start + n)
+            x, h1, h3, g = x_ND[s], h1_NF[s], h3_NF[s], grad_ND[s]
+            sig = torch.sigmoid(h1)
+            silu = h1 * sig
+            torch.mm(g.t(), silu * h3, out=gw2[e])
+            ga_nF = g @ w2_EDF[e]
+            gh3_nF = ga_nF * silu
+            gh1_nF = ga_nF * h3 * (sig * (1 + h1 * (1 - sig)))  # d silu / dh = s(h)(1 + h(1 - s(h)))
+            torch.mm(gh1_nF.t(), x, out=gw1[e])
+            torch.mm(gh3_nF.t(), x, out=gw3[e])
+            torch.mm(gh1_nF, w1_EFD[e], out=gx_ND[s])
+            gx_ND[s].addmm_(gh3_nF, w3_EFD[e])
+            start += n
+        return gx_ND, None, gw1, gw3, gw2
+
+
 class MoEFeedForward(nn.Module):
     """E SwiGLU experts with stacked weights and a router. `impl`: auto | loop | grouped."""
 
@@ -322,18 +375,8 @@ class MoEFeedForward(nn.Module):
         return y_TD, counts[:E]
 
     def _experts_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Reference path: one contiguous slice per expert, no further host syncs."""
-        outs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            x_nD = x_ND[start : start + n]
-            h_nF = F.silu(x_nD @ self.w1[e].t()) * (x_nD @ self.w3[e].t())
-            outs.append(h_nF @ self.w2[e].t())
-            start += n
-        if not outs:
-            return x_ND.new_zeros(0, x_ND.shape[1])
-        return torch.cat(outs)
+        """Portable path: one contiguous slice per expert, no further host syncs."""
+        return SortedExperts.apply(x_ND, counts, self.w1, self.w3, self.w2)
 
     def _experts_grouped(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         """Fast path: one grouped GEMM per projection over the expert-sorted slots."""
