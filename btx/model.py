@@ -81,7 +81,10 @@ class ModelConfig:
         experts = max(self.n_experts, 1)
         router = d * self.n_experts
         total = embed + self.n_layers * (attn + router + experts * ffn)
-        active = embed + self.n_layers * (attn + router + self.experts_per_token * ffn)
+        active_ffns = self.n_layers * self.experts_per_token
+        if self.router_mode == "sample_top1" and self.first_layer_soft and self.is_moe:
+            active_ffns += self.n_experts - 1  # the first layer routes softly: all experts run
+        active = embed + self.n_layers * (attn + router) + active_ffns * ffn
         return {"total": total, "active": active}
 
     def train_flops_per_token(self, seq_len: int) -> float:
@@ -287,22 +290,32 @@ class SortedExperts(torch.autograd.Function):
         x_ND, h1_NF, h3_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
-        gw1, gw3, gw2 = torch.empty_like(w1_EFD), torch.empty_like(w3_EFD), torch.empty_like(w2_EDF)
+        # Frozen experts (finetuning with trainable=frozen_experts) get no weight gradient at all,
+        # which saves two thirds of the expert backward.
+        want1, want3, want2 = ctx.needs_input_grad[2:5]
+        gw1 = torch.empty_like(w1_EFD) if want1 else None
+        gw3 = torch.empty_like(w3_EFD) if want3 else None
+        gw2 = torch.empty_like(w2_EDF) if want2 else None
         start = 0
         for e, n in enumerate(ctx.counts):
             if n == 0:
-                gw1[e].zero_(), gw3[e].zero_(), gw2[e].zero_()
+                for gw in (gw1, gw3, gw2):
+                    if gw is not None:
+                        gw[e].zero_()
                 continue
             s = slice(start, start + n)
             x, h1, h3, g = x_ND[s], h1_NF[s], h3_NF[s], grad_ND[s]
             sig = torch.sigmoid(h1)
             silu = h1 * sig
-            torch.mm(g.t(), silu * h3, out=gw2[e])
+            if want2:
+                torch.mm(g.t(), silu * h3, out=gw2[e])
             ga_nF = g @ w2_EDF[e]
             gh3_nF = ga_nF * silu
             gh1_nF = ga_nF * h3 * (sig * (1 + h1 * (1 - sig)))  # d silu / dh = s(h)(1 + h(1 - s(h)))
-            torch.mm(gh1_nF.t(), x, out=gw1[e])
-            torch.mm(gh3_nF.t(), x, out=gw3[e])
+            if want1:
+                torch.mm(gh1_nF.t(), x, out=gw1[e])
+            if want3:
+                torch.mm(gh3_nF.t(), x, out=gw3[e])
             torch.mm(gh1_nF, w1_EFD[e], out=gx_ND[s])
             gx_ND[s].addmm_(gh3_nF, w3_EFD[e])
             start += n

@@ -167,3 +167,32 @@ def test_param_counts_active_vs_total():
     assert counts["total"] == sum(p.numel() for p in model.parameters())
     ffn = 3 * cfg.dim * cfg.ffn_dim
     assert counts["total"] - counts["active"] == cfg.n_layers * 2 * ffn
+
+
+def test_sample_top1_counts_its_soft_first_layer_as_active():
+    cfg = tiny(n_experts=4, router_mode="sample_top1", n_layers=3)
+    ffn = 3 * cfg.dim * cfg.ffn_dim
+    counts = cfg.param_counts()
+    # layer 0 runs all 4 experts, layers 1 and 2 one each: 6 of 12 expert FFNs are active
+    assert counts["total"] - counts["active"] == 6 * ffn
+    hard = tiny(n_experts=4, router_mode="sample_top1", n_layers=3, first_layer_soft=False).param_counts()
+    assert hard["total"] - hard["active"] == 9 * ffn
+
+
+def test_frozen_experts_get_no_weight_gradient_and_the_rest_is_unchanged():
+    cfg = tiny(n_experts=4, top_k=2)
+    layer = random_moe(cfg)
+    x = torch.randn(2, 7, cfg.dim)
+    grads = []
+    for frozen in (False, True):
+        layer.zero_grad(set_to_none=True)
+        for w in (layer.w1, layer.w2, layer.w3):
+            w.requires_grad_(not frozen)
+        xi = x.clone().requires_grad_()
+        y, _ = layer(xi)
+        y.pow(2).sum().backward()
+        grads.append((xi.grad, layer.router.weight.grad))
+        if frozen:
+            assert layer.w1.grad is None and layer.w2.grad is None and layer.w3.grad is None
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], grads[0][1])
