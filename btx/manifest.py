@@ -1,0 +1,155 @@
+"""Atomic directory writes, stage manifests (DONE.json) and the hashing they need.
+
+A stage is finished exactly when its directory holds a DONE.json. It is written last, atomically
+(temporary file, fsync, rename, fsync of the directory), so a killed process leaves either no
+manifest or a complete one, never a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from btx.errors import BtxError
+
+DONE_NAME = "DONE.json"
+_CHUNK = 16 << 20  # 16 MiB reads keep hashing fast without holding a shard in memory
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of one file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def hash_dir(directory: str | os.PathLike, exclude: tuple[str, ...] = (DONE_NAME,)) -> dict[str, str]:
+    """sha256 of every file under `directory`, keyed by relative POSIX path, sorted.
+
+    Hidden temporaries (names starting with '.') and the manifest itself are left out, since they
+    are not part of what a stage produced.
+    """
+    root = Path(directory)
+    out: dict[str, str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root)
+        if not path.is_file() or rel.as_posix() in exclude or any(p.startswith(".") for p in rel.parts):
+            continue
+        out[rel.as_posix()] = sha256_file(path)
+    return out
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a directory's entries (creations, renames) durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write JSON to a temporary sibling, fsync it, rename it over `path`, fsync the directory."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_done(directory: str | os.PathLike, info: dict) -> Path:
+    """Mark `directory` finished: write its DONE.json (call this after every output is complete)."""
+    path = Path(directory) / DONE_NAME
+    write_json_atomic(path, info)
+    return path
+
+
+def read_done(directory: str | os.PathLike) -> dict | None:
+    """The stage manifest of `directory`, or None when the stage is not finished."""
+    path = Path(directory) / DONE_NAME
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise BtxError(f"{path}: unreadable stage manifest ({e}); delete it to redo the stage") from None
+    if not isinstance(data, dict):
+        raise BtxError(f"{path}: a stage manifest must be a JSON object")
+    return data
+
+
+def is_done(directory: str | os.PathLike) -> bool:
+    return (Path(directory) / DONE_NAME).is_file()
+
+
+def fsync_tree(directory: str | os.PathLike) -> None:
+    """fsync every file and directory under `directory` (deepest first), then `directory` itself."""
+    for root, dirs, files in os.walk(directory, topdown=False):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+@contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Build a directory in a temporary sibling and move it into place only when complete.
+
+        with atomic_dir("checkpoints/x/merged", force=args.force) as tmp:
+            ...write files into tmp...
+
+    The body writes into `.<name>.tmp-<pid>` next to `path`. On success every file and directory
+    is fsynced and the temporary is renamed to `path`; on any exception (KeyboardInterrupt too)
+    it is deleted. A killed process leaves at most a hidden `.tmp-` sibling, never something that
+    looks finished. Without `force`, an existing non-empty `path` is an error raised before
+    anything is created; with `force`, the old output stays in place until the final rename.
+    """
+    path = Path(path)
+    if not force and path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise BtxError(f"{path}: already exists and is not empty; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    if tmp.exists():  # left by an earlier process that had our pid and was killed
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if path.exists():
+            # POSIX cannot rename a directory over a non-empty one, so the old output is moved
+            # aside first; between the two renames `path` is absent, which never looks finished.
+            old = path.parent / f".{path.name}.old-{os.getpid()}"
+            os.rename(path, old)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(old, path)  # put the old output back rather than lose it
+                raise
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.rename(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
