@@ -91,7 +91,9 @@ DEFAULT_ROPE_THETA = {"llama": 10000.0, "mixtral": 1e6}
 DEFAULT_NORM_EPS = {"llama": 1e-6, "mixtral": 1e-5}
 DEFAULT_MAX_POSITIONS = {"llama": 2048, "mixtral": 4096 * 32}
 LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-BTX_MOE_FIELDS = ("router_mode", "capacity_factor", "gumbel_rate", "first_layer_soft")
+BTX_MOE_FIELDS = ("router_mode", "top_k", "capacity_factor", "gumbel_rate", "first_layer_soft")
+# Written for people (how transformers will run this routing mode); ignored when read back.
+BTX_NOTE_FIELD = "inference_note"
 
 # Fields config_to_hf derives from ModelConfig; they are never carried through `extra`.
 _OWNED = {
@@ -186,7 +188,9 @@ def config_from_hf(hf: Mapping, source: str | os.PathLike = CONFIG_NAME) -> Mode
                 f"{src}: need 1 <= num_experts_per_tok ({kw['top_k']}) <= num_local_experts "
                 f"({kw['n_experts']})"
             )
-        kw.update(_read_btx_moe(hf.get("btx"), src))
+        kw.update(_read_btx_moe(hf.get("btx"), src))  # btx.top_k: the k of topk, whatever the mode
+        if kw["top_k"] > kw["n_experts"]:
+            raise BtxError(f"{src}: btx.top_k {kw['top_k']} is more than num_local_experts {kw['n_experts']}")
 
     kw["extra"] = {k: v for k, v in hf.items() if k not in _OWNED and k not in _DROPPED}
     return ModelConfig(**kw)
@@ -248,13 +252,38 @@ def _read_btx_moe(section, src: str) -> dict:
         return {}
     if not isinstance(section, dict):
         raise BtxError(f"{src}: 'btx' must be an object, got {section!r}")
-    unknown = sorted(set(section) - set(BTX_MOE_FIELDS))
+    unknown = sorted(set(section) - set(BTX_MOE_FIELDS) - {BTX_NOTE_FIELD})
     if unknown:
         raise BtxError(f"{src}: unknown key(s) {unknown} under 'btx'; known: {list(BTX_MOE_FIELDS)}")
-    out = dict(section)
+    out = {k: v for k, v in section.items() if k != BTX_NOTE_FIELD}
+    if "top_k" in out and (isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1):
+        raise BtxError(f"{src}: btx.top_k must be a positive integer, got {out['top_k']!r}")
     if "router_mode" in out and out["router_mode"] not in ROUTER_MODES:
         raise BtxError(f"{src}: btx.router_mode {out['router_mode']!r} is not one of {list(ROUTER_MODES)}")
     return out
+
+
+def inference_note(cfg: ModelConfig) -> str | None:
+    """How transformers' Mixtral (one softmax -> top-k -> renormalise for every layer) runs this
+    routing mode, for the "btx" section of config.json; None where it runs exactly what btx runs."""
+    k, E = cfg.experts_per_token, cfg.n_experts
+    if cfg.router_mode == "soft":
+        return (f"soft routing: num_experts_per_tok = {E} = num_local_experts, so Mixtral's softmax over "
+                f"the top-{E} logits is the softmax over all experts and transformers computes exactly "
+                "what btx computes")
+    if cfg.router_mode == "switch":
+        return ("switch routing: transformers runs top-1 with no capacity limit (no token is dropped) and "
+                "a gate of 1 after renormalisation, where btx scales the chosen expert by its router "
+                "probability and drops tokens beyond the capacity factor "
+                f"{cfg.capacity_factor}; outputs differ from btx's")
+    if cfg.router_mode == "sample_top1":
+        note = ("sample_top1 routing: at inference btx takes the router's argmax with gate 1, which is "
+                "Mixtral's top-1 exactly")
+        if cfg.first_layer_soft:
+            note += (f"; but btx routes the first MoE layer softly over all {E} experts and Mixtral has one "
+                     f"num_experts_per_tok ({k}) for every layer, so transformers' first layer differs")
+        return note
+    return None
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
@@ -289,11 +318,16 @@ def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     out["rope_parameters"] = rope_parameters
     if cfg.is_moe:
         out["num_local_experts"] = cfg.n_experts
-        out["num_experts_per_tok"] = cfg.top_k
+        # Mixtral's softmax -> top-k -> renormalise with the k that reproduces the routing mode
+        # (soft: all E experts; switch, sample_top1: 1); btx's own settings go under "btx".
+        out["num_experts_per_tok"] = cfg.experts_per_token
         # transformers only reads these when training; the paper's balancing alpha is the default.
         out["router_aux_loss_coef"] = cfg.extra.get("router_aux_loss_coef", 0.01)
         out["output_router_logits"] = cfg.extra.get("output_router_logits", False)
         out["btx"] = {f: getattr(cfg, f) for f in BTX_MOE_FIELDS}
+        note = inference_note(cfg)
+        if note:
+            out["btx"][BTX_NOTE_FIELD] = note
     if dtype is not None:
         out["torch_dtype"] = out["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
     other_only = _LLAMA_ONLY if cfg.is_moe else _MIXTRAL_ONLY

@@ -1,0 +1,201 @@
+"""The `btx` command line: one thin map from command name to a plain function.
+
+Adding a command
+    1. write `def add_<name>_arguments(p: argparse.ArgumentParser)` and `def cmd_<name>(args) -> int | None`
+       (import the heavy modules inside `cmd_<name>`, so `btx --help` stays instant);
+    2. add one entry to COMMANDS: `"<name>": Command(cmd_<name>, "<one-line help>", add_<name>_arguments)`.
+    tests/test_cli.py then checks that the parser and the map agree and that `btx <name> --help` works.
+
+Errors: a BtxError (bad recipe, data, checkpoint or flag) prints `btx: error: <message>` on one line
+to stderr and exits 2; `--debug` prints the traceback too. Ctrl-C exits 130 with a one-line note.
+Anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from btx import __version__
+from btx.errors import BtxError
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[[argparse.Namespace], "int | None"]  # returns the exit status (None: 0)
+    help: str  # one line, shown by `btx --help`
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared argument helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def add_recipe_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """RECIPE and its KEY=VALUE overrides, as every recipe-driven command takes them."""
+    p.add_argument("recipe", metavar="RECIPE", nargs=None if required else "?",
+                   help="experiment recipe (YAML)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                   help="recipe overrides in OmegaConf dotlist form, e.g. merge.top_k=1 train.steps=20")
+
+
+def load_experiment_args(args: argparse.Namespace):
+    from btx.recipe import load_experiment
+
+    return load_experiment(args.recipe, args.overrides)
+
+
+def console():
+    from rich.console import Console
+
+    return Console()
+
+
+# ---------------------------------------------------------------------------------------------
+# btx prepare
+# ---------------------------------------------------------------------------------------------
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p, required=False)
+    p.add_argument("--force", action="store_true", help="re-tokenize domains whose shards are up to date")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    adhoc = p.add_argument_group("without a recipe")
+    adhoc.add_argument("--domain", action="append", default=[], metavar="NAME=PATH",
+                       help="a domain and one of its sources: a text file, a .jsonl file, a directory, "
+                            "or builtin:CORPUS; repeat for more sources or domains")
+    adhoc.add_argument("--tokenizer", default=None, help="'byte' (default) or a tokenizer.json / directory")
+    adhoc.add_argument("--out", default=None, metavar="DIR", help="output directory (one subdirectory per domain)")
+    adhoc.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    adhoc.add_argument("--text-field", default="text", help="jsonl field holding the text (default: text)")
+    adhoc.add_argument("--seed", type=int, default=0, help="keys the train/val split (default 0)")
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from btx.prepare import parse_domain_specs, prepare_adhoc, prepare_experiment, summary_table
+
+    if args.recipe is not None:
+        if args.domain or args.out or args.tokenizer:
+            raise BtxError("prepare: give a RECIPE or --domain/--tokenizer/--out, not both")
+        exp = load_experiment_args(args)
+        summaries = prepare_experiment(exp, force=args.force, progress=not args.quiet)
+    else:
+        if args.overrides:
+            raise BtxError(f"prepare: overrides ({args.overrides[0]}) need a RECIPE")
+        if not args.domain:
+            raise BtxError("prepare: give a RECIPE, or --domain NAME=PATH with --out DIR")
+        if not args.out:
+            raise BtxError("prepare: --domain needs --out DIR")
+        summaries = prepare_adhoc(parse_domain_specs(args.domain), args.tokenizer or "byte", args.out,
+                                  val_fraction=args.val_fraction, seed=args.seed, text_field=args.text_field,
+                                  force=args.force, progress=not args.quiet)
+    console().print(summary_table(summaries))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# btx analyze
+# ---------------------------------------------------------------------------------------------
+
+
+def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="CHECKPOINT|RECIPE", nargs="?",
+                   help="a Mixtral-format MoE checkpoint directory (with --data), or an experiment recipe "
+                        "(its finetuned or merged model on its domains' validation shards -> <run_dir>/analysis/)")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe overrides, e.g. analyze.tokens=4096")
+    p.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH",
+                   help="a domain's data: a btx token shard (.bin/.json, or a prepared domain directory), a text "
+                        "or .jsonl file, or builtin:CORPUS; repeat per domain")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per domain (default 65536; recipe: analyze.tokens)")
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's, at most 1024)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory (default ./analysis-<checkpoint name>; recipe: <run_dir>/analysis)")
+    p.add_argument("--show-text", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="print N sample(s) per domain with each token coloured by its top-1 expert")
+    p.add_argument("--layer", type=int, default=None, help="MoE layer for --show-text (default: the middle one)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+                   help="--compare B: CHECKPOINT (A) and B side by side; or --compare A B without CHECKPOINT")
+    p.add_argument("--metric", default="load_share", choices=("load_share", "top1_frac", "topk_frac", "mean_prob"),
+                   help="what heatmaps show (default load_share: share of routed slots)")
+    p.add_argument("--experts", default=None, metavar="NAMES",
+                   help="comma-separated expert names (default: the merge's DONE.json, else e0, e1, ...)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the checkpoint's)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from btx.routing_report import run_analyze
+
+    return run_analyze(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command map and the parser
+# ---------------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command] = {
+    "prepare": Command(cmd_prepare, "tokenize each domain's text/jsonl into train/val token shards",
+                       add_prepare_arguments),
+    "analyze": Command(cmd_analyze, "routing analysis: which expert each domain's tokens go to, layer by layer",
+                       add_analyze_arguments),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, like every other btx error
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="btx",
+        description="Branch-Train-MiX: branch a dense seed into domain experts, mix them into a "
+                    "Mixtral MoE, finetune its routing, evaluate and analyse it.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    parser.add_argument("--version", action="version", version=f"btx {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands", parser_class=_Parser)
+    for name, command in COMMANDS.items():
+        p = sub.add_parser(name, help=command.help, description=command.help)
+        # --debug is accepted after the command too; SUPPRESS keeps `btx --debug CMD` from being reset.
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback on errors")
+        command.add_arguments(p)
+        p.set_defaults(_run=command.run)
+    return parser
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        status = args._run(args)
+    except BtxError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"btx: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            traceback.print_exc()
+        print(f"btx: interrupted ({args.command} stopped; finished work is kept, re-run to continue)", file=sys.stderr)
+        return 130
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
