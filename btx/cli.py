@@ -137,6 +137,45 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# btx branch / btx status
+# ---------------------------------------------------------------------------------------------
+
+
+def add_branch_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--executor", choices=("local", "slurm"), default=None,
+                   help="local: subprocesses on this machine; slurm: one sbatch script per expert "
+                        "(default: the recipe's branch.executor)")
+    p.add_argument("--max-parallel", type=int, default=None, metavar="N",
+                   help="local: at most N jobs at a time (default: branch.max_parallel, else one per "
+                        "group of devices_per_expert GPUs, one at a time on CPU)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands / sbatch scripts; run nothing")
+    p.add_argument("--only", nargs="+", default=None, metavar="DOMAIN", help="only these experts")
+
+
+def cmd_branch(args: argparse.Namespace) -> int:
+    from btx.branch import branch
+
+    # `--only a b key=value` takes the override too (argparse cannot tell them apart); domain names
+    # never contain '=', so hand those back to the overrides.
+    only = [d for d in args.only or [] if "=" not in d] or None
+    overrides = [*args.overrides, *(d for d in args.only or [] if "=" in d)]
+    return branch(args.recipe, overrides, executor=args.executor, max_parallel=args.max_parallel,
+                  dry_run=args.dry_run, only=only)
+
+
+def add_status_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--watch", action="store_true", help="refresh live until every expert is done (Ctrl-C leaves)")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from btx.branch import status
+
+    return status(args.recipe, args.overrides, watch=args.watch)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command map and the parser
 # ---------------------------------------------------------------------------------------------
 
@@ -145,6 +184,10 @@ COMMANDS: dict[str, Command] = {
                        add_prepare_arguments),
     "analyze": Command(cmd_analyze, "routing analysis: which expert each domain's tokens go to, layer by layer",
                        add_analyze_arguments),
+    "branch": Command(cmd_branch, "train one expert per domain from the seed (local jobs or Slurm); resumable",
+                      add_branch_arguments),
+    "status": Command(cmd_status, "where every expert job stands: state, step, loss, tokens/s, ETA",
+                      add_status_arguments),
 }
 
 
