@@ -1,0 +1,822 @@
+"""`btx train`: the one training loop, for a domain expert, the demo's seed and MoE finetuning.
+
+    job = expert_job(exp, "code")          # or seed_job(exp); btx finetune builds its own TrainJob
+    done = run_loop(job)                   # AccelerateEngine by default; returns DONE.json's dict
+
+The loop (`run_loop`) owns what every engine shares: batches (`TokenSampler`, a pure function of
+(seed, step)), the loss `NLL + balance_alpha * balance_loss + z_loss_coef * z_loss`, the router step
+of an MoE, per-step metrics (metrics.jsonl), the rich progress line, periodic validation,
+checkpoint cadence, resume and the HF export with its DONE.json. The engine (btx.engine) owns the
+device, the parallelism, backward, the optimizer step and its own checkpoint files; see
+docs/CONTRACTS.md. `btx finetune` passes a DeepSpeed engine through `make_engine`, routing
+statistics through `on_step`, and freezing through `setup_model`.
+
+Where things go (TrainJob):
+    work_dir/ckpt/step-N/     resumable state: fp32 weights (safetensors), optimizer, scheduler,
+                              loop state (trainer_state.json); the newest `keep_checkpoints` kept
+    work_dir/metrics.jsonl    one JSON object per optimizer step (main rank only)
+    export_dir/               the final HF checkpoint (LlamaForCausalLM / MixtralForCausalLM) with
+                              the run's tokenizer files
+    manifest_dir/DONE.json    written last: steps, tokens, losses, FLOPs, hashes of the export
+For an expert: work_dir = manifest_dir = experts/<domain>/, export_dir = experts/<domain>/final/.
+For the seed: work_dir = seed-train/, export_dir = manifest_dir = seed/ (the seed is an HF dir).
+
+Determinism and resume
+- The data position is the step (see btx.data.TokenSampler). So is the random state: torch, numpy
+  and Python's `random` are re-seeded from (seed, step, rank) before every step, which makes a
+  resumed run exact on every rank with no RNG files to carry (only MoE sample_top1 routing draws
+  random numbers; dense training uses none).
+- A checkpoint holds the weights in fp32 and the full optimizer and scheduler state, so on CPU a
+  resumed run reproduces the uninterrupted run's losses and final weights bit for bit.
+- Re-running a job resumes from the newest complete `ckpt/step-N/` (directories appear atomically,
+  so every one that exists is complete) and rewrites metrics.jsonl up to that step. A job whose
+  DONE.json exists is not trained again. Checkpoints and DONE.json carry a hash of everything that
+  shapes the run's trajectory; a mismatch (the recipe changed) is an error until `--force`.
+- SIGTERM (Slurm's stop before the time limit, `btx branch` stopping jobs) ends the current step,
+  writes a checkpoint and exits 130 via KeyboardInterrupt; nothing is lost.
+
+Test hook: BTX_TRAIN_KILL_AT_STEP=N makes the main process SIGKILL itself right after step N's
+metrics line is written (N:TERM sends SIGTERM instead); tests/test_train.py checks that resuming
+then reproduces the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from btx import hf
+from btx.errors import BtxError
+from btx.manifest import DONE_NAME, atomic_dir, fsync_dir, hash_dir, read_done, sha256_file, write_done
+from btx.model import ModelConfig, ModelOutput, Transformer
+
+CKPT_DIR = "ckpt"
+METRICS_FILE = "metrics.jsonl"
+KILL_HOOK_ENV = "BTX_TRAIN_KILL_AT_STEP"
+PEAK_ENV = "BTX_PEAK_TFLOPS"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Settings that change what a run computes. The others (logging, eval and checkpoint cadence) may
+# change between a run and its resumption.
+_TRAJECTORY_SETTINGS = (
+    "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas", "eps", "steps", "batch_size",
+    "seq_len", "grad_accum", "grad_clip", "precision", "seed",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs; plain data, built by `seed_job`, `expert_job` or finetune.
+
+    `settings` is a btx.recipe.TrainSection (lr, steps, batch_size per rank, seq_len, grad_accum,
+    grad_clip, precision, checkpoint_every, keep_checkpoints, eval_every, eval_batches, log_every, seed).
+    """
+
+    name: str  # "seed", a domain, "finetune": names the job in logs and DONE.json
+    settings: Any
+    train_shards: dict[str, Path]  # domain -> train shard (.bin or .json)
+    val_shards: dict[str, Path]  # domain -> held-out shard
+    work_dir: Path  # ckpt/ and metrics.jsonl
+    export_dir: Path  # the final HF checkpoint
+    manifest_dir: Path  # where DONE.json goes
+    mixture: dict[str, float] | None = None  # sampling weights of train_shards; None: by token count
+    init_from: Path | None = None  # an HF checkpoint to start from; None: from scratch (model_config)
+    model_config: ModelConfig | None = None
+    config_overrides: dict = field(default_factory=dict)  # ModelConfig fields to change (router_mode, ...)
+    tokenizer: str = "byte"  # the run's tokenizer ("byte" or a path); saved with the export
+    balance_alpha: float = 0.0  # load-balancing loss weight (MoE)
+    z_loss_coef: float = 0.0  # router z-loss weight (MoE)
+    export_dtype: str | None = None  # float32 | bfloat16 | float16; None: the init checkpoint's (fp32 from scratch)
+    recipe_hash: str = ""  # of the recipe sections this job depends on (for DONE.json)
+    inputs: dict = field(default_factory=dict)  # provenance for DONE.json (seed manifest, ...)
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return Path(self.work_dir) / CKPT_DIR
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.work_dir) / METRICS_FILE
+
+
+StepHook = Callable[[int, ModelOutput, torch.Tensor], "dict | None"]
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs from an experiment recipe
+# --------------------------------------------------------------------------------------------
+
+
+def seed_job(exp) -> TrainJob:
+    """The demo's seed: trained from scratch (recipe `model:`) on the domain mixture into <run_dir>/seed/."""
+    if exp.seed.path is not None:
+        raise BtxError(f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
+                       "`btx train --seed` trains one from scratch from a `model:` section")
+    names = list(exp.domains)
+    mixture = dict(exp.seed.mixture) or {name: 1.0 for name in names}
+    names = [n for n in names if mixture.get(n, 0) > 0]
+    return TrainJob(
+        name="seed",
+        settings=exp.seed_train,
+        train_shards={n: _shard_path(exp, n, "train") for n in names},
+        val_shards={n: _shard_path(exp, n, "val") for n in names},
+        mixture={n: float(mixture[n]) for n in names},
+        work_dir=exp.run_dir / "seed-train",
+        export_dir=exp.run_dir / "seed",
+        manifest_dir=exp.run_dir / "seed",
+        model_config=exp.model.to_model_config(),
+        tokenizer=str(exp.recipe.tokenizer),
+        recipe_hash=_recipe_hash({"model": exp.model, "train": exp.seed_train, "mixture": mixture,
+                                  "tokenizer": exp.recipe.tokenizer,
+                                  "data": {n: exp.domains[n].data for n in names}}),
+    )
+
+
+def expert_job(exp, domain: str) -> TrainJob:
+    """Domain expert `domain`: the seed continued on that domain into <run_dir>/experts/<domain>/."""
+    if domain not in exp.domains:
+        import difflib
+
+        close = difflib.get_close_matches(domain, list(exp.domains), n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise BtxError(f"{exp.path}: unknown domain {domain!r}{hint}; the recipe's domains are "
+                       f"{', '.join(exp.domains)}")
+    seed = Path(exp.seed.path) if exp.seed.path is not None else exp.run_dir / "seed"
+    seed_manifest = None
+    if exp.seed.path is None:
+        seed_manifest = read_done(seed)
+        if seed_manifest is None:
+            raise BtxError(f"{seed}: the seed is not trained yet (no {DONE_NAME}); run "
+                           f"`btx train {exp.path} --seed` first, or set seed.path to a checkpoint")
+    elif not (seed / "config.json").is_file():
+        raise BtxError(f"{exp.path}: seed.path: {seed} has no config.json (expected a Hugging Face "
+                       "dense checkpoint directory)")
+    settings = exp.domains[domain].train
+    expert_dir = exp.expert_dir(domain)
+    seed_identity = seed_manifest.get("outputs") if seed_manifest else str(seed)
+    return TrainJob(
+        name=domain,
+        settings=settings,
+        train_shards={domain: _shard_path(exp, domain, "train")},
+        val_shards={domain: _shard_path(exp, domain, "val")},
+        work_dir=expert_dir,
+        export_dir=expert_dir / "final",
+        manifest_dir=expert_dir,
+        init_from=seed,
+        tokenizer=str(exp.recipe.tokenizer),
+        recipe_hash=_recipe_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
+                                  "tokenizer": exp.recipe.tokenizer}),
+        inputs={"seed": str(seed)},
+    )
+
+
+def _shard_path(exp, domain: str, split: str) -> Path:
+    path = exp.data_dir(domain) / f"{split}.json"
+    if not path.is_file():
+        raise BtxError(f"{path}: {split} shard of domain '{domain}' not found; run `btx prepare {exp.path}` first")
+    return path
+
+
+def _recipe_hash(sections: dict) -> str:
+    from btx.recipe import recipe_hash
+
+    return recipe_hash(sections)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss
+# --------------------------------------------------------------------------------------------
+
+
+def loss_terms(output: ModelOutput, targets: torch.Tensor, balance_alpha: float, z_loss_coef: float):
+    """(total, nll, balance, z): total = NLL + alpha * balance + z_coef * z; NLL in fp32, mean per token."""
+    logits = output.logits
+    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+    total = nll
+    if balance_alpha:
+        total = total + balance_alpha * output.balance_loss
+    if z_loss_coef:
+        total = total + z_loss_coef * output.z_loss
+    return total, nll, output.balance_loss, output.z_loss
+
+
+# --------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------
+
+
+def run_loop(
+    job: TrainJob,
+    make_engine: Callable[[Transformer, TrainJob], Any] | None = None,
+    *,
+    setup_model: Callable[[Transformer], None] | None = None,
+    on_step: StepHook | None = None,
+    force: bool = False,
+    console=None,
+) -> dict:
+    """Train `job` to its last step (resuming from its newest checkpoint), export, write DONE.json.
+
+    make_engine(model, job) -> engine (default: btx.engine.AccelerateEngine).
+    setup_model(model) runs before the engine wraps the model (e.g. freeze parameters).
+    on_step(step, output, inputs) runs on every rank after each optimizer step with the last
+    micro-batch's ModelOutput and inputs; the dict it returns is merged into the step's metrics.
+    force: discard this job's checkpoints, metrics and export and train from the start.
+    Returns the DONE.json dict (also when the job was already done).
+    """
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    settings = job.settings
+    trajectory = trajectory_hash(job)
+
+    done = read_done(job.manifest_dir)
+    if done is not None and not force:
+        if done.get("trajectory_hash") != trajectory:
+            raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
+                           "(recipe, data or seed changed); pass --force to train it again")
+        if int(os.environ.get("RANK", "0")) == 0:
+            console.print(f"train {job.name}: already done ({job.manifest_dir / DONE_NAME})", soft_wrap=True)
+        return done
+
+    # Everything is checked before anything is written or any process group is started.
+    tokenizer, train_shards, val_shards = _open_inputs(job)
+    model = build_model(job)
+    _check_model_fits(job, model.cfg, tokenizer)
+    if setup_model is not None:
+        setup_model(model)
+
+    if make_engine is None:
+        from btx.engine import AccelerateEngine
+
+        make_engine = AccelerateEngine
+    engine = make_engine(model, job)
+    del model  # the engine owns it now (closing the engine must be able to free it)
+    stop = _StopRequest()
+    try:
+        if force and engine.is_main:
+            _discard_outputs(job)
+        _barrier(engine)
+        return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console)
+    finally:
+        stop.restore()
+        engine.close()
+
+
+def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console) -> dict:
+    from btx.data import TokenSampler
+
+    s = job.settings
+    cfg = engine.unwrapped.cfg
+    rank, world = engine.rank, engine.world_size
+    sampler = TokenSampler(train_shards, job.mixture, seq_len=s.seq_len, batch_size=s.batch_size * world, seed=s.seed)
+    tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world
+    flops_per_token = cfg.train_flops_per_token(s.seq_len)
+
+    state = _resume(job, engine, trajectory, console)
+    metrics = _MetricsLog(job.metrics_path, enabled=engine.is_main)
+    metrics.keep_until(state["step"])
+    peak = peak_flops(engine.device, getattr(engine, "precision", s.precision)) * world
+    progress = _Progress(job.name, s.steps, state["step"], s.log_every, console, enabled=engine.is_main)
+    session_start, wall_before = time.perf_counter(), state["wall_time_s"]  # earlier sessions' time
+    kill_at, kill_signal = _kill_hook()
+
+    with progress:
+        for step in range(state["step"] + 1, s.steps + 1):
+            started = time.perf_counter()
+            seed_everything(s.seed, step, rank)
+            if cfg.is_moe:
+                engine.unwrapped.set_router_step(step - 1)
+            lr = engine.lr
+            sums = torch.zeros(5, dtype=torch.float64)  # total, nll, balance, z, stop flag
+            for micro in range(s.grad_accum):
+                inputs, targets = sampler.batch((step - 1) * s.grad_accum + micro, rank, world)
+                inputs = inputs.to(engine.device, non_blocking=True)
+                targets = targets.to(engine.device, non_blocking=True)
+                output = engine.model(inputs)
+                terms = loss_terms(output, targets, job.balance_alpha, job.z_loss_coef)
+                engine.backward(terms[0])
+                sums[:4] += torch.stack([t.detach().double().cpu() for t in terms])
+            grad_norm = engine.step()
+            sums[:4] /= s.grad_accum
+            sums[4] = float(stop.requested)
+            sums = _all_reduce_sum(sums, engine)
+            total, nll, balance, z = (sums[:4] / world).tolist()
+            stop_now = sums[4].item() > 0
+            elapsed = time.perf_counter() - started
+            state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
+
+            record = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
+                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+            if cfg.is_moe:
+                record.update(nll=nll, balance_loss=balance, z_loss=z)
+            record["mfu"] = flops_per_token * tokens_per_step / elapsed / peak if peak else None
+            record["elapsed_s"] = wall_before + (time.perf_counter() - session_start)
+            if on_step is not None:
+                record.update(on_step(step, output, inputs) or {})
+            del output, terms, inputs, targets
+            if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
+                record.update(_val_record(validate(engine, val_shards, s.seq_len, s.batch_size, s.eval_batches)))
+            metrics.write(record)
+            progress.update(step, record)
+            if kill_at == step and engine.is_main:  # test hook: die like a preempted node would
+                os.kill(os.getpid(), kill_signal)  # SIGTERM: seen by every rank at the next step
+
+            if (s.checkpoint_every and step % s.checkpoint_every == 0) or step == s.steps or stop_now:
+                state["wall_time_s"] = record["elapsed_s"]
+                save_checkpoint(job, engine, state, trajectory)
+            if stop_now:
+                if engine.is_main:
+                    console.print(f"train {job.name}: stopped at step {step} (checkpoint saved); re-run to continue")
+                raise KeyboardInterrupt
+
+    state["wall_time_s"] = wall_before + (time.perf_counter() - session_start)
+    return _export(job, engine, tokenizer, state, trajectory, console)
+
+
+def _kill_hook() -> tuple[int, int]:
+    """BTX_TRAIN_KILL_AT_STEP=N (SIGKILL after step N) or N:TERM (SIGTERM: the clean stop)."""
+    value = os.environ.get(KILL_HOOK_ENV, "")
+    step, _, name = value.partition(":")
+    return (int(step) if step else 0), getattr(signal, f"SIG{name or 'KILL'}")
+
+
+def seed_everything(seed: int, step: int, rank: int) -> None:
+    """The random state as a pure function of (seed, step, rank), like the data position."""
+    mixed = int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little") >> 1
+    torch.manual_seed(mixed)  # all devices
+    np.random.seed(mixed % 2**32)
+    random.seed(mixed)
+
+
+def _val_record(losses: dict[str, float]) -> dict:
+    record = {"val_loss": sum(losses.values()) / len(losses)}
+    if len(losses) > 1:
+        record.update({f"val_loss/{domain}": loss for domain, loss in losses.items()})
+    return record
+
+
+@torch.no_grad()
+def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batches: int) -> dict[str, float]:
+    """Mean NLL per domain over the same held-out windows every time (`btx.data.eval_batches`).
+
+    Batches are dealt round-robin over ranks; every rank runs the same number of forwards (padding
+    with a repeat of batch 0, weighted 0) so sharded engines (ZeRO-3) stay in lockstep.
+    """
+    from btx.data import eval_batches
+
+    model = engine.unwrapped
+    was_training = model.training
+    model.eval()
+    rank, world = engine.rank, engine.world_size
+    losses = {}
+    try:
+        for domain, shard in val_shards.items():
+            batches = list(eval_batches(shard, seq_len, batch_size, max_batches))
+            sums = torch.zeros(2, dtype=torch.float64)  # summed NLL, tokens
+            for first in range(0, len(batches), world):
+                index = first + rank
+                inputs, targets = batches[index] if index < len(batches) else batches[0]
+                logits = model(inputs.to(engine.device)).logits
+                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                      targets.to(engine.device).reshape(-1), reduction="sum")
+                if index < len(batches):
+                    sums += torch.tensor([nll.item(), targets.numel()], dtype=torch.float64)
+            sums = _all_reduce_sum(sums, engine)
+            losses[domain] = (sums[0] / sums[1]).item()
+    finally:
+        model.train(was_training)
+    return losses
+
+
+# --------------------------------------------------------------------------------------------
+# Model, inputs, checks
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(job: TrainJob) -> Transformer:
+    """The starting fp32 model: the init checkpoint's weights, or `init_weights` from job.settings.seed."""
+    if job.init_from is None:
+        if job.model_config is None:
+            raise BtxError(f"train {job.name}: give init_from (a checkpoint) or model_config (from scratch)")
+        cfg = dataclasses.replace(job.model_config, **job.config_overrides)
+        model = Transformer(cfg)
+        model.init_weights(generator=torch.Generator().manual_seed(job.settings.seed))
+        return model
+    model = hf.load_model(job.init_from, dtype=torch.float32)
+    if job.config_overrides:  # same weights, a model built for the changed config (e.g. router mode)
+        from accelerate import init_empty_weights
+
+        cfg = dataclasses.replace(model.cfg, **job.config_overrides)
+        with init_empty_weights(include_buffers=False):
+            changed = Transformer(cfg)
+        changed.load_state_dict(model.state_dict(), strict=True, assign=True)
+        model = changed
+    return model
+
+
+def _open_inputs(job: TrainJob):
+    """Tokenizer and shards, checked against each other (BtxError naming the file at fault)."""
+    from btx.data import check_tokenizer, load_shard
+    from btx.tokenizer import load_tokenizer
+
+    if job.init_from is not None:
+        hf.CheckpointReader(job.init_from).close()  # config and headers sound (reads no tensor data)
+    tokenizer = load_tokenizer(job.tokenizer)
+    if job.mixture is not None:
+        unknown = sorted(set(job.mixture) - set(job.train_shards))
+        if unknown:
+            raise BtxError(f"train {job.name}: mixture names {unknown}, which have no train shard")
+    train = {name: load_shard(path) for name, path in job.train_shards.items()}
+    val = {name: load_shard(path) for name, path in job.val_shards.items()}
+    for shard in [*train.values(), *val.values()]:
+        check_tokenizer(shard, tokenizer.identity())
+    return tokenizer, train, val
+
+
+def _check_model_fits(job: TrainJob, cfg: ModelConfig, tokenizer) -> None:
+    where = str(job.init_from) if job.init_from is not None else f"train {job.name}: model"
+    if cfg.vocab_size < tokenizer.vocab_size:
+        raise BtxError(f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+                       f"{tokenizer.vocab_size}; the data's token ids would not fit")
+    if job.settings.seq_len > cfg.max_seq_len:
+        raise BtxError(f"train {job.name}: train.seq_len {job.settings.seq_len} exceeds the model's "
+                       f"max_seq_len {cfg.max_seq_len}")
+
+
+def trajectory_hash(job: TrainJob) -> str:
+    """sha256 of everything that decides what the run computes (not where it writes or how often it logs)."""
+    init = None
+    if job.init_from is not None:
+        config = Path(job.init_from) / "config.json"
+        weights = sorted(Path(job.init_from).glob("*.safetensors*"))
+        # Sizes and names, not contents: hashing a 13 GB seed on every start would be slow.
+        init = {"config": sha256_file(config) if config.is_file() else None,
+                "weights": [(p.name, p.stat().st_size) for p in weights]}
+    shards = {}
+    for name, path in job.train_shards.items():
+        sidecar = Path(path).with_suffix(".json")
+        shards[name] = json.loads(sidecar.read_text()).get("sha256") if sidecar.is_file() else None
+    what = {
+        "settings": {k: getattr(job.settings, k) for k in _TRAJECTORY_SETTINGS},
+        "init": init,
+        "model_config": dataclasses.asdict(job.model_config) if job.model_config is not None else None,
+        "config_overrides": job.config_overrides,
+        "mixture": job.mixture,
+        "train_shards": shards,
+        "balance_alpha": job.balance_alpha,
+        "z_loss_coef": job.z_loss_coef,
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints and resume
+# --------------------------------------------------------------------------------------------
+
+
+def checkpoints(job: TrainJob) -> list[tuple[int, Path]]:
+    """(step, dir) of every complete checkpoint, oldest first. Directories appear atomically."""
+    root = job.ckpt_dir
+    if not root.is_dir():
+        return []
+    found = []
+    for path in root.iterdir():
+        m = _STEP_DIR.match(path.name)
+        if m and path.is_dir():
+            found.append((int(m.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(job: TrainJob, engine, state: dict, trajectory: str) -> Path:
+    """ckpt/step-N/: the engine's files plus the loop's state; prunes to `keep_checkpoints`."""
+    final = job.ckpt_dir / f"step-{state['step']}"
+    client_state = {**state, "trajectory_hash": trajectory, "world_size": engine.world_size, "job": job.name}
+    engine.save(final, client_state)
+    if engine.is_main:
+        kept = checkpoints(job)
+        for _, old in kept[: max(0, len(kept) - job.settings.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(engine)
+    return final
+
+
+def _resume(job: TrainJob, engine, trajectory: str, console) -> dict:
+    """The loop state to continue from: the newest checkpoint's, or a fresh start."""
+    fresh = {"step": 0, "tokens": 0, "wall_time_s": 0.0}
+    found = checkpoints(job)
+    if engine.is_main:  # leftovers of a save that was killed half-way
+        for path in job.ckpt_dir.glob(".step-*"):
+            shutil.rmtree(path, ignore_errors=True)
+    if not found:
+        return fresh
+    step, path = found[-1]
+    state = engine.load(path)
+    if state.get("trajectory_hash") != trajectory:
+        raise BtxError(f"{path}: this checkpoint was made with different settings (recipe, data or seed "
+                       "changed); pass --force to discard the job's checkpoints and start over")
+    if state.get("world_size") != engine.world_size and engine.is_main:
+        console.print(f"[yellow]train {job.name}: resuming a {state.get('world_size')}-process run on "
+                      f"{engine.world_size} processes; batches per step change accordingly[/yellow]")
+    if engine.is_main:
+        console.print(f"train {job.name}: resuming from {path} (step {step})", soft_wrap=True)
+    return {"step": int(state["step"]), "tokens": int(state["tokens"]), "wall_time_s": float(state["wall_time_s"])}
+
+
+def _discard_outputs(job: TrainJob) -> None:
+    """--force: forget DONE.json first (so nothing half-redone looks finished), then the rest."""
+    (Path(job.manifest_dir) / DONE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(job.ckpt_dir, ignore_errors=True)
+    job.metrics_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
+    """final HF checkpoint (atomic), then DONE.json (last)."""
+    weights = engine.full_state_dict()  # collective
+    if engine.is_main:
+        cfg = engine.unwrapped.cfg
+        dtype = _export_dtype(job)
+        export_dir = Path(job.export_dir)
+        with atomic_dir(export_dir, force=True) as tmp:
+            hf.save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
+            tokenizer.save(tmp)
+        del weights
+        records = _MetricsLog(job.metrics_path, enabled=False).records()
+        last = records[-1] if records else {}
+        tail = [r["loss"] for r in records[-10:]]
+        val = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
+        if not val and "val_loss" in last:
+            val = {next(iter(job.val_shards)): last["val_loss"]}
+        s = job.settings
+        manifest = {
+            "stage": "train",
+            "job": job.name,
+            "steps": state["step"],
+            "tokens": state["tokens"],
+            "train_loss": last.get("loss"),
+            "train_loss_last10": sum(tail) / len(tail) if tail else None,
+            "val_loss": last.get("val_loss"),
+            "val_losses": val,
+            "wall_time_s": state["wall_time_s"],
+            "train_flops": cfg.train_flops_per_token(s.seq_len) * state["tokens"],
+            "params": cfg.param_counts(),
+            "world_size": engine.world_size,
+            "recipe_hash": job.recipe_hash,
+            "trajectory_hash": trajectory,
+            "export": str(export_dir),
+            "outputs": _output_hashes(export_dir, Path(job.manifest_dir)),
+            "inputs": {**job.inputs, "init_from": str(job.init_from) if job.init_from else None,
+                       "train_shards": {k: str(v) for k, v in job.train_shards.items()},
+                       "mixture": job.mixture},
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_done(job.manifest_dir, manifest)
+        console.print(f"train {job.name}: done, {state['step']} steps, {state['tokens']:,} tokens, "
+                      f"val loss {manifest['val_loss']:.4f} -> {export_dir}", soft_wrap=True)
+    _barrier(engine)
+    return read_done(job.manifest_dir)
+
+
+def _export_dtype(job: TrainJob) -> torch.dtype:
+    if job.export_dtype is not None:
+        if job.export_dtype not in _DTYPES:
+            raise BtxError(f"train {job.name}: export dtype {job.export_dtype!r}; expected {', '.join(_DTYPES)}")
+        return _DTYPES[job.export_dtype]
+    if job.init_from is not None:
+        with hf.CheckpointReader(job.init_from) as reader:
+            return reader.dtype
+    return torch.float32
+
+
+def _output_hashes(export_dir: Path, manifest_dir: Path) -> dict[str, str]:
+    hashes = hash_dir(export_dir)
+    try:
+        prefix = export_dir.resolve().relative_to(manifest_dir.resolve())
+    except ValueError:
+        return hashes
+    return {(prefix / name).as_posix(): digest for name, digest in hashes.items()}
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics, progress, throughput
+# --------------------------------------------------------------------------------------------
+
+
+class _MetricsLog:
+    """metrics.jsonl: one object per optimizer step. Only the main rank writes."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = Path(path), enabled
+
+    def records(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by a kill
+            if isinstance(record, dict) and "step" in record:
+                out.append(record)
+        return out
+
+    def keep_until(self, step: int) -> None:
+        """On (re)start: keep the records of steps <= `step`, the ones the checkpoint has seen."""
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [r for r in self.records() if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        fsync_dir(self.path.parent)
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class _Progress:
+    """A rich progress line (step, loss, tokens/s, ETA) on a terminal; a plain line every
+    `log_every` steps otherwise (logs of branch jobs). Main rank only."""
+
+    def __init__(self, name: str, total: int, start: int, log_every: int, console, enabled: bool):
+        self.name, self.total, self.start, self.log_every = name, total, start, log_every
+        self.console, self.enabled = console, enabled
+        self.live = enabled and console.is_terminal
+        self.t0 = time.perf_counter()
+        self.bar = None
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn(f"[bold]train {self.name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  mfu {task.fields[mfu]}  eta"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.bar.__enter__()
+            self.task = self.bar.add_task("train", total=self.total, completed=self.start, loss="-", tps="-", mfu="-")
+        return self
+
+    def update(self, step: int, record: dict) -> None:
+        if not self.enabled:
+            return
+        loss = f"{record['loss']:.4f}"
+        tps = f"{record['tokens_per_s']:,.0f}"
+        mfu = f"{record['mfu']:.1%}" if record.get("mfu") is not None else "-"
+        if self.bar is not None:
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps, mfu=mfu)
+        elif step % self.log_every == 0 or step == self.total:
+            rate = (time.perf_counter() - self.t0) / max(1, step - self.start)
+            eta = _duration(rate * (self.total - step))
+            val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
+            self.console.print(f"train {self.name} step {step}/{self.total} loss {loss}{val} "
+                               f"{tps} tok/s mfu {mfu} eta {eta}", highlight=False, soft_wrap=True)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.__exit__(*exc)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+# Dense peak TFLOP/s per device for bf16/fp16 autocast and for plain fp32 (no TF32), by name.
+# Matched in order against torch.cuda.get_device_name(); override with BTX_PEAK_TFLOPS.
+GPU_PEAK_TFLOPS = (
+    ("H100 PCIe", 756.0, 51.0),
+    ("H100", 989.0, 67.0),
+    ("H200", 989.0, 67.0),
+    ("GH200", 989.0, 67.0),
+    ("A100", 312.0, 19.5),
+    ("L40S", 362.0, 91.6),
+)
+_cpu_peak: float | None = None
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device, for MFU; None when unknown (MFU is then not reported).
+
+    GPUs: the dense tensor-core peak from GPU_PEAK_TFLOPS. CPU: measured once per process as the
+    rate of a 1024x1024 fp32 matmul with torch's current threads, so CPU MFU reads "share of what a
+    large matmul attains here". BTX_PEAK_TFLOPS (per device) overrides both.
+    """
+    global _cpu_peak
+    if os.environ.get(PEAK_ENV):
+        return float(os.environ[PEAK_ENV]) * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        half = precision in ("bf16", "fp16", "auto")
+        for key, low_precision, fp32 in GPU_PEAK_TFLOPS:
+            if key in name:
+                return (low_precision if half else fp32) * 1e12
+        return None
+    if device.type == "cpu":
+        if _cpu_peak is None:
+            a = torch.randn(1024, 1024)
+            a @ a  # warm up
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                a @ a
+                best = min(best, time.perf_counter() - t0)
+            _cpu_peak = 2 * 1024**3 / best
+        return _cpu_peak
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Collectives (through torch.distributed, whichever engine set it up) and signals
+# --------------------------------------------------------------------------------------------
+
+
+def _distributed(engine) -> bool:
+    return engine.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _all_reduce_sum(values: torch.Tensor, engine) -> torch.Tensor:
+    if not _distributed(engine):
+        return values
+    on_device = values.to(engine.device)  # NCCL reduces device tensors; gloo CPU ones
+    torch.distributed.all_reduce(on_device)
+    return on_device.cpu()
+
+
+def _barrier(engine) -> None:
+    if _distributed(engine):
+        torch.distributed.barrier()
+
+
+class _StopRequest:
+    """SIGTERM asks for a clean stop: finish the step, checkpoint, exit. Main thread only."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
+# --------------------------------------------------------------------------------------------
+# The command
+# --------------------------------------------------------------------------------------------
+
+
+def train_command(args) -> int:
+    """`btx train RECIPE (--domain NAME | --seed) [KEY=VALUE ...] [--force]` (arguments: btx.cli).
+
+    Re-running resumes from the newest checkpoint and does nothing once DONE.json exists. Several
+    processes: `torchrun --nproc_per_node N -m btx train ...` (DDP; gloo on CPU)."""
+    from btx.recipe import load_experiment
+
+    exp = load_experiment(args.recipe, args.overrides)
+    job = seed_job(exp) if args.seed else expert_job(exp, args.domain)
+    run_loop(job, force=args.force)
+    return 0
