@@ -137,6 +137,31 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# btx train
+# ---------------------------------------------------------------------------------------------
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", metavar="RECIPE", help="experiment recipe (YAML)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--domain", metavar="NAME",
+                        help="train the expert of domain NAME from the seed into <run_dir>/experts/NAME/")
+    target.add_argument("--seed", action="store_true",
+                        help="train the seed from scratch (the recipe's model: section) on the domain mixture "
+                             "into <run_dir>/seed/")
+    p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
+                   help="recipe overrides, e.g. train.steps=20 train.lr=3e-4")
+    p.add_argument("--force", action="store_true",
+                   help="discard this job's checkpoints, metrics and export; train from the start")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from btx.train import train_command
+
+    return train_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # btx branch / btx status
 # ---------------------------------------------------------------------------------------------
 
@@ -182,6 +207,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Command] = {
     "prepare": Command(cmd_prepare, "tokenize each domain's text/jsonl into train/val token shards",
                        add_prepare_arguments),
+    "train": Command(cmd_train, "train a domain expert from the seed (--domain NAME), or the demo's seed (--seed); "
+                     "resumes by itself", add_train_arguments),
     "analyze": Command(cmd_analyze, "routing analysis: which expert each domain's tokens go to, layer by layer",
                        add_analyze_arguments),
     "branch": Command(cmd_branch, "train one expert per domain from the seed (local jobs or Slurm); resumable",
@@ -221,7 +248,14 @@ def _one_line(e: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse fills a `nargs="*"` positional in one go, so in `btx train RECIPE --domain code
+    # train.steps=5` the overrides after the option would be "unrecognized". Collect them here.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*(args.overrides or []), *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
