@@ -114,8 +114,10 @@ class _Sums:
         self.token_entropy = torch.zeros(L, dtype=torch.float64, device=device)
         self.agree = torch.zeros(max(L - 1, 0), dtype=torch.long, device=device)
 
+    FIELDS = ("tokens", "top1", "slots", "prob", "token_entropy", "agree")
+
     def add(self, other: _Sums) -> None:
-        for name in ("tokens", "top1", "slots", "prob", "token_entropy", "agree"):
+        for name in self.FIELDS:
             getattr(self, name).add_(getattr(other, name).to(getattr(self, name).device))
 
 
@@ -197,6 +199,20 @@ class RoutingAccumulator:
         for d in domains:
             total.add(self._groups[d])
         return total
+
+    def overall(self, all_ranks: bool = False) -> dict:
+        """Statistics over every token seen (named domain or not). `all_ranks=True` sums the
+        counts over the ranks of the default torch.distributed group first; it is a collective,
+        so every rank must call it."""
+        total = self._total(list(self._groups))
+        if all_ranks and torch.distributed.is_available() and torch.distributed.is_initialized():
+            nccl = torch.distributed.get_backend() == "nccl"
+            device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+            for name in _Sums.FIELDS:
+                on_device = getattr(total, name).to(device)
+                torch.distributed.all_reduce(on_device)
+                setattr(total, name, on_device.cpu())
+        return routing_stats(total)
 
     def summary(self) -> dict:
         """{"overall": stats, "domains": {name: stats}}, stats as in this module's docstring
@@ -648,6 +664,13 @@ def token_pieces(ids: Sequence[int], tokenizer) -> list[str]:
             pieces.append(tokenizer.decode(ids[n - 1 : n]))
         committed = text
     return pieces
+
+
+def analyze_recipe(exp, **kwargs) -> dict:
+    """`btx analyze RECIPE` as a function (btx run's analyze stage); see btx.routing_report."""
+    from btx.routing_report import analyze_recipe as run
+
+    return run(exp, **kwargs)
 
 
 def compare_reports(a: dict, b: dict) -> dict:

@@ -368,14 +368,71 @@ def _prepare_out_dir(out: Path) -> None:
         raise BtxError(f"--out {out}: exists and is not an earlier routing analysis; choose another directory")
 
 
-def run_analyze(args) -> int:
-    """`btx analyze` (and tools/routing_analysis.py): parse what to analyse, run, show, write."""
-    import torch
+def headline(report: dict) -> str:
+    """One line for `btx run`'s summary: own-expert shares when known, else the balance."""
+    doms = report["domains"]
+    own = [f"{d} {_mean(s['own_top1_frac']) * 100:.0f}%" for d, s in doms.items() if s.get("own_expert")]
+    balance = f"load imbalance {_mean(report['overall']['load_imbalance']):.2f}"
+    return (f"tokens on their own expert (top-1): {', '.join(own)}; " if own else "") + balance
+
+
+def analyze_and_write(
+    checkpoints: Sequence[str | Path],
+    data: dict[str, str],
+    out: Path,
+    *,
+    options: dict,
+    metric: str = "load_share",
+    layer: int | None = None,
+    show_text: int = 0,
+    console=None,
+    done: dict | None = None,
+) -> dict:
+    """Analyse one checkpoint (or two, side by side), show the result and write `out`.
+
+    Every checkpoint and flag is checked before the first forward. `out` appears atomically;
+    with `done` (a stage manifest), DONE.json is written into it last. Returns the report of
+    the first checkpoint (with "compare" when there are two).
+    """
     from rich.console import Console
 
     from btx.manifest import atomic_dir, write_done
-    from btx.routing import (DEFAULT_TOKENS, analyze_checkpoint, compare_reports, moe_checkpoint_config,
-                             parse_data_specs)
+    from btx.routing import analyze_checkpoint, compare_reports, moe_checkpoint_config
+
+    if metric not in METRICS:
+        raise BtxError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
+    _prepare_out_dir(out)
+    configs = [moe_checkpoint_config(ckpt)[0] for ckpt in checkpoints]
+    shapes = {(cfg.n_layers, cfg.n_experts) for cfg in configs}
+    if len(shapes) > 1:
+        raise BtxError(f"--compare: {checkpoints[0]} and {checkpoints[1]} differ in layers x experts "
+                       f"({' vs '.join(f'{l} x {e}' for l, e in shapes)}); a comparison needs the same shape")
+    n_layers = configs[0].n_layers
+    if layer is not None and not 0 <= layer < n_layers:
+        raise BtxError(f"--layer {layer}: the model has MoE layers 0..{n_layers - 1}")
+
+    console = console or Console()
+    err = Console(stderr=True)  # progress and notes; the analysis itself goes to `console`
+    reports = [analyze_checkpoint(ckpt, data, console=err, samples=max(show_text, 1), **options)
+               for ckpt in checkpoints]
+    report, compare = reports[0], (reports[1] if len(reports) > 1 else None)
+    difference = compare_reports(report, compare) if compare is not None else None
+    render(report, console, metric=metric, layer=layer, show_text=show_text, compare=compare,
+           difference=difference)
+    with atomic_dir(out, force=True) as tmp:
+        notes = write_files(report, tmp, metric=metric, compare=compare, difference=difference)
+        if done is not None:
+            write_done(tmp, {**done, "files": sorted(p.name for p in tmp.iterdir())})
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
+    err.print(escape(f"wrote {out}/ (routing.json, routing.csv{'' if notes else ', PNGs'})"), soft_wrap=True)
+    report["headline"] = headline(report)
+    return report
+
+
+def run_analyze(args) -> int:
+    """`btx analyze` (and tools/routing_analysis.py)."""
+    from btx.routing import DEFAULT_TOKENS, parse_data_specs
 
     checkpoints = [args.target] if args.target else []
     if args.compare:
@@ -384,61 +441,42 @@ def run_analyze(args) -> int:
         checkpoints += args.compare
     if not checkpoints:
         raise BtxError("analyze: give a CHECKPOINT directory (with --data) or an experiment RECIPE")
-    if args.metric not in METRICS:
-        raise BtxError(f"--metric {args.metric}: expected one of {', '.join(METRICS)}")
+    options = _options(args)
+    if Path(checkpoints[0]).is_file():  # an experiment recipe
+        from btx.recipe import load_experiment
 
-    recipe_mode = Path(checkpoints[0]).is_file()
-    if recipe_mode:
-        exp, checkpoints[0], data, tokens, show_text, out = _from_recipe(args)
-    else:
-        if args.overrides:
-            raise BtxError(f"analyze: overrides ({args.overrides[0]}) need an experiment RECIPE")
-        data = parse_data_specs(args.data)
-        tokens = args.tokens or DEFAULT_TOKENS
-        show_text = args.show_text
-        out = Path(args.out) if args.out else Path(f"analysis-{Path(checkpoints[0]).resolve().name}")
-    _prepare_out_dir(out)
-    dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    options = dict(tokens=tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                   dtype=dtype, experts=args.experts.split(",") if args.experts else None,
-                   tokenizer=args.tokenizer, samples=max(show_text, 1))
-    # Every checkpoint and flag is checked before the first forward.
-    configs = [moe_checkpoint_config(ckpt)[0] for ckpt in checkpoints]
-    shapes = {(cfg.n_layers, cfg.n_experts) for cfg in configs}
-    if len(shapes) > 1:
-        raise BtxError(f"--compare: {checkpoints[0]} and {checkpoints[1]} differ in layers x experts "
-                       f"({' vs '.join(f'{l} x {e}' for l, e in shapes)}); a comparison needs the same shape")
-    n_layers = configs[0].n_layers
-    if args.layer is not None and not 0 <= args.layer < n_layers:
-        raise BtxError(f"--layer {args.layer}: the model has MoE layers 0..{n_layers - 1}")
-
-    err = Console(stderr=True)
-    reports = [analyze_checkpoint(ckpt, data, console=err, **options) for ckpt in checkpoints]
-    report, compare = reports[0], (reports[1] if len(reports) > 1 else None)
-    difference = compare_reports(report, compare) if compare is not None else None
-    render(report, Console(), metric=args.metric, layer=args.layer, show_text=show_text, compare=compare,
-           difference=difference)
-    with atomic_dir(out, force=True) as tmp:
-        notes = write_files(report, tmp, metric=args.metric, compare=compare, difference=difference)
-        if recipe_mode:
-            write_done(tmp, {"stage": "analyze", "checkpoint": str(checkpoints[0]), "recipe": str(exp.path),
-                             "domains": list(data), "tokens_per_domain": tokens,
-                             "files": sorted(p.name for p in tmp.iterdir())})
-    for note in notes:
-        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    err.print(f"wrote {out}/ (routing.json, routing.csv{'' if notes else ', PNGs'})", soft_wrap=True)
+        if args.data:
+            raise BtxError("--data: a RECIPE brings its domains' validation shards; give --data with a CHECKPOINT")
+        exp = load_experiment(args.target, args.overrides)
+        analyze_recipe(exp, out=Path(args.out) if args.out else None, compare=checkpoints[1:], metric=args.metric,
+                       layer=args.layer, show_text=args.show_text or None, **options)
+        return 0
+    if args.overrides:
+        raise BtxError(f"analyze: overrides ({args.overrides[0]}) need an experiment RECIPE")
+    out = Path(args.out) if args.out else Path(f"analysis-{Path(checkpoints[0]).resolve().name}")
+    options["tokens"] = options["tokens"] or DEFAULT_TOKENS
+    analyze_and_write(checkpoints, parse_data_specs(args.data), out, options=options, metric=args.metric,
+                      layer=args.layer, show_text=args.show_text)
     return 0
 
 
-def _from_recipe(args):
-    """RECIPE mode: the finetuned model (else the merged one), each domain's validation shard,
-    the recipe's analyze.tokens and analyze.show_text; output <run_dir>/analysis/."""
-    from btx.manifest import is_done
-    from btx.recipe import load_experiment
+def _options(args) -> dict:
+    import torch
 
-    exp = load_experiment(args.target, args.overrides)
-    if args.data:
-        raise BtxError("--data: a RECIPE brings its domains' validation shards; give --data with a CHECKPOINT instead")
+    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    return dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
+                dtype=dtypes[args.dtype], experts=args.experts.split(",") if args.experts else None,
+                tokenizer=args.tokenizer)
+
+
+def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (), metric: str = "load_share",
+                   layer: int | None = None, show_text: int | None = None, tokens: int | None = None,
+                   console=None, **options) -> dict:
+    """Recipe mode (`btx analyze RECIPE`, `btx run`'s analyze stage): the finetuned model (else the
+    merged one) on each domain's validation shard, with the recipe's analyze.tokens and
+    analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
+    from btx.manifest import is_done
+
     for stage in ("finetuned", "merged"):
         if is_done(exp.run_dir / stage):
             checkpoint = exp.run_dir / stage
@@ -451,7 +489,10 @@ def _from_recipe(args):
         if not val.is_file():
             raise BtxError(f"{val}: validation shard missing; run btx prepare {exp.path}")
         data[name] = str(val)
-    tokens = args.tokens or exp.analyze.tokens
-    show_text = args.show_text if args.show_text else exp.analyze.show_text
-    out = Path(args.out) if args.out else exp.run_dir / "analysis"
-    return exp, str(checkpoint), data, tokens, show_text, out
+    tokens = tokens or exp.analyze.tokens
+    show_text = exp.analyze.show_text if show_text is None else show_text
+    out = out or exp.run_dir / "analysis"
+    done = {"stage": "analyze", "checkpoint": str(checkpoint), "recipe": str(exp.path), "domains": list(data),
+            "tokens_per_domain": tokens}
+    return analyze_and_write([checkpoint, *compare], data, out, options={**options, "tokens": tokens},
+                             metric=metric, layer=layer, show_text=show_text, console=console, done=done)

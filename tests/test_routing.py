@@ -374,3 +374,59 @@ def test_analyze_is_registered():
     assert "analyze" in COMMANDS
     with pytest.raises(BtxError, match="--tokens"):
         analyze_checkpoint("unused", {}, tokens=0)
+
+
+# ------------------------------------------------------------------------- recipe mode
+
+
+def test_recipe_mode(tmp_path, capsys):
+    """`btx analyze RECIPE`: the run's model, its domains' validation shards, <run_dir>/analysis/."""
+    run = tmp_path / "run"
+    for name, text in (("low", LOW_TEXT), ("high", HIGH_TEXT)):
+        (tmp_path / f"{name}.txt").write_text(text)
+        (tmp_path / f"{name}.yaml").write_text(f"data:\n  sources: [{name}.txt]\n")
+        prepare_domain(name, [str(tmp_path / f"{name}.txt"), str(tmp_path / f"{name}.txt")], "byte",
+                       run / "data" / name, val_fraction=0.5, append_eos=False, progress=False)
+    (tmp_path / "btx.yaml").write_text(
+        f"experiment: rt\nrun_dir: {run}\ntokenizer: byte\n"
+        "model: {vocab_size: 264, dim: 8, n_layers: 2, n_heads: 2, n_kv_heads: 2, ffn_dim: 8, max_seq_len: 64}\n"
+        "domains: {low: low.yaml, high: high.yaml}\nanalyze: {tokens: 100, show_text: 1}\n"
+    )
+    assert "no finished finetuned/ or merged/" in one_line_error(capsys, [tmp_path / "btx.yaml"])
+    save(hand_routed_model(), run / "merged")  # its DONE.json names the experts
+
+    status, stdout, err = run_cli([tmp_path / "btx.yaml", "analyze.tokens=50"], capsys)
+    assert status == 0, err
+    report = json.loads((run / "analysis" / "routing.json").read_text())
+    assert report["checkpoint"] == str(run / "merged") and report["experts"] == EXPERT_NAMES
+    assert {d: s["tokens"] for d, s in report["domains"].items()} == {"low": 50, "high": 50}
+    assert report["data"]["low"]["source"].endswith("data/low/val.json")
+    done = json.loads((run / "analysis" / "DONE.json").read_text())
+    assert done["stage"] == "analyze" and "routing.json" in done["files"]
+    assert "top-1 expert at layer 1" in stdout  # analyze.show_text: 1
+
+    from btx.recipe import load_experiment
+    from btx.routing import analyze_recipe
+
+    report = analyze_recipe(load_experiment(tmp_path / "btx.yaml"))  # what btx run's analyze stage calls
+    assert report["domains"]["low"]["tokens"] == 100
+    own_low = report["domains"]["low"]["own_top1_frac"]
+    assert own_low[0] == 1.0  # layer 0 sends every ASCII token to "low"; layer 1 sorts by parity
+    assert report["headline"].startswith(f"tokens on their own expert (top-1): low {sum(own_low) / 2 * 100:.0f}%")
+
+
+def test_overall_over_ranks(setup):
+    """`overall(all_ranks=True)` sums counts over torch.distributed ranks (one rank here)."""
+    import torch.distributed as dist
+
+    tmp, ckpt, _ = setup
+    model = hf.load_model(ckpt)
+    model.set_routing_record(True)
+    model(torch.tensor([list(LOW_TEXT.encode())[:16]]))
+    acc = RoutingAccumulator(n_layers=2, n_experts=E, top_k=TOP_K)
+    acc.update(model, domain="low")
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=0, world_size=1)
+    try:
+        assert acc.overall(all_ranks=True) == acc.summary()["overall"]
+    finally:
+        dist.destroy_process_group()
