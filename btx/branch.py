@@ -1,8 +1,10 @@
 """Branch: one `btx train` job per domain from the same seed, run locally or on Slurm; job state.
 
-    jobs = plan_jobs(exp, recipe_path, overrides)        # one ExpertJob per domain not yet done
-    run_local(jobs, max_parallel=2)                       # a pool of subprocesses, live table
-    write_slurm_scripts(jobs, exp.branch.slurm); submit   # or one sbatch script per expert
+    branch("recipes/demo/btx.yaml", ["train.steps=20"])   # what `btx branch` does, returns the exit status
+    jobs = plan_jobs(exp, recipe_path, overrides)          # one ExpertJob per domain (its command, its dir)
+    run_local(jobs, LocalSlots.plan(visible_gpus(), devices_per_expert=1, max_parallel=2))
+    sbatch_script(job, exp.branch.slurm, exp.name)         # or one Slurm batch script per expert
+    expert_state(exp.expert_dir("code"))                   # ("running", "pid 123 on node7")
 
 Every job is the same idempotent command, `btx train RECIPE --domain NAME [overrides]`: it resumes
 from the newest `ckpt/step-N/` and does nothing once the expert's DONE.json exists. Re-running
@@ -41,7 +43,6 @@ import sys
 import threading
 import time
 from collections import deque
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -201,7 +202,7 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
     if job.get("exit_code") is not None:
         if job["exit_code"] == 0:  # exited cleanly without DONE.json: it will simply run again
             return "stopped", f"exited 0 before finishing ({where})"
-        return "failed", f"exit {job['exit_code']} ({where}), see {expert_dir / LOG_FILE}"
+        return "failed", f"{describe_exit(job['exit_code'])} ({where}), see {expert_dir / LOG_FILE}"
     if job.get("started_at") is None:
         if job.get("slurm_job_id"):
             if _slurm_active(job["slurm_job_id"]) is False:
@@ -218,6 +219,16 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
     if now - last_sign < STALE_AFTER_S:
         return "running", where
     return "stopped", f"{where}: no progress for {_duration(now - last_sign)}"
+
+
+def describe_exit(code: int) -> str:
+    """'exit 3', or 'killed by SIGKILL' for a process that a signal ended (Popen's negative codes)."""
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exit {code}"
 
 
 def _mtime(path: Path) -> float:
@@ -328,7 +339,9 @@ def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
     table = Table(title=title, title_justify="left")
     for name, justify in (("expert", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
                           ("tokens/s", "right"), ("ETA", "right"), ("output / note", "left")):
-        table.add_column(name, justify=justify, no_wrap=name != "output / note")
+        # Paths have no spaces to wrap at: fold them rather than cut them off.
+        table.add_column(name, justify=justify, no_wrap=name != "output / note",
+                         overflow="fold" if name == "output / note" else "ellipsis")
     for s in statuses:
         step = f"{s.step if s.step is not None else '-'}/{s.total_steps}"
         loss = f"{s.loss:.4f}" if isinstance(s.loss, (int, float)) else ""
@@ -410,8 +423,8 @@ class _Running:
         self.job, self.slot, self.proc, self.log_file = job, slot, proc, log_file
 
 
-def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, live: bool = True,
-              refresh_s: float = 0.5, stop_grace_s: float = 300.0) -> list[Outcome]:
+def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, refresh_s: float = 0.5,
+              stop_grace_s: float = 300.0) -> list[Outcome]:
     """Run `jobs` as subprocesses, at most one per slot at a time, each in its own process group
     with its output in `<expert_dir>/train.log`. A failing job does not stop the others.
 
@@ -421,7 +434,6 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, liv
     them. KeyboardInterrupt is then re-raised.
     """
     from rich.console import Console
-    from rich.live import Live
 
     console = console or Console()
     waiting = deque(jobs)
@@ -448,6 +460,8 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, liv
             executor="local", command=cmd, host=socket.gethostname(), pid=proc.pid,
             pid_start=_process_start(proc.pid), started_at=time.time(), devices=devices))
         running.append(_Running(job, slot, proc, log_file))
+        where = f"GPUs {devices}" if devices is not None else "CPU"
+        console.print(f"{job.domain}: started (pid {proc.pid}, {where}), log {job.log}", highlight=False)
 
     def finish(r: _Running, code: int, interrupted: bool = False) -> None:
         r.log_file.close()
@@ -455,10 +469,17 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, liv
         outcomes[r.job.domain].exit_code, outcomes[r.job.domain].interrupted = code, interrupted
         running.remove(r)
         free.append(r.slot)
+        # One line per event, above the live table: a log of the run when output is not a terminal.
+        if interrupted:
+            console.print(f"{r.job.domain}: stopped ({describe_exit(code)}); it resumes on the next btx branch")
+        elif code == 0:
+            console.print(f"{r.job.domain}: [green]done[/]")
+        else:
+            console.print(f"{r.job.domain}: [red]failed[/] ({describe_exit(code)}), log {r.job.log}", highlight=False)
 
     restore = _sigterm_as_interrupt()
     try:
-        with Live(table(), console=console, auto_refresh=False) if live else nullcontext() as display:
+        with LiveTable(console, table()) as display:
             shown_at = 0.0
             while waiting or running:
                 while waiting and free:
@@ -469,13 +490,11 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, liv
                         finish(r, code)
                 # Children are checked often (a freed slot is reused at once); the table, which
                 # reads every expert's files, is redrawn every `refresh_s`.
-                if display is not None and time.monotonic() - shown_at >= refresh_s:
-                    display.update(table(), refresh=True)
+                if time.monotonic() - shown_at >= refresh_s or not (waiting or running):
+                    display.update(table())
                     shown_at = time.monotonic()
                 if waiting or running:
                     time.sleep(0.05)
-            if display is not None:
-                display.update(table(), refresh=True)
     except KeyboardInterrupt:
         if running:
             console.print(f"[yellow]stopping {len(running)} running job(s) (they checkpoint first; Ctrl-C "
@@ -527,6 +546,35 @@ def _sigterm_as_interrupt() -> Callable[[], None]:
     return lambda: signal.signal(signal.SIGTERM, previous)
 
 
+class LiveTable:
+    """A table redrawn in place (rich Live) on a terminal. Elsewhere (a log file, a pipe) redrawing
+    would only repeat it, so the last version is printed once, on leaving."""
+
+    def __init__(self, console, renderable):
+        self.console, self.renderable = console, renderable
+        self.live = None
+        if console.is_terminal:
+            from rich.live import Live
+
+            self.live = Live(renderable, console=console, auto_refresh=False)
+
+    def __enter__(self) -> "LiveTable":
+        if self.live is not None:
+            self.live.start(refresh=True)
+        return self
+
+    def update(self, renderable) -> None:
+        self.renderable = renderable
+        if self.live is not None:
+            self.live.update(renderable, refresh=True)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.live is not None:
+            self.live.stop()
+        else:
+            self.console.print(self.renderable)
+
+
 def log_tail(path: Path, lines: int = 20) -> str:
     return "\n".join(_last_lines(path, lines))
 
@@ -556,7 +604,7 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
     else:
         launch = 'srun --kill-on-bad-exit=1 "$PYTHON" ' + shlex.join(job.program)
 
-    sbatch = [f"--job-name=btx-{experiment}-{job.domain}"]
+    sbatch = [f"--job-name={experiment}-{job.domain}"]
     for key, value in (("partition", slurm.partition), ("account", slurm.account), ("time", slurm.time)):
         if value is not None:
             sbatch.append(f"--{key}={value}")
@@ -596,10 +644,12 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
         'record() { "$PYTHON" -m btx.branch record "$EXPERT_DIR" "$@" || true; }',
         "",
         f"# {SLURM_STOP_GRACE_S} s before the time limit Slurm sends USR1 to this script: stop training",
-        "# (SIGTERM) and requeue the job, which then resumes from the last checkpoint.",
+        "# (on SIGTERM btx train finishes its step and checkpoints) and requeue the job, which then",
+        "# resumes. scancel and preemption send SIGTERM: training checkpoints the same way.",
         "requeue=0",
         'trap \'echo "btx: time limit near, stopping and requeueing job $SLURM_JOB_ID"; requeue=1; '
         'kill -TERM "$train_pid" 2>/dev/null\' USR1',
+        'trap \'kill -TERM "$train_pid" 2>/dev/null; wait "$train_pid"; record interrupted "$?"; exit 143\' TERM',
         "",
         "record started",
         f"{launch} &",
@@ -662,8 +712,7 @@ def _write_text_atomic(path: Path, text: str) -> None:
 
 def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, executor: Optional[str] = None,
            max_parallel: Optional[int] = None, dry_run: bool = False, only: Optional[Sequence[str]] = None,
-           train_program: Sequence[str] = TRAIN_PROGRAM, console=None, live: bool = True,
-           stop_grace_s: float = 300.0) -> int:
+           train_program: Sequence[str] = TRAIN_PROGRAM, console=None, stop_grace_s: float = 300.0) -> int:
     """`btx branch`: launch every expert that is neither done nor already running. Returns the exit
     status: 0 when every launched job succeeded (or was submitted), 1 when any failed."""
     from rich.console import Console
@@ -720,15 +769,15 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
                               highlight=False, soft_wrap=True)
             console.print(f"(at most {len(slots.devices)} at a time)")
             return 0
-        outcomes = run_local(to_run, slots, console=console, live=live, stop_grace_s=stop_grace_s)
+        outcomes = run_local(to_run, slots, console=console, stop_grace_s=stop_grace_s)
 
     failed = [o for o in outcomes if o.exit_code not in (None, 0)]
     for o in failed:
         console.print(Panel(log_tail(o.job.log) or "(empty log)", title=f"{o.job.domain} failed "
-                            f"(exit {o.exit_code}): last lines of {o.job.log}", border_style="red",
+                            f"({describe_exit(o.exit_code)}): last lines of {o.job.log}", border_style="red",
                             title_align="left"))
     if failed:
-        names = ", ".join(f"{o.job.domain} (exit {o.exit_code})" for o in failed)
+        names = ", ".join(f"{o.job.domain} ({describe_exit(o.exit_code)})" for o in failed)
         print(f"btx branch: {len(failed)} of {len(outcomes)} expert job(s) failed: {names}; "
               "fix the cause and re-run btx branch (finished experts are kept)", file=sys.stderr)
         return 1
@@ -739,7 +788,6 @@ def status(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, wat
            interval_s: float = 2.0, console=None) -> int:
     """`btx status`: a table of every expert of the experiment, read from the run directory."""
     from rich.console import Console
-    from rich.live import Live
 
     from btx.recipe import load_experiment
 
@@ -755,10 +803,10 @@ def status(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, wat
         console.print(status_table(snapshot(), title=title))
         return 0
     try:
-        with Live(status_table(snapshot(), title=title), console=console, auto_refresh=False) as display:
+        with LiveTable(console, status_table(snapshot(), title=title)) as display:
             while True:
                 statuses = snapshot()
-                display.update(status_table(statuses, title=title), refresh=True)
+                display.update(status_table(statuses, title=title))
                 if all(s.state == "done" for s in statuses):
                     break
                 time.sleep(interval_s)
@@ -779,17 +827,18 @@ def record_event(expert_dir: str | os.PathLike, event: str, exit_code: Optional[
         update_job(expert_dir, **_new_attempt(executor="slurm" if slurm_job_id else "script",
                                               slurm_job_id=slurm_job_id, host=socket.gethostname(),
                                               pid=os.getppid(), started_at=now))
-    elif event == "exited":
-        update_job(expert_dir, exit_code=exit_code, ended_at=now)
+    elif event in ("exited", "interrupted"):
+        update_job(expert_dir, exit_code=exit_code, ended_at=now, interrupted=event == "interrupted")
     elif event == "requeued":
         update_job(expert_dir, **_new_attempt(executor="slurm", slurm_job_id=slurm_job_id, submitted_at=now))
     else:
-        raise BtxError(f"record: unknown event {event!r} (expected started, exited or requeued)")
+        raise BtxError(f"record: unknown event {event!r} (expected started, exited, interrupted or requeued)")
 
 
 def _record_main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] != "record":
-        print("usage: python -m btx.branch record EXPERT_DIR started|exited CODE|requeued", file=sys.stderr)
+        print("usage: python -m btx.branch record EXPERT_DIR started|exited CODE|interrupted CODE|requeued",
+              file=sys.stderr)
         return 2
     record_event(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else None)
     return 0
