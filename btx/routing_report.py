@@ -50,6 +50,12 @@ def expert_color(e: int) -> str:
     return EXPERT_COLORS[e % len(EXPERT_COLORS)]
 
 
+def text_on(color: str) -> str:
+    """Black or white, whichever reads better on `color` (by its relative luminance)."""
+    r, g, b = (int(color[i : i + 2], 16) / 255 for i in (1, 3, 5))
+    return "black" if 0.2126 * r + 0.7152 * g + 0.0722 * b > 0.45 else "white"
+
+
 # --------------------------------------------------------------------------------------------
 # Terminal
 # --------------------------------------------------------------------------------------------
@@ -155,7 +161,7 @@ def layer_table(reports: Sequence[dict]):
         cells = [str(layer)]
         for key, _, fmt in keys:
             values = [r["overall"].get(key) for r in reports]
-            cells.append(" → ".join(fmt(v[layer]) if v is not None and layer < len(v) else "-" for v in values))
+            cells.append("→".join(fmt(v[layer]) if v is not None and layer < len(v) else "-" for v in values))
         table.add_row(*cells)
     return table
 
@@ -172,7 +178,8 @@ def text_view(report: dict, domain: str, layer: int, max_samples: int):
             if not piece:
                 continue
             shown = "".join(c if c.isprintable() or c in "\n\t" else "·" for c in piece)
-            style = "black on #dddddd" if expert >= len(report["experts"]) else f"black on {expert_color(expert)}"
+            color = "#dddddd" if expert >= len(report["experts"]) else expert_color(expert)  # grey: dropped
+            style = f"{text_on(color)} on {color}"
             text.append(shown, style=style)
         parts.append(text)
         parts.append(Text(""))
@@ -184,7 +191,7 @@ def legend(experts: Sequence[str]):
 
     line = Text("experts: ")
     for e, name in enumerate(experts):
-        line.append(f" {name} ", style=f"black on {expert_color(e)}")
+        line.append(f" {name} ", style=f"{text_on(expert_color(e))} on {expert_color(e)}")
         line.append(" ")
     return line
 
@@ -219,7 +226,8 @@ def render(report: dict, console, *, metric: str = "load_share", layer: int | No
     if compare is not None:
         for domain, d in difference["domains"].items():
             heading(f"\n{domain} tokens: {metric} of B minus A, in percentage points")
-            console.print(heatmap_table(d[metric], experts, diverging=True))
+            console.print(heatmap_table(d[metric], experts, own=report["domains"][domain].get("own_expert"),
+                                        diverging=True))
     if show_text:
         layer = default_layer(report) if layer is None else layer
         console.print()
@@ -279,9 +287,11 @@ def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", comp
                      out_dir / f"heatmap_{_file_name(domain)}.png", own=stats.get("own_expert"))
     plot_stacked(plt, report, out_dir / "layers_stacked.png")
     if compare is not None:
+        names = f"A = {Path(report['checkpoint']).name}, B = {Path(compare['checkpoint']).name}"
         for domain, d in difference["domains"].items():
-            plot_heatmap(plt, d[metric], report["experts"], f"{domain} tokens: {metric}, B - A",
-                         out_dir / "compare" / f"diff_{_file_name(domain)}.png", diverging=True)
+            plot_heatmap(plt, d[metric], report["experts"], f"{domain} tokens: {metric}, B - A\n{names}",
+                         out_dir / "compare" / f"diff_{_file_name(domain)}.png", diverging=True,
+                         own=report["domains"][domain].get("own_expert"))
         plot_stacked(plt, compare, out_dir / "compare" / "layers_stacked.png")
     return []
 
@@ -331,8 +341,8 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
     cols = min(len(domains), 3)
     rows = math.ceil(len(domains) / cols)
     n_layers = report["model"]["n_layers"]
-    fig, axes = plt.subplots(rows, cols, figsize=(0.6 + max(3.0, 0.22 * n_layers + 1.5) * cols, 0.6 + 2.8 * rows),
-                             squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(0.6 + max(3.0, 0.22 * n_layers + 1.5) * cols, 0.8 + 2.6 * rows),
+                             squeeze=False, sharey=True, layout="constrained")
     for i, domain in enumerate(domains):
         ax = axes[i // cols][i % cols]
         share = report["domains"][domain]["load_share"]
@@ -350,9 +360,8 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
     for j in range(len(domains), rows * cols):
         axes[j // cols][j % cols].axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(experts), 8), frameon=False, fontsize=9)
-    fig.suptitle(f"expert shares per layer: {Path(report['checkpoint']).name}", fontsize=10, y=0.02, va="bottom")
-    fig.tight_layout(rect=(0, 0.05, 1, 0.9))
+    fig.legend(handles, labels, loc="outside upper center", ncol=min(len(experts), 8), frameon=False, fontsize=9)
+    fig.supxlabel(f"expert shares per layer: {Path(report['checkpoint']).name}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

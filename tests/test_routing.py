@@ -430,3 +430,30 @@ def test_overall_over_ranks(setup):
         assert acc.overall(all_ranks=True) == acc.summary()["overall"]
     finally:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------- demonstration
+
+
+def test_demo_merged_model(tmp_path, capsys):
+    """tools/routing_demo.py at a smaller size: a real btx merge (random vs centroid routers) analysed
+    side by side. Centroid routers send more of every domain to its own expert than random ones."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("routing_demo", Path(__file__).parent.parent / "tools" / "routing_demo.py")
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    paths = demo.build(tmp_path, dim=32, n_layers=2, data_bytes=40_000, centroid_tokens=2048)
+    status, stdout, err = run_cli(demo.analyze_args(paths, tmp_path / "analysis", tokens=4096), capsys)
+    assert status == 0, err
+    random_routers = json.loads((tmp_path / "analysis" / "routing.json").read_text())
+    centroid = json.loads((tmp_path / "analysis" / "compare" / "routing.json").read_text())
+    assert centroid["experts"] == ["code", "math", "prose", "seed"]  # from the merge's DONE.json
+    for report in (random_routers, centroid):
+        assert all(s["tokens"] == 4096 for s in report["domains"].values())
+    gain = [np.mean(centroid["overall"]["own_top1_frac"]), np.mean(random_routers["overall"]["own_top1_frac"])]
+    assert gain[0] > gain[1] + 0.1, gain
+    diff = random_routers["compare"]["difference"]["overall"]["own_top1_frac"]
+    np.testing.assert_allclose(diff, np.subtract(centroid["overall"]["own_top1_frac"],
+                                                 random_routers["overall"]["own_top1_frac"]), atol=1e-12)
