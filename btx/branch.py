@@ -20,9 +20,11 @@ same for local and Slurm jobs, from any machine that sees the run directory:
              is alive (same start time, so a recycled pid does not count); or it runs elsewhere
              (Slurm, another host) and metrics.jsonl or its start is fresher than STALE_AFTER_S
     queued   a Slurm job was submitted (or requeued) and has not started
-    stopped  the last attempt was interrupted (Ctrl-C, SIGTERM) or its process vanished without a
-             recorded exit; the next `btx branch` resumes it from its last checkpoint
+    stopped  the last attempt was interrupted (Ctrl-C, SIGTERM, scancel), exited 0 before DONE.json,
+             or vanished without a recorded exit (pid gone, no sign of life, or squeue no longer
+             knows the job); the next `btx branch` resumes it from its last checkpoint
     pending  nothing was ever started
+Where squeue exists it refines the Slurm states; without it they rest on the files alone.
 
 `job.json` is written by whoever starts an attempt (the local executor; for Slurm the submitter and
 the batch script itself, through `python -m btx.branch record`): executor, command, host, pid,
@@ -32,6 +34,7 @@ the file atomically (temporary sibling + rename).
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shlex
@@ -43,7 +46,7 @@ import sys
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -75,10 +78,9 @@ class ExpertJob:
     """One expert's training job: the program and its arguments, without any launcher."""
 
     domain: str
-    expert_dir: Path
+    expert_dir: Path  # where btx train puts it: ckpt/, metrics.jsonl, final/, DONE.json (+ ours: job.json, train.log)
     program: list[str]  # e.g. ["-m", "btx", "train", "/abs/btx.yaml", "--domain", "math", "train.steps=5"]
     total_steps: int
-    # Where btx.train puts this expert (`expert_job`): ckpt/, metrics.jsonl, final/, DONE.json.
 
     @property
     def log(self) -> Path:
@@ -99,10 +101,9 @@ def plan_jobs(exp, recipe_path: str | os.PathLike, overrides: Sequence[str] = ()
     if only:
         for name in only:
             if name not in exp.domains:
-                from btx.recipe import _suggest
-
+                close = difflib.get_close_matches(name, names, n=1)
                 raise BtxError(f"--only {name}: not a domain of {exp.path} (domains: {', '.join(names)})"
-                               + _suggest(name, names))
+                               + (f" (did you mean {close[0]}?)" if close else ""))
         names = [n for n in names if n in set(only)]
     recipe = str(Path(recipe_path).absolute())
     return [
@@ -182,8 +183,10 @@ def _slurm_active(job_id: str) -> Optional[bool]:
                              text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if out.returncode != 0:  # squeue errors for job ids it has forgotten
-        return False
+    if out.returncode != 0:
+        # squeue refuses job ids it has forgotten ("Invalid job id"); other errors (a busy
+        # controller) say nothing about the job.
+        return False if "invalid job id" in out.stderr.lower() else None
     return bool(out.stdout.strip())
 
 
@@ -334,6 +337,7 @@ _STATE_STYLE = {"pending": "dim", "queued": "cyan", "running": "yellow", "stoppe
 
 def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
     """The rich table that `btx status` prints and `btx branch` keeps live."""
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title=title, title_justify="left")
@@ -346,7 +350,7 @@ def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
         step = f"{s.step if s.step is not None else '-'}/{s.total_steps}"
         loss = f"{s.loss:.4f}" if isinstance(s.loss, (int, float)) else ""
         tps = f"{s.tokens_per_s:,.0f}" if isinstance(s.tokens_per_s, (int, float)) else ""
-        note = str(s.path) + (f"\n[dim]{s.detail}[/dim]" if s.detail else "")
+        note = escape(str(s.path)) + (f"\n[dim]{escape(s.detail)}[/dim]" if s.detail else "")
         table.add_row(s.domain, f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, _duration(s.eta_s), note)
     return table
 
@@ -361,6 +365,7 @@ class Outcome:
     job: ExpertJob
     exit_code: Optional[int] = None  # None: not run (skipped) or still running when stopped
     interrupted: bool = False
+    error: Optional[str] = None  # why it failed without a log (sbatch refused it)
 
 
 def visible_gpus() -> list[str]:
@@ -392,9 +397,10 @@ class LocalSlots:
                   for i in range(0, len(gpus) - devices_per_expert + 1, devices_per_expert)]
         if not groups:
             raise BtxError(f"branch.devices_per_expert: {devices_per_expert} GPUs per expert, but only "
-                           f"{len(gpus)} visible ({','.join(gpus)})")
+                           f"{len(gpus)} visible ({','.join(gpus)}); override it, e.g. "
+                           f"branch.devices_per_expert={len(gpus)}")
         if max_parallel is not None and max_parallel > len(groups):
-            raise BtxError(f"branch.max_parallel: {max_parallel} jobs of {devices_per_expert} GPU(s) need "
+            raise BtxError(f"--max-parallel / branch.max_parallel: {max_parallel} jobs of {devices_per_expert} GPU(s) need "
                            f"{max_parallel * devices_per_expert} GPUs, only {len(gpus)} visible "
                            f"(at most {len(groups)} at a time)")
         return cls(groups[:max_parallel or len(groups)], devices_per_expert)
@@ -456,10 +462,10 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
         log_file.flush()
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
+        running.append(_Running(job, slot, proc, log_file))  # first: a Ctrl-C from here on stops it too
         update_job(job.expert_dir, **_new_attempt(
             executor="local", command=cmd, host=socket.gethostname(), pid=proc.pid,
             pid_start=_process_start(proc.pid), started_at=time.time(), devices=devices))
-        running.append(_Running(job, slot, proc, log_file))
         where = f"GPUs {devices}" if devices is not None else "CPU"
         console.print(f"{job.domain}: started (pid {proc.pid}, {where}), log {job.log}", highlight=False)
 
@@ -603,6 +609,8 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
                   + shlex.join(job.program))
     else:
         launch = 'srun --kill-on-bad-exit=1 "$PYTHON" ' + shlex.join(job.program)
+    if slurm.cpus_per_task is not None:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
+        launch = launch.replace("srun ", f"srun --cpus-per-task={slurm.cpus_per_task} ", 1)
 
     sbatch = [f"--job-name={experiment}-{job.domain}"]
     for key, value in (("partition", slurm.partition), ("account", slurm.account), ("time", slurm.time)):
@@ -684,9 +692,9 @@ def submit_slurm(jobs: Sequence[ExpertJob], scripts: dict[str, str], console) ->
             continue
         out = subprocess.run([sbatch, "--parsable", str(job.sbatch)], capture_output=True, text=True)
         if out.returncode != 0:
-            message = (out.stderr or out.stdout).strip().splitlines()
-            console.print(f"[red]{job.domain}: sbatch failed[/]: {message[-1] if message else out.returncode}")
-            outcomes.append(Outcome(job, exit_code=out.returncode))
+            message = (out.stderr or out.stdout).strip() or f"sbatch exited {out.returncode}"
+            console.print(f"[red]{job.domain}: sbatch failed[/]: {message.splitlines()[-1]}", highlight=False)
+            outcomes.append(Outcome(job, exit_code=out.returncode, error=message))
             continue
         job_id = out.stdout.strip().split(";")[0]
         update_job(job.expert_dir, **_new_attempt(executor="slurm", command=["sbatch", str(job.sbatch)],
@@ -717,6 +725,7 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
     status: 0 when every launched job succeeded (or was submitted), 1 when any failed."""
     from rich.console import Console
     from rich.panel import Panel
+    from rich.text import Text
 
     from btx.recipe import load_experiment
 
@@ -762,9 +771,9 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
         slots = LocalSlots.plan(visible_gpus(), exp.branch.devices_per_expert, max_parallel)
         if dry_run:
             for i, job in enumerate(to_run):
-                env = slots.devices[i % len(slots.devices)]
-                prefix = (f"CUDA_VISIBLE_DEVICES={env} " if env is not None
-                          else f"OMP_NUM_THREADS={slots.threads_per_job} ")
+                env = slots.env(i % len(slots.devices))
+                prefix = "".join(f"{var}={env[var]} " for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+                                 if var in env)
                 console.print(f"{prefix}{shlex.join(slots.command(job))} >> {job.log}", markup=False,
                               highlight=False, soft_wrap=True)
             console.print(f"(at most {len(slots.devices)} at a time)")
@@ -773,9 +782,10 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
 
     failed = [o for o in outcomes if o.exit_code not in (None, 0)]
     for o in failed:
-        console.print(Panel(log_tail(o.job.log) or "(empty log)", title=f"{o.job.domain} failed "
-                            f"({describe_exit(o.exit_code)}): last lines of {o.job.log}", border_style="red",
-                            title_align="left"))
+        where = "sbatch's answer" if o.error else f"last lines of {o.job.log}"
+        body = Text(o.error or log_tail(o.job.log) or "(empty log)")  # plain text: logs hold stray [brackets]
+        console.print(Panel(body, border_style="red", title_align="left",
+                            title=f"{o.job.domain} failed ({describe_exit(o.exit_code)}): {where}"))
     if failed:
         names = ", ".join(f"{o.job.domain} ({describe_exit(o.exit_code)})" for o in failed)
         print(f"btx branch: {len(failed)} of {len(outcomes)} expert job(s) failed: {names}; "
