@@ -136,9 +136,10 @@ def test_local_runs_every_expert_then_only_what_is_missing(tmp_path, experiment)
         threads = os.environ.get("OMP_NUM_THREADS", str(os.cpu_count()))
         assert f"threads {threads}" in (run / "experts" / name / "train.log").read_text()
 
-    # Everything is done: nothing is launched.
+    # Everything is done: nothing is launched, and `btx status --watch` has nothing to wait for.
     assert br.branch(experiment, train_program=program, console=quiet_console()) == 0
     assert len(launches(tmp_path)) == 3
+    assert br.status(experiment, watch=True, interval_s=60, console=quiet_console()) == 0
 
     # One expert's outputs are deleted: only that one trains again.
     shutil.rmtree(run / "experts" / "b")
