@@ -329,10 +329,12 @@ class DomainData:
                 for start in range(0, n, seq_len):
                     yield np.asarray(tokens[start : start + seq_len], dtype=np.int64)
                 return
+            # `count` windows holding max_tokens ids, the n - max_tokens unread ids spread evenly
+            # between them: no overlap, the first starts at 0 and the last ends at n.
             count = -(-max_tokens // seq_len)
             for i in range(count):
                 length = min(seq_len, max_tokens - i * seq_len)
-                start = (i * (n - length)) // max(count - 1, 1)
+                start = i * seq_len + (i * (n - max_tokens)) // max(count - 1, 1)
                 yield np.asarray(tokens[start : start + length], dtype=np.int64)
             return
         # Text: each document followed by EOS, as btx.data writes shards; packed into windows.
@@ -342,7 +344,9 @@ class DomainData:
         for text, _ in self.source.documents():
             if not text:
                 continue
-            buffer.extend(self.tokenizer.encode(text))
+            # Encode only what the budget can use: a token rarely spans 32 characters, so a huge
+            # document is cut there instead of being tokenized whole for a few thousand tokens.
+            buffer.extend(self.tokenizer.encode(text[: (max_tokens - produced) * 32 + 1]))
             if eos is not None:
                 buffer.append(eos)
             while len(buffer) >= seq_len and produced < max_tokens:
@@ -373,7 +377,7 @@ def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def open_domain_data(name: str, spec: str, tokenizer, tokenizer_source: str | None) -> DomainData:
+def open_domain_data(name: str, spec: str, tokenizer) -> DomainData:
     """Resolve one --data value. A `.bin`/`.json` file, or a directory holding `val.json`
     (a prepared domain), is a btx shard; its sidecar's tokenizer must be the model's. Anything
     else is text (a file, a .jsonl file, a directory of them, or builtin:CORPUS)."""
@@ -483,9 +487,15 @@ def expert_names(checkpoint: Path, n_experts: int, explicit: Sequence[str] | Non
 
 
 def pick_device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not name:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise BtxError(f"--device {name}: not a device (expected cpu, cuda, cuda:N, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BtxError(f"--device {name}: CUDA is not available on this machine")
+    return device
 
 
 @torch.inference_mode()
@@ -545,7 +555,12 @@ def analyze_checkpoint(
     model = load_moe_checkpoint(checkpoint, dev, dtype)
     cfg = model.cfg
     tok = checkpoint_tokenizer(checkpoint, tokenizer)
-    domains = {name: open_domain_data(name, spec, tok, tokenizer) for name, spec in data.items()}
+    domains = {name: open_domain_data(name, spec, tok) for name, spec in data.items()}
+    unchecked = [dd.label for dd in domains.values() if dd.kind == "shard" and not dd.tokenizer_checked]
+    if unchecked:
+        console.print(f"note: {checkpoint} has no tokenizer files, so the tokenizer of {', '.join(unchecked)} "
+                      "cannot be checked (token ids are only checked against vocab_size)", markup=False,
+                      soft_wrap=True)
     names, names_from = expert_names(checkpoint, cfg.n_experts, experts)
     seq_len = seq_len or min(cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN)
     if seq_len > cfg.max_seq_len:

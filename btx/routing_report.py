@@ -4,7 +4,7 @@ The numbers come from `btx.routing.analyze_checkpoint` (see btx/routing.py for w
 this module only presents them, and runs `btx analyze` (`run_analyze`).
 
 Output directory
-    routing.json            every number (structure in docs/ROUTING.md and the file's "definitions")
+    routing.json            every number (structure: docs/ROUTING.md; the file's own "definitions")
     routing.csv             long format: domain, layer, expert, top1_frac, topk_frac, mean_prob, load_share
                             (domain "(overall)" = all domains together)
     heatmap_<domain>.png    layers x experts, coloured by the chosen metric (default load_share)

@@ -182,6 +182,16 @@ def test_token_budget_and_streaming(setup):
     tmp, ckpt, shards = setup
     report = analyze_checkpoint(ckpt, {"low": str(shards["low"])}, tokens=50, seq_len=16, batch_size=2)
     assert report["domains"]["low"]["tokens"] == 50
+    # The 50 tokens are 4 windows spread over the whole shard, without overlap, first to last token.
+    from btx.data import load_shard
+    from btx.routing import DomainData
+
+    shard = load_shard(make_shard(tmp, "distinct", "".join(chr(33 + i) for i in range(90))))  # 90 distinct ids
+    windows = list(DomainData("distinct", "distinct", "shard", shard=shard).windows(seq_len=16, max_tokens=50))
+    assert [len(w) for w in windows] == [16, 16, 16, 2]
+    starts = [next(s for s in range(len(shard)) if np.array_equal(shard.tokens[s : s + len(w)], w)) for w in windows]
+    assert starts[0] == 0 and starts[-1] + 2 == len(shard)
+    assert all(b - a >= 16 for a, b in zip(starts, starts[1:]))
 
     text = tmp / "mixed.jsonl"
     text.write_text(json.dumps({"text": "abc"}) + "\n" + json.dumps({"text": "é"}) + "\n")
