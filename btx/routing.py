@@ -546,13 +546,15 @@ def analyze_checkpoint(
     `samples` keeps that many short token sequences per domain with their top-1 experts at every
     layer, for the coloured text view. Memory holds sums only, whatever `tokens` is."""
     from rich.console import Console
+    from rich.markup import escape
 
     console = console or Console(stderr=True)
     if tokens < 1 or batch_size < 1 or (seq_len is not None and seq_len < 1):
         raise BtxError("--tokens, --batch-size and --seq-len must be positive")
     checkpoint = Path(checkpoint).expanduser()
     dev = pick_device(device)
-    model = load_moe_checkpoint(checkpoint, dev, dtype)
+    with console.status(escape(f"loading {checkpoint}")):
+        model = load_moe_checkpoint(checkpoint, dev, dtype)
     cfg = model.cfg
     tok = checkpoint_tokenizer(checkpoint, tokenizer)
     domains = {name: open_domain_data(name, spec, tok) for name, spec in data.items()}
