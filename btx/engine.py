@@ -89,11 +89,17 @@ def param_groups(params, weight_decay: float) -> list[dict]:
 
 
 def make_optimizer(params, settings) -> torch.optim.AdamW:
-    """The one AdamW of btx (every engine), over `params` (an iterable of parameters)."""
+    """The one AdamW of btx (every engine), over `params` (an iterable of parameters).
+
+    The fused kernel where torch has one (CPU, CUDA): on CPU torch's default is a per-tensor
+    Python loop, 3x slower (a third of a small model's step time on 2 cores).
+    """
     groups = param_groups(params, settings.weight_decay)
     if not groups:
         raise BtxError("train: the model has no trainable parameters")
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
+                             fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

@@ -108,6 +108,9 @@ class TrainJob:
     export_dtype: str | None = None  # float32 | bfloat16 | float16; None: the init checkpoint's (fp32 from scratch)
     recipe_hash: str = ""  # of the recipe sections this job depends on (for DONE.json)
     inputs: dict = field(default_factory=dict)  # provenance for DONE.json (seed manifest, ...)
+    # Engine-side settings that change what a run computes or how its checkpoints are laid out
+    # (finetune: trainable, zero_stage, offload_optimizer); part of the trajectory hash.
+    engine_settings: dict = field(default_factory=dict)
 
     @property
     def ckpt_dir(self) -> Path:
@@ -261,6 +264,7 @@ def run_loop(
     tokenizer, train_shards, val_shards = _open_inputs(job)
     model = build_model(job)
     _check_model_fits(job, model.cfg, tokenizer)
+    _export_dtype(job)  # a bad export dtype is an error now, not after training
     if setup_model is not None:
         setup_model(model)
 
@@ -294,7 +298,8 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
     state = _resume(job, engine, trajectory, console)
     metrics = _MetricsLog(job.metrics_path, enabled=engine.is_main)
     metrics.keep_until(state["step"])
-    peak = peak_flops(engine.device, getattr(engine, "precision", s.precision)) * world
+    peak = peak_flops(engine.device, getattr(engine, "precision", s.precision))
+    peak = peak * world if peak else None
     progress = _Progress(job.name, s.steps, state["step"], s.log_every, console, enabled=engine.is_main)
     session_start, wall_before = time.perf_counter(), state["wall_time_s"]  # earlier sessions' time
     kill_at, kill_signal = _kill_hook()
@@ -306,7 +311,9 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             if cfg.is_moe:
                 engine.unwrapped.set_router_step(step - 1)
             lr = engine.lr
-            sums = torch.zeros(5, dtype=torch.float64)  # total, nll, balance, z, stop flag
+            # Loss terms summed on the device (no host sync per micro-batch), then one all-reduce
+            # that also tells every rank whether any of them was asked to stop.
+            sums = torch.zeros(5, dtype=torch.float64, device=engine.device)  # total, nll, balance, z, stop
             for micro in range(s.grad_accum):
                 inputs, targets = sampler.batch((step - 1) * s.grad_accum + micro, rank, world)
                 inputs = inputs.to(engine.device, non_blocking=True)
@@ -314,13 +321,12 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
                 output = engine.model(inputs)
                 terms = loss_terms(output, targets, job.balance_alpha, job.z_loss_coef)
                 engine.backward(terms[0])
-                sums[:4] += torch.stack([t.detach().double().cpu() for t in terms])
+                sums[:4] += torch.stack([t.detach().double() for t in terms])
             grad_norm = engine.step()
-            sums[:4] /= s.grad_accum
             sums[4] = float(stop.requested)
-            sums = _all_reduce_sum(sums, engine)
-            total, nll, balance, z = (sums[:4] / world).tolist()
-            stop_now = sums[4].item() > 0
+            *means, stop_votes = _all_reduce_sum(sums, engine).tolist()
+            total, nll, balance, z = (value / (s.grad_accum * world) for value in means)
+            stop_now = stop_votes > 0
             elapsed = time.perf_counter() - started
             state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
 
@@ -391,7 +397,7 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
     try:
         for domain, shard in val_shards.items():
             batches = list(eval_batches(shard, seq_len, batch_size, max_batches))
-            sums = torch.zeros(2, dtype=torch.float64)  # summed NLL, tokens
+            sums = torch.zeros(2, dtype=torch.float64, device=engine.device)  # summed NLL, tokens
             for first in range(0, len(batches), world):
                 index = first + rank
                 inputs, targets = batches[index] if index < len(batches) else batches[0]
@@ -399,9 +405,10 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
                 nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
                                       targets.to(engine.device).reshape(-1), reduction="sum")
                 if index < len(batches):
-                    sums += torch.tensor([nll.item(), targets.numel()], dtype=torch.float64)
-            sums = _all_reduce_sum(sums, engine)
-            losses[domain] = (sums[0] / sums[1]).item()
+                    sums[0] += nll.double()
+                    sums[1] += targets.numel()
+            total_nll, tokens = _all_reduce_sum(sums, engine).tolist()
+            losses[domain] = total_nll / tokens
     finally:
         model.train(was_training)
     return losses
@@ -435,7 +442,7 @@ def build_model(job: TrainJob) -> Transformer:
 
 def _open_inputs(job: TrainJob):
     """Tokenizer and shards, checked against each other (BtxError naming the file at fault)."""
-    from btx.data import check_tokenizer, load_shard
+    from btx.data import TokenSampler, check_tokenizer, eval_batches, load_shard
     from btx.tokenizer import load_tokenizer
 
     if job.init_from is not None:
@@ -449,6 +456,11 @@ def _open_inputs(job: TrainJob):
     val = {name: load_shard(path) for name, path in job.val_shards.items()}
     for shard in [*train.values(), *val.values()]:
         check_tokenizer(shard, tokenizer.identity())
+    # Shards long enough for the windows, and sound weights: found now, not at the first validation.
+    s = job.settings
+    TokenSampler(train, job.mixture, seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed)
+    for shard in val.values():
+        next(eval_batches(shard, s.seq_len, 1, 1))
     return tokenizer, train, val
 
 
@@ -485,6 +497,8 @@ def trajectory_hash(job: TrainJob) -> str:
         "balance_alpha": job.balance_alpha,
         "z_loss_coef": job.z_loss_coef,
     }
+    if job.engine_settings:  # only when set, so jobs without any keep their hash
+        what["engine_settings"] = job.engine_settings
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -578,8 +592,8 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             "job": job.name,
             "steps": state["step"],
             "tokens": state["tokens"],
-            "train_loss": last.get("loss"),
-            "train_loss_last10": sum(tail) / len(tail) if tail else None,
+            "train_loss": last.get("loss"),  # the last step's
+            "train_loss_last10": sum(tail) / len(tail) if tail else None,  # mean of the last <= 10 steps
             "val_loss": last.get("val_loss"),
             "val_losses": val,
             "wall_time_s": state["wall_time_s"],
@@ -735,8 +749,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device, for MFU; None when unknown (MFU is then not reported).
 
     GPUs: the dense tensor-core peak from GPU_PEAK_TFLOPS. CPU: measured once per process as the
-    rate of a 1024x1024 fp32 matmul with torch's current threads, so CPU MFU reads "share of what a
-    large matmul attains here". BTX_PEAK_TFLOPS (per device) overrides both.
+    best rate of a 512x512 fp32 matmul with torch's current threads (~10 ms), so CPU MFU reads
+    "share of what a plain matmul attains here". BTX_PEAK_TFLOPS (per device) overrides both.
     """
     global _cpu_peak
     if os.environ.get(PEAK_ENV):
@@ -750,14 +764,14 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         return None
     if device.type == "cpu":
         if _cpu_peak is None:
-            a = torch.randn(1024, 1024)
-            a @ a  # warm up
+            n = 512
+            a = torch.randn(n, n)
             best = math.inf
-            for _ in range(3):
+            for _ in range(6):  # the first one warms up
                 t0 = time.perf_counter()
                 a @ a
                 best = min(best, time.perf_counter() - t0)
-            _cpu_peak = 2 * 1024**3 / best
+            _cpu_peak = 2 * n**3 / best
         return _cpu_peak
     return None
 
@@ -772,11 +786,10 @@ def _distributed(engine) -> bool:
 
 
 def _all_reduce_sum(values: torch.Tensor, engine) -> torch.Tensor:
-    if not _distributed(engine):
-        return values
-    on_device = values.to(engine.device)  # NCCL reduces device tensors; gloo CPU ones
-    torch.distributed.all_reduce(on_device)
-    return on_device.cpu()
+    """Sum over ranks. `values` lives on engine.device (NCCL reduces device tensors, gloo CPU ones)."""
+    if _distributed(engine):
+        torch.distributed.all_reduce(values)
+    return values
 
 
 def _barrier(engine) -> None:
