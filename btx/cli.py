@@ -162,6 +162,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# btx finetune
+# ---------------------------------------------------------------------------------------------
+
+
+def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p)
+    p.add_argument("--model", metavar="DIR", default=None,
+                   help="the MoE checkpoint to finetune (default: <run_dir>/merged, which needs its DONE.json)")
+    p.add_argument("--out", metavar="DIR", default=None,
+                   help="where the finetuned Mixtral checkpoint goes (default: <run_dir>/finetuned)")
+    p.add_argument("--force", action="store_true",
+                   help="discard the finetune's checkpoints, metrics and export; train from the start")
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from btx.finetune import finetune_command
+
+    return finetune_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # btx branch / btx status
 # ---------------------------------------------------------------------------------------------
 
@@ -209,6 +230,9 @@ COMMANDS: dict[str, Command] = {
                        add_prepare_arguments),
     "train": Command(cmd_train, "train a domain expert from the seed (--domain NAME), or the demo's seed (--seed); "
                      "resumes by itself", add_train_arguments),
+    "finetune": Command(cmd_finetune, "MoE finetuning of the merged checkpoint on the domain mixture (DeepSpeed "
+                        "ZeRO 0-3; routing mode, balancing loss and freezing from the recipe); resumes by itself",
+                        add_finetune_arguments),
     "analyze": Command(cmd_analyze, "routing analysis: which expert each domain's tokens go to, layer by layer",
                        add_analyze_arguments),
     "branch": Command(cmd_branch, "train one expert per domain from the seed (local jobs or Slurm); resumable",

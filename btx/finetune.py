@@ -1,0 +1,231 @@
+"""`btx finetune`: MoE finetuning of the merged checkpoint on the domain mixture, on DeepSpeed.
+
+    exp = load_experiment("recipes/demo/btx.yaml", ["finetune.router_mode=switch"])
+    job = finetune_job(exp)                        # <run_dir>/merged -> <run_dir>/finetuned
+    done = run_finetune(job)                       # the training loop with a DeepSpeed engine
+
+This module only builds the job; everything else is shared with dense training:
+- the loop is `btx.train.run_loop` (batches, loss = NLL + alpha * balance + z_coef * z-loss, the
+  router step of sample_top1's temperature, metrics, validation, checkpoints, resume, export);
+- the engine is `btx.engine_deepspeed.DeepSpeedEngine` (ZeRO stage, precision and optimizer
+  offload from the recipe);
+- routing modes are `btx.model.Router.route` (the job only sets `router_mode`, `top_k`,
+  `capacity_factor`, `gumbel_rate` on the model config); the export's config.json records them
+  (see `btx.hf.inference_note` for how transformers runs each mode).
+
+What finetune adds through the loop's hooks:
+- `setup_model`: which parameters train (`finetune.trainable`: all | router_only |
+  frozen_experts), set before the optimizer exists, so frozen ones are not in it.
+- `on_step`: per-layer balancing loss and z-loss, the switch drop rate (every step), and every
+  `log_every` steps each layer's share of routed tokens per expert (`btx.routing`).
+
+Where things go:
+    <run_dir>/finetune-train/ckpt/step-N/   DeepSpeed checkpoints (resume)
+    <run_dir>/finetune-train/metrics.jsonl  one JSON object per step
+    <run_dir>/finetuned/                    the Mixtral HF export, then DONE.json
+
+Launch on several processes with any launcher, e.g.
+    torchrun --nproc_per_node 8 -m btx finetune RECIPE
+    deepspeed --num_gpus 8 --module btx finetune RECIPE
+"""
+
+from __future__ import annotations
+
+import weakref
+from pathlib import Path
+
+import torch
+
+from btx import hf
+from btx.errors import BtxError
+from btx.manifest import DONE_NAME, read_done
+from btx.model import Transformer
+from btx.train import TrainJob, run_loop
+
+WORK_DIR = "finetune-train"
+EXPORT_DIR = "finetuned"
+# Parameter-name tests of `finetune.trainable` (btx names, see docs/CONTRACTS.md).
+EXPERT_WEIGHTS = ("ffn.w1", "ffn.w2", "ffn.w3")  # the stacked expert FFNs of MoE layers
+ROUTER_WEIGHT = "ffn.router.weight"
+
+
+def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> TrainJob:
+    """The finetuning job of an experiment: the merged MoE (or `model_dir`) on the finetune mixture."""
+    ft = exp.finetune
+    merged = Path(model_dir) if model_dir is not None else exp.run_dir / "merged"
+    if model_dir is None and read_done(merged) is None:
+        raise BtxError(f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
+                       "first, or pass --model DIR")
+    if not (merged / "config.json").is_file():
+        raise BtxError(f"{merged}: no config.json (expected a Mixtral Hugging Face checkpoint directory)")
+    with hf.CheckpointReader(merged) as reader:  # config and headers sound; no tensor data read
+        cfg = reader.cfg
+    if not cfg.is_moe:
+        raise BtxError(f"{merged}: a dense checkpoint ({cfg.n_layers} layers, no experts); finetune needs the "
+                       "MoE that `btx merge` writes")
+    top_k = ft.top_k if ft.top_k is not None else cfg.top_k
+    if top_k > cfg.n_experts:
+        raise BtxError(f"{exp.path}: finetune.top_k: {top_k} is more than the model's {cfg.n_experts} experts")
+
+    domains = list(exp.domains)
+    mixture = {name: float(w) for name, w in (dict(ft.mixture) or dict.fromkeys(domains, 1.0)).items()}
+    train_domains = [name for name in domains if mixture.get(name, 0.0) > 0]
+    settings = exp.finetune_train
+    run_dir = exp.run_dir
+    export_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
+    from btx.train import _recipe_hash, _shard_path  # the loop's own conventions for shards and hashes
+
+    merged_manifest = read_done(merged)
+    return TrainJob(
+        name="finetune",
+        settings=settings,
+        train_shards={name: _shard_path(exp, name, "train") for name in train_domains},
+        val_shards={name: _shard_path(exp, name, "val") for name in domains},
+        mixture={name: mixture[name] for name in train_domains},
+        work_dir=run_dir / WORK_DIR,
+        export_dir=export_dir,
+        manifest_dir=export_dir,
+        init_from=merged,
+        config_overrides=routing_overrides(cfg, ft, top_k),
+        tokenizer=str(exp.recipe.tokenizer),
+        balance_alpha=ft.balance_alpha,
+        z_loss_coef=ft.z_loss,
+        recipe_hash=_recipe_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
+                                  "finetune": ft, "train": settings}),
+        inputs={"merged": str(merged)},
+        engine_settings={"trainable": ft.trainable, "zero_stage": ft.zero_stage,
+                         "offload_optimizer": ft.offload_optimizer},
+    )
+
+
+def routing_overrides(cfg, ft, top_k: int) -> dict:
+    """The model-config fields finetuning changes: the routing mode and its knobs, and the
+    balancing weight transformers would use (`router_aux_loss_coef`)."""
+    return {
+        "router_mode": ft.router_mode,
+        "top_k": top_k,
+        "capacity_factor": ft.capacity_factor,
+        "gumbel_rate": ft.gumbel_rate,
+        "extra": {**cfg.extra, "router_aux_loss_coef": ft.balance_alpha},
+    }
+
+
+def set_trainable(model: Transformer, mode: str) -> None:
+    """`all`: everything; `router_only`: the routers; `frozen_experts`: everything but the expert FFNs."""
+    if mode not in ("all", "router_only", "frozen_experts"):
+        raise BtxError(f"finetune.trainable: expected all, router_only or frozen_experts, got {mode!r}")
+    for name, p in model.named_parameters():
+        if mode == "router_only":
+            p.requires_grad_(name.endswith(ROUTER_WEIGHT))
+        elif mode == "frozen_experts":
+            p.requires_grad_(not name.endswith(EXPERT_WEIGHTS))
+        else:
+            p.requires_grad_(True)
+
+
+class RoutingLog:
+    """The finetune `on_step` hook: per-layer losses and drops every step, expert shares periodically.
+
+    Per step (averaged over ranks, from each rank's last micro-batch):
+        balance_loss_layers, z_loss_layers   [layer] unscaled, as the model returns them
+        drop_rate, drop_rate_layers          share of tokens no expert processed (switch capacity)
+    Every `every` steps, over the tokens of the steps since the last report (all ranks):
+        routing_load_share                   [layer][expert] share of routed slots (rows sum to 1)
+        routing_mean_prob                    [layer][expert] mean router probability
+    """
+
+    def __init__(self, every: int):
+        self.every = max(1, every)
+        self._model = None
+        self._acc = None
+
+    def setup(self, model: Transformer) -> None:
+        from btx.routing import RoutingAccumulator
+
+        cfg = model.cfg
+        self._model = weakref.ref(model)  # the engine owns the model; the hook must not keep it alive
+        self._acc = RoutingAccumulator(n_layers=len(model.moe_layers()), n_experts=cfg.n_experts, top_k=cfg.top_k)
+        model.set_routing_record(True)
+
+    def __call__(self, step: int, output, inputs: torch.Tensor) -> dict:
+        stats = output.moe_stats
+        tokens = inputs.numel()
+        per_layer = torch.tensor(
+            [[s.balance_loss.item(), s.z_loss.item(), s.dropped / tokens] for s in stats], dtype=torch.float64
+        )
+        per_layer = _mean_over_ranks(per_layer)
+        record = {
+            "balance_loss_layers": per_layer[:, 0].tolist(),
+            "z_loss_layers": per_layer[:, 1].tolist(),
+            "drop_rate_layers": per_layer[:, 2].tolist(),
+            "drop_rate": float(per_layer[:, 2].mean()),
+        }
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self._acc.update(model)
+        if step % self.every == 0 and self._acc is not None:
+            summary = _summary_over_ranks(self._acc)
+            record["routing_load_share"] = summary["load_share"]
+            record["routing_mean_prob"] = summary["mean_prob"]
+            self._acc.reset()
+        return record
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
+        torch.distributed.get_world_size() > 1
+
+
+def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return values
+    on_device = values.to(_collective_device())
+    torch.distributed.all_reduce(on_device)
+    return on_device.cpu() / torch.distributed.get_world_size()
+
+
+def _summary_over_ranks(acc) -> dict:
+    """The accumulator's overall statistics over every rank's tokens (its sums are per process)."""
+    from btx.routing import routing_stats
+
+    total = acc._total(list(acc._groups))
+    if _distributed():
+        for name in ("tokens", "top1", "slots", "prob", "token_entropy", "agree"):
+            t = getattr(total, name).to(_collective_device())
+            torch.distributed.all_reduce(t)
+            setattr(total, name, t.cpu())
+    return routing_stats(total)
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
+    """Train a `finetune_job` with the DeepSpeed engine; returns its DONE.json dict."""
+    from btx.engine_deepspeed import DeepSpeedEngine
+
+    settings = job.engine_settings
+    log = RoutingLog(every=job.settings.log_every)
+
+    def setup_model(model: Transformer) -> None:
+        set_trainable(model, settings.get("trainable", "all"))
+        log.setup(model)
+
+    def make_engine(model: Transformer, job: TrainJob) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, job.settings, zero_stage=settings.get("zero_stage", 0),
+                               offload_optimizer=settings.get("offload_optimizer", False))
+
+    return run_loop(job, make_engine, setup_model=setup_model, on_step=log, force=force, console=console)
+
+
+def finetune_command(args) -> int:
+    """`btx finetune RECIPE [KEY=VALUE ...] [--model DIR] [--out DIR] [--force]` (arguments: btx.cli)."""
+    from btx.recipe import load_experiment
+
+    exp = load_experiment(args.recipe, args.overrides)
+    job = finetune_job(exp, model_dir=args.model, out_dir=args.out)
+    run_finetune(job, force=args.force)
+    return 0
