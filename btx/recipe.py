@@ -165,6 +165,11 @@ class TrainSection:
     eval_batches: int = 20
     log_every: int = 10
     seed: int = 0
+    # Dense jobs (seed, experts, baselines): null trains data-parallel with DDP (accelerate); 0-3
+    # trains with DeepSpeed ZeRO at that stage. Stage 3 shards weights, gradients and optimizer
+    # state over the GPUs, as FSDP does: needed when a replica does not fit (a 7B model with AdamW
+    # needs ~112 GB per replica). MoE finetuning uses finetune.zero_stage instead.
+    zero_stage: Optional[int] = None
 
     @property
     def tokens_per_step(self) -> int:
@@ -179,6 +184,8 @@ class TrainSection:
         c.that(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                f"expected two numbers in [0, 1), got {list(self.betas)!r}")
         c.choice(self, "precision", PRECISIONS)
+        c.that(self.zero_stage is None or 0 <= self.zero_stage <= 3, "zero_stage",
+               f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}")
 
 
 @dataclass

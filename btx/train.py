@@ -1,19 +1,22 @@
 """`btx train`: the one training loop, for a domain expert, the demo's seed and MoE finetuning.
 
     job = expert_job(exp, "code")          # or seed_job(exp); btx finetune builds its own TrainJob
-    done = run_loop(job)                   # AccelerateEngine by default; returns DONE.json's dict
+    done = run_loop(job)                   # DDP (accelerate) or ZeRO (train.zero_stage); returns DONE.json
 
 The loop (`run_loop`) owns what every engine shares: batches (`TokenSampler`, a pure function of
 (seed, step)), the loss `NLL + balance_alpha * balance_loss + z_loss_coef * z_loss`, the router step
 of an MoE, per-step metrics (metrics.jsonl), the rich progress line, periodic validation,
-checkpoint cadence, resume and the HF export with its DONE.json. The engine (btx.engine) owns the
-device, the parallelism, backward, the optimizer step and its own checkpoint files; see
-docs/CONTRACTS.md. `btx finetune` passes a DeepSpeed engine through `make_engine`, routing
-statistics through `on_step`, and freezing through `setup_model`.
+checkpoint cadence, resume and the HF export with its DONE.json. The engine owns the device, the
+parallelism, backward, the optimizer step and its own checkpoint files (docs/CONTRACTS.md): dense
+jobs use btx.engine.AccelerateEngine (DDP; a plain process on CPU), or btx.engine_deepspeed's ZeRO
+engine when `train.zero_stage` is set (sharded, for models whose replicas do not fit).
+`btx finetune` passes its DeepSpeed engine through `make_engine`, routing statistics through
+`on_step`, and freezing through `setup_model`.
 
 Where things go (TrainJob):
-    work_dir/ckpt/step-N/     resumable state: fp32 weights (safetensors), optimizer, scheduler,
-                              loop state (trainer_state.json); the newest `keep_checkpoints` kept
+    work_dir/ckpt/step-N/     resumable state, the engine's format (accelerate: fp32 weights as an
+                              HF checkpoint, optimizer.pt, scheduler.pt, trainer_state.json);
+                              the newest `keep_checkpoints` are kept
     work_dir/metrics.jsonl    one JSON object per optimizer step (main rank only)
     export_dir/               the final HF checkpoint (LlamaForCausalLM / MixtralForCausalLM) with
                               the run's tokenizer files
@@ -74,7 +77,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # change between a run and its resumption.
 _TRAJECTORY_SETTINGS = (
     "lr", "weight_decay", "warmup_steps", "min_lr_ratio", "betas", "eps", "steps", "batch_size",
-    "seq_len", "grad_accum", "grad_clip", "precision", "seed",
+    "seq_len", "grad_accum", "grad_clip", "precision", "seed", "zero_stage",
 )  # fmt: skip
 
 
@@ -238,7 +241,7 @@ def run_loop(
 ) -> dict:
     """Train `job` to its last step (resuming from its newest checkpoint), export, write DONE.json.
 
-    make_engine(model, job) -> engine (default: btx.engine.AccelerateEngine).
+    make_engine(model, job) -> engine (default: `dense_engine`, by job.settings.zero_stage).
     setup_model(model) runs before the engine wraps the model (e.g. freeze parameters).
     on_step(step, output, inputs) runs on every rank after each optimizer step with the last
     micro-batch's ModelOutput and inputs; the dict it returns is merged into the step's metrics.
@@ -268,11 +271,7 @@ def run_loop(
     if setup_model is not None:
         setup_model(model)
 
-    if make_engine is None:
-        from btx.engine import AccelerateEngine
-
-        make_engine = AccelerateEngine
-    engine = make_engine(model, job)
+    engine = (make_engine or dense_engine)(model, job)
     del model  # the engine owns it now (closing the engine must be able to free it)
     stop = _StopRequest()
     try:
@@ -283,6 +282,19 @@ def run_loop(
     finally:
         stop.restore()
         engine.close()
+
+
+def dense_engine(model: Transformer, job: TrainJob):
+    """The engine a dense job's settings ask for: DDP on accelerate (train.zero_stage null), or the
+    DeepSpeed engine at ZeRO stage train.zero_stage (3 shards the model, like FSDP)."""
+    stage = getattr(job.settings, "zero_stage", None)
+    if stage is None:
+        from btx.engine import AccelerateEngine
+
+        return AccelerateEngine(model, job)
+    from btx.engine_deepspeed import DeepSpeedEngine
+
+    return DeepSpeedEngine(model, job.settings, zero_stage=stage)
 
 
 def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console) -> dict:
@@ -488,7 +500,7 @@ def trajectory_hash(job: TrainJob) -> str:
         sidecar = Path(path).with_suffix(".json")
         shards[name] = json.loads(sidecar.read_text()).get("sha256") if sidecar.is_file() else None
     what = {
-        "settings": {k: getattr(job.settings, k) for k in _TRAJECTORY_SETTINGS},
+        "settings": {k: getattr(job.settings, k, None) for k in _TRAJECTORY_SETTINGS},
         "init": init,
         "model_config": dataclasses.asdict(job.model_config) if job.model_config is not None else None,
         "config_overrides": job.config_overrides,

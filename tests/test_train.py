@@ -160,6 +160,28 @@ def test_two_gloo_processes_train_one_model_together(prepared, run_dir, tmp_path
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4)
 
 
+def test_zero3_dense_training_stops_on_sigterm_and_resumes_exactly(prepared, run_dir, tmp_path, monkeypatch):
+    """train.zero_stage=3: the same loop on the DeepSpeed engine (sharded like FSDP). In-process:
+    the SIGTERM hook only sets the stop flag, so the run checkpoints and raises KeyboardInterrupt."""
+    overrides = ("train.zero_stage=3", "train.steps=5")
+    reference_dir = tmp_path / "reference"
+    shutil.copytree(run_dir, reference_dir)
+    reference = expert_job(experiment(prepared, reference_dir, *overrides), "prose")
+    run_loop(reference, console=quiet_console())
+
+    job = expert_job(experiment(prepared, run_dir, *overrides), "prose")
+    monkeypatch.setenv("BTX_TRAIN_KILL_AT_STEP", "2:TERM")
+    with pytest.raises(KeyboardInterrupt):
+        run_loop(job, console=quiet_console())
+    assert sorted(p.name for p in job.ckpt_dir.iterdir()) == ["step-2", "step-3"]  # stopped a step later, saved
+    monkeypatch.delenv("BTX_TRAIN_KILL_AT_STEP")
+    done = run_loop(job, console=quiet_console())
+
+    assert done["steps"] == 5 and curve(job.metrics_path) == curve(reference.metrics_path)
+    a, b = weights(job.export_dir), weights(reference.export_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(prepared, run_dir):
     from btx.data import load_shard
     from btx.evaluate import domain_losses
