@@ -711,12 +711,14 @@ class _Progress:
                 TextColumn(f"[bold]train {self.name}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  mfu {task.fields[mfu]}  eta"),
+                TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s  "
+                           "mfu {task.fields[mfu]}  eta"),
                 TimeRemainingColumn(),
                 console=self.console,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.start, loss="-", tps="-", mfu="-")
+            self.task = self.bar.add_task("train", total=self.total, completed=self.start, loss="-", val="-",
+                                          tps="-", mfu="-")
         return self
 
     def update(self, step: int, record: dict) -> None:
@@ -726,7 +728,8 @@ class _Progress:
         tps = f"{record['tokens_per_s']:,.0f}"
         mfu = f"{record['mfu']:.1%}" if record.get("mfu") is not None else "-"
         if self.bar is not None:
-            self.bar.update(self.task, completed=step, loss=loss, tps=tps, mfu=mfu)
+            fields = {"val": f"{record['val_loss']:.4f}"} if "val_loss" in record else {}
+            self.bar.update(self.task, completed=step, loss=loss, tps=tps, mfu=mfu, **fields)
         elif step % self.log_every == 0 or step == self.total:
             rate = (time.perf_counter() - self.t0) / max(1, step - self.start)
             eta = _duration(rate * (self.total - step))
