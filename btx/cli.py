@@ -222,6 +222,92 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# btx merge
+# ---------------------------------------------------------------------------------------------
+
+
+def add_merge_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p, required=False)
+    p.add_argument("--force", action="store_true", help="replace an existing output checkpoint")
+    p.add_argument("--allow-no-manifest", action="store_true",
+                   help="accept experts without a DONE.json: external checkpoints, or a job you know is finished "
+                        "(their weights are still fully checked)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    adhoc = p.add_argument_group("without a recipe (a recipe takes these as merge.* overrides)")
+    adhoc.add_argument("--seed", metavar="DIR", help="the dense seed checkpoint the experts were branched from")
+    adhoc.add_argument("--expert", action="append", default=[], metavar="NAME=DIR",
+                       help="a domain expert (a checkpoint, or a branch job's directory); repeat, in expert order")
+    adhoc.add_argument("--out", metavar="DIR", help="output directory of the Mixtral checkpoint")
+    adhoc.add_argument("--upcycle", type=int, metavar="N",
+                       help="sparse upcycling: N experts, all copies of the seed (no --expert)")
+    adhoc.add_argument("--average-all", action="store_true",
+                       help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense Llama")
+    adhoc.add_argument("--no-keep-seed", action="store_true",
+                       help="leave the seed's FFN out of the experts and the seed out of the average")
+    adhoc.add_argument("--weights", metavar="W",
+                       help="averaging of the non-FFN tensors: uniform (default), tokens (each expert's training "
+                            "tokens, from its DONE.json), or NAME=W,NAME=W,... (seed included)")
+    adhoc.add_argument("--router-init", choices=("random", "zeros", "centroid"),
+                       help="random (default): normal(0, --router-std); zeros: uniform routing; centroid: each "
+                            "expert's mean hidden state on its domain's validation tokens")
+    adhoc.add_argument("--router-std", type=float, help="std of random routers (default 0.02)")
+    adhoc.add_argument("--router-seed", type=int, help="seed of random routers (default 0)")
+    adhoc.add_argument("--centroid-data", action="append", default=[], metavar="NAME=SHARD",
+                       help="validation shard of domain NAME for centroid routers (default: "
+                            "<run_dir>/data/NAME/val.bin when the expert sits in a btx run directory)")
+    adhoc.add_argument("--centroid-tokens", type=int, metavar="N",
+                       help="validation tokens per domain for centroid routers (default 65536)")
+    adhoc.add_argument("--centroid-device", metavar="DEV", help="device of the centroid pass (default: cuda if any)")
+    adhoc.add_argument("--granularity", choices=("expert", "split", "blend"),
+                       help="expert (default): one expert per FFN; split: C chunks per FFN (N*C experts); "
+                            "blend: expert c made of chunk c of every FFN")
+    adhoc.add_argument("--chunks", type=int, metavar="C", help="chunks per FFN (split: required; blend: default N)")
+    adhoc.add_argument("--top-k", type=int, metavar="K", help="experts per token, written to config.json (default 2)")
+    adhoc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="output dtype (default: the inputs')")
+    adhoc.add_argument("--shard-size", metavar="SIZE", help="output shard size, e.g. 5GB (default), 500MB")
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from btx.merge import merge_command
+
+    return merge_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
+# btx eval
+# ---------------------------------------------------------------------------------------------
+
+
+def add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("target", metavar="RECIPE|CKPT", nargs="?",
+                   help="an experiment recipe (every model of its run that exists, on its domains' validation "
+                        "shards -> <run_dir>/eval/), or a checkpoint directory (dense Llama or Mixtral, with --data)")
+    p.add_argument("overrides", metavar="KEY=VALUE|CKPT", nargs="*",
+                   help="recipe overrides (eval.batches=20), or more checkpoints")
+    p.add_argument("--data", action="append", default=[], metavar="DOMAIN=SHARD",
+                   help="a domain's validation shard (btx .bin/.json, or a prepared domain directory); repeat per domain")
+    p.add_argument("--btm", nargs="+", default=None, metavar="CKPT",
+                   help="add a BTM ensemble row: these expert checkpoints mixed by the domain posterior")
+    p.add_argument("--names", default=None, metavar="A,B,...", help="row names of the checkpoints (default: directory names)")
+    p.add_argument("--batches", type=int, default=None, help="batches per domain (default 50; recipe: eval.batches)")
+    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 8; recipe: eval.batch_size)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="window length (default: the models' max_position_embeddings, at most 1024; recipe: eval.seq_len)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="output directory for eval.md/eval.json (default ./eval; recipe: <run_dir>/eval)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (checkpoints; default: cuda when available)")
+    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                   help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from btx.evaluate import eval_command
+
+    return eval_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # The command map and the parser
 # ---------------------------------------------------------------------------------------------
 
@@ -239,6 +325,10 @@ COMMANDS: dict[str, Command] = {
                       add_branch_arguments),
     "status": Command(cmd_status, "where every expert job stands: state, step, loss, tokens/s, ETA",
                       add_status_arguments),
+    "merge": Command(cmd_merge, "seed + domain experts -> one Mixtral MoE checkpoint (FFNs become experts, "
+                     "the rest averaged, new routers)", add_merge_arguments),
+    "eval": Command(cmd_eval, "per-domain validation loss/perplexity of checkpoints, with the BTM ensemble and "
+                    "baselines", add_eval_arguments),
 }
 
 

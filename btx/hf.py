@@ -31,6 +31,7 @@ import struct
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -652,6 +653,7 @@ class TensorInfo(NamedTuple):
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: str  # file name within the checkpoint directory
+    offset: int = 0  # where the tensor's bytes start in that file
 
     @property
     def nbytes(self) -> int:
@@ -701,7 +703,7 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
                 f"{path}: tensor {name} spans {end - begin} bytes but shape {list(shape)} of "
                 f"{entry['dtype']} needs {math.prod(shape) * dtype.itemsize}"
             )
-        infos[name] = TensorInfo(name, shape, dtype, path.name)
+        infos[name] = TensorInfo(name, shape, dtype, path.name, 8 + n + begin)
         spans.append((begin, end, name))
     # The data section must be exactly the tensors, back to back (the safetensors rule).
     pos = 0
@@ -751,6 +753,7 @@ class CheckpointReader:
         self.cfg = config_from_hf(self.hf_config, source=config_path)
 
         self._handles: dict[str, object] = {}  # file -> open safe_open handle
+        self._fds: dict[str, int] = {}  # file -> descriptor for read_into
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict] = {}  # file -> its __metadata__
         for file in self._weight_files():
@@ -866,8 +869,48 @@ class CheckpointReader:
         for name in self.plan:
             yield name, self.get_btx(name, dtype)
 
+    def read_into(
+        self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None, prefetch: int = 0
+    ) -> torch.Tensor:
+        """Copy the stored bytes of HF tensor `name` (or of rows [r0, r1) along its first dim)
+        into `out`, a contiguous CPU tensor of exactly that many bytes. Returns `out` viewed as the
+        stored dtype and shape.
+
+        Plain reads, no memory map and no dtype conversion: streaming code (the merge) reads
+        through this into buffers it reuses. The pages of a file mapped by `get` stay in the
+        process's RSS while the reader is open, so a pass over a whole checkpoint through `get`
+        holds as much memory as the checkpoint is large; here memory is what `out` is.
+        `prefetch` > 0 then asks the kernel to read that many following bytes of the file in the
+        background, for callers that go through a file front to back.
+        """
+        info = self.info(name)
+        r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
+        if not 0 <= r0 <= r1 <= (info.shape[0] if info.shape else 1):
+            raise ValueError(f"{name}: rows [{r0}, {r1}) outside its shape {list(info.shape)}")
+        nbytes = (r1 - r0) * row_bytes
+        if out.device.type != "cpu" or not out.is_contiguous() or out.nbytes != nbytes:
+            raise ValueError(f"{name}: read_into needs a contiguous CPU tensor of {nbytes} bytes")
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        done, start = 0, info.offset + r0 * row_bytes
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise BtxError(f"{self.path / info.file}: ends inside tensor {name} (truncated while reading?)")
+            done += got
+        if prefetch > 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, start + nbytes, prefetch, os.POSIX_FADV_WILLNEED)
+        shape = ((r1 - r0), *info.shape[1:]) if info.shape else ()
+        return out.view(info.dtype).view(shape)
+
     def close(self) -> None:
         self._handles.clear()  # safe_open handles unmap when dropped
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     def __enter__(self) -> CheckpointReader:
         return self
@@ -930,6 +973,18 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
+def _start_writeback(f, nbytes: int) -> None:
+    """Have the kernel start writing the last `nbytes` written to `f` to disk now, rather than
+    once gigabytes of dirty pages have piled up: the disk then works while the writer produces
+    the next tensors, and the final fsync has little left to do. On Linux, POSIX_FADV_DONTNEED
+    starts writeback of dirty pages in the range (and keeps them cached until they are clean);
+    elsewhere it is at most a hint."""
+    if hasattr(os, "posix_fadvise") and nbytes:
+        f.flush()
+        end = f.tell()
+        os.posix_fadvise(f.fileno(), end - nbytes, nbytes, os.POSIX_FADV_DONTNEED)
+
+
 def write_safetensors(
     path: str | os.PathLike, specs: list[TensorSpec], on_tensor: Callable[[str, int], None] | None = None
 ) -> str:
@@ -942,7 +997,10 @@ def write_safetensors(
         raise RuntimeError("writing safetensors needs a little-endian host")
     specs = sorted(specs, key=lambda s: -s.dtype.itemsize)  # stable: same-size dtypes keep their order
     digest = hashlib.sha256()
-    with open(path, "wb") as f:
+    # Hashing (about 1 GB/s) runs on a second thread while the same bytes are written (hashlib and
+    # file writes release the GIL), so it costs no wall time when the disk is the bottleneck. It
+    # is joined before the next produce(), which may reuse the buffer.
+    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="btx-sha256") as hasher:
         head = safetensors_header(specs)
         f.write(head)
         digest.update(head)
@@ -954,8 +1012,12 @@ def write_safetensors(
                 )
             t = t.detach().to(device="cpu", dtype=spec.dtype).contiguous()
             buf = t.reshape(-1).view(torch.uint8).numpy()  # the raw little-endian bytes, no copy
-            f.write(buf)
-            digest.update(buf)
+            hashed = hasher.submit(digest.update, buf)
+            try:
+                f.write(buf)
+                _start_writeback(f, buf.nbytes)
+            finally:
+                hashed.result()
             if on_tensor is not None:
                 on_tensor(spec.name, buf.nbytes)
             del t, buf  # hold at most one tensor beyond the one being produced

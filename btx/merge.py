@@ -1,0 +1,1001 @@
+"""The MiX step: a dense seed and its domain experts become one Mixtral-format MoE, streamed.
+
+What goes where
+- Each source FFN (`gate/up/down_proj`) becomes one expert of its layer's MoE. The sources are the
+  domain experts in the order given, then the seed (kept as an extra expert by default, as in the
+  paper; `keep_seed=False` drops it). DONE.json lists them: `"experts": ["code", "math", "seed"]`.
+- Every other tensor (attention, norms, embeddings, LM head) is the weighted mean over the same
+  sources: uniform by default, by the tokens each expert trained on (`weights="tokens"`, from its
+  DONE.json; the seed counts as the mean of the experts, since its training is every expert's
+  shared past), or by explicit weights `{name: w}`. The mean is computed in fp32 as
+  `x_0 + sum_i w_i (x_i - x_0)` (weights normalised), so identical sources give back exactly
+  the original, and the small differences between branched experts lose nothing to rounding.
+- Routers (`[E, D]`, one per layer) are the only new weights:
+  - `random`: normal(0, router_std), reproducible from `router_seed` and the layer index;
+  - `zeros`: every expert equally likely (top-k then breaks ties arbitrarily);
+  - `centroid`: the row of a domain expert is the unit-normalised mean hidden state at that layer's
+    FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's validation
+    shard, computed with the *merged* model: averaged embeddings and attention, and the MoE of the
+    layers below with their centroid routers. The seed's row is the normalised mean of the domain
+    means (the centre of all domains). A token's logit for an expert is |x| cos(x, centroid), so
+    each domain's tokens start out routed to their own expert.
+- Granularity (the paper's variants):
+  - `split` cuts every FFN into C chunks along F, giving N*C experts. Chunk (n, c) keeps rows
+    c*F/C.. of gate/up and those columns of down, which is scaled by C; the C chunks of FFN n share
+    FFN n's router row. With top-k = C*k the split MoE therefore computes exactly the unsplit MoE
+    with top-k (and the seed, for copies of the seed) until finetuning unties the chunks. The
+    scale is exact in bf16 when C is a power of two. (zeros routers tie every logit, so top-k picks
+    arbitrary chunks: the equivalence then holds only with top-k = all.)
+  - `blend` builds C experts (default C = N sources), expert c being chunk c of *every* source FFN
+    concatenated along F (width N*F/C), its down projection scaled by C/N, so that uniform routing
+    over all experts computes the mean of the source FFNs (no scaling in the paper's C = N case).
+    Blend experts belong to no domain, so `centroid` routers do not apply.
+- Special cases: `upcycle=N` (sparse upcycling: N experts, all copies of the seed, no experts
+  needed; the MoE computes exactly the seed, for any router) and `average_all` (Branch-Train-Merge
+  style: every tensor averaged, FFNs too, into a dense Llama).
+
+Validation, before any byte is written: options; that the output would not overwrite a
+checkpoint (without `force`) or an input; every input checkpoint (config, index, safetensors
+headers, truncation, tensor names and shapes, through hf.CheckpointReader); that every expert has
+a DONE.json (a finished btx job; `allow_no_manifest` lets external checkpoints in); that seed and
+experts agree on the architecture, vocab, tie_word_embeddings, rope and tokenizer files; the
+centroid shards. Each fault is one BtxError naming the directory, field or file.
+
+Streaming and memory
+- The output is written tensor by tensor through hf.write_checkpoint (header first, then each
+  tensor produced, written and dropped). Inputs are read with plain reads (hf.CheckpointReader.
+  read_into) into buffers that are reused from tensor to tensor, never memory-mapped, so memory is
+  about one output tensor plus a few 32 MB working chunks, whatever the model size (the averaging
+  runs in row chunks). FFN tensors whose dtype matches the output are copied as raw bytes.
+- A `centroid` init is the exception: it runs the merged model layer by layer before writing and
+  holds, besides the streaming buffers, one merged layer in fp32 (for a 7B seed with 4 experts,
+  about 2.4 GB) and the hidden states of every centroid token (domains x tokens x D x 4 bytes; 3
+  domains x 64k tokens x 4096 = 3.2 GB). That is fine at demo scale, on a GPU, or with
+  `centroid_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
+  pass of the MoE over all those tokens).
+- Atomic and reproducible: the directory is built in a hidden temporary sibling, fsynced, and
+  renamed into place with its DONE.json already inside, so a killed merge leaves nothing that
+  looks finished, and the same inputs and options give the same bytes (routers from a seed, a
+  fixed tensor order, no timestamps inside the safetensors files).
+- Input hashes for DONE.json come from the inputs' own DONE.json when it records them (btx jobs
+  do); other inputs are hashed on a background thread while the merge runs.
+
+Test hook: BTX_MERGE_TEST_DELAY=<seconds> sleeps after every written tensor, so a test can kill a
+merge half-way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from btx import hf
+from btx.errors import BtxError
+from btx.manifest import DONE_NAME, atomic_dir, fsync_tree, read_done, sha256_file, write_done
+from btx.model import ModelConfig
+from btx.recipe import GRANULARITIES, MERGE_DTYPES, ROUTER_INITS, MergeSection
+
+__all__ = ["MergeOptions", "merge", "merge_from_recipe", "merge_command"]
+
+SEED = "seed"
+DTYPES = {name: getattr(torch, name) for name in MERGE_DTYPES}
+TEST_DELAY_ENV = "BTX_MERGE_TEST_DELAY"
+_CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
+# Every source file is read front to back (tensors in checkpoint order), so after each read the
+# kernel is asked to fetch the next bytes of that file while this tensor is computed and written.
+_PREFETCH_BYTES = 64 << 20
+_CENTROID_SEQ_LEN = 1024  # centroid tokens are read as windows of this many (capped by max_seq_len)
+_CENTROID_BATCH_TOKENS = 8192  # tokens per forward micro-batch in the centroid pass
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_ARCH_KEYS = (  # config.json fields seed and experts must share (names as hf.config_to_hf writes them)
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
+    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
+)  # fmt: skip
+# Tokenizer files whose contents must agree across inputs (generation_config.json may differ).
+_TOKENIZER_IDENTITY = ("tokenizer.json", "tokenizer.model", "btx_tokenizer.json")
+
+_RECIPE = MergeSection()  # the recipe schema's defaults are the defaults here too
+
+
+@dataclass
+class MergeOptions:
+    """How to merge. The recipe's `merge:` section maps onto the first block one to one."""
+
+    keep_seed: bool = _RECIPE.keep_seed
+    weights: Any = _RECIPE.weights  # "uniform" | "tokens" | {source name: weight}
+    router_init: str = _RECIPE.router_init  # random | zeros | centroid
+    router_std: float = _RECIPE.router_std
+    centroid_tokens: int = _RECIPE.centroid_tokens  # per domain
+    granularity: str = _RECIPE.granularity  # expert | split | blend
+    chunks: int | None = None  # split: required; blend: default the number of source FFNs
+    top_k: int = _RECIPE.top_k
+    dtype: str | None = _RECIPE.dtype  # None: the inputs' dtype (the seed's when they differ)
+    shard_size: int | str = _RECIPE.shard_size
+    # Not in the recipe section:
+    router_seed: int = 0
+    upcycle: int = 0  # > 0: sparse upcycling into this many copies of the seed
+    average_all: bool = False  # Branch-Train-Merge style dense average
+    centroid_device: str | None = None  # None: cuda when available, else cpu
+
+    @classmethod
+    def from_section(cls, section: MergeSection, **more) -> MergeOptions:
+        from btx.recipe import to_plain
+
+        own = {f.name for f in dataclasses.fields(cls)}
+        values = {k: to_plain(getattr(section, k)) for k in own if hasattr(section, k)}
+        if values.get("granularity") == "expert":
+            values["chunks"] = None
+        return cls(**{**values, **more})
+
+
+# --------------------------------------------------------------------------------------------
+# The plan: everything decided and checked before a byte is written
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Input:
+    name: str  # a domain name, or "seed"
+    path: Path
+    reader: hf.CheckpointReader
+    manifest: dict | None
+    recorded_hashes: dict[str, str] | None  # sha256 of its files, from its DONE.json
+
+    @property
+    def cfg(self) -> ModelConfig:
+        return self.reader.cfg
+
+
+@dataclass
+class _Expert:
+    name: str
+    domain: str | None  # whose data its centroid row comes from ("seed": all domains; None: blend)
+    pieces: list[tuple[int, int, int]]  # (FFN source index, f0, f1): rows of gate/up, columns of down
+    down_scale: float
+    group: int  # index of its router row before expansion (split chunks share their FFN's row)
+
+
+@dataclass
+class _Plan:
+    out: Path
+    options: MergeOptions
+    seed: _Input
+    experts_in: list[_Input]  # the domain experts, in order
+    ffn_sources: list[_Input]  # the FFNs that become experts (upcycling: the seed N times)
+    averaged: list[tuple[_Input, float]]  # sources of every other tensor, normalised nonzero weights
+    weights: dict[str, float]
+    out_cfg: ModelConfig
+    dtype: torch.dtype
+    experts: list[_Expert]
+    groups: list[_Expert]  # one representative expert per router row group
+    shard_size: int
+    force: bool
+    centroid_shards: dict[str, Any] = field(default_factory=dict)  # domain -> btx.data.Shard
+    recipe_hash: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return "average" if self.options.average_all else "upcycle" if self.options.upcycle else "moe"
+
+    @property
+    def inputs(self) -> list[_Input]:
+        return [*self.experts_in, self.seed]
+
+    def close(self) -> None:
+        for inp in self.inputs:
+            inp.reader.close()
+
+
+def _fail(message: str) -> BtxError:
+    return BtxError(f"merge: {message}")
+
+
+def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
+    def choice(key: str, options: tuple) -> None:
+        if getattr(o, key) not in options:
+            raise _fail(f"{key} {getattr(o, key)!r}: expected one of {', '.join(map(str, options))}")
+
+    choice("router_init", ROUTER_INITS)
+    choice("granularity", GRANULARITIES)
+    if o.dtype is not None:
+        choice("dtype", tuple(DTYPES))
+    for key in ("router_std", "centroid_tokens", "top_k"):
+        if not getattr(o, key) > 0:
+            raise _fail(f"{key} must be > 0, got {getattr(o, key)!r}")
+    if isinstance(o.upcycle, bool) or not isinstance(o.upcycle, int) or o.upcycle < 0:
+        raise _fail(f"upcycle must be a number of experts >= 1, got {o.upcycle!r}")
+    if o.upcycle and expert_names:
+        raise _fail(f"upcycle builds every expert from the seed; it takes no experts (got {', '.join(expert_names)})")
+    if not o.upcycle and not expert_names:
+        raise _fail("nothing to merge: give at least one expert (--expert NAME=DIR), or --upcycle N")
+    if o.average_all and o.upcycle:
+        raise _fail("average_all and upcycle exclude each other (an average of seed copies is the seed)")
+    if o.average_all and o.granularity != "expert":
+        raise _fail(f"average_all writes a dense model; granularity {o.granularity} does not apply")
+    if o.average_all and o.router_init == "centroid":
+        raise _fail("average_all writes a dense model without routers; router_init centroid does not apply")
+    if o.granularity == "expert" and o.chunks not in (None, 1):
+        raise _fail(f"chunks {o.chunks} needs granularity split or blend")
+    if o.granularity == "split" and (o.chunks is None or o.chunks < 2):
+        raise _fail(f"granularity split needs chunks >= 2, got {o.chunks}")
+    if o.granularity == "blend" and o.chunks is not None and o.chunks < 2:
+        raise _fail(f"granularity blend needs chunks >= 2, got {o.chunks}")
+    if o.granularity == "blend" and o.router_init == "centroid":
+        raise _fail("blend experts mix every domain, so router_init centroid does not apply; use random or zeros")
+    if o.router_init == "centroid" and o.upcycle:
+        raise _fail("router_init centroid needs domain experts; upcycled experts are all the seed")
+    for name in expert_names:
+        if not _NAME_RE.match(name):
+            raise _fail(f"expert name {name!r}: use letters, digits, '_', '-', '.'")
+        if name == SEED:
+            raise _fail("'seed' names the seed; give the expert another name")
+    dupes = sorted({n for n in expert_names if expert_names.count(n) > 1})
+    if dupes:
+        raise _fail(f"expert name(s) given twice: {', '.join(dupes)}")
+    try:
+        hf.parse_size(o.shard_size)
+    except BtxError as e:
+        raise _fail(str(e)) from None
+
+
+def _manifest_of(path: Path) -> tuple[dict | None, str]:
+    """The DONE.json describing checkpoint `path`, and the prefix its "outputs" keys carry.
+
+    A btx job keeps its DONE.json next to its export: `experts/<d>/DONE.json` describes
+    `experts/<d>/final/` (keys "final/<file>"); a seed's or a merge's sits inside the directory.
+    """
+    own = read_done(path)
+    if own is not None:
+        return own, ""
+    parent = read_done(path.parent)
+    if parent is not None:
+        export = parent.get("export")
+        outputs = parent.get("outputs") or {}
+        if (export and Path(export).resolve() == path.resolve()) or any(
+            str(k).startswith(f"{path.name}/") for k in outputs
+        ):
+            return parent, f"{path.name}/"
+    return None, ""
+
+
+def _recorded_hashes(manifest: dict | None, prefix: str) -> dict[str, str] | None:
+    outputs = (manifest or {}).get("outputs")
+    if not isinstance(outputs, dict):
+        return None
+    return {k[len(prefix):]: v for k, v in outputs.items() if isinstance(k, str) and k.startswith(prefix)}
+
+
+def _looks_like_btx_job(path: Path) -> bool:
+    return path.name == "final" and any((path.parent / p).exists() for p in ("ckpt", "metrics.jsonl", "train.log"))
+
+
+def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allow_no_manifest: bool) -> _Input:
+    path = Path(path)
+    if not (path / hf.CONFIG_NAME).is_file() and (path / "final" / hf.CONFIG_NAME).is_file():
+        path = path / "final"  # a branch job's directory: its export is final/
+    manifest, prefix = _manifest_of(path) if path.is_dir() else (None, "")
+    if manifest is None and need_manifest and not allow_no_manifest and path.is_dir():
+        if _looks_like_btx_job(path) or name == SEED:
+            what = "its training job" if name == SEED else "its branch job"
+            raise BtxError(
+                f"{path}: {what} has no {DONE_NAME}, so it has not finished (see `btx status`); merge once "
+                "it is done, or pass --allow-no-manifest to merge these weights anyway"
+            )
+        raise BtxError(
+            f"{path}: expert '{name}' has no {DONE_NAME} (not made by btx?); pass --allow-no-manifest "
+            "to merge an external checkpoint"
+        )
+    reader = hf.CheckpointReader(path)  # validates config, index, headers, names and shapes
+    if reader.cfg.is_moe:
+        reader.close()
+        raise BtxError(
+            f"{path}: is a Mixtral MoE ({reader.cfg.n_experts} experts); merge takes dense Llama checkpoints"
+        )
+    return _Input(name, path, reader, manifest, _recorded_hashes(manifest, prefix))
+
+
+def _check_same_architecture(seed: _Input, other: _Input) -> None:
+    mine, theirs = hf.config_to_hf(seed.cfg), hf.config_to_hf(other.cfg)
+    for key in _ARCH_KEYS:
+        if mine.get(key) != theirs.get(key):
+            raise BtxError(
+                f"{other.path / hf.CONFIG_NAME}: {key} is {theirs.get(key)!r} but the seed "
+                f"({seed.path}) has {mine.get(key)!r}; experts must keep the seed's architecture"
+            )
+    for file in _TOKENIZER_IDENTITY:
+        a, b = seed.path / file, other.path / file
+        if a.is_file() and b.is_file() and sha256_file(a) != sha256_file(b):
+            raise BtxError(f"{b}: differs from the seed's {file} ({a}); experts must share the seed's tokenizer")
+
+
+def _resolve_weights(o: MergeOptions, sources: list[_Input]) -> dict[str, float]:
+    names = [s.name for s in sources]
+    w = o.weights
+    if w == "uniform" or len(sources) == 1:
+        raw = {n: 1.0 for n in names}
+    elif w == "tokens":
+        raw = {}
+        for s in sources:
+            if s.name == SEED:
+                continue
+            tokens = (s.manifest or {}).get("tokens")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens <= 0:
+                where = s.path if s.manifest is None else f"{s.path}'s {DONE_NAME}"
+                raise BtxError(
+                    f"{where}: weights=tokens needs the tokens expert '{s.name}' trained on "
+                    "(the \"tokens\" field of its DONE.json); give explicit weights instead"
+                )
+            raw[s.name] = float(tokens)
+        if SEED in names:  # the seed's training is the shared past of every expert
+            raw[SEED] = sum(raw.values()) / len(raw)
+    elif isinstance(w, dict):
+        unknown = sorted(set(w) - set(names))
+        missing = [n for n in names if n not in w]
+        if unknown or missing:
+            raise _fail(
+                f"weights: give one weight per averaged source ({', '.join(names)})"
+                + (f"; unknown {', '.join(unknown)}" if unknown else "")
+                + (f"; missing {', '.join(missing)}" if missing else "")
+            )
+        raw = {}
+        for n in names:
+            v = w[n]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise _fail(f"weights.{n}: expected a number >= 0, got {v!r}")
+            raw[n] = float(v)
+    else:
+        raise _fail(f"weights {w!r}: expected uniform, tokens or a mapping of weights")
+    total = sum(raw.values())
+    if total <= 0:
+        raise _fail("weights must sum to more than 0")
+    return {n: raw[n] / total for n in names}
+
+
+def _plan_experts(o: MergeOptions, ffn_sources: list[_Input], ffn_dim: int) -> tuple[list[_Expert], int]:
+    """The experts (which FFN rows/columns each is made of) and the output FFN width."""
+    n = len(ffn_sources)
+    domain = lambda s: s.name if not o.upcycle else SEED  # noqa: E731
+    if o.granularity == "expert":
+        experts = [_Expert(s.name, domain(s), [(i, 0, ffn_dim)], 1.0, i) for i, s in enumerate(ffn_sources)]
+        return experts, ffn_dim
+    c = o.chunks if o.chunks is not None else n
+    if ffn_dim % c:
+        raise _fail(f"chunks {c} must divide the FFN width (intermediate_size {ffn_dim})")
+    f = ffn_dim // c
+    if o.granularity == "split":
+        experts = [
+            _Expert(f"{s.name}.{k}", domain(s), [(i, k * f, (k + 1) * f)], float(c), i)
+            for i, s in enumerate(ffn_sources)
+            for k in range(c)
+        ]
+        return experts, f
+    experts = [  # blend
+        _Expert(f"blend.{k}", None, [(i, k * f, (k + 1) * f) for i in range(n)], c / n, k) for k in range(c)
+    ]
+    return experts, n * f
+
+
+def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
+    resolved = out.resolve()
+    for p in inputs:
+        q = p.resolve()
+        if resolved == q or q.is_relative_to(resolved) or resolved.is_relative_to(q):
+            raise BtxError(f"{out}: the output would overwrite or sit inside an input ({p}); choose another --out")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        what = "a finished merge" if (out / DONE_NAME).is_file() else "not empty"
+        raise BtxError(f"{out}: already exists ({what}); pass --force to replace it")
+
+
+def _plan(
+    seed: str | os.PathLike,
+    experts: dict[str, str | os.PathLike],
+    out: str | os.PathLike,
+    o: MergeOptions,
+    *,
+    centroid_data: dict[str, str | os.PathLike] | None,
+    force: bool,
+    allow_no_manifest: bool,
+    seed_needs_manifest: bool,
+) -> _Plan:
+    experts = dict(experts)
+    _check_options(o, list(experts))
+    out = Path(out)
+    _check_output(out, [Path(seed), *map(Path, experts.values())], force)
+
+    opened: list[_Input] = []
+    try:
+        seed_in = _open_input(SEED, seed, need_manifest=seed_needs_manifest, allow_no_manifest=allow_no_manifest)
+        opened.append(seed_in)
+        for name, path in experts.items():
+            opened.append(_open_input(name, path, need_manifest=True, allow_no_manifest=allow_no_manifest))
+        experts_in = opened[1:]
+        for inp in experts_in:
+            _check_same_architecture(seed_in, inp)
+
+        if o.upcycle:
+            ffn_sources = [dataclasses.replace(seed_in, name=f"{SEED}.{i}") for i in range(o.upcycle)]
+            averaged_sources = [seed_in]
+        else:
+            ffn_sources = [*experts_in, seed_in] if o.keep_seed else list(experts_in)
+            averaged_sources = list(ffn_sources)
+        weights = _resolve_weights(o, averaged_sources)
+        averaged = [(s, weights[s.name]) for s in averaged_sources if weights[s.name] > 0]
+        # Default: the inputs' dtype, which is the seed's (experts keep it); the seed's when they differ.
+        dtype = DTYPES[o.dtype] if o.dtype is not None else seed_in.reader.dtype
+
+        if o.average_all:
+            plan_experts, out_cfg = [], seed_in.cfg
+        else:
+            plan_experts, ffn_out = _plan_experts(o, ffn_sources, seed_in.cfg.ffn_dim)
+            if o.top_k > len(plan_experts):
+                raise _fail(f"top_k {o.top_k} is more than the {len(plan_experts)} experts")
+            out_cfg = dataclasses.replace(
+                seed_in.cfg, n_experts=len(plan_experts), top_k=o.top_k, ffn_dim=ffn_out, router_mode="topk"
+            )
+        groups = {e.group: e for e in plan_experts}
+        plan = _Plan(
+            out=out, options=o, seed=seed_in, experts_in=experts_in, ffn_sources=ffn_sources,
+            averaged=averaged, weights=weights, out_cfg=out_cfg, dtype=dtype, experts=plan_experts,
+            groups=[groups[g] for g in sorted(groups)], shard_size=hf.parse_size(o.shard_size), force=force,
+        )  # fmt: skip
+        if o.router_init == "centroid" and not o.average_all:
+            plan.centroid_shards = _centroid_shards(plan, centroid_data or {})
+        return plan
+    except BaseException:
+        for inp in opened:
+            inp.reader.close()
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# Producing output tensors
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_name(reader: hf.CheckpointReader, btx_name: str) -> str:
+    """The HF tensor a dense source stores btx parameter `btx_name` as (through hf.KEY_TABLE)."""
+    (name,) = reader.plan[btx_name].hf_names
+    return name
+
+
+class _Mixer:
+    """Produces each output tensor from the sources, in buffers reused from tensor to tensor.
+
+    A produced tensor is valid until the next call (the writer writes it at once); callers that
+    keep one must copy it.
+    """
+
+    def __init__(self, plan: _Plan):
+        self.plan = plan
+        self.shapes = hf.btx_shapes(plan.out_cfg)
+        self.centroids: dict[int, torch.Tensor] = {}  # layer -> [groups, D] fp32 (centroid init)
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = numel * dtype.itemsize
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < nbytes:
+            buf = self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8)
+        return buf[:nbytes].view(dtype)
+
+    def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
+        return self._buffer("out", math.prod(shape), self.plan.dtype).view(shape)
+
+    def _read(self, inp: _Input, btx_name: str, r0: int, r1: int, key: str) -> torch.Tensor:
+        """Rows [r0, r1) of a source tensor, in its stored dtype."""
+        name = _hf_name(inp.reader, btx_name)
+        info = inp.reader.info(name)
+        buf = self._buffer(key, (r1 - r0) * (math.prod(info.shape[1:])), info.dtype)
+        return inp.reader.read_into(name, buf, (r0, r1), prefetch=_PREFETCH_BYTES)
+
+    def _fp32(self, key: str, like: torch.Tensor) -> torch.Tensor:
+        return self._buffer(key, like.numel(), torch.float32).view(like.shape)
+
+    @staticmethod
+    def _row_step(shape: tuple[int, ...]) -> int:
+        return max(1, (_CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
+
+    def _copy_rows(self, inp: _Input, btx_name: str, r0: int, r1: int, dst: torch.Tensor, scale: float) -> None:
+        """dst <- rows [r0, r1) of a source tensor times `scale`. Raw bytes when nothing changes."""
+        name = _hf_name(inp.reader, btx_name)
+        if scale == 1.0 and inp.reader.info(name).dtype == dst.dtype:
+            inp.reader.read_into(name, dst, (r0, r1), prefetch=_PREFETCH_BYTES)
+            return
+        step = self._row_step(tuple(dst.shape))
+        for a in range(r0, r1, step):
+            b = min(r1, a + step)
+            self._store(dst[a - r0 : b - r0], self._read(inp, btx_name, a, b, "in"), scale)
+
+    def _store(self, dst: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+        if scale == 1.0:
+            dst.copy_(x)  # a plain copy when the dtypes match, else one rounding
+            return
+        tmp = self._fp32("scaled", x)
+        tmp.copy_(x).mul_(scale)
+        dst.copy_(tmp)
+
+    def average(self, btx_name: str) -> torch.Tensor:
+        """The weighted mean over the averaged sources, as a running mean in fp32:
+        m <- m + (w_k / W_k)(x_k - m), W_k the weight seen so far (torch.lerp). Where the sources
+        agree, x_k - m is exactly 0, so identical copies give back the original bit for bit."""
+        shape = self.shapes[btx_name]
+        out = self._output(shape)
+        (first, w_first), *rest = self.plan.averaged
+        if not rest:
+            self._copy_rows(first, btx_name, 0, shape[0], out, 1.0)
+            return out
+        step = self._row_step(shape)
+        for r0 in range(0, shape[0], step):
+            r1 = min(shape[0], r0 + step)
+            x0 = self._read(first, btx_name, r0, r1, "in")
+            mean = self._fp32("mean", x0).copy_(x0)
+            seen = w_first
+            for inp, w in rest:
+                seen += w
+                x = self._fp32("x", x0).copy_(self._read(inp, btx_name, r0, r1, "in"))
+                mean.lerp_(x, w / seen)
+            out[r0:r1].copy_(mean)
+        return out
+
+    def expert(self, btx_name: str, e: int) -> torch.Tensor:
+        """Expert e's gate (w1), up (w3) or down (w2) projection; `btx_name` is the stacked name."""
+        shape = self.shapes[btx_name][1:]
+        dense = f"{btx_name}.weight"  # the dense FFN parameter the expert comes from (CONTRACTS.md)
+        ex = self.plan.experts[e]
+        sources = self.plan.ffn_sources
+        out = self._output(shape)
+        if not btx_name.endswith(".w2"):  # gate/up [F, D]: pieces are row ranges
+            pos = 0
+            for s, f0, f1 in ex.pieces:
+                self._copy_rows(sources[s], dense, f0, f1, out[pos : pos + f1 - f0], 1.0)
+                pos += f1 - f0
+            return out
+        # down [D, F]: pieces are column ranges, scaled so that the routing sums stay right
+        ffn_in = self.plan.seed.cfg.ffn_dim
+        if len(ex.pieces) == 1 and ex.pieces[0][1:] == (0, ffn_in):  # a whole FFN: whole rows
+            self._copy_rows(sources[ex.pieces[0][0]], dense, 0, shape[0], out, ex.down_scale)
+            return out
+        step = self._row_step((shape[0], ffn_in))
+        for r0 in range(0, shape[0], step):
+            r1 = min(shape[0], r0 + step)
+            col = 0
+            for s, f0, f1 in ex.pieces:
+                x = self._read(sources[s], dense, r0, r1, "in")
+                self._store(out[r0:r1, col : col + f1 - f0], x[:, f0:f1], ex.down_scale)
+                col += f1 - f0
+        return out
+
+    def router(self, layer: int) -> torch.Tensor:
+        """[E, D] router of `layer` in fp32 (before rounding to the output dtype)."""
+        o, D = self.plan.options, self.plan.out_cfg.dim
+        n_groups = len(self.plan.groups)
+        if o.router_init == "zeros":
+            rows = torch.zeros(n_groups, D)
+        elif o.router_init == "random":
+            key = hashlib.sha256(f"btx-merge-router:{o.router_seed}:{layer}".encode()).digest()
+            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+            rows = torch.randn(n_groups, D, generator=gen) * o.router_std
+        else:
+            rows = self.centroids[layer]
+        return rows[torch.tensor([e.group for e in self.plan.experts])]
+
+    def specs(self) -> list[hf.TensorSpec]:
+        """Every output tensor, by HF name through hf.KEY_TABLE, in checkpoint order."""
+        dtype, specs = self.plan.dtype, []
+        for name, shape in self.shapes.items():
+            if name.endswith(".ffn.router.weight"):
+                layer = int(name.split(".")[1])
+                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, lambda i=layer: self.router(i)))
+            elif len(shape) == 3:  # stacked expert weights
+                for e in range(shape[0]):
+                    specs.append(
+                        hf.TensorSpec(hf.hf_name_for(name, e), shape[1:], dtype, lambda n=name, e=e: self.expert(n, e))
+                    )
+            else:
+                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, lambda n=name: self.average(n)))
+        return specs
+
+
+# --------------------------------------------------------------------------------------------
+# Centroid routers
+# --------------------------------------------------------------------------------------------
+
+
+def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
+    from btx.data import load_shard
+
+    expert_dirs = {e.name: e.path for e in plan.experts_in if any(x.domain == e.name for x in plan.experts)}
+    domains = list(expert_dirs)
+    unknown = sorted(set(given) - set(domains))
+    if unknown:
+        raise _fail(f"centroid data for {', '.join(unknown)}: not an expert of this merge ({', '.join(domains)})")
+    shards = {}
+    for d in domains:
+        path = given.get(d)
+        if path is None:
+            guess = _run_dir_val_shard(expert_dirs[d], d)
+            if guess is None:
+                raise _fail(
+                    f"router_init centroid needs validation tokens of domain '{d}': pass "
+                    f"--centroid-data {d}=<run_dir>/data/{d}/val.bin"
+                )
+            path = guess
+        shard = load_shard(path)
+        if len(shard) < 2:
+            raise BtxError(f"{shard.path}: {len(shard)} tokens; centroid routers need validation tokens of '{d}'")
+        top = int(np.max(shard.tokens)) if len(shard) else 0
+        if top >= plan.out_cfg.vocab_size:
+            raise BtxError(
+                f"{shard.path}: holds token id {top}, but the model's vocab_size is {plan.out_cfg.vocab_size} "
+                "(tokenized with another tokenizer?)"
+            )
+        shards[d] = shard
+    return shards
+
+
+def _run_dir_val_shard(expert_path: Path, domain: str) -> Path | None:
+    """<run_dir>/data/<domain>/val.bin for an expert at <run_dir>/experts/<domain>/final."""
+    p = expert_path.resolve()
+    if p.name == "final" and p.parent.name == domain and p.parent.parent.name == "experts":
+        candidate = p.parent.parent.parent / "data" / domain / "val.bin"
+        if candidate.with_suffix(".json").is_file():
+            return candidate
+    return None
+
+
+def _centroid_windows(shard, seq_len: int, tokens: int) -> torch.Tensor:
+    """Evenly spaced windows covering about `tokens` tokens of the shard: [n, seq_len] int64."""
+    n_tokens = len(shard)
+    seq_len = min(seq_len, n_tokens)
+    count = max(1, min(math.ceil(tokens / seq_len), n_tokens // seq_len))
+    starts = np.linspace(0, n_tokens - seq_len, count).astype(np.int64)
+    return torch.from_numpy(np.stack([np.asarray(shard.tokens[s : s + seq_len], dtype=np.int64) for s in starts]))
+
+
+@torch.inference_mode()
+def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> dict[str, int]:
+    """Fill mixer.centroids layer by layer by running the merged model; returns tokens per domain."""
+    from accelerate import init_empty_weights
+
+    from btx.model import Transformer
+
+    cfg, o = plan.out_cfg, plan.options
+    device = torch.device(o.centroid_device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: nothing allocated
+        model = Transformer(cfg)
+    seq_len = min(_CENTROID_SEQ_LEN, cfg.max_seq_len)
+    domains = list(plan.centroid_shards)
+    windows = [_centroid_windows(plan.centroid_shards[d], seq_len, o.centroid_tokens) for d in domains]
+    seq_len = min(w.shape[1] for w in windows)  # a tiny shard may shorten every window
+    windows = [w[:, :seq_len] for w in windows]
+    tokens_NS = torch.cat(windows)
+    domain_N = torch.cat([torch.full((len(w),), i) for i, w in enumerate(windows)])
+    counts = torch.tensor([w.numel() for w in windows], dtype=torch.float64)
+    x_NSD = mixer.average("embed.weight")[tokens_NS].float()
+    cos, sin = model.rope(seq_len, device)
+    batch = max(1, _CENTROID_BATCH_TOKENS // seq_len)
+    batches = [slice(a, a + batch) for a in range(0, len(tokens_NS), batch)]
+    shared = ("attn_norm.weight", "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
+              "ffn_norm.weight")  # fmt: skip
+
+    with _Progress(progress, "centroid routers", cfg.n_layers, bytes_=False, console=console) as bar:
+        for i, block in enumerate(model.layers):
+            p = f"layers.{i}."
+            block.load_state_dict(
+                {k: mixer.average(p + k).to(device, torch.float32, copy=True) for k in shared}, strict=False, assign=True
+            )
+            sums = torch.zeros(len(domains), cfg.dim, dtype=torch.float64)
+            for rows in batches:
+                x = x_NSD[rows].to(device)
+                h = x + block.attn(block.attn_norm(x), cos, sin)
+                x_NSD[rows] = h.cpu()
+                u = block.ffn_norm(h).sum(1).double().cpu()  # [b, D]
+                sums.index_add_(0, domain_N[rows], u)
+            means = sums / counts[:, None]
+            rows_GD = torch.stack(
+                [means.mean(0) if g.domain == SEED else means[domains.index(g.domain)] for g in plan.groups]
+            )
+            mixer.centroids[i] = (rows_GD / rows_GD.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
+            if i + 1 < cfg.n_layers:  # the next layer's input: this layer's MoE, as merged
+                ffn = {"ffn.router.weight": mixer.router(i).to(plan.dtype).to(device, torch.float32)}
+                for w in ("w1", "w3", "w2"):
+                    name = p + f"ffn.{w}"
+                    stacked = torch.empty(mixer.shapes[name], dtype=torch.float32)
+                    for e in range(cfg.n_experts):
+                        stacked[e].copy_(mixer.expert(name, e))
+                    ffn[f"ffn.{w}"] = stacked.to(device)
+                block.load_state_dict(ffn, strict=False, assign=True)
+                for rows in batches:
+                    x = x_NSD[rows].to(device)
+                    y, _ = block.ffn(block.ffn_norm(x))
+                    x_NSD[rows] = (x + y).cpu()
+            block.to("meta")  # drop this layer's weights
+            bar.advance(1, f"layer {i}")
+    return {d: int(w.numel()) for d, w in zip(domains, windows)}
+
+
+# --------------------------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------------------------
+
+
+class _Progress:
+    """A rich progress bar (bytes with GB/s, or steps), or nothing when disabled."""
+
+    def __init__(self, enabled: bool, title: str, total: int, bytes_: bool = True, console=None):
+        self.enabled, self.title, self.total, self.bytes_, self.console = enabled, title, total, bytes_, console
+
+    def __enter__(self) -> _Progress:
+        if self.enabled:
+            from rich.progress import (
+                BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                TimeRemainingColumn, TransferSpeedColumn,
+            )  # fmt: skip
+
+            counts = [DownloadColumn(binary_units=False), TransferSpeedColumn()] if self.bytes_ else [MofNCompleteColumn()]
+            self.bar = Progress(
+                TextColumn(f"[bold]{self.title}"), BarColumn(), *counts, TimeElapsedColumn(), TimeRemainingColumn(),
+                TextColumn("{task.description}", style="dim"), console=self.console,
+            )  # fmt: skip
+            self.bar.__enter__()
+            self.task = self.bar.add_task("", total=self.total)
+        return self
+
+    def advance(self, amount: int, description: str) -> None:
+        if self.enabled:
+            self.bar.update(self.task, advance=amount, description=description)
+
+    def __exit__(self, *exc) -> None:
+        if self.enabled:
+            self.bar.__exit__(*exc)
+
+
+def _input_hashes(plan: _Plan, pool: ThreadPoolExecutor) -> dict[str, dict[str, Future | str]]:
+    """sha256 of each input's config and weight files: recorded by its DONE.json, or hashed on `pool`."""
+    out: dict[str, dict[str, Future | str]] = {}
+    for inp in plan.inputs:
+        files = [hf.CONFIG_NAME, *sorted(inp.reader.metadata)]
+        if (inp.path / hf.INDEX_FILE).is_file() and hf.INDEX_FILE not in files:
+            files.append(hf.INDEX_FILE)
+        recorded = inp.recorded_hashes or {}
+        out[inp.name] = {
+            f: recorded[f] if f in recorded else pool.submit(sha256_file, inp.path / f) for f in files
+        }
+    return out
+
+
+def _run(plan: _Plan, progress: bool, console=None) -> dict:
+    started = time.monotonic()
+    o = plan.options
+    mixer = _Mixer(plan)
+    centroid_tokens = _compute_centroids(plan, mixer, progress, console) if plan.centroid_shards else None
+    specs = mixer.specs()
+    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
+    # The streaming phase is bound by I/O; its elementwise work runs fastest on one thread, and
+    # leaves the other cores to the hashing threads and the kernel's writeback. (torch's intra-op
+    # threads synchronise on every op: on a busy machine two of them run several times slower.)
+    threads = torch.get_num_threads()
+    delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btx-merge-hash")
+    try:
+        torch.set_num_threads(1)
+        pending_hashes = _input_hashes(plan, pool)
+        tokenizer_from = next(
+            (i.path for i in (plan.seed, *plan.experts_in) if any((i.path / f).is_file() for f in hf.TOKENIZER_FILES)),
+            None,
+        )
+        with atomic_dir(plan.out, force=plan.force) as tmp, _Progress(progress, "merge", total, console=console) as bar:
+
+            def on_tensor(name: str, nbytes: int) -> None:
+                bar.advance(nbytes, name)
+                if delay:
+                    time.sleep(delay)
+
+            outputs = hf.write_checkpoint(
+                tmp, plan.out_cfg, specs, shard_size=plan.shard_size, tokenizer_from=tokenizer_from,
+                atomic=False, on_tensor=on_tensor,
+            )  # fmt: skip
+            fsync_tree(tmp)  # the seconds below include making the bytes durable
+            inputs = {
+                inp.name: {
+                    "path": str(inp.path.resolve()),
+                    "sha256": {f: h if isinstance(h, str) else h.result() for f, h in pending_hashes[inp.name].items()},
+                    "sha256_from": DONE_NAME if inp.recorded_hashes else "computed",
+                    "tokens": (inp.manifest or {}).get("tokens"),
+                    "dtype": str(inp.reader.dtype).removeprefix("torch."),
+                }
+                for inp in plan.inputs
+            }
+            manifest = {
+                "stage": "merge",
+                "kind": plan.kind,
+                "inputs": inputs,
+                "weights": plan.weights,
+                "options": {**dataclasses.asdict(o), "dtype": str(plan.dtype).removeprefix("torch.")},
+                "outputs": outputs,
+                "bytes": sum((tmp / f).stat().st_size for f in outputs),
+                "seconds": round(time.monotonic() - started, 3),
+            }
+            if plan.kind != "average":
+                manifest |= {
+                    "experts": [e.name for e in plan.experts],
+                    "expert_domains": [e.domain for e in plan.experts],
+                    "n_experts": plan.out_cfg.n_experts,
+                    "top_k": plan.out_cfg.top_k,
+                    "ffn_dim": plan.out_cfg.ffn_dim,
+                }
+            if centroid_tokens is not None:
+                manifest["centroid_tokens"] = centroid_tokens
+            if plan.recipe_hash is not None:
+                manifest["recipe_hash"] = plan.recipe_hash
+            write_done(tmp, manifest)  # inside the temporary: the directory appears with it
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+        torch.set_num_threads(threads)
+    return manifest
+
+
+def merge(
+    seed: str | os.PathLike,
+    experts: dict[str, str | os.PathLike] | None,
+    out: str | os.PathLike,
+    options: MergeOptions | None = None,
+    *,
+    centroid_data: dict[str, str | os.PathLike] | None = None,
+    force: bool = False,
+    allow_no_manifest: bool = False,
+    seed_needs_manifest: bool = False,
+    recipe_hash: str | None = None,
+    progress: bool = True,
+    console=None,
+) -> dict:
+    """Merge `seed` and `experts` ({domain: checkpoint dir}, in expert order) into `out`.
+
+    Everything is validated before anything is written (BtxError otherwise). Returns the DONE.json
+    written into `out`. `centroid_data` maps a domain to its validation shard (default:
+    <run_dir>/data/<domain>/val.bin when the expert sits at <run_dir>/experts/<domain>/final).
+    `console`: the rich Console progress bars draw on (default: rich's own).
+    """
+    options = options or MergeOptions()
+    plan = _plan(
+        seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
+        allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
+    )  # fmt: skip
+    plan.recipe_hash = recipe_hash
+    try:
+        return _run(plan, progress, console)
+    finally:
+        plan.close()
+
+
+def merge_from_recipe(
+    exp,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    upcycle: int = 0,
+    force: bool = False,
+    allow_no_manifest: bool = False,
+    progress: bool = True,
+    console=None,
+) -> dict:
+    """The recipe's merge stage: <run_dir>/seed (or seed.path) and <run_dir>/experts/<domain>/final,
+    with the `merge:` section, into <run_dir>/merged (or `out_dir`).
+
+    `upcycle=N` builds the sparse-upcycling baseline instead: N copies of the seed with the same
+    section's settings (a `centroid` router init, which needs domain experts, becomes `random`,
+    the paper's init for upcycling).
+    """
+    from btx.recipe import recipe_hash
+
+    seed = Path(exp.seed.path) if exp.seed.path is not None else exp.run_dir / "seed"
+    options = MergeOptions.from_section(exp.merge, upcycle=upcycle)
+    if upcycle:
+        experts: dict[str, Path] = {}
+        if options.router_init == "centroid":
+            options.router_init = "random"
+    else:
+        experts = {d: exp.expert_dir(d) / "final" for d in exp.domains}
+    return merge(
+        seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
+        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts},
+        force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
+        recipe_hash=recipe_hash({"merge": exp.merge, "seed": str(seed), "experts": list(experts), "upcycle": upcycle}),
+        progress=progress, console=console,
+    )  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------
+# The command line (arguments are declared in btx/cli.py)
+# --------------------------------------------------------------------------------------------
+
+_ADHOC_FLAGS = {  # argparse dest -> MergeOptions field (None: not an option)
+    "seed": None, "expert": None, "out": None, "centroid_data": None, "no_keep_seed": None,
+    "weights": "weights", "router_init": "router_init", "router_std": "router_std",
+    "router_seed": "router_seed", "centroid_tokens": "centroid_tokens", "granularity": "granularity",
+    "chunks": "chunks", "top_k": "top_k", "dtype": "dtype", "shard_size": "shard_size", "upcycle": "upcycle",
+    "average_all": "average_all", "centroid_device": "centroid_device",
+}  # fmt: skip
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if not eq or not name or not value:
+            raise BtxError(f"{flag} {item!r}: expected NAME=VALUE")
+        if name in out:
+            raise BtxError(f"{flag}: '{name}' given twice")
+        out[name] = value
+    return out
+
+
+def _parse_weights(text: str | None):
+    if text is None or text in ("uniform", "tokens"):
+        return text
+    weights = {}
+    for name, value in _pairs(text.split(","), "--weights").items():
+        try:
+            weights[name] = float(value)
+        except ValueError:
+            raise BtxError(f"--weights {name}={value}: not a number") from None
+    return weights
+
+
+def merge_command(args) -> int:
+    """`btx merge RECIPE [KEY=VALUE ...]` or `btx merge --seed DIR --expert NAME=DIR ... --out DIR`."""
+    given = {}
+    for dest in _ADHOC_FLAGS:
+        value = getattr(args, dest, None)
+        if value is not None and value is not False and value != []:
+            given[dest] = value
+    progress = not args.quiet
+    if args.recipe is not None:
+        if given:
+            flags = ", ".join("--" + d.replace("_", "-") for d in given)
+            raise BtxError(f"merge: {flags}: give merge settings as recipe overrides (e.g. merge.top_k=1), not flags")
+        from btx.recipe import load_experiment
+
+        exp = load_experiment(args.recipe, args.overrides)
+        manifest = merge_from_recipe(exp, force=args.force, allow_no_manifest=args.allow_no_manifest, progress=progress)
+        out = exp.run_dir / "merged"
+    else:
+        if args.overrides:
+            raise BtxError(f"merge: overrides ({args.overrides[0]}) need a RECIPE")
+        if not args.seed or not args.out:
+            raise BtxError("merge: give a RECIPE, or --seed DIR, --expert NAME=DIR ... (or --upcycle N) and --out DIR")
+        fields = {_ADHOC_FLAGS[d]: v for d, v in given.items() if _ADHOC_FLAGS[d] is not None}
+        if "weights" in fields:
+            fields["weights"] = _parse_weights(fields["weights"])
+        if args.no_keep_seed:
+            fields["keep_seed"] = False
+        manifest = merge(
+            args.seed, _pairs(args.expert, "--expert"), args.out, MergeOptions(**fields),
+            centroid_data=_pairs(args.centroid_data, "--centroid-data"), force=args.force,
+            allow_no_manifest=args.allow_no_manifest, progress=progress,
+        )  # fmt: skip
+        out = Path(args.out)
+    seconds = manifest["seconds"]
+    what = (
+        f"{manifest['n_experts']} experts ({', '.join(manifest['experts'])}), top-{manifest['top_k']}"
+        if "experts" in manifest
+        else "a dense average"
+    )
+    from rich.console import Console
+
+    Console().print(
+        f"merge: {what} -> {out}: {manifest['bytes'] / 1e9:.2f} GB in {seconds:.1f} s "
+        f"({manifest['bytes'] / 1e9 / max(seconds, 1e-9):.2f} GB/s)"
+    )
+    return 0
