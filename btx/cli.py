@@ -311,6 +311,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 # The command map and the parser
 # ---------------------------------------------------------------------------------------------
 
+# ---------------------------------------------------------------------------------------------
+# btx run
+# ---------------------------------------------------------------------------------------------
+
+
+def add_run_arguments(p: argparse.ArgumentParser) -> None:
+    add_recipe_arguments(p, required=False)
+    p.add_argument("--until", metavar="STAGE", default=None,
+                   help="stop after STAGE (prepare, seed, branch, merge, finetune, baselines, eval, analyze)")
+    p.add_argument("--from", dest="from_stage", metavar="STAGE", default=None,
+                   help="redo STAGE and everything after it, even if finished")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from btx.pipeline import run
+
+    recipe, overrides = args.recipe, list(args.overrides)
+    if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
+        recipe, overrides = None, [recipe, *overrides]  # `btx run k=v`: overrides of the demo
+    return run(recipe, overrides, until=args.until, from_stage=args.from_stage)
+
+
 COMMANDS: dict[str, Command] = {
     "prepare": Command(cmd_prepare, "tokenize each domain's text/jsonl into train/val token shards",
                        add_prepare_arguments),
@@ -329,6 +351,8 @@ COMMANDS: dict[str, Command] = {
                      "the rest averaged, new routers)", add_merge_arguments),
     "eval": Command(cmd_eval, "per-domain validation loss/perplexity of checkpoints, with the BTM ensemble and "
                     "baselines", add_eval_arguments),
+    "run": Command(cmd_run, "the whole pipeline from one recipe (prepare, seed, branch, merge, finetune, eval, "
+                   "analyze); skips finished stages; alone it runs the embedded CPU demo", add_run_arguments),
 }
 
 
