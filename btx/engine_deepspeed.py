@@ -45,6 +45,8 @@ from btx.engine import make_optimizer, make_scheduler, mixed_precision
 from btx.errors import BtxError
 from btx.manifest import fsync_dir, fsync_tree
 
+_live_engines = 0  # engines in this process that still need the process group (see `close`)
+_env_added: dict[str, str] = {}  # rendezvous variables btx set for a world of one (see `init_distributed`)
 _TAG = "deepspeed"  # the one checkpoint tag inside a step directory: <step-N>/deepspeed/...
 PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names -> DeepSpeed's
 
@@ -75,15 +77,15 @@ def _remove_env(added: dict[str, str]) -> None:
             del os.environ[key]
 
 
-def init_distributed() -> dict[str, str]:
-    """Start the process group DeepSpeed uses (nccl on GPUs, gloo on CPU) unless one is up.
-    Returns the environment variables it added (see `_world_of_one_env`)."""
+def init_distributed() -> None:
+    """Start the process group DeepSpeed uses (nccl on GPUs, gloo on CPU) unless one is up."""
     import deepspeed
     import torch.distributed as dist
     from deepspeed.utils import groups
 
+    global _env_added
     if dist.is_available() and dist.is_initialized():
-        return {}
+        return
     if not on_gpu():
         # Skip the shared-memory all-reduce op: a slow JIT build that training does not need.
         # (`import deepspeed.comm.torch as m` would bind the torch package, hence importlib.)
@@ -91,13 +93,12 @@ def init_distributed() -> dict[str, str]:
     # DeepSpeed caches its copy of the world group; one from an earlier, torn-down process group
     # (an earlier engine, or accelerate's end_training, in this process) must not be reused.
     groups._WORLD_GROUP = None
-    added = _world_of_one_env()
+    _env_added = _world_of_one_env()
     try:
         deepspeed.init_distributed(dist_backend=None if on_gpu() else "gloo", verbose=False)
     except BaseException:
-        _remove_env(added)
+        _remove_env(_env_added)
         raise
-    return added
 
 
 def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int) -> dict:
@@ -143,7 +144,9 @@ class DeepSpeedEngine:
             raise BtxError(f"finetune.zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
         self.precision = PRECISIONS[mixed_precision(settings.precision, "cuda" if on_gpu() else "cpu")]
         self.zero_stage, self.grad_clip = zero_stage, settings.grad_clip
-        self._added_env = init_distributed()
+        global _live_engines
+        init_distributed()
+        _live_engines += 1
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.is_main = self.rank == 0
         optimizer = make_optimizer(model.parameters(), settings)  # leaves frozen parameters out
@@ -157,6 +160,10 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.device = self.ds.device
+        if zero_stage == 0 and self.world_size == 1:
+            # A world of one has nothing to all-reduce; DeepSpeed would still flatten every
+            # gradient into buckets and copy it back after a no-op collective.
+            self.ds.enable_backward_allreduce = False
 
     @property
     def model(self):
@@ -254,13 +261,18 @@ class DeepSpeedEngine:
         return {p: m for low, high in zip(opt.fp16_groups, opt.fp32_groups) for p, m in zip(low, high)}
 
     def close(self) -> None:
-        """Free the engine (module, optimizer, scheduler), then tear the process group down."""
+        """Free the engine (module, optimizer, scheduler), then tear the process group down
+        unless another engine of this process still uses it."""
         import torch.distributed as dist
 
-        if getattr(self, "ds", None) is not None:
-            self.ds.destroy()
+        global _live_engines
+        if getattr(self, "ds", None) is None:
+            return  # closed already
+        self.ds.destroy()
         self.ds = self.optimizer = self.scheduler = None
         gc.collect()  # nothing of the engine may outlive the process group
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
-        _remove_env(self._added_env)
+        _live_engines -= 1
+        if _live_engines == 0:
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+            _remove_env(_env_added)

@@ -164,7 +164,7 @@ class RoutingLog:
         if model is not None:
             self._acc.update(model)
         if step % self.every == 0 and self._acc is not None:
-            summary = _summary_over_ranks(self._acc)
+            summary = self._acc.overall(all_ranks=True)  # a collective: every rank runs this hook
             record["routing_load_share"] = summary["load_share"]
             record["routing_mean_prob"] = summary["mean_prob"]
             self._acc.reset()
@@ -182,19 +182,6 @@ def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
     on_device = values.to(_collective_device())
     torch.distributed.all_reduce(on_device)
     return on_device.cpu() / torch.distributed.get_world_size()
-
-
-def _summary_over_ranks(acc) -> dict:
-    """The accumulator's overall statistics over every rank's tokens (its sums are per process)."""
-    from btx.routing import routing_stats
-
-    total = acc._total(list(acc._groups))
-    if _distributed():
-        for name in ("tokens", "top1", "slots", "prob", "token_entropy", "agree"):
-            t = getattr(total, name).to(_collective_device())
-            torch.distributed.all_reduce(t)
-            setattr(total, name, t.cpu())
-    return routing_stats(total)
 
 
 def _collective_device() -> torch.device:
