@@ -14,6 +14,9 @@ This module only builds the job; everything else is shared with dense training:
   (see `btx.hf.inference_note` for how transformers runs each mode).
 
 What finetune adds through the loop's hooks:
+- the data: a mixture of the domains' train shards (`finetune.mixture`), optionally with the
+  data-only `general` domain (`finetune.general`), which stands for the seed's own pretraining
+  data as in the paper (the seed, kept as an expert, has no domain of its own).
 - `setup_model`: which parameters train (`finetune.trainable`: all | router_only |
   frozen_experts), set before the optimizer exists, so frozen ones are not in it.
 - `on_step`: per-layer balancing loss and z-loss, the switch drop rate (every step), and every
@@ -67,7 +70,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     if top_k > cfg.n_experts:
         raise BtxError(f"{exp.path}: finetune.top_k: {top_k} is more than the model's {cfg.n_experts} experts")
 
-    domains = list(exp.domains)
+    domains = list(exp.data_domains)  # the experts' domains and finetune.general's data-only one
     mixture = {name: float(w) for name, w in (dict(ft.mixture) or dict.fromkeys(domains, 1.0)).items()}
     train_domains = [name for name in domains if mixture.get(name, 0.0) > 0]
     settings = exp.finetune_train

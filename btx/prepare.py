@@ -37,7 +37,8 @@ def builtin_source(name: str, max_bytes: int = 2_000_000, seed: int = 0):
 
 
 def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool = True) -> dict[str, dict]:
-    """Prepare every domain of `exp` into `exp.run_dir/data/<domain>/`; returns per-domain summaries."""
+    """Prepare every domain of `exp` (finetune.general's too) into `exp.run_dir/data/<domain>/`;
+    returns per-domain summaries."""
     from btx.data import prepare_domains
     from btx.tokenizer import load_tokenizer
 
@@ -49,7 +50,7 @@ def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool =
             "seed": d.data.seed,
             "text_field": d.data.text_field,
         }
-        for name, d in exp.domains.items()
+        for name, d in exp.data_domains.items()
     }
     return prepare_domains(domains, tokenizer, exp.run_dir / "data", force=force, progress=progress)
 

@@ -49,6 +49,7 @@ from btx.errors import BtxError
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.ROUTER_MODES
 TRAINABLE = ("all", "router_only", "frozen_experts")
+GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
 ROUTER_INITS = ("random", "zeros", "centroid")
 GRANULARITIES = ("expert", "split", "blend")
 EXECUTORS = ("local", "slurm")
@@ -329,9 +330,13 @@ class FinetuneSection:
     trainable: str = "all"
     zero_stage: int = 0
     offload_optimizer: bool = False
+    # A domain recipe of data like the seed's own pretraining data (the paper's "general" 19.23%):
+    # prepared into data/general/ with the other domains and sampled in the mixture as "general",
+    # but never branched into an expert (the seed, kept as an expert, stands for it).
+    general: Optional[str] = None
 
     def check(self, c: Checker, domains: List[str]) -> None:
-        c.weights(self.mixture, "mixture", domains)
+        c.weights(self.mixture, "mixture", domains + ([GENERAL_DOMAIN] if self.general else []))
         c.choice(self, "router_mode", ROUTER_MODES)
         c.choice(self, "trainable", TRAINABLE)
         c.positive(self, "top_k", "capacity_factor")
@@ -468,6 +473,12 @@ class Experiment:
     seed_train: TrainSection  # effective settings of the from-scratch seed job
     finetune_train: TrainSection  # effective settings of MoE finetuning
     overrides: List[str] = field(default_factory=list)
+    general: Optional[Domain] = None  # finetune.general: data only, no expert
+
+    @property
+    def data_domains(self) -> Dict[str, Domain]:
+        """Every domain with data to prepare: the experts' domains, then the general one."""
+        return {**self.domains, **({GENERAL_DOMAIN: self.general} if self.general is not None else {})}
 
     def __getattr__(self, name: str):
         if name.startswith("__") or name == "recipe":
@@ -550,9 +561,16 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
         dpath = Path(domain_path)
         c.that(dpath.is_file(), f"domains.{name}", f"{domain_path}: no such domain recipe file")
         domains[name] = load_domain(dpath, base_train=recipe.train, name=name, cli_train=cli_train)
+    general = None
+    if recipe.finetune.general is not None:
+        c.that(GENERAL_DOMAIN not in domains, f"domains.{GENERAL_DOMAIN}",
+               f"'{GENERAL_DOMAIN}' names finetune.general's data-only domain; rename this expert's domain")
+        gpath = Path(recipe.finetune.general)
+        c.that(gpath.is_file(), "finetune.general", f"{gpath}: no such domain recipe file")
+        general = load_domain(gpath, base_train=recipe.train, name=GENERAL_DOMAIN, cli_train=cli_train)
 
     return Experiment(path=path, recipe=recipe, domains=domains, run_dir=Path(recipe.run_dir).absolute(),
-                      seed_train=seed_train, finetune_train=finetune_train, overrides=overrides)
+                      seed_train=seed_train, finetune_train=finetune_train, overrides=overrides, general=general)
 
 
 def load_domain(path: str | os.PathLike, overrides: Optional[List[str]] = None, *,
@@ -643,7 +661,7 @@ def builtin_recipe(name: str) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 # Keys holding input paths, which resolve relative to the recipe file (or the CWD for overrides).
-_EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*")
+_EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general")
 
 
 def _label(path: Path, overrides: List[str]) -> str:

@@ -394,7 +394,7 @@ def test_llama2_recipe_loads(tmp_path, monkeypatch):
     seed = _mkdir(tmp_path / "Llama-2-7b-hf")
     (seed / "config.json").write_text("{}")
     (seed / "tokenizer.json").write_text("{}")
-    for domain in ("math", "code", "wiki"):
+    for domain in ("math", "code", "wiki", "general"):  # general: finetune-only data, no expert
         (_mkdir(tmp_path / "data" / domain) / "part-0.jsonl").write_text('{"text": "x"}\n')
     monkeypatch.setenv("BTX_LLAMA2_7B", str(seed))
     monkeypatch.setenv("BTX_DATA", str(tmp_path / "data"))
@@ -407,7 +407,8 @@ def test_llama2_recipe_loads(tmp_path, monkeypatch):
         assert t.tokens_per_step * gpus == 4_194_304  # ~4M tokens per step
     assert exp.merge.keep_seed and exp.merge.top_k == 2 and exp.merge.n_experts(3) == 4
     assert exp.finetune.balance_alpha == 0.01 and exp.finetune.top_k == 2
-    assert exp.finetune.mixture == {"math": 30.16, "code": 40.31, "wiki": 10.30}
+    assert exp.finetune.mixture == {"math": 30.16, "code": 40.31, "wiki": 10.30, "general": 19.23}
+    assert list(exp.data_domains) == ["math", "code", "wiki", "general"]
     assert Path(exp.tokenizer) == seed
 
 

@@ -354,6 +354,30 @@ def test_exported_config_round_trips_every_mode():
         assert (back.router_mode, back.top_k, back.capacity_factor, back.gumbel_rate) == (mode, TOP_K, 1.25, 1e-3)
 
 
+# ------------------------------------------------------------------------------- general data
+
+
+def test_a_general_data_domain_joins_the_mixture_without_becoming_an_expert(base):
+    """finetune.general: prepared with the domains, sampled as "general", never branched."""
+    from btx.finetune import finetune_job, run_finetune
+    from btx.prepare import prepare_experiment
+    from btx.recipe import load_experiment
+
+    (base / "general.jsonl").write_text("".join(json.dumps({"text": f"{i} a general sentence. " * 3}) + "\n"
+                                                for i in range(100)))
+    (base / "general.yaml").write_text("data:\n  sources: [general.jsonl]\n  val_fraction: 0.2\n")
+    run_dir = base / "runs" / "general"
+    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", f"finetune.general={base / 'general.yaml'}",
+                                              "finetune.mixture={words: 1, sums: 1, general: 2}", steps(2)])
+    assert list(exp.domains) == list(TEXTS) and list(exp.data_domains) == [*TEXTS, "general"]
+    prepare_experiment(exp, progress=False)
+    (run_dir / "merged").symlink_to(base / "shared" / "merged")
+    job = finetune_job(exp)
+    assert job.mixture == {"words": 1.0, "sums": 1.0, "general": 2.0}
+    done = run_finetune(job)
+    assert set(done["inputs"]["train_shards"]) == {*TEXTS, "general"} and "general" in done["val_losses"]
+
+
 # ------------------------------------------------------------------------------------ errors
 
 
@@ -365,6 +389,7 @@ def test_bad_input_is_one_line_and_exit_2(base, capsys):
         ([f"run_dir={empty}", "finetune.top_k=9", "--model", str(base / "shared" / "merged")], "finetune.top_k"),
         ([f"run_dir={empty}", "finetune.trainable=experts"], "finetune.trainable"),
         ([f"run_dir={empty}", "--model", str(base / "shared" / "data")], "config.json"),
+        ([f"run_dir={empty}", "finetune.mixture={general: 1}"], "finetune.mixture.general"),
     ]
     for args, message in cases:
         assert main(["finetune", recipe, *args]) == 2
