@@ -1,12 +1,16 @@
 """Benchmark: `btx merge` wall time against the I/O floor, and the merge's peak RSS.
 
     python bench/merge.py                 # scale 1: a seed and 3 experts of ~1 GB each (bf16)
-    python bench/merge.py --scale 1 2     # also checkpoints twice as large (twice the layers)
+    python bench/merge.py --scale 1 2     # also checkpoints twice as large (more layers)
 
-Setup (not timed): a random Llama seed (vocab 32000, dim 2048, 7 layers per unit of scale, bf16,
-about 1 GB per unit) and three random experts, laid out as a btx run directory in --dir (default
-/tmp/btx-bench, deleted at the end): experts/<d>/final with a DONE.json next to it, as `btx train`
-leaves them, and the seed as an external checkpoint (no DONE.json, so the merge hashes it).
+Setup (not timed): a random Llama seed (vocab 32000, dim 2048, FFN 5632, bf16, with as many layers
+as make about 1 GB per unit of --scale: 7 at scale 1, 17 at scale 2) and three random experts,
+laid out as a btx run directory in --dir (default /tmp/btx-bench, deleted at the end):
+experts/<d>/final with a DONE.json next to it, as `btx train` leaves them, and the seed as an
+external checkpoint (no DONE.json, so the merge hashes it: one more read and sha256 of 1 GB).
+Also printed: the merge's CPU seconds (all threads), which is what bounds it on a small machine:
+besides the I/O it hashes its output and the seed (sha256, about 1 GB/s) and starts Python and
+torch (about 2 s).
 
 Measured, in alternating order for --rounds rounds:
 - merge: `python -m btx merge --seed ... --expert ... --out ...` as a subprocess, so interpreter and
@@ -44,8 +48,13 @@ _BLOCK = 16 << 20
 
 
 def bench_config(scale: int) -> ModelConfig:
-    return ModelConfig(vocab_size=32000, dim=2048, n_layers=7 * scale, n_heads=16, n_kv_heads=16, ffn_dim=5632,
-                       max_seq_len=4096)  # fmt: skip
+    """A Llama of about `scale` GB in bf16: the layer count grows with the scale (the embeddings
+    do not), so the largest tensor, and with it the merge's memory, stays the same."""
+    cfg = ModelConfig(vocab_size=32000, dim=2048, n_layers=1, n_heads=16, n_kv_heads=16, ffn_dim=5632, max_seq_len=4096)
+    one_layer = cfg.param_counts()["total"] - (ModelConfig(**{**cfg.__dict__, "n_layers": 0}).param_counts()["total"])
+    fixed = cfg.param_counts()["total"] - one_layer
+    cfg.n_layers = max(1, round((scale * 0.5e9 - fixed) / one_layer))
+    return cfg
 
 
 def write_random_checkpoint(path: Path, cfg: ModelConfig, seed: int) -> None:
@@ -61,7 +70,8 @@ def write_random_checkpoint(path: Path, cfg: ModelConfig, seed: int) -> None:
 def build(root: Path, scale: int) -> tuple[Path, dict[str, Path]]:
     cfg = bench_config(scale)
     seed = root / "seed"
-    print(f"building a seed and {len(DOMAINS)} experts of {cfg.param_counts()['total'] * 2 / 1e9:.2f} GB each in {root}")
+    size = cfg.param_counts()["total"] * 2 / 1e9
+    print(f"building a seed and {len(DOMAINS)} experts of {size:.2f} GB each in {root}")
     write_random_checkpoint(seed, cfg, 0)
     experts = {}
     for i, d in enumerate(DOMAINS, 1):
@@ -123,7 +133,9 @@ def floor(files: list[Path], out_bytes: int, scratch: Path, cold: bool) -> tuple
     return t1 - t0, t2 - t1, (c1.user - c0.user) + (c1.system - c0.system)
 
 
-def run_merge(seed: Path, experts: dict[str, Path], out: Path, files: list[Path], cold: bool) -> tuple[float, float, int, int]:
+def run_merge(
+    seed: Path, experts: dict[str, Path], out: Path, files: list[Path], cold: bool
+) -> tuple[float, float, int, int]:
     """(wall seconds, CPU seconds, peak RSS bytes, output bytes) of one `python -m btx merge` subprocess."""
     shutil.rmtree(out, ignore_errors=True)
     prepare_cache(cold, files)
@@ -194,7 +206,10 @@ def main() -> None:
             rows.append(bench(scale, args.dir / f"scale{scale}", args.rounds, cold))
     finally:
         shutil.rmtree(args.dir, ignore_errors=True)
-    cache = "cold page cache (dropped before each run)" if cold else "warm page cache (inputs read once before each run)"
+    if cold:
+        cache = "cold page cache (dropped before each run)"
+    else:
+        cache = "warm page cache (inputs read once before each run)"
     print(f"\nbtx merge vs the I/O floor, 3 experts + seed kept, bf16, {cache}; {os.cpu_count()} CPUs")
     head = (f"{'scale':>5} {'in GB':>6} {'out GB':>6} {'read s':>7} {'write s':>8} {'floor s':>8} {'merge s':>8} "
             f"{'ratio':>6} {'merge CPU s':>11} {'peak RSS':>9}")

@@ -32,7 +32,8 @@ What goes where
     Blend experts belong to no domain, so `centroid` routers do not apply.
 - Special cases: `upcycle=N` (sparse upcycling: N experts, all copies of the seed, no experts
   needed; the MoE computes exactly the seed, for any router) and `average_all` (Branch-Train-Merge
-  style: every tensor averaged, FFNs too, into a dense Llama).
+  style: every tensor averaged, FFNs too, into a dense Llama; over the same sources, so the seed
+  takes part unless keep_seed=False).
 
 Validation, before any byte is written: options; that the output would not overwrite a
 checkpoint (without `force`) or an input; every input checkpoint (config, index, safetensors
@@ -117,6 +118,7 @@ class MergeOptions:
     weights: Any = _RECIPE.weights  # "uniform" | "tokens" | {source name: weight}
     router_init: str = _RECIPE.router_init  # random | zeros | centroid
     router_std: float = _RECIPE.router_std
+    router_seed: int = _RECIPE.router_seed
     centroid_tokens: int = _RECIPE.centroid_tokens  # per domain
     granularity: str = _RECIPE.granularity  # expert | split | blend
     chunks: int | None = None  # split: required; blend: default the number of source FFNs
@@ -124,7 +126,6 @@ class MergeOptions:
     dtype: str | None = _RECIPE.dtype  # None: the inputs' dtype (the seed's when they differ)
     shard_size: int | str = _RECIPE.shard_size
     # Not in the recipe section:
-    router_seed: int = 0
     upcycle: int = 0  # > 0: sparse upcycling into this many copies of the seed
     average_all: bool = False  # Branch-Train-Merge style dense average
     centroid_device: str | None = None  # None: cuda when available, else cpu
@@ -694,7 +695,9 @@ def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None)
         for i, block in enumerate(model.layers):
             p = f"layers.{i}."
             block.load_state_dict(
-                {k: mixer.average(p + k).to(device, torch.float32, copy=True) for k in shared}, strict=False, assign=True
+                {k: mixer.average(p + k).to(device, torch.float32, copy=True) for k in shared},
+                strict=False,
+                assign=True,
             )
             sums = torch.zeros(len(domains), cfg.dim, dtype=torch.float64)
             for rows in batches:
@@ -744,7 +747,10 @@ class _Progress:
                 TimeRemainingColumn, TransferSpeedColumn,
             )  # fmt: skip
 
-            counts = [DownloadColumn(binary_units=False), TransferSpeedColumn()] if self.bytes_ else [MofNCompleteColumn()]
+            if self.bytes_:
+                counts = [DownloadColumn(binary_units=False), TransferSpeedColumn()]
+            else:
+                counts = [MofNCompleteColumn()]
             self.bar = Progress(
                 TextColumn(f"[bold]{self.title}"), BarColumn(), *counts, TimeElapsedColumn(), TimeRemainingColumn(),
                 TextColumn("{task.description}", style="dim"), console=self.console,

@@ -268,6 +268,7 @@ class MergeSection:
     weights: Any = "uniform"
     router_init: str = "random"
     router_std: float = 0.02  # random init
+    router_seed: int = 0  # random init: the same seed gives the same routers
     centroid_tokens: int = 65536  # centroid init: validation tokens per domain
     granularity: str = "expert"  # expert: one FFN per expert; split / blend: chunks of FFNs
     chunks: int = 1
@@ -304,6 +305,7 @@ class MergeSection:
         c.choice(self, "granularity", GRANULARITIES)
         c.choice(self, "dtype", MERGE_DTYPES)
         c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k")
+        c.non_negative(self, "router_seed")
         if self.granularity == "expert":
             c.that(self.chunks == 1, "chunks", f"must be 1 with granularity expert, got {self.chunks}")
         else:

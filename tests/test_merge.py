@@ -50,14 +50,16 @@ def save_expert(run: Path, name: str, model_or_sd, cfg=CFG, tokens: int = 1000, 
     (run / "experts" / name / "metrics.jsonl").write_text("")
     if done:
         outputs = {f"final/{k}": v for k, v in hash_dir(final).items()}
-        write_done(run / "experts" / name, {"stage": "train", "tokens": tokens, "outputs": outputs, "export": str(final)})
+        manifest = {"stage": "train", "tokens": tokens, "outputs": outputs, "export": str(final)}
+        write_done(run / "experts" / name, manifest)
     return final
 
 
 def copy_as_expert(run: Path, name: str, src: Path, tokens: int = 1000) -> Path:
     final = run / "experts" / name / "final"
     shutil.copytree(src, final)
-    write_done(run / "experts" / name, {"tokens": tokens, "outputs": {f"final/{k}": v for k, v in hash_dir(final).items()}})
+    outputs = {f"final/{k}": v for k, v in hash_dir(final).items()}
+    write_done(run / "experts" / name, {"tokens": tokens, "outputs": outputs})
     return final
 
 
@@ -258,12 +260,14 @@ def test_centroid_routers_send_each_domain_to_its_own_expert(world, tmp_path):
     manifest = run_merge(world, tmp_path / "m", router_init="centroid", centroid_tokens=512)
     names = manifest["experts"]
     assert names == ["code", "math", "prose", "seed"]
-    assert set(manifest["centroid_tokens"]) == set(DOMAINS) and all(0 < n <= 512 for n in manifest["centroid_tokens"].values())
+    used = manifest["centroid_tokens"]
+    assert set(used) == set(DOMAINS) and all(0 < n <= 512 for n in used.values())
     model = hf.load_model(tmp_path / "m", dtype=torch.float32).eval()
     model.set_routing_record(True)
     chance = 1 / len(names)
     for domain in DOMAINS:
-        val = torch.from_numpy(np.asarray(load_shard(world.run / "data" / domain / "val.bin").tokens[:256], dtype=np.int64))
+        shard = load_shard(world.run / "data" / domain / "val.bin")
+        val = torch.from_numpy(np.asarray(shard.tokens[:256], dtype=np.int64))
         with torch.no_grad():
             model(val[None])
         for layer, ffn in enumerate(model.moe_layers()):
@@ -335,7 +339,10 @@ def test_a_bad_expert_is_one_clear_error_and_nothing_is_written(world, tmp_path,
 
 def test_external_experts_need_the_flag(world, tmp_path):
     odd = _external(world, tmp_path)
-    manifest = run_merge(world, tmp_path / "m", experts={"code": world.experts["code"], "ext": odd}, allow_no_manifest=True)
+    experts = {"code": world.experts["code"], "ext": odd}
+    with pytest.raises(BtxError, match="--allow-no-manifest"):
+        run_merge(world, tmp_path / "m", experts=experts)
+    manifest = run_merge(world, tmp_path / "m", experts=experts, allow_no_manifest=True)
     assert manifest["inputs"]["ext"]["sha256_from"] == "computed"
 
 
@@ -424,12 +431,14 @@ def test_recipe_form_and_cli(world, tmp_path, capsys):
     up = merge_from_recipe(exp, upcycle=3, out_dir=tmp_path / "upcycled", progress=False)
     assert up["kind"] == "upcycle" and up["experts"] == ["seed.0", "seed.1", "seed.2"]
 
-    rc = cli_main(["merge", str(recipe), f"run_dir={run}", "merge.top_k=1", "--force", "--quiet"])
+    rc = cli_main(["merge", str(recipe), f"run_dir={run}", "merge.top_k=1", "merge.router_seed=3", "--force", "--quiet"])
     assert rc == 0 and hf.CheckpointReader(run / "merged").cfg.top_k == 1
+    assert read_done(run / "merged")["options"]["router_seed"] == 3
     assert cli_main(["merge", str(recipe), f"run_dir={run}", "--top-k", "1"]) == 2
     assert "as recipe overrides" in capsys.readouterr().err
     rc = cli_main(["merge", "--seed", str(world.seed), "--expert", f"code={world.experts['code']}",
-                   "--out", str(tmp_path / "adhoc"), "--weights", "code=3,seed=1", "--top-k", "1", "--quiet"])  # fmt: skip
+                   "--out", str(tmp_path / "adhoc"), "--weights", "code=3,seed=1", "--top-k", "1",
+                   "--quiet"])  # fmt: skip
     assert rc == 0 and read_done(tmp_path / "adhoc")["weights"] == {"code": 0.75, "seed": 0.25}
     assert cli_main(["merge", "--seed", str(world.seed), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
