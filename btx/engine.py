@@ -83,7 +83,10 @@ def param_groups(params, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in params:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            # A parameter partitioned at creation (DeepSpeed ZeRO-3) holds an empty 1-D tensor;
+            # its real shape is in ds_shape.
+            ndim = len(getattr(p, "ds_shape", p.shape))
+            (decay if ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 

@@ -124,6 +124,43 @@ def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, prec
     return config
 
 
+def resolve_precision(settings) -> str:
+    """A TrainSection's `precision` as DeepSpeed runs it: auto -> bf16 where the device has it."""
+    return PRECISIONS[mixed_precision(settings.precision, "cuda" if on_gpu() else "cpu")]
+
+
+def build_sharded_model(job, *, offload_optimizer: bool = False):
+    """ZeRO-3: the job's starting model with every parameter partitioned over the ranks as it is
+    created (`deepspeed.zero.Init`), then filled from the init checkpoint one tensor at a time.
+    No rank ever holds the whole model: host memory is bounded by the largest tensor, where
+    `btx.train.build_model` would load the full fp32 model on every rank (~80 GB for 4 x 7B)."""
+    import dataclasses
+
+    import deepspeed
+    import torch.distributed as dist
+
+    from btx import hf
+    from btx.model import Transformer
+    from btx.train import build_model
+
+    if job.init_from is None:
+        return build_model(job)  # from scratch: small models only (the demo's seed)
+    init_distributed()
+    config = deepspeed_config(job.settings, zero_stage=3, offload_optimizer=offload_optimizer,
+                              precision=resolve_precision(job.settings), world_size=dist.get_world_size())
+    writer = dist.get_rank() == 0
+    with hf.CheckpointReader(job.init_from) as reader:
+        cfg = dataclasses.replace(reader.cfg, **job.config_overrides)
+        with deepspeed.zero.Init(config_dict_or_path=config):
+            model = Transformer(cfg)
+        for name, param in model.named_parameters():
+            # Rank 0 reads and writes the full tensor; leaving the context re-partitions it.
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if writer:
+                    param.data.copy_(reader.get_btx(name, torch.float32))
+    return model
+
+
 def _clips_itself(zero_stage: int, precision: str) -> bool:
     """ZeRO-0 in fp32 clips through torch but throws the norm away, so btx clips there itself."""
     return zero_stage == 0 and precision == "fp32"
@@ -142,7 +179,7 @@ class DeepSpeedEngine:
 
         if not 0 <= zero_stage <= 3:
             raise BtxError(f"finetune.zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
-        self.precision = PRECISIONS[mixed_precision(settings.precision, "cuda" if on_gpu() else "cpu")]
+        self.precision = resolve_precision(settings)
         self.zero_stage, self.grad_clip = zero_stage, settings.grad_clip
         global _live_engines
         init_distributed()

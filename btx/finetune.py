@@ -195,7 +195,7 @@ def _collective_device() -> torch.device:
 
 def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
     """Train a `finetune_job` with the DeepSpeed engine; returns its DONE.json dict."""
-    from btx.engine_deepspeed import DeepSpeedEngine
+    from btx.engine_deepspeed import DeepSpeedEngine, build_sharded_model
 
     settings = job.engine_settings
     log = RoutingLog(every=job.settings.log_every)
@@ -204,11 +204,16 @@ def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
         set_trainable(model, settings.get("trainable", "all"))
         log.setup(model)
 
-    def make_engine(model: Transformer, job: TrainJob) -> DeepSpeedEngine:
-        return DeepSpeedEngine(model, job.settings, zero_stage=settings.get("zero_stage", 0),
-                               offload_optimizer=settings.get("offload_optimizer", False))
+    zero_stage, offload = settings.get("zero_stage", 0), settings.get("offload_optimizer", False)
 
-    return run_loop(job, make_engine, setup_model=setup_model, on_step=log, force=force, console=console)
+    def make_engine(model: Transformer, job: TrainJob) -> DeepSpeedEngine:
+        return DeepSpeedEngine(model, job.settings, zero_stage=zero_stage, offload_optimizer=offload)
+
+    def make_model(job: TrainJob) -> Transformer:  # ZeRO-3: sharded as it is built
+        return build_sharded_model(job, offload_optimizer=offload)
+
+    return run_loop(job, make_engine, make_model=make_model if zero_stage == 3 else None, setup_model=setup_model,
+                    on_step=log, force=force, console=console)
 
 
 def finetune_command(args) -> int:

@@ -234,6 +234,7 @@ def run_loop(
     job: TrainJob,
     make_engine: Callable[[Transformer, TrainJob], Any] | None = None,
     *,
+    make_model: Callable[[TrainJob], Transformer] | None = None,
     setup_model: Callable[[Transformer], None] | None = None,
     on_step: StepHook | None = None,
     force: bool = False,
@@ -242,6 +243,8 @@ def run_loop(
     """Train `job` to its last step (resuming from its newest checkpoint), export, write DONE.json.
 
     make_engine(model, job) -> engine (default: `dense_engine`, by job.settings.zero_stage).
+    make_model(job) -> the starting model (default: `build_model`); DeepSpeed ZeRO-3 builds one whose
+    parameters are sharded over the ranks as they are created.
     setup_model(model) runs before the engine wraps the model (e.g. freeze parameters).
     on_step(step, output, inputs) runs on every rank after each optimizer step with the last
     micro-batch's ModelOutput and inputs; the dict it returns is merged into the step's metrics.
@@ -265,7 +268,7 @@ def run_loop(
 
     # Everything is checked before anything is written or any process group is started.
     tokenizer, train_shards, val_shards = _open_inputs(job)
-    model = build_model(job)
+    model = (make_model or build_model)(job)
     _check_model_fits(job, model.cfg, tokenizer)
     _export_dtype(job)  # a bad export dtype is an error now, not after training
     if setup_model is not None:
