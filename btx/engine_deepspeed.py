@@ -23,8 +23,11 @@ Why it looks the way it does
   loop's `client_state`. Every rank writes into one hidden sibling directory that rank 0 renames
   into place after a barrier: a killed run never leaves a directory that looks finished (the loop
   removes `.step-*` leftovers when it resumes).
+- ZeRO-3 builds the model sharded (`build_sharded_model`: `deepspeed.zero.Init`, then filled
+  from the checkpoint one tensor at a time), so no rank ever holds the whole model.
 - Export: `full_state_dict` takes each trained parameter from the optimizer's fp32 master copy
   (the bf16 module only holds its rounding), gathered one parameter at a time under ZeRO-3.
+- Every engine of a process shares one process group; the last one to close tears it down.
 - Stacked expert weights (`w1[E,F,D]`, ...) are single parameters of the MoE layer, so ZeRO-3
   gathers and reduces them whether or not an expert received tokens: no rank waits on a
   collective that another rank skipped.
@@ -178,7 +181,7 @@ class DeepSpeedEngine:
         import torch.distributed as dist
 
         if not 0 <= zero_stage <= 3:
-            raise BtxError(f"finetune.zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
+            raise BtxError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
         self.precision = resolve_precision(settings)
         self.zero_stage, self.grad_clip = zero_stage, settings.grad_clip
         global _live_engines

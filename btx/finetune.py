@@ -153,9 +153,9 @@ class RoutingLog:
     def __call__(self, step: int, output, inputs: torch.Tensor) -> dict:
         stats = output.moe_stats
         tokens = inputs.numel()
-        per_layer = torch.tensor(
-            [[s.balance_loss.item(), s.z_loss.item(), s.dropped / tokens] for s in stats], dtype=torch.float64
-        )
+        losses = torch.stack([torch.stack([s.balance_loss, s.z_loss]) for s in stats]).detach()
+        drops = torch.tensor([[s.dropped / tokens] for s in stats], dtype=torch.float64)
+        per_layer = torch.cat([losses.to("cpu", torch.float64), drops], dim=1)  # one device->host copy
         per_layer = _mean_over_ranks(per_layer)
         record = {
             "balance_loss_layers": per_layer[:, 0].tolist(),
