@@ -152,16 +152,28 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
     config = deepspeed_config(job.settings, zero_stage=3, offload_optimizer=offload_optimizer,
                               precision=resolve_precision(job.settings), world_size=dist.get_world_size())
     writer = dist.get_rank() == 0
-    with hf.CheckpointReader(job.init_from) as reader:
+    with hf.CheckpointReader(job.init_from) as reader, _progress(writer) as progress:
         cfg = dataclasses.replace(reader.cfg, **job.config_overrides)
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = Transformer(cfg)
-        for name, param in model.named_parameters():
+        params = list(model.named_parameters())
+        task = progress.add_task(f"loading {job.init_from} (ZeRO-3 shards)", total=len(params))
+        for name, param in params:
             # Rank 0 reads and writes the full tensor; leaving the context re-partitions it.
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if writer:
                     param.data.copy_(reader.get_btx(name, torch.float32))
+            progress.advance(task)
     return model
+
+
+def _progress(enabled: bool):
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=console, disable=not (enabled and console.is_terminal), transient=True)
 
 
 def _clips_itself(zero_stage: int, precision: str) -> bool:

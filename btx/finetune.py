@@ -132,6 +132,7 @@ class RoutingLog:
     Per step (averaged over ranks, from each rank's last micro-batch):
         balance_loss_layers, z_loss_layers   [layer] unscaled, as the model returns them
         drop_rate, drop_rate_layers          share of tokens no expert processed (switch capacity)
+        router_temperature                   sample_top1: the Gumbel-softmax temperature of the step
     Every `every` steps, over the tokens of the steps since the last report (all ranks):
         routing_load_share                   [layer][expert] share of routed slots (rows sum to 1)
         routing_mean_prob                    [layer][expert] mean router probability
@@ -166,6 +167,8 @@ class RoutingLog:
         model = self._model() if self._model is not None else None
         if model is not None:
             self._acc.update(model)
+            if model.cfg.router_mode == "sample_top1":  # the schedule the loop drives (set_router_step)
+                record["router_temperature"] = model.moe_layers()[-1].router.temperature()
         if step % self.every == 0 and self._acc is not None:
             summary = self._acc.overall(all_ranks=True)  # a collective: every rank runs this hook
             record["routing_load_share"] = summary["load_share"]

@@ -187,6 +187,14 @@ def switch_model(base: Path, capacity_factor: float) -> Transformer:
     return model
 
 
+def test_sample_top1_temperature_follows_the_step(finetune):
+    rate = 0.3
+    run = finetune("finetune.router_mode=sample_top1", f"finetune.gumbel_rate={rate}", steps(4))
+    logged = [r["router_temperature"] for r in run.records]
+    assert logged == pytest.approx([max(0.5, math.exp(-rate * (step - 1))) for step in range(1, 5)])
+    assert logged[-1] == 0.5  # the floor
+
+
 def test_sample_top1_is_deterministic_at_eval_and_samples_in_training(finetune):
     run = finetune("finetune.router_mode=sample_top1")
     model = hf.load_model(run.export)
