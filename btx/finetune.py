@@ -43,7 +43,7 @@ from btx import hf
 from btx.errors import BtxError
 from btx.manifest import DONE_NAME, read_done
 from btx.model import Transformer
-from btx.train import TrainJob, run_loop
+from btx.train import TrainJob, _recipe_hash, _shard_path, run_loop  # the loop's shard and hash conventions
 
 WORK_DIR = "finetune-train"
 EXPORT_DIR = "finetuned"
@@ -76,8 +76,6 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     settings = exp.finetune_train
     run_dir = exp.run_dir
     export_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
-    from btx.train import _recipe_hash, _shard_path  # the loop's own conventions for shards and hashes
-
     merged_manifest = read_done(merged)
     return TrainJob(
         name="finetune",

@@ -386,6 +386,14 @@ def test_a_general_data_domain_joins_the_mixture_without_becoming_an_expert(base
     assert set(done["inputs"]["train_shards"]) == {*TEXTS, "general"} and "general" in done["val_losses"]
 
 
+def test_the_deepspeed_launchers_local_rank_argument_is_accepted():
+    """`deepspeed --module btx finetune ...` runs `python -m btx --local_rank=N finetune ...`."""
+    from btx.cli import build_parser
+
+    args, extra = build_parser().parse_known_args(["--local_rank=1", "finetune", "r.yaml", "train.steps=2"])
+    assert extra == [] and args.command == "finetune" and args.overrides == ["train.steps=2"]
+
+
 # ------------------------------------------------------------------------------------ errors
 
 
