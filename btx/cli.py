@@ -171,7 +171,8 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="the MoE checkpoint to finetune (default: <run_dir>/merged, which needs its DONE.json)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="where the finetuned Mixtral checkpoint goes (default: <run_dir>/finetuned)")
+                   help="where the finetuned Mixtral checkpoint goes (default: <run_dir>/finetuned); its "
+                        "checkpoints and metrics then go to DIR-train/")
     p.add_argument("--force", action="store_true",
                    help="discard the finetune's checkpoints, metrics and export; train from the start")
 

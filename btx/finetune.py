@@ -83,7 +83,8 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         train_shards={name: _shard_path(exp, name, "train") for name in train_domains},
         val_shards={name: _shard_path(exp, name, "val") for name in domains},
         mixture={name: mixture[name] for name in train_domains},
-        work_dir=run_dir / WORK_DIR,
+        # with --out, the training state sits next to that export, so two outputs never share checkpoints
+        work_dir=run_dir / WORK_DIR if out_dir is None else export_dir.with_name(export_dir.name + "-train"),
         export_dir=export_dir,
         manifest_dir=export_dir,
         init_from=merged,
