@@ -869,9 +869,7 @@ class CheckpointReader:
         for name in self.plan:
             yield name, self.get_btx(name, dtype)
 
-    def read_into(
-        self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None, prefetch: int = 0
-    ) -> torch.Tensor:
+    def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Copy the stored bytes of HF tensor `name` (or of rows [r0, r1) along its first dim)
         into `out`, a contiguous CPU tensor of exactly that many bytes. Returns `out` viewed as the
         stored dtype and shape.
@@ -880,8 +878,6 @@ class CheckpointReader:
         through this into buffers it reuses. The pages of a file mapped by `get` stay in the
         process's RSS while the reader is open, so a pass over a whole checkpoint through `get`
         holds as much memory as the checkpoint is large; here memory is what `out` is.
-        `prefetch` > 0 then asks the kernel to read that many following bytes of the file in the
-        background, for callers that go through a file front to back.
         """
         info = self.info(name)
         r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
@@ -901,8 +897,6 @@ class CheckpointReader:
             if got <= 0:
                 raise BtxError(f"{self.path / info.file}: ends inside tensor {name} (truncated while reading?)")
             done += got
-        if prefetch > 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(fd, start + nbytes, prefetch, os.POSIX_FADV_WILLNEED)
         shape = ((r1 - r0), *info.shape[1:]) if info.shape else ()
         return out.view(info.dtype).view(shape)
 

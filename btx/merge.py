@@ -93,9 +93,6 @@ SEED = "seed"
 DTYPES = {name: getattr(torch, name) for name in MERGE_DTYPES}
 TEST_DELAY_ENV = "BTX_MERGE_TEST_DELAY"
 _CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
-# Every source file is read front to back (tensors in checkpoint order), so after each read the
-# kernel is asked to fetch the next bytes of that file while this tensor is computed and written.
-_PREFETCH_BYTES = 64 << 20
 _CENTROID_SEQ_LEN = 1024  # centroid tokens are read as windows of this many (capped by max_seq_len)
 _CENTROID_BATCH_TOKENS = 8192  # tokens per forward micro-batch in the centroid pass
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -499,7 +496,7 @@ class _Mixer:
         name = _hf_name(inp.reader, btx_name)
         info = inp.reader.info(name)
         buf = self._buffer(key, (r1 - r0) * (math.prod(info.shape[1:])), info.dtype)
-        return inp.reader.read_into(name, buf, (r0, r1), prefetch=_PREFETCH_BYTES)
+        return inp.reader.read_into(name, buf, (r0, r1))
 
     def _fp32(self, key: str, like: torch.Tensor) -> torch.Tensor:
         return self._buffer(key, like.numel(), torch.float32).view(like.shape)
@@ -512,7 +509,7 @@ class _Mixer:
         """dst <- rows [r0, r1) of a source tensor times `scale`. Raw bytes when nothing changes."""
         name = _hf_name(inp.reader, btx_name)
         if scale == 1.0 and inp.reader.info(name).dtype == dst.dtype:
-            inp.reader.read_into(name, dst, (r0, r1), prefetch=_PREFETCH_BYTES)
+            inp.reader.read_into(name, dst, (r0, r1))
             return
         step = self._row_step(tuple(dst.shape))
         for a in range(r0, r1, step):
