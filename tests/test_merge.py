@@ -26,6 +26,7 @@ from btx.errors import BtxError
 from btx.manifest import hash_dir, read_done, write_done
 from btx.merge import MergeOptions, merge, merge_from_recipe
 from btx.model import ModelConfig, Transformer
+from btx.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"code": "abcdefghij", "math": "0123456789", "prose": "KLMNOPQRST"}
@@ -47,6 +48,7 @@ def save_expert(run: Path, name: str, model_or_sd, cfg=CFG, tokens: int = 1000, 
     """An expert the way `btx train` leaves it: experts/<name>/final plus experts/<name>/DONE.json."""
     final = run / "experts" / name / "final"
     hf.save_model(model_or_sd, cfg, final, dtype=torch.float32)
+    load_tokenizer("byte").save(final)
     (run / "experts" / name / "metrics.jsonl").write_text("")
     if done:
         outputs = {f"final/{k}": v for k, v in hash_dir(final).items()}
@@ -76,6 +78,7 @@ class World:
         self.seed_model = seed
         self.seed = self.run / "seed"
         hf.save_model(seed, CFG, self.seed, dtype=torch.float32)
+        load_tokenizer("byte").save(self.seed)
         self.experts = {}
         for i, name in enumerate(DOMAINS):
             sd = {k: v + 0.02 * torch.randn(v.shape, generator=gen) for k, v in seed.state_dict().items()}
@@ -148,7 +151,8 @@ def test_merged_moe_opens_in_transformers_with_btx_logits(world, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(logits(tmp_path / "m", world.tokens), theirs(world.tokens).logits,
                                    atol=1e-5, rtol=1e-5)  # fmt: skip
-    assert (tmp_path / "m" / "btx_tokenizer.json").is_file() == (world.seed / "btx_tokenizer.json").is_file()
+    for file in ("btx_tokenizer.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "m" / file).read_bytes() == (world.seed / file).read_bytes()
 
 
 @pytest.mark.parametrize("router_init", ["random", "centroid"])
@@ -309,6 +313,14 @@ def _unfinished(world, tmp_path):
     return save_expert(tmp_path / "run", "odd", world.seed_model, done=False)
 
 
+def _other_tokenizer(world, tmp_path):
+    final = copy_as_expert(tmp_path / "run", "odd", world.experts["code"])
+    tokenizer = json.loads((final / "tokenizer.json").read_text())
+    tokenizer["added_tokens"] = tokenizer.get("added_tokens", [])[:-1]  # any change at all
+    (final / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return final
+
+
 def _external(world, tmp_path):
     final = tmp_path / "downloaded"
     shutil.copytree(world.seed, final)
@@ -321,6 +333,7 @@ BAD_EXPERTS = {
     "tie": (lambda w, t: _variant(w, t, tie_embeddings=True), "tie_word_embeddings is True"),
     "rope": (lambda w, t: _variant(w, t, rope_theta=500000.0), "rope_theta is 500000.0"),
     "truncated": (_truncated, "truncated"),
+    "tokenizer": (_other_tokenizer, "differs from the seed's tokenizer.json"),
     "no DONE.json (btx job)": (_unfinished, "branch job has no DONE.json"),
     "no DONE.json (external)": (_external, "--allow-no-manifest"),
 }
