@@ -33,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -884,3 +885,24 @@ __all__ = [
     "resolve_sources",
     "token_dtype",
 ]
+
+
+_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def parse_domain_paths(specs, expected: str, flag: str = "--data") -> dict[str, str]:
+    """Command-line `DOMAIN=PATH` specs -> {domain: path}, one path per domain, in order given.
+    `expected` says what PATH may be, for the error message."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if not eq or not name or not path:
+            raise BtxError(f"{flag} {spec}: expected DOMAIN={expected}")
+        if not _DOMAIN_NAME.fullmatch(name):
+            raise BtxError(f"{flag} {spec}: domain name {name!r} must be letters, digits, '_', '.' or '-'")
+        if name in out:
+            raise BtxError(f"{flag} {spec}: domain {name!r} given twice")
+        out[name] = path
+    if not out:
+        raise BtxError(f"no data given: add {flag} DOMAIN={expected.split(' ')[0]} (repeat per domain)")
+    return out

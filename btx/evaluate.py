@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -215,25 +214,12 @@ def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: di
 DEFAULT_BATCHES = 50
 DEFAULT_BATCH_SIZE = 8
 MAX_DEFAULT_SEQ_LEN = 1024
-_DOMAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
-    """["code=val.json", "math=data/math"] -> {"code": "val.json", "math": "data/math"}."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, eq, path = spec.partition("=")
-        if not eq or not name or not path:
-            raise BtxError(f"--data {spec}: expected DOMAIN=SHARD (a btx validation shard .bin/.json, "
-                           "or a prepared domain directory holding val.json)")
-        if not _DOMAIN_NAME.fullmatch(name):
-            raise BtxError(f"--data {spec}: domain name {name!r} must be letters, digits, '_', '.' or '-'")
-        if name in out:
-            raise BtxError(f"--data {spec}: domain {name!r} given twice")
-        out[name] = path
-    if not out:
-        raise BtxError("eval: give the validation data as --data DOMAIN=SHARD (repeat per domain)")
-    return out
+    from btx.data import parse_domain_paths
+
+    return parse_domain_paths(specs, "SHARD (a btx validation shard .bin/.json, or a prepared domain directory holding val.json)")
 
 
 def open_shard(name: str, spec: str) -> Shard:

@@ -109,6 +109,30 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         fsync_dir(root)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: Path) -> None:
+    """Delete `.<name>.tmp-<pid>` / `.old-<pid>` siblings of `path` whose writer process is gone
+    (killed mid-write); a temporary of a live process, e.g. a concurrent writer, is left alone.
+    Temporaries can be as large as the output (tens of GB for a merge), so they are not left to pile up."""
+    prefix = f".{path.name}."
+    if not path.parent.is_dir():
+        return
+    for sibling in path.parent.iterdir():
+        kind, _, pid = sibling.name[len(prefix):].partition("-")
+        if sibling.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() \
+                and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Build a directory in a temporary sibling and move it into place only when complete.
@@ -126,6 +150,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     if not force and path.exists() and (not path.is_dir() or any(path.iterdir())):
         raise BtxError(f"{path}: already exists and is not empty; pass --force to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     if tmp.exists():  # left by an earlier process that had our pid and was killed
         shutil.rmtree(tmp)

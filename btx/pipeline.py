@@ -82,11 +82,17 @@ class Pipeline:
         entry = self.ledger.get(stage, {})
         return entry.get("key") == key and all(read_done(p) is not None for p in done_dirs)
 
-    def invalidate(self, stage: str, outputs: list[Path]) -> None:
-        """Remove outputs that a changed recipe made stale (those of a finished or partial run)."""
-        for path in outputs:
-            if path.exists() and self.ledger.get(stage, {}).get("key") not in (None, self.keys.get(stage)):
-                self.console.print(f"[yellow]{stage}: inputs changed since {path} was made; redoing it[/]")
+    def invalidate(self, stage: str, done_dirs: list[Path], extra_dirs: tuple[Path, ...]) -> None:
+        """Remove what a stage that is not fresh left behind, so that it runs again from its inputs.
+
+        Finished outputs go in any case (made from other inputs, or by hand outside `btx run`).
+        Work directories (checkpoints) go only when the recipe changed: after a crash they hold the
+        partial run that the stage resumes."""
+        changed = self.ledger.get(stage, {}).get("key") not in (None, self.keys.get(stage))
+        for path in [*done_dirs, *extra_dirs]:
+            if path.exists() and (changed or (path in done_dirs and read_done(path) is not None)):
+                why = "its inputs changed" if changed else "it was not made by this recipe's run"
+                self.console.print(f"[yellow]{stage}: redoing {path}: {why}[/]")
                 shutil.rmtree(path)
 
     def record(self, stage: str, key: str, summary: str, seconds: float) -> None:
@@ -109,7 +115,7 @@ class Pipeline:
                 if path.exists():
                     shutil.rmtree(path)
         else:
-            self.invalidate(name, outputs)
+            self.invalidate(name, done_dirs, extra_dirs)
         self.console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         summary = work()

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -290,7 +289,6 @@ REPORT_FORMAT = "btx-routing-v1"
 DEFAULT_TOKENS = 65536  # per domain
 MAX_DEFAULT_SEQ_LEN = 1024  # the default window: the model's max_seq_len, capped here
 SAMPLE_TOKENS = 160  # tokens kept per --show-text example
-_DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass
@@ -361,20 +359,9 @@ class DomainData:
 
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
-    """["code=val.bin", "math=math.jsonl"] -> {"code": "val.bin", ...} (one source per domain)."""
-    out: dict[str, str] = {}
-    for spec in specs:
-        name, eq, path = spec.partition("=")
-        if not eq or not name or not path:
-            raise BtxError(f"--data {spec}: expected DOMAIN=PATH (a btx shard .bin/.json, a text or .jsonl file)")
-        if not _DOMAIN_NAME.fullmatch(name):
-            raise BtxError(f"--data {spec}: domain name {name!r} must be letters, digits, '_', '.' or '-'")
-        if name in out:
-            raise BtxError(f"--data {spec}: domain {name!r} given twice")
-        out[name] = path
-    if not out:
-        raise BtxError("--data: give at least one DOMAIN=PATH")
-    return out
+    from btx.data import parse_domain_paths
+
+    return parse_domain_paths(specs, "PATH (a btx shard .bin/.json, a text or .jsonl file)")
 
 
 def open_domain_data(name: str, spec: str, tokenizer) -> DomainData:

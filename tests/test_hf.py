@@ -629,3 +629,21 @@ def test_parse_size():
     assert hf.parse_size("2GiB") == 2 * 2**30
     with pytest.raises(BtxError, match="shard size"):
         hf.parse_size("lots")
+
+
+def test_atomic_dir_removes_temporaries_of_dead_writers_only(tmp_path):
+    import subprocess
+    import sys
+
+    from btx.manifest import atomic_dir
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".out.tmp-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "half-written.safetensors").write_bytes(b"x")
+    live = tmp_path / f".out.tmp-{os.getppid()}"  # a live process's temporary (our parent)
+    live.mkdir()
+    with atomic_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("done")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "f").read_text() == "done"
