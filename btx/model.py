@@ -264,14 +264,15 @@ class SortedExperts(torch.autograd.Function):
 
     Autograd through `w1[e]` (or `unbind`) would build each stacked weight gradient from E
     separate pieces, allocating and copying [E,F,D] several times per step; here every expert
-    writes its gradient straight into one preallocated [E,F,D] tensor. Activations h1 = x w1^T and
-    h3 = x w3^T are kept for the backward (the same memory autograd would keep).
+    writes its gradient straight into one preallocated [E,F,D] tensor. Activations h1 = x w1^T,
+    h3 = x w3^T and a = silu(h1) h3 are kept for the backward (autograd would keep one more).
     """
 
     @staticmethod
     def forward(ctx, x_ND, counts, w1_EFD, w3_EFD, w2_EDF):
         h1_NF = x_ND.new_empty(x_ND.shape[0], w1_EFD.shape[1])
         h3_NF = torch.empty_like(h1_NF)
+        a_NF = torch.empty_like(h1_NF)
         out_ND = torch.empty_like(x_ND)
         start = 0
         for e, n in enumerate(counts):
@@ -279,15 +280,16 @@ class SortedExperts(torch.autograd.Function):
                 s = slice(start, start + n)
                 torch.mm(x_ND[s], w1_EFD[e].t(), out=h1_NF[s])
                 torch.mm(x_ND[s], w3_EFD[e].t(), out=h3_NF[s])
-                torch.mm(F.silu(h1_NF[s]) * h3_NF[s], w2_EDF[e].t(), out=out_ND[s])
+                torch.mul(F.silu(h1_NF[s]), h3_NF[s], out=a_NF[s])
+                torch.mm(a_NF[s], w2_EDF[e].t(), out=out_ND[s])
                 start += n
         ctx.counts = counts
-        ctx.save_for_backward(x_ND, h1_NF, h3_NF, w1_EFD, w3_EFD, w2_EDF)
+        ctx.save_for_backward(x_ND, h1_NF, h3_NF, a_NF, w1_EFD, w3_EFD, w2_EDF)
         return out_ND
 
     @staticmethod
     def backward(ctx, grad_ND):
-        x_ND, h1_NF, h3_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
+        x_ND, h1_NF, h3_NF, a_NF, w1_EFD, w3_EFD, w2_EDF = ctx.saved_tensors
         grad_ND = grad_ND.contiguous()
         gx_ND = torch.empty_like(x_ND)
         # Frozen experts (finetuning with trainable=frozen_experts) get no weight gradient at all,
@@ -305,13 +307,11 @@ class SortedExperts(torch.autograd.Function):
                 continue
             s = slice(start, start + n)
             x, h1, h3, g = x_ND[s], h1_NF[s], h3_NF[s], grad_ND[s]
-            sig = torch.sigmoid(h1)
-            silu = h1 * sig
             if want2:
-                torch.mm(g.t(), silu * h3, out=gw2[e])
+                torch.mm(g.t(), a_NF[s], out=gw2[e])
             ga_nF = g @ w2_EDF[e]
-            gh3_nF = ga_nF * silu
-            gh1_nF = ga_nF * h3 * (sig * (1 + h1 * (1 - sig)))  # d silu / dh = s(h)(1 + h(1 - s(h)))
+            gh3_nF = ga_nF * F.silu(h1)
+            gh1_nF = torch.ops.aten.silu_backward(ga_nF.mul_(h3), h1)  # fused d silu(h1)/dh1 * grad
             if want1:
                 torch.mm(gh1_nF.t(), x, out=gw1[e])
             if want3:
