@@ -241,6 +241,12 @@ def _matched_steps(budget: float, cfg, settings) -> int:
     return max(1, round(budget / flops_per_step))
 
 
+def _baseline_settings(settings, steps: int):
+    """The finetune's optimisation for `steps` steps; validation only at the end (eval then scores
+    every model on the same windows anyway)."""
+    return dataclasses.replace(settings, steps=steps, eval_every=steps)
+
+
 def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     exp = p.exp
     if not exp.eval.baselines:
@@ -262,7 +268,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         seed_cfg = hf.CheckpointReader(seed_dir).cfg
         dense_steps = _matched_steps(budget, seed_cfg, settings)
         dense = TrainJob(
-            name="dense-baseline", settings=dataclasses.replace(settings, steps=dense_steps),
+            name="dense-baseline", settings=_baseline_settings(settings, dense_steps),
             train_shards={d: exp.data_dir(d) / "train.json" for d in mixture},
             val_shards={d: exp.data_dir(d) / "val.json" for d in mixture}, mixture=mixture,
             work_dir=root / "dense", export_dir=root / "dense" / "final", manifest_dir=root / "dense",
@@ -278,7 +284,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         up_steps = _matched_steps(budget, moe_cfg, settings)
         up_job = finetune_job(exp, model_dir=root / "upcycled-merged", out_dir=root / "upcycled")
         up_job = dataclasses.replace(up_job, name="upcycled-baseline", work_dir=root / "upcycled-work",
-                                     settings=dataclasses.replace(settings, steps=up_steps),
+                                     settings=_baseline_settings(settings, up_steps),
                                      inputs={**up_job.inputs, "compute_budget": budget})
         run_finetune(up_job, console=p.console)
         return f"budget {budget / 1e12:.2f} TFLOPs: dense {dense_steps} steps, upcycled {up_steps} steps"

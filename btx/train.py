@@ -767,7 +767,8 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device, for MFU; None when unknown (MFU is then not reported).
 
     GPUs: the dense tensor-core peak from GPU_PEAK_TFLOPS. CPU: measured once per process as the
-    best rate of a 512x512 fp32 matmul with torch's current threads (~10 ms), so CPU MFU reads
+    best rate of a 1024x1024 fp32 matmul with torch's current threads (~0.3 s; a 512 matmul reads
+    low enough that training's larger matmuls showed over 100%), so CPU MFU reads
     "share of what a plain matmul attains here". BTX_PEAK_TFLOPS (per device) overrides both.
     """
     global _cpu_peak
@@ -782,10 +783,10 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
         return None
     if device.type == "cpu":
         if _cpu_peak is None:
-            n = 512
+            n = 1024
             a = torch.randn(n, n)
             best = math.inf
-            for _ in range(6):  # the first one warms up
+            for _ in range(8):  # the first one warms up
                 t0 = time.perf_counter()
                 a @ a
                 best = min(best, time.perf_counter() - t0)
