@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -69,7 +70,7 @@ def token_dtype(vocab_size: int) -> np.dtype:
 # --------------------------------------------------------------------------------------------
 
 
-class Source:
+class Source(ABC):
     """One source of documents. `describe()` is JSON for the sidecar and for "already prepared?"."""
 
     #: Bytes this source will read, for the progress bar; None when unknown (callables).
@@ -77,12 +78,12 @@ class Source:
     #: False when the source cannot be fingerprinted (a one-shot iterator): never skipped then.
     reproducible: bool = True
 
-    def describe(self) -> dict:
-        raise NotImplementedError
+    @abstractmethod
+    def describe(self) -> dict: ...
 
+    @abstractmethod
     def documents(self) -> Iterator[tuple[str, int]]:
         """Yields (text, bytes consumed) per document."""
-        raise NotImplementedError
 
 
 class PathSource(Source):
