@@ -725,6 +725,9 @@ def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device
     return t.to(device=device, dtype=dtype or t.dtype)
 
 
+READ_AHEAD_BYTES = 64 << 20  # per input file, see CheckpointReader.read_into
+
+
 class CheckpointReader:
     """Lazy, validated access to an HF checkpoint directory.
 
@@ -890,6 +893,8 @@ class CheckpointReader:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
         done, start = 0, info.offset + r0 * row_bytes
         while done < nbytes:
@@ -897,6 +902,11 @@ class CheckpointReader:
             if got <= 0:
                 raise BtxError(f"{self.path / info.file}: ends inside tensor {name} (truncated while reading?)")
             done += got
+        if hasattr(os, "posix_fadvise"):
+            # A merge reads several files in turn, tensor by tensor; asking the kernel for the next
+            # stretch of this file now lets the disk work while the other files are read and the
+            # output is written, instead of each read waiting on a cold page cache.
+            os.posix_fadvise(fd, start + nbytes, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
         shape = ((r1 - r0), *info.shape[1:]) if info.shape else ()
         return out.view(info.dtype).view(shape)
 
