@@ -28,10 +28,10 @@ import argparse
 import dataclasses
 import os
 import statistics
-import time
 from types import SimpleNamespace
 
 import torch
+from timing import interleaved_times
 
 from btx.engine import make_optimizer
 from btx.model import ModelConfig, Transformer
@@ -88,19 +88,6 @@ def engine_step(engine, inputs, targets, alpha: float):
     return step
 
 
-def timed(contenders: dict, rounds: int) -> dict[str, list[float]]:
-    for fn in contenders.values():  # warm-up
-        fn()
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    order = list(contenders)
-    for r in range(rounds):
-        for name in order if r % 2 == 0 else order[::-1]:
-            t0 = time.perf_counter()
-            contenders[name]()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
 def report(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
     medians = {}
     for name, ts in times.items():
@@ -133,7 +120,7 @@ def main() -> None:
           f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds")
 
     print("part 1: the model step (torch AdamW for both)")
-    times = timed({"dense seed": plain_step(dense, inputs, targets, 0.0),
+    times = interleaved_times({"dense seed": plain_step(dense, inputs, targets, 0.0),
                    "MoE top-2": plain_step(moe, inputs, targets, ALPHA)}, args.rounds)
     med = report(times, tokens)
     time_ratio = med["MoE top-2"] / med["dense seed"]
@@ -153,7 +140,7 @@ def main() -> None:
         engines[f"DeepSpeed ZeRO-{stage}"] = DeepSpeedEngine(model, settings(), zero_stage=stage)
     _, model = seed_and_moe()
     engines["accelerate"] = AccelerateEngine(model, SimpleNamespace(settings=settings()))
-    times = timed({name: engine_step(e, inputs, targets, ALPHA) for name, e in engines.items()}, args.rounds)
+    times = interleaved_times({name: engine_step(e, inputs, targets, ALPHA) for name, e in engines.items()}, args.rounds)
     med = report(times, tokens)
     for name in engines:
         if name != "accelerate":

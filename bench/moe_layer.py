@@ -15,29 +15,16 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
+from timing import interleaved_times
 
 from btx.model import FeedForward, ModelConfig, MoEFeedForward
 
 
 def timed_rounds(fns: dict, device: str, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median time of each contender, measured in interleaved rounds so that background load
-    and frequency drift hit every contender alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            if device == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - t0)
+    """Median time of each contender over interleaved rounds."""
+    times = interleaved_times(fns, reps, warmup=warmup, cuda=device == "cuda")
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 

@@ -26,10 +26,10 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from types import SimpleNamespace
 
 import torch
+from timing import interleaved_times
 import torch.nn.functional as F
 
 from btx import hf
@@ -108,21 +108,7 @@ def main() -> None:
     }
     first = {name: fn() for name, fn in contenders.items()}  # also the warm-up
     print(f"same weights, first-step loss: btx {first['btx']:.5f}, transformers {first['transformers']:.5f}")
-    for fn in contenders.values():
-        fn()
-
-    times: dict[str, list[float]] = {name: [] for name in contenders}
-    order = list(contenders)
-    for round_index in range(args.rounds):
-        for name in order if round_index % 2 == 0 else order[::-1]:
-            for _ in range(args.steps):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                contenders[name]()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                times[name].append(time.perf_counter() - t0)
+    times = interleaved_times(contenders, args.rounds, repeat=args.steps, cuda=device.type == "cuda")
 
     n_params = CONFIG.param_counts()["total"]
     tokens_per_step = args.batch * args.seq
