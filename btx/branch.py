@@ -755,7 +755,7 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
         if not dry_run:
             raise
         console.print(f"[yellow]note: {e}[/] (a real run refuses to start)", highlight=False)
-        seed = Path(exp.seed.path) if exp.seed.path is not None else exp.run_dir / "seed"
+        seed = exp.seed_dir
     console.print(f"{len(to_run)} expert job(s) from seed {seed} with the {executor} executor", highlight=False)
 
     if executor == "slurm":

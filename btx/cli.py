@@ -270,9 +270,27 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from btx.merge import merge_command
+    from btx.startup import checkpoint_files, quick_import, readahead
+
+    # A merge is mostly I/O: have the disk read the inputs while torch is imported.
+    readahead(checkpoint_files(_merge_inputs(args)))
+    with quick_import():
+        from btx.merge import merge_command
 
     return merge_command(args)
+
+
+def _merge_inputs(args: argparse.Namespace) -> list[str]:
+    """The merge's input checkpoint directories, as far as they can be known before it runs."""
+    if args.recipe is None:
+        return [d for d in (args.seed, *(e.partition("=")[2] for e in args.expert)) if d]
+    from btx.recipe import load_experiment
+
+    try:
+        exp = load_experiment(args.recipe, args.overrides)
+    except BtxError:
+        return []  # the merge reports it
+    return [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains)]
 
 
 # ---------------------------------------------------------------------------------------------

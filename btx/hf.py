@@ -21,6 +21,7 @@ Shape legend: V vocab, D model dim, F ffn dim, E experts, H heads, G kv heads, H
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -39,13 +40,14 @@ from typing import NamedTuple
 import torch
 
 from btx.errors import BtxError
-from btx.manifest import atomic_dir, sha256_file
+from btx.manifest import atomic_dir, sha256_file, update_from_file
 from btx.model import ROUTER_MODES, ModelConfig
 
 __all__ = [
     "KEY_TABLE",
     "KeyRule",
     "CheckpointReader",
+    "FileRange",
     "TensorSpec",
     "TensorInfo",
     "atomic_dir",
@@ -493,13 +495,27 @@ def hf_tensors_from_btx(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tupl
             yield hf_name_for(name), tensor
 
 
+class FileRange(NamedTuple):
+    """Bytes [offset, offset + nbytes) of a file that already are a tensor's stored bytes.
+
+    A TensorSpec's `produce()` may return one instead of a tensor: the writer then copies the
+    bytes file to file inside the kernel (sendfile) and hashes them from the mapped page cache,
+    so they never pass through a user-space buffer. For a merge, whose bulk is FFN weights copied
+    unchanged, that halves the memory copies (see bench/merge.py).
+    """
+
+    path: Path
+    offset: int
+    nbytes: int
+
+
 class TensorSpec(NamedTuple):
     """One tensor to write: its shape and dtype are known before its data is produced."""
 
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], torch.Tensor | FileRange]
 
 
 def hf_specs_from_btx(
@@ -872,6 +888,23 @@ class CheckpointReader:
         for name in self.plan:
             yield name, self.get_btx(name, dtype)
 
+    def _span(self, name: str, rows: tuple[int, int] | None) -> tuple[TensorInfo, int, int, tuple[int, ...]]:
+        """(info, first byte in its file, byte count, shape) of tensor `name`, or of rows [r0, r1)."""
+        info = self.info(name)
+        n_rows = info.shape[0] if info.shape else 1
+        r0, r1 = rows if rows is not None else (0, n_rows)
+        if not 0 <= r0 <= r1 <= n_rows:
+            raise ValueError(f"{name}: rows [{r0}, {r1}) outside its shape {list(info.shape)}")
+        row_bytes = info.nbytes // max(n_rows, 1) if info.shape else info.nbytes
+        shape = ((r1 - r0), *info.shape[1:]) if info.shape else ()
+        return info, info.offset + r0 * row_bytes, (r1 - r0) * row_bytes, shape
+
+    def file_range(self, name: str, rows: tuple[int, int] | None = None) -> FileRange:
+        """Where the stored bytes of HF tensor `name` (or of rows [r0, r1)) lie, for a writer to
+        copy file to file (see `FileRange`)."""
+        info, start, nbytes, _ = self._span(name, rows)
+        return FileRange(self.path / info.file, start, nbytes)
+
     def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Copy the stored bytes of HF tensor `name` (or of rows [r0, r1) along its first dim)
         into `out`, a contiguous CPU tensor of exactly that many bytes. Returns `out` viewed as the
@@ -882,12 +915,7 @@ class CheckpointReader:
         process's RSS while the reader is open, so a pass over a whole checkpoint through `get`
         holds as much memory as the checkpoint is large; here memory is what `out` is.
         """
-        info = self.info(name)
-        r0, r1 = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
-        row_bytes = info.nbytes // max(info.shape[0], 1) if info.shape else info.nbytes
-        if not 0 <= r0 <= r1 <= (info.shape[0] if info.shape else 1):
-            raise ValueError(f"{name}: rows [{r0}, {r1}) outside its shape {list(info.shape)}")
-        nbytes = (r1 - r0) * row_bytes
+        info, start, nbytes, shape = self._span(name, rows)
         if out.device.type != "cpu" or not out.is_contiguous() or out.nbytes != nbytes:
             raise ValueError(f"{name}: read_into needs a contiguous CPU tensor of {nbytes} bytes")
         fd = self._fds.get(info.file)
@@ -896,7 +924,7 @@ class CheckpointReader:
             if hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-        done, start = 0, info.offset + r0 * row_bytes
+        done = 0
         while done < nbytes:
             got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
@@ -907,7 +935,6 @@ class CheckpointReader:
             # stretch of this file now lets the disk work while the other files are read and the
             # output is written, instead of each read waiting on a cold page cache.
             os.posix_fadvise(fd, start + nbytes, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
-        shape = ((r1 - r0), *info.shape[1:]) if info.shape else ()
         return out.view(info.dtype).view(shape)
 
     def close(self) -> None:
@@ -977,16 +1004,46 @@ def safetensors_header(specs: list[TensorSpec]) -> bytes:
     return struct.pack("<Q", len(raw)) + raw
 
 
-def _start_writeback(f, nbytes: int) -> None:
-    """Have the kernel start writing the last `nbytes` written to `f` to disk now, rather than
+def _start_writeback(fd: int, end: int, nbytes: int) -> None:
+    """Have the kernel start writing bytes [end - nbytes, end) of `fd` to disk now, rather than
     once gigabytes of dirty pages have piled up: the disk then works while the writer produces
     the next tensors, and the final fsync has little left to do. On Linux, POSIX_FADV_DONTNEED
     starts writeback of dirty pages in the range (and keeps them cached until they are clean);
     elsewhere it is at most a hint."""
     if hasattr(os, "posix_fadvise") and nbytes:
-        f.flush()
-        end = f.tell()
-        os.posix_fadvise(f.fileno(), end - nbytes, nbytes, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, end - nbytes, nbytes, os.POSIX_FADV_DONTNEED)
+
+
+def _write_all(fd: int, data) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        view = view[os.write(fd, view) :]  # one write() moves at most ~2 GB on Linux
+
+
+def _copy_range(fd: int, src: FileRange) -> None:
+    """Append `src`'s bytes to `fd`: sendfile where the kernel can do it (one in-kernel copy),
+    else reads and writes through a buffer."""
+    with open(src.path, "rb", buffering=0) as f:
+        done = 0
+        if hasattr(os, "sendfile"):
+            try:
+                while done < src.nbytes:
+                    sent = os.sendfile(fd, f.fileno(), src.offset + done, src.nbytes - done)
+                    if sent == 0:
+                        break
+                    done += sent
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSOCK, errno.EOPNOTSUPP) or done:
+                    raise
+        view = memoryview(bytearray(min(16 << 20, src.nbytes - done)))
+        while done < src.nbytes:
+            got = os.preadv(f.fileno(), [view[: min(len(view), src.nbytes - done)]], src.offset + done)
+            if got <= 0:
+                break
+            _write_all(fd, view[:got])
+            done += got
+    if done != src.nbytes:
+        raise BtxError(f"{src.path}: ended {src.nbytes - done} bytes early while being copied (truncated?)")
 
 
 def write_safetensors(
@@ -1001,30 +1058,42 @@ def write_safetensors(
         raise RuntimeError("writing safetensors needs a little-endian host")
     specs = sorted(specs, key=lambda s: -s.dtype.itemsize)  # stable: same-size dtypes keep their order
     digest = hashlib.sha256()
-    # Hashing (about 1 GB/s) runs on a second thread while the same bytes are written (hashlib and
-    # file writes release the GIL), so it costs no wall time when the disk is the bottleneck. It
-    # is joined before the next produce(), which may reuse the buffer.
-    with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="btx-sha256") as hasher:
+    # Hashing (about 1.8 GB/s) runs on a second thread while the same bytes are written (hashlib,
+    # file writes and sendfile release the GIL), so it costs no wall time when the disk is the
+    # bottleneck. The one hashing thread takes the pieces in file order. A produced tensor's
+    # hash is joined before the next produce(), which may reuse its buffer; copied file ranges
+    # are hashed from their source file and need no join.
+    with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="btx-sha256") as hasher:
+        fd = f.fileno()
         head = safetensors_header(specs)
-        f.write(head)
+        _write_all(fd, head)
         digest.update(head)
+        hashed, pos = None, len(head)
         for spec in specs:
-            t = spec.produce()
-            if tuple(t.shape) != tuple(spec.shape):
-                raise ValueError(
-                    f"{spec.name}: produced shape {tuple(t.shape)}, announced {tuple(spec.shape)}"
-                )
-            t = t.detach().to(device="cpu", dtype=spec.dtype).contiguous()
-            buf = t.reshape(-1).view(torch.uint8).numpy()  # the raw little-endian bytes, no copy
-            hashed = hasher.submit(digest.update, buf)
-            try:
-                f.write(buf)
-                _start_writeback(f, buf.nbytes)
-            finally:
-                hashed.result()
+            out = spec.produce()
+            nbytes = _spec_nbytes(spec)
+            if isinstance(out, FileRange):
+                if out.nbytes != nbytes:
+                    raise ValueError(f"{spec.name}: produced {out.nbytes} bytes of {out.path}, announced {nbytes}")
+                hashed = hasher.submit(update_from_file, digest, out.path, out.offset, out.nbytes)
+                _copy_range(fd, out)
+            else:
+                if tuple(out.shape) != tuple(spec.shape):
+                    raise ValueError(f"{spec.name}: produced shape {tuple(out.shape)}, announced {tuple(spec.shape)}")
+                t = out.detach().to(device="cpu", dtype=spec.dtype).contiguous()
+                buf = t.reshape(-1).view(torch.uint8).numpy()  # the raw little-endian bytes, no copy
+                hashed = hasher.submit(digest.update, buf)
+                try:
+                    _write_all(fd, buf)
+                finally:
+                    hashed.result()
+                del t, buf, out  # hold at most one tensor beyond the one being produced
+            pos += nbytes
+            _start_writeback(fd, pos, nbytes)
             if on_tensor is not None:
-                on_tensor(spec.name, buf.nbytes)
-            del t, buf  # hold at most one tensor beyond the one being produced
+                on_tensor(spec.name, nbytes)
+        if hashed is not None:
+            hashed.result()
     return digest.hexdigest()
 
 

@@ -47,7 +47,9 @@ Streaming and memory
   tensor produced, written and dropped). Inputs are read with plain reads (hf.CheckpointReader.
   read_into) into buffers that are reused from tensor to tensor, never memory-mapped, so memory is
   about one output tensor plus a few 32 MB working chunks, whatever the model size (the averaging
-  runs in row chunks). FFN tensors whose dtype matches the output are copied as raw bytes.
+  runs in row chunks). An output tensor that is a source tensor's bytes unchanged (an expert FFN
+  in the inputs' dtype: most of the output) is not read at all: `_Mixer.stored` names the file
+  range and the writer copies it inside the kernel (hf.FileRange).
 - A `centroid` init is the exception: it runs the merged model layer by layer before writing and
   holds, besides the streaming buffers, one merged layer in fp32 (for a 7B seed with 4 experts,
   about 2.4 GB) and the hidden states of every centroid token (domains x tokens x D x 4 bytes; 3
@@ -575,6 +577,30 @@ class _Mixer:
                 col += f1 - f0
         return out
 
+    def stored(self, btx_name: str, e: int | None = None) -> hf.FileRange | None:
+        """Where output tensor `btx_name` (expert `e` of a stacked one) already lies, byte for
+        byte, in a source file: an expert that is one source FFN's rows, unscaled, or a mean over a
+        single source, in the output dtype. The writer copies such bytes file to file. None when
+        the tensor must be computed (`expert` / `average`)."""
+        if e is None:
+            if len(self.plan.averaged) != 1:
+                return None
+            inp, name, rows = self.plan.averaged[0][0], btx_name, (0, self.shapes[btx_name][0])
+        else:
+            ex = self.plan.experts[e]
+            if len(ex.pieces) != 1:
+                return None
+            s, f0, f1 = ex.pieces[0]
+            inp, name, rows = self.plan.ffn_sources[s], f"{btx_name}.weight", (f0, f1)
+            if btx_name.endswith(".w2"):  # down [D, F]: only whole rows are contiguous
+                if (f0, f1) != (0, self.plan.seed.cfg.ffn_dim) or ex.down_scale != 1.0:
+                    return None
+                rows = (0, self.shapes[btx_name][1])
+        hf_name = _hf_name(inp.reader, name)
+        if inp.reader.info(hf_name).dtype != self.plan.dtype:
+            return None
+        return inp.reader.file_range(hf_name, rows)
+
     def router(self, layer: int) -> torch.Tensor:
         """[E, D] router of `layer` in fp32 (before rounding to the output dtype)."""
         o, D = self.plan.options, self.plan.out_cfg.dim
@@ -598,11 +624,11 @@ class _Mixer:
                 specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, lambda i=layer: self.router(i)))
             elif len(shape) == 3:  # stacked expert weights
                 for e in range(shape[0]):
-                    specs.append(
-                        hf.TensorSpec(hf.hf_name_for(name, e), shape[1:], dtype, lambda n=name, e=e: self.expert(n, e))
-                    )
+                    produce = lambda n=name, e=e: self.stored(n, e) or self.expert(n, e)  # noqa: E731
+                    specs.append(hf.TensorSpec(hf.hf_name_for(name, e), shape[1:], dtype, produce))
             else:
-                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, lambda n=name: self.average(n)))
+                produce = lambda n=name: self.stored(n) or self.average(n)  # noqa: E731
+                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, produce))
         return specs
 
 
@@ -902,7 +928,7 @@ def merge_from_recipe(
     """
     from btx.recipe import recipe_hash
 
-    seed = Path(exp.seed.path) if exp.seed.path is not None else exp.run_dir / "seed"
+    seed = exp.seed_dir
     options = MergeOptions.from_section(exp.merge, upcycle=upcycle)
     if upcycle:
         experts: dict[str, Path] = {}

@@ -259,7 +259,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
 
     root = p.run_dir / "baselines"
     budget = compute_budget(p)
-    seed_dir = Path(exp.seed.path) if exp.seed.path is not None else p.run_dir / "seed"
+    seed_dir = exp.seed_dir
     key = _key(budget, p.keys["seed"], p.keys["merge"], exp.finetune, exp.finetune_train)
 
     def work() -> str:
@@ -302,7 +302,7 @@ def eval_rows(exp, console: Console):
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
-    seed_dir = Path(exp.seed.path) if exp.seed.path is not None else run_dir / "seed"
+    seed_dir = exp.seed_dir
     candidates: list[tuple[str, Path, float | None, str]] = [("seed", seed_dir, 0.0, "the dense seed")]
     expert_flops = 0.0
     for d in exp.domains:

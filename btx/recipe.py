@@ -491,6 +491,11 @@ class Experiment:
     def name(self) -> str:
         return self.recipe.experiment
 
+    @property
+    def seed_dir(self) -> Path:
+        """The dense seed checkpoint: seed.path, or the seed this run trains (<run_dir>/seed)."""
+        return Path(self.recipe.seed.path) if self.recipe.seed.path is not None else self.run_dir / "seed"
+
     def data_dir(self, domain: str) -> Path:
         return self.run_dir / "data" / domain
 

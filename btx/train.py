@@ -166,7 +166,7 @@ def expert_job(exp, domain: str) -> TrainJob:
         hint = f" (did you mean {close[0]}?)" if close else ""
         raise BtxError(f"{exp.path}: unknown domain {domain!r}{hint}; the recipe's domains are "
                        f"{', '.join(exp.domains)}")
-    seed = Path(exp.seed.path) if exp.seed.path is not None else exp.run_dir / "seed"
+    seed = exp.seed_dir
     seed_manifest = None
     if exp.seed.path is None:
         seed_manifest = read_done(seed)
