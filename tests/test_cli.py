@@ -132,3 +132,15 @@ def test_prepare_adhoc(tmp_path, capsys):
 
 def test_btx_errors_carry_one_line():
     assert cli._one_line(BtxError("a\n  b")) == "a b"
+
+
+def test_merge_inputs_are_known_before_the_merge_runs(tmp_path):
+    """`btx merge` reads its inputs ahead while torch imports: it must find the same directories
+    the merge will read, and leave every error to the merge."""
+    parse = build_parser().parse_args
+    args = parse(["merge", "--seed", "s", "--expert", "code=c", "--expert=math=m/x", "--out", "o"])
+    assert cli._merge_inputs(args) == ["s", "c", "m/x"]
+    args = parse(["merge", str(FIXTURE), f"run_dir={tmp_path}"])
+    experts = [tmp_path / "experts" / d / "final" for d in ("code", "prose")]
+    assert cli._merge_inputs(args) == [tmp_path / "seed", *experts]
+    assert cli._merge_inputs(parse(["merge", str(FIXTURE), "no_such_key=1"])) == []

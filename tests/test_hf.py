@@ -4,6 +4,7 @@ Tiny configs on CPU. Model parity (logits) lives elsewhere; these tests are abou
 """
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -287,6 +288,83 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
     assert sorted(calls) == sorted(s.name for s in specs) and len(calls) == len(specs)
     assert [n for n, _ in written] == calls
     assert sum(b for _, b in written) == sum(t.numel() * 4 for t in sd.values())
+
+
+@pytest.mark.parametrize("sendfile", ["kernel", "unsupported", "absent"])
+def test_file_ranges_are_copied_and_hashed_like_the_tensors(tmp_path, monkeypatch, sendfile):
+    """A producer may return where its bytes already lie (FileRange): the file and its sha256
+    are the same as when it returns the tensor, whether the kernel copies (sendfile) or not."""
+    if sendfile == "unsupported":
+        def refuse(*args):
+            raise OSError(errno.EINVAL, "sendfile: not for these files")
+
+        monkeypatch.setattr(hf.os, "sendfile", refuse)
+    elif sendfile == "absent":
+        monkeypatch.delattr(hf.os, "sendfile")
+    src = {"a": torch.randn(37, 5), "b": torch.randn(4, 3).to(torch.bfloat16), "c": torch.randn(0, 2)}
+    hf.write_safetensors(tmp_path / "src.safetensors", [hf.TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t)
+                                                        for n, t in src.items()])  # fmt: skip
+    infos = hf.read_safetensors_header(tmp_path / "src.safetensors")[0]
+    ranges = {n: hf.FileRange(tmp_path / "src.safetensors", infos[n].offset, infos[n].nbytes) for n in src}
+    rows = hf.FileRange(ranges["a"].path, ranges["a"].offset + 20 * 5 * 4, 7 * 5 * 4)  # a[20:27]
+    wanted = {**src, "a_rows": src["a"][20:27], "a2": src["a"].clone()}
+    given = {**ranges, "a_rows": rows, "a2": src["a"]}
+    files = {}
+    for kind, values in (("tensors", wanted), ("ranges", given)):
+        specs = [hf.TensorSpec(n, tuple(t.shape), t.dtype, lambda v=values[n]: v) for n, t in wanted.items()]
+        digest = hf.write_safetensors(tmp_path / f"{kind}.safetensors", specs)
+        assert digest == sha256_file(tmp_path / f"{kind}.safetensors")
+        files[kind] = (tmp_path / f"{kind}.safetensors").read_bytes()
+    assert files["ranges"] == files["tensors"]
+    loaded = load_file(tmp_path / "ranges.safetensors")
+    assert all(torch.equal(loaded[n], t) for n, t in wanted.items())
+
+
+def test_file_range_errors(tmp_path):
+    (tmp_path / "short.bin").write_bytes(bytes(100))
+    spec = hf.TensorSpec("w", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "short.bin", 0, 120))
+    with pytest.raises(BtxError, match=r"short.bin: ended 20 bytes early while being copied \(truncated\?\)"):
+        hf.write_safetensors(tmp_path / "o.safetensors", [spec])
+    spec = hf.TensorSpec("w", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "short.bin", 0, 100))
+    with pytest.raises(ValueError, match="w: produced 100 bytes of .*short.bin, announced 120"):
+        hf.write_safetensors(tmp_path / "o.safetensors", [spec])
+
+
+def test_reader_file_range_points_at_the_stored_bytes(saved):
+    reader = hf.CheckpointReader(saved)
+    name = "model.layers.1.mlp.down_proj.weight"
+    info = reader.info(name)
+    with open(reader.file_range(name).path, "rb") as f:
+        f.seek(reader.file_range(name, (3, 5)).offset)
+        raw = f.read(reader.file_range(name, (3, 5)).nbytes)
+    stored = torch.frombuffer(bytearray(raw), dtype=info.dtype).view(2, info.shape[1])
+    assert torch.equal(stored, reader.get(name)[3:5])
+    assert reader.file_range(name).nbytes == info.nbytes
+    with pytest.raises(ValueError, match="outside its shape"):
+        reader.file_range(name, (0, info.shape[0] + 1))
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_update_from_file_hashes_any_range(tmp_path, monkeypatch, window):
+    """Hashing through memory-map windows: ranges that start off a page, span several windows,
+    are empty or end at the file's end, all hash as hashlib does on the bytes."""
+    import hashlib
+    import mmap
+
+    from btx import manifest
+
+    granule = mmap.ALLOCATIONGRANULARITY
+    monkeypatch.setattr(manifest, "_CHUNK", window * granule)
+    data = os.urandom(5 * granule + 123)
+    (tmp_path / "f").write_bytes(data)
+    for offset, nbytes in [(0, 0), (0, 1), (7, granule), (granule - 1, 2), (granule, 3 * granule + 5),
+                           (13, len(data) - 13), (0, len(data))]:  # fmt: skip
+        h = hashlib.sha256()
+        manifest.update_from_file(h, tmp_path / "f", offset, nbytes)
+        assert h.hexdigest() == hashlib.sha256(data[offset : offset + nbytes]).hexdigest(), (offset, nbytes)
+    assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    (tmp_path / "empty").write_bytes(b"")
+    assert sha256_file(tmp_path / "empty") == hashlib.sha256(b"").hexdigest()
 
 
 def test_mixed_dtypes_stay_aligned(tmp_path):

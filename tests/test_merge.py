@@ -456,3 +456,46 @@ def test_recipe_form_and_cli(world, tmp_path, capsys):
     assert cli_main(["merge", "--seed", str(world.seed), "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "nothing to merge" in err
+
+
+# ------------------------------------------------------------------------------ copied tensors
+
+
+N_SEED_TENSORS = 3 + 9 * CFG.n_layers  # embed, norm, head; per layer 4 attention, 2 norms, 3 FFN
+N_FFN_TENSORS = 3 * CFG.n_layers
+ONLY = {"code": 0, "math": 0, "prose": 0, "seed": 0}
+
+
+@pytest.mark.parametrize("options, n_copied", [
+    # whole unscaled FFNs in the output dtype are copied; shared tensors are averaged over 4
+    pytest.param({}, 4 * N_FFN_TENSORS, id="moe"),
+    # gate and up rows of each chunk are copied; a chunk of down is a column range
+    pytest.param({"keep_seed": False, "granularity": "split", "chunks": 2}, 3 * 2 * 2 * CFG.n_layers, id="split"),
+    pytest.param({"granularity": "blend", "chunks": 2}, 0, id="blend"),  # each expert has a piece of several FFNs
+    pytest.param({"upcycle": 3}, 3 * N_FFN_TENSORS + N_SEED_TENSORS - N_FFN_TENSORS, id="upcycle"),
+    pytest.param({"average_all": True, "weights": {**ONLY, "code": 1}}, N_SEED_TENSORS, id="average-one"),
+    pytest.param({"weights": {**ONLY, "seed": 1}, "shard_size": "10KB"},
+                 4 * N_FFN_TENSORS + N_SEED_TENSORS - N_FFN_TENSORS, id="shared-from-seed"),
+    pytest.param({"dtype": "bfloat16"}, 0, id="bf16"),  # every tensor is converted
+])  # fmt: skip
+def test_copied_tensors_are_the_computed_ones(world, tmp_path, monkeypatch, options, n_copied):
+    """Tensors that already lie byte for byte in a source are copied file to file
+    (`_Mixer.stored`); the checkpoint is the same as when every tensor is computed."""
+    from btx.merge import _Mixer
+
+    real, copied = _Mixer.stored, []
+
+    def counting(self, *args):
+        found = real(self, *args)
+        copied.extend([args] if found is not None else [])
+        return found
+
+    experts = {} if options.get("upcycle") else None
+    monkeypatch.setattr(_Mixer, "stored", counting)
+    run_merge(world, tmp_path / "copied", experts=experts, router_seed=3, **options)
+    monkeypatch.setattr(_Mixer, "stored", lambda self, *args: None)
+    run_merge(world, tmp_path / "computed", experts=experts, router_seed=3, **options)
+    copied_files, computed_files = hash_dir(tmp_path / "copied"), hash_dir(tmp_path / "computed")
+    assert len(copied_files) > 2 and copied_files == computed_files
+    assert read_done(tmp_path / "copied")["outputs"] == read_done(tmp_path / "computed")["outputs"]
+    assert len(copied) == n_copied

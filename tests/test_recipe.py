@@ -58,6 +58,7 @@ def test_overrides_and_command_line_train_precedence():
     assert exp.domains["code"].train.lr == 2e-3  # keys the command line does not name stay
     assert exp.finetune_train.steps == 5  # the more specific command-line key wins
     assert exp.run_dir == Path("out/x").absolute()
+    assert exp.seed_dir == exp.run_dir / "seed"  # a seed the run trains itself
 
 
 def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypatch):
@@ -133,6 +134,13 @@ def test_seed_path_must_exist(tmp_path):
     message = error_of(["seed.path=no/such/ckpt", "model=null"])
     assert "seed.path: " in message and "no such checkpoint directory" in message
     assert "give seed.path" in error_of(["model=null"])
+
+
+def test_seed_dir_is_the_given_seed_path(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    exp = load_experiment(FIXTURE, [f"seed.path={tmp_path / 'ckpt'}", "model=null"])
+    assert exp.seed_dir == tmp_path / "ckpt"
 
 
 def test_malformed_overrides_and_yaml(tmp_path):
