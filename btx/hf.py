@@ -1062,20 +1062,21 @@ def write_safetensors(
     # file writes and sendfile release the GIL), so it costs no wall time when the disk is the
     # bottleneck. The one hashing thread takes the pieces in file order. A produced tensor's
     # hash is joined before the next produce(), which may reuse its buffer; copied file ranges
-    # are hashed from their source file and need no join.
+    # are hashed from their source file and need no join until the end, where every hash is
+    # checked so that a failed one cannot pass unnoticed.
     with open(path, "wb", buffering=0) as f, ThreadPoolExecutor(1, thread_name_prefix="btx-sha256") as hasher:
         fd = f.fileno()
         head = safetensors_header(specs)
         _write_all(fd, head)
         digest.update(head)
-        hashed, pos = None, len(head)
+        file_hashes, pos = [], len(head)
         for spec in specs:
             out = spec.produce()
             nbytes = _spec_nbytes(spec)
             if isinstance(out, FileRange):
                 if out.nbytes != nbytes:
                     raise ValueError(f"{spec.name}: produced {out.nbytes} bytes of {out.path}, announced {nbytes}")
-                hashed = hasher.submit(update_from_file, digest, out.path, out.offset, out.nbytes)
+                file_hashes.append(hasher.submit(update_from_file, digest, out.path, out.offset, out.nbytes))
                 _copy_range(fd, out)
             else:
                 if tuple(out.shape) != tuple(spec.shape):
@@ -1092,7 +1093,7 @@ def write_safetensors(
             _start_writeback(fd, pos, nbytes)
             if on_tensor is not None:
                 on_tensor(spec.name, nbytes)
-        if hashed is not None:
+        for hashed in file_hashes:
             hashed.result()
     return digest.hexdigest()
 

@@ -585,7 +585,7 @@ class _Mixer:
         if e is None:
             if len(self.plan.averaged) != 1:
                 return None
-            inp, name, rows = self.plan.averaged[0][0], btx_name, (0, self.shapes[btx_name][0])
+            inp, name, rows = self.plan.averaged[0][0], btx_name, None
         else:
             ex = self.plan.experts[e]
             if len(ex.pieces) != 1:

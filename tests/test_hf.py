@@ -330,6 +330,21 @@ def test_file_range_errors(tmp_path):
         hf.write_safetensors(tmp_path / "o.safetensors", [spec])
 
 
+def test_a_failed_hash_of_a_copied_range_is_not_lost(tmp_path, monkeypatch):
+    """Copied ranges are hashed in the background without a join per tensor; a failure there
+    still fails the write, even when more tensors follow."""
+    (tmp_path / "src.bin").write_bytes(bytes(120))
+
+    def broken(*args):
+        raise OSError("mmap failed")
+
+    monkeypatch.setattr(hf, "update_from_file", broken)
+    specs = [hf.TensorSpec("a", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "src.bin", 0, 120)),
+             hf.TensorSpec("b", (3,), torch.float32, lambda: torch.ones(3))]  # fmt: skip
+    with pytest.raises(OSError, match="mmap failed"):
+        hf.write_safetensors(tmp_path / "o.safetensors", specs)
+
+
 def test_reader_file_range_points_at_the_stored_bytes(saved):
     reader = hf.CheckpointReader(saved)
     name = "model.layers.1.mlp.down_proj.weight"
