@@ -5,6 +5,22 @@ else is a bug and keeps its traceback. Messages name the file, key or tensor at
 fault and say what was expected.
 """
 
+import re
+from pathlib import Path
+
 
 class BtxError(Exception):
     """Bad input from the user: a recipe, a checkpoint, a data file or a flag."""
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def missing_checkpoint(path, written: str | None = None) -> str:
+    """The message for a checkpoint directory that does not exist. `written` is how the user wrote
+    it, when that differs from the resolved path; a Hugging Face Hub id (org/name) gets a hint."""
+    given = str(written if written is not None else path)
+    if _HUB_ID.match(given) and not Path(path).exists():
+        return (f"{path}: no such directory; '{given}' looks like a Hugging Face Hub id, and btx reads local "
+                f"checkpoints only: download it first (hf download {given} --local-dir DIR) and pass DIR")
+    return f"{path}: not a checkpoint directory (missing, or a file)"

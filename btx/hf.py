@@ -1,12 +1,13 @@
-"""Hugging Face checkpoint layout: config.json <-> ModelConfig, the one key table, lazy reads,
-streaming writes.
+"""Hugging Face checkpoint I/O, the same for every family: config.json <-> ModelConfig, lazy
+reads, streaming writes.
 
-A btx checkpoint is a plain HF directory: `LlamaForCausalLM` for dense models, the classic
-`MixtralForCausalLM` layout for MoE models, so transformers (4.x and 5.x), vLLM and
-lm-evaluation-harness open it with no btx code.
+A btx checkpoint is a plain HF directory in its family's dense form (`LlamaForCausalLM`,
+`Qwen3ForCausalLM`, ...) or MoE form (`MixtralForCausalLM`, `Qwen3MoeForCausalLM`, ...; see
+btx/families/), in the per-expert layout save_pretrained writes, so transformers (4.x and 5.x),
+vLLM and lm-evaluation-harness open it with no btx code.
 
-- `KEY_TABLE` is the single source of truth for names. Every conversion (btx -> HF when writing,
-  HF -> btx when reading, the `hf_name_for` / `btx_name_for` helpers) goes through it.
+- Names: each family's key table (btx/families/, through `key_table(cfg)`) is the single source of
+  truth. Every conversion (btx -> HF when writing, HF -> btx when reading) goes through it.
 - Reads are lazy: `CheckpointReader` parses each safetensors header itself (shapes, dtypes,
   offsets, truncation) without touching tensor data, and hands out one tensor at a time through
   `safe_open`, which memory-maps the file. Nothing is ever unpickled.
@@ -39,29 +40,26 @@ from typing import NamedTuple
 
 import torch
 
-from btx.errors import BtxError
+from btx.errors import BtxError, missing_checkpoint
 from btx.manifest import atomic_dir, sha256_file, update_from_file
-from btx.model import ROUTER_MODES, ModelConfig
+from btx import families
+from btx.model import ModelConfig
 
 __all__ = [
-    "KEY_TABLE",
-    "KeyRule",
     "CheckpointReader",
     "FileRange",
     "TensorSpec",
     "TensorInfo",
     "atomic_dir",
-    "btx_name_for",
     "btx_shapes",
     "btx_state_dict_from_hf",
     "config_from_hf",
     "config_to_hf",
     "copy_tokenizer_files",
-    "hf_name_for",
-    "hf_names_for",
     "hf_shapes",
     "hf_specs_from_btx",
     "hf_tensors_from_btx",
+    "key_table",
     "load_model",
     "load_state_dict",
     "read_safetensors_header",
@@ -72,12 +70,20 @@ __all__ = [
 CONFIG_NAME = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Files a checkpoint carries along from its source so that it is usable on its own.
+# Files a checkpoint carries along from its source so that it is usable on its own: the
+# tokenizer in every format transformers saves (fast tokenizer.json; sentencepiece tokenizer.model;
+# BPE vocab.json + merges.txt), its chat template (transformers 5.x writes chat_template.jinja, 4.x
+# puts it inside tokenizer_config.json, processors chat_template.json) and generation defaults.
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
+    "added_tokens.json",
     "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
     "generation_config.json",
     "btx_tokenizer.json",
 )
@@ -85,376 +91,50 @@ DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' and mergekit's default: 5 GB
 
 
 # --------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
+# config.json <-> ModelConfig, and the key tables: one per family and form (btx/families/)
 # --------------------------------------------------------------------------------------------
-
-SUPPORTED = {"llama": "LlamaForCausalLM", "mixtral": "MixtralForCausalLM"}
-# transformers' defaults for fields a config.json may leave out, so btx reads what it would.
-DEFAULT_ROPE_THETA = {"llama": 10000.0, "mixtral": 1e6}
-DEFAULT_NORM_EPS = {"llama": 1e-6, "mixtral": 1e-5}
-DEFAULT_MAX_POSITIONS = {"llama": 2048, "mixtral": 4096 * 32}
-LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-BTX_MOE_FIELDS = ("router_mode", "top_k", "capacity_factor", "gumbel_rate", "first_layer_soft")
-# Written for people (how transformers will run this routing mode); ignored when read back.
-BTX_NOTE_FIELD = "inference_note"
-
-# Fields config_to_hf derives from ModelConfig; they are never carried through `extra`.
-_OWNED = {
-    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size",
-    "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "max_position_embeddings",
-    "tie_word_embeddings", "num_local_experts", "num_experts_per_tok", "hidden_act", "btx",
-}  # fmt: skip
-# `torch_dtype` / `dtype` are carried in `extra` and overwritten when a writer knows the dtype.
-# Fields that describe the program that wrote a file, not the model.
-_DROPPED = {"transformers_version", "_name_or_path"}
-# Fields that only one of the two architectures has; dropped when writing the other one.
-_MIXTRAL_ONLY = {"router_aux_loss_coef", "output_router_logits", "router_jitter_noise"}
-_LLAMA_ONLY = {"attention_bias", "mlp_bias", "pretraining_tp"}
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
 def config_from_hf(hf: Mapping, source: str | os.PathLike = CONFIG_NAME) -> ModelConfig:
-    """Read a Llama or Mixtral config.json (as a dict). Errors name `source` and the field."""
-    src = str(source)
-
-    def need(key: str, kind=int):
-        if key not in hf or hf[key] is None:
-            raise BtxError(f"{src}: missing '{key}'")
-        value = hf[key]
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise BtxError(f"{src}: '{key}' must be an integer, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise BtxError(f"{src}: '{key}' must be a number, got {value!r}")
-        return value
-
-    model_type = hf.get("model_type")
-    if model_type not in SUPPORTED:
-        raise BtxError(
-            f"{src}: model_type {model_type!r} is not supported; btx reads "
-            + " and ".join(f"'{t}' ({a})" for t, a in SUPPORTED.items())
-        )
-    archs = hf.get("architectures") or [SUPPORTED[model_type]]
-    if archs != [SUPPORTED[model_type]]:
-        raise BtxError(
-            f"{src}: architectures {archs!r} is not supported for model_type '{model_type}'; "
-            f"expected ['{SUPPORTED[model_type]}']"
-        )
-    # Llama variants btx's model does not implement: refuse rather than compute something else.
-    if hf.get("hidden_act", "silu") != "silu":
-        raise BtxError(f"{src}: hidden_act {hf['hidden_act']!r} is not supported; btx implements 'silu'")
-    for flag in ("attention_bias", "mlp_bias"):
-        if hf.get(flag):
-            raise BtxError(f"{src}: '{flag}: true' is not supported; btx's projections have no bias")
-
-    dim, n_heads = need("hidden_size"), need("num_attention_heads")
-    n_kv_heads = hf.get("num_key_value_heads")
-    n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
-    if dim % n_heads:
-        raise BtxError(f"{src}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads}")
-    if not isinstance(n_kv_heads, int) or n_kv_heads <= 0 or n_heads % n_kv_heads:
-        raise BtxError(
-            f"{src}: num_key_value_heads {n_kv_heads!r} must divide num_attention_heads {n_heads}"
-        )
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim != dim // n_heads:
-        raise BtxError(
-            f"{src}: head_dim {head_dim} differs from hidden_size/num_attention_heads = "
-            f"{dim // n_heads}; btx supports only head_dim == hidden_size / num_attention_heads"
-        )
-
-    rope_theta, rope_scaling = _read_rope(hf, model_type, src)
-
-    kw: dict = dict(
-        vocab_size=need("vocab_size"),
-        dim=dim,
-        n_layers=need("num_hidden_layers"),
-        n_heads=n_heads,
-        n_kv_heads=n_kv_heads,
-        ffn_dim=need("intermediate_size"),
-        rope_theta=float(rope_theta),
-        rope_scaling=rope_scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        norm_eps=DEFAULT_NORM_EPS[model_type],
-        max_seq_len=DEFAULT_MAX_POSITIONS[model_type],
-    )
-    if hf.get("rms_norm_eps") is not None:
-        kw["norm_eps"] = float(need("rms_norm_eps", float))
-    if hf.get("max_position_embeddings") is not None:
-        kw["max_seq_len"] = need("max_position_embeddings")
-    if model_type == "mixtral":
-        kw["n_experts"] = need("num_local_experts")
-        kw["top_k"] = need("num_experts_per_tok")
-        if kw["n_experts"] < 1 or not 1 <= kw["top_k"] <= kw["n_experts"]:
-            raise BtxError(
-                f"{src}: need 1 <= num_experts_per_tok ({kw['top_k']}) <= num_local_experts "
-                f"({kw['n_experts']})"
-            )
-        kw.update(_read_btx_moe(hf.get("btx"), src))  # btx.top_k: the k of topk, whatever the mode
-        if kw["top_k"] > kw["n_experts"]:
-            raise BtxError(f"{src}: btx.top_k {kw['top_k']} is more than num_local_experts {kw['n_experts']}")
-
-    kw["extra"] = {k: v for k, v in hf.items() if k not in _OWNED and k not in _DROPPED}
-    return ModelConfig(**kw)
-
-
-def _read_rope(hf: Mapping, model_type: str, src: str) -> tuple[float, dict | None]:
-    """rope_theta and Llama-3 scaling from either spelling.
-
-    transformers 4.x writes top-level `rope_theta` / `rope_scaling`; 5.x writes only
-    `rope_parameters: {rope_theta, rope_type, ...}`. When both are present they must agree,
-    otherwise the two transformers versions would load different models from the same file.
-    """
-    params = hf.get("rope_parameters")
-    if params is not None and not isinstance(params, dict):
-        raise BtxError(f"{src}: 'rope_parameters' must be an object, got {params!r}")
-    top_theta, top_scaling = hf.get("rope_theta"), hf.get("rope_scaling")
-    if params:
-        theta = params.get("rope_theta", top_theta)
-        scaling = _read_rope_scaling(params, src, "rope_parameters")
-        if top_theta is not None and theta is not None and float(top_theta) != float(theta):
-            raise BtxError(
-                f"{src}: rope_theta {top_theta} disagrees with rope_parameters.rope_theta {theta}; "
-                "transformers 4.x would use the first, 5.x the second"
-            )
-        if top_scaling is not None and _read_rope_scaling(top_scaling, src, "rope_scaling") != scaling:
-            raise BtxError(f"{src}: rope_scaling disagrees with rope_parameters; fix one of them")
-    else:
-        theta = top_theta
-        scaling = _read_rope_scaling(top_scaling, src, "rope_scaling") if top_scaling else None
-    if theta is None:
-        theta = DEFAULT_ROPE_THETA[model_type]
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise BtxError(f"{src}: rope_theta must be a positive number, got {theta!r}")
-    return float(theta), scaling
-
-
-def _read_rope_scaling(d: Mapping, src: str, where: str) -> dict | None:
-    if not isinstance(d, Mapping):
-        raise BtxError(f"{src}: '{where}' must be an object, got {d!r}")
-    rope_type = d.get("rope_type") or d.get("type") or "default"  # "type": the pre-4.45 spelling
-    if rope_type in (None, "default"):
-        return None
-    if rope_type != "llama3":
-        raise BtxError(
-            f"{src}: {where} rope_type {rope_type!r} is not supported; btx supports 'default' and 'llama3'"
-        )
-    missing = [f for f in LLAMA3_FIELDS if d.get(f) is None]
-    if missing:
-        raise BtxError(f"{src}: {where} of rope_type 'llama3' lacks {', '.join(missing)}")
-    out: dict = {"rope_type": "llama3"}
-    for f in LLAMA3_FIELDS:
-        out[f] = int(d[f]) if f == "original_max_position_embeddings" else float(d[f])
-    return out
-
-
-def _read_btx_moe(section, src: str) -> dict:
-    """btx's own MoE settings, kept under "btx" in config.json (transformers ignores them)."""
-    if section is None:
-        return {}
-    if not isinstance(section, dict):
-        raise BtxError(f"{src}: 'btx' must be an object, got {section!r}")
-    unknown = sorted(set(section) - set(BTX_MOE_FIELDS) - {BTX_NOTE_FIELD})
-    if unknown:
-        raise BtxError(f"{src}: unknown key(s) {unknown} under 'btx'; known: {list(BTX_MOE_FIELDS)}")
-    out = {k: v for k, v in section.items() if k != BTX_NOTE_FIELD}
-    if "top_k" in out and (isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1):
-        raise BtxError(f"{src}: btx.top_k must be a positive integer, got {out['top_k']!r}")
-    if "router_mode" in out and out["router_mode"] not in ROUTER_MODES:
-        raise BtxError(f"{src}: btx.router_mode {out['router_mode']!r} is not one of {list(ROUTER_MODES)}")
-    return out
-
-
-def inference_note(cfg: ModelConfig) -> str | None:
-    """How transformers' Mixtral (one softmax -> top-k -> renormalise for every layer) runs this
-    routing mode, for the "btx" section of config.json; None where it runs exactly what btx runs."""
-    k, E = cfg.experts_per_token, cfg.n_experts
-    if cfg.router_mode == "soft":
-        return (f"soft routing: num_experts_per_tok = {E} = num_local_experts, so Mixtral's softmax over "
-                f"the top-{E} logits is the softmax over all experts and transformers computes exactly "
-                "what btx computes")
-    if cfg.router_mode == "switch":
-        return ("switch routing: transformers runs top-1 with no capacity limit (no token is dropped) and "
-                "a gate of 1 after renormalisation, where btx scales the chosen expert by its router "
-                "probability and drops tokens beyond the capacity factor "
-                f"{cfg.capacity_factor}; outputs differ from btx's")
-    if cfg.router_mode == "sample_top1":
-        note = ("sample_top1 routing: at inference btx takes the router's argmax with gate 1, which is "
-                "Mixtral's top-1 exactly")
-        if cfg.first_layer_soft:
-            note += (f"; but btx routes the first MoE layer softly over all {E} experts and Mixtral has one "
-                     f"num_experts_per_tok ({k}) for every layer, so transformers' first layer differs")
-        return note
-    return None
+    """Read any config.json btx reads (as a dict); errors name `source` and the field."""
+    return families.read_config(hf, source)
 
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
-    """The config.json for `cfg`: LlamaForCausalLM when dense, MixtralForCausalLM when MoE.
-
-    Rope is written in both spellings (top-level for transformers 4.x, `rope_parameters` for 5.x)
-    so both versions load exactly this model. `dtype` is recorded as `torch_dtype` (4.x) and
-    `dtype` (5.x). Fields btx does not model ride along from `cfg.extra`.
-    """
-    model_type = "mixtral" if cfg.is_moe else "llama"
-    out: dict = {
-        "architectures": [SUPPORTED[model_type]],
-        "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "rms_norm_eps": cfg.norm_eps,
-        "max_position_embeddings": cfg.max_seq_len,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "rope_theta": cfg.rope_theta,
-    }
-    rope_parameters: dict = {"rope_theta": cfg.rope_theta, "rope_type": "default"}
-    if cfg.rope_scaling:
-        scaling = _read_rope_scaling(cfg.rope_scaling, "ModelConfig", "rope_scaling")
-        out["rope_scaling"] = scaling
-        rope_parameters.update(scaling)
-    out["rope_parameters"] = rope_parameters
-    if cfg.is_moe:
-        out["num_local_experts"] = cfg.n_experts
-        # Mixtral's softmax -> top-k -> renormalise with the k that reproduces the routing mode
-        # (soft: all E experts; switch, sample_top1: 1); btx's own settings go under "btx".
-        out["num_experts_per_tok"] = cfg.experts_per_token
-        # transformers only reads these when training; the paper's balancing alpha is the default.
-        out["router_aux_loss_coef"] = cfg.extra.get("router_aux_loss_coef", 0.01)
-        out["output_router_logits"] = cfg.extra.get("output_router_logits", False)
-        out["btx"] = {f: getattr(cfg, f) for f in BTX_MOE_FIELDS}
-        note = inference_note(cfg)
-        if note:
-            out["btx"][BTX_NOTE_FIELD] = note
-    if dtype is not None:
-        out["torch_dtype"] = out["dtype"] = _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
-    other_only = _LLAMA_ONLY if cfg.is_moe else _MIXTRAL_ONLY
-    for k, v in cfg.extra.items():
-        if k not in out and k not in _OWNED and k not in _DROPPED and k not in other_only:
-            out[k] = v
-    return out
+    """The config.json for `cfg` in its family's dense or MoE form (see btx.families.write_config)."""
+    return families.write_config(cfg, None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
 
 
-# --------------------------------------------------------------------------------------------
-# The key table
-# --------------------------------------------------------------------------------------------
+inference_note = families.inference_note
 
 
-@dataclass(frozen=True)
-class KeyRule:
-    """One btx parameter and the HF tensor(s) it is stored as. `{i}` layer, `{e}` expert.
-
-    layout:
-      "same"        one tensor each side, identical.
-      "expert"      btx stacks experts on dim 0; HF has one tensor per expert `{e}`.
-      "gate_half"   (read only) HF 5.x fused `gate_up_proj` [E, 2F, D]: btx w1 is rows [:F].
-      "up_half"     (read only) ... btx w3 is rows [F:].
-    canonical: False marks a spelling btx accepts when reading but never writes.
-    """
-
-    btx: str
-    hf: str
-    layout: str = "same"
-    canonical: bool = True
+def key_table(cfg: ModelConfig) -> families.KeyTable:
+    """The one key table of `cfg`'s family and form, used both ways."""
+    return families.key_table(cfg)
 
 
-_L = "model.layers.{i}"
-KEY_TABLE: tuple[KeyRule, ...] = (
-    KeyRule("embed.weight", "model.embed_tokens.weight"),
-    KeyRule("layers.{i}.attn_norm.weight", f"{_L}.input_layernorm.weight"),
-    KeyRule("layers.{i}.attn.wq.weight", f"{_L}.self_attn.q_proj.weight"),
-    KeyRule("layers.{i}.attn.wk.weight", f"{_L}.self_attn.k_proj.weight"),
-    KeyRule("layers.{i}.attn.wv.weight", f"{_L}.self_attn.v_proj.weight"),
-    KeyRule("layers.{i}.attn.wo.weight", f"{_L}.self_attn.o_proj.weight"),
-    KeyRule("layers.{i}.ffn_norm.weight", f"{_L}.post_attention_layernorm.weight"),
-    # dense SwiGLU
-    KeyRule("layers.{i}.ffn.w1.weight", f"{_L}.mlp.gate_proj.weight"),
-    KeyRule("layers.{i}.ffn.w3.weight", f"{_L}.mlp.up_proj.weight"),
-    KeyRule("layers.{i}.ffn.w2.weight", f"{_L}.mlp.down_proj.weight"),
-    # MoE: classic Mixtral layout, which transformers 4.x and 5.x save_pretrained and vLLM read
-    KeyRule("layers.{i}.ffn.router.weight", f"{_L}.block_sparse_moe.gate.weight"),
-    KeyRule("layers.{i}.ffn.w1", f"{_L}.block_sparse_moe.experts.{{e}}.w1.weight", "expert"),
-    KeyRule("layers.{i}.ffn.w3", f"{_L}.block_sparse_moe.experts.{{e}}.w3.weight", "expert"),
-    KeyRule("layers.{i}.ffn.w2", f"{_L}.block_sparse_moe.experts.{{e}}.w2.weight", "expert"),
-    KeyRule("norm.weight", "model.norm.weight"),
-    KeyRule("lm_head.weight", "lm_head.weight"),
-    # Read only: the fused names of a live transformers 5.x Mixtral (its state_dict(), or a file
-    # saved from it with plain safetensors), so btx can take weights from such a model too.
-    KeyRule("layers.{i}.ffn.router.weight", f"{_L}.mlp.gate.weight", canonical=False),
-    KeyRule("layers.{i}.ffn.w1", f"{_L}.mlp.experts.gate_up_proj", "gate_half", canonical=False),
-    KeyRule("layers.{i}.ffn.w3", f"{_L}.mlp.experts.gate_up_proj", "up_half", canonical=False),
-    KeyRule("layers.{i}.ffn.w2", f"{_L}.mlp.experts.down_proj", canonical=False),
-)
 # HF buffers some older checkpoints carry that are recomputed, not learned: skipped on read.
 IGNORED_HF_SUFFIXES = (".rotary_emb.inv_freq",)
 
 
-def _regex(pattern: str) -> re.Pattern:
-    body = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
-    return re.compile(f"^{body}$")
-
-
-_BTX_RE = [(_regex(r.btx), r) for r in KEY_TABLE if r.canonical]
-_HF_RE = [(_regex(r.hf), r) for r in KEY_TABLE if r.canonical]
-_ALL_BTX_RE = [(_regex(r.btx), r) for r in KEY_TABLE]  # canonical rows come first in KEY_TABLE
-
-
-def _canonical_rule(btx_name: str) -> tuple[KeyRule, str | None]:
-    for rx, rule in _BTX_RE:
-        if m := rx.match(btx_name):
-            return rule, m.groupdict().get("i")
-    raise KeyError(f"{btx_name!r} is not a btx parameter name known to hf.KEY_TABLE")
-
-
-def hf_name_for(btx_name: str, expert: int | None = None) -> str:
-    """The HF name of a btx parameter; stacked expert weights need the expert index."""
-    rule, i = _canonical_rule(btx_name)
-    if rule.layout == "expert":
-        if expert is None:
-            raise ValueError(f"{btx_name!r} stacks experts; pass expert=<index>")
-        return rule.hf.format(i=i, e=expert)
-    if expert is not None:
-        raise ValueError(f"{btx_name!r} is not an expert-stacked weight")
-    return rule.hf.format(i=i)
-
-
-def hf_names_for(btx_name: str, n_experts: int = 0) -> list[str]:
-    """All HF names a btx parameter is stored as (one per expert for stacked weights)."""
-    rule, _ = _canonical_rule(btx_name)
-    if rule.layout == "expert":
-        return [hf_name_for(btx_name, e) for e in range(n_experts)]
-    return [hf_name_for(btx_name)]
-
-
-def btx_name_for(hf_name: str) -> tuple[str, int | None]:
-    """(btx name, expert index or None) for a canonical HF name."""
-    for rx, rule in _HF_RE:
-        if m := rx.match(hf_name):
-            e = m.groupdict().get("e")
-            return rule.btx.format(i=m.groupdict().get("i")), None if e is None else int(e)
-    raise KeyError(f"{hf_name!r} is not a tensor name btx knows (see hf.KEY_TABLE)")
-
-
 def btx_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every btx parameter `cfg` implies, with its shape, in checkpoint order (see CONTRACTS.md)."""
-    D, F, E, V = cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.vocab_size
+    D, F, E, V, S = cfg.dim, cfg.ffn_dim, cfg.n_experts, cfg.vocab_size, cfg.shared_expert_dim
     q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     out: dict[str, tuple[int, ...]] = {"embed.weight": (V, D)}
     for i in range(cfg.n_layers):
         p = f"layers.{i}"
-        out |= {
-            f"{p}.attn_norm.weight": (D,),
-            f"{p}.attn.wq.weight": (q, D),
-            f"{p}.attn.wk.weight": (kv, D),
-            f"{p}.attn.wv.weight": (kv, D),
-            f"{p}.attn.wo.weight": (D, q),
-            f"{p}.ffn_norm.weight": (D,),
-        }
+        out[f"{p}.attn_norm.weight"] = (D,)
+        for w, rows, cols in (("wq", q, D), ("wk", kv, D), ("wv", kv, D), ("wo", D, q)):
+            out[f"{p}.attn.{w}.weight"] = (rows, cols)
+            if cfg.o_bias if w == "wo" else cfg.qkv_bias:
+                out[f"{p}.attn.{w}.bias"] = (rows,)
+        if cfg.qk_norm != "none":
+            out[f"{p}.attn.q_norm.weight"] = (cfg.head_dim,) if cfg.qk_norm == "head" else (q,)
+            out[f"{p}.attn.k_norm.weight"] = (cfg.head_dim,) if cfg.qk_norm == "head" else (kv,)
+        out[f"{p}.ffn_norm.weight"] = (D,)
         if cfg.is_moe:
             out |= {
                 f"{p}.ffn.router.weight": (E, D),
@@ -462,12 +142,18 @@ def btx_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
                 f"{p}.ffn.w3": (E, F, D),
                 f"{p}.ffn.w2": (E, D, F),
             }
+            if S:
+                out |= {
+                    f"{p}.ffn.shared.w1.weight": (S, D),
+                    f"{p}.ffn.shared.w3.weight": (S, D),
+                    f"{p}.ffn.shared.w2.weight": (D, S),
+                    f"{p}.ffn.shared_gate.weight": (1, D),
+                }
         else:
-            out |= {
-                f"{p}.ffn.w1.weight": (F, D),
-                f"{p}.ffn.w3.weight": (F, D),
-                f"{p}.ffn.w2.weight": (D, F),
-            }
+            for w, shape in (("w1", (F, D)), ("w3", (F, D)), ("w2", (D, F))):
+                out[f"{p}.ffn.{w}.weight"] = shape
+                if cfg.mlp_bias:
+                    out[f"{p}.ffn.{w}.bias"] = shape[:1]
     out["norm.weight"] = (D,)
     if not cfg.tie_embeddings:
         out["lm_head.weight"] = (V, D)
@@ -476,23 +162,28 @@ def btx_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor a btx checkpoint of `cfg` holds, with its shape, in checkpoint order."""
+    table = key_table(cfg)
     out: dict[str, tuple[int, ...]] = {}
     for name, shape in btx_shapes(cfg).items():
-        stacked = _canonical_rule(name)[0].layout == "expert"
-        for hf in hf_names_for(name, cfg.n_experts):
+        stacked = table.stacked(name)
+        for hf in table.hf_names(name, cfg.n_experts):
             out[hf] = shape[1:] if stacked else shape
+    out |= dict(families.fillers(cfg))
     return out
 
 
-def hf_tensors_from_btx(state_dict: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors_from_btx(
+    state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every btx parameter, experts unstacked (as views, nothing copied)."""
+    table = key_table(cfg)
     for name, tensor in state_dict.items():
-        rule, _ = _canonical_rule(name)
-        if rule.layout == "expert":
+        if table.stacked(name):
             for e in range(tensor.shape[0]):
-                yield hf_name_for(name, e), tensor[e]
+                yield table.hf_name(name, e), tensor[e]
         else:
-            yield hf_name_for(name), tensor
+            yield table.hf_name(name), tensor
+
 
 
 class FileRange(NamedTuple):
@@ -521,7 +212,8 @@ class TensorSpec(NamedTuple):
 def hf_specs_from_btx(
     state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype
 ) -> list[TensorSpec]:
-    """Write specs for a btx state dict, in checkpoint order, checked against `cfg`."""
+    """Write specs for a btx state dict, in checkpoint order, checked against `cfg`, plus the
+    zero tensors the family's form needs (btx.families.fillers)."""
     want = btx_shapes(cfg)
     missing = [k for k in want if k not in state_dict]
     extra = [k for k in state_dict if k not in want]
@@ -529,23 +221,30 @@ def hf_specs_from_btx(
         raise ValueError(
             f"state dict does not match the config: missing {_few(missing)}, unexpected {_few(extra)}"
         )
+    table = key_table(cfg)
     specs = []
     for name, shape in want.items():
         t = state_dict[name]
         if tuple(t.shape) != shape:
             raise ValueError(f"state dict: {name} has shape {tuple(t.shape)}, the config implies {shape}")
-        if _canonical_rule(name)[0].layout == "expert":
+        if table.stacked(name):
             for e in range(shape[0]):
-                specs.append(TensorSpec(hf_name_for(name, e), shape[1:], dtype, lambda t=t, e=e: t[e]))
+                specs.append(TensorSpec(table.hf_name(name, e), shape[1:], dtype, lambda t=t, e=e: t[e]))
         else:
-            specs.append(TensorSpec(hf_name_for(name), shape, dtype, lambda t=t: t))
-    return specs
+            specs.append(TensorSpec(table.hf_name(name), shape, dtype, lambda t=t: t))
+    return specs + filler_specs(cfg, dtype)
+
+
+def filler_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
+    """Specs of the zero tensors `cfg`'s form needs beyond btx's parameters."""
+    return [TensorSpec(n, shape, dtype, lambda shape=shape: torch.zeros(shape, dtype=dtype))
+            for n, shape in families.fillers(cfg)]
 
 
 class BtxSource(NamedTuple):
     """Where one btx parameter comes from in an HF checkpoint."""
 
-    rule: KeyRule
+    rule: families.KeyRule
     hf_names: list[str]
 
 
@@ -571,24 +270,30 @@ def plan_btx_from_hf(
     a copy of the embedding, as in a live transformers model's state_dict().
     """
     located = located or {}
+    table = key_table(cfg)
     plan: dict[str, BtxSource] = {}
     missing: list[str] = []
-    for name, shape in btx_shapes(cfg).items():
-        i = _canonical_rule(name)[1]
-        for rule in (r for rx, r in _ALL_BTX_RE if rx.match(name)):  # canonical spelling first
+    for name in btx_shapes(cfg):
+        i = table.canonical(name)[1]
+        for rule in table.candidates(name):  # canonical spelling first
             experts = range(cfg.n_experts) if rule.layout == "expert" else [None]
             names = [rule.hf.format(i=i, e=e) for e in experts]
             if all(n in available for n in names):
                 plan[name] = BtxSource(rule, names)
                 break
         else:  # report what the canonical spelling lacks
-            missing += [n for n in hf_names_for(name, cfg.n_experts) if n not in available]
+            missing += [n for n in table.hf_names(name, cfg.n_experts) if n not in available]
     if missing:
         raise BtxError(
             f"{source}: missing {len(missing)} tensor(s) that config.json implies: {_few(missing)}"
         )
 
-    used = {n for src in plan.values() for n in src.hf_names}
+    fill = dict(families.fillers(cfg))  # zero tensors the form needs and btx does not load
+    for n, shape in fill.items():
+        if n in available and tuple(available[n]) != shape:
+            loc = f" (in {located[n]})" if n in located else ""
+            raise BtxError(f"{source}: tensor {n}{loc} has shape {list(available[n])}, but config.json implies {list(shape)}")
+    used = {n for src in plan.values() for n in src.hf_names} | set(fill)
     extra = [n for n in available if n not in used and not n.endswith(IGNORED_HF_SUFFIXES)]
     if cfg.tie_embeddings and "lm_head.weight" in extra and head_equals_embed and head_equals_embed():
         extra.remove("lm_head.weight")
@@ -759,7 +464,7 @@ class CheckpointReader:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise BtxError(f"{self.path}: not a checkpoint directory (missing, or a file)")
+            raise BtxError(missing_checkpoint(self.path))
         config_path = self.path / CONFIG_NAME
         if not config_path.is_file():
             raise BtxError(f"{self.path}: no {CONFIG_NAME}; expected a Hugging Face checkpoint directory")

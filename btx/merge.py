@@ -1,4 +1,8 @@
-"""The MiX step: a dense seed and its domain experts become one Mixtral-format MoE, streamed.
+"""The MiX step: a dense seed and its domain experts become one MoE, streamed.
+
+The MoE is written in the seed family's MoE form (btx/families/: Llama and Mistral -> Mixtral,
+Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE, OLMo 2 -> FlexOlmo); a seed whose MoE form cannot express
+it (e.g. a Llama with attention biases: Mixtral has none) is refused before anything is written.
 
 What goes where
 - Each source FFN (`gate/up/down_proj`) becomes one expert of its layer's MoE. The sources are the
@@ -32,7 +36,7 @@ What goes where
     Blend experts belong to no domain, so `centroid` routers do not apply.
 - Special cases: `upcycle=N` (sparse upcycling: N experts, all copies of the seed, no experts
   needed; the MoE computes exactly the seed, for any router) and `average_all` (Branch-Train-Merge
-  style: every tensor averaged, FFNs too, into a dense Llama; over the same sources, so the seed
+  style: every tensor averaged, FFNs too, into a dense model of the seed's family; over the same sources, so the seed
   takes part unless keep_seed=False).
 
 Validation, before any byte is written: options; that the output would not overwrite a
@@ -83,7 +87,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from btx import hf
+from btx import families, hf
 from btx.errors import BtxError
 from btx.manifest import DONE_NAME, atomic_dir, fsync_tree, read_done, sha256_file, write_done
 from btx.model import ModelConfig
@@ -98,13 +102,18 @@ _CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
 _CENTROID_SEQ_LEN = 1024  # centroid tokens are read as windows of this many (capped by max_seq_len)
 _CENTROID_BATCH_TOKENS = 8192  # tokens per forward micro-batch in the centroid pass
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_ARCH_KEYS = (  # config.json fields seed and experts must share (names as hf.config_to_hf writes them)
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "max_position_embeddings",
-    "tie_word_embeddings", "rope_theta", "rope_scaling", "rope_parameters",
-)  # fmt: skip
-# Tokenizer files whose contents must agree across inputs (generation_config.json may differ).
-_TOKENIZER_IDENTITY = ("tokenizer.json", "tokenizer.model", "btx_tokenizer.json")
+# Tokenizer files whose contents must agree across inputs: everything the checkpoint carries for
+# its tokenizer and chat template (generation_config.json may differ).
+_TOKENIZER_IDENTITY = tuple(f for f in hf.TOKENIZER_FILES if f != "generation_config.json")
+# ModelConfig fields that may differ between seed and experts (everything else must match).
+_MAY_DIFFER = ("extra",)
+# config.json names of ModelConfig fields, for messages.
+_HF_FIELD = {
+    "family": "model_type", "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
+    "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+    "rope_scaling": "rope_parameters", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
+}  # fmt: skip
 
 _RECIPE = MergeSection()  # the recipe schema's defaults are the defaults here too
 
@@ -125,6 +134,9 @@ class MergeOptions:
     dtype: str | None = _RECIPE.dtype  # None: the inputs' dtype (the seed's when they differ)
     shard_size: int | str = _RECIPE.shard_size
     # Not in the recipe section:
+    # Written to the MoE's config.json for whoever trains it further with transformers: the
+    # recipe's finetune.balance_alpha in recipe mode, the paper's 0.01 otherwise.
+    router_aux_loss_coef: float = 0.01
     upcycle: int = 0  # > 0: sparse upcycling into this many copies of the seed
     average_all: bool = False  # Branch-Train-Merge style dense average
     centroid_device: str | None = None  # None: cuda when available, else cpu
@@ -301,23 +313,35 @@ def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allo
     if reader.cfg.is_moe:
         reader.close()
         raise BtxError(
-            f"{path}: is a Mixtral MoE ({reader.cfg.n_experts} experts); merge takes dense Llama checkpoints"
+            f"{path}: is an MoE ({reader.hf_config.get('model_type')}, {reader.cfg.n_experts} experts); merge takes "
+            "dense checkpoints (to add experts to a finished MoE, use btx merge --into)"
         )
     return _Input(name, path, reader, manifest, _recorded_hashes(manifest, prefix))
 
 
 def _check_same_architecture(seed: _Input, other: _Input) -> None:
-    mine, theirs = hf.config_to_hf(seed.cfg), hf.config_to_hf(other.cfg)
-    for key in _ARCH_KEYS:
-        if mine.get(key) != theirs.get(key):
+    mine, theirs = dataclasses.asdict(seed.cfg), dataclasses.asdict(other.cfg)
+    for key in mine:
+        if key not in _MAY_DIFFER and mine[key] != theirs[key]:
+            name = _HF_FIELD.get(key, key)
             raise BtxError(
-                f"{other.path / hf.CONFIG_NAME}: {key} is {theirs.get(key)!r} but the seed "
-                f"({seed.path}) has {mine.get(key)!r}; experts must keep the seed's architecture"
+                f"{other.path / hf.CONFIG_NAME}: {name} is {theirs[key]!r} but the seed ({seed.path}) has "
+                f"{mine[key]!r}; experts must keep the seed's architecture"
             )
+    _check_same_tokenizer(seed.path, other.path)
+
+
+def _check_same_tokenizer(seed_dir: Path, other_dir: Path) -> None:
+    """An expert's tokenizer files and chat template are the seed's, byte for byte. An expert
+    without them is fine (the merge carries the seed's); one with a file the seed lacks is not."""
     for file in _TOKENIZER_IDENTITY:
-        a, b = seed.path / file, other.path / file
+        a, b = seed_dir / file, other_dir / file
+        if b.is_file() and not a.is_file():
+            raise BtxError(f"{b}: the seed ({seed_dir}) has no {file}; experts must share the seed's tokenizer "
+                           "and chat template")
         if a.is_file() and b.is_file() and sha256_file(a) != sha256_file(b):
-            raise BtxError(f"{b}: differs from the seed's {file} ({a}); experts must share the seed's tokenizer")
+            raise BtxError(f"{b}: differs from the seed's {file} ({a}); experts must share the seed's tokenizer "
+                           "and chat template")
 
 
 def _resolve_weights(o: MergeOptions, sources: list[_Input]) -> dict[str, float]:
@@ -441,8 +465,13 @@ def _plan(
             plan_experts, ffn_out = _plan_experts(o, ffn_sources, seed_in.cfg.ffn_dim)
             if o.top_k > len(plan_experts):
                 raise _fail(f"top_k {o.top_k} is more than the {len(plan_experts)} experts")
+            why = families.moe_unsupported(seed_in.cfg)
+            if why:
+                raise BtxError(f"{seed_in.path / hf.CONFIG_NAME}: {why}; this seed cannot be merged into an MoE")
             out_cfg = dataclasses.replace(
-                seed_in.cfg, n_experts=len(plan_experts), top_k=o.top_k, ffn_dim=ffn_out, router_mode="topk"
+                seed_in.cfg, n_experts=len(plan_experts), top_k=o.top_k, ffn_dim=ffn_out, router_mode="topk",
+                norm_topk_prob=True, shared_expert_dim=0,
+                extra={**seed_in.cfg.extra, "router_aux_loss_coef": o.router_aux_loss_coef},
             )
         groups = {e.group: e for e in plan_experts}
         plan = _Plan(
@@ -616,20 +645,21 @@ class _Mixer:
         return rows[torch.tensor([e.group for e in self.plan.experts])]
 
     def specs(self) -> list[hf.TensorSpec]:
-        """Every output tensor, by HF name through hf.KEY_TABLE, in checkpoint order."""
+        """Every output tensor, by HF name through the family's key table, in checkpoint order."""
         dtype, specs = self.plan.dtype, []
+        table = hf.key_table(self.plan.out_cfg)
         for name, shape in self.shapes.items():
             if name.endswith(".ffn.router.weight"):
                 layer = int(name.split(".")[1])
-                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, lambda i=layer: self.router(i)))
-            elif len(shape) == 3:  # stacked expert weights
+                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, lambda i=layer: self.router(i)))
+            elif table.stacked(name):
                 for e in range(shape[0]):
                     produce = lambda n=name, e=e: self.stored(n, e) or self.expert(n, e)  # noqa: E731
-                    specs.append(hf.TensorSpec(hf.hf_name_for(name, e), shape[1:], dtype, produce))
+                    specs.append(hf.TensorSpec(table.hf_name(name, e), shape[1:], dtype, produce))
             else:
                 produce = lambda n=name: self.stored(n) or self.average(n)  # noqa: E731
-                specs.append(hf.TensorSpec(hf.hf_name_for(name), shape, dtype, produce))
-        return specs
+                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, produce))
+        return specs + hf.filler_specs(self.plan.out_cfg, dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -711,8 +741,8 @@ def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None)
     cos, sin = model.rope(seq_len, device)
     batch = max(1, _CENTROID_BATCH_TOKENS // seq_len)
     batches = [slice(a, a + batch) for a in range(0, len(tokens_NS), batch)]
-    shared = ("attn_norm.weight", "attn.wq.weight", "attn.wk.weight", "attn.wv.weight", "attn.wo.weight",
-              "ffn_norm.weight")  # fmt: skip
+    # Every weight of layer 0 but its FFN (attention, biases, q/k norms, the two norms): averaged.
+    shared = [k.removeprefix("layers.0.") for k in mixer.shapes if k.startswith("layers.0.") and ".ffn." not in k]
 
     with _Progress(progress, "centroid routers", cfg.n_layers, bytes_=False, console=console) as bar:
         for i, block in enumerate(model.layers):
@@ -725,9 +755,9 @@ def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None)
             sums = torch.zeros(len(domains), cfg.dim, dtype=torch.float64)
             for rows in batches:
                 x = x_NSD[rows].to(device)
-                h = x + block.attn(block.attn_norm(x), cos, sin)
+                h = block.attend(x, cos, sin)
                 x_NSD[rows] = h.cpu()
-                u = block.ffn_norm(h).sum(1).double().cpu()  # [b, D]
+                u = block.ffn_input(h).sum(1).double().cpu()  # [b, D]
                 sums.index_add_(0, domain_N[rows], u)
             means = sums / counts[:, None]
             rows_GD = torch.stack(
@@ -745,8 +775,8 @@ def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None)
                 block.load_state_dict(ffn, strict=False, assign=True)
                 for rows in batches:
                     x = x_NSD[rows].to(device)
-                    y, _ = block.ffn(block.ffn_norm(x))
-                    x_NSD[rows] = (x + y).cpu()
+                    y, _ = block.ffn(block.ffn_input(x))
+                    x_NSD[rows] = block.add_ffn(x, y).cpu()
             block.to("meta")  # drop this layer's weights
             bar.advance(1, f"layer {i}")
     return {d: int(w.numel()) for d, w in zip(domains, windows)}
@@ -929,7 +959,7 @@ def merge_from_recipe(
     from btx.recipe import recipe_hash
 
     seed = exp.seed_dir
-    options = MergeOptions.from_section(exp.merge, upcycle=upcycle)
+    options = MergeOptions.from_section(exp.merge, upcycle=upcycle, router_aux_loss_coef=exp.finetune.balance_alpha)
     if upcycle:
         experts: dict[str, Path] = {}
         if options.router_init == "centroid":

@@ -1,10 +1,23 @@
-"""The Llama-family transformer and its Mixture-of-Experts feed-forward. Imports only torch.
+"""The transformer btx trains, merges and finetunes, dense or MoE. Imports only torch.
 
 Design choices
 - One config (`ModelConfig`) describes both the dense model and the MoE: `n_experts == 0` is dense.
-- Llama parts: RMSNorm, RoPE in the "rotate half" layout Hugging Face checkpoints use (so weights
-  load without permutation), Llama-3 rope scaling, grouped-query attention through
-  `scaled_dot_product_attention`, SwiGLU, optional tied embeddings (no `lm_head` parameter then).
+- One model for every family btx reads (see btx/families/): Llama's layout, plus the few switches
+  the families need, and nothing family-specific beyond them:
+  - `head_dim` (explicit, e.g. Qwen3's 128 with hidden/heads = 80), `qkv_bias` (Qwen2),
+    `o_bias` and `mlp_bias` (Llama's attention_bias / mlp_bias);
+  - `qk_norm`: RMSNorm of queries and keys before RoPE, per head ("head", Qwen3) or over the whole
+    projection ("proj", OLMo-2);
+  - `norm_placement`: "pre" (Llama: x + f(norm(x))) or "post" (OLMo-2: x + norm(f(x)); each
+    block's `attn_norm` / `ffn_norm` is then applied to its sublayer's output);
+  - `sliding_window` with `sliding_layers` (Mistral, Qwen2/3): a token sees itself and the
+    window - 1 tokens before it;
+  - RoPE in the "rotate half" layout Hugging Face checkpoints use (weights load without
+    permutation), with every scaling transformers implements for these families: linear,
+    dynamic NTK, YaRN, LongRoPE, Llama-3 (`rope_frequencies`);
+  - MoE: `norm_topk_prob` (renormalise the top-k gates or not) and an optional sigmoid-gated
+    shared expert (`shared_expert_dim`, Qwen2-MoE).
+- Grouped-query attention through `scaled_dot_product_attention`, SwiGLU, optional tied embeddings.
 - The MoE router is an fp32 `Linear(d, E)`; expert weights are stacked 3-D parameters
   (`w1[E,F,d]`, `w3[E,F,d]`, `w2[E,d,F]`), which keeps ZeRO-3 safe when an expert gets no tokens.
 - Routing has one plug-in point, `Router.route`, which returns the chosen experts and their gates.
@@ -14,7 +27,7 @@ Design choices
 - The model knows nothing of training, parallelism or checkpoint formats (see hf.py for those).
 
 Shape legend: B batch, T tokens (flattened B*S), S sequence, D model dim, F ffn dim, E experts,
-K experts per token, V vocab, H heads, G kv heads, Hd head dim.
+K experts per token, V vocab, H heads, G kv heads, Hd head dim, N expert-sorted token slots.
 """
 
 from __future__ import annotations
@@ -27,6 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")
+QK_NORMS = ("none", "head", "proj")
+NORM_PLACEMENTS = ("pre", "post")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")
 
 
 @dataclass
@@ -37,29 +53,58 @@ class ModelConfig:
     n_heads: int = 4
     n_kv_heads: int = 4
     ffn_dim: int = 172
+    head_dim: int = 0  # 0: dim // n_heads
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
-    # Llama-3 style: {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
-    # "original_max_position_embeddings"}; None means plain RoPE.
+    # RoPE scaling: {"rope_type": one of ROPE_TYPES, and that type's fields as transformers names
+    # them (factor, original_max_position_embeddings, ...)}; None means plain RoPE.
     rope_scaling: dict | None = None
     max_seq_len: int = 2048
     tie_embeddings: bool = False
+    # Architecture switches the model families need (defaults: Llama).
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: str = "none"  # none | head | proj
+    norm_placement: str = "pre"  # pre | post
+    sliding_window: int | None = None
+    sliding_layers: list[int] | None = None  # with sliding_window: None = every layer
+    # Which btx.families spec reads and writes this model's checkpoints.
+    family: str = "llama"
     # Mixture of experts; n_experts == 0 is the dense model.
     n_experts: int = 0
     top_k: int = 2
     router_mode: str = "topk"
+    norm_topk_prob: bool = True  # topk: renormalise the k gates to sum to 1 (Mixtral does)
+    shared_expert_dim: int = 0  # > 0: a shared expert of this width, gated by sigmoid(w x)
     capacity_factor: float = 1.5  # switch: slots per expert = ceil(cf * T / E)
     gumbel_rate: float = 1e-4  # sample_top1: temperature max(0.5, exp(-rate * step))
     first_layer_soft: bool = True  # sample_top1: the first MoE layer routes softly, as in the paper
     extra: dict = field(default_factory=dict)  # config.json fields btx carries along untouched
 
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.dim // self.n_heads
+        # One spelling per meaning: sliding_layers None = every layer; no sliding layer = no window.
+        if self.sliding_window is None:
+            self.sliding_layers = None
+        elif self.sliding_layers is not None:
+            layers = sorted(set(self.sliding_layers))
+            if not layers:
+                self.sliding_window, layers = None, None
+            elif layers == list(range(self.n_layers)):
+                layers = None
+            self.sliding_layers = layers
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer`, or None for full causal attention."""
+        if self.sliding_window is None or (self.sliding_layers is not None and layer not in self.sliding_layers):
+            return None
+        return self.sliding_window
 
     @property
     def experts_per_token(self) -> int:
@@ -75,28 +120,38 @@ class ModelConfig:
     def param_counts(self) -> dict[str, int]:
         """Total and active (per token) parameter counts, embeddings included."""
         d, f, hd = self.dim, self.ffn_dim, self.head_dim
-        attn = d * hd * (2 * self.n_heads + 2 * self.n_kv_heads) + 2 * d  # q, o, k, v, two norms
-        ffn = 3 * d * f
+        q, kv = self.n_heads * hd, self.n_kv_heads * hd
+        attn = d * (2 * q + 2 * kv) + 2 * d  # q, o, k, v, two norms
+        attn += (q + 2 * kv) * self.qkv_bias + d * self.o_bias
+        attn += {"none": 0, "head": 2 * hd, "proj": q + kv}[self.qk_norm]
+        ffn = 3 * d * f + (2 * f + d) * self.mlp_bias
+        shared = 3 * d * self.shared_expert_dim + d if self.shared_expert_dim else 0
         embed = self.vocab_size * d * (1 if self.tie_embeddings else 2) + d
         experts = max(self.n_experts, 1)
         router = d * self.n_experts
-        total = embed + self.n_layers * (attn + router + experts * ffn)
+        total = embed + self.n_layers * (attn + router + experts * ffn + shared)
         active_ffns = self.n_layers * self.experts_per_token
         if self.router_mode == "sample_top1" and self.first_layer_soft and self.is_moe:
             active_ffns += self.n_experts - 1  # the first layer routes softly: all experts run
-        active = embed + self.n_layers * (attn + router) + active_ffns * ffn
+        active = embed + self.n_layers * (attn + router + shared) + active_ffns * ffn
         return {"total": total, "active": active}
 
     def train_flops_per_token(self, seq_len: int) -> float:
         """Forward+backward FLOPs per token: 6 x active matmul parameters + causal attention scores.
 
         Embedding lookups cost no FLOPs, so the input embedding is left out (the LM head is in).
+        A sliding-window layer scores each token against at most `window` keys.
         """
         active = self.param_counts()["active"] - self.vocab_size * self.dim - self.dim
         if self.tie_embeddings:
             active += self.vocab_size * self.dim
-        attn_scores = 6 * self.n_layers * self.n_heads * self.head_dim * seq_len  # QK^T and AV, causal half x2
-        return 6.0 * active + attn_scores
+        # QK^T and AV: 2 matmuls x 2 FLOPs x 3 (fwd+bwd) over the mean context; the causal mean
+        # context is seq_len / 2, hence 6 * seq_len per head dim for a full layer.
+        context = 0.0
+        for layer in range(self.n_layers):
+            w = self.window(layer)
+            context += seq_len if w is None or w >= seq_len else 2 * w - w * w / seq_len
+        return 6.0 * active + 6 * self.n_heads * self.head_dim * context
 
 
 @dataclass
@@ -140,22 +195,69 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies [Hd/2], with Llama-3 scaling of the long wavelengths when configured."""
+def rope_frequencies(cfg: ModelConfig, seq_len: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [Hd/2] for sequences of `seq_len` tokens, and the factor cos and sin are
+    scaled by (YaRN and LongRoPE scale attention through it; 1 for the others).
+
+    Each scaling follows transformers' definition. "dynamic" and "longrope" depend on the length:
+    btx computes them from the current sequence's length on every call, which is what transformers
+    computes on a fresh model (its cache of the longest length seen is not modelled).
+    """
     hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    exponent = torch.arange(0, hd, 2, dtype=torch.float32) / hd
+    base = cfg.rope_theta
     scaling = cfg.rope_scaling or {}
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
-        factor = scaling["factor"]
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return 1.0 / (base**exponent), 1.0
+    if kind == "linear":
+        return 1.0 / (base**exponent) / scaling["factor"], 1.0
+    if kind == "dynamic":
+        # NTK-aware: past the trained length the base grows so the lowest frequency stretches with it.
+        factor, trained = scaling["factor"], cfg.max_seq_len
+        length = max(seq_len, trained)
+        base = base * ((factor * length / trained) - (factor - 1)) ** (hd / (hd - 2))
+        return 1.0 / (base**exponent), 1.0
+    original = scaling.get("original_max_position_embeddings") or cfg.max_seq_len
+    factor = scaling.get("factor") or cfg.max_seq_len / original
+    if kind == "llama3":
+        inv_freq = 1.0 / (base**exponent)
         low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
-        old_len = scaling["original_max_position_embeddings"]
         wavelen = 2 * math.pi / inv_freq
         # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
-        smooth = ((old_len / wavelen - low) / (high - low)).clamp(0.0, 1.0)
-        inv_freq = (1 - smooth) * inv_freq / factor + smooth * inv_freq
-    elif scaling:
-        raise ValueError(f"unsupported rope_scaling {scaling!r}; btx supports rope_type 'llama3'")
-    return inv_freq
+        smooth = ((original / wavelen - low) / (high - low)).clamp(0.0, 1.0)
+        return (1 - smooth) * inv_freq / factor + smooth * inv_freq, 1.0
+    if kind == "yarn":
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            mscale, mscale_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+
+            def m(s: float, k: float = 1.0) -> float:
+                return 1.0 if s <= 1 else 0.1 * k * math.log(s) + 1.0
+
+            attention = m(factor, mscale) / m(factor, mscale_all) if mscale and mscale_all else m(factor)
+        fast, slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+
+        def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+            return hd * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+        lo, hi = correction_dim(fast), correction_dim(slow)
+        if scaling.get("truncate", True):
+            lo, hi = math.floor(lo), math.ceil(hi)
+        lo, hi = max(lo, 0), min(hi, hd - 1)
+        if lo == hi:
+            hi += 0.001
+        # High frequencies extrapolate (kept), low ones interpolate (divided by factor), ramped between.
+        keep = 1 - ((torch.arange(hd // 2, dtype=torch.float32) - lo) / (hi - lo)).clamp(0, 1)
+        pos_freqs = base**exponent
+        return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep, float(attention)
+    if kind == "longrope":
+        attention = scaling.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(original))
+        ext = scaling["long_factor"] if seq_len > original else scaling["short_factor"]
+        return 1.0 / (torch.tensor(ext, dtype=torch.float32) * base**exponent), float(attention)
+    raise ValueError(f"unsupported rope_type {kind!r}; btx supports {', '.join(ROPE_TYPES)}")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -164,36 +266,54 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        q, kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+        self.wq = nn.Linear(cfg.dim, q, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, kv, bias=cfg.qkv_bias)
+        self.wo = nn.Linear(q, cfg.dim, bias=cfg.o_bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm != "none":
+            width = (cfg.head_dim, cfg.head_dim) if cfg.qk_norm == "head" else (q, kv)
+            self.q_norm = RMSNorm(width[0], cfg.norm_eps)
+            self.k_norm = RMSNorm(width[1], cfg.norm_eps)
+        self.window = cfg.window(layer_index)
 
     def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
         B, S, _ = x_BSD.shape
-        q = self.wq(x_BSD).view(B, S, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x_BSD).view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
+        if self.qk_norm == "proj":  # over all heads at once (OLMo-2)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, S, self.n_heads, self.head_dim)
+        k = k.view(B, S, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":  # each head on its own (Qwen3)
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(B, S, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos_SHd.to(q.dtype), sin_SHd.to(q.dtype)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads
-        )
+        gqa = self.n_kv_heads != self.n_heads
+        if self.window is None or S <= self.window:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:  # token i sees keys i - window + 1 .. i
+            i = torch.arange(S, device=x_BSD.device)
+            offset_SS = i[:, None] - i[None, :]
+            mask_SS = (offset_SS >= 0) & (offset_SS < self.window)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SS, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
 
 
 class FeedForward(nn.Module):
     """SwiGLU: w2(silu(w1 x) * w3 x)."""
 
-    def __init__(self, dim: int, ffn_dim: int):
+    def __init__(self, dim: int, ffn_dim: int, bias: bool = False):
         super().__init__()
-        self.w1 = nn.Linear(dim, ffn_dim, bias=False)
-        self.w3 = nn.Linear(dim, ffn_dim, bias=False)
-        self.w2 = nn.Linear(ffn_dim, dim, bias=False)
+        self.w1 = nn.Linear(dim, ffn_dim, bias=bias)
+        self.w3 = nn.Linear(dim, ffn_dim, bias=bias)
+        self.w2 = nn.Linear(ffn_dim, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -205,7 +325,7 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.n_experts, cfg.dim, dtype=torch.float32))
-        self.n_experts, self.top_k = cfg.n_experts, cfg.top_k
+        self.n_experts, self.top_k, self.norm_topk_prob = cfg.n_experts, cfg.top_k, cfg.norm_topk_prob
         self.mode = cfg.router_mode
         if self.mode == "sample_top1" and cfg.first_layer_soft and layer_index == 0:
             self.mode = "soft"
@@ -222,9 +342,11 @@ class Router(nn.Module):
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
         if self.mode == "topk":
-            # softmax over the top-k logits == Mixtral's softmax -> top-k -> renormalise
+            # renormalised: softmax over the top-k logits == Mixtral's softmax -> top-k -> renormalise
             top_TK, expert_TK = probs_TE.topk(self.top_k, dim=-1)
-            return Routing(expert_TK, top_TK / top_TK.sum(-1, keepdim=True), probs_TE)
+            if self.norm_topk_prob:
+                top_TK = top_TK / top_TK.sum(-1, keepdim=True)
+            return Routing(expert_TK, top_TK, probs_TE)
         if self.mode == "soft":
             expert_TK = torch.arange(E, device=logits_TE.device).expand(T, E)
             return Routing(expert_TK, probs_TE, probs_TE)
@@ -323,7 +445,8 @@ class SortedExperts(torch.autograd.Function):
 
 
 class MoEFeedForward(nn.Module):
-    """E SwiGLU experts with stacked weights and a router. `impl`: auto | loop | grouped."""
+    """E SwiGLU experts with stacked weights and a router (plus an optional sigmoid-gated shared
+    expert that every token passes through). `impl`: auto | loop | grouped."""
 
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
@@ -332,6 +455,9 @@ class MoEFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, Fd, D))
         self.w3 = nn.Parameter(torch.empty(E, Fd, D))
         self.w2 = nn.Parameter(torch.empty(E, D, Fd))
+        if cfg.shared_expert_dim:
+            self.shared = FeedForward(D, cfg.shared_expert_dim)
+            self.shared_gate = nn.Linear(D, 1, bias=False)
         self.impl = "auto"
         self.record_routing = False
         self.last_routing: Routing | None = None
@@ -346,6 +472,8 @@ class MoEFeedForward(nn.Module):
                 routing.expert_TK.detach(), routing.gate_TK.detach(), routing.probs_TE.detach(), routing.dropped
             )
         y_TD, counts = self.dispatch(x_TD, routing.expert_TK, routing.gate_TK)
+        if hasattr(self, "shared"):
+            y_TD = y_TD + torch.sigmoid(self.shared_gate(x_TD)) * self.shared(x_TD)
         stats = MoEStats(
             balance_loss=self.balance_loss(routing),
             z_loss=torch.logsumexp(logits_TE, dim=-1).pow(2).mean(),
@@ -402,19 +530,40 @@ class MoEFeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """Attention then FFN, each added to the residual stream. With norm_placement "pre" a sublayer
+    reads a normalised input (x + f(norm(x))); with "post" its output is normalised (x + norm(f(x)))."""
+
     def __init__(self, cfg: ModelConfig, layer_index: int):
         super().__init__()
+        self.post_norm = cfg.norm_placement == "post"
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer_index)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.ffn = MoEFeedForward(cfg, layer_index) if cfg.is_moe else FeedForward(cfg.dim, cfg.ffn_dim)
+        if cfg.is_moe:
+            self.ffn = MoEFeedForward(cfg, layer_index)
+        else:
+            self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
+
+    # The three steps of forward, public because router inits walk the layers one step at a time.
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention sublayer."""
+        if self.post_norm:
+            return x + self.attn_norm(self.attn(x, cos, sin))
+        return x + self.attn(self.attn_norm(x), cos, sin)
+
+    def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
+        """What the FFN (and so the router) reads."""
+        return h if self.post_norm else self.ffn_norm(h)
+
+    def add_ffn(self, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The residual stream after adding the FFN's output `y`."""
+        return h + (self.ffn_norm(y) if self.post_norm else y)
 
     def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
-        h = self.ffn(self.ffn_norm(x))
-        if isinstance(h, tuple):
-            return x + h[0], h[1]
-        return x + h, None
+        h = self.attend(x, cos, sin)
+        y = self.ffn(self.ffn_input(h))
+        y, stats = y if isinstance(y, tuple) else (y, None)
+        return self.add_ffn(h, y), stats
 
 
 class Transformer(nn.Module):
@@ -425,24 +574,35 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.register_buffer("inv_freq", rope_frequencies(cfg), persistent=False)
+        inv_freq, self.rope_scale = rope_frequencies(cfg, cfg.max_seq_len)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        kind = (cfg.rope_scaling or {}).get("rope_type", "default")
+        self.rope_depends_on_length = kind in ("dynamic", "longrope")
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Normal(0, std) weights; residual-output projections scaled by 1/sqrt(2 n_layers) (GPT-2)."""
+        """Normal(0, std) weights; residual-output projections scaled by 1/sqrt(2 n_layers) (GPT-2);
+        norm gains 1, biases 0."""
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
                 nn.init.ones_(p)
+            elif name.endswith(".bias"):
+                nn.init.zeros_(p)
             else:
                 scale = out_std if name.endswith(("wo.weight", "w2.weight", "ffn.w2")) else std
                 with torch.no_grad():
                     p.normal_(0.0, scale, generator=generator)
 
     def rope(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq, scale = self.inv_freq, self.rope_scale
+        if self.rope_depends_on_length:
+            inv_freq, scale = rope_frequencies(self.cfg, seq_len)
         pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs_SH = torch.outer(pos, self.inv_freq.to(device))
+        freqs_SH = torch.outer(pos, inv_freq.to(device))
         emb = torch.cat((freqs_SH, freqs_SH), dim=-1)
-        return emb.cos(), emb.sin()
+        if scale == 1.0:
+            return emb.cos(), emb.sin()
+        return emb.cos() * scale, emb.sin() * scale
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [b.ffn for b in self.layers if isinstance(b.ffn, MoEFeedForward)]

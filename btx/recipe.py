@@ -44,7 +44,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from btx.errors import BtxError
+from btx.errors import BtxError, missing_checkpoint
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.ROUTER_MODES
@@ -535,7 +535,8 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     if recipe.seed.path is not None:
         c.that(recipe.model is None, "model",
                "give either seed.path (an existing checkpoint) or model (a seed trained from scratch), not both")
-        c.that(Path(recipe.seed.path).is_dir(), "seed.path", f"{recipe.seed.path}: no such checkpoint directory")
+        if not Path(recipe.seed.path).is_dir():
+            c.fail("seed.path", missing_checkpoint(recipe.seed.path, _written_path(recipe.seed.path, path.parent)))
     elif recipe.model is None:
         c.fail("seed", "give seed.path (an existing dense checkpoint) or a model section (a seed trained from scratch)")
     if recipe.model is not None:
@@ -669,6 +670,17 @@ def builtin_recipe(name: str) -> Path:
 
 # Keys holding input paths, which resolve relative to the recipe file (or the CWD for overrides).
 _EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general")
+
+
+def _written_path(resolved: str, recipe_dir: Path) -> str:
+    """A path as written (relative to the recipe's directory, or to the current one for an
+    override) from its resolved form."""
+    for base in (recipe_dir.absolute(), Path.cwd()):
+        try:
+            return str(Path(resolved).relative_to(base))
+        except ValueError:
+            pass
+    return resolved
 
 
 def _label(path: Path, overrides: List[str]) -> str:

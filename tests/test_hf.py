@@ -123,11 +123,18 @@ def test_config_carries_unknown_fields_and_drops_writer_fields():
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported; btx reads 'llama'"),
+        ({"model_type": "gpt2"}, "model_type 'gpt2' is not supported (it uses learned positions"),
+        ({"model_type": "gemma"}, "transformers has no MoE form of it); btx reads the dense families 'llama'"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
-        ({"head_dim": 16}, "head_dim 16 differs from hidden_size/num_attention_heads = 8"),
+        ({"head_dim": 15}, "head_dim must be a positive even integer, got 15"),
         ({"num_key_value_heads": 3}, "num_key_value_heads 3 must divide"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}}, "rope_type 'yarn'"),
+        ({"rope_parameters": {"rope_type": "su", "rope_theta": 1e4, "factor": 2.0}}, "rope_type 'su' is not supported"),
+        ({"rope_parameters": {"rope_type": "linear", "rope_theta": 1e4}}, "rope_type 'linear' lacks factor"),
+        ({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.5}},
+         "partial_rotary_factor 0.5 is not supported"),
+        ({"quantization_config": {"quant_method": "gptq"}}, "'quantization_config' is a quantized checkpoint"),
+        ({"embedding_multiplier": 12.0}, "'embedding_multiplier' is Granite's embedding multiplier"),
+        ({"sliding_window": 64}, "'sliding_window' is set, but Llama has no sliding window"),
         ({"rope_theta": 1e4, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}, "disagrees"),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"hidden_size": None}, "missing 'hidden_size'"),
@@ -164,32 +171,33 @@ def test_transformers_reads_written_config(tmp_path, name):
 
 @pytest.mark.parametrize("cfg", [tiny(), tiny(tie_embeddings=True), tiny(n_experts=3)], ids=["dense", "tied", "moe"])
 def test_key_table_maps_every_name_both_ways(cfg):
+    table = hf.key_table(cfg)
     hf_names = hf.hf_shapes(cfg)
     seen = set()
     for name in hf.btx_shapes(cfg):
-        for e, hf_name in enumerate(hf.hf_names_for(name, cfg.n_experts)):
+        for e, hf_name in enumerate(table.hf_names(name, cfg.n_experts)):
             stacked = name.endswith(("ffn.w1", "ffn.w2", "ffn.w3"))
-            assert hf.btx_name_for(hf_name) == (name, e if stacked else None)
+            assert table.btx_name(hf_name) == (name, e if stacked else None)
             assert hf_name in hf_names
             seen.add(hf_name)
     assert seen == set(hf_names)  # nothing unmapped, nothing invented
     assert ("lm_head.weight" in hf_names) == (not cfg.tie_embeddings)
     if cfg.is_moe:
-        assert hf.hf_name_for("layers.1.ffn.w3", expert=2) == "model.layers.1.block_sparse_moe.experts.2.w3.weight"
-        assert hf.hf_name_for("layers.0.ffn.router.weight") == "model.layers.0.block_sparse_moe.gate.weight"
+        assert table.hf_name("layers.1.ffn.w3", expert=2) == "model.layers.1.block_sparse_moe.experts.2.w3.weight"
+        assert table.hf_name("layers.0.ffn.router.weight") == "model.layers.0.block_sparse_moe.gate.weight"
         assert hf_names["model.layers.0.block_sparse_moe.experts.0.w2.weight"] == (cfg.dim, cfg.ffn_dim)
         with pytest.raises(ValueError, match="expert"):
-            hf.hf_name_for("layers.0.ffn.w1")
+            table.hf_name("layers.0.ffn.w1")
     else:
-        assert hf.hf_name_for("layers.1.ffn.w1.weight") == "model.layers.1.mlp.gate_proj.weight"
+        assert table.hf_name("layers.1.ffn.w1.weight") == "model.layers.1.mlp.gate_proj.weight"
     with pytest.raises(KeyError):
-        hf.btx_name_for("model.layers.0.mlp.experts.gate_up_proj")  # read-only spelling, never written
+        table.btx_name("model.layers.0.mlp.experts.gate_up_proj")  # read-only spelling, never written
 
 
 def test_unstack_and_stack_round_trip():
     cfg = tiny(n_experts=3)
     sd = random_state_dict(cfg)
-    pairs = dict(hf.hf_tensors_from_btx(sd))
+    pairs = dict(hf.hf_tensors_from_btx(sd, cfg))
     assert torch.equal(pairs["model.layers.1.block_sparse_moe.experts.2.w1.weight"], sd["layers.1.ffn.w1"][2])
     back = hf.btx_state_dict_from_hf(pairs, cfg)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
@@ -221,7 +229,7 @@ def test_write_then_read_gives_identical_tensors(tmp_path, dtype, sharded):
     assert leftovers(tmp_path) == []
 
     # The files are plain safetensors: the library opens them, lazily and eagerly.
-    expected = {n: t.to(dtype) for n, t in hf.hf_tensors_from_btx(sd)}
+    expected = {n: t.to(dtype) for n, t in hf.hf_tensors_from_btx(sd, cfg)}
     loaded = {}
     for shard in shards:
         with safe_open(out / shard, framework="pt") as f:
@@ -275,7 +283,7 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
     sd = random_state_dict(cfg)
     calls, alive = [], []
     specs = []
-    for name, t in hf.hf_tensors_from_btx(sd):
+    for name, t in hf.hf_tensors_from_btx(sd, cfg):
 
         def produce(name=name, t=t):
             calls.append(name)
@@ -434,7 +442,7 @@ def test_reads_transformers_llama(tmp_path):
             assert ckpt.btx_names() == list(hf.btx_shapes(cfg))
             hf_sd = model.state_dict()
             for name in ckpt.btx_names():
-                assert torch.equal(ckpt.get_btx(name), hf_sd[hf.hf_name_for(name)]), name
+                assert torch.equal(ckpt.get_btx(name), hf_sd[hf.key_table(ckpt.cfg).hf_name(name)]), name
 
 
 def test_reads_transformers_mixtral(tmp_path):
@@ -542,8 +550,8 @@ def test_missing_shard_file_is_named(saved):
 
 def test_unknown_model_type_is_named(saved):
     config = json.loads((saved / "config.json").read_text())
-    (saved / "config.json").write_text(json.dumps(config | {"model_type": "qwen2"}))
-    with pytest.raises(BtxError, match=re.escape(f"{saved / 'config.json'}: model_type 'qwen2' is not supported")):
+    (saved / "config.json").write_text(json.dumps(config | {"model_type": "granite"}))
+    with pytest.raises(BtxError, match=re.escape(f"{saved / 'config.json'}: model_type 'granite' is not supported")):
         hf.CheckpointReader(saved)
 
 
@@ -595,7 +603,7 @@ def test_tied_config_with_lm_head_hints(saved):
 def test_tied_head_stored_anyway_is_accepted_when_equal(tmp_path):
     cfg = tiny(tie_embeddings=True)
     sd = random_state_dict(cfg)
-    tensors = {n: t.contiguous() for n, t in hf.hf_tensors_from_btx(sd)}
+    tensors = {n: t.contiguous() for n, t in hf.hf_tensors_from_btx(sd, cfg)}
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg)))
     save_file(tensors, tmp_path / "model.safetensors")

@@ -132,7 +132,9 @@ def test_missing_referenced_files(override, expected):
 
 def test_seed_path_must_exist(tmp_path):
     message = error_of(["seed.path=no/such/ckpt", "model=null"])
-    assert "seed.path: " in message and "no such checkpoint directory" in message
+    assert "seed.path: " in message and "not a checkpoint directory" in message
+    hub = error_of(["seed.path=Qwen/Qwen3-0.6B", "model=null"])  # a Hub id: download it first
+    assert "'Qwen/Qwen3-0.6B' looks like a Hugging Face Hub id" in hub and "hf download Qwen/Qwen3-0.6B" in hub
     assert "give seed.path" in error_of(["model=null"])
 
 
