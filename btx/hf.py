@@ -865,6 +865,11 @@ def write_checkpoint(
         return write(tmp)
 
 
+def has_tokenizer(directory: str | os.PathLike) -> bool:
+    """Whether a checkpoint directory holds a tokenizer btx can load (tokenizer.json or btx's own)."""
+    return any((Path(directory) / f).is_file() for f in ("tokenizer.json", "btx_tokenizer.json"))
+
+
 def copy_tokenizer_files(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:
     """Copy the tokenizer and generation files present in `src_dir`; returns their names."""
     copied = []

@@ -463,6 +463,12 @@ def _open_inputs(job: TrainJob):
     if job.init_from is not None:
         hf.CheckpointReader(job.init_from).close()  # config and headers sound (reads no tensor data)
     tokenizer = load_tokenizer(job.tokenizer)
+    if job.init_from is not None and hf.has_tokenizer(job.init_from):
+        # The export carries the checkpoint's own tokenizer files: the data must be tokenized by it.
+        own = load_tokenizer(job.init_from)
+        if own.identity() != tokenizer.identity():
+            raise BtxError(f"{job.init_from}: its tokenizer differs from the run's tokenizer ({job.tokenizer}); "
+                           f"set the recipe's tokenizer to {job.init_from} (the checkpoint's own)")
     if job.mixture is not None:
         unknown = sorted(set(job.mixture) - set(job.train_shards))
         if unknown:
@@ -593,7 +599,12 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
         export_dir = Path(job.export_dir)
         with atomic_dir(export_dir, force=True) as tmp:
             hf.save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
-            tokenizer.save(tmp)
+            # Every tokenizer file of the checkpoint it started from (chat template included);
+            # a seed trained from scratch gets the run's tokenizer.
+            if job.init_from is None or not hf.has_tokenizer(job.init_from):
+                tokenizer.save(tmp)
+            if job.init_from is not None:
+                hf.copy_tokenizer_files(job.init_from, tmp)
         del weights
         records = _MetricsLog(job.metrics_path, enabled=False).records()
         last = records[-1] if records else {}
