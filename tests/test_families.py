@@ -215,3 +215,59 @@ def test_configs_round_trip_through_btx_for_every_family(seeds):
         written = hf.config_to_hf(cfg)
         assert "rope_theta" in written and written["rope_parameters"]["rope_theta"] == cfg.rope_theta
         assert hf.config_from_hf(json.loads(json.dumps(written))) == cfg, name
+
+
+# MoE checkpoints btx did not write (another tool's merge, a released MoE): read, finetuned and
+# analysed as they are, each with the switches its class has.
+FOREIGN_MOE = {
+    "mixtral-sliding": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4}),
+    "qwen2_moe-shared": ("Qwen2Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                                      "shared_expert_intermediate_size": 40, "norm_topk_prob": False}),
+    "qwen3_moe": ("Qwen3Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
+                               "head_dim": 16, "norm_topk_prob": False}),
+    "flex_olmo": ("FlexOlmo", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
+}
+
+
+@pytest.mark.parametrize("name", list(FOREIGN_MOE))
+def test_moe_checkpoints_from_elsewhere_match_transformers(name, tmp_path):
+    prefix, overrides = FOREIGN_MOE[name]
+    model = transformers_model(prefix, overrides, seed=7)
+    model.save_pretrained(tmp_path)
+    cfg = hf.CheckpointReader(tmp_path).cfg
+    assert cfg.n_experts == 4 and cfg.norm_topk_prob == overrides.get("norm_topk_prob", True)
+    assert cfg.shared_expert_dim == overrides.get("shared_expert_intermediate_size", 0)
+    torch.testing.assert_close(btx_logits(tmp_path), hf_logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_expert_with_another_chat_template_is_refused(seeds, tmp_path):
+    seed = tmp_path / "seed"
+    hf.save_model(hf.load_model(seeds["qwen3"]), None, seed)
+    (seed / "chat_template.jinja").write_text("{{ messages }}")
+    expert = make_expert(seed, tmp_path / "code", 0)
+    assert (expert / "chat_template.jinja").is_file()  # save_model(tokenizer_from=seed) carried it
+    (expert / "chat_template.jinja").write_text("{{ messages | tojson }}")
+    with pytest.raises(BtxError, match=r"code/chat_template.jinja: differs from the seed's chat_template.jinja"):
+        merge(seed, {"code": expert}, tmp_path / "out", allow_no_manifest=True, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refusals_are_one_line_with_exit_2_and_write_nothing(seeds, tmp_path, capsys):
+    from btx.cli import main as cli_main
+
+    gemma = tmp_path / "gemma"
+    gemma.mkdir()
+    (gemma / "config.json").write_text(json.dumps(json.loads((seeds["llama"] / "config.json").read_text())
+                                                  | {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    cases = [
+        (["--seed", str(seeds["llama-bias"]), "--upcycle", "2"], "Mixtral's projections have no biases"),
+        (["--seed", str(gemma), "--upcycle", "2"], "model_type 'gemma' is not supported"),
+        (["--seed", "meta-llama/Llama-3.2-1B", "--upcycle", "2"], "looks like a Hugging Face Hub id"),
+        (["--seed", str(seeds["qwen3"]), "--expert", "code=Qwen/Qwen3-0.6B"], "hf download Qwen/Qwen3-0.6B"),
+    ]
+    for args, message in cases:
+        out = tmp_path / "out"
+        assert cli_main(["merge", *args, "--out", str(out), "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not out.exists()

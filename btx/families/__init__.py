@@ -20,14 +20,15 @@ common to all of them, once:
 - `fillers(cfg)`: zero tensors the form needs that btx's model does not hold.
 - `moe_unsupported(cfg)`: why a dense model's MoE form cannot express it (merge refuses then).
 
-To add a family: one file defining FAMILY (dense form, MoE form, attention keys, switches), its
-name in `_FAMILY_MODULES`, and its parity test in tests/test_families.py.
+To add a family: one file here defining FAMILY (dense form, MoE form, attention keys, switches;
+it is found by name), and its variants in tests/test_families.py.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
+import pkgutil
 from collections.abc import Mapping
 
 from btx.errors import BtxError
@@ -39,10 +40,22 @@ __all__ = [
     "key_table", "moe_unsupported", "read_config", "write_config",
 ]  # fmt: skip
 
-_FAMILY_MODULES = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
-FAMILIES: dict[str, Family] = {
-    name: importlib.import_module(f"btx.families.{name}").FAMILY for name in _FAMILY_MODULES
-}
+def _discover() -> dict[str, Family]:
+    """Every module of this package that defines FAMILY (base and form-only modules do not)."""
+    found = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        family = getattr(module, "FAMILY", None)
+        if family is not None:
+            found[family.name] = family
+    return found
+
+
+# Listed first: the families researchers bring most; then any other family file, by name.
+_ORDER = ("llama", "mistral", "qwen2", "qwen3", "olmo2")
+_FOUND = _discover()
+FAMILIES: dict[str, Family] = {n: _FOUND[n] for n in _ORDER if n in _FOUND} | _FOUND
+_FAMILY_MODULES = tuple(FAMILIES)
 # model_type -> (family, is MoE). Mixtral is the MoE form of both llama and mistral; a Mixtral
 # read back is given the family btx recorded under "btx" (seed_family), else mistral (whose MoE
 # Mixtral is). The choice only matters for writing a dense model, which no MoE turns into.
