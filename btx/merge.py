@@ -470,7 +470,7 @@ def _plan(
                 raise BtxError(f"{seed_in.path / hf.CONFIG_NAME}: {why}; this seed cannot be merged into an MoE")
             out_cfg = dataclasses.replace(
                 seed_in.cfg, n_experts=len(plan_experts), top_k=o.top_k, ffn_dim=ffn_out, router_mode="topk",
-                norm_topk_prob=True, shared_expert_dim=0,
+                norm_topk_prob=True, shared_expert_dim=0, expert_names=[e.name for e in plan_experts],
                 extra={**seed_in.cfg.extra, "router_aux_loss_coef": o.router_aux_loss_coef},
             )
         groups = {e.group: e for e in plan_experts}

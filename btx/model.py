@@ -80,6 +80,7 @@ class ModelConfig:
     capacity_factor: float = 1.5  # switch: slots per expert = ceil(cf * T / E)
     gumbel_rate: float = 1e-4  # sample_top1: temperature max(0.5, exp(-rate * step))
     first_layer_soft: bool = True  # sample_top1: the first MoE layer routes softly, as in the paper
+    expert_names: list[str] | None = None  # labels (e.g. the domains); the model itself ignores them
     extra: dict = field(default_factory=dict)  # config.json fields btx carries along untouched
 
     def __post_init__(self):

@@ -126,6 +126,7 @@ _INERT = (None, False, 0, 1, 1.0, [], {})  # values of those fields that change 
 _BTX_MOE_FIELDS = ("router_mode", "top_k", "capacity_factor", "gumbel_rate", "first_layer_soft")
 BTX_NOTE_FIELD = "inference_note"  # written for people under "btx"; ignored when read back
 BTX_SEED_FAMILY = "seed_family"
+BTX_EXPERTS = "experts"  # the experts' names, in order
 _DTYPE_NAMES = {"float32", "bfloat16", "float16"}
 
 
@@ -292,6 +293,9 @@ def _read_moe(hf: Mapping, form: Form, src: str) -> dict:
                        "layer sparse (decoder_sparse_step 1, no mlp_only_layers)")
     out = {"n_experts": n, "top_k": k}
     out |= _read_btx_section(hf.get("btx"), src)
+    names = out.get("expert_names")
+    if names is not None and len(names) != n:
+        raise BtxError(f"{src}: btx.experts names {len(names)} experts, but {form.experts_field} is {n}")
     if out["top_k"] > n:
         raise BtxError(f"{src}: btx.top_k {out['top_k']} is more than {form.experts_field} {n}")
     return out
@@ -303,10 +307,15 @@ def _read_btx_section(section, src: str) -> dict:
         return {}
     if not isinstance(section, dict):
         raise BtxError(f"{src}: 'btx' must be an object, got {section!r}")
-    unknown = sorted(set(section) - set(_BTX_MOE_FIELDS) - {BTX_NOTE_FIELD, BTX_SEED_FAMILY})
+    unknown = sorted(set(section) - set(_BTX_MOE_FIELDS) - {BTX_NOTE_FIELD, BTX_SEED_FAMILY, BTX_EXPERTS})
     if unknown:
         raise BtxError(f"{src}: unknown key(s) {unknown} under 'btx'; known: {list(_BTX_MOE_FIELDS)}")
     out = {k: v for k, v in section.items() if k in _BTX_MOE_FIELDS}
+    names = section.get(BTX_EXPERTS)
+    if names is not None:
+        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+            raise BtxError(f"{src}: btx.experts must list distinct expert names, got {names!r}")
+        out["expert_names"] = names
     if "top_k" in out and (isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1):
         raise BtxError(f"{src}: btx.top_k must be a positive integer, got {out['top_k']!r}")
     if "router_mode" in out and out["router_mode"] not in ROUTER_MODES:
@@ -447,6 +456,8 @@ def write_config(cfg: ModelConfig, dtype: str | None = None) -> dict:
         out["output_router_logits"] = cfg.extra.get("output_router_logits", True)
         section = {f: getattr(cfg, f) for f in _BTX_MOE_FIELDS}
         section[BTX_SEED_FAMILY] = cfg.family
+        if cfg.expert_names is not None:
+            section[BTX_EXPERTS] = list(cfg.expert_names)
         note = inference_note(cfg)
         if note:
             section[BTX_NOTE_FIELD] = note
