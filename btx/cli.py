@@ -267,11 +267,41 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     adhoc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="output dtype (default: the inputs')")
     adhoc.add_argument("--shard-size", metavar="SIZE", help="output shard size, e.g. 5GB (default), 500MB")
+    edit = p.add_argument_group("editing a finished MoE (with --out; --router-init, --router-std, --router-seed, "
+                                "--top-k, --dtype and --shard-size apply too)")
+    edit.add_argument("--into", metavar="MOE", help="the MoE to grow or shrink (btx's, or any MoE btx reads)")
+    edit.add_argument("--add-expert", action="append", default=[], metavar="NAME=DIR",
+                      help="a dense expert trained from the MoE's seed, added as one more expert; repeat")
+    edit.add_argument("--remove-expert", action="append", default=[], metavar="NAME",
+                      help="an expert to remove, with its router rows (FlexOlmo's opt-out); repeat")
+    edit.add_argument("--shared", choices=("keep", "average"),
+                      help="the shared (non-FFN) weights: keep the MoE's (default), or average in the new experts'")
+    edit.add_argument("--shared-weight", type=float, metavar="W",
+                      help="--shared average: the new experts' weight (default: as much as each existing expert)")
+    edit.add_argument("--allow-foreign", action="store_true",
+                      help="add an expert even if nothing shows it was trained from the MoE's seed")
+
+
+_EDIT_ONLY = ("add_expert", "remove_expert", "shared", "shared_weight", "allow_foreign")
+_MERGE_ONLY = ("seed", "expert", "upcycle", "average_all", "no_keep_seed", "weights", "centroid_data",
+               "centroid_tokens", "centroid_device", "granularity", "chunks", "recipe")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from btx.startup import checkpoint_files, quick_import, readahead
 
+    if args.into is not None:
+        clash = [d for d in _MERGE_ONLY if getattr(args, d, None) not in (None, False, [])]
+        if clash:
+            flag = "RECIPE" if clash[0] == "recipe" else "--" + clash[0].replace("_", "-")
+            raise BtxError(f"merge --into: {flag} belongs to a merge of dense experts, not to editing an MoE")
+        readahead(checkpoint_files([args.into, *(e.partition("=")[2] for e in args.add_expert)]))
+        with quick_import():
+            from btx.grow import edit_command
+        return edit_command(args)
+    given = [d for d in _EDIT_ONLY if getattr(args, d, None) not in (None, False, [])]
+    if given:
+        raise BtxError(f"merge: --{given[0].replace('_', '-')} edits a finished MoE: give --into MOE")
     # A merge is mostly I/O: have the disk read the inputs while torch is imported.
     readahead(checkpoint_files(_merge_inputs(args)))
     with quick_import():
@@ -366,8 +396,8 @@ COMMANDS: dict[str, Command] = {
                       add_branch_arguments),
     "status": Command(cmd_status, "where every expert job stands: state, step, loss, tokens/s, ETA",
                       add_status_arguments),
-    "merge": Command(cmd_merge, "seed + domain experts -> one Mixtral MoE checkpoint (FFNs become experts, "
-                     "the rest averaged, new routers)", add_merge_arguments),
+    "merge": Command(cmd_merge, "seed + domain experts -> one MoE checkpoint (FFNs become experts, the rest "
+                     "averaged, new routers); --into grows or shrinks a finished MoE", add_merge_arguments),
     "eval": Command(cmd_eval, "per-domain validation loss/perplexity of checkpoints, with the BTM ensemble and "
                     "baselines", add_eval_arguments),
     "run": Command(cmd_run, "the whole pipeline from one recipe (prepare, seed, branch, merge, finetune, eval, "
