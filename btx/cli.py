@@ -38,7 +38,7 @@ class Command:
 def add_recipe_arguments(p: argparse.ArgumentParser, required: bool = True) -> None:
     """RECIPE and its KEY=VALUE overrides, as every recipe-driven command takes them."""
     p.add_argument("recipe", metavar="RECIPE", nargs=None if required else "?",
-                   help="experiment recipe (YAML)")
+                   help="experiment recipe (a YAML file, or the name of a built-in one: see `btx recipes`)")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*",
                    help="recipe overrides in OmegaConf dotlist form, e.g. merge.top_k=1 train.steps=20")
 
@@ -382,6 +382,30 @@ def cmd_run(args: argparse.Namespace) -> int:
     return run(recipe, overrides, until=args.until, from_stage=args.from_stage)
 
 
+# ---------------------------------------------------------------------------------------------
+# btx recipes
+# ---------------------------------------------------------------------------------------------
+
+
+def add_recipes_arguments(p: argparse.ArgumentParser) -> None:
+    pass
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from btx.recipe import builtin_recipes, builtin_recipes_dir
+
+    table = Table(title=f"built-in recipes ({builtin_recipes_dir()})", title_justify="left")
+    table.add_column("name", no_wrap=True)
+    table.add_column("what it is")
+    for name, what in builtin_recipes().items():
+        table.add_row(name, what)
+    console().print(table)
+    console().print("Run one by name, e.g. `btx run demo`; copy its directory to make your own.")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "prepare": Command(cmd_prepare, "tokenize each domain's text/jsonl into train/val token shards",
                        add_prepare_arguments),
@@ -400,13 +424,19 @@ COMMANDS: dict[str, Command] = {
                      "averaged, new routers); --into grows or shrinks a finished MoE", add_merge_arguments),
     "eval": Command(cmd_eval, "per-domain validation loss/perplexity of checkpoints, with the BTM ensemble and "
                     "baselines", add_eval_arguments),
-    "run": Command(cmd_run, "the whole pipeline from one recipe (prepare, seed, branch, merge, finetune, eval, "
-                   "analyze); skips finished stages; alone it runs the embedded CPU demo", add_run_arguments),
+    "run": Command(cmd_run, "the whole pipeline from one recipe (prepare, seed, branch, merge, finetune, "
+                   "baselines, eval, analyze); skips finished stages; alone it runs the embedded CPU demo",
+                   add_run_arguments),
+    "recipes": Command(cmd_recipes, "list the recipes btx ships (run one by name: btx run demo)",
+                       add_recipes_arguments),
 }
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, like every other btx error
+        # argparse names the optional KEY=VALUE list too when RECIPE is missing; only RECIPE is required
+        message = message.replace("required: RECIPE, KEY=VALUE", "required: RECIPE (a recipe file, or a built-in "
+                                  "recipe's name such as demo: see `btx recipes`)")
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 

@@ -391,14 +391,14 @@ STAGE_FUNCTIONS: dict[str, Callable[[Pipeline, bool], StageOutcome]] = {
 def run(recipe: str | Path | None = None, overrides: list[str] | None = None, *, until: str | None = None,
         from_stage: str | None = None, console: Console | None = None) -> int:
     """Run the pipeline; returns the exit status. `recipe=None` runs the embedded demo."""
-    from btx.recipe import builtin_recipe, load_experiment
+    from btx.recipe import builtin_recipe, load_experiment, resolve_recipe
 
     console = console or Console()
     overrides = list(overrides or [])
     for flag, stage in (("--until", until), ("--from", from_stage)):
         if stage is not None and stage not in STAGES:
             raise BtxError(f"{flag} {stage}: unknown stage; expected one of {', '.join(STAGES)}")
-    recipe_path = Path(recipe) if recipe is not None else builtin_recipe("demo")
+    recipe_path = resolve_recipe(recipe) if recipe is not None else builtin_recipe("demo")
     exp = load_experiment(recipe_path, overrides)
     pipeline = Pipeline(exp, recipe_path, overrides, console)
     start = time.perf_counter()

@@ -512,8 +512,9 @@ class Experiment:
 
 
 def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> Experiment:
-    """Load, resolve and validate an experiment recipe and every domain recipe it names."""
-    path = Path(path)
+    """Load, resolve and validate an experiment recipe and every domain recipe it names. `path` is
+    a recipe file, or the name of a recipe btx ships (`demo`; see `btx recipes`)."""
+    path = resolve_recipe(path)
     overrides = list(overrides or [])
     label = _label(path, overrides)
     raw = _read_yaml(path)
@@ -654,6 +655,30 @@ def builtin_recipes_dir() -> Path:
     raise BtxError(f"{package}: btx's built-in recipes are missing from this installation")
 
 
+def resolve_recipe(spec: str | os.PathLike) -> Path:
+    """A recipe file as given, or, when no such file exists and `spec` is a bare name, the built-in
+    recipe of that name (recipes/<name>/btx.yaml), so `btx run demo` works from a wheel too."""
+    path = Path(spec)
+    if path.exists() or os.sep in str(spec) or path.suffix in (".yaml", ".yml"):
+        return path
+    shipped = builtin_recipes_dir() / str(spec) / "btx.yaml"
+    return shipped if shipped.is_file() else path
+
+
+def builtin_recipes() -> Dict[str, str]:
+    """{name: first line of its description} for every recipe btx ships."""
+    out = {}
+    for path in sorted(builtin_recipes_dir().glob("*/btx.yaml")):
+        paragraph = []
+        for line in path.read_text().splitlines():
+            if not line.startswith("#") or not line.strip("# "):
+                break
+            paragraph.append(line.lstrip("#").strip())
+        text = " ".join(paragraph)
+        out[path.parent.name] = re.split(r"\.\s+(?=[A-Z])", text)[0].rstrip(".") + "." if text else ""
+    return out
+
+
 def builtin_recipe(name: str) -> Path:
     """`builtin_recipe("demo")` -> the demo's experiment recipe (recipes/demo/btx.yaml)."""
     path = builtin_recipes_dir() / name / "btx.yaml"
@@ -689,7 +714,11 @@ def _label(path: Path, overrides: List[str]) -> str:
 
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
-        raise BtxError(f"{path}: no such recipe file")
+        hint = ""
+        if os.sep not in str(path) and path.suffix not in (".yaml", ".yml"):
+            names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+            hint = f" and no built-in recipe of that name (built-in: {', '.join(names)}{_suggest(str(path), names)})"
+        raise BtxError(f"{path}: no such recipe file{hint}")
     try:
         cfg = OmegaConf.load(path)
     except yaml.YAMLError as e:

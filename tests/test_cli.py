@@ -144,3 +144,37 @@ def test_merge_inputs_are_known_before_the_merge_runs(tmp_path):
     experts = [tmp_path / "experts" / d / "final" for d in ("code", "prose")]
     assert cli._merge_inputs(args) == [tmp_path / "seed", *experts]
     assert cli._merge_inputs(parse(["merge", str(FIXTURE), "no_such_key=1"])) == []
+
+
+def test_named_recipes(tmp_path, capsys):
+    from btx.recipe import builtin_recipes, load_experiment
+
+    assert load_experiment("demo").path == load_experiment(Path(__file__).parents[1] / "recipes/demo/btx.yaml").path
+    assert set(builtin_recipes()) >= {"demo", "llama2-7b"}
+    assert main(["recipes"]) == 0
+    assert "demo" in capsys.readouterr().out
+    assert main(["status", "demo", f"run_dir={tmp_path}"]) == 0
+    assert main(["status", "demoo"]) == 2
+    assert "no built-in recipe of that name (built-in: demo, llama2-7b (did you mean demo?))" in capsys.readouterr().err
+    proc = subprocess.run([sys.executable, "-m", "btx", "status"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "KEY=VALUE" not in proc.stderr and "required: RECIPE (" in proc.stderr
+
+
+def test_named_recipes_from_a_wheel_install(tmp_path):
+    """A wheel has no recipes/ directory to point at: `btx run demo` and `btx status demo` find
+    the recipes it ships inside the package (btx/_recipes)."""
+    repo = Path(__file__).parents[1]
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("btx-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True)
+    env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "300"}
+    run = lambda *args: subprocess.run([sys.executable, "-m", "btx", *args], cwd=tmp_path, env=env,  # noqa: E731
+                                       capture_output=True, text=True)
+    listed = run("recipes")
+    assert listed.returncode == 0 and "demo" in listed.stdout and str(site / "btx" / "_recipes") in listed.stdout.replace("\n", "")
+    status = run("status", "demo", f"run_dir={tmp_path / 'run'}")
+    assert status.returncode == 0, status.stderr
+    assert "pending" in status.stdout
