@@ -53,6 +53,12 @@ _env_added: dict[str, str] = {}  # rendezvous variables btx set for a world of o
 _TAG = "deepspeed"  # the one checkpoint tag inside a step directory: <step-N>/deepspeed/...
 PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's names -> DeepSpeed's
 
+# Without CUDA, DeepSpeed's accelerator detection falls back to the CPU with a warning on every
+# import ("Setting accelerator to CPU..."); naming the CPU ourselves is the same choice, quietly.
+# A user's own DS_ACCELERATOR wins.
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
 
 def on_gpu() -> bool:
     from deepspeed.accelerator import get_accelerator
