@@ -59,7 +59,7 @@ SHARED_POLICIES = ("keep", "average")
 MAX_SHARED_DISTANCE = 0.5  # relative L2 distance of shared weights above which an expert is foreign
 _CHUNK_BYTES = 32 << 20
 # ModelConfig fields that describe the MoE, not the architecture a dense expert must share with it.
-_MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor",
+_MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor", "moe_form",
                "gumbel_rate", "first_layer_soft", "expert_names", "extra"}
 
 
@@ -247,17 +247,21 @@ class _Producer:
 
     def __init__(self, edit: _Edit):
         self.edit = edit
-        self.table = hf.key_table(edit.moe.cfg)
 
     def _stored(self, reader: hf.CheckpointReader, btx_name: str, expert: int | None) -> hf.FileRange | None:
-        """The bytes of one stored tensor, when they are the output tensor unchanged."""
+        """The bytes of one stored tensor (expert `expert` of a stacked one), when they are the output
+        tensor unchanged: one tensor per expert, or an expert's rows of a stacked tensor."""
         src = reader.plan[btx_name]
-        if src.rule.layout not in ("same", "expert"):
-            return None  # a fused 5.x layout: computed from the fused tensor instead
-        name = src.hf_names[expert] if src.rule.layout == "expert" else src.hf_names[0]
+        if src.rule.layout == "expert":
+            name, rows = src.hf_names[expert], None
+        elif src.rule.layout == "same":
+            name = src.hf_names[0]
+            rows = (expert, expert + 1) if expert is not None else None
+        else:
+            return None  # half of a fused gate/up tensor: computed from it instead
         if reader.info(name).dtype != self.edit.dtype:
             return None
-        return reader.file_range(name)
+        return reader.file_range(name, rows)
 
     def expert(self, btx_name: str, e: int) -> torch.Tensor | hf.FileRange:
         edit = self.edit
@@ -294,20 +298,15 @@ class _Producer:
         return mean.lerp_(new, edit.shared_weight).to(edit.dtype)
 
     def specs(self) -> list[hf.TensorSpec]:
-        cfg, dtype = self.edit.out_cfg, self.edit.dtype
-        table = hf.key_table(cfg)
-        specs = []
-        for name, shape in hf.btx_shapes(cfg).items():
+        dtype = self.edit.dtype
+
+        def piece(name: str, e: int | None):
             if name.endswith(".ffn.router.weight"):
-                layer = int(name.split(".")[1])
-                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, lambda n=name, i=layer: self.router(n, i)))
-            elif table.stacked(name):
-                for e in range(shape[0]):
-                    specs.append(hf.TensorSpec(table.hf_name(name, e), shape[1:], dtype,
-                                               lambda n=name, e=e: self.expert(n, e)))
-            else:
-                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, lambda n=name: self.shared(n)))
-        return specs + hf.filler_specs(cfg, dtype)
+                return self.router(name, int(name.split(".")[1]))
+            return self.expert(name, e) if e is not None else self.shared(name)
+
+        return [hf.TensorSpec(t.name, t.shape, dtype, lambda t=t: hf.build_hf_tensor(t, piece, dtype))
+                for t in hf.hf_layout(self.edit.out_cfg)]
 
 
 def edit_moe(

@@ -160,30 +160,60 @@ def btx_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return out
 
 
+def hf_layout(cfg: ModelConfig) -> list[families.HfTensor]:
+    """Every HF tensor a btx checkpoint of `cfg` holds, in checkpoint order, with the btx
+    parameters each is made of (the family's zero fillers last)."""
+    fill = [families.HfTensor(n, shape, ()) for n, shape in families.fillers(cfg)]
+    return key_table(cfg).layout(btx_shapes(cfg)) + fill
+
+
 def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every HF tensor a btx checkpoint of `cfg` holds, with its shape, in checkpoint order."""
-    table = key_table(cfg)
-    out: dict[str, tuple[int, ...]] = {}
-    for name, shape in btx_shapes(cfg).items():
-        stacked = table.stacked(name)
-        for hf in table.hf_names(name, cfg.n_experts):
-            out[hf] = shape[1:] if stacked else shape
-    out |= dict(families.fillers(cfg))
+    return {t.name: t.shape for t in hf_layout(cfg)}
+
+
+def is_expert_param(btx_name: str) -> bool:
+    """The stacked [E, ...] expert weights of an MoE layer (docs/CONTRACTS.md)."""
+    return btx_name.endswith(families.EXPERT_PARAMS)
+
+
+def build_hf_tensor(t: families.HfTensor, piece: Callable, dtype: torch.dtype):
+    """HF tensor `t` from its btx pieces: `piece(btx_name, expert)` returns expert `expert` of a
+    stacked parameter, or a whole parameter when `expert` is None (a tensor, or a FileRange where
+    its stored bytes are the output unchanged). A zero filler (no pieces) is zeros."""
+    if not t.pieces:
+        return torch.zeros(t.shape, dtype=dtype)
+    if len(t.pieces) == 1 and (t.pieces[0].layout == "expert" or not is_expert_param(t.pieces[0].btx)):
+        (p,) = t.pieces
+        return piece(p.btx, p.expert)
+    out = torch.empty(t.shape, dtype=dtype)  # experts gathered into one stored tensor
+    for p in t.pieces:
+        F = t.shape[1] // 2
+        rows = {"gate_half": slice(0, F), "up_half": slice(F, 2 * F), "same": slice(None)}[p.layout]
+        for e in range(t.shape[0]):
+            got = piece(p.btx, e)
+            out[e, rows].copy_(got if isinstance(got, torch.Tensor) else _read_range(got, out[e, rows]))
     return out
+
+
+def _read_range(src: "FileRange", like: torch.Tensor) -> torch.Tensor:
+    buf = torch.empty(like.shape, dtype=like.dtype)
+    with open(src.path, "rb") as f:
+        f.seek(src.offset)
+        view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
+        if f.readinto(view) != src.nbytes:
+            raise BtxError(f"{src.path}: ended early while being read (truncated?)")
+    return buf
 
 
 def hf_tensors_from_btx(
     state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """(HF name, tensor) for every btx parameter, experts unstacked (as views, nothing copied)."""
-    table = key_table(cfg)
-    for name, tensor in state_dict.items():
-        if table.stacked(name):
-            for e in range(tensor.shape[0]):
-                yield table.hf_name(name, e), tensor[e]
-        else:
-            yield table.hf_name(name), tensor
-
+    """(HF name, tensor) for every tensor of a btx state dict's checkpoint: experts unstacked as
+    views (nothing copied), or gathered into the fused tensors a form stores."""
+    for t in key_table(cfg).layout({k: tuple(v.shape) for k, v in state_dict.items()}):
+        yield t.name, build_hf_tensor(t, lambda n, e: state_dict[n] if e is None else state_dict[n][e],
+                                      state_dict[t.pieces[0].btx].dtype)
 
 
 class FileRange(NamedTuple):
@@ -221,24 +251,14 @@ def hf_specs_from_btx(
         raise ValueError(
             f"state dict does not match the config: missing {_few(missing)}, unexpected {_few(extra)}"
         )
-    table = key_table(cfg)
-    specs = []
     for name, shape in want.items():
-        t = state_dict[name]
-        if tuple(t.shape) != shape:
-            raise ValueError(f"state dict: {name} has shape {tuple(t.shape)}, the config implies {shape}")
-        if table.stacked(name):
-            for e in range(shape[0]):
-                specs.append(TensorSpec(table.hf_name(name, e), shape[1:], dtype, lambda t=t, e=e: t[e]))
-        else:
-            specs.append(TensorSpec(table.hf_name(name), shape, dtype, lambda t=t: t))
-    return specs + filler_specs(cfg, dtype)
+        if tuple(state_dict[name].shape) != shape:
+            raise ValueError(f"state dict: {name} has shape {tuple(state_dict[name].shape)}, the config implies {shape}")
 
+    def piece(name: str, e: int | None) -> torch.Tensor:
+        return state_dict[name] if e is None else state_dict[name][e]
 
-def filler_specs(cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
-    """Specs of the zero tensors `cfg`'s form needs beyond btx's parameters."""
-    return [TensorSpec(n, shape, dtype, lambda shape=shape: torch.zeros(shape, dtype=dtype))
-            for n, shape in families.fillers(cfg)]
+    return [TensorSpec(t.name, t.shape, dtype, lambda t=t: build_hf_tensor(t, piece, dtype)) for t in hf_layout(cfg)]
 
 
 class BtxSource(NamedTuple):

@@ -646,20 +646,17 @@ class _Mixer:
 
     def specs(self) -> list[hf.TensorSpec]:
         """Every output tensor, by HF name through the family's key table, in checkpoint order."""
-        dtype, specs = self.plan.dtype, []
-        table = hf.key_table(self.plan.out_cfg)
-        for name, shape in self.shapes.items():
+        dtype = self.plan.dtype
+
+        def piece(name: str, e: int | None):
             if name.endswith(".ffn.router.weight"):
-                layer = int(name.split(".")[1])
-                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, lambda i=layer: self.router(i)))
-            elif table.stacked(name):
-                for e in range(shape[0]):
-                    produce = lambda n=name, e=e: self.stored(n, e) or self.expert(n, e)  # noqa: E731
-                    specs.append(hf.TensorSpec(table.hf_name(name, e), shape[1:], dtype, produce))
-            else:
-                produce = lambda n=name: self.stored(n) or self.average(n)  # noqa: E731
-                specs.append(hf.TensorSpec(table.hf_name(name), shape, dtype, produce))
-        return specs + hf.filler_specs(self.plan.out_cfg, dtype)
+                return self.router(int(name.split(".")[1]))
+            if e is not None:
+                return self.stored(name, e) or self.expert(name, e)
+            return self.stored(name) or self.average(name)
+
+        return [hf.TensorSpec(t.name, t.shape, dtype, lambda t=t: hf.build_hf_tensor(t, piece, dtype))
+                for t in hf.hf_layout(self.plan.out_cfg)]
 
 
 # --------------------------------------------------------------------------------------------

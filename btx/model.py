@@ -69,8 +69,10 @@ class ModelConfig:
     norm_placement: str = "pre"  # pre | post
     sliding_window: int | None = None
     sliding_layers: list[int] | None = None  # with sliding_window: None = every layer
-    # Which btx.families spec reads and writes this model's checkpoints.
+    # Which btx.families spec reads and writes this model's checkpoints, and, for an MoE, which of
+    # its MoE forms (model_type) when not the family's default (None: chosen by the family).
     family: str = "llama"
+    moe_form: str | None = None
     # Mixture of experts; n_experts == 0 is the dense model.
     n_experts: int = 0
     top_k: int = 2

@@ -33,6 +33,7 @@ VARIANTS = {
     "llama": ("Llama", {}, True),
     "llama-head_dim": ("Llama", {"head_dim": 16}, True),
     "llama-bias": ("Llama", {"attention_bias": True, "mlp_bias": True}, False),
+    "llama-attention-bias": ("Llama", {"attention_bias": True}, True),  # -> GraniteMoe, Mixtral has no biases
     "llama-rope-linear": ("Llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": ROPE}}, True),
     "llama-rope-dynamic": ("Llama", {"max_position_embeddings": 8,  # S > 8: the NTK base grows
                                      "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": ROPE}}, True),
@@ -143,7 +144,8 @@ def test_merged_moe_matches_transformers(seeds, name, tmp_path):
     merge(seed, experts, out, MergeOptions(router_std=0.5), allow_no_manifest=True, progress=False)
     config = json.loads((out / "config.json").read_text())
     prefix = VARIANTS[name][0]
-    assert config["architectures"] == [f"{MOE_CLASS[prefix]}ForCausalLM"]
+    moe_class = "GraniteMoe" if name == "llama-attention-bias" else MOE_CLASS[prefix]
+    assert config["architectures"] == [f"{moe_class}ForCausalLM"]
     assert config["output_router_logits"] is True and config["router_aux_loss_coef"] == 0.01
     moe = load_clean(out)
     assert moe.config.num_experts_per_tok == 2
@@ -226,6 +228,9 @@ FOREIGN_MOE = {
     "qwen3_moe": ("Qwen3Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
                                "head_dim": 16, "norm_topk_prob": False}),
     "flex_olmo": ("FlexOlmo", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
+    "granitemoe-neutral": ("GraniteMoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True,
+                                          "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
+                                          "logits_scaling": 1.0, "attention_multiplier": HD**-0.5}),
 }
 
 
@@ -238,6 +243,14 @@ def test_moe_checkpoints_from_elsewhere_match_transformers(name, tmp_path):
     assert cfg.n_experts == 4 and cfg.norm_topk_prob == overrides.get("norm_topk_prob", True)
     assert cfg.shared_expert_dim == overrides.get("shared_expert_intermediate_size", 0)
     torch.testing.assert_close(btx_logits(tmp_path), hf_logits(model), rtol=1e-5, atol=1e-5)
+
+
+def test_granite_multipliers_btx_does_not_implement_are_refused(tmp_path):
+    model = transformers_model("GraniteMoe", {"num_local_experts": 2, "num_experts_per_tok": 1,
+                                              "embedding_multiplier": 12.0}, seed=8)
+    model.save_pretrained(tmp_path)
+    with pytest.raises(BtxError, match="'embedding_multiplier' is 12.0; btx reads GraniteMoe only with its multipliers at 1"):
+        hf.CheckpointReader(tmp_path)
 
 
 def test_expert_with_another_chat_template_is_refused(seeds, tmp_path):

@@ -28,9 +28,11 @@ BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_atten
             max_position_embeddings=128)  # fmt: skip
 # family -> (transformers class prefix, config overrides, MoE class the merge writes)
 FAMILIES = {
-    "llama": ("Llama", {"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                            "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                            "original_max_position_embeddings": 16}}, "Mixtral"),
+    # a biased Llama with Llama-3 RoPE: merged into GraniteMoe (Mixtral has no biases); the plain
+    # Llama -> Mixtral path is the pipeline tests' from-scratch seed, and mistral's below
+    "llama": ("Llama", {"attention_bias": True, "rope_parameters": {
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}, "GraniteMoe"),
     "mistral": ("Mistral", {"sliding_window": 8}, "Mixtral"),  # training windows of 32 > 8
     "qwen2": ("Qwen2", {"tie_word_embeddings": True}, "Qwen2Moe"),
     "qwen3": ("Qwen3", {"head_dim": 16}, "Qwen3Moe"),

@@ -1,7 +1,7 @@
 """The model families btx reads, and what they become when merged.
 
     family   dense seed (model_type)   MoE form btx writes
-    llama    LlamaForCausalLM          MixtralForCausalLM
+    llama    LlamaForCausalLM          MixtralForCausalLM (GraniteMoeForCausalLM with attention biases)
     mistral  MistralForCausalLM        MixtralForCausalLM (sliding_window carried)
     qwen2    Qwen2ForCausalLM          Qwen2MoeForCausalLM (zero-width shared expert)
     qwen3    Qwen3ForCausalLM          Qwen3MoeForCausalLM
@@ -32,11 +32,12 @@ import pkgutil
 from collections.abc import Mapping
 
 from btx.errors import BtxError
-from btx.families.base import Family, Filler, Form, KeyRule, KeyTable
+from btx.families.base import EXPERT_PARAMS, Family, Filler, Form, HfTensor, KeyRule, KeyTable, Piece
 from btx.model import ROPE_TYPES, ROUTER_MODES, ModelConfig
 
 __all__ = [
-    "FAMILIES", "Family", "Filler", "Form", "KeyRule", "KeyTable", "family_of", "fillers", "form_of",
+    "EXPERT_PARAMS", "FAMILIES", "Family", "Filler", "Form", "HfTensor", "KeyRule", "KeyTable", "Piece", "family_of",
+    "fillers", "form_of",
     "key_table", "moe_unsupported", "read_config", "write_config",
 ]  # fmt: skip
 
@@ -61,7 +62,8 @@ _FAMILY_MODULES = tuple(FAMILIES)
 # Mixtral is). The choice only matters for writing a dense model, which no MoE turns into.
 _BY_MODEL_TYPE: dict[str, tuple[str, bool]] = {}
 for _name in reversed(_FAMILY_MODULES):  # the first family listed wins a shared MoE form
-    _BY_MODEL_TYPE[FAMILIES[_name].moe.model_type] = (_name, True)
+    for _form in FAMILIES[_name].moe_forms:
+        _BY_MODEL_TYPE[_form.model_type] = (_name, True)
 for _name in _FAMILY_MODULES:
     _BY_MODEL_TYPE[FAMILIES[_name].dense.model_type] = (_name, False)
 _BY_MODEL_TYPE["mixtral"] = ("mistral", True)
@@ -133,7 +135,7 @@ _DTYPE_NAMES = {"float32", "bfloat16", "float16"}
 def _known_elsewhere() -> frozenset[str]:
     out = set()
     for fam in FAMILIES.values():
-        for form in (fam.dense, fam.moe):
+        for form in (fam.dense, *fam.moe_forms):
             out |= form.fields | {form.experts_field, form.expert_width_field}
     return frozenset(out - {""})
 
@@ -149,16 +151,17 @@ def family_of(cfg: ModelConfig) -> Family:
 
 
 def form_of(cfg: ModelConfig) -> Form:
-    return family_of(cfg).form(cfg.is_moe)
+    return family_of(cfg).form_for(cfg)
 
 
 _TABLES: dict[tuple[str, bool], KeyTable] = {}
 
 
 def key_table(cfg: ModelConfig) -> KeyTable:
-    key = (cfg.family, cfg.is_moe)
+    form = form_of(cfg)
+    key = (cfg.family, form.model_type)
     if key not in _TABLES:
-        _TABLES[key] = KeyTable(family_of(cfg).keys(cfg.is_moe))
+        _TABLES[key] = KeyTable(family_of(cfg).keys(form))
     return _TABLES[key]
 
 
@@ -169,10 +172,11 @@ def fillers(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def moe_unsupported(cfg: ModelConfig) -> str | None:
-    """Why the MoE form of dense `cfg`'s family cannot express it, or None."""
+    """Why none of the MoE forms of dense `cfg`'s family can express it (the default form's reason), or None."""
     fam = family_of(cfg)
-    why = fam.moe.unsupported(cfg)
-    return f"{fam.moe.architecture} cannot express this {fam.dense.architecture}: {why}" if why else None
+    if any(form.unsupported(cfg) is None for form in fam.moe_forms):
+        return None
+    return f"{fam.moe.architecture} cannot express this {fam.dense.architecture}: {fam.moe.unsupported(cfg)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,7 +186,7 @@ def moe_unsupported(cfg: ModelConfig) -> str | None:
 
 def supported_types() -> str:
     dense = ", ".join(f"'{f.dense.model_type}'" for f in FAMILIES.values())
-    moe = ", ".join(sorted({f"'{f.moe.model_type}'" for f in FAMILIES.values()}))
+    moe = ", ".join(sorted({f"'{m.model_type}'" for f in FAMILIES.values() for m in f.moe_forms}))
     return f"btx reads the dense families {dense} and their MoE forms {moe}"
 
 
@@ -198,17 +202,17 @@ def read_config(hf: Mapping, source="config.json") -> ModelConfig:
     btx_section = hf.get("btx")
     if moe and isinstance(btx_section, dict) and btx_section.get(BTX_SEED_FAMILY) in FAMILIES:
         seed_family = btx_section[BTX_SEED_FAMILY]
-        if FAMILIES[seed_family].moe.model_type == model_type:
+        if model_type in (f.model_type for f in FAMILIES[seed_family].moe_forms):
             name = seed_family
     fam = FAMILIES[name]
-    form = fam.form(moe)
+    form = fam.dense if not moe else next(f for f in fam.moe_forms if f.model_type == model_type)
 
     archs = hf.get("architectures") or [form.architecture]
     if archs != [form.architecture]:
         raise BtxError(f"{src}: architectures {archs!r} is not supported for model_type '{model_type}'; "
                        f"expected ['{form.architecture}']")
     for key, what in _NOT_HONOURED.items():
-        if key in hf and hf[key] not in _INERT:
+        if key in hf and hf[key] not in _INERT and key not in form.fields:  # a form that has it checks it
             raise BtxError(f"{src}: '{key}' is {what}, which btx's {name} model does not implement; "
                            f"{model_type} checkpoints with it are not supported")
     act = hf.get("hidden_act", "silu")
@@ -268,6 +272,8 @@ def read_config(hf: Mapping, source="config.json") -> ModelConfig:
     kw |= form.read(hf, src)
     if moe:
         kw |= _read_moe(hf, form, src)
+        if form is not fam.moe:
+            kw["moe_form"] = form.model_type
     kw["extra"] = {k: v for k, v in hf.items()
                    if k not in _COMMON and k not in _DROPPED and k not in _FORM_FIELDS}
     cfg = ModelConfig(**kw)
@@ -416,8 +422,7 @@ def write_config(cfg: ModelConfig, dtype: str | None = None) -> dict:
     `dtype` (a name such as "bfloat16") is recorded as `torch_dtype` (4.x) and `dtype` (5.x).
     Fields btx does not model ride along from `cfg.extra`; fields of another form never do.
     """
-    fam = family_of(cfg)
-    form = fam.form(cfg.is_moe)
+    form = form_of(cfg)
     why = form.unsupported(cfg)
     if why:
         raise ValueError(f"{form.architecture} cannot express this model: {why}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from btx.errors import BtxError
 from btx.model import ModelConfig
@@ -26,10 +27,11 @@ class KeyRule:
     """One btx parameter and the HF tensor(s) it is stored as.
 
     layout:
-      "same"        one tensor each side, identical.
+      "same"        one tensor each side, identical (a stacked expert weight may be stored whole).
       "expert"      btx stacks experts on dim 0; HF has one tensor per expert `{e}`.
-      "gate_half"   (read only) HF 5.x fused `gate_up_proj` [E, 2F, D]: btx w1 is rows [:F].
-      "up_half"     (read only) ... btx w3 is rows [F:].
+      "gate_half"   a fused gate/up tensor [E, 2F, D] (HF 5.x `gate_up_proj`, GraniteMoe's
+                    `input_linear`): btx w1 is rows [:F] of every expert.
+      "up_half"     ... btx w3 is rows [F:].
     canonical: False marks a spelling btx accepts when reading but never writes.
     """
 
@@ -53,6 +55,22 @@ class Filler:
 def _regex(pattern: str) -> re.Pattern:
     body = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{e\}", r"(?P<e>\d+)")
     return re.compile(f"^{body}$")
+
+
+class Piece(NamedTuple):
+    """Part of an HF tensor: btx parameter `btx` (stacked: expert `expert`, or every expert)."""
+
+    btx: str
+    layout: str  # same | expert | gate_half | up_half
+    expert: int | None = None
+
+
+class HfTensor(NamedTuple):
+    """One tensor of a checkpoint, and the btx parameters it is made of."""
+
+    name: str
+    shape: tuple[int, ...]
+    pieces: tuple[Piece, ...]
 
 
 class KeyTable:
@@ -100,8 +118,33 @@ class KeyTable:
         raise KeyError(f"{hf_name!r} is not a tensor name this family's key table knows")
 
     def stacked(self, btx_name: str) -> bool:
+        """Whether `btx_name` is stored as one HF tensor per expert."""
         return self.canonical(btx_name)[0].layout == "expert"
 
+    def layout(self, btx_shapes: Mapping[str, tuple[int, ...]]) -> list[HfTensor]:
+        """Every HF tensor of a checkpoint whose btx parameters are `btx_shapes`, in order, with the
+        parameters (or expert slices of them) each is made of."""
+        out: dict[str, HfTensor] = {}
+        for name, shape in btx_shapes.items():
+            rule, i = self.canonical(name)
+            if rule.layout == "expert":
+                for e in range(shape[0]):
+                    hf = rule.hf.format(i=i, e=e)
+                    out[hf] = HfTensor(hf, shape[1:], (Piece(name, "expert", e),))
+            elif rule.layout in ("gate_half", "up_half"):
+                hf = rule.hf.format(i=i)
+                E, F, D = shape
+                prior = out.get(hf, HfTensor(hf, (E, 2 * F, D), ()))
+                pieces = sorted((*prior.pieces, Piece(name, rule.layout)), key=lambda p: p.layout != "gate_half")
+                out[hf] = prior._replace(pieces=tuple(pieces))
+            else:
+                hf = rule.hf.format(i=i)
+                out[hf] = HfTensor(hf, shape, (Piece(name, "same"),))
+        return list(out.values())
+
+
+# The stacked [E, ...] expert weights of an MoE layer (their btx names have no .weight suffix).
+EXPERT_PARAMS = ("ffn.w1", "ffn.w3", "ffn.w2")
 
 # Key rules shared by every family: embeddings, the final norm, the LM head.
 L = "model.layers.{i}"
@@ -202,13 +245,28 @@ class Family:
     attention_keys: tuple[KeyRule, ...] = PRE_NORM_ATTENTION
     # ModelConfig fields every model of the family has (e.g. qk_norm="head" for Qwen3)
     switches: Mapping = field(default_factory=dict)
-    summary: str = ""  # one line for `btx families` and errors: what the family is and becomes
+    summary: str = ""  # one line: what the family is and becomes
+    # MoE forms for the models `moe` cannot express, tried in order (llama: GraniteMoe for biases)
+    other_moe: tuple[Form, ...] = ()
 
-    def form(self, moe: bool) -> Form:
-        return self.moe if moe else self.dense
+    @property
+    def moe_forms(self) -> tuple[Form, ...]:
+        return (self.moe, *self.other_moe)
 
-    def keys(self, moe: bool) -> tuple[KeyRule, ...]:
-        return COMMON_KEYS + self.attention_keys + self.form(moe).ffn_keys
+    def form_for(self, cfg: ModelConfig) -> Form:
+        """The form `cfg` is written in: dense, the MoE form it was read from (`cfg.moe_form`), or
+        the first MoE form that can express it (the default one when none can: it says why)."""
+        if not cfg.is_moe:
+            return self.dense
+        if cfg.moe_form is not None:
+            for form in self.moe_forms:
+                if form.model_type == cfg.moe_form:
+                    return form
+            raise ValueError(f"{cfg.moe_form!r} is not an MoE form of family {self.name}")
+        return next((f for f in self.moe_forms if f.unsupported(cfg) is None), self.moe)
+
+    def keys(self, form: Form) -> tuple[KeyRule, ...]:
+        return COMMON_KEYS + self.attention_keys + form.ffn_keys
 
 
 def flag(hf: Mapping, key: str, src: str, default: bool = False) -> bool:

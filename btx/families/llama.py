@@ -9,14 +9,17 @@ config.json fields beyond the common ones (btx/families/__init__.py):
                      yarn, longrope, llama3 (btx/model.py rope_frequencies)
     pretraining_tp   carried along; it only splits matmuls in transformers 4.x, same result
 
-MoE form: Mixtral. Its projections have no biases, so a seed with attention_bias or mlp_bias is
-refused at merge with that reason (no transformers MoE class has Llama's attention with biases on
-all four projections and SwiGLU experts; training, eval and analyze of such a dense seed work).
+MoE form: Mixtral. Mixtral's projections have no biases, so a seed with attention_bias becomes
+GraniteMoe instead (btx/families/granitemoe.py: Llama's biased attention around SwiGLU experts,
+with Granite's multipliers at their neutral values). A seed with mlp_bias has no MoE form (no
+transformers MoE class has experts with biases and SwiGLU): it trains, evaluates and is analysed
+as a dense model, and merge refuses it with that reason.
 A Llama config carrying `sliding_window` (a relabelled Mistral) is refused: Llama has none.
 """
 
 from btx.errors import BtxError
 from btx.families.base import Family, Form, flag
+from btx.families.granitemoe import GRANITE_MOE
 from btx.families.mixtral import MIXTRAL
 
 
@@ -52,5 +55,6 @@ FAMILY = Family(
     name="llama",
     dense=LlamaForm(),
     moe=MIXTRAL,
-    summary="LlamaForCausalLM (Llama 2/3.x and variants) -> MixtralForCausalLM",
+    other_moe=(GRANITE_MOE,),
+    summary="LlamaForCausalLM (Llama 2/3.x and variants) -> MixtralForCausalLM (GraniteMoeForCausalLM with biases)",
 )
