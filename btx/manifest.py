@@ -363,10 +363,15 @@ def output_lock(path: str | os.PathLike, what: str = "this output") -> Iterator[
         finally:
             _held_locks[key][1] -= 1
         return
+    created = [d for d in (lock_file.parent, *lock_file.parent.parents) if not d.exists()]
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = _take_flock(lock_file, target, what)
-    if fd is None:
-        fd = _take_exclusive_file(lock_file, target, what)
+    try:
+        fd = _take_flock(lock_file, target, what)
+        if fd is None:
+            fd = _take_exclusive_file(lock_file, target, what)
+    except BaseException:
+        _remove_empty(created)
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, _holder_record(), 0)
     _held_locks[key] = [fd, 1]
@@ -376,6 +381,15 @@ def output_lock(path: str | os.PathLike, what: str = "this output") -> Iterator[
         del _held_locks[key]
         lock_file.unlink(missing_ok=True)  # while still holding it: see _take_flock
         os.close(fd)
+        _remove_empty(created)  # a job refused before it wrote anything leaves no directory
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    for directory in directories:  # deepest first
+        try:
+            directory.rmdir()
+        except OSError:
+            break
 
 
 # --------------------------------------------------------------------------------------------
