@@ -993,6 +993,23 @@ __all__ = [
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
+def shard_spec_path(spec: str | os.PathLike, label: str, split: str = "val") -> Path:
+    """The shard a command-line DOMAIN=PATH names: a `.bin`/`.json` shard made by btx prepare, or a
+    prepared domain directory (its `split` shard). `label` names the flag, e.g. "--data code=dir"."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BtxError(f"{path}: not found ({label})")
+    if path.is_dir():
+        if not (path / f"{split}.json").is_file():
+            raise BtxError(f"{path}: a directory without {split}.json ({label}); expected a btx shard "
+                           ".bin/.json or a prepared domain directory")
+        return path / f"{split}.json"
+    if path.suffix not in (".bin", ".json"):
+        raise BtxError(f"{path}: not a btx token shard ({label}); expected a .bin/.json shard made "
+                       "by btx prepare, or a prepared domain directory")
+    return path
+
+
 def parse_domain_paths(specs, expected: str, flag: str = "--data") -> dict[str, str]:
     """Command-line `DOMAIN=PATH` specs -> {domain: path}, one path per domain, in order given.
     `expected` says what PATH may be, for the error message."""

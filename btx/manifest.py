@@ -188,19 +188,38 @@ def identity(path: str | os.PathLike) -> dict:
     return {"path": str(path), "sha256": {path.name: cached_sha256(path)}}
 
 
-def _identity_file(record: dict, name: str) -> Path:
-    base = Path(record["path"])
-    return base.parent / name if base.name == name and not base.is_dir() else base / name
+def relative_identities(identities: dict | None, manifest_dir: str | os.PathLike) -> dict | None:
+    """`identities` with each input's path also relative to the directory of the DONE.json that
+    records them ("rel"), so that a run directory copied or moved elsewhere checks its own files."""
+    if identities is None:
+        return None
+    base = os.path.realpath(manifest_dir)  # `..` in a path is resolved physically, after symlinks
+    return {label: {**record, "rel": os.path.relpath(os.path.realpath(record["path"]), base)}
+            for label, record in identities.items()}
 
 
-def changed_inputs(recorded: dict | None) -> list[str]:
-    """One line per recorded input identity that no longer matches the disk ("<file>: changed")."""
+def _recorded_path(record: dict, base: Path | None) -> Path:
+    if base is not None and isinstance(record.get("rel"), str):
+        candidate = (base / record["rel"]).resolve()
+        if candidate.exists():
+            return candidate
+    return Path(record["path"])
+
+
+def _identity_file(path: Path, name: str) -> Path:
+    return path.parent / name if path.name == name and not path.is_dir() else path / name
+
+
+def changed_inputs(recorded: dict | None, base: str | os.PathLike | None = None) -> list[str]:
+    """One line per recorded input identity that no longer matches the disk ("<file>: changed").
+    `base`: the directory of the DONE.json that recorded them (its "rel" paths are tried first)."""
     problems = []
     for label, record in (recorded or {}).items():
         if not isinstance(record, dict) or not isinstance(record.get("sha256"), dict) or "path" not in record:
             continue
+        where = _recorded_path(record, Path(base) if base is not None else None)
         for name, digest in sorted(record["sha256"].items()):
-            file = _identity_file(record, name)
+            file = _identity_file(where, name)
             if not file.is_file():
                 problems.append(f"{file}: missing (input '{label}')")
                 break

@@ -82,7 +82,7 @@ from btx import hf
 from btx.errors import BtxError
 from btx.manifest import (DONE_NAME, atomic_dir, cached_sha256, changed_inputs, damaged_outputs, disk_errors,
                           dumps_json, ensure_free_space, fsync_dir, hash_dir, identity, input_identity, output_lock,
-                          read_done, sha256_file, write_done, write_json_atomic)
+                          read_done, relative_identities, sha256_file, write_done, write_json_atomic)
 from btx.model import ModelConfig, ModelOutput, Transformer
 
 CKPT_DIR = "ckpt"
@@ -291,7 +291,7 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
             raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
                            "(recipe, data or seed changed); pass --force to train it again")
         if main:
-            stale = changed_inputs(done.get("input_identities")) or _damaged_export(job)
+            stale = changed_inputs(done.get("input_identities"), job.manifest_dir) or _damaged_export(job)
             if stale:
                 raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
                                "pass --force to train it again from its inputs as they are now")
@@ -781,7 +781,7 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             "inputs": {**job.inputs, "init_from": str(job.init_from) if job.init_from else None,
                        "train_shards": {k: str(v) for k, v in job.train_shards.items()},
                        "mixture": job.mixture},
-            "input_identities": state.get("input_identities"),
+            "input_identities": relative_identities(state.get("input_identities"), job.manifest_dir),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with disk_errors(job.manifest_dir, None, f"{job.manifest_dir / DONE_NAME}"):

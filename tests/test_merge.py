@@ -289,7 +289,7 @@ def test_centroid_needs_each_domains_data(world, tmp_path):
     data = {n: world.run / "data" / n / "val.bin" for n in DOMAINS}
     manifest = run_merge(world, tmp_path / "m", experts=outside, router_init="centroid", allow_no_manifest=True,
                          centroid_data=data, centroid_tokens=64)  # fmt: skip
-    assert all(i["sha256_from"] == "computed" for i in manifest["inputs"].values())
+    assert all(i["sha256_from"] == "read" for i in manifest["inputs"].values())
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -356,7 +356,7 @@ def test_external_experts_need_the_flag(world, tmp_path):
     with pytest.raises(BtxError, match="--allow-no-manifest"):
         run_merge(world, tmp_path / "m", experts=experts)
     manifest = run_merge(world, tmp_path / "m", experts=experts, allow_no_manifest=True)
-    assert manifest["inputs"]["ext"]["sha256_from"] == "computed"
+    assert manifest["inputs"]["ext"]["sha256_from"] == "read"
 
 
 BAD_OPTIONS = {
