@@ -439,7 +439,7 @@ def prepare_domain(
     resolved = resolve_sources(sources, text_field=text_field)  # fails on a missing path, before any write
     mark_passages(resolved)
     out_dir = Path(out_dir)
-    with output_lock(out_dir, f"preparing domain '{name}'"), \
+    with output_lock(out_dir, f"domain '{name}'"), \
             disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"):
         return _prepare_locked(name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos,
                                progress, started)
@@ -629,8 +629,12 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
     for split in SPLITS:
         try:
             shard = load_shard(out_dir / f"{split}.json", verify=True)
-        except BtxError:
-            return None  # damaged (a changed byte too: the sha256 is checked) or partial: prepare again
+        except BtxError as e:  # damaged (a changed byte too: the sha256 is checked) or partial: prepare again
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]prepare {name}: {e}; preparing it again[/]", soft_wrap=True,
+                                       highlight=False)
+            return None
         meta = shard.meta
         if (
             meta.get("domain") != name

@@ -156,9 +156,25 @@ def cached_sha256(path: str | os.PathLike) -> str:
         try:
             entry.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(entry, {"path": real, "stat": before, "sha256": digest}, durable=False, tidy=False)
+            if secrets.randbelow(64) == 0:
+                _prune_hash_cache(entry.parent)
         except OSError:
             pass  # a read-only or full cache only costs speed
     return digest
+
+
+_HASH_CACHE_DAYS = 30
+
+
+def _prune_hash_cache(cache: Path) -> None:
+    """Drop entries not refreshed for _HASH_CACHE_DAYS (now and then, so the cache stays small)."""
+    oldest = time.time() - _HASH_CACHE_DAYS * 86400
+    for entry in cache.iterdir():
+        try:
+            if entry.stat().st_mtime < oldest:
+                entry.unlink()
+        except OSError:
+            pass
 
 
 # Files of a checkpoint directory that make up the model (what an HF loader reads).
@@ -302,8 +318,13 @@ def lock_path(path: str | os.PathLike) -> Path:
 def _holder_record() -> bytes:
     return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                         "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "command": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv))[:300]})
+                        "command": " ".join([_program(), *sys.argv[1:]])[:300]})
             + "\n").encode()
+
+
+def _program() -> str:
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    return "btx" if name in ("__main__.py", "btx", "-m") else name
 
 
 def _describe_holder(raw: bytes) -> str:

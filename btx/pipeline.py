@@ -108,10 +108,16 @@ class Pipeline:
             return ("stale" if made_here or adopt is None else "foreign"), changed[0]
         if entry.get("key") == key and made_here:
             return "fresh", ""
-        reason = adopt(dones) if adopt is not None else "its recipe sections or inputs changed"
+        if not entry:
+            why = "this run's ledger has no record of it (made by a stage command, or by a btx run killed before it noted it)"
+        elif entry.get("key") != key:
+            why = "its recipe sections or inputs changed"
+        else:
+            why = "replaced since this run made it"
+        reason = adopt(dones) if adopt is not None else why
         if reason is None:
-            return "adopt", ""
-        return ("stale" if made_here or adopt is None else "foreign"), reason
+            return "adopt", why
+        return ("stale", why) if made_here or adopt is None else ("foreign", reason)
 
     def refuse(self, stage: str, path: Path, reason: str) -> BtxError:
         return BtxError(f"{path}: not made by this btx run, and it does not follow from the recipe as given "
@@ -162,8 +168,9 @@ class Pipeline:
                 self.keys[name] = _key(key, _outputs_key(done_dirs))
                 return StageOutcome(name, "skipped", 0.0, entry.get("summary", ""))
             if verdict == "adopt":
-                summary = f"kept {', '.join(str(p.relative_to(self.run_dir)) for p in done_dirs)} (made by a stage command)"
-                self.console.print(f"[yellow]{name}: {summary}: same settings and inputs as the recipe's[/]")
+                summary = f"kept {', '.join(str(p.relative_to(self.run_dir)) for p in done_dirs)}"
+                self.console.print(f"[yellow]{name}: {summary}: {why}, but its {DONE_NAME} records the recipe's "
+                                   "settings and inputs[/]", soft_wrap=True)
                 self.record(name, key, summary, 0.0, _outputs_key(done_dirs))
                 self.keys[name] = _key(key, _outputs_key(done_dirs))
                 return StageOutcome(name, "skipped", 0.0, summary)
@@ -208,17 +215,21 @@ def _train_summary(done: dict) -> str:
 
 def _adopt_training(job) -> Adopt:
     """A training job's DONE.json follows from the recipe when it records the trajectory (settings,
-    init, data) that the recipe's job has now, and input identities (changed ones are caught before)."""
-    from btx.train import trajectory_hash
-
-    wanted = trajectory_hash(job)
+    data, the init's config) that the recipe's job has now, and inputs with the content of the
+    recipe's inputs now (the seed.path may name another checkpoint than the one it was trained from)."""
+    from btx.train import current_input_hashes, trajectory_hash
 
     def adopt(dones: list[dict]) -> str | None:
         done = dones[0]
-        if done.get("trajectory_hash") != wanted:
+        if done.get("trajectory_hash") != trajectory_hash(job):
             return f"its {DONE_NAME} records other training settings or data than the recipe's job '{job.name}'"
-        if done.get("input_identities") is None:
+        recorded = done.get("input_identities")
+        if recorded is None:
             return f"its {DONE_NAME} records no input identities (made by an older btx)"
+        wanted = current_input_hashes(job)
+        for label, hashes in wanted.items():
+            if (recorded.get(label) or {}).get("sha256") != hashes:
+                return f"it was trained from another {label.replace('init_from', 'starting checkpoint')} than the recipe's"
         return None
 
     return adopt
@@ -257,8 +268,8 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
         if verdict == "foreign":
             raise p.refuse("branch", job.manifest_dir, why)
         if verdict == "adopt":
-            p.console.print(f"[yellow]branch: kept expert {d} (made by btx branch / btx train with the recipe's "
-                            "settings and inputs)[/]")
+            p.console.print(f"[yellow]branch: kept expert {d}: {why}, but its {DONE_NAME} records the recipe's "
+                            "settings and inputs[/]", soft_wrap=True)
         if verdict in ("fresh", "adopt"):
             continue
         to_run.append(d)
@@ -558,7 +569,7 @@ def run(recipe: str | Path | None = None, overrides: list[str] | None = None, *,
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
     redo = False
-    with output_lock(exp.run_dir, f"btx run of {recipe_path}"):  # one btx run per run directory
+    with output_lock(exp.run_dir, "the run directory"):  # one btx run per run directory
         pipeline = Pipeline(exp, recipe_path, overrides, console)
         for name in STAGES:
             if from_stage is not None and name == from_stage:

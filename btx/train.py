@@ -349,6 +349,14 @@ def job_input_identities(job: TrainJob, train_shards: dict, val_shards: dict) ->
     return identities
 
 
+def current_input_hashes(job: TrainJob) -> dict[str, dict[str, str]]:
+    """{label: {file: sha256}} of the job's inputs as they are on disk now (`job_input_identities`)."""
+    from btx.data import load_shard
+
+    train = {name: load_shard(path) for name, path in job.train_shards.items()}
+    return {label: record["sha256"] for label, record in job_input_identities(job, train, {}).items()}
+
+
 def _damaged_export(job: TrainJob) -> list[str]:
     manifest_dir = Path(job.manifest_dir)
     try:
@@ -701,9 +709,10 @@ def _resume(job: TrainJob, engine, trajectory: str, console, identities: dict | 
         problem = _checkpoint_problem(found[-1][1], engine)
         if problem is None:
             break
-        if engine.is_main:
-            console.print(f"[yellow]train {job.name}: {problem}; resuming from an earlier one[/]", soft_wrap=True)
         found.pop()
+        if engine.is_main:
+            instead = f"resuming from {found[-1][1].name} instead" if found else "starting from step 0"
+            console.print(f"[yellow]train {job.name}: {problem}; {instead}[/]", soft_wrap=True)
     if not found:
         return fresh
     step, path = found[-1]
