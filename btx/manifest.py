@@ -245,6 +245,19 @@ def changed_inputs(recorded: dict | None, base: str | os.PathLike | None = None)
     return problems
 
 
+def identity_changes(recorded: dict | None, current: dict) -> list[str]:
+    """One line per input whose content now (`current`: label -> identity of what the job would use
+    now, e.g. the recipe's seed.path) is not what `recorded` says the result was made from."""
+    problems = []
+    for label, now in current.items():
+        then = ((recorded or {}).get(label) or {}).get("sha256") or {}
+        names = [n for n in sorted(set(now["sha256"]) | set(then)) if now["sha256"].get(n) != then.get(n)]
+        if names:
+            where = _identity_file(Path(now["path"]), names[0]) if names[0] in now["sha256"] else Path(now["path"])
+            problems.append(f"{where}: not what it was made from (input '{label}')")
+    return problems
+
+
 def producer_manifest(path: str | os.PathLike) -> tuple[dict | None, str]:
     """The DONE.json describing checkpoint `path`, and the prefix its "outputs" keys carry.
 

@@ -1006,19 +1006,25 @@ def merge_from_recipe(
     the paper's init for upcycling).
     """
     seed = exp.seed_dir
-    options = MergeOptions.from_section(exp.merge, upcycle=upcycle)
-    if upcycle:
-        experts: dict[str, Path] = {}
-        if options.router_init == "centroid":
-            options.router_init = "random"
-    else:
-        experts = {d: exp.expert_dir(d) / "final" for d in exp.domains}
+    options = recipe_merge_options(exp.merge, upcycle)
+    experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.domains}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
         centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init == "centroid" else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
+
+
+def recipe_merge_options(section: MergeSection, upcycle: int = 0) -> MergeOptions:
+    """The options a recipe's merge runs with; an upcycle's `centroid` init (it has no domain
+    experts) is `random`, and centroid settings then play no part."""
+    options = MergeOptions.from_section(section, upcycle=upcycle)
+    if upcycle and options.router_init == "centroid":
+        options.router_init = "random"
+    if options.router_init != "centroid":
+        options.centroid_tokens = _RECIPE.centroid_tokens
+    return options
 
 
 def merge_recipe_hash(exp, upcycle: int = 0) -> str:

@@ -50,8 +50,8 @@ from rich.console import Console
 from rich.table import Table
 
 from btx.errors import BtxError
-from btx.manifest import (DONE_NAME, changed_inputs, damaged_outputs, hash_dir, input_identity, output_lock,
-                          read_done, write_json_atomic)
+from btx.manifest import (DONE_NAME, changed_inputs, damaged_outputs, hash_dir, identity_changes, input_identity,
+                          output_lock, read_done, write_json_atomic)
 
 STAGES = ("prepare", "seed", "branch", "merge", "finetune", "baselines", "eval", "analyze")
 LEDGER = "pipeline.json"
@@ -217,7 +217,7 @@ def _adopt_training(job) -> Adopt:
     """A training job's DONE.json follows from the recipe when it records the trajectory (settings,
     data, the init's config) that the recipe's job has now, and inputs with the content of the
     recipe's inputs now (the seed.path may name another checkpoint than the one it was trained from)."""
-    from btx.train import current_input_hashes, trajectory_hash
+    from btx.train import current_input_identities, trajectory_hash
 
     def adopt(dones: list[dict]) -> str | None:
         done = dones[0]
@@ -226,11 +226,8 @@ def _adopt_training(job) -> Adopt:
         recorded = done.get("input_identities")
         if recorded is None:
             return f"its {DONE_NAME} records no input identities (made by an older btx)"
-        wanted = current_input_hashes(job)
-        for label, hashes in wanted.items():
-            if (recorded.get(label) or {}).get("sha256") != hashes:
-                return f"it was trained from another {label.replace('init_from', 'starting checkpoint')} than the recipe's"
-        return None
+        changes = identity_changes(recorded, current_input_identities(job))
+        return changes[0] if changes else None
 
     return adopt
 
@@ -397,13 +394,17 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         return StageOutcome("baselines", "off", 0.0, "eval.baselines is off")
     from btx import hf
     from btx.finetune import finetune_job, run_finetune
-    from btx.merge import merge_from_recipe
+    from btx.merge import merge_from_recipe, recipe_merge_options
     from btx.train import TrainJob, run_loop
 
     root = p.run_dir / "baselines"
     budget = compute_budget(p)
     seed_dir = exp.seed_dir
-    key = _key(budget, p.keys["seed"], p.keys["merge"], exp.finetune, exp.finetune_train)
+    # Of the merge, the baselines use its shape (the upcycled MoE copies its expert count and top-k)
+    # and the options an upcycle takes from the merge section: other routers do not redo them.
+    merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
+    upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts))
+    key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
 
     def work() -> str:
         settings = exp.finetune_train

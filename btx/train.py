@@ -81,7 +81,8 @@ import torch.nn.functional as F
 from btx import hf
 from btx.errors import BtxError
 from btx.manifest import (DONE_NAME, atomic_dir, cached_sha256, changed_inputs, damaged_outputs, disk_errors,
-                          dumps_json, ensure_free_space, fsync_dir, hash_dir, identity, input_identity, output_lock,
+                          dumps_json, ensure_free_space, fsync_dir, hash_dir, identity, identity_changes,
+                          input_identity, output_lock,
                           read_done, relative_identities, sha256_file, write_done, write_json_atomic)
 from btx.model import ModelConfig, ModelOutput, Transformer
 
@@ -291,7 +292,9 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
             raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
                            "(recipe, data or seed changed); pass --force to train it again")
         if main:
-            stale = changed_inputs(done.get("input_identities"), job.manifest_dir) or _damaged_export(job)
+            recorded = done.get("input_identities")
+            stale = (changed_inputs(recorded, job.manifest_dir) or _damaged_export(job)
+                     or identity_changes(recorded, current_input_identities(job)))
             if stale:
                 raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
                                "pass --force to train it again from its inputs as they are now")
@@ -349,12 +352,11 @@ def job_input_identities(job: TrainJob, train_shards: dict, val_shards: dict) ->
     return identities
 
 
-def current_input_hashes(job: TrainJob) -> dict[str, dict[str, str]]:
-    """{label: {file: sha256}} of the job's inputs as they are on disk now (`job_input_identities`)."""
+def current_input_identities(job: TrainJob) -> dict:
+    """The identities of the inputs the job would use now (`job_input_identities`)."""
     from btx.data import load_shard
 
-    train = {name: load_shard(path) for name, path in job.train_shards.items()}
-    return {label: record["sha256"] for label, record in job_input_identities(job, train, {}).items()}
+    return job_input_identities(job, {name: load_shard(path) for name, path in job.train_shards.items()}, {})
 
 
 def _damaged_export(job: TrainJob) -> list[str]:
@@ -721,12 +723,11 @@ def _resume(job: TrainJob, engine, trajectory: str, console, identities: dict | 
         raise BtxError(f"{path}: this checkpoint was made with different settings (recipe, data or seed "
                        "changed); pass --force to discard the job's checkpoints and start over")
     recorded = state.get("input_identities")
-    changed = [label for label in (recorded or {}) if engine.is_main and identities is not None
-               and (identities.get(label) or {}).get("sha256") != recorded[label].get("sha256")]
+    changed = identity_changes(recorded, identities) if engine.is_main and recorded and identities else []
     changed = [c for part in _gather(changed, engine) for c in part]
     if changed:
-        raise BtxError(f"{path}: this checkpoint was trained from other inputs ({', '.join(changed)} changed since); "
-                       "pass --force to discard the job's checkpoints and start over")
+        raise BtxError(f"{path}: this checkpoint was trained from other inputs ({changed[0]}); pass --force to "
+                       "discard the job's checkpoints and start over")
     if state.get("world_size") != engine.world_size and engine.is_main:
         console.print(f"[yellow]train {job.name}: resuming a {state.get('world_size')}-process run on "
                       f"{engine.world_size} processes; batches per step change accordingly[/yellow]")
