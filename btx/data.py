@@ -4,11 +4,12 @@ Preparing (`prepare_domain`, `prepare_domains`)
 - A domain's *sources* are text files, directories, `.jsonl` files and Python callables/iterables
   of documents. Each text file, each jsonl line and each item yielded is one document. Directories
   are walked recursively in sorted order, so the document order is deterministic.
-- A domain whose only source is one text file (one corpus in one file) would be one document, so
-  nothing could be held out: such a file is cut into *passages* instead (`_passages`): at blank
-  lines, each passage at least `passage_bytes(file size)` long (1 KiB to 64 KiB, about 200
-  passages or more), a passage without any blank line cut at a line end once it reaches four times
-  that. Each passage is a document (its own EOS, its own train/val draw).
+- A domain whose data is one text file (one corpus in one file, given alone or as the only file
+  of a directory) would be one document, so nothing could be held out: such a file is cut into
+  *passages* instead (`_passages`): at the first blank line once a passage is at least
+  `passage_bytes(file size)` long (64 bytes to 64 KiB: about 200 passages for files up to 12 MB,
+  more above), or at the first line end past twice that where no blank line comes. Each passage is
+  a document (its own EOS, its own train/val draw).
 - With `val_fraction > 0` a domain whose val split ends up empty (a single document) is an error,
   not an empty shard that only a later evaluation would trip over.
 - Documents are split into train/val **by document**: a document goes to val when a keyed hash of
@@ -66,7 +67,7 @@ _ENCODE_BATCH_BYTES = 8 << 20
 # Tokens buffered per shard before a write to disk.
 _WRITE_BUFFER_TOKENS = 4 << 20
 # Passages of a lone text file: at least this long, and as many as about _PASSAGES_PER_FILE.
-_PASSAGE_BYTES_MIN, _PASSAGE_BYTES_MAX, _PASSAGES_PER_FILE = 1 << 10, 64 << 10, 200
+_PASSAGE_BYTES_MIN, _PASSAGE_BYTES_MAX, _PASSAGES_PER_FILE = 64, 64 << 10, 200
 TEST_DELAY_ENV = "BTX_PREPARE_TEST_DELAY"  # test hook: seconds to sleep after each tokenized batch
 
 SourceSpec = Any  # str | PathLike | {"path", "glob", "text_field"} | callable | iterable of documents
@@ -124,7 +125,7 @@ class PathSource(Source):
 
     @property
     def lone_text_file(self) -> bool:
-        return self.path.is_file() and not self.path.name.endswith(JSONL_SUFFIXES)
+        return len(self.files) == 1 and not self.files[0].name.endswith(JSONL_SUFFIXES)
 
     def describe(self) -> dict:
         # A cheap fingerprint (names, sizes, modification times) notices edited or added files
@@ -168,8 +169,8 @@ def passage_bytes(file_bytes: int) -> int:
 
 
 def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
-    """A text file as passages of at least `least` bytes, ending at a blank line (or at a line end
-    once a passage has no blank line for 4 * least bytes), streamed: memory stays one passage."""
+    """A text file as passages of at least `least` bytes, each ending at a blank line (or at a line
+    end once it is 2 * least long without one), streamed: memory stays about one passage."""
     import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
@@ -178,7 +179,7 @@ def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
     offset = 0
     with open(file, "rb") as handle:
         while True:
-            line = handle.readline(4 * least)
+            line = handle.readline(2 * least)
             try:
                 text = decoder.decode(line, final=not line)
             except UnicodeDecodeError as exc:
@@ -188,7 +189,7 @@ def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
                 piece.append(text)
                 size += len(line)
             at_blank = not line.strip() or not line
-            if piece and (not line or (size >= least and at_blank) or size >= 4 * least):
+            if piece and (not line or (size >= least and at_blank) or size >= 2 * least):
                 yield "".join(piece), size
                 piece, size = [], 0
             if not line:

@@ -427,7 +427,7 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             *means, stop_votes = _all_reduce_sum(sums, engine).tolist()
             total, nll, balance, z = (value / (s.grad_accum * world) for value in means)
             if not (math.isfinite(total) and math.isfinite(nll)):  # the same all-reduced sums on every rank
-                _non_finite_loss(job, step, total, lr)
+                _non_finite_loss(job, step, "loss", total, lr, good_upto=step - 2)
             stop_now = stop_votes > 0
             elapsed = time.perf_counter() - started
             state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
@@ -443,6 +443,8 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             del output, terms, inputs, targets
             if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
                 record.update(_val_record(validate(engine, val_shards, s.seq_len, s.batch_size, s.eval_batches)))
+                if not math.isfinite(record["val_loss"]):  # this step's update broke the weights
+                    _non_finite_loss(job, step, "validation loss", record["val_loss"], lr, good_upto=step - 1)
             metrics.write(record)
             progress.update(step, record)
             if kill_at == step and engine.is_main:  # test hook: die like a preempted node would
@@ -460,10 +462,13 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
     return _export(job, engine, tokenizer, state, trajectory, console)
 
 
-def _non_finite_loss(job: TrainJob, step: int, loss: float, lr: float) -> None:
-    found = checkpoints(job)
-    last = f"the last good checkpoint is {found[-1][1]}" if found else "no checkpoint was written yet"
-    raise BtxError(f"train {job.name}: the loss is {loss} at step {step} (lr {lr:.3g}); training stopped without "
+def _non_finite_loss(job: TrainJob, step: int, what: str, value: float, lr: float, good_upto: int) -> None:
+    """Stop: nothing of this step is saved. The weights of a checkpoint after step `good_upto` made
+    the loss that is not finite (weights after step N give the loss of step N + 1), so the last good
+    checkpoint is the newest one up to that step."""
+    good = [path for step_n, path in checkpoints(job) if step_n <= good_upto]
+    last = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was written yet"
+    raise BtxError(f"train {job.name}: the {what} is {value} at step {step} (lr {lr:.3g}); training stopped without "
                    f"saving this step or writing {DONE_NAME} ({last}); lower train.lr or check the data, then "
                    "re-run with --force")
 
