@@ -5,7 +5,8 @@ Preparing (`prepare_domain`, `prepare_domains`)
   of documents. Each text file, each jsonl line and each item yielded is one document. Directories
   are walked recursively in sorted order, so the document order is deterministic.
 - A domain whose data is one text file (one corpus in one file, given alone or as the only file
-  of a directory) would be one document, so nothing could be held out: such a file is cut into
+  of a directory) would be one document, so nothing could be held out: unless val_fraction is 0,
+  such a file is cut into
   *passages* instead (`_passages`): at the first blank line once a passage is at least
   `passage_bytes(file size)` long (64 bytes to 64 KiB: about 200 passages for files up to 12 MB,
   more above), or at the first line end past twice that where no blank line comes. Each passage is
@@ -438,7 +439,7 @@ def prepare_domain(
     if append_eos and tokenizer.eos_id is None:
         raise BtxError(f"domain '{name}': the tokenizer has no EOS token; set append_eos=False or name one")
     resolved = resolve_sources(sources, text_field=text_field)  # fails on a missing path, before any write
-    mark_passages(resolved)
+    mark_passages(resolved, val_fraction)
     out_dir = Path(out_dir)
     with output_lock(out_dir, f"domain '{name}'"), \
             disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"):
@@ -446,9 +447,10 @@ def prepare_domain(
                                progress, started)
 
 
-def mark_passages(resolved: list[Source]) -> None:
-    """A domain that is one text file is read as passages (see the module docstring)."""
-    if len(resolved) == 1 and isinstance(resolved[0], PathSource) and resolved[0].lone_text_file:
+def mark_passages(resolved: list[Source], val_fraction: float) -> None:
+    """A domain that is one text file is read as passages when something is to be held out (see
+    the module docstring); with val_fraction 0 it stays one document."""
+    if val_fraction > 0 and len(resolved) == 1 and isinstance(resolved[0], PathSource) and resolved[0].lone_text_file:
         resolved[0].passages = True
 
 
@@ -619,7 +621,7 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
     if not all((out_dir / f"{split}.json").is_file() for split in SPLITS):
         return None
     resolved = resolve_sources(sources, text_field=options.get("text_field", "text"))
-    mark_passages(resolved)
+    mark_passages(resolved, options.get("val_fraction", 0.05))
     if not all(s.reproducible for s in resolved):
         return None
     wanted_options = _options(

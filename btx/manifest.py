@@ -167,14 +167,15 @@ _HASH_CACHE_DAYS = 30
 
 
 def _prune_hash_cache(cache: Path) -> None:
-    """Drop entries not refreshed for _HASH_CACHE_DAYS (now and then, so the cache stays small)."""
+    """Now and then, so that the cache stays small: drop the entries of files that are gone, and
+    those not refreshed for _HASH_CACHE_DAYS."""
     oldest = time.time() - _HASH_CACHE_DAYS * 86400
     for entry in cache.iterdir():
         try:
-            if entry.stat().st_mtime < oldest:
+            if entry.stat().st_mtime < oldest or not os.path.exists(json.loads(entry.read_text())["path"]):
                 entry.unlink()
-        except OSError:
-            pass
+        except (OSError, ValueError, KeyError, TypeError):
+            entry.unlink(missing_ok=True)
 
 
 # Files of a checkpoint directory that make up the model (what an HF loader reads).

@@ -134,9 +134,7 @@ class Pipeline:
         elif verdict == "damaged" and not repairs_itself:
             remove = list(done_dirs)
         else:
-            remove = []
-            if verdict == "damaged":
-                self.console.print(f"[yellow]{name}: {why}; exporting it again[/]", soft_wrap=True)
+            remove = []  # a damaged training stage: its job says so and exports it again
         for path in remove:
             if path.exists():
                 self.console.print(f"[yellow]{name}: redoing {path}: {why or 'its inputs changed'}[/]", soft_wrap=True)
@@ -260,8 +258,8 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
     for d, job in jobs.items():
         recorded = {"key": entry.get("experts", {}).get(d), "outputs": entry.get("outputs", {}).get(d)} \
             if d in entry.get("experts", {}) else {}
-        verdict, why = ("stale", "--from") if force else p.verdict(expert_keys[d], [job.manifest_dir],
-                                                                  _adopt_training(job), recorded)
+        verdict, why = ("stale", "--from branch") if force else p.verdict(expert_keys[d], [job.manifest_dir],
+                                                                         _adopt_training(job), recorded)
         if verdict == "foreign":
             raise p.refuse("branch", job.manifest_dir, why)
         if verdict == "adopt":
