@@ -1018,12 +1018,10 @@ def merge_from_recipe(
 
 def recipe_merge_options(section: MergeSection, upcycle: int = 0) -> MergeOptions:
     """The options a recipe's merge runs with; an upcycle's `centroid` init (it has no domain
-    experts) is `random`, and centroid settings then play no part."""
+    experts) is `random`, the paper's init for upcycling."""
     options = MergeOptions.from_section(section, upcycle=upcycle)
     if upcycle and options.router_init == "centroid":
         options.router_init = "random"
-    if options.router_init != "centroid":
-        options.centroid_tokens = _RECIPE.centroid_tokens
     return options
 
 

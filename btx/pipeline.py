@@ -333,7 +333,7 @@ def _merge(p: Pipeline, force: bool) -> StageOutcome:
 def _adopt_merge(exp) -> Adopt:
     """A merge made by `btx merge` follows from the recipe when it records the recipe's merge
     settings for the recipe's seed and experts (their content is compared before, by identity)."""
-    from btx.merge import MergeOptions, merge_recipe_hash
+    from btx.merge import merge_recipe_hash, recipe_merge_options
 
     wanted = merge_recipe_hash(exp)
 
@@ -343,7 +343,7 @@ def _adopt_merge(exp) -> Adopt:
             return None
         if done.get("input_identities") is None and done.get("recipe_hash") == wanted:
             return f"its {DONE_NAME} records no input identities (made by an older btx)"
-        recipe = dataclasses.asdict(MergeOptions.from_section(exp.merge))
+        recipe = dataclasses.asdict(recipe_merge_options(exp.merge))
         made = done.get("options") or {}
         differ = [f"{k} {made.get(k)!r} where the recipe has {v!r}" for k, v in recipe.items()
                   if k in made and k != "dtype" and made.get(k) != v]
@@ -361,7 +361,7 @@ def _finetune(p: Pipeline, force: bool) -> StageOutcome:
     job = finetune_job(p.exp)
 
     def work() -> str:
-        return _train_summary(run_finetune(finetune_job(p.exp), console=p.console))
+        return _train_summary(run_finetune(job, console=p.console))
 
     return p.stage("finetune", key, [p.run_dir / "finetuned"], work, force, extra_dirs=(p.run_dir / FINETUNE_WORK_DIR,),
                    adopt=_adopt_training(job), repairs_itself=True)
@@ -402,6 +402,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     # and the options an upcycle takes from the merge section: other routers do not redo them.
     merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
     upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts))
+    del upcycle["centroid_tokens"], upcycle["centroid_device"]  # an upcycle has no centroid routers
     key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
 
     def work() -> str:
