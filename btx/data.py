@@ -56,7 +56,7 @@ import numpy as np
 import torch
 
 from btx.errors import BtxError
-from btx.manifest import cached_sha256, disk_errors, output_lock, temporary_sibling, write_bytes_atomic
+from btx.manifest import cached_sha256, disk_errors, dumps_json, output_lock, temporary_sibling, write_bytes_atomic
 from btx.tokenizer import Tokenizer, fsync_directory, load_tokenizer
 
 SHARD_FORMAT = "btx-tokens-v1"
@@ -672,7 +672,7 @@ def _remove_if_empty(directory: Path) -> None:
 
 
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return (dumps_json(obj, indent=2) + "\n").encode("utf-8")
 
 
 class _Progress:

@@ -440,7 +440,7 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
     """`btx eval RECIPE`: every model of the run that exists (`pipeline.eval_rows`), shown and
     written to <run_dir>/eval/ (eval.md, eval.json, DONE.json). A model that no longer follows from
     its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
-    from btx.pipeline import eval_rows, stale_models
+    from btx.pipeline import eval_input_identities, eval_rows, stale_models
 
     console = console or Console()
     missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
@@ -450,16 +450,17 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
     if stale:
         raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
                        f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
+    out = out or exp.run_dir / "eval"
+    identities = eval_input_identities(exp, out)
     rows = eval_rows(exp, console)
     if not rows:
         raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
                        "finetuned/, baselines/); run btx run or its stages first")
     domains = list(exp.domains)
     render(rows, domains, console=console)
-    out = out or exp.run_dir / "eval"
     settings = {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
                 "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len}
-    write_outputs(rows, domains, out, settings, {"settings": settings})
+    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings})
     console.print(escape(f"wrote {out}/ (eval.md, eval.json)"), soft_wrap=True)
     return rows
 

@@ -60,7 +60,7 @@ Streaming and memory
   renamed into place with its DONE.json already inside, so a killed merge leaves nothing that
   looks finished, and the same inputs and options give the same bytes (routers from a seed, a
   fixed tensor order, no timestamps inside the safetensors files).
-- Input hashes: every input file is hashed while the merge runs (background threads, from the
+- Input hashes: every input file is hashed while the merge runs (a background thread, from the
   page cache that the merge's own reads and the read-ahead fill), so DONE.json records what was
   actually read. A btx-made input whose hash differs from what its own DONE.json records (a bit
   flipped after its job finished, say) fails the merge before the output appears.

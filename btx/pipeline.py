@@ -458,6 +458,21 @@ def stale_models(exp) -> list[str]:
     return problems
 
 
+def eval_input_identities(exp, out: Path) -> dict:
+    """For eval's DONE.json: the identity of every model of the run that is evaluated, and of the
+    validation shards they are scored on (paths also relative to `out`, where DONE.json goes)."""
+    from btx.data import load_shard
+    from btx.manifest import identity, relative_identities
+
+    models = [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains), exp.run_dir / "merged",
+              exp.run_dir / "finetuned", exp.run_dir / "baselines" / "dense" / "final", exp.run_dir / "baselines" / "upcycled"]
+    identities = {str(Path(m).relative_to(exp.run_dir)) if Path(m).is_relative_to(exp.run_dir) else "seed":
+                  input_identity(m) for m in models if (Path(m) / "config.json").is_file()}
+    for d in exp.domains:
+        identities[f"val:{d}"] = identity(load_shard(exp.data_dir(d) / "val.json", verify=True).path)
+    return relative_identities(identities, out)
+
+
 def eval_rows(exp, console: Console):
     """Every model of the run that exists, scored on the same validation windows."""
     from btx import hf
@@ -523,12 +538,14 @@ def _eval(p: Pipeline, force: bool) -> StageOutcome:
     def work() -> str:
         from btx.manifest import atomic_dir, write_done
 
+        identities = eval_input_identities(exp, out)
         rows = eval_rows(exp, p.console)
         domains = list(exp.domains)
         render(rows, domains, console=p.console)
         with atomic_dir(out, force=True) as tmp:
             save(rows, domains, tmp)
-            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp)})
+            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp),
+                             "input_identities": identities})
         best = min(rows, key=lambda r: r.average)
         return f"best average: {best.name} ({best.average:.4f})"
 

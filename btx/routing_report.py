@@ -502,7 +502,12 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     tokens = tokens or exp.analyze.tokens
     show_text = exp.analyze.show_text if show_text is None else show_text
     out = out or exp.run_dir / "analysis"
+    from btx.data import load_shard
+    from btx.manifest import identity, input_identity, relative_identities
+
+    identities = {"model": input_identity(checkpoint),
+                  **{f"val:{d}": identity(load_shard(v, verify=True).path) for d, v in data.items()}}
     done = {"stage": "analyze", "checkpoint": str(checkpoint), "recipe": str(exp.path), "domains": list(data),
-            "tokens_per_domain": tokens}
+            "tokens_per_domain": tokens, "input_identities": relative_identities(identities, out)}
     return analyze_and_write([checkpoint, *compare], data, out, options={**options, "tokens": tokens},
                              metric=metric, layer=layer, show_text=show_text, console=console, done=done)
