@@ -496,6 +496,13 @@ def disk_errors(where: str | os.PathLike, needed: int | None = None, what: str =
         if message is None:
             raise
         raise BtxError(message) from None
+    except RuntimeError as e:
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos ..."), losing the errno;
+        # a destination without room for what was written is the cause to name then.
+        if needed is None or free_bytes(where) >= needed:
+            raise
+        full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
+        raise BtxError(f"{disk_error_message(full, where, needed, what, approx)} ({' '.join(str(e).split())[:120]})") from None
 
 
 def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:

@@ -227,6 +227,31 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(seed, tmp_path, small_disk, 
     assert hidden(where / "data" / "big") == [] and not (where / "data" / "big" / "train.json").exists()
 
 
+def test_a_disk_that_fills_up_during_training_keeps_the_last_checkpoint(tmp_path, small_disk, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError without errno: still one line, naming the
+    checkpoint and the space; the checkpoint before stays, and nothing half-written."""
+    disk = small_disk("rw", 900_000)  # room for the shards and one checkpoint (about 0.43 MB) only
+    run_dir = (disk if disk is not None else tmp_path) / "run"
+    assert btx("prepare", TINY, f"run_dir={run_dir}", "--quiet")[0] == 0
+    if disk is None:  # simulate: the second checkpoint's optimizer state does not fit
+        saves = []
+        real_save = torch.save
+
+        def save(obj, path, *a, **kw):
+            saves.append(path)
+            if len(saves) > 2:
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 260032 vs 259920")
+            return real_save(obj, path, *a, **kw)
+
+        monkeypatch.setattr(torch, "save", save)
+        monkeypatch.setattr("btx.manifest.free_bytes", lambda path: 1000)
+    status, err = btx("train", TINY, "--seed", f"run_dir={run_dir}")
+    err = one_line_error(status, err.splitlines()[-1])
+    assert "seed-train/ckpt: no space left on the device while writing checkpoint step-4" in err and "needs about" in err
+    assert sorted(p.name for p in (run_dir / "seed-train" / "ckpt").iterdir()) == ["step-2"]
+    assert not (run_dir / "seed").exists()
+
+
 def test_a_read_only_destination_is_one_line(seed, tmp_path, small_disk, monkeypatch):
     disk = small_disk("ro")
     where = disk if disk is not None else tmp_path / "ro"
