@@ -293,8 +293,13 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
                            "(recipe, data or seed changed); pass --force to train it again")
         if main:
             recorded = done.get("input_identities")
-            stale = (changed_inputs(recorded, job.manifest_dir) or _damaged_export(job)
-                     or identity_changes(recorded, current_input_identities(job)))
+            stale = _damaged_export(job)
+            if recorded is None:  # made by a btx from before provenance: nothing to compare
+                console.print(f"[yellow]train {job.name}: {job.manifest_dir / DONE_NAME} records no input identities "
+                              "(an older btx), so its inputs cannot be checked[/]", soft_wrap=True)
+            else:
+                stale = stale or changed_inputs(recorded, job.manifest_dir) or \
+                    identity_changes(recorded, current_input_identities(job))
             if stale:
                 raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
                                "pass --force to train it again from its inputs as they are now")
