@@ -7,9 +7,9 @@ Setup (not timed): a random Llama seed (vocab 32000, dim 2048, FFN 5632, bf16, w
 as make about 1 GB per unit of --scale: 7 at scale 1, 17 at scale 2) and three random experts,
 laid out as a btx run directory in --dir (default /tmp/btx-bench, deleted at the end):
 experts/<d>/final with a DONE.json next to it, as `btx train` leaves them, and the seed as an
-external checkpoint (no DONE.json, so the merge hashes it: one more read and sha256 of 1 GB).
+external checkpoint (no DONE.json).
 Also printed: the merge's CPU seconds (all threads), which is what bounds it on a small machine:
-besides the I/O it hashes its output and the seed (sha256, about 1.8 GB/s) and starts Python and
+besides the I/O it hashes its output and every input it reads (sha256, about 1.8 GB/s) and starts Python and
 torch (1.3-1.7 s). What keeps it near the floor: the expert FFNs, 80-85% of the output here, are
 copied file to file with sendfile and hashed from the mapped page cache (no user-space copy), and
 the inputs are read ahead while torch imports (btx/startup.py).

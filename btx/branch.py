@@ -28,8 +28,10 @@ Where squeue exists it refines the Slurm states; without it they rest on the fil
 
 `job.json` is written by whoever starts an attempt (the local executor; for Slurm the submitter and
 the batch script itself, through `python -m btx.branch record`): executor, command, host, pid,
-slurm_job_id, submitted_at / started_at / ended_at, exit_code, interrupted. Each write merges into
-the file atomically (temporary sibling + rename).
+slurm_job_id, submitted_at / started_at / ended_at, exit_code, interrupted, and for local jobs the
+launcher (the `btx branch` / `btx run` process). Each write merges into the file atomically
+(temporary sibling + rename). A local job whose launcher is gone (a SIGKILLed `btx run`) keeps
+running on its own: the next `btx branch` says so, and `btx run` waits for it.
 """
 
 from __future__ import annotations
@@ -222,6 +224,28 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
     if now - last_sign < STALE_AFTER_S:
         return "running", where
     return "stopped", f"{where}: no progress for {_duration(now - last_sign)}"
+
+
+def orphan_note(expert_dir: str | os.PathLike) -> str:
+    """", left running by a btx branch / btx run (pid N) that is gone" for a local job whose
+    launcher died (SIGKILL); "" otherwise."""
+    launcher = read_job(expert_dir).get("launcher")
+    if not isinstance(launcher, dict) or not isinstance(launcher.get("pid"), int):
+        return ""
+    if _pid_alive(launcher["pid"], launcher.get("start")):
+        return ""
+    return f", left running by a btx branch / btx run (pid {launcher['pid']}) that is gone"
+
+
+def wait_for_running(jobs: Sequence[ExpertJob], console, poll_s: float = 2.0) -> None:
+    """Wait until none of `jobs` is running or queued any more, saying which ones and why."""
+    waiting = [job for job in jobs if expert_state(job.expert_dir)[0] in ("running", "queued")]
+    for job in waiting:
+        state, detail = expert_state(job.expert_dir)
+        console.print(f"[yellow]{job.domain}: still {state} ({detail}{orphan_note(job.expert_dir)}); waiting for "
+                      f"it to finish (log {job.log}; Ctrl-C stops waiting, not the job)[/]", soft_wrap=True)
+    while any(expert_state(job.expert_dir)[0] in ("running", "queued") for job in waiting):
+        time.sleep(poll_s)
 
 
 def describe_exit(code: int) -> str:
@@ -465,7 +489,8 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
         running.append(_Running(job, slot, proc, log_file))  # first: a Ctrl-C from here on stops it too
         update_job(job.expert_dir, **_new_attempt(
             executor="local", command=cmd, host=socket.gethostname(), pid=proc.pid,
-            pid_start=_process_start(proc.pid), started_at=time.time(), devices=devices))
+            pid_start=_process_start(proc.pid), started_at=time.time(), devices=devices,
+            launcher={"pid": os.getpid(), "start": _process_start(os.getpid())}))
         where = f"GPUs {devices}" if devices is not None else "CPU"
         console.print(f"{job.domain}: started (pid {proc.pid}, {where}), log {job.log}", highlight=False)
 
@@ -612,18 +637,20 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
     if slurm.cpus_per_task is not None:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
         launch = launch.replace("srun ", f"srun --cpus-per-task={slurm.cpus_per_task} ", 1)
 
-    sbatch = [f"--job-name={experiment}-{job.domain}"]
+    sbatch = [f"--job-name={sbatch_quote(f'{experiment}-{job.domain}')}"]
     for key, value in (("partition", slurm.partition), ("account", slurm.account), ("time", slurm.time)):
         if value is not None:
-            sbatch.append(f"--{key}={value}")
+            sbatch.append(f"--{key}={sbatch_quote(str(value))}")
     sbatch += [f"--nodes={slurm.nodes}", "--ntasks-per-node=1"]
     if gpus_per_node:
         sbatch.append(f"--gpus-per-node={gpus_per_node}")
     if slurm.cpus_per_task is not None:
         sbatch.append(f"--cpus-per-task={slurm.cpus_per_task}")
     if slurm.mem is not None:
-        sbatch.append(f"--mem={slurm.mem}")
-    sbatch += [f"--output={job.log}", f"--error={job.log}", "--open-mode=append",
+        sbatch.append(f"--mem={sbatch_quote(str(slurm.mem))}")
+    # Slurm expands %j, %x, ... in file names; %% is a literal %.
+    log = sbatch_quote(str(job.log).replace("%", "%%"))
+    sbatch += [f"--output={log}", f"--error={log}", "--open-mode=append",
                "--requeue", f"--signal=B:USR1@{SLURM_STOP_GRACE_S}"]
     sbatch += [line.removeprefix("#SBATCH").strip() for line in slurm.extra_sbatch]
 
@@ -675,6 +702,18 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
         "",
     ]
     return "\n".join(lines)
+
+
+_SBATCH_PLAIN = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-.,:/=+@%")
+
+
+def sbatch_quote(value: str) -> str:
+    """A value as sbatch reads it from a `#SBATCH` line: whitespace ends an argument there unless it
+    is quoted, `#` starts a comment, and a backslash escapes the next character (also inside
+    quotes), so anything but plain characters goes in double quotes with `\\` and `"` escaped."""
+    if value and all(ch in _SBATCH_PLAIN for ch in value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def submit_slurm(jobs: Sequence[ExpertJob], scripts: dict[str, str], console) -> list[Outcome]:
@@ -743,7 +782,8 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
         if state == "done":
             console.print(f"{job.domain}: done ({job.expert_dir / 'final'}), skipped")
         elif state in ("running", "queued"):
-            console.print(f"{job.domain}: already {state} ({detail}), skipped")
+            console.print(f"{job.domain}: already {state} ({detail}{orphan_note(job.expert_dir)}), skipped",
+                          highlight=False)
         else:
             to_run.append(job)
     if not to_run:

@@ -348,6 +348,9 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (checkpoints; default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                    help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
+    p.add_argument("--force", action="store_true",
+                   help="recipe: evaluate the run's models even when one no longer follows from its inputs "
+                        "(e.g. a finetune of an earlier merge)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -490,6 +493,16 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"btx: interrupted ({args.command} stopped; finished work is kept, re-run to continue)", file=sys.stderr)
         return 130
+    except OSError as e:  # a full, read-only or forbidden destination is bad input too
+        from btx.manifest import disk_error_message
+
+        message = disk_error_message(e)
+        if message is None:
+            raise
+        if args.debug:
+            traceback.print_exc()
+        print(f"btx: error: {_one_line(message)}", file=sys.stderr)
+        return 2
     return int(status or 0)
 
 

@@ -4,6 +4,15 @@ Preparing (`prepare_domain`, `prepare_domains`)
 - A domain's *sources* are text files, directories, `.jsonl` files and Python callables/iterables
   of documents. Each text file, each jsonl line and each item yielded is one document. Directories
   are walked recursively in sorted order, so the document order is deterministic.
+- A domain whose data is one text file (one corpus in one file, given alone or as the only file
+  of a directory) would be one document, so nothing could be held out: unless val_fraction is 0,
+  such a file is cut into
+  *passages* instead (`_passages`): at the first blank line once a passage is at least
+  `passage_bytes(file size)` long (64 bytes to 64 KiB: about 200 passages for files up to 12 MB,
+  more above), or at the first line end past twice that where no blank line comes. Each passage is
+  a document (its own EOS, its own train/val draw).
+- With `val_fraction > 0` a domain whose val split ends up empty (a single document) is an error,
+  not an empty shard that only a later evaluation would trip over.
 - Documents are split into train/val **by document**: a document goes to val when a keyed hash of
   its text (the key is the seed) falls below `val_fraction`. Identical documents therefore always
   land in the same split, and adding documents never moves the others. When `val_fraction > 0` and
@@ -17,7 +26,9 @@ Shard format (`btx-tokens-v1`)
 - `<split>.json`, the sidecar: format, dtype, token and document counts, domain, split, the
   tokenizer's identity (kind, vocab size, hash), the sources, the preparation options and the
   sha256 of the .bin. It is written last, so a shard without a sidecar is not finished.
-- Every file is written to a temporary sibling, fsynced and renamed into place.
+- Every file is written to a temporary sibling, fsynced and renamed into place, with the same
+  permissions as any new file (0666 less the umask, like checkpoints). A domain is prepared under
+  a lock on its directory, and the temporaries a killed run left there are removed first.
 
 Sampling (`TokenSampler`, `eval_batches`)
 - Training windows of `seq_len + 1` tokens start at random offsets. Everything about a batch is
@@ -34,7 +45,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -46,7 +56,8 @@ import numpy as np
 import torch
 
 from btx.errors import BtxError
-from btx.tokenizer import Tokenizer, atomic_write_bytes, fsync_directory, load_tokenizer
+from btx.manifest import cached_sha256, disk_errors, dumps_json, output_lock, temporary_sibling, write_bytes_atomic
+from btx.tokenizer import Tokenizer, fsync_directory, load_tokenizer
 
 SHARD_FORMAT = "btx-tokens-v1"
 SPLITS = ("train", "val")
@@ -56,6 +67,9 @@ _ENCODE_BATCH_DOCS = 1024
 _ENCODE_BATCH_BYTES = 8 << 20
 # Tokens buffered per shard before a write to disk.
 _WRITE_BUFFER_TOKENS = 4 << 20
+# Passages of a lone text file: at least this long, and as many as about _PASSAGES_PER_FILE.
+_PASSAGE_BYTES_MIN, _PASSAGE_BYTES_MAX, _PASSAGES_PER_FILE = 64, 64 << 10, 200
+TEST_DELAY_ENV = "BTX_PREPARE_TEST_DELAY"  # test hook: seconds to sleep after each tokenized batch
 
 SourceSpec = Any  # str | PathLike | {"path", "glob", "text_field"} | callable | iterable of documents
 
@@ -108,6 +122,11 @@ class PathSource(Source):
                 raise BtxError(f"{path}: 'glob' applies to directories, but this is a file")
             self.files = [self.path]
         self.total_bytes = sum(p.stat().st_size for p in self.files)
+        self.passages = False  # set by prepare_domain for a domain that is this one text file
+
+    @property
+    def lone_text_file(self) -> bool:
+        return len(self.files) == 1 and not self.files[0].name.endswith(JSONL_SUFFIXES)
 
     def describe(self) -> dict:
         # A cheap fingerprint (names, sizes, modification times) notices edited or added files
@@ -116,7 +135,7 @@ class PathSource(Source):
         for p in self.files:
             stat = p.stat()
             listing.update(f"{p.relative_to(self.path.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-        return {
+        description = {
             "path": str(self.path),
             "glob": self.glob,
             "text_field": self.text_field,
@@ -124,11 +143,16 @@ class PathSource(Source):
             "bytes": self.total_bytes,
             "fingerprint": listing.hexdigest(),
         }
+        if self.passages:
+            description["documents"] = f"passages of >= {passage_bytes(self.total_bytes)} bytes"
+        return description
 
     def documents(self) -> Iterator[tuple[str, int]]:
         for file in self.files:
             if file.name.endswith(JSONL_SUFFIXES):
                 yield from _jsonl_documents(file, self.text_field)
+            elif self.passages:
+                yield from _passages(file, passage_bytes(file.stat().st_size))
             else:
                 data = file.read_bytes()
                 try:
@@ -138,6 +162,39 @@ class PathSource(Source):
                         f"{file}: not UTF-8 text (byte {exc.start}); use a 'glob' to select text files"
                     ) from exc
                 yield text, len(data)
+
+
+def passage_bytes(file_bytes: int) -> int:
+    """The least length of a passage of a lone text file of `file_bytes` bytes."""
+    return max(_PASSAGE_BYTES_MIN, min(_PASSAGE_BYTES_MAX, file_bytes // _PASSAGES_PER_FILE))
+
+
+def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
+    """A text file as passages of at least `least` bytes, each ending at a blank line (or at a line
+    end once it is 2 * least long without one), streamed: memory stays about one passage."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    piece: list[str] = []
+    size = 0
+    offset = 0
+    with open(file, "rb") as handle:
+        while True:
+            line = handle.readline(2 * least)
+            try:
+                text = decoder.decode(line, final=not line)
+            except UnicodeDecodeError as exc:
+                raise BtxError(f"{file}: not UTF-8 text (byte {offset + exc.start})") from exc
+            offset += len(line)
+            if text:
+                piece.append(text)
+                size += len(line)
+            at_blank = not line.strip() or not line
+            if piece and (not line or (size >= least and at_blank) or size >= 2 * least):
+                yield "".join(piece), size
+                piece, size = [], 0
+            if not line:
+                return
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
@@ -251,9 +308,9 @@ class _ShardWriter:
         self.final_path = final_path
         self.dtype = dtype
         self.vocab_size = vocab_size
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final_path.name}.", suffix=".tmp", dir=final_path.parent)
-        self.tmp_path = Path(tmp_name)
-        self._file = os.fdopen(fd, "wb")
+        self.tmp_path = temporary_sibling(final_path)
+        # 0666 less the umask, as for every other file btx writes (mkstemp would make it 0600).
+        self._file = os.fdopen(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         self._sha256 = hashlib.sha256()
         self._pending: list[np.ndarray] = []
         self._pending_tokens = 0
@@ -266,6 +323,10 @@ class _ShardWriter:
         self.documents += 1
         if self._pending_tokens >= _WRITE_BUFFER_TOKENS:
             self._flush()
+
+    def flush(self) -> None:
+        self._flush()
+        self._file.flush()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -378,12 +439,46 @@ def prepare_domain(
     if append_eos and tokenizer.eos_id is None:
         raise BtxError(f"domain '{name}': the tokenizer has no EOS token; set append_eos=False or name one")
     resolved = resolve_sources(sources, text_field=text_field)  # fails on a missing path, before any write
+    mark_passages(resolved, val_fraction)
+    out_dir = Path(out_dir)
+    with output_lock(out_dir, f"domain '{name}'"), \
+            disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"):
+        return _prepare_locked(name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos,
+                               progress, started)
+
+
+def mark_passages(resolved: list[Source], val_fraction: float) -> None:
+    """A domain that is one text file is read as passages when something is to be held out (see
+    the module docstring); with val_fraction 0 it stays one document."""
+    if val_fraction > 0 and len(resolved) == 1 and isinstance(resolved[0], PathSource) and resolved[0].lone_text_file:
+        resolved[0].passages = True
+
+
+def _shard_bytes_bound(resolved: list[Source], tokenizer: Tokenizer) -> int | None:
+    """At most one token per input byte (plus EOS): an upper bound of the shards' size."""
+    totals = [s.total_bytes for s in resolved]
+    if any(t is None for t in totals):
+        return None
+    return 2 * sum(totals) * token_dtype(tokenizer.vocab_size).itemsize
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Temporaries of the shard files that a killed run left (the caller holds the domain's lock,
+    so no live writer owns any), whatever their naming (older btx used mkstemp names)."""
+    names = [f"{split}.{ext}" for split in SPLITS for ext in ("bin", "json")]
+    for entry in out_dir.iterdir():
+        if entry.is_file() and any(entry.name.startswith(f".{n}.") for n in names):
+            entry.unlink(missing_ok=True)
+
+
+def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed, text_field, append_eos,
+                    progress, started) -> dict:
     descriptions = [s.describe() for s in resolved]
     options = _options(val_fraction, seed, text_field, append_eos)
-
-    out_dir = Path(out_dir)
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
+    delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
     dtype = token_dtype(tokenizer.vocab_size)
     writers: dict[str, _ShardWriter] = {}
     try:
@@ -399,6 +494,10 @@ def prepare_domain(
                 if sum(len(p) for p in pieces) == 0:
                     continue  # a document that tokenizes to nothing is not a document
                 splitter.add(_Document(_document_key(text.encode("utf-8"), seed_key), pieces))
+            if delay and texts:  # test hook: a slow preparation, with its temporaries on disk
+                for writer in writers.values():
+                    writer.flush()
+                time.sleep(delay)
 
         with _Progress(name, resolved, enabled=progress) as bar:
             pending, pending_bytes = [], 0
@@ -416,9 +515,16 @@ def prepare_domain(
         splitter.finish()
 
         digests = {split: writer.finish() for split, writer in writers.items()}
+        where = ", ".join(d.get("path") or d.get("callable") or d.get("iterable") or "documents" for d in descriptions)
         if writers["train"].tokens == 0:
-            where = ", ".join(d.get("path") or d.get("callable") or d.get("iterable") or "documents" for d in descriptions)
             raise BtxError(f"domain '{name}': no documents with any tokens in {where or 'its sources'}")
+        if val_fraction > 0 and writers["val"].tokens == 0:
+            lone = resolved[0] if len(resolved) == 1 and getattr(resolved[0], "passages", False) else None
+            what = (f"one passage (a lone text file is cut at blank lines into passages of at least "
+                    f"{passage_bytes(lone.total_bytes)} bytes)" if lone else f"{writers['train'].documents} document")
+            raise BtxError(f"domain '{name}': nothing to hold out for validation: {where or 'its sources'} holds "
+                           f"{what}, and a validation split needs a second; give more text, or several documents "
+                           "(a directory of files, a .jsonl file with one per line)")
 
         sidecars = {
             split: {
@@ -444,7 +550,7 @@ def prepare_domain(
             writer.commit()
         fsync_directory(out_dir)
         for split in SPLITS:
-            atomic_write_bytes(out_dir / f"{split}.json", _json_bytes(sidecars[split]))
+            write_bytes_atomic(out_dir / f"{split}.json", _json_bytes(sidecars[split]))
     except BaseException:
         for writer in writers.values():
             writer.discard()
@@ -515,6 +621,7 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
     if not all((out_dir / f"{split}.json").is_file() for split in SPLITS):
         return None
     resolved = resolve_sources(sources, text_field=options.get("text_field", "text"))
+    mark_passages(resolved, options.get("val_fraction", 0.05))
     if not all(s.reproducible for s in resolved):
         return None
     wanted_options = _options(
@@ -524,9 +631,13 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
     sidecars = {}
     for split in SPLITS:
         try:
-            shard = load_shard(out_dir / f"{split}.json")
-        except BtxError:
-            return None  # damaged or partial: prepare again
+            shard = load_shard(out_dir / f"{split}.json", verify=True)
+        except BtxError as e:  # damaged (a changed byte too: the sha256 is checked) or partial: prepare again
+            from rich.console import Console
+
+            Console(stderr=True).print(f"[yellow]prepare {name}: {e}; preparing it again[/]", soft_wrap=True,
+                                       highlight=False)
+            return None
         meta = shard.meta
         if (
             meta.get("domain") != name
@@ -561,7 +672,7 @@ def _remove_if_empty(directory: Path) -> None:
 
 
 def _json_bytes(obj) -> bytes:
-    return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
+    return (dumps_json(obj, indent=2) + "\n").encode("utf-8")
 
 
 class _Progress:
@@ -645,13 +756,11 @@ class Shard:
         return self.num_tokens
 
     def verify(self) -> None:
-        """Recompute the .bin's sha256 against the sidecar (reads the whole file)."""
-        digest = hashlib.sha256()
-        with open(self.path, "rb") as handle:
-            for block in iter(lambda: handle.read(8 << 20), b""):
-                digest.update(block)
-        if digest.hexdigest() != self.meta["sha256"]:
-            raise BtxError(f"{self.path}: contents do not match the sha256 in its sidecar (corrupted?)")
+        """Check the .bin's sha256 against the sidecar (reads the file unless btx hashed it since
+        it last changed: `btx.manifest.cached_sha256`)."""
+        if cached_sha256(self.path) != self.meta["sha256"]:
+            raise BtxError(f"{self.path}: contents do not match the sha256 in its sidecar (corrupted or edited "
+                           "after btx prepare); prepare the domain again (btx prepare ... --force)")
 
 
 _SIDECAR_KEYS = {"format": str, "dtype": str, "tokens": int, "documents": int, "domain": str, "split": str,
@@ -889,6 +998,23 @@ __all__ = [
 
 
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def shard_spec_path(spec: str | os.PathLike, label: str, split: str = "val") -> Path:
+    """The shard a command-line DOMAIN=PATH names: a `.bin`/`.json` shard made by btx prepare, or a
+    prepared domain directory (its `split` shard). `label` names the flag, e.g. "--data code=dir"."""
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise BtxError(f"{path}: not found ({label})")
+    if path.is_dir():
+        if not (path / f"{split}.json").is_file():
+            raise BtxError(f"{path}: a directory without {split}.json ({label}); expected a btx shard "
+                           ".bin/.json or a prepared domain directory")
+        return path / f"{split}.json"
+    if path.suffix not in (".bin", ".json"):
+        raise BtxError(f"{path}: not a btx token shard ({label}); expected a .bin/.json shard made "
+                       "by btx prepare, or a prepared domain directory")
+    return path
 
 
 def parse_domain_paths(specs, expected: str, flag: str = "--data") -> dict[str, str]:

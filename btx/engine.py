@@ -30,7 +30,7 @@ import torch
 
 from btx import hf
 from btx.errors import BtxError
-from btx.manifest import atomic_dir
+from btx.manifest import atomic_dir, dumps_json
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -219,7 +219,7 @@ class AccelerateEngine:
                 hf.save_model(self.unwrapped, None, tmp, dtype=torch.float32, atomic=False)
                 torch.save(self._optimizer.state_dict(), tmp / OPTIMIZER_FILE)
                 torch.save(self.scheduler.state_dict(), tmp / SCHEDULER_FILE)
-                (tmp / CLIENT_STATE_FILE).write_text(json.dumps(client_state, indent=2) + "\n")
+                (tmp / CLIENT_STATE_FILE).write_text(dumps_json(client_state, indent=2) + "\n")
         self.accelerator.wait_for_everyone()
 
     def load(self, directory: Path) -> dict:

@@ -22,7 +22,13 @@ Why it looks the way it does
 - Checkpoints are DeepSpeed's own (module, ZeRO partitions of the optimizer, scheduler) with the
   loop's `client_state`. Every rank writes into one hidden sibling directory that rank 0 renames
   into place after a barrier: a killed run never leaves a directory that looks finished (the loop
-  removes `.step-*` leftovers when it resumes).
+  removes `.step-*` leftovers when it resumes; a save that fails, a full disk say, removes its own).
+- Resume never unpickles: DeepSpeed's loader would `torch.load(weights_only=False)` its files, so
+  `load` hands it a checkpoint engine that loads them with `weights_only=True`, allowing only the
+  few plain DeepSpeed classes its optimizer states hold (`SAFE_GLOBALS`: a loss-scaler record, the
+  ZeRO stage enum, a tensor-fragment address). A file holding anything else is refused with one
+  line. The loop also resumes only from checkpoints whose files it recorded at save (sha256 of
+  each, btx.train.CKPT_MANIFEST), so a damaged or swapped file is never read.
 - ZeRO-3 builds the model sharded (`build_sharded_model`: `deepspeed.zero.Init`, then filled
   from the checkpoint one tensor at a time), so no rank ever holds the whole model.
 - Export: `full_state_dict` takes each trained parameter from the optimizer's fp32 master copy
@@ -58,6 +64,31 @@ PRECISIONS = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}  # accelerate's name
 # A user's own DS_ACCELERATOR wins.
 if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
     os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def safe_globals() -> list:
+    """The classes DeepSpeed's checkpoints hold besides tensors and containers (found by loading
+    ZeRO 0-3 checkpoints with weights_only=True): plain records and an enum, no code runs when
+    they are rebuilt."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def load_weights_only(path: str, map_location=None):
+    """torch.load of a DeepSpeed checkpoint file without unpickling anything but tensors,
+    containers and `safe_globals()`; BtxError for a file that holds anything else."""
+    import pickle
+
+    try:
+        with torch.serialization.safe_globals(safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), " ".join(str(e).split())[:200])
+        raise BtxError(f"{path}: holds a Python object btx does not unpickle ({found[:200]}); btx resumes only "
+                       "from checkpoints it can read with weights_only=True; pass --force to start over") from None
 
 
 def on_gpu() -> bool:
@@ -264,7 +295,11 @@ class DeepSpeedEngine:
             shutil.rmtree(partial, ignore_errors=True)
             partial.mkdir(parents=True)
         dist.barrier()
-        self.ds.save_checkpoint(str(partial), tag=_TAG, client_state=client_state, save_latest=False)
+        try:
+            self.ds.save_checkpoint(str(partial), tag=_TAG, client_state=client_state, save_latest=False)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)  # a full disk, say: leave nothing half-written
+            raise
         dist.barrier()  # every rank's files are written
         if self.is_main:
             fsync_tree(partial)
@@ -275,16 +310,23 @@ class DeepSpeedEngine:
         dist.barrier()
 
     def load(self, directory: str | os.PathLike) -> dict:
-        """Collective: restore module, optimizer and scheduler; returns the loop's client_state."""
-        try:  # DeepSpeed reads its own files with torch.load: btx wrote them (never a user's file)
+        """Collective: restore module, optimizer and scheduler; returns the loop's client_state.
+        Every file is read with weights_only=True (`load_weights_only`), never unpickled."""
+        checkpoint_engine = self.ds.checkpoint_engine
+        checkpoint_engine.load = load_weights_only  # this instance only: DeepSpeed's loaders all go through it
+        try:
             path, client_state = self.ds.load_checkpoint(
                 str(directory), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=True
             )
+        except BtxError:
+            raise
         except (RuntimeError, ValueError, AssertionError, KeyError, OSError) as e:
             raise BtxError(
                 f"{directory}: cannot resume from this DeepSpeed checkpoint ({' '.join(str(e).split())[:300]}); "
                 "resume with the zero_stage and number of processes that wrote it, or pass --force"
             ) from None
+        finally:
+            del checkpoint_engine.load
         if path is None:
             raise BtxError(f"{directory}: no DeepSpeed checkpoint inside (expected {Path(directory) / _TAG}/)")
         return client_state or {}

@@ -19,7 +19,6 @@ memory at a time, and a checkpoint that is both a row and a BTM expert is run on
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from rich.table import Table
 
 from btx.data import Shard, eval_batches
 from btx.errors import BtxError
+from btx.manifest import dumps_json
 
 
 @dataclass
@@ -202,7 +202,7 @@ def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: di
             "rows": [asdict(r) | {"average": r.average, "perplexity": {d: _perplexity(v) for d, v in r.losses.items()},
                                   "average_perplexity": _perplexity(r.average)} for r in rows],
             **(extra or {})}
-    (out / "eval.json").write_text(json.dumps(data, indent=2) + "\n")
+    (out / "eval.json").write_text(dumps_json(data, indent=2) + "\n")
     (out / "eval.md").write_text(to_markdown(rows, domains))
     return {"json": out / "eval.json", "markdown": out / "eval.md"}
 
@@ -223,20 +223,9 @@ def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
 
 
 def open_shard(name: str, spec: str) -> Shard:
-    from btx.data import load_shard
+    from btx.data import load_shard, shard_spec_path
 
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise BtxError(f"{path}: not found (--data {name}={spec})")
-    if path.is_dir():
-        if not (path / "val.json").is_file():
-            raise BtxError(f"{path}: a directory without val.json (--data {name}={spec}); expected a btx shard "
-                           ".bin/.json or a prepared domain directory")
-        path = path / "val.json"
-    elif path.suffix not in (".bin", ".json"):
-        raise BtxError(f"{path}: not a btx token shard (--data {name}={spec}); expected a .bin/.json shard made "
-                       "by btx prepare, or a prepared domain directory")
-    return load_shard(path)
+    return load_shard(shard_spec_path(spec, f"--data {name}={spec}"))
 
 
 @dataclass
@@ -439,32 +428,39 @@ def _check_out_dir(out: Path) -> None:
 
 def write_outputs(rows: list[EvalRow], domains: list[str], out: Path, done: dict, extra: dict | None = None) -> None:
     """eval.json, eval.md and DONE.json (last), appearing in `out` all at once."""
-    from btx.manifest import atomic_dir, write_done
+    from btx.manifest import atomic_dir, hash_dir, write_done
 
     with atomic_dir(out, force=True) as tmp:
         save(rows, domains, tmp, extra)
-        write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done})
+        write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done,
+                         "outputs": hash_dir(tmp)})
 
 
-def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None) -> list[EvalRow]:
+def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None, force: bool = False) -> list[EvalRow]:
     """`btx eval RECIPE`: every model of the run that exists (`pipeline.eval_rows`), shown and
-    written to <run_dir>/eval/ (eval.md, eval.json, DONE.json)."""
-    from btx.pipeline import eval_rows
+    written to <run_dir>/eval/ (eval.md, eval.json, DONE.json). A model that no longer follows from
+    its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
+    from btx.pipeline import eval_input_identities, eval_rows, stale_models
 
     console = console or Console()
     missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
     if missing:
         raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
+    stale = [] if force else stale_models(exp)
+    if stale:
+        raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
+                       f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
+    out = out or exp.run_dir / "eval"
+    identities = eval_input_identities(exp, out)
     rows = eval_rows(exp, console)
     if not rows:
         raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
                        "finetuned/, baselines/); run btx run or its stages first")
     domains = list(exp.domains)
     render(rows, domains, console=console)
-    out = out or exp.run_dir / "eval"
     settings = {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
                 "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len}
-    write_outputs(rows, domains, out, settings, {"settings": settings})
+    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings})
     console.print(escape(f"wrote {out}/ (eval.md, eval.json)"), soft_wrap=True)
     return rows
 
@@ -492,7 +488,7 @@ def eval_command(args) -> int:
         exp = load_experiment(target, rest)
         if args.out:
             _check_out_dir(Path(args.out))
-        eval_recipe(exp, out=Path(args.out) if args.out else None)
+        eval_recipe(exp, out=Path(args.out) if args.out else None, force=args.force)
         return 0
     else:
         bad = [r for r in rest if "=" in r and not Path(r).exists()]

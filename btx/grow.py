@@ -48,7 +48,8 @@ import torch
 
 from btx import hf
 from btx.errors import BtxError
-from btx.manifest import atomic_dir, fsync_tree, read_done, write_done
+from btx.manifest import (atomic_dir, disk_errors, ensure_free_space, fsync_tree, input_identity, output_lock, read_done,
+                          relative_identities, write_done)
 from btx.merge import DTYPES, _NAME_RE, _check_same_tokenizer, _Progress
 from btx.model import ModelConfig
 
@@ -325,42 +326,51 @@ def edit_moe(
     at `into`, writing the result to `out`. Returns the DONE.json written into `out`."""
     started = time.monotonic()
     into, out, o = Path(into), Path(out), options or EditOptions()
-    edit = _plan(into, {k: Path(v) for k, v in (add or {}).items()}, list(remove or []), out, o, force=force,
-                 allow_foreign=allow_foreign)
-    try:
-        specs = _Producer(edit).specs()
-        total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
-        with atomic_dir(out, force=force) as tmp, _Progress(progress, "edit MoE", total, console=console) as bar:
-            outputs = hf.write_checkpoint(tmp, edit.out_cfg, specs, shard_size=hf.parse_size(o.shard_size),
-                                          tokenizer_from=into, atomic=False,
-                                          on_tensor=lambda name, n: bar.advance(n, name))
-            fsync_tree(tmp)
-            moe_done = read_done(into) or {}
-            manifest = {
-                "stage": "grow",
-                "kind": "moe",
-                "inputs": {
-                    "moe": {"path": str(into.resolve()), "experts": edit.names, "outputs": moe_done.get("outputs")},
-                    **{n.name: {"path": str(n.path.resolve()), "outputs": (read_done(n.path) or read_done(n.path.parent)
-                                                                          or {}).get("outputs")} for n in edit.new},
-                },
-                "added": [n.name for n in edit.new],
-                "removed": list(remove or []),
-                "experts": edit.out_cfg.expert_names,
-                "n_experts": edit.out_cfg.n_experts,
-                "top_k": edit.out_cfg.top_k,
-                "options": dataclasses.asdict(o) | {"shared_weight": edit.shared_weight},
-                "lineage": [*(moe_done.get("lineage") or [{"stage": moe_done.get("stage"), "path": str(into.resolve()),
-                                                           "experts": edit.names}]),
-                            {"stage": "grow", "added": [n.name for n in edit.new], "removed": list(remove or [])}],
-                "outputs": outputs,
-                "bytes": sum((tmp / f).stat().st_size for f in outputs),
-                "seconds": round(time.monotonic() - started, 3),
-            }
-            write_done(tmp, manifest)
-    finally:
-        for r in (edit.moe, *(n.reader for n in edit.new)):
-            r.close()
+    with output_lock(out, "this MoE output"):  # the exists / --force decision and the rename under one lock
+        edit = _plan(into, {k: Path(v) for k, v in (add or {}).items()}, list(remove or []), out, o, force=force,
+                     allow_foreign=allow_foreign)
+        try:
+            specs = _Producer(edit).specs()
+            total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
+            ensure_free_space(out.parent, total, f"the edited MoE {out}")
+            with disk_errors(out.parent, total, f"the edited MoE {out}"):
+                return _write(edit, specs, total, into, out, o, remove or [], force, progress, console, started)
+        finally:
+            for r in (edit.moe, *(n.reader for n in edit.new)):
+                r.close()
+
+
+def _write(edit: _Edit, specs, total: int, into: Path, out: Path, o: EditOptions, remove: list[str], force: bool,
+           progress: bool, console, started: float) -> dict:
+    # What this edit reads, checked against what its producers recorded (btx.manifest.input_identity).
+    identities = {"moe": input_identity(into), **{n.name: input_identity(n.path) for n in edit.new}}
+    with atomic_dir(out, force=force) as tmp, _Progress(progress, "edit MoE", total, console=console) as bar:
+        outputs = hf.write_checkpoint(tmp, edit.out_cfg, specs, shard_size=hf.parse_size(o.shard_size),
+                                      tokenizer_from=into, atomic=False, on_tensor=lambda name, n: bar.advance(n, name))
+        fsync_tree(tmp)
+        moe_done = read_done(into) or {}
+        added = [n.name for n in edit.new]
+        manifest = {
+            "stage": "grow",
+            "kind": "moe",
+            "inputs": {"moe": {"path": str(into.resolve()), "experts": edit.names},
+                       **{n.name: {"path": str(n.path.resolve())} for n in edit.new}},
+            "input_identities": relative_identities(identities, out),
+            "added": added,
+            "removed": list(remove),
+            "experts": edit.out_cfg.expert_names,
+            "n_experts": edit.out_cfg.n_experts,
+            "top_k": edit.out_cfg.top_k,
+            "options": dataclasses.asdict(o) | {"shared_weight": edit.shared_weight},
+            # the MoE's own history, then this step
+            "lineage": [*(moe_done.get("lineage") or [{"stage": moe_done.get("stage"), "path": str(into.resolve()),
+                                                       "experts": edit.names}]),
+                        {"stage": "grow", "added": added, "removed": list(remove)}],
+            "outputs": outputs,
+            "bytes": sum((tmp / f).stat().st_size for f in outputs),
+            "seconds": round(time.monotonic() - started, 3),
+        }
+        write_done(tmp, manifest)
     return manifest
 
 

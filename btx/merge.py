@@ -64,8 +64,13 @@ Streaming and memory
   renamed into place with its DONE.json already inside, so a killed merge leaves nothing that
   looks finished, and the same inputs and options give the same bytes (routers from a seed, a
   fixed tensor order, no timestamps inside the safetensors files).
-- Input hashes for DONE.json come from the inputs' own DONE.json when it records them (btx jobs
-  do); other inputs are hashed on a background thread while the merge runs.
+- Input hashes: every input file is hashed while the merge runs (a background thread, from the
+  page cache that the merge's own reads and the read-ahead fill), so DONE.json records what was
+  actually read. A btx-made input whose hash differs from what its own DONE.json records (a bit
+  flipped after its job finished, say) fails the merge before the output appears.
+- Locking: the output's lock (btx.manifest.output_lock) is held from the "exists / --force"
+  check to the final rename, so two merges into one output cannot both succeed; the second stops
+  with one line naming the first one's pid and host.
 
 Test hook: BTX_MERGE_TEST_DELAY=<seconds> sleeps after every written tensor, so a test can kill a
 merge half-way.
@@ -78,6 +83,7 @@ import hashlib
 import math
 import os
 import re
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -89,7 +95,8 @@ import torch
 
 from btx import families, hf
 from btx.errors import BtxError
-from btx.manifest import DONE_NAME, atomic_dir, fsync_tree, read_done, sha256_file, write_done
+from btx.manifest import (DONE_NAME, atomic_dir, disk_errors, ensure_free_space, fsync_tree, identity, output_lock,
+                          producer_manifest, relative_identities, sha256_file, update_from_file, write_done)
 from btx.model import ModelConfig
 from btx.recipe import GRANULARITIES, MERGE_DTYPES, ROUTER_INITS, MergeSection
 
@@ -263,23 +270,8 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
 
 
 def _manifest_of(path: Path) -> tuple[dict | None, str]:
-    """The DONE.json describing checkpoint `path`, and the prefix its "outputs" keys carry.
-
-    A btx job keeps its DONE.json next to its export: `experts/<d>/DONE.json` describes
-    `experts/<d>/final/` (keys "final/<file>"); a seed's or a merge's sits inside the directory.
-    """
-    own = read_done(path)
-    if own is not None:
-        return own, ""
-    parent = read_done(path.parent)
-    if parent is not None:
-        export = parent.get("export")
-        outputs = parent.get("outputs") or {}
-        if (export and Path(export).resolve() == path.resolve()) or any(
-            str(k).startswith(f"{path.name}/") for k in outputs
-        ):
-            return parent, f"{path.name}/"
-    return None, ""
+    """The DONE.json describing checkpoint `path`, and the prefix its "outputs" keys carry."""
+    return producer_manifest(path)
 
 
 def _recorded_hashes(manifest: dict | None, prefix: str) -> dict[str, str] | None:
@@ -818,18 +810,76 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def _input_hashes(plan: _Plan, pool: ThreadPoolExecutor) -> dict[str, dict[str, Future | str]]:
-    """sha256 of each input's config and weight files: recorded by its DONE.json, or hashed on `pool`."""
-    out: dict[str, dict[str, Future | str]] = {}
-    for inp in plan.inputs:
-        files = [hf.CONFIG_NAME, *sorted(inp.reader.metadata)]
-        if (inp.path / hf.INDEX_FILE).is_file() and hf.INDEX_FILE not in files:
-            files.append(hf.INDEX_FILE)
-        recorded = inp.recorded_hashes or {}
-        out[inp.name] = {
-            f: recorded[f] if f in recorded else pool.submit(sha256_file, inp.path / f) for f in files
-        }
+_HASH_WINDOW = 32 << 20  # input bytes hashed per file per turn, in step with the read-ahead
+
+
+def _input_files(inp: _Input) -> list[str]:
+    """The files of an input that the merge reads or copies: config, weights, index, tokenizer."""
+    files = [hf.CONFIG_NAME, *sorted(inp.reader.metadata)]
+    files += [f for f in (hf.INDEX_FILE, *hf.TOKENIZER_FILES) if (inp.path / f).is_file() and f not in files]
+    return files
+
+
+def _input_hashes(plan: _Plan, pool: ThreadPoolExecutor, stop: threading.Event) -> dict[str, dict[str, Future]]:
+    """sha256 of every file each input is read from, hashed on `pool` while the merge runs: what
+    DONE.json records is what the merge read, never a copy of the inputs' own manifests.
+
+    One thread hashes all files a window at a time, round robin by offset: the order in which the
+    read-ahead (btx.startup) and the layer-by-layer merge bring them into the page cache, so the
+    hashing reads what is cached already instead of adding a second stream of disk reads."""
+    files = [(inp.name, f, inp.path / f) for inp in plan.inputs for f in _input_files(inp)]
+    out: dict[str, dict[str, Future]] = {inp.name: {} for inp in plan.inputs}
+    for name, f, _ in files:
+        out[name][f] = Future()
+    pool.submit(_hash_round_robin, [(path, out[name][f]) for name, f, path in files], stop)
     return out
+
+
+def _hash_round_robin(files: list[tuple[Path, Future]], stop: threading.Event) -> None:
+    try:
+        pending = [(path, future, hashlib.sha256(), os.stat(path).st_size) for path, future in files]
+        offset = 0
+        while pending and not stop.is_set():
+            for path, future, digest, size in pending:
+                update_from_file(digest, path, offset, min(_HASH_WINDOW, max(0, size - offset)))
+                if offset + _HASH_WINDOW >= size:
+                    future.set_result(digest.hexdigest())
+            pending = [p for p in pending if offset + _HASH_WINDOW < p[3]]
+            offset += _HASH_WINDOW
+    except BaseException as e:  # a vanished input, say: whoever waits on a hash sees why
+        for _, future in files:
+            if not future.done():
+                future.set_exception(e)
+
+
+def _checked_input_hashes(plan: _Plan, pending: dict[str, dict[str, Future]]) -> dict[str, dict[str, str]]:
+    """The finished hashes; BtxError when a btx-made input is not what its DONE.json says it wrote."""
+    hashes = {name: {f: h.result() for f, h in files.items()} for name, files in pending.items()}
+    for inp in plan.inputs:
+        for f, digest in hashes[inp.name].items():
+            recorded = (inp.recorded_hashes or {}).get(f)
+            if recorded is not None and recorded != digest:
+                raise BtxError(f"{inp.path / f}: its sha256 is not the one its {DONE_NAME} records (damaged or "
+                               "edited after its job finished); nothing was merged: restore the file, or redo "
+                               f"the job that made {inp.path}")
+    return hashes
+
+
+def _same_content_warnings(plan: _Plan, hashes: dict[str, dict[str, str]]) -> list[str]:
+    """Inputs that are the same checkpoint (a symlink, one directory given twice) or hold the same
+    weights: legal, but seldom what was meant (an expert that is the seed adds nothing)."""
+    if plan.options.upcycle:
+        return []
+    seen: dict[tuple, str] = {}
+    warnings = []
+    for inp in plan.inputs:
+        weights = tuple(sorted((f, h) for f, h in hashes[inp.name].items() if f.endswith(".safetensors")))
+        if weights in seen:
+            warnings.append(f"merge: warning: {inp.name} ({inp.path}) has the same weights as {seen[weights]}; "
+                            "the MoE gets two identical experts")
+        else:
+            seen[weights] = f"{inp.name} ({inp.path})"
+    return warnings
 
 
 def _run(plan: _Plan, progress: bool, console=None) -> dict:
@@ -845,9 +895,10 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
     threads = torch.get_num_threads()
     delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btx-merge-hash")
+    stop_hashing = threading.Event()
     try:
         torch.set_num_threads(1)
-        pending_hashes = _input_hashes(plan, pool)
+        pending_hashes = _input_hashes(plan, pool, stop_hashing)
         tokenizer_from = next(
             (i.path for i in (plan.seed, *plan.experts_in) if any((i.path / f).is_file() for f in hf.TOKENIZER_FILES)),
             None,
@@ -864,11 +915,14 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
                 atomic=False, on_tensor=on_tensor,
             )  # fmt: skip
             fsync_tree(tmp)  # the seconds below include making the bytes durable
+            input_hashes = _checked_input_hashes(plan, pending_hashes)
+            for warning in _same_content_warnings(plan, input_hashes):
+                _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
             inputs = {
                 inp.name: {
                     "path": str(inp.path.resolve()),
-                    "sha256": {f: h if isinstance(h, str) else h.result() for f, h in pending_hashes[inp.name].items()},
-                    "sha256_from": DONE_NAME if inp.recorded_hashes else "computed",
+                    "sha256": input_hashes[inp.name],
+                    "sha256_from": "read",  # hashed from the bytes this merge read (DONE.json's checked)
                     "tokens": (inp.manifest or {}).get("tokens"),
                     "dtype": str(inp.reader.dtype).removeprefix("torch."),
                 }
@@ -878,6 +932,12 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
                 "stage": "merge",
                 "kind": plan.kind,
                 "inputs": inputs,
+                # The same hashes in the shape every stage's manifest uses (btx.manifest.changed_inputs),
+                # with the centroid shards, which decide the routers too.
+                "input_identities": relative_identities({
+                    **{name: {"path": record["path"], "sha256": record["sha256"]} for name, record in inputs.items()},
+                    **{f"centroid:{d}": identity(shard.path) for d, shard in plan.centroid_shards.items()},
+                }, plan.out),
                 "weights": plan.weights,
                 "options": {**dataclasses.asdict(o), "dtype": str(plan.dtype).removeprefix("torch.")},
                 "outputs": outputs,
@@ -898,6 +958,7 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
                 manifest["recipe_hash"] = plan.recipe_hash
             write_done(tmp, manifest)  # inside the temporary: the directory appears with it
     finally:
+        stop_hashing.set()  # a merge that failed does not wait for (or keep) its hashing
         pool.shutdown(wait=False, cancel_futures=True)
         torch.set_num_threads(threads)
     return manifest
@@ -925,15 +986,59 @@ def merge(
     `console`: the rich Console progress bars draw on (default: rich's own).
     """
     options = options or MergeOptions()
-    plan = _plan(
-        seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
-        allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
-    )  # fmt: skip
-    plan.recipe_hash = recipe_hash
-    try:
-        return _run(plan, progress, console)
-    finally:
-        plan.close()
+    centroid_data = {d: _centroid_shard_path(d, p) for d, p in (centroid_data or {}).items()}
+    for warning in _same_path_warnings(seed, experts or {}):
+        _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
+    # The exists / --force decision (in _plan) and the final rename happen under one lock.
+    with output_lock(out, "this merge output"):
+        plan = _plan(
+            seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
+            allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
+        )  # fmt: skip
+        plan.recipe_hash = recipe_hash
+        try:
+            size = _output_bytes(plan)
+            ensure_free_space(plan.out.parent, size, f"the merged checkpoint {plan.out}")
+            with disk_errors(plan.out.parent, size, f"the merged checkpoint {plan.out}"):
+                return _run(plan, progress, console)
+        finally:
+            plan.close()
+
+
+def _console(console):
+    from rich.console import Console
+
+    return console or Console(stderr=True)
+
+
+def _output_bytes(plan: _Plan) -> int:
+    """The size of the merged checkpoint's tensors (headers and config add a few kB)."""
+    return sum(math.prod(shape) for shape in hf.hf_shapes(plan.out_cfg).values()) * plan.dtype.itemsize
+
+
+def _centroid_shard_path(domain: str, spec: str | os.PathLike) -> Path:
+    """--centroid-data NAME=PATH takes what `btx eval --data` takes: a shard, or a prepared domain
+    directory (its val shard), checked against its sidecar's sha256 before the merge starts."""
+    from btx.data import load_shard, shard_spec_path
+
+    path = shard_spec_path(spec, f"centroid data of {domain!r}: {spec}")
+    load_shard(path, verify=True)
+    return path
+
+
+def _same_path_warnings(seed, experts: dict) -> list[str]:
+    """Inputs that are one directory (a symlink to the seed, a checkpoint given twice)."""
+    seen: dict[Path, str] = {}
+    warnings = []
+    for name, path in [(SEED, seed), *experts.items()]:
+        real = Path(path).resolve()
+        if (real / "final" / hf.CONFIG_NAME).is_file() and not (real / hf.CONFIG_NAME).is_file():
+            real = real / "final"
+        if real in seen:
+            warnings.append(f"merge: warning: {name} ({path}) is the same checkpoint as {seen[real]}")
+        else:
+            seen[real] = f"{name} ({path})"
+    return warnings
 
 
 def merge_from_recipe(
@@ -953,23 +1058,34 @@ def merge_from_recipe(
     section's settings (a `centroid` router init, which needs domain experts, becomes `random`,
     the paper's init for upcycling).
     """
-    from btx.recipe import recipe_hash
-
     seed = exp.seed_dir
-    options = MergeOptions.from_section(exp.merge, upcycle=upcycle, router_aux_loss_coef=exp.finetune.balance_alpha)
-    if upcycle:
-        experts: dict[str, Path] = {}
-        if options.router_init == "centroid":
-            options.router_init = "random"
-    else:
-        experts = {d: exp.expert_dir(d) / "final" for d in exp.domains}
+    options = recipe_merge_options(exp.merge, upcycle, aux_loss_coef=exp.finetune.balance_alpha)
+    experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.domains}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
-        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts},
+        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init == "centroid" else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
-        recipe_hash=recipe_hash({"merge": exp.merge, "seed": str(seed), "experts": list(experts), "upcycle": upcycle}),
-        progress=progress, console=console,
+        recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
+
+
+def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef: float = 0.01) -> MergeOptions:
+    """The options a recipe's merge runs with; an upcycle's `centroid` init (it has no domain
+    experts) is `random`, the paper's init for upcycling. `aux_loss_coef` (the recipe's
+    finetune.balance_alpha) goes into the MoE's config.json for training it further elsewhere."""
+    options = MergeOptions.from_section(section, upcycle=upcycle, router_aux_loss_coef=aux_loss_coef)
+    if upcycle and options.router_init == "centroid":
+        options.router_init = "random"
+    return options
+
+
+def merge_recipe_hash(exp, upcycle: int = 0) -> str:
+    """The recipe_hash a recipe's merge records in DONE.json (btx run compares it to adopt a merge
+    made by `btx merge` with the same settings)."""
+    from btx.recipe import recipe_hash
+
+    experts = [] if upcycle else list(exp.domains)
+    return recipe_hash({"merge": exp.merge, "seed": str(exp.seed_dir), "experts": experts, "upcycle": upcycle})
 
 
 # --------------------------------------------------------------------------------------------

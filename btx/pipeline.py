@@ -11,12 +11,23 @@ Stages, in order (each a plain function of the experiment; the modules do the wo
     eval       per-domain validation loss of every model + BTM    btx.evaluate
     analyze    routing analysis of the finetuned MoE              btx.routing
 
-Skipping and redoing. The ledger `<run_dir>/pipeline.json` records, per stage, a key: the hash of
-the recipe sections the stage reads and of the keys of the stages it consumes. A stage is skipped
-when its outputs' DONE.json exists and its key is unchanged; when the key changed (the recipe or
-an input changed), its stale outputs are removed and it runs again, and so does everything
-downstream (their keys contain its key). Work inside a stage is itself resumable (training
-checkpoints, finished experts), so Ctrl-C or a crash is resumed by running the same command again.
+Skipping and redoing (docs/PROVENANCE.md). The ledger `<run_dir>/pipeline.json` records, per
+stage, a key and the identity of the outputs it left. The key hashes the recipe sections the stage
+reads and the *content* of the stages it consumes (their DONE.json output hashes), so a replaced
+input changes the key of every stage after it. A stage is skipped only when all of these hold:
+its DONE.json files exist, its files still have the sha256 they record, the inputs they record
+are still what is on disk (`btx.manifest.changed_inputs`), its key is unchanged and its outputs
+are the ones this run left. Otherwise:
+- damaged (a file edited, truncated or deleted): redone; a training stage is only exported again
+  from its final checkpoint;
+- stale (its recipe sections or inputs changed): its outputs are removed and it runs again, and
+  so does everything downstream;
+- made outside this run (by a stage command) from the same settings and inputs: kept (adopted);
+  from other settings: refused with one line naming it, so that `btx run` never removes a result
+  it did not make, nor builds on one that does not follow from the recipe.
+Work inside a stage is itself resumable (training checkpoints, finished experts), so Ctrl-C or a
+crash is resumed by running the same command again. One `btx run` per run directory at a time:
+a second stops with one line naming the first (`btx.manifest.output_lock`).
 
 Compute matching. With `eval.baselines`, the dense baseline continues the seed on the finetune
 mixture, and the sparse-upcycling baseline finetunes an MoE made of seed copies, each for as many
@@ -39,7 +50,8 @@ from rich.console import Console
 from rich.table import Table
 
 from btx.errors import BtxError
-from btx.manifest import read_done, write_json_atomic
+from btx.manifest import (DONE_NAME, changed_inputs, damaged_outputs, hash_dir, identity_changes, input_identity,
+                          output_lock, read_done, write_json_atomic)
 
 STAGES = ("prepare", "seed", "branch", "merge", "finetune", "baselines", "eval", "analyze")
 LEDGER = "pipeline.json"
@@ -53,10 +65,12 @@ def _key(*parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _outputs_key(directory: Path) -> str:
-    """Identity of a finished output: the sha256 of its files as its DONE.json lists them."""
-    done = read_done(directory) or {}
-    return _key(done.get("outputs") or done.get("output_sha256") or done)
+def _outputs_key(directories: list[Path]) -> str:
+    """Identity of finished outputs: the sha256 of their files as their DONE.json list them."""
+    return _key([(read_done(d) or {}).get("outputs") for d in directories])
+
+
+Adopt = Callable[[list[dict]], "str | None"]  # DONE.json dicts -> why they do not follow from the recipe, or None
 
 
 @dataclass
@@ -77,50 +91,97 @@ class Pipeline:
 
     # -- the ledger -----------------------------------------------------------------------------
 
-    def fresh(self, stage: str, key: str, done_dirs: list[Path]) -> bool:
-        """True when every manifest of the stage exists and the stage was made from the same inputs."""
-        entry = self.ledger.get(stage, {})
-        return entry.get("key") == key and all(read_done(p) is not None for p in done_dirs)
+    def verdict(self, key: str, done_dirs: list[Path], adopt: Adopt | None, entry: dict) -> tuple[str, str]:
+        """What to do with a stage (or one expert) whose ledger entry is `entry`:
+        fresh | adopt (kept, made outside this run from the same settings) | missing | damaged |
+        stale (redo) | foreign (made outside this run from other settings: refuse), and why."""
+        dones = [read_done(p) for p in done_dirs]
+        if any(done is None for done in dones):
+            return "missing", ""
+        for path in done_dirs:
+            problems = damaged_outputs(path)
+            if problems:
+                return "damaged", problems[0]
+        made_here = bool(entry) and entry.get("outputs") in (None, _outputs_key(done_dirs))
+        changed = [c for path, done in zip(done_dirs, dones) for c in changed_inputs(done.get("input_identities"), path)]
+        if changed:
+            return ("stale" if made_here or adopt is None else "foreign"), changed[0]
+        if entry.get("key") == key and made_here:
+            return "fresh", ""
+        if not entry:
+            why = "this run's ledger has no record of it (made by a stage command, or by a btx run killed before it noted it)"
+        elif entry.get("key") != key:
+            why = "its recipe sections or inputs changed"
+        else:
+            why = "replaced since this run made it"
+        reason = adopt(dones) if adopt is not None else why
+        if reason is None:
+            return "adopt", why
+        return ("stale", why) if made_here or adopt is None else ("foreign", reason)
 
-    def invalidate(self, stage: str, done_dirs: list[Path], extra_dirs: tuple[Path, ...]) -> None:
-        """Remove what a stage that is not fresh left behind, so that it runs again from its inputs.
+    def refuse(self, stage: str, path: Path, reason: str) -> BtxError:
+        return BtxError(f"{path}: not made by this btx run, and it does not follow from the recipe as given "
+                        f"({reason}); give btx run the settings it was made with to go on from it, or run "
+                        f"`btx run {self.recipe_path} --from {stage}` to redo it from the recipe (or move it away)")
 
-        Finished outputs go in any case (made from other inputs, or by hand outside `btx run`).
-        Work directories (checkpoints) go only when the recipe changed: after a crash they hold the
-        partial run that the stage resumes."""
-        changed = self.ledger.get(stage, {}).get("key") not in (None, self.keys.get(stage))
-        for path in [*done_dirs, *extra_dirs]:
-            if path.exists() and (changed or (path in done_dirs and read_done(path) is not None)):
-                why = "its inputs changed" if changed else "it was not made by this recipe's run"
-                self.console.print(f"[yellow]{stage}: redoing {path}: {why}[/]")
+    def clear(self, name: str, verdict: str, why: str, done_dirs: list[Path], extra_dirs, *, changed: bool,
+              repairs_itself: bool) -> None:
+        """Remove what must not survive a redo: everything of a stale stage (also an unfinished one
+        whose key changed: its checkpoints are of other settings); the outputs of a damaged one,
+        unless its work exports them again by itself from its checkpoints."""
+        if verdict == "stale" or (changed and verdict in ("missing", "damaged")):
+            remove = [*done_dirs, *extra_dirs]
+        elif verdict == "damaged" and not repairs_itself:
+            remove = list(done_dirs)
+        else:
+            remove = []  # a damaged training stage: its job says so and exports it again
+        for path in remove:
+            if path.exists():
+                self.console.print(f"[yellow]{name}: redoing {path}: {why or 'its inputs changed'}[/]", soft_wrap=True)
                 shutil.rmtree(path)
 
-    def record(self, stage: str, key: str, summary: str, seconds: float) -> None:
-        self.ledger[stage] = {"key": key, "summary": summary, "seconds": round(seconds, 2),
+    def record(self, stage: str, key: str, summary: str, seconds: float, outputs: str | None = None) -> None:
+        self.ledger[stage] = {"key": key, "summary": summary, "seconds": round(seconds, 2), "outputs": outputs,
                               "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.ledger_path, self.ledger)
 
     def stage(self, name: str, key: str, done_dirs: list[Path], work: Callable[[], str], force: bool,
-              extra_dirs: tuple[Path, ...] = ()) -> StageOutcome:
-        """Run `work` unless the stage is fresh. `done_dirs` hold its DONE.json manifests; they and
-        `extra_dirs` (work directories: checkpoints, logs) are removed when its inputs changed."""
-        self.keys[name] = key
+              extra_dirs: tuple[Path, ...] = (), adopt: Adopt | None = None,
+              repairs_itself: bool = False) -> StageOutcome:
+        """Run `work` unless the stage is fresh (see the module docstring). `done_dirs` hold its
+        DONE.json manifests; they and `extra_dirs` (work directories: checkpoints, logs) are
+        removed when it is stale. `adopt` tells whether outputs made outside this run follow from
+        the recipe; `repairs_itself`: `work` exports a damaged output again by itself (training)."""
         outputs = [*done_dirs, *extra_dirs]
-        if not force and self.fresh(name, key, done_dirs):
-            return StageOutcome(name, "skipped", 0.0, self.ledger[name].get("summary", ""))
+        entry = self.ledger.get(name, {})
         if force:
             self.ledger.pop(name, None)
             for path in outputs:
                 if path.exists():
                     shutil.rmtree(path)
         else:
-            self.invalidate(name, done_dirs, extra_dirs)
+            verdict, why = self.verdict(key, done_dirs, adopt, entry)
+            if verdict == "fresh":
+                self.keys[name] = _key(key, _outputs_key(done_dirs))
+                return StageOutcome(name, "skipped", 0.0, entry.get("summary", ""))
+            if verdict == "adopt":
+                summary = f"kept {', '.join(str(p.relative_to(self.run_dir)) for p in done_dirs)}"
+                self.console.print(f"[yellow]{name}: {summary}: {why}, but its {DONE_NAME} records the recipe's "
+                                   "settings and inputs[/]", soft_wrap=True)
+                self.record(name, key, summary, 0.0, _outputs_key(done_dirs))
+                self.keys[name] = _key(key, _outputs_key(done_dirs))
+                return StageOutcome(name, "skipped", 0.0, summary)
+            if verdict == "foreign":
+                raise self.refuse(name, next(p for p in done_dirs if p.exists()), why)
+            self.clear(name, verdict, why, done_dirs, extra_dirs, changed=entry.get("key") not in (None, key),
+                       repairs_itself=repairs_itself)
         self.console.rule(f"[bold]{name}")
         t0 = time.perf_counter()
         summary = work()
         seconds = time.perf_counter() - t0
-        self.record(name, key, summary, seconds)
+        self.record(name, key, summary, seconds, _outputs_key(done_dirs))
+        self.keys[name] = _key(key, _outputs_key(done_dirs))
         return StageOutcome(name, "ran", seconds, summary)
 
 
@@ -150,39 +211,75 @@ def _train_summary(done: dict) -> str:
     return f"{done['steps']} steps, {done['tokens']:,} tokens, val loss {done.get('val_loss') or float('nan'):.3f}"
 
 
+def _adopt_training(job) -> Adopt:
+    """A training job's DONE.json follows from the recipe when it records the trajectory (settings,
+    data, the init's config) that the recipe's job has now, and inputs with the content of the
+    recipe's inputs now (the seed.path may name another checkpoint than the one it was trained from)."""
+    from btx.train import current_input_identities, trajectory_hash
+
+    def adopt(dones: list[dict]) -> str | None:
+        done = dones[0]
+        if done.get("trajectory_hash") != trajectory_hash(job):
+            return f"its {DONE_NAME} records other training settings or data than the recipe's job '{job.name}'"
+        recorded = done.get("input_identities")
+        if recorded is None:
+            return f"its {DONE_NAME} records no input identities (made by an older btx)"
+        changes = identity_changes(recorded, current_input_identities(job))
+        return changes[0] if changes else None
+
+    return adopt
+
+
 def _seed(p: Pipeline, force: bool) -> StageOutcome:
     exp = p.exp
     if exp.seed.path is not None:
-        p.keys["seed"] = _key(str(exp.seed.path), _outputs_key(Path(exp.seed.path)))
+        # The content of the given checkpoint (hashed once, then re-read only when it changes):
+        # a replaced seed.path changes the key of every stage after it.
+        p.keys["seed"] = _key(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
         return StageOutcome("seed", "off", 0.0, f"given: {exp.seed.path}")
     from btx.train import run_loop, seed_job, trajectory_hash
 
     job = seed_job(exp)
     key = _key(trajectory_hash(job), p.keys["prepare"])
     return p.stage("seed", key, [job.manifest_dir], lambda: _train_summary(run_loop(job, console=p.console)),
-                   force, extra_dirs=(job.work_dir,))
+                   force, extra_dirs=(job.work_dir,), adopt=_adopt_training(job), repairs_itself=True)
 
 
 def _branch(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.branch import branch
-    from btx.train import expert_job, trajectory_hash
+    from btx.branch import branch, expert_state, plan_jobs, wait_for_running
+    from btx.train import discard_damaged_export, expert_job, trajectory_hash
 
     exp = p.exp
     jobs = {d: expert_job(exp, d) for d in exp.domains}
-    # Per-expert keys: one changed domain recipe retrains that expert only.
+    # Per-expert keys and verdicts: one changed domain recipe retrains that expert only.
     expert_keys = {d: _key(trajectory_hash(j), p.keys["seed"], p.keys["prepare"]) for d, j in jobs.items()}
-    key = _key(expert_keys)
-    previous = p.ledger.get("branch", {}).get("experts", {})
-    if force:
-        stale = list(jobs)
-    else:
-        stale = [d for d in jobs if previous.get(d) not in (None, expert_keys[d])]
-    for d in stale:
-        if jobs[d].work_dir.exists():
-            p.console.print(f"[yellow]branch: expert {d}: inputs changed; retraining it[/]")
-            shutil.rmtree(jobs[d].work_dir)
-    p.keys["branch"] = key
-    if not stale and all(read_done(j.manifest_dir) is not None for j in jobs.values()) and previous == expert_keys:
+    entry = p.ledger.get("branch", {})
+    to_run = []
+    for d, job in jobs.items():
+        recorded = {"key": entry.get("experts", {}).get(d), "outputs": entry.get("outputs", {}).get(d)} \
+            if d in entry.get("experts", {}) else {}
+        verdict, why = ("stale", "--from branch") if force else p.verdict(expert_keys[d], [job.manifest_dir],
+                                                                         _adopt_training(job), recorded)
+        if verdict == "foreign":
+            raise p.refuse("branch", job.manifest_dir, why)
+        if verdict == "adopt":
+            p.console.print(f"[yellow]branch: kept expert {d}: {why}, but its {DONE_NAME} records the recipe's "
+                            "settings and inputs[/]", soft_wrap=True)
+        if verdict in ("fresh", "adopt"):
+            continue
+        to_run.append(d)
+        changed = recorded.get("key") not in (None, expert_keys[d])
+        if expert_state(job.work_dir)[0] in ("running", "queued"):
+            continue  # its own process owns the directory; branch waits for it below
+        if verdict == "damaged" and not changed:
+            discard_damaged_export(job, p.console)  # exported again from its final checkpoint
+        elif (verdict == "stale" or changed) and job.work_dir.exists():
+            p.console.print(f"[yellow]branch: expert {d}: {why or 'inputs changed'}; retraining it[/]", soft_wrap=True)
+            shutil.rmtree(job.work_dir)
+    if not to_run:
+        p.keys["branch"] = _branch_key(expert_keys, jobs)
+        if entry.get("experts") != expert_keys or entry.get("outputs") != _expert_outputs(jobs):
+            _record_branch(p, entry.get("summary", ""), 0.0, expert_keys, jobs)
         return StageOutcome("branch", "skipped", 0.0, p.ledger["branch"].get("summary", ""))
     p.console.rule("[bold]branch")
     t0 = time.perf_counter()
@@ -190,17 +287,34 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
     if status != 0:
         raise BtxError("branch: some expert jobs failed (see above); fix the cause and re-run `btx run` "
                        "(finished experts are kept)")
+    # Experts still running under an earlier, killed `btx run` or `btx branch`: wait for them.
+    wait_for_running(plan_jobs(exp, p.recipe_path, p.overrides), p.console)
     dones = {d: read_done(j.manifest_dir) for d, j in jobs.items()}
     unfinished = [d for d, done in dones.items() if done is None]
-    if unfinished:  # e.g. still running under an earlier, killed `btx run`
+    if unfinished:
         raise BtxError(f"branch: expert(s) {', '.join(unfinished)} not finished (see `btx status {p.recipe_path}`); "
-                       "wait for running jobs or stop them, then re-run `btx run`")
+                       "fix the cause (train.log), then re-run `btx run`")
     summary = ", ".join(f"{d} val {v.get('val_loss') or float('nan'):.3f}" for d, v in dones.items())
     seconds = time.perf_counter() - t0
-    p.record("branch", key, summary, seconds)
-    p.ledger["branch"]["experts"] = expert_keys
-    write_json_atomic(p.ledger_path, p.ledger)
+    _record_branch(p, summary, seconds, expert_keys, jobs)
+    p.keys["branch"] = _branch_key(expert_keys, jobs)
     return StageOutcome("branch", "ran", seconds, summary)
+
+
+def _expert_outputs(jobs: dict) -> dict[str, str]:
+    return {d: _outputs_key([job.manifest_dir]) for d, job in jobs.items()}
+
+
+def _branch_key(expert_keys: dict[str, str], jobs: dict) -> str:
+    outputs = _expert_outputs(jobs)
+    return _key({d: _key(k, outputs[d]) for d, k in expert_keys.items()})
+
+
+def _record_branch(p: Pipeline, summary: str, seconds: float, expert_keys: dict, jobs: dict) -> None:
+    p.record("branch", _key(expert_keys), summary, seconds)
+    p.ledger["branch"]["experts"] = expert_keys
+    p.ledger["branch"]["outputs"] = _expert_outputs(jobs)
+    write_json_atomic(p.ledger_path, p.ledger)
 
 
 def _merge(p: Pipeline, force: bool) -> StageOutcome:
@@ -213,7 +327,30 @@ def _merge(p: Pipeline, force: bool) -> StageOutcome:
         done = merge_from_recipe(p.exp, console=p.console)
         return f"{len(done.get('experts', []))} experts ({', '.join(done.get('experts', []))}), top-{p.exp.merge.top_k}"
 
-    return p.stage("merge", key, [out], work, force)
+    return p.stage("merge", key, [out], work, force, adopt=_adopt_merge(p.exp))
+
+
+def _adopt_merge(exp) -> Adopt:
+    """A merge made by `btx merge` follows from the recipe when it records the recipe's merge
+    settings for the recipe's seed and experts (their content is compared before, by identity)."""
+    from btx.merge import merge_recipe_hash, recipe_merge_options
+
+    wanted = merge_recipe_hash(exp)
+
+    def adopt(dones: list[dict]) -> str | None:
+        done = dones[0]
+        if done.get("recipe_hash") == wanted and done.get("input_identities") is not None:
+            return None
+        if done.get("input_identities") is None and done.get("recipe_hash") == wanted:
+            return f"its {DONE_NAME} records no input identities (made by an older btx)"
+        recipe = dataclasses.asdict(recipe_merge_options(exp.merge, aux_loss_coef=exp.finetune.balance_alpha))
+        made = done.get("options") or {}
+        differ = [f"{k} {made.get(k)!r} where the recipe has {v!r}" for k, v in recipe.items()
+                  if k in made and k != "dtype" and made.get(k) != v]
+        return f"made with merge options {'; '.join(differ[:3])}" if differ else \
+            "made from other merge settings or inputs than the recipe's"
+
+    return adopt
 
 
 def _finetune(p: Pipeline, force: bool) -> StageOutcome:
@@ -221,12 +358,13 @@ def _finetune(p: Pipeline, force: bool) -> StageOutcome:
     from btx.finetune import finetune_job, run_finetune
 
     key = _key(p.exp.finetune, p.exp.finetune_train, p.keys["merge"])
+    job = finetune_job(p.exp)
 
     def work() -> str:
-        job = finetune_job(p.exp)
         return _train_summary(run_finetune(job, console=p.console))
 
-    return p.stage("finetune", key, [p.run_dir / "finetuned"], work, force, extra_dirs=(p.run_dir / FINETUNE_WORK_DIR,))
+    return p.stage("finetune", key, [p.run_dir / "finetuned"], work, force, extra_dirs=(p.run_dir / FINETUNE_WORK_DIR,),
+                   adopt=_adopt_training(job), repairs_itself=True)
 
 
 def compute_budget(p: Pipeline) -> float:
@@ -254,13 +392,18 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         return StageOutcome("baselines", "off", 0.0, "eval.baselines is off")
     from btx import hf
     from btx.finetune import finetune_job, run_finetune
-    from btx.merge import merge_from_recipe
+    from btx.merge import merge_from_recipe, recipe_merge_options
     from btx.train import TrainJob, run_loop
 
     root = p.run_dir / "baselines"
     budget = compute_budget(p)
     seed_dir = exp.seed_dir
-    key = _key(budget, p.keys["seed"], p.keys["merge"], exp.finetune, exp.finetune_train)
+    # Of the merge, the baselines use its shape (the upcycled MoE copies its expert count and top-k)
+    # and the options an upcycle takes from the merge section: other routers do not redo them.
+    merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
+    upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts, exp.finetune.balance_alpha))
+    del upcycle["centroid_tokens"], upcycle["centroid_device"]  # an upcycle has no centroid routers
+    key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
 
     def work() -> str:
         settings = exp.finetune_train
@@ -276,9 +419,9 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         )
         run_loop(dense, console=p.console)
         merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
-        upcycled = merge_from_recipe(exp, upcycle=merged_cfg.n_experts, out_dir=root / "upcycled-merged",
-                                     console=p.console)
-        del upcycled
+        up_merged = root / "upcycled-merged"
+        if read_done(up_merged) is None or damaged_outputs(up_merged):  # a sound one is this stage's own
+            merge_from_recipe(exp, upcycle=merged_cfg.n_experts, out_dir=up_merged, force=True, console=p.console)
         moe_cfg = dataclasses.replace(merged_cfg, router_mode=exp.finetune.router_mode,
                                       top_k=exp.finetune.top_k or merged_cfg.top_k)
         up_steps = _matched_steps(budget, moe_cfg, settings)
@@ -289,7 +432,45 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
         run_finetune(up_job, console=p.console)
         return f"budget {budget / 1e12:.2f} TFLOPs: dense {dense_steps} steps, upcycled {up_steps} steps"
 
-    return p.stage("baselines", key, [root / "dense", root / "upcycled"], work, force, extra_dirs=(root,))
+    return p.stage("baselines", key, [root / "dense", root / "upcycled-merged", root / "upcycled"], work, force,
+                   extra_dirs=(root,), repairs_itself=True)
+
+
+def model_stage_dirs(exp) -> list[Path]:
+    """The directories whose DONE.json describe the run's models (the seed when the run trains it)."""
+    run_dir = exp.run_dir
+    dirs = [run_dir / "seed"] if exp.seed.path is None else []
+    dirs += [exp.expert_dir(d) for d in exp.domains]
+    dirs += [run_dir / "merged", run_dir / "finetuned", run_dir / "baselines" / "dense",
+             run_dir / "baselines" / "upcycled-merged", run_dir / "baselines" / "upcycled"]
+    return dirs
+
+
+def stale_models(exp) -> list[str]:
+    """One line per finished model of the run that no longer follows from what is on disk: its files
+    differ from its DONE.json, or an input it recorded (the merge a finetune started from, ...) changed."""
+    problems = []
+    for directory in model_stage_dirs(exp):
+        done = read_done(directory)
+        if done is not None:
+            problems += [f"{directory}: {p}" for p in damaged_outputs(directory)]
+            problems += [f"{directory}: stale: {p}" for p in changed_inputs(done.get("input_identities"), directory)]
+    return problems
+
+
+def eval_input_identities(exp, out: Path) -> dict:
+    """For eval's DONE.json: the identity of every model of the run that is evaluated, and of the
+    validation shards they are scored on (paths also relative to `out`, where DONE.json goes)."""
+    from btx.data import load_shard
+    from btx.manifest import identity, relative_identities
+
+    models = [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains), exp.run_dir / "merged",
+              exp.run_dir / "finetuned", exp.run_dir / "baselines" / "dense" / "final", exp.run_dir / "baselines" / "upcycled"]
+    identities = {str(Path(m).relative_to(exp.run_dir)) if Path(m).is_relative_to(exp.run_dir) else "seed":
+                  input_identity(m) for m in models if (Path(m) / "config.json").is_file()}
+    for d in exp.domains:
+        identities[f"val:{d}"] = identity(load_shard(exp.data_dir(d) / "val.json", verify=True).path)
+    return relative_identities(identities, out)
 
 
 def eval_rows(exp, console: Console):
@@ -357,12 +538,14 @@ def _eval(p: Pipeline, force: bool) -> StageOutcome:
     def work() -> str:
         from btx.manifest import atomic_dir, write_done
 
+        identities = eval_input_identities(exp, out)
         rows = eval_rows(exp, p.console)
         domains = list(exp.domains)
         render(rows, domains, console=p.console)
         with atomic_dir(out, force=True) as tmp:
             save(rows, domains, tmp)
-            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key})
+            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp),
+                             "input_identities": identities})
         best = min(rows, key=lambda r: r.average)
         return f"best average: {best.name} ({best.average:.4f})"
 
@@ -400,16 +583,17 @@ def run(recipe: str | Path | None = None, overrides: list[str] | None = None, *,
             raise BtxError(f"{flag} {stage}: unknown stage; expected one of {', '.join(STAGES)}")
     recipe_path = resolve_recipe(recipe) if recipe is not None else builtin_recipe("demo")
     exp = load_experiment(recipe_path, overrides)
-    pipeline = Pipeline(exp, recipe_path, overrides, console)
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
     redo = False
-    for name in STAGES:
-        if from_stage is not None and name == from_stage:
-            redo = True
-        outcomes.append(STAGE_FUNCTIONS[name](pipeline, redo))
-        if until is not None and name == until:
-            break
+    with output_lock(exp.run_dir, "the run directory"):  # one btx run per run directory
+        pipeline = Pipeline(exp, recipe_path, overrides, console)
+        for name in STAGES:
+            if from_stage is not None and name == from_stage:
+                redo = True
+            outcomes.append(STAGE_FUNCTIONS[name](pipeline, redo))
+            if until is not None and name == until:
+                break
     _summary(outcomes, exp, time.perf_counter() - start, console)
     return 0
 

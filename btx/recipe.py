@@ -33,6 +33,7 @@ import dataclasses
 import difflib
 import glob
 import hashlib
+import math
 import os
 import re
 import typing
@@ -57,6 +58,11 @@ MERGE_DTYPES = ("float32", "bfloat16", "float16")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# Names the run directory and the merge give meanings of their own, so no domain may take them:
+# "seed" is the seed's expert and row, "seed.<i>" and "blend.<i>" are merge expert names, and
+# "general" is finetune.general's data-only domain (refused only when that is set).
+RESERVED_DOMAINS = ("seed",)
+RESERVED_DOMAIN_PREFIXES = ("seed.", "blend.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +84,7 @@ class Checker:
         full = _join(self.prefix, key)
         label = self.label
         for okey, text in reversed(self.origins):  # name the override that set this value, if one did
-            if okey == full or full.startswith(okey + ".") or okey.startswith(full + "."):
+            if okey == full or full.startswith((okey + ".", okey + "[")) or okey.startswith(full + "."):
                 label = f"{label} (override {text!r})"
                 break
         raise BtxError(f"{label}: {full}: {message}" if full else f"{label}: {message}")
@@ -549,8 +555,17 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
                    f"the byte tokenizer needs vocab_size >= {ByteTokenizer.vocab_size}, got {recipe.model.vocab_size}")
     c.that(bool(recipe.domains), "domains", "an experiment needs at least one domain (domains: {name: recipe.yaml})")
     names = list(recipe.domains)
+    folded: Dict[str, str] = {}
     for name in names:
         c.name(name, f"domains.{name}")
+        c.that(name not in RESERVED_DOMAINS, f"domains.{name}", f"{name!r} is reserved: it names the seed's expert "
+               "in the merged MoE and the seed's row in eval tables; rename this domain")
+        c.that(not name.startswith(RESERVED_DOMAIN_PREFIXES), f"domains.{name}",
+               f"{name!r} is reserved: merge names its experts seed.<i> and blend.<i>; rename this domain")
+        c.that(name.lower() not in folded, f"domains.{name}",
+               f"differs from domain {folded.get(name.lower())!r} only in case; on a case-insensitive file "
+               "system both would share one directory")
+        folded[name.lower()] = name
     recipe.train.check(c.at("train"))
     recipe.seed.check(c.at("seed"), names)
     recipe.branch.check(c.at("branch"))
@@ -866,8 +881,23 @@ def _build(schema: type, raw: dict, label: str, overrides: List[str]):
     except OmegaConfBaseException as e:
         Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), _first_line(e))
     # Interpolated values are converted by OmegaConf after our type check; check them again here.
-    _typecheck(to_plain(obj), schema, label, "")
+    plain = to_plain(obj)
+    _typecheck(plain, schema, label, "")
+    _check_finite(plain, Checker(label, origins=_origins(overrides)), "")
     return obj
+
+
+def _check_finite(value: Any, c: Checker, key: str) -> None:
+    """Every number in a recipe is finite: YAML's .inf / .nan (or 1e999) would reach training
+    and JSON manifests, which cannot hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        c.fail(key, f"must be a finite number, got {value!r}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, c, _join(key, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, c, f"{key}[{i}]")
 
 
 def _deep_merge(base: dict, new: dict) -> None:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from btx.errors import BtxError
+from btx.manifest import dumps_json
 
 
 def escape(text: str) -> str:
@@ -272,11 +273,11 @@ def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", comp
     full = dict(report)
     if compare is not None:
         full["compare"] = {"checkpoint": compare["checkpoint"], "difference": difference}
-    (out_dir / "routing.json").write_text(json.dumps(full, indent=1) + "\n")
+    (out_dir / "routing.json").write_text(dumps_json(full, indent=1) + "\n")
     (out_dir / "routing.csv").write_text(csv_text(report))
     if compare is not None:
         (out_dir / "compare").mkdir()
-        (out_dir / "compare" / "routing.json").write_text(json.dumps(compare, indent=1) + "\n")
+        (out_dir / "compare" / "routing.json").write_text(dumps_json(compare, indent=1) + "\n")
         (out_dir / "compare" / "routing.csv").write_text(csv_text(compare))
 
     plt = _pyplot()
@@ -405,7 +406,7 @@ def analyze_and_write(
     """
     from rich.console import Console
 
-    from btx.manifest import atomic_dir, write_done
+    from btx.manifest import atomic_dir, hash_dir, write_done
     from btx.routing import analyze_checkpoint, compare_reports, moe_checkpoint_config
 
     if metric not in METRICS:
@@ -431,7 +432,7 @@ def analyze_and_write(
     with atomic_dir(out, force=True) as tmp:
         notes = write_files(report, tmp, metric=metric, compare=compare, difference=difference)
         if done is not None:
-            write_done(tmp, {**done, "files": sorted(p.name for p in tmp.iterdir())})
+            write_done(tmp, {**done, "files": sorted(p.name for p in tmp.iterdir()), "outputs": hash_dir(tmp)})
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
     err.print(escape(f"wrote {out}/ (routing.json, routing.csv{'' if notes else ', PNGs'})"), soft_wrap=True)
@@ -501,7 +502,12 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     tokens = tokens or exp.analyze.tokens
     show_text = exp.analyze.show_text if show_text is None else show_text
     out = out or exp.run_dir / "analysis"
+    from btx.data import load_shard
+    from btx.manifest import identity, input_identity, relative_identities
+
+    identities = {"model": input_identity(checkpoint),
+                  **{f"val:{d}": identity(load_shard(v, verify=True).path) for d, v in data.items()}}
     done = {"stage": "analyze", "checkpoint": str(checkpoint), "recipe": str(exp.path), "domains": list(data),
-            "tokens_per_domain": tokens}
+            "tokens_per_domain": tokens, "input_identities": relative_identities(identities, out)}
     return analyze_and_write([checkpoint, *compare], data, out, options={**options, "tokens": tokens},
                              metric=metric, layer=layer, show_text=show_text, console=console, done=done)

@@ -38,6 +38,20 @@ Determinism and resume
 - SIGTERM (Slurm's stop before the time limit, `btx branch` stopping jobs) ends the current step,
   writes a checkpoint and exits 130 via KeyboardInterrupt; nothing is lost.
 
+Provenance and faults (docs/PROVENANCE.md)
+- One process per job: the main rank holds the job's lock (`.<work_dir>.lock`) from before the
+  "done / --force" decision to the end; a second process on the same job stops with one line
+  naming the holder's pid and host.
+- DONE.json and every checkpoint record the content identity of the job's inputs (the init
+  checkpoint, checked against its producer's DONE.json, and the train shards). A finished job
+  whose inputs changed since is refused until --force; so is resuming a checkpoint made from
+  other inputs. A finished job whose own export was damaged is exported again from its final
+  checkpoint.
+- Each checkpoint lists the sha256 of its files (`btx_checkpoint.json`, written last); resume
+  takes the newest checkpoint whose files match it, and never one whose files btx did not record.
+- A loss that is not finite stops training with one line: nothing of that step is saved, the
+  last good checkpoint stays, no DONE.json is written.
+
 Test hook: BTX_TRAIN_KILL_AT_STEP=N makes the main process SIGKILL itself right after step N's
 metrics line is written (N:TERM sends SIGTERM instead); tests/test_train.py checks that resuming
 then reproduces the uninterrupted run exactly.
@@ -45,6 +59,7 @@ then reproduces the uninterrupted run exactly.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -65,10 +80,15 @@ import torch.nn.functional as F
 
 from btx import hf
 from btx.errors import BtxError
-from btx.manifest import DONE_NAME, atomic_dir, fsync_dir, hash_dir, read_done, sha256_file, write_done
+from btx.manifest import (DONE_NAME, atomic_dir, cached_sha256, changed_inputs, damaged_outputs, disk_errors,
+                          dumps_json, ensure_free_space, fsync_dir, hash_dir, identity, identity_changes,
+                          input_identity, output_lock,
+                          read_done, relative_identities, sha256_file, write_done, write_json_atomic)
 from btx.model import ModelConfig, ModelOutput, Transformer
 
 CKPT_DIR = "ckpt"
+CKPT_MANIFEST = "btx_checkpoint.json"  # sha256 of every file of a checkpoint, written last
+CKPT_BYTES_PER_PARAM = 16  # fp32 weights and master copy plus two AdamW moments: a checkpoint's size
 METRICS_FILE = "metrics.jsonl"
 KILL_HOOK_ENV = "BTX_TRAIN_KILL_AT_STEP"
 PEAK_ENV = "BTX_PEAK_TFLOPS"
@@ -254,20 +274,41 @@ def run_loop(
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    settings = job.settings
-    trajectory = trajectory_hash(job)
+    main = int(os.environ.get("RANK", "0")) == 0
+    # The main rank holds the job's lock from the done / --force decision to the end.
+    lock = output_lock(job.work_dir, f"training job '{job.name}'") if main else contextlib.nullcontext()
+    with lock:
+        return _run_locked(job, make_engine, make_model, setup_model, on_step, force, console, main)
 
+
+def _run_locked(job, make_engine, make_model, setup_model, on_step, force, console, main) -> dict:
+    trajectory = trajectory_hash(job)
     done = read_done(job.manifest_dir)
+    if done is not None and not force and main and int(os.environ.get("WORLD_SIZE", "1")) == 1 \
+            and discard_damaged_export(job, console):
+        done = None  # exported again below, from the final checkpoint
     if done is not None and not force:
         if done.get("trajectory_hash") != trajectory:
             raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
                            "(recipe, data or seed changed); pass --force to train it again")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if main:
+            recorded = done.get("input_identities")
+            stale = _damaged_export(job)
+            if recorded is None:  # made by a btx from before provenance: nothing to compare
+                console.print(f"[yellow]train {job.name}: {job.manifest_dir / DONE_NAME} records no input identities "
+                              "(an older btx), so its inputs cannot be checked[/]", soft_wrap=True)
+            else:
+                stale = stale or changed_inputs(recorded, job.manifest_dir) or \
+                    identity_changes(recorded, current_input_identities(job))
+            if stale:
+                raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
+                               "pass --force to train it again from its inputs as they are now")
             console.print(f"train {job.name}: already done ({job.manifest_dir / DONE_NAME})", soft_wrap=True)
         return done
 
     # Everything is checked before anything is written or any process group is started.
     tokenizer, train_shards, val_shards = _open_inputs(job)
+    identities = job_input_identities(job, train_shards, val_shards) if main else None
     model = (make_model or build_model)(job)
     _check_model_fits(job, model.cfg, tokenizer)
     _export_dtype(job)  # a bad export dtype is an error now, not after training
@@ -281,7 +322,8 @@ def run_loop(
         if force and engine.is_main:
             _discard_outputs(job)
         _barrier(engine)
-        return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console)
+        return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
+                      identities)
     finally:
         stop.restore()
         engine.close()
@@ -300,7 +342,55 @@ def dense_engine(model: Transformer, job: TrainJob):
     return DeepSpeedEngine(model, job.settings, zero_stage=stage)
 
 
-def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console) -> dict:
+def job_input_identities(job: TrainJob, train_shards: dict, val_shards: dict) -> dict:
+    """The content identity of what decides a job's result: its init checkpoint (which must still
+    be what its producer's DONE.json says, when btx made it) and its train shards (whose .bin must
+    match its sidecar's sha256; the val shards are checked the same way)."""
+    identities = {}
+    if job.init_from is not None:
+        identities["init_from"] = input_identity(job.init_from)
+    for name, shard in train_shards.items():
+        shard.verify()
+        identities[f"train:{name}"] = identity(shard.path)
+    for shard in val_shards.values():
+        shard.verify()
+    return identities
+
+
+def current_input_identities(job: TrainJob) -> dict:
+    """The identities of the inputs the job would use now (`job_input_identities`)."""
+    from btx.data import load_shard
+
+    return job_input_identities(job, {name: load_shard(path) for name, path in job.train_shards.items()}, {})
+
+
+def _damaged_export(job: TrainJob) -> list[str]:
+    manifest_dir = Path(job.manifest_dir)
+    try:
+        prefix = Path(job.export_dir).resolve().relative_to(manifest_dir.resolve()).as_posix()
+    except ValueError:
+        return []
+    return damaged_outputs(manifest_dir, "" if prefix == "." else f"{prefix}/")
+
+
+def discard_damaged_export(job: TrainJob, console=None) -> bool:
+    """When the finished job's export no longer matches its DONE.json, forget both (DONE.json
+    first), so that the next run exports again from the job's final checkpoint; True if it did.
+    The checkpoints stay, so nothing is trained again unless none of them is sound."""
+    problems = _damaged_export(job)
+    if not problems:
+        return False
+    found = checkpoints(job)
+    source = f"from {found[-1][1]}" if found else "by training again (no checkpoint left)"
+    if console is not None:
+        console.print(f"[yellow]train {job.name}: {problems[0]}; exporting it again {source}[/]", soft_wrap=True)
+    (Path(job.manifest_dir) / DONE_NAME).unlink(missing_ok=True)
+    shutil.rmtree(job.export_dir, ignore_errors=True)
+    return True
+
+
+def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
+           identities: dict | None = None) -> dict:
     from btx.data import TokenSampler
 
     s = job.settings
@@ -310,7 +400,7 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world
     flops_per_token = cfg.train_flops_per_token(s.seq_len)
 
-    state = _resume(job, engine, trajectory, console)
+    state = _resume(job, engine, trajectory, console, identities)
     metrics = _MetricsLog(job.metrics_path, enabled=engine.is_main)
     metrics.keep_until(state["step"])
     peak = peak_flops(engine.device, getattr(engine, "precision", s.precision))
@@ -341,6 +431,8 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             sums[4] = float(stop.requested)
             *means, stop_votes = _all_reduce_sum(sums, engine).tolist()
             total, nll, balance, z = (value / (s.grad_accum * world) for value in means)
+            if not (math.isfinite(total) and math.isfinite(nll)):  # the same all-reduced sums on every rank
+                _non_finite_loss(job, step, "loss", total, lr, good_upto=step - 2)
             stop_now = stop_votes > 0
             elapsed = time.perf_counter() - started
             state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
@@ -356,6 +448,8 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             del output, terms, inputs, targets
             if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
                 record.update(_val_record(validate(engine, val_shards, s.seq_len, s.batch_size, s.eval_batches)))
+                if not math.isfinite(record["val_loss"]):  # this step's update broke the weights
+                    _non_finite_loss(job, step, "validation loss", record["val_loss"], lr, good_upto=step - 1)
             metrics.write(record)
             progress.update(step, record)
             if kill_at == step and engine.is_main:  # test hook: die like a preempted node would
@@ -371,6 +465,17 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
 
     state["wall_time_s"] = wall_before + (time.perf_counter() - session_start)
     return _export(job, engine, tokenizer, state, trajectory, console)
+
+
+def _non_finite_loss(job: TrainJob, step: int, what: str, value: float, lr: float, good_upto: int) -> None:
+    """Stop: nothing of this step is saved. The weights of a checkpoint after step `good_upto` made
+    the loss that is not finite (weights after step N give the loss of step N + 1), so the last good
+    checkpoint is the newest one up to that step."""
+    good = [path for step_n, path in checkpoints(job) if step_n <= good_upto]
+    last = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was written yet"
+    raise BtxError(f"train {job.name}: the {what} is {value} at step {step} (lr {lr:.3g}); training stopped without "
+                   f"saving this step or writing {DONE_NAME} ({last}); lower train.lr or check the data, then "
+                   "re-run with --force")
 
 
 def _kill_hook() -> tuple[int, int]:
@@ -542,10 +647,14 @@ def checkpoints(job: TrainJob) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(job: TrainJob, engine, state: dict, trajectory: str) -> Path:
-    """ckpt/step-N/: the engine's files plus the loop's state; prunes to `keep_checkpoints`."""
+    """ckpt/step-N/: the engine's files plus the loop's state, then the list of their sha256
+    (CKPT_MANIFEST, the checkpoint's completion mark); prunes to `keep_checkpoints`."""
     final = job.ckpt_dir / f"step-{state['step']}"
     client_state = {**state, "trajectory_hash": trajectory, "world_size": engine.world_size, "job": job.name}
-    engine.save(final, client_state)
+    size = CKPT_BYTES_PER_PARAM * engine.unwrapped.cfg.param_counts()["total"]
+    with disk_errors(job.ckpt_dir, size, f"checkpoint {final.name}"):
+        engine.save(final, client_state)
+        _record_checkpoint(final, engine)
     if engine.is_main:
         kept = checkpoints(job)
         for _, old in kept[: max(0, len(kept) - job.settings.keep_checkpoints)]:
@@ -554,13 +663,74 @@ def save_checkpoint(job: TrainJob, engine, state: dict, trajectory: str) -> Path
     return final
 
 
-def _resume(job: TrainJob, engine, trajectory: str, console) -> dict:
-    """The loop state to continue from: the newest checkpoint's, or a fresh start."""
-    fresh = {"step": 0, "tokens": 0, "wall_time_s": 0.0}
+def _checkpoint_files(path: Path) -> list[str]:
+    return sorted(p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file() and p.name != CKPT_MANIFEST)
+
+
+def _share(items: list, engine) -> list:
+    """This rank's share of `items` (every rank hashes a part of a sharded checkpoint)."""
+    return items[engine.rank :: engine.world_size]
+
+
+def _gather(value, engine) -> list:
+    if not _distributed(engine):
+        return [value]
+    out = [None] * engine.world_size
+    torch.distributed.all_gather_object(out, value)
+    return out
+
+
+def _record_checkpoint(path: Path, engine) -> None:
+    """Collective: every rank hashes its share of the checkpoint's files; the main rank writes the
+    list (the hashes also land in btx's hash cache, so a resume re-reads only changed files)."""
+    mine = {rel: cached_sha256(path / rel) for rel in _share(_checkpoint_files(path), engine)}
+    hashes = {k: v for part in _gather(mine, engine) for k, v in part.items()}
+    if engine.is_main:
+        write_json_atomic(path / CKPT_MANIFEST, {"files": dict(sorted(hashes.items()))})
+    _barrier(engine)
+
+
+def _checkpoint_problem(path: Path, engine) -> str | None:
+    """Collective: why the checkpoint at `path` may not be resumed from (None: its files are the
+    ones its manifest lists, byte for byte)."""
+    try:
+        recorded = json.loads((path / CKPT_MANIFEST).read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        recorded = None
+    problem = None
+    if not isinstance(recorded, dict):
+        problem = (f"{path}: btx has no record of its files ({CKPT_MANIFEST}: a save cut short, or an older "
+                   "btx), so it is not resumed from")
+    else:
+        on_disk = _checkpoint_files(path)
+        extra = sorted(set(on_disk) - set(recorded))
+        if extra or set(recorded) - set(on_disk):
+            name = extra[0] if extra else sorted(set(recorded) - set(on_disk))[0]
+            problem = f"{path / name}: {'not' if extra else 'missing, though'} listed in {CKPT_MANIFEST}"
+        else:
+            for rel in _share(on_disk, engine):
+                if cached_sha256(path / rel) != recorded[rel]:
+                    problem = f"{path / rel}: differs from the sha256 in {CKPT_MANIFEST} (damaged or edited)"
+                    break
+    problems = [p for p in _gather(problem, engine) if p]
+    return problems[0] if problems else None
+
+
+def _resume(job: TrainJob, engine, trajectory: str, console, identities: dict | None = None) -> dict:
+    """The loop state to continue from: the newest sound checkpoint's, or a fresh start."""
+    fresh = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "input_identities": identities}
     found = checkpoints(job)
     if engine.is_main:  # leftovers of a save that was killed half-way
         for path in job.ckpt_dir.glob(".step-*"):
             shutil.rmtree(path, ignore_errors=True)
+    while found:
+        problem = _checkpoint_problem(found[-1][1], engine)
+        if problem is None:
+            break
+        found.pop()
+        if engine.is_main:
+            instead = f"resuming from {found[-1][1].name} instead" if found else "starting from step 0"
+            console.print(f"[yellow]train {job.name}: {problem}; {instead}[/]", soft_wrap=True)
     if not found:
         return fresh
     step, path = found[-1]
@@ -568,12 +738,19 @@ def _resume(job: TrainJob, engine, trajectory: str, console) -> dict:
     if state.get("trajectory_hash") != trajectory:
         raise BtxError(f"{path}: this checkpoint was made with different settings (recipe, data or seed "
                        "changed); pass --force to discard the job's checkpoints and start over")
+    recorded = state.get("input_identities")
+    changed = identity_changes(recorded, identities) if engine.is_main and recorded and identities else []
+    changed = [c for part in _gather(changed, engine) for c in part]
+    if changed:
+        raise BtxError(f"{path}: this checkpoint was trained from other inputs ({changed[0]}); pass --force to "
+                       "discard the job's checkpoints and start over")
     if state.get("world_size") != engine.world_size and engine.is_main:
         console.print(f"[yellow]train {job.name}: resuming a {state.get('world_size')}-process run on "
                       f"{engine.world_size} processes; batches per step change accordingly[/yellow]")
     if engine.is_main:
         console.print(f"train {job.name}: resuming from {path} (step {step})", soft_wrap=True)
-    return {"step": int(state["step"]), "tokens": int(state["tokens"]), "wall_time_s": float(state["wall_time_s"])}
+    return {"step": int(state["step"]), "tokens": int(state["tokens"]), "wall_time_s": float(state["wall_time_s"]),
+            "input_identities": identities}
 
 
 def _discard_outputs(job: TrainJob) -> None:
@@ -597,7 +774,9 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
         cfg = engine.unwrapped.cfg
         dtype = _export_dtype(job)
         export_dir = Path(job.export_dir)
-        with atomic_dir(export_dir, force=True) as tmp:
+        size = sum(t.numel() for t in weights.values()) * dtype.itemsize
+        ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
+        with disk_errors(export_dir.parent, size, f"the export {export_dir}"), atomic_dir(export_dir, force=True) as tmp:
             hf.save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
             # Every tokenizer file of the checkpoint it started from (chat template included);
             # a seed trained from scratch gets the run's tokenizer.
@@ -633,9 +812,11 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             "inputs": {**job.inputs, "init_from": str(job.init_from) if job.init_from else None,
                        "train_shards": {k: str(v) for k, v in job.train_shards.items()},
                        "mixture": job.mixture},
+            "input_identities": relative_identities(state.get("input_identities"), job.manifest_dir),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        write_done(job.manifest_dir, manifest)
+        with disk_errors(job.manifest_dir, None, f"{job.manifest_dir / DONE_NAME}"):
+            write_done(job.manifest_dir, manifest)
         console.print(f"train {job.name}: done, {state['step']} steps, {state['tokens']:,} tokens, "
                       f"val loss {manifest['val_loss']:.4f} -> {export_dir}", soft_wrap=True)
     _barrier(engine)
@@ -694,7 +875,7 @@ class _MetricsLog:
         kept = [r for r in self.records() if r["step"] <= step]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
+            f.writelines(dumps_json(r) + "\n" for r in kept)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
@@ -703,7 +884,7 @@ class _MetricsLog:
     def write(self, record: dict) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(dumps_json(record) + "\n")
 
 
 class _Progress:

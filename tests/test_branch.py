@@ -281,6 +281,51 @@ def test_slurm_dry_run_prints_valid_resumable_scripts(tmp_path):
         subprocess.run(["bash", "-n", str(path)], check=True)
 
 
+def sbatch_arguments(line: str) -> list[str]:
+    """How sbatch reads one `#SBATCH` line (src/sbatch/opt.c): whitespace separates arguments
+    unless quoted ('...' or "..."), a backslash escapes the next character, an unquoted # starts a
+    comment."""
+    args, current, quote, escaped, started = [], [], None, False, False
+    for ch in line.removeprefix("#SBATCH"):
+        if escaped:
+            current.append(ch)
+            escaped = False
+        elif ch == "\\":
+            escaped = started = True
+        elif quote:
+            quote = None if ch == quote else quote
+            if quote is not None:
+                current.append(ch)
+        elif ch in "'\"":
+            quote, started = ch, True
+        elif ch == "#":
+            break
+        elif ch.isspace():
+            if started:
+                args.append("".join(current))
+            current, started = [], False
+        else:
+            current.append(ch)
+            started = True
+    if started:
+        args.append("".join(current))
+    return args
+
+
+def test_sbatch_values_with_spaces_quotes_and_percent_signs_are_quoted(tmp_path):
+    """A run directory with a space (and a %: Slurm expands %j in file names) stays one argument."""
+    base = tmp_path / "my runs" / "100%"
+    base.mkdir(parents=True)
+    recipe = make_experiment(base, extra=slurm_section().replace("gpu-long", "gpu long#1"))
+    exp = load_experiment(recipe)
+    job = br.plan_jobs(exp, recipe)[0]
+    lines = [line for line in br.sbatch_script(job, exp.branch.slurm, exp.name).splitlines()
+             if line.startswith("#SBATCH ")]
+    args = [arg for line in lines for arg in sbatch_arguments(line)]
+    assert f"--output={str(job.log).replace('%', '%%')}" in args and "--partition=gpu long#1" in args
+    assert all(len(sbatch_arguments(line)) == 1 for line in lines)
+
+
 def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, monkeypatch):
     """With a stand-in `sbatch` on PATH the job id lands in job.json; running the script itself
     (with stand-in srun/scontrol) trains through the same command and records its exit."""

@@ -100,7 +100,8 @@ def test_prepare_is_deterministic_and_seed_changes_the_split(tmp_path, text_dir)
 
 
 def test_glob_selects_files(tmp_path, text_dir):
-    prepare_domain("d", [{"path": text_dir, "glob": "**/*.md"}], BYTE, tmp_path / "out", progress=False)
+    prepare_domain("d", [{"path": text_dir, "glob": "**/*.md"}], BYTE, tmp_path / "out", val_fraction=0.0,
+                   progress=False)  # one file: nothing to hold out
     shards = load_domain(tmp_path / "out")
     assert documents_of(shards["train"]) + documents_of(shards["val"]) == ["a markdown note"]
 
@@ -135,10 +136,11 @@ def test_val_gets_a_document_even_when_the_fraction_rounds_to_none(tmp_path):
     summary = prepare_domain("d", PythonSource(["first doc", "second doc"]), BYTE, tmp_path / "two",
                              val_fraction=1e-9, progress=False)
     assert summary["train"]["documents"] == 1 and summary["val"]["documents"] == 1
-    # One document: it trains; the val split is empty but still a valid shard.
-    summary = prepare_domain("d", PythonSource(["only doc"]), BYTE, tmp_path / "one", val_fraction=0.99, progress=False)
-    assert summary["train"]["documents"] == 1 and summary["val"]["documents"] == 0
-    assert len(load_shard(tmp_path / "one" / "val.bin")) == 0
+    # One document: nothing can be held out, which is an error now rather than an empty val shard
+    # that only a later evaluation would trip over; nothing is left behind.
+    with pytest.raises(BtxError, match="nothing to hold out for validation: .* holds 1 document"):
+        prepare_domain("d", PythonSource(["only doc"]), BYTE, tmp_path / "one", val_fraction=0.99, progress=False)
+    assert not (tmp_path / "one").exists()
 
 
 def test_val_fraction_zero_means_no_val(tmp_path):

@@ -412,3 +412,40 @@ def test_bad_input_is_one_line_and_exit_2(base, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
     assert not (empty / "finetuned").exists() and not (empty / "finetune-train").exists()
+
+
+def test_resume_reads_checkpoints_weights_only_and_only_files_btx_recorded(base, monkeypatch, tmp_path, capsys):
+    """Resuming never unpickles (every torch.load is weights_only=True), skips a checkpoint whose
+    files differ from what btx recorded at save (a flipped byte here) for the one before, and
+    refuses a file holding any object btx does not allow."""
+    from btx.engine_deepspeed import load_weights_only
+    from btx.finetune import finetune_job, run_finetune
+    from btx.recipe import load_experiment
+    from btx.train import CKPT_MANIFEST
+
+    run_dir = make_run_dir(base, "weights-only")
+    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=2", steps(2),
+                                              "train.checkpoint_every=1"])
+    first = run_finetune(finetune_job(exp))
+    ckpt = run_dir / "finetune-train" / "ckpt"
+    assert json.loads((ckpt / "step-2" / CKPT_MANIFEST).read_text())["files"]
+    optimizer = next((ckpt / "step-2").rglob("*optim_states.pt"))
+    data = bytearray(optimizer.read_bytes())
+    data[-100] ^= 1
+    optimizer.write_bytes(bytes(data))
+    (run_dir / "finetuned" / "DONE.json").unlink()  # so that the job runs again, from a checkpoint
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: loads.append(kw.get("weights_only")) or real_load(*a, **kw))
+    capsys.readouterr()
+    again = run_finetune(finetune_job(exp))
+    assert f"{optimizer}: differs from the sha256 in {CKPT_MANIFEST}" in capsys.readouterr().err.replace("\n", "")
+    assert loads and all(w is True for w in loads)
+    assert again["outputs"] == first["outputs"]  # resumed at step 1, the same result
+    assert [r["step"] for r in Run(run_dir, None).records] == [1, 2]
+
+    import argparse  # any class but DeepSpeed's few allowed ones
+
+    torch.save({"state": argparse.Namespace(code="runs on load")}, tmp_path / "evil.pt")
+    with pytest.raises(Exception, match="holds a Python object btx does not unpickle"):
+        load_weights_only(str(tmp_path / "evil.pt"))

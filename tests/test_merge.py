@@ -289,7 +289,38 @@ def test_centroid_needs_each_domains_data(world, tmp_path):
     data = {n: world.run / "data" / n / "val.bin" for n in DOMAINS}
     manifest = run_merge(world, tmp_path / "m", experts=outside, router_init="centroid", allow_no_manifest=True,
                          centroid_data=data, centroid_tokens=64)  # fmt: skip
-    assert all(i["sha256_from"] == "computed" for i in manifest["inputs"].values())
+    assert all(i["sha256_from"] == "read" for i in manifest["inputs"].values())
+
+
+def test_centroid_data_takes_what_btx_eval_data_takes(world, tmp_path, capsys):
+    """A prepared domain directory (its val shard) or a shard, as `btx eval --data` takes them."""
+    common = ["merge", "--seed", str(world.seed), "--allow-no-manifest", "--router-init", "centroid",
+              "--centroid-tokens", "64", "--quiet"]
+    experts = [a for n in DOMAINS for a in ("--expert", f"{n}={world.experts[n]}")]
+    by_dir = [a for n in DOMAINS for a in ("--centroid-data", f"{n}={world.run / 'data' / n}")]
+    by_shard = [a for n in DOMAINS for a in ("--centroid-data", f"{n}={world.run / 'data' / n / 'val.bin'}")]
+    assert cli_main([*common, *experts, *by_dir, "--out", str(tmp_path / "a")]) == 0
+    assert cli_main([*common, *experts, *by_shard, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    identities = read_done(tmp_path / "a")["input_identities"]
+    assert identities["centroid:code"]["sha256"] == {"val.bin": load_shard(world.run / "data" / "code" / "val.json").meta["sha256"]}
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert cli_main([*common, *experts, "--centroid-data", f"code={empty}", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{empty}: a directory without val.json (centroid data of 'code'" in err
+    assert not (tmp_path / "c").exists()
+
+
+def test_an_expert_that_is_the_seed_or_given_twice_gets_a_warning(world, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(world.seed, target_is_directory=True)
+    manifest = merge(world.seed, {"code": world.experts["code"], "alias": tmp_path / "link"}, tmp_path / "m",
+                     MergeOptions(), allow_no_manifest=True, progress=False)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"merge: warning: alias ({tmp_path / 'link'}) is the same checkpoint as seed ({world.seed})" in err
+    assert f"merge: warning: seed ({world.seed}) has the same weights as alias" in err
+    assert manifest["experts"] == ["code", "alias", "seed"]  # a warning, not an error
 
 
 # ------------------------------------------------------------------------------ bad inputs
@@ -356,7 +387,7 @@ def test_external_experts_need_the_flag(world, tmp_path):
     with pytest.raises(BtxError, match="--allow-no-manifest"):
         run_merge(world, tmp_path / "m", experts=experts)
     manifest = run_merge(world, tmp_path / "m", experts=experts, allow_no_manifest=True)
-    assert manifest["inputs"]["ext"]["sha256_from"] == "computed"
+    assert manifest["inputs"]["ext"]["sha256_from"] == "read"
 
 
 BAD_OPTIONS = {

@@ -95,3 +95,169 @@ def test_killed_during_branch_then_rerun_matches_an_uninterrupted_run(full_run, 
     result = btx_run(run_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     assert eval_losses(run_dir) == eval_losses(full_run)
+
+
+# ----------------------------------------------------------------------------------------------
+# Provenance: a replaced, changed or damaged input is never served (docs/PROVENANCE.md)
+# ----------------------------------------------------------------------------------------------
+
+
+def btx_main(*args: str) -> tuple[int, str]:
+    """`btx ARGS` in this process: (exit status, stderr's last line)."""
+    import contextlib
+    import io
+
+    from btx.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(list(args))
+    lines = err.getvalue().strip().splitlines()
+    return status, lines[-1] if lines else ""
+
+
+def run_here(run_dir: Path, *extra: str) -> tuple[int, str]:
+    """`btx run TINY run_dir=... eval.baselines=true EXTRA` in this process: (status, what it printed)."""
+    import io
+
+    from rich.console import Console
+
+    from btx.errors import BtxError
+    from btx.pipeline import run
+
+    out = io.StringIO()
+    overrides = [a for a in extra if not a.startswith("--") and "=" in a]
+    until = extra[extra.index("--until") + 1] if "--until" in extra else None
+    try:
+        status = run(TINY, [f"run_dir={run_dir}", "eval.baselines=true", *overrides], until=until,
+                     console=Console(file=out, width=300))
+    except BtxError as e:
+        return 2, out.getvalue() + f"\nbtx: error: {e}"
+    return status, out.getvalue()
+
+
+def done_times(run_dir: Path, *stages: str) -> dict:
+    return {s: (run_dir / s / "DONE.json").stat().st_mtime_ns for s in stages}
+
+
+def flip_a_byte(path: Path, offset: int = 4096) -> None:
+    """Change one byte in place, keeping the size and the modification time."""
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    st = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+@pytest.fixture
+def run_copy(full_run, tmp_path) -> Path:
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(full_run, run_dir, symlinks=True)
+    return run_dir
+
+
+def test_the_readme_merge_example_then_btx_run(run_copy, full_run):
+    """`btx merge RECIPE merge.router_init=centroid ... --force` replaces merged/. A plain `btx run`
+    then refuses, naming merged/; `btx finetune` and `btx eval` refuse the finetune of the old merge;
+    `btx run` with the merge's settings keeps that merge and redoes finetune, baselines, eval, analyze."""
+    run = [str(TINY), f"run_dir={run_copy}", "eval.baselines=true"]
+    centroid = ["merge.router_init=centroid", "merge.centroid_tokens=256"]
+    assert btx_main("merge", *run[:2], *centroid, "--force", "--quiet")[0] == 0
+    status, message = btx_main("run", *run)
+    assert status == 2 and f"{run_copy / 'merged'}: not made by this btx run" in message
+    assert "router_init 'centroid' where the recipe has 'random'" in message and "--from merge" in message
+    status, message = btx_main("finetune", *run[:2], *centroid)
+    assert status == 2 and "finetuned/DONE.json: job 'finetune' finished, but" in message
+    assert f"{run_copy / 'merged' / 'model.safetensors'}: changed since it was used" in message
+    status, message = btx_main("eval", *run[:2], *centroid)
+    assert status == 2 and "finetuned: stale:" in message and "--force" in message
+
+    merged = read_done(run_copy / "merged")
+    before = done_times(run_copy, "finetuned", "baselines/upcycled", "eval", "analysis", "experts/code")
+    assert btx_main("run", *run, *centroid)[0] == 0
+    after = done_times(run_copy, "finetuned", "baselines/upcycled", "eval", "analysis", "experts/code")
+    assert read_done(run_copy / "merged") == merged  # kept: it follows from these settings
+    # Redone: what follows from the merge. Kept: the experts, and the baselines, which take only the
+    # merge's shape and upcycle options, not its routers.
+    assert [s for s in before if before[s] != after[s]] == ["finetuned", "eval", "analysis"]
+    init = read_done(run_copy / "finetuned")["input_identities"]["init_from"]["sha256"]
+    assert init["model.safetensors"] == merged["outputs"]["model.safetensors"]
+    # The table now describes the merge on disk, not the one it replaced.
+    assert eval_losses(run_copy)["BTX merged (no finetune)"] != eval_losses(full_run)["BTX merged (no finetune)"]
+    assert btx_main("eval", *run[:2], *centroid)[0] == 0  # nothing stale any more
+
+
+def test_a_damaged_file_in_every_finished_stage_is_redone_to_the_same_result(run_copy, full_run):
+    """A flipped byte (same size and mtime), a truncation, junk and a deletion, one per stage:
+    `btx run` exports damaged checkpoints again from their final checkpoints, re-prepares the
+    shard, re-merges, and ends with the uninterrupted run's numbers."""
+    flip_a_byte(run_copy / "data" / "prose" / "train.bin", 10)
+    flip_a_byte(run_copy / "experts" / "code" / "final" / "model.safetensors")
+    merged = run_copy / "merged" / "model.safetensors"
+    merged.write_bytes(merged.read_bytes()[:1000])
+    (run_copy / "finetuned" / "config.json").write_text("junk")
+    (run_copy / "eval" / "eval.md").unlink()
+    status, printed = run_here(run_copy)
+    assert status == 0, printed[-3000:]
+    for text in ("train code: ", "exporting it again", "merge: redoing", "finetuned/config.json: differs"):
+        assert text in printed, text
+    for rel in ("data/prose/train.bin", "experts/code/final/model.safetensors", "merged/model.safetensors",
+                "finetuned/config.json", "finetuned/model.safetensors"):
+        assert (run_copy / rel).read_bytes() == (full_run / rel).read_bytes(), rel
+    assert eval_losses(run_copy) == eval_losses(full_run)
+    assert (run_copy / "experts" / "code" / "metrics.jsonl").read_text() == \
+        (full_run / "experts" / "code" / "metrics.jsonl").read_text()  # exported again, not retrained
+
+
+def test_a_changed_seed_path_checkpoint_retrains_the_experts(run_copy, tmp_path):
+    """seed.path given: its content is the seed's identity. The same bytes keep the experts; one
+    byte changed (same size and mtime) retrains them and redoes the merge."""
+    import shutil
+
+    seed = tmp_path / "llama"
+    shutil.copytree(run_copy / "seed", seed)
+    (seed / "DONE.json").unlink()  # an external checkpoint
+    run = [f"seed.path={seed}", "model=null", "branch.max_parallel=2"]
+    status, printed = run_here(run_copy, *run, "--until", "merge")
+    assert status == 0, printed[-3000:]
+    assert "branch: kept expert code" in printed and "merge: redoing" in printed
+    code = read_done(run_copy / "experts" / "code")
+    flip_a_byte(seed / "model.safetensors")
+    status, message = btx_main("train", str(TINY), "--domain", "code", f"run_dir={run_copy}", *run[:2])
+    assert status == 2 and f"{seed / 'model.safetensors'}: not what it was made from (input 'init_from')" in message
+    status, printed = run_here(run_copy, *run, "--until", "merge")
+    assert status == 0, printed[-3000:]
+    assert "branch: expert code: " in printed and "retraining it" in printed
+    retrained = read_done(run_copy / "experts" / "code")
+    assert retrained["outputs"] != code["outputs"]
+    assert retrained["input_identities"]["init_from"]["path"] == str(seed)
+    assert read_done(run_copy / "merged")["input_identities"]["code"]["sha256"]["model.safetensors"] == \
+        retrained["outputs"]["final/model.safetensors"]
+
+
+def test_a_bit_flip_in_an_expert_shard_is_refused_by_merge(run_copy):
+    shard = run_copy / "experts" / "code" / "final" / "model.safetensors"
+    flip_a_byte(shard)
+    before = (run_copy / "merged" / "model.safetensors").read_bytes()
+    status, message = btx_main("merge", str(TINY), f"run_dir={run_copy}", "--force", "--quiet")
+    assert status == 2 and message.startswith(f"btx: error: {shard}: its sha256 is not the one its DONE.json")
+    assert (run_copy / "merged" / "model.safetensors").read_bytes() == before  # the old merge stays
+    assert not [p.name for p in run_copy.iterdir() if p.name.startswith(".merged.tmp")]
+
+
+def test_two_btx_runs_of_one_recipe(run_copy):
+    """The second one stops at once with one line naming the first (pid, host, command)."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from btx.manifest import output_lock\n"
+         "with output_lock(sys.argv[1], 'the run directory'):\n print('held', flush=True); time.sleep(60)",
+         str(run_copy)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        status, message = btx_main("run", str(TINY), f"run_dir={run_copy}", "eval.baselines=true")
+        assert status == 2 and f"{run_copy}: the run directory is in use by pid {holder.pid} on " in message
+    finally:
+        holder.kill()
+        holder.wait()
+    assert btx_main("run", str(TINY), f"run_dir={run_copy}", "eval.baselines=true")[0] == 0  # a dead holder's lock
