@@ -104,7 +104,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="CHECKPOINT|RECIPE", nargs="?",
-                   help="a Mixtral-format MoE checkpoint directory (with --data), or an experiment recipe "
+                   help="an MoE checkpoint directory (any MoE form btx reads; with --data), or an experiment recipe "
                         "(its finetuned or merged model on its domains' validation shards -> <run_dir>/analysis/)")
     p.add_argument("overrides", metavar="KEY=VALUE", nargs="*", help="recipe overrides, e.g. analyze.tokens=4096")
     p.add_argument("--data", action="append", default=[], metavar="DOMAIN=PATH",
@@ -171,7 +171,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", default=None,
                    help="the MoE checkpoint to finetune (default: <run_dir>/merged, which needs its DONE.json)")
     p.add_argument("--out", metavar="DIR", default=None,
-                   help="where the finetuned Mixtral checkpoint goes (default: <run_dir>/finetuned); its "
+                   help="where the finetuned MoE checkpoint goes (default: <run_dir>/finetuned); its "
                         "checkpoints and metrics then go to DIR-train/")
     p.add_argument("--force", action="store_true",
                    help="discard the finetune's checkpoints, metrics and export; train from the start")
@@ -238,11 +238,11 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     adhoc.add_argument("--seed", metavar="DIR", help="the dense seed checkpoint the experts were branched from")
     adhoc.add_argument("--expert", action="append", default=[], metavar="NAME=DIR",
                        help="a domain expert (a checkpoint, or a branch job's directory); repeat, in expert order")
-    adhoc.add_argument("--out", metavar="DIR", help="output directory of the Mixtral checkpoint")
+    adhoc.add_argument("--out", metavar="DIR", help="output directory of the MoE checkpoint")
     adhoc.add_argument("--upcycle", type=int, metavar="N",
                        help="sparse upcycling: N experts, all copies of the seed (no --expert)")
     adhoc.add_argument("--average-all", action="store_true",
-                       help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense Llama")
+                       help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense model like the seed")
     adhoc.add_argument("--no-keep-seed", action="store_true",
                        help="leave the seed's FFN out of the experts and the seed out of the average")
     adhoc.add_argument("--weights", metavar="W",
@@ -331,7 +331,7 @@ def _merge_inputs(args: argparse.Namespace) -> list[str]:
 def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("target", metavar="RECIPE|CKPT", nargs="?",
                    help="an experiment recipe (every model of its run that exists, on its domains' validation "
-                        "shards -> <run_dir>/eval/), or a checkpoint directory (dense Llama or Mixtral, with --data)")
+                        "shards -> <run_dir>/eval/), or checkpoint directories (dense or MoE, any family; with --data)")
     p.add_argument("overrides", metavar="KEY=VALUE|CKPT", nargs="*",
                    help="recipe overrides (eval.batches=20), or more checkpoints")
     p.add_argument("--data", action="append", default=[], metavar="DOMAIN=SHARD",
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="btx",
         description="Branch-Train-MiX: branch a dense seed into domain experts, mix them into a "
-                    "Mixtral MoE, finetune its routing, evaluate and analyse it.",
+                    "MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo, ...), finetune its routing, evaluate and analyse it.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--version", action="version", version=f"btx {__version__}")

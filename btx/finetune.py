@@ -25,7 +25,7 @@ What finetune adds through the loop's hooks:
 Where things go:
     <run_dir>/finetune-train/ckpt/step-N/   DeepSpeed checkpoints (resume)
     <run_dir>/finetune-train/metrics.jsonl  one JSON object per step
-    <run_dir>/finetuned/                    the Mixtral HF export, then DONE.json
+    <run_dir>/finetuned/                    the HF export (the seed family's MoE form), then DONE.json
 
 Launch on several processes with any launcher, e.g.
     torchrun --nproc_per_node 8 -m btx finetune RECIPE
@@ -60,7 +60,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         raise BtxError(f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
                        "first, or pass --model DIR")
     if not (merged / "config.json").is_file():
-        raise BtxError(f"{merged}: no config.json (expected a Mixtral Hugging Face checkpoint directory)")
+        raise BtxError(f"{merged}: no config.json (expected an MoE Hugging Face checkpoint directory)")
     with hf.CheckpointReader(merged) as reader:  # config and headers sound; no tensor data read
         cfg = reader.cfg
     if not cfg.is_moe:

@@ -1,8 +1,9 @@
 """The MiX step: a dense seed and its domain experts become one MoE, streamed.
 
 The MoE is written in the seed family's MoE form (btx/families/: Llama and Mistral -> Mixtral,
-Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE, OLMo 2 -> FlexOlmo); a seed whose MoE form cannot express
-it (e.g. a Llama with attention biases: Mixtral has none) is refused before anything is written.
+a Llama with attention biases -> GraniteMoe, Qwen2 -> Qwen2-MoE, Qwen3 -> Qwen3-MoE, OLMo 2 ->
+FlexOlmo); a seed no MoE form can express (a Llama with MLP biases) is refused before anything is
+written.
 
 What goes where
 - Each source FFN (`gate/up/down_proj`) becomes one expert of its layer's MoE. The sources are the

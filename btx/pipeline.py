@@ -5,7 +5,7 @@ Stages, in order (each a plain function of the experiment; the modules do the wo
     prepare    domain text -> token shards                       btx.prepare
     seed       the dense seed, when the recipe trains one         btx.train (seed_job)
     branch     one expert per domain from the seed               btx.branch (local executor)
-    merge      seed + experts -> Mixtral MoE                      btx.merge
+    merge      seed + experts -> MoE (the family's form)          btx.merge
     finetune   the MoE on the domain mixture                      btx.finetune
     baselines  dense and sparse-upcycling runs, compute-matched   btx.train / btx.merge / btx.finetune
     eval       per-domain validation loss of every model + BTM    btx.evaluate

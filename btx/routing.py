@@ -414,7 +414,7 @@ def checkpoint_tokenizer(checkpoint: Path, explicit: str | None = None):
 
 
 def moe_checkpoint_config(path: str | os.PathLike):
-    """(ModelConfig, stored dtype) of a Mixtral-format checkpoint, read from its headers only
+    """(ModelConfig, stored dtype) of an MoE checkpoint (any form btx reads), from its headers only
     (no weights), so that every input is checked before any work. Dense is a BtxError."""
     from btx.hf import CheckpointReader
 
@@ -428,13 +428,13 @@ def moe_checkpoint_config(path: str | os.PathLike):
     if not cfg.is_moe:
         raise BtxError(
             f"{path / 'config.json'}: a dense model (no num_local_experts) has no routers to analyse; "
-            "expected a Mixtral-format MoE checkpoint"
+            "expected an MoE checkpoint"
         )
     return cfg, stored
 
 
 def load_moe_checkpoint(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None):
-    """A btx Transformer from a Mixtral-format directory; a dense checkpoint is a BtxError."""
+    """A btx Transformer from an MoE checkpoint directory; a dense checkpoint is a BtxError."""
     from btx.hf import load_model
 
     path = Path(path).expanduser()

@@ -18,7 +18,7 @@ Where things go (TrainJob):
                               HF checkpoint, optimizer.pt, scheduler.pt, trainer_state.json);
                               the newest `keep_checkpoints` are kept
     work_dir/metrics.jsonl    one JSON object per optimizer step (main rank only)
-    export_dir/               the final HF checkpoint (LlamaForCausalLM / MixtralForCausalLM) with
+    export_dir/               the final HF checkpoint (the family's dense or MoE class) with
                               the run's tokenizer files
     manifest_dir/DONE.json    written last: steps, tokens, losses, FLOPs, hashes of the export
 For an expert: work_dir = manifest_dir = experts/<domain>/, export_dir = experts/<domain>/final/.
