@@ -446,7 +446,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="btx",
-        description="Branch-Train-MiX: branch a dense seed into domain experts, mix them into a "
+        description="Branch-Train-MiX: branch a dense seed into domain experts, mix them into an "
                     "MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo, ...), finetune its routing, evaluate and analyse it.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")

@@ -427,7 +427,7 @@ def moe_checkpoint_config(path: str | os.PathLike):
         cfg, stored = reader.cfg, reader.dtype
     if not cfg.is_moe:
         raise BtxError(
-            f"{path / 'config.json'}: a dense model (no num_local_experts) has no routers to analyse; "
+            f"{path / 'config.json'}: a dense model (no experts) has no routers to analyse; "
             "expected an MoE checkpoint"
         )
     return cfg, stored
