@@ -248,17 +248,27 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     adhoc.add_argument("--weights", metavar="W",
                        help="averaging of the non-FFN tensors: uniform (default), tokens (each expert's training "
                             "tokens, from its DONE.json), or NAME=W,NAME=W,... (seed included)")
-    adhoc.add_argument("--router-init", choices=("random", "zeros", "centroid"),
+    adhoc.add_argument("--router-init", choices=("random", "zeros", "centroid", "ridge", "hidden"),
                        help="random (default): normal(0, --router-std); zeros: uniform routing; centroid: each "
-                            "expert's mean hidden state on its domain's validation tokens")
+                            "expert's mean hidden state on its domain's validation tokens; ridge: closed-form "
+                            "least squares on those hidden states (DUME); hidden: its prompts' mean hidden state "
+                            "minus the others' (--prompt)")
     adhoc.add_argument("--router-std", type=float, help="std of random routers (default 0.02)")
     adhoc.add_argument("--router-seed", type=int, help="seed of random routers (default 0)")
-    adhoc.add_argument("--centroid-data", action="append", default=[], metavar="NAME=SHARD",
-                       help="validation shard of domain NAME for centroid routers (default: "
+    adhoc.add_argument("--router-data", "--centroid-data", dest="centroid_data", action="append", default=[],
+                       metavar="NAME=SHARD",
+                       help="validation shard of domain NAME for centroid and ridge routers (default: "
                             "<run_dir>/data/NAME/val.bin when the expert sits in a btx run directory)")
-    adhoc.add_argument("--centroid-tokens", type=int, metavar="N",
-                       help="validation tokens per domain for centroid routers (default 65536)")
-    adhoc.add_argument("--centroid-device", metavar="DEV", help="device of the centroid pass (default: cuda if any)")
+    adhoc.add_argument("--router-tokens", "--centroid-tokens", dest="centroid_tokens", type=int, metavar="N",
+                       help="validation tokens per domain for centroid and ridge routers (default 65536)")
+    adhoc.add_argument("--ridge-lambda", type=float, metavar="L",
+                       help="ridge routers: regularisation relative to the hidden states' mean eigenvalue (default 0.01)")
+    adhoc.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
+                       help="hidden routers: a positive prompt of expert NAME; repeat")
+    adhoc.add_argument("--negative-prompt", action="append", default=[], metavar="NAME=TEXT",
+                       help="hidden routers: a negative prompt of expert NAME (default: the other experts' prompts)")
+    adhoc.add_argument("--router-device", "--centroid-device", dest="centroid_device", metavar="DEV",
+                       help="device of the pass that fits centroid, ridge or hidden routers (default: cuda if any)")
     adhoc.add_argument("--granularity", choices=("expert", "split", "blend"),
                        help="expert (default): one expert per FFN; split: C chunks per FFN (N*C experts); "
                             "blend: expert c made of chunk c of every FFN")
@@ -267,8 +277,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     adhoc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                        help="output dtype (default: the inputs')")
     adhoc.add_argument("--shard-size", metavar="SIZE", help="output shard size, e.g. 5GB (default), 500MB")
-    edit = p.add_argument_group("editing a finished MoE (with --out; --router-init, --router-std, --router-seed, "
-                                "--top-k, --dtype and --shard-size apply too)")
+    edit = p.add_argument_group("editing a finished MoE (with --out; the --router-* options, --ridge-lambda, "
+                                "--prompt, --negative-prompt, --top-k, --dtype and --shard-size apply too)")
     edit.add_argument("--into", metavar="MOE", help="the MoE to grow or shrink (btx's, or any MoE btx reads)")
     edit.add_argument("--add-expert", action="append", default=[], metavar="NAME=DIR",
                       help="a dense expert trained from the MoE's seed, added as one more expert; repeat")
@@ -283,8 +293,8 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _EDIT_ONLY = ("add_expert", "remove_expert", "shared", "shared_weight", "allow_foreign")
-_MERGE_ONLY = ("seed", "expert", "upcycle", "average_all", "no_keep_seed", "weights", "centroid_data",
-               "centroid_tokens", "centroid_device", "granularity", "chunks", "recipe")
+_MERGE_ONLY = ("seed", "expert", "upcycle", "average_all", "no_keep_seed", "weights", "granularity", "chunks",
+               "recipe")
 
 
 def cmd_merge(args: argparse.Namespace) -> int:

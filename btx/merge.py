@@ -100,6 +100,7 @@ from btx.manifest import (DONE_NAME, atomic_dir, disk_errors, ensure_free_space,
                           producer_manifest, relative_identities, sha256_file, update_from_file, write_done)
 from btx.model import ModelConfig
 from btx.recipe import GRANULARITIES, MERGE_DTYPES, ROUTER_INITS, MergeSection
+from btx.router_fit import FIT_INITS, check_shard
 
 __all__ = ["MergeOptions", "merge", "merge_from_recipe", "merge_command"]
 
@@ -107,8 +108,6 @@ SEED = "seed"
 DTYPES = {name: getattr(torch, name) for name in MERGE_DTYPES}
 TEST_DELAY_ENV = "BTX_MERGE_TEST_DELAY"
 _CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
-_CENTROID_SEQ_LEN = 1024  # centroid tokens are read as windows of this many (capped by max_seq_len)
-_CENTROID_BATCH_TOKENS = 8192  # tokens per forward micro-batch in the centroid pass
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Tokenizer files whose contents must agree across inputs: everything the checkpoint carries for
 # its tokenizer and chat template (generation_config.json may differ).
@@ -132,10 +131,13 @@ class MergeOptions:
 
     keep_seed: bool = _RECIPE.keep_seed
     weights: Any = _RECIPE.weights  # "uniform" | "tokens" | {source name: weight}
-    router_init: str = _RECIPE.router_init  # random | zeros | centroid
+    router_init: str = _RECIPE.router_init  # random | zeros | centroid | ridge | hidden
     router_std: float = _RECIPE.router_std
     router_seed: int = _RECIPE.router_seed
-    centroid_tokens: int = _RECIPE.centroid_tokens  # per domain
+    centroid_tokens: int = _RECIPE.centroid_tokens  # per domain, for centroid and ridge
+    ridge_lambda: float = _RECIPE.ridge_lambda
+    prompts: dict = field(default_factory=dict)  # hidden: {expert: [positive prompt, ...]}
+    negative_prompts: dict = field(default_factory=dict)  # hidden: {expert: [...]}; default: the others' prompts
     granularity: str = _RECIPE.granularity  # expert | split | blend
     chunks: int | None = None  # split: required; blend: default the number of source FFNs
     top_k: int = _RECIPE.top_k
@@ -202,7 +204,8 @@ class _Plan:
     groups: list[_Expert]  # one representative expert per router row group
     shard_size: int
     force: bool
-    centroid_shards: dict[str, Any] = field(default_factory=dict)  # domain -> btx.data.Shard
+    centroid_shards: dict[str, Any] = field(default_factory=dict)  # domain -> btx.data.Shard (centroid, ridge)
+    prompt_sets: list = field(default_factory=list)  # hidden: btx.router_fit.TokenSet per prompt list
     recipe_hash: str | None = None
 
     @property
@@ -244,18 +247,21 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
         raise _fail("average_all and upcycle exclude each other (an average of seed copies is the seed)")
     if o.average_all and o.granularity != "expert":
         raise _fail(f"average_all writes a dense model; granularity {o.granularity} does not apply")
-    if o.average_all and o.router_init == "centroid":
-        raise _fail("average_all writes a dense model without routers; router_init centroid does not apply")
+    if o.average_all and o.router_init in FIT_INITS:
+        raise _fail(f"average_all writes a dense model without routers; router_init {o.router_init} does not apply")
     if o.granularity == "expert" and o.chunks not in (None, 1):
         raise _fail(f"chunks {o.chunks} needs granularity split or blend")
     if o.granularity == "split" and (o.chunks is None or o.chunks < 2):
         raise _fail(f"granularity split needs chunks >= 2, got {o.chunks}")
     if o.granularity == "blend" and o.chunks is not None and o.chunks < 2:
         raise _fail(f"granularity blend needs chunks >= 2, got {o.chunks}")
-    if o.granularity == "blend" and o.router_init == "centroid":
-        raise _fail("blend experts mix every domain, so router_init centroid does not apply; use random or zeros")
-    if o.router_init == "centroid" and o.upcycle:
-        raise _fail("router_init centroid needs domain experts; upcycled experts are all the seed")
+    if o.granularity == "blend" and o.router_init in FIT_INITS:
+        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; use random or zeros")
+    if o.router_init in FIT_INITS and o.upcycle:
+        raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
+    if not (o.ridge_lambda > 0 and math.isfinite(o.ridge_lambda)):
+        raise _fail(f"ridge_lambda must be a positive number, got {o.ridge_lambda!r}")
+    _check_prompts(o, [*expert_names, *([SEED] if o.keep_seed else [])])
     for name in expert_names:
         if not _NAME_RE.match(name):
             raise _fail(f"expert name {name!r}: use letters, digits, '_', '-', '.'")
@@ -268,6 +274,21 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
         hf.parse_size(o.shard_size)
     except BtxError as e:
         raise _fail(str(e)) from None
+
+
+def _check_prompts(o: MergeOptions, experts: list[str]) -> None:
+    for key in ("prompts", "negative_prompts"):
+        given = getattr(o, key) or {}
+        if given and o.router_init != "hidden":
+            raise _fail(f"{key} are for router_init hidden, not {o.router_init}")
+        for name, texts in given.items():
+            if name not in experts:
+                raise _fail(f"{key} of {name!r}: not an expert of this merge ({', '.join(experts)})")
+            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) and t for t in texts):
+                raise _fail(f"{key} of {name!r}: expected a list of non-empty strings")
+    if o.router_init == "hidden" and not o.prompts:
+        raise _fail("router_init hidden needs prompts: give each expert positive prompts "
+                    "(recipe merge.prompts {expert: [text, ...]}, or --prompt EXPERT=TEXT)")
 
 
 def _manifest_of(path: Path) -> tuple[dict | None, str]:
@@ -472,8 +493,10 @@ def _plan(
             averaged=averaged, weights=weights, out_cfg=out_cfg, dtype=dtype, experts=plan_experts,
             groups=[groups[g] for g in sorted(groups)], shard_size=hf.parse_size(o.shard_size), force=force,
         )  # fmt: skip
-        if o.router_init == "centroid" and not o.average_all:
+        if o.router_init in ("centroid", "ridge") and not o.average_all:
             plan.centroid_shards = _centroid_shards(plan, centroid_data or {})
+        if o.router_init == "hidden" and not o.average_all:
+            plan.prompt_sets = _prompt_sets(plan)
         return plan
     except BaseException:
         for inp in opened:
@@ -502,7 +525,7 @@ class _Mixer:
     def __init__(self, plan: _Plan):
         self.plan = plan
         self.shapes = hf.btx_shapes(plan.out_cfg)
-        self.centroids: dict[int, torch.Tensor] = {}  # layer -> [groups, D] fp32 (centroid init)
+        self.fitted: dict[int, torch.Tensor] = {}  # layer -> [groups, D] fp32 (centroid, ridge, hidden)
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -634,7 +657,7 @@ class _Mixer:
             gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
             rows = torch.randn(n_groups, D, generator=gen) * o.router_std
         else:
-            rows = self.centroids[layer]
+            rows = self.fitted[layer]
         return rows[torch.tensor([e.group for e in self.plan.experts])]
 
     def specs(self) -> list[hf.TensorSpec]:
@@ -664,7 +687,7 @@ def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
     domains = list(expert_dirs)
     unknown = sorted(set(given) - set(domains))
     if unknown:
-        raise _fail(f"centroid data for {', '.join(unknown)}: not an expert of this merge ({', '.join(domains)})")
+        raise _fail(f"router data for {', '.join(unknown)}: not an expert of this merge ({', '.join(domains)})")
     shards = {}
     for d in domains:
         path = given.get(d)
@@ -672,19 +695,12 @@ def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
             guess = _run_dir_val_shard(expert_dirs[d], d)
             if guess is None:
                 raise _fail(
-                    f"router_init centroid needs validation tokens of domain '{d}': pass "
-                    f"--centroid-data {d}=<run_dir>/data/{d}/val.bin"
+                    f"router_init {plan.options.router_init} needs validation tokens of domain '{d}': pass "
+                    f"--router-data {d}=<run_dir>/data/{d}/val.bin"
                 )
             path = guess
         shard = load_shard(path)
-        if len(shard) < 2:
-            raise BtxError(f"{shard.path}: {len(shard)} tokens; centroid routers need validation tokens of '{d}'")
-        top = int(np.max(shard.tokens)) if len(shard) else 0
-        if top >= plan.out_cfg.vocab_size:
-            raise BtxError(
-                f"{shard.path}: holds token id {top}, but the model's vocab_size is {plan.out_cfg.vocab_size} "
-                "(tokenized with another tokenizer?)"
-            )
+        check_shard(shard, f"router_init {plan.options.router_init} (domain '{d}')", plan.out_cfg.vocab_size)
         shards[d] = shard
     return shards
 
@@ -699,77 +715,83 @@ def _run_dir_val_shard(expert_path: Path, domain: str) -> Path | None:
     return None
 
 
-def _centroid_windows(shard, seq_len: int, tokens: int) -> torch.Tensor:
-    """Evenly spaced windows covering about `tokens` tokens of the shard: [n, seq_len] int64."""
-    n_tokens = len(shard)
-    seq_len = min(seq_len, n_tokens)
-    count = max(1, min(math.ceil(tokens / seq_len), n_tokens // seq_len))
-    starts = np.linspace(0, n_tokens - seq_len, count).astype(np.int64)
-    return torch.from_numpy(np.stack([np.asarray(shard.tokens[s : s + seq_len], dtype=np.int64) for s in starts]))
+def _prompt_sets(plan: _Plan) -> list:
+    """hidden: one token set per expert's positive prompts ("pos:NAME") and explicit negatives ("neg:NAME")."""
+    from btx.router_fit import prompt_set
+    from btx.tokenizer import load_tokenizer
+
+    o, cfg = plan.options, plan.out_cfg
+    tokenizer = load_tokenizer(plan.seed.path)
+    sets = []
+    for kind, given in (("pos", o.prompts), ("neg", o.negative_prompts)):
+        for name, texts in given.items():
+            sets.append(prompt_set(f"{kind}:{name}", texts, tokenizer, cfg.max_seq_len, cfg.vocab_size))
+    return sets
 
 
-@torch.inference_mode()
-def _compute_centroids(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> dict[str, int]:
-    """Fill mixer.centroids layer by layer by running the merged model; returns tokens per domain."""
-    from accelerate import init_empty_weights
+class _MergedWeights:
+    """The merged MoE's layers for btx.router_fit.walk, produced by the mixer (fp32 copies)."""
 
-    from btx.model import Transformer
+    def __init__(self, plan: _Plan, mixer: _Mixer):
+        self.plan, self.mixer, self.cfg = plan, mixer, plan.out_cfg
 
-    cfg, o = plan.out_cfg, plan.options
-    device = torch.device(o.centroid_device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    with init_empty_weights(include_buffers=False):  # parameters on the meta device: nothing allocated
-        model = Transformer(cfg)
-    seq_len = min(_CENTROID_SEQ_LEN, cfg.max_seq_len)
-    domains = list(plan.centroid_shards)
-    windows = [_centroid_windows(plan.centroid_shards[d], seq_len, o.centroid_tokens) for d in domains]
-    seq_len = min(w.shape[1] for w in windows)  # a tiny shard may shorten every window
-    windows = [w[:, :seq_len] for w in windows]
-    tokens_NS = torch.cat(windows)
-    domain_N = torch.cat([torch.full((len(w),), i) for i, w in enumerate(windows)])
-    counts = torch.tensor([w.numel() for w in windows], dtype=torch.float64)
-    x_NSD = mixer.average("embed.weight")[tokens_NS].float()
-    cos, sin = model.rope(seq_len, device)
-    batch = max(1, _CENTROID_BATCH_TOKENS // seq_len)
-    batches = [slice(a, a + batch) for a in range(0, len(tokens_NS), batch)]
-    # Every weight of layer 0 but its FFN (attention, biases, q/k norms, the two norms): averaged.
-    shared = [k.removeprefix("layers.0.") for k in mixer.shapes if k.startswith("layers.0.") and ".ffn." not in k]
+    def embed(self) -> torch.Tensor:
+        return self.mixer.average("embed.weight").float().clone()
 
-    with _Progress(progress, "centroid routers", cfg.n_layers, bytes_=False, console=console) as bar:
-        for i, block in enumerate(model.layers):
-            p = f"layers.{i}."
-            block.load_state_dict(
-                {k: mixer.average(p + k).to(device, torch.float32, copy=True) for k in shared},
-                strict=False,
-                assign=True,
-            )
-            sums = torch.zeros(len(domains), cfg.dim, dtype=torch.float64)
-            for rows in batches:
-                x = x_NSD[rows].to(device)
-                h = block.attend(x, cos, sin)
-                x_NSD[rows] = h.cpu()
-                u = block.ffn_input(h).sum(1).double().cpu()  # [b, D]
-                sums.index_add_(0, domain_N[rows], u)
-            means = sums / counts[:, None]
-            rows_GD = torch.stack(
-                [means.mean(0) if g.domain == SEED else means[domains.index(g.domain)] for g in plan.groups]
-            )
-            mixer.centroids[i] = (rows_GD / rows_GD.norm(dim=1, keepdim=True).clamp_min(1e-12)).float()
-            if i + 1 < cfg.n_layers:  # the next layer's input: this layer's MoE, as merged
-                ffn = {"ffn.router.weight": mixer.router(i).to(plan.dtype).to(device, torch.float32)}
-                for w in ("w1", "w3", "w2"):
-                    name = p + f"ffn.{w}"
-                    stacked = torch.empty(mixer.shapes[name], dtype=torch.float32)
-                    for e in range(cfg.n_experts):
-                        stacked[e].copy_(mixer.expert(name, e))
-                    ffn[f"ffn.{w}"] = stacked.to(device)
-                block.load_state_dict(ffn, strict=False, assign=True)
-                for rows in batches:
-                    x = x_NSD[rows].to(device)
-                    y, _ = block.ffn(block.ffn_input(x))
-                    x_NSD[rows] = block.add_ffn(x, y).cpu()
-            block.to("meta")  # drop this layer's weights
-            bar.advance(1, f"layer {i}")
-    return {d: int(w.numel()) for d, w in zip(domains, windows)}
+    def block(self, layer: int) -> dict[str, torch.Tensor]:
+        p = f"layers.{layer}."
+        names = [k for k in self.mixer.shapes if k.startswith(p) and ".ffn." not in k]
+        return {k.removeprefix(p): self.mixer.average(k).to(torch.float32, copy=True) for k in names}
+
+    def experts(self, layer: int) -> dict[str, torch.Tensor]:
+        out = {}
+        for w in ("w1", "w3", "w2"):
+            name = f"layers.{layer}.ffn.{w}"
+            stacked = torch.empty(self.mixer.shapes[name], dtype=torch.float32)
+            for e in range(self.cfg.n_experts):
+                stacked[e].copy_(self.mixer.expert(name, e))
+            out[f"ffn.{w}"] = stacked
+        return out
+
+
+def _fit_routers(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> dict[str, int]:
+    """Fill mixer.fitted with every layer's router by walking the merged model (btx.router_fit);
+    returns the tokens each set contributed."""
+    from btx.router_fit import centroid_rows, hidden_rows, ridge_rows, shard_windows, walk
+
+    o, cfg = plan.options, plan.out_cfg
+    domains = [None if g.domain == SEED else g.domain for g in plan.groups]  # one per router row group
+    if o.router_init == "hidden":
+        sets = plan.prompt_sets
+        names = [g.name for g in plan.groups]
+        positive = [f"pos:{n}" if n in o.prompts else None for n in names]
+        negative = [
+            [f"neg:{n}"] if n in o.negative_prompts else [f"pos:{m}" for m in o.prompts if m != n]
+            for n in names
+        ]
+
+        def rule(layer, stats):
+            return hidden_rows(stats, positive, negative)
+    else:
+        sets = [shard_windows(d, shard, o.centroid_tokens, cfg.max_seq_len) for d, shard in plan.centroid_shards.items()]
+        if o.router_init == "centroid":
+            def rule(layer, stats):
+                return centroid_rows(stats, domains)
+        else:
+            def rule(layer, stats):
+                return ridge_rows(stats, domains, o.ridge_lambda)
+
+
+    def router_for_layer(layer: int, stats) -> torch.Tensor:
+        rows_GD = rule(layer, stats)
+        mixer.fitted[layer] = rows_GD
+        # The next layer's input is computed with the router as written (rounded to the output dtype).
+        return mixer.router(layer).to(plan.dtype).float()
+
+    with _Progress(progress, f"{o.router_init} routers", cfg.n_layers, bytes_=False, console=console) as bar:
+        walk(_MergedWeights(plan, mixer), sets, router_for_layer, need_gram=o.router_init == "ridge",
+             device=o.centroid_device, on_layer=lambda i: bar.advance(1, f"layer {i}"))
+    return {s.name: s.tokens for s in sets}
 
 
 # --------------------------------------------------------------------------------------------
@@ -887,7 +909,8 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
     started = time.monotonic()
     o = plan.options
     mixer = _Mixer(plan)
-    centroid_tokens = _compute_centroids(plan, mixer, progress, console) if plan.centroid_shards else None
+    fitted = plan.options.router_init in FIT_INITS and not plan.options.average_all
+    router_tokens = _fit_routers(plan, mixer, progress, console) if fitted else None
     specs = mixer.specs()
     total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
     # The streaming phase is bound by I/O; its elementwise work runs fastest on one thread, and
@@ -953,8 +976,8 @@ def _run(plan: _Plan, progress: bool, console=None) -> dict:
                     "top_k": plan.out_cfg.top_k,
                     "ffn_dim": plan.out_cfg.ffn_dim,
                 }
-            if centroid_tokens is not None:
-                manifest["centroid_tokens"] = centroid_tokens
+            if router_tokens is not None:
+                manifest["router_tokens"] = router_tokens
             if plan.recipe_hash is not None:
                 manifest["recipe_hash"] = plan.recipe_hash
             write_done(tmp, manifest)  # inside the temporary: the directory appears with it
@@ -1064,19 +1087,19 @@ def merge_from_recipe(
     experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.domains}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
-        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init == "centroid" else None,
+        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init in ("centroid", "ridge") else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
 
 
 def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef: float = 0.01) -> MergeOptions:
-    """The options a recipe's merge runs with; an upcycle's `centroid` init (it has no domain
-    experts) is `random`, the paper's init for upcycling. `aux_loss_coef` (the recipe's
+    """The options a recipe's merge runs with; an upcycle's centroid, ridge or hidden init (it has
+    no domain experts) is `random`, the paper's init for upcycling. `aux_loss_coef` (the recipe's
     finetune.balance_alpha) goes into the MoE's config.json for training it further elsewhere."""
     options = MergeOptions.from_section(section, upcycle=upcycle, router_aux_loss_coef=aux_loss_coef)
-    if upcycle and options.router_init == "centroid":
-        options.router_init = "random"
+    if upcycle and options.router_init in FIT_INITS:
+        options.router_init, options.prompts, options.negative_prompts = "random", {}, {}
     return options
 
 
@@ -1098,7 +1121,8 @@ _ADHOC_FLAGS = {  # argparse dest -> MergeOptions field (None: not an option)
     "weights": "weights", "router_init": "router_init", "router_std": "router_std",
     "router_seed": "router_seed", "centroid_tokens": "centroid_tokens", "granularity": "granularity",
     "chunks": "chunks", "top_k": "top_k", "dtype": "dtype", "shard_size": "shard_size", "upcycle": "upcycle",
-    "average_all": "average_all", "centroid_device": "centroid_device",
+    "average_all": "average_all", "centroid_device": "centroid_device", "ridge_lambda": "ridge_lambda",
+    "prompt": None, "negative_prompt": None,
 }  # fmt: skip
 
 
@@ -1111,6 +1135,17 @@ def _pairs(items: list[str], flag: str) -> dict[str, str]:
         if name in out:
             raise BtxError(f"{flag}: '{name}' given twice")
         out[name] = value
+    return out
+
+
+def prompt_lists(items: list[str], flag: str) -> dict[str, list[str]]:
+    """--prompt NAME=TEXT, repeated: {NAME: [TEXT, ...]} in the order given."""
+    out: dict[str, list[str]] = {}
+    for item in items or []:
+        name, eq, text = item.partition("=")
+        if not eq or not name or not text:
+            raise BtxError(f"{flag} {item!r}: expected NAME=TEXT")
+        out.setdefault(name, []).append(text)
     return out
 
 
@@ -1153,9 +1188,11 @@ def merge_command(args) -> int:
             fields["weights"] = _parse_weights(fields["weights"])
         if args.no_keep_seed:
             fields["keep_seed"] = False
+        fields["prompts"] = prompt_lists(args.prompt, "--prompt")
+        fields["negative_prompts"] = prompt_lists(args.negative_prompt, "--negative-prompt")
         manifest = merge(
             args.seed, _pairs(args.expert, "--expert"), args.out, MergeOptions(**fields),
-            centroid_data=_pairs(args.centroid_data, "--centroid-data"), force=args.force,
+            centroid_data=_pairs(args.centroid_data, "--router-data"), force=args.force,
             allow_no_manifest=args.allow_no_manifest, progress=progress,
         )  # fmt: skip
         out = Path(args.out)

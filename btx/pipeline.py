@@ -402,7 +402,8 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     # and the options an upcycle takes from the merge section: other routers do not redo them.
     merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
     upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts, exp.finetune.balance_alpha))
-    del upcycle["centroid_tokens"], upcycle["centroid_device"]  # an upcycle has no centroid routers
+    for unused in ("centroid_tokens", "centroid_device", "ridge_lambda", "prompts", "negative_prompts"):
+        del upcycle[unused]  # an upcycle has no routers fitted to data
     key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
 
     def work() -> str:

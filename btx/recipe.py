@@ -51,7 +51,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.ROUTER_MODES
 TRAINABLE = ("all", "router_only", "frozen_experts")
 GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
-ROUTER_INITS = ("random", "zeros", "centroid")
+ROUTER_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
 GRANULARITIES = ("expert", "split", "blend")
 EXECUTORS = ("local", "slurm")
 MERGE_DTYPES = ("float32", "bfloat16", "float16")
@@ -275,7 +275,12 @@ class MergeSection:
     router_init: str = "random"
     router_std: float = 0.02  # random init
     router_seed: int = 0  # random init: the same seed gives the same routers
-    centroid_tokens: int = 65536  # centroid init: validation tokens per domain
+    centroid_tokens: int = 65536  # centroid and ridge inits: validation tokens per domain
+    ridge_lambda: float = 0.01  # ridge init: λ relative to XᵀX's mean eigenvalue (btx/router_fit.py)
+    # hidden init: each expert's positive prompts, and optionally its negative ones (default: the
+    # other experts' positive prompts); the seed, kept as an expert, may have prompts too.
+    prompts: Dict[str, List[str]] = field(default_factory=dict)
+    negative_prompts: Dict[str, List[str]] = field(default_factory=dict)
     granularity: str = "expert"  # expert: one FFN per expert; split / blend: chunks of FFNs
     chunks: int = 1
     top_k: int = 2  # written to the merged config (num_experts_per_tok)
@@ -310,8 +315,18 @@ class MergeSection:
         c.choice(self, "router_init", ROUTER_INITS)
         c.choice(self, "granularity", GRANULARITIES)
         c.choice(self, "dtype", MERGE_DTYPES)
-        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k")
+        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda")
         c.non_negative(self, "router_seed")
+        experts = list(domains) + (["seed"] if self.keep_seed else [])
+        for key in ("prompts", "negative_prompts"):
+            given = getattr(self, key)
+            c.that(not given or self.router_init == "hidden", key,
+                   f"prompts are for router_init hidden, not {self.router_init}")
+            for name, texts in given.items():
+                c.that(name in experts, f"{key}.{name}", f"not an expert of this merge ({', '.join(experts)})")
+                c.that(all(isinstance(t, str) and t for t in texts), f"{key}.{name}", "expected non-empty strings")
+        c.that(self.router_init != "hidden" or bool(self.prompts), "prompts",
+               "router_init hidden needs each expert's positive prompts: prompts: {domain: [text, ...]}")
         if self.granularity == "expert":
             c.that(self.chunks == 1, "chunks", f"must be 1 with granularity expert, got {self.chunks}")
         else:
