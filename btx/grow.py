@@ -10,9 +10,21 @@ else is carried byte for byte.
 Adding an expert
 - Its dense FFN becomes one more expert in every layer (appended after the existing ones), copied
   file to file.
-- Its router row in every layer: `random` (normal, with the standard deviation of that layer's
-  existing rows, so the new expert starts on their scale; reproducible from `router_seed`) or
-  `zeros`. The existing rows are kept.
+- Its router row in every layer, by any router init (btx/router_fit.py for the three fitted ones):
+  - `random`: normal, with the standard deviation of that layer's existing rows, so the new
+    expert starts on their scale; reproducible from `router_seed`;
+  - `zeros`;
+  - `centroid`: the unit mean FFN input of its domain's validation tokens (`router_data`), scaled
+    to the mean norm of the layer's existing rows;
+  - `hidden`: the unit mean FFN input of its prompts minus that of its negative prompts (default:
+    the prompts given for the other experts), scaled the same way;
+  - `ridge`: DUME's closed form over every expert's validation tokens. Ridge refits *all* rows of
+    every layer (a least-squares router is one solve over all experts; appending a row to a trained
+    router would not be one), so it needs data for each expert; an expert named `seed` gets the
+    mean of the domain rows, as in a merge.
+  For the fitted inits, the hidden states come from the grown MoE itself, layer by layer: each
+  layer's new rows are fitted on the states produced by the layers below as grown.
+  Except with ridge, the existing rows are kept byte for byte.
 - The shared (non-FFN) weights: `keep` (default) keeps the MoE's, so nothing the MoE learned is
   disturbed; `average` moves them towards the new experts' by `shared_weight` (default: each new
   expert weighs as much as each expert already there, `n_new / (E + n_new)`),
@@ -48,14 +60,15 @@ import torch
 
 from btx import hf
 from btx.errors import BtxError
-from btx.manifest import (atomic_dir, disk_errors, ensure_free_space, fsync_tree, input_identity, output_lock, read_done,
-                          relative_identities, write_done)
-from btx.merge import DTYPES, _NAME_RE, _check_same_tokenizer, _Progress
+from btx.manifest import (atomic_dir, disk_errors, ensure_free_space, fsync_tree, identity, input_identity, output_lock,
+                          read_done, relative_identities, write_done)
+from btx.merge import DTYPES, SEED, _NAME_RE, _check_same_tokenizer, _Progress
 from btx.model import ModelConfig
+from btx.router_fit import FIT_INITS
 
 __all__ = ["EditOptions", "edit_command", "edit_moe", "moe_expert_names"]
 
-GROW_INITS = ("random", "zeros")
+GROW_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
 SHARED_POLICIES = ("keep", "average")
 MAX_SHARED_DISTANCE = 0.5  # relative L2 distance of shared weights above which an expert is foreign
 _CHUNK_BYTES = 32 << 20
@@ -66,9 +79,14 @@ _MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_ex
 
 @dataclass
 class EditOptions:
-    router_init: str = "random"  # the new experts' router rows: random | zeros
+    router_init: str = "random"  # the new experts' router rows: random | zeros | centroid | ridge | hidden
     router_std: float | None = None  # random: None = each layer's existing rows' standard deviation
     router_seed: int = 0
+    router_tokens: int = 65536  # centroid, ridge: validation tokens per expert
+    ridge_lambda: float = 0.01
+    prompts: dict = dataclasses.field(default_factory=dict)  # hidden: {expert: [text, ...]}
+    negative_prompts: dict = dataclasses.field(default_factory=dict)
+    router_device: str | None = None
     shared: str = "keep"  # keep | average
     shared_weight: float | None = None  # average: weight of the new experts' shared weights
     top_k: int | None = None  # None: the MoE's (lowered when fewer experts remain)
@@ -106,6 +124,9 @@ class _Edit:
     dtype: torch.dtype
     options: EditOptions
     shared_weight: float
+    sets: list = dataclasses.field(default_factory=list)  # fitted inits: btx.router_fit.TokenSet
+    set_paths: dict = dataclasses.field(default_factory=dict)  # centroid, ridge: expert -> its validation shard
+    fitted: dict = dataclasses.field(default_factory=dict)  # layer -> every output row [E, D] fp32
 
 
 def _fail(message: str) -> BtxError:
@@ -184,7 +205,7 @@ def _check_ancestry(moe: hf.CheckpointReader, new: _New, allow_foreign: bool) ->
 
 
 def _plan(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: EditOptions, *, force: bool,
-          allow_foreign: bool) -> _Edit:
+          allow_foreign: bool, router_data: dict[str, Path]) -> _Edit:
     if not add and not remove:
         raise _fail("nothing to do: give --add-expert NAME=DIR or --remove-expert NAME")
     if o.router_init not in GROW_INITS:
@@ -197,6 +218,14 @@ def _plan(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: Edi
         raise _fail(f"shared_weight must be in [0, 1], got {o.shared_weight!r}")
     if o.router_std is not None and not (o.router_std > 0 and math.isfinite(o.router_std)):
         raise _fail(f"router_std must be a positive number, got {o.router_std!r}")
+    if not (o.ridge_lambda > 0 and math.isfinite(o.ridge_lambda)) or not o.router_tokens > 0:
+        raise _fail("ridge_lambda and router_tokens must be positive numbers")
+    if (o.prompts or o.negative_prompts) and o.router_init != "hidden":
+        raise _fail(f"prompts are for router_init hidden, not {o.router_init}")
+    if router_data and o.router_init not in ("centroid", "ridge"):
+        raise _fail(f"--router-data is for router_init centroid or ridge, not {o.router_init}")
+    if o.router_init in FIT_INITS and not add:
+        raise _fail(f"router_init {o.router_init} fits the rows of added experts; removing needs no router init")
     from btx.merge import _check_output
 
     _check_output(out, [into, *add.values()], force)
@@ -236,11 +265,138 @@ def _plan(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: Edi
         )
         weight = o.shared_weight if o.shared_weight is not None else len(new) / max(n_out, 1)
         dtype = DTYPES[o.dtype] if o.dtype is not None else moe.dtype
-        return _Edit(moe, names, keep, new, out_cfg, dtype, o, weight if new and o.shared == "average" else 0.0)
+        edit = _Edit(moe, names, keep, new, out_cfg, dtype, o, weight if new and o.shared == "average" else 0.0)
+        edit.sets, edit.set_paths = _fit_sets(edit, into, router_data)
+        return edit
     except BaseException:
         for r in opened:
             r.close()
         raise
+
+
+def _fit_sets(edit: _Edit, into: Path, given: dict[str, Path]) -> tuple[list, dict[str, Path]]:
+    """The token sets the fitted router inits read: validation shards (centroid: the new experts';
+    ridge: every expert's) or prompts (hidden). Checked here, before anything is written."""
+    from btx.merge import _centroid_shard_path, _run_dir_val_shard
+    from btx.router_fit import check_shard, prompt_set, shard_windows
+
+    o, cfg = edit.options, edit.out_cfg
+    names, new = list(cfg.expert_names), [n.name for n in edit.new]
+    if o.router_init not in FIT_INITS:
+        return [], {}
+    if o.router_init == "hidden":
+        from btx.tokenizer import load_tokenizer
+
+        for key in ("prompts", "negative_prompts"):
+            for name, texts in getattr(o, key).items():
+                if name not in names:
+                    raise _fail(f"{key} of {name!r}: not an expert of the output ({', '.join(names)})")
+                if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) and t for t in texts):
+                    raise _fail(f"{key} of {name!r}: expected a list of non-empty strings")
+        for name in new:
+            if name not in o.prompts:
+                raise _fail(f"router_init hidden: give the new expert {name!r} prompts (--prompt {name}=TEXT)")
+            if name not in o.negative_prompts and not [m for m in o.prompts if m != name]:
+                raise _fail(f"router_init hidden: {name!r} needs negative prompts (--negative-prompt {name}=TEXT) "
+                            "or prompts of another expert to contrast with")
+        try:
+            tokenizer = load_tokenizer(into)
+        except BtxError as e:
+            raise BtxError(f"router_init hidden tokenizes the prompts with the checkpoint's tokenizer: {e}") from None
+        sets = [prompt_set(f"{kind}:{name}", texts, tokenizer, cfg.max_seq_len, cfg.vocab_size)
+                for kind, given_prompts in (("pos", o.prompts), ("neg", o.negative_prompts))
+                for name, texts in given_prompts.items()]
+        return sets, {}
+    from btx.data import load_shard
+
+    needed = new if o.router_init == "centroid" else [n for n in names if n != SEED]
+    unknown = sorted(set(given) - set(needed))
+    if unknown:
+        raise _fail(f"--router-data {', '.join(unknown)}: router_init {o.router_init} reads the data of "
+                    f"{', '.join(needed)} only")
+    sources = {n.name: n.path for n in edit.new}
+    sets, paths = [], {}
+    for name in needed:
+        path = given.get(name)
+        if path is None:
+            path = _run_dir_val_shard(sources[name], name) if name in sources else _moe_run_val_shard(into, name)
+        if path is None:
+            raise _fail(f"router_init {o.router_init} needs validation tokens of expert {name!r}: pass "
+                        f"--router-data {name}=<run_dir>/data/{name}/val.bin")
+        path = _centroid_shard_path(name, path)
+        shard = load_shard(path)
+        check_shard(shard, f"router_init {o.router_init} (expert {name!r})", cfg.vocab_size)
+        sets.append(shard_windows(name, shard, o.router_tokens, cfg.max_seq_len))
+        paths[name] = path
+    return sets, paths
+
+
+def _moe_run_val_shard(into: Path, name: str) -> Path | None:
+    """<run_dir>/data/<name>/val.bin for an MoE that sits in a btx run directory (merged/, finetuned/, ...)."""
+    candidate = into.resolve().parent / "data" / name / "val.bin"
+    return candidate if candidate.with_suffix(".json").is_file() else None
+
+
+class _GrownWeights:
+    """The grown MoE's layers for btx.router_fit.walk (fp32), before its routers are known."""
+
+    def __init__(self, edit: _Edit):
+        self.edit, self.cfg = edit, edit.out_cfg
+
+    def _shared(self, name: str) -> torch.Tensor:
+        edit = self.edit
+        x = edit.moe.get_btx(name, torch.float32)
+        if edit.shared_weight:
+            new = torch.stack([n.reader.get_btx(name, torch.float32) for n in edit.new]).mean(0)
+            x = x.lerp_(new, edit.shared_weight)
+        return x.to(edit.dtype).float()  # as it will be written
+
+    def embed(self) -> torch.Tensor:
+        return self._shared("embed.weight")
+
+    def block(self, layer: int) -> dict[str, torch.Tensor]:
+        p = f"layers.{layer}."
+        return {k.removeprefix(p): self._shared(k) for k in self.edit.moe.btx_names()
+                if k.startswith(p) and ".ffn." not in k}
+
+    def experts(self, layer: int) -> dict[str, torch.Tensor]:
+        edit, p = self.edit, f"layers.{layer}.ffn."
+        out = {}
+        for w in ("w1", "w3", "w2"):
+            old = edit.moe.get_btx(p + w, torch.float32)[edit.keep]
+            new = [n.reader.get_btx(f"{p}{w}.weight", torch.float32)[None] for n in edit.new]
+            out[f"ffn.{w}"] = torch.cat([old, *new]).to(edit.dtype).float()
+        for k in edit.moe.btx_names():  # a shared expert (Qwen2-MoE) stays as it is
+            if k.startswith(p + "shared"):
+                out[k.removeprefix(f"layers.{layer}.")] = edit.moe.get_btx(k, torch.float32)
+        return out
+
+
+def _fit_routers(edit: _Edit, progress: bool, console) -> None:
+    """Fill edit.fitted with every layer's output router rows (btx.router_fit.walk over the grown MoE)."""
+    from btx.router_fit import centroid_rows, hidden_rows, ridge_rows, walk
+
+    o, names = edit.options, list(edit.out_cfg.expert_names)
+    new = [n.name for n in edit.new]
+    negative = [[f"neg:{n}"] if n in o.negative_prompts else [f"pos:{m}" for m in o.prompts if m != n] for n in new]
+
+    def router_for_layer(layer: int, stats) -> torch.Tensor:
+        name = f"layers.{layer}.ffn.router.weight"
+        if o.router_init == "ridge":
+            rows = ridge_rows(stats, [None if n == SEED else n for n in names], o.ridge_lambda)
+        else:
+            old = edit.moe.get_btx(name, torch.float32)[edit.keep]
+            fresh = (centroid_rows(stats, new) if o.router_init == "centroid"
+                     else hidden_rows(stats, [f"pos:{n}" for n in new], negative))
+            scale = float(old.norm(dim=1).mean()) if len(old) else 1.0
+            rows = torch.cat([old, fresh * scale])
+        edit.fitted[layer] = rows
+        stored = edit.moe.info(edit.moe.plan[name].hf_names[0]).dtype
+        return rows.to(stored).to(edit.dtype).float()  # routed as it will be written
+
+    with _Progress(progress, f"{o.router_init} routers", edit.out_cfg.n_layers, bytes_=False, console=console) as bar:
+        walk(_GrownWeights(edit), edit.sets, router_for_layer, need_gram=o.router_init == "ridge",
+             device=o.router_device, on_layer=lambda i: bar.advance(1, f"layer {i}"))
 
 
 class _Producer:
@@ -275,6 +431,9 @@ class _Producer:
 
     def router(self, btx_name: str, layer: int) -> torch.Tensor:
         edit, o = self.edit, self.edit.options
+        stored = edit.moe.info(edit.moe.plan[btx_name].hf_names[0]).dtype
+        if edit.fitted:
+            return edit.fitted[layer].to(stored).to(edit.dtype)
         old = edit.moe.get_btx(btx_name, torch.float32)
         rows = [old[edit.keep]]
         if edit.new:
@@ -286,7 +445,6 @@ class _Producer:
                 key = hashlib.sha256(f"btx-grow-router:{o.router_seed}:{layer}".encode()).digest()
                 gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
                 rows.append(torch.randn(n, d, generator=gen) * std)
-        stored = edit.moe.info(edit.moe.plan[btx_name].hf_names[0]).dtype
         # Kept rows keep their stored bytes (the cast back from fp32 is exact).
         return torch.cat(rows).to(stored).to(edit.dtype)
 
@@ -319,17 +477,22 @@ def edit_moe(
     options: EditOptions | None = None,
     force: bool = False,
     allow_foreign: bool = False,
+    router_data: dict[str, str | os.PathLike] | None = None,
     progress: bool = True,
     console=None,
 ) -> dict:
     """Add experts to (`add`: {name: dense expert dir}) and/or remove experts from (`remove`) the MoE
-    at `into`, writing the result to `out`. Returns the DONE.json written into `out`."""
+    at `into`, writing the result to `out`. Returns the DONE.json written into `out`. `router_data`
+    ({expert: validation shard or prepared domain dir}) feeds the centroid and ridge inits (default:
+    the shard beside each expert in its btx run directory)."""
     started = time.monotonic()
     into, out, o = Path(into), Path(out), options or EditOptions()
     with output_lock(out, "this MoE output"):  # the exists / --force decision and the rename under one lock
         edit = _plan(into, {k: Path(v) for k, v in (add or {}).items()}, list(remove or []), out, o, force=force,
-                     allow_foreign=allow_foreign)
+                     allow_foreign=allow_foreign, router_data={k: Path(v) for k, v in (router_data or {}).items()})
         try:
+            if edit.sets:
+                _fit_routers(edit, progress, console)
             specs = _Producer(edit).specs()
             total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
             ensure_free_space(out.parent, total, f"the edited MoE {out}")
@@ -343,7 +506,8 @@ def edit_moe(
 def _write(edit: _Edit, specs, total: int, into: Path, out: Path, o: EditOptions, remove: list[str], force: bool,
            progress: bool, console, started: float) -> dict:
     # What this edit reads, checked against what its producers recorded (btx.manifest.input_identity).
-    identities = {"moe": input_identity(into), **{n.name: input_identity(n.path) for n in edit.new}}
+    identities = {"moe": input_identity(into), **{n.name: input_identity(n.path) for n in edit.new},
+                  **{f"router-data:{name}": identity(path) for name, path in edit.set_paths.items()}}
     with atomic_dir(out, force=force) as tmp, _Progress(progress, "edit MoE", total, console=console) as bar:
         outputs = hf.write_checkpoint(tmp, edit.out_cfg, specs, shard_size=hf.parse_size(o.shard_size),
                                       tokenizer_from=into, atomic=False, on_tensor=lambda name, n: bar.advance(n, name))
@@ -362,6 +526,7 @@ def _write(edit: _Edit, specs, total: int, into: Path, out: Path, o: EditOptions
             "n_experts": edit.out_cfg.n_experts,
             "top_k": edit.out_cfg.top_k,
             "options": dataclasses.asdict(o) | {"shared_weight": edit.shared_weight},
+            **({"router_tokens": {st.name: st.tokens for st in edit.sets}} if edit.sets else {}),
             # the MoE's own history, then this step
             "lineage": [*(moe_done.get("lineage") or [{"stage": moe_done.get("stage"), "path": str(into.resolve()),
                                                        "experts": edit.names}]),
@@ -376,17 +541,20 @@ def _write(edit: _Edit, specs, total: int, into: Path, out: Path, o: EditOptions
 
 def edit_command(args) -> int:
     """`btx merge --into MOE (--add-expert NAME=DIR | --remove-expert NAME)... --out DIR`."""
-    from btx.merge import _pairs
+    from btx.merge import _pairs, prompt_lists
 
     if not args.out:
         raise BtxError("merge --into: give --out DIR for the edited MoE")
     options = EditOptions(
         router_init=args.router_init or "random", router_std=args.router_std, router_seed=args.router_seed or 0,
         shared=args.shared or "keep", shared_weight=args.shared_weight, top_k=args.top_k, dtype=args.dtype,
-        shard_size=args.shard_size or "5GB",
+        shard_size=args.shard_size or "5GB", router_tokens=args.centroid_tokens or 65536,
+        ridge_lambda=args.ridge_lambda or 0.01, prompts=prompt_lists(args.prompt, "--prompt"),
+        negative_prompts=prompt_lists(args.negative_prompt, "--negative-prompt"), router_device=args.centroid_device,
     )
     manifest = edit_moe(args.into, args.out, add=_pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
-                        options=options, force=args.force, allow_foreign=args.allow_foreign, progress=not args.quiet)
+                        options=options, force=args.force, allow_foreign=args.allow_foreign,
+                        router_data=_pairs(args.centroid_data, "--router-data"), progress=not args.quiet)
     from rich.console import Console
 
     Console().print(

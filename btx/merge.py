@@ -721,7 +721,10 @@ def _prompt_sets(plan: _Plan) -> list:
     from btx.tokenizer import load_tokenizer
 
     o, cfg = plan.options, plan.out_cfg
-    tokenizer = load_tokenizer(plan.seed.path)
+    try:
+        tokenizer = load_tokenizer(plan.seed.path)
+    except BtxError as e:
+        raise BtxError(f"router_init hidden tokenizes the prompts with the checkpoint's tokenizer: {e}") from None
     sets = []
     for kind, given in (("pos", o.prompts), ("neg", o.negative_prompts)):
         for name, texts in given.items():

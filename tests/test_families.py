@@ -136,12 +136,31 @@ def make_expert(seed: Path, out: Path, seed_index: int) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def router_data(tmp_path_factory) -> dict[str, Path]:
+    """Validation shards of two synthetic domains, as bytes below the tiny vocabulary."""
+    import numpy as np
+
+    from btx.data import prepare_domain
+
+    root, rng, out = tmp_path_factory.mktemp("router-data"), np.random.default_rng(0), {}
+    for d, chars in {"code": "ABCDEFGHIJ", "math": "0123456789"}.items():
+        docs = ["".join(rng.choice(list(chars), size=100)) for _ in range(8)]
+        prepare_domain(d, [docs], "byte", root / d, val_fraction=0.5, append_eos=False, progress=False)
+        out[d] = root / d / "val.bin"
+    return out
+
+
+@pytest.mark.parametrize("router_init", ["random", "ridge"])
 @pytest.mark.parametrize("name", MERGEABLE)
-def test_merged_moe_matches_transformers(seeds, name, tmp_path):
+def test_merged_moe_matches_transformers(seeds, name, router_init, router_data, tmp_path):
+    """Every family's MoE form, with random routers and with ridge routers fitted by walking the
+    family's own layers (q/k norms, biases, sliding windows, post-norms)."""
     seed = seeds[name]
     experts = {d: make_expert(seed, tmp_path / d, i) for i, d in enumerate(("code", "math"))}
     out = tmp_path / "merged"
-    merge(seed, experts, out, MergeOptions(router_std=0.5), allow_no_manifest=True, progress=False)
+    merge(seed, experts, out, MergeOptions(router_std=0.5, router_init=router_init), allow_no_manifest=True,
+          centroid_data=router_data if router_init == "ridge" else None, progress=False)
     config = json.loads((out / "config.json").read_text())
     prefix = VARIANTS[name][0]
     moe_class = "GraniteMoe" if name == "llama-attention-bias" else MOE_CLASS[prefix]

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from btx import hf
 from btx.cli import main as cli_main
+from btx.data import load_shard, prepare_domain
 from btx.errors import BtxError
 from btx.grow import EditOptions, edit_moe
 from btx.merge import MergeOptions, merge
+from btx.manifest import read_done
+from btx.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
@@ -22,6 +27,9 @@ FAMILIES = {"llama": ("Llama", {}), "qwen2": ("Qwen2", {}), "qwen3": ("Qwen3", {
             "olmo2": ("Olmo2", {}),
             "llama-biased": ("Llama", {"attention_bias": True})}  # GraniteMoe: experts fused per layer
 TOKENS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+# Synthetic well-separated domains, as bytes below the tiny vocabulary (byte id = token id).
+CHARS = {"code": "ABCDEFGHIJ", "math": "0123456789", "prose": "!#$%&()*+,"}
+PROMPTS = {d: [c * 2, c[::-1]] for d, c in CHARS.items()}
 
 
 def perturbed(seed: Path, out: Path, index: int, shared: float = 0.01) -> Path:
@@ -46,6 +54,7 @@ class World:
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
         self.seed = root / "seed"
         model.save_pretrained(self.seed)
+        load_tokenizer("byte").save(self.seed)  # the hidden init tokenizes prompts with it
         self.experts = {d: perturbed(self.seed, root / d, i) for i, d in enumerate(("code", "math", "prose"))}
         self.moe = root / "moe"  # code + math + seed
         merge(self.seed, {d: self.experts[d] for d in ("code", "math")}, self.moe, MergeOptions(router_std=0.5),
@@ -53,6 +62,12 @@ class World:
         self.full = root / "full"  # code + math + prose + seed, merged in one go
         merge(self.seed, self.experts, self.full, MergeOptions(router_std=0.5), allow_no_manifest=True,
               progress=False)
+        self.data = {}
+        rng = np.random.default_rng(0)
+        for d, chars in CHARS.items():
+            docs = ["".join(rng.choice(list(chars), size=120)) for _ in range(12)]
+            prepare_domain(d, [docs], "byte", root / "data" / d, val_fraction=0.5, append_eos=False, progress=False)
+            self.data[d] = root / "data" / d / "val.bin"
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -130,6 +145,72 @@ def test_growing_an_upcycled_moe_by_the_seed_still_computes_the_seed(world, tmp_
     torch.testing.assert_close(load_clean(grown)(TOKENS).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def own_expert_share(path: Path, data: dict[str, Path]) -> dict[tuple[str, int], float]:
+    """{(domain, layer): share of the domain's tokens whose top-1 expert is its own}."""
+    model = hf.load_model(path, dtype=torch.float32).eval()
+    names = hf.CheckpointReader(path).cfg.expert_names
+    model.set_routing_record(True)
+    shares = {}
+    for d, shard in data.items():
+        val = torch.from_numpy(np.asarray(load_shard(shard).tokens[:512], dtype=np.int64)).view(8, 64)
+        with torch.no_grad():
+            model(val)
+        for layer, ffn in enumerate(model.moe_layers()):
+            shares[d, layer] = (ffn.last_routing.expert_TK[:, 0] == names.index(d)).float().mean().item()
+    return shares
+
+
+@pytest.mark.parametrize("init", ["centroid", "ridge", "hidden"])
+def test_fitted_router_inits_for_a_new_expert(world, tmp_path, init):
+    """centroid and hidden add the new expert's rows and keep every existing row byte for byte;
+    ridge refits every row, and sends at least 95% of each domain's tokens to its own expert in
+    every layer (the MoE's random routers: far less). Each output opens in transformers."""
+    grown = tmp_path / "grown"
+    options = EditOptions(router_init=init, prompts=PROMPTS if init == "hidden" else {})
+    data = {d: world.data[d] for d in (("code", "math", "prose") if init == "ridge" else ("prose",))}
+    done = edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, options=options,
+                    router_data=data if init != "hidden" else None, progress=False)
+    assert done["experts"] == ["code", "math", "seed", "prose"]
+    assert set(done["router_tokens"]) == ({"pos:code", "pos:math", "pos:prose"} if init == "hidden" else set(data))
+    before, after = hf.CheckpointReader(world.moe), hf.CheckpointReader(grown)
+    for layer in range(2):
+        name = f"layers.{layer}.ffn.router.weight"
+        old, new = before.get_btx(name), after.get_btx(name)
+        assert new.shape == (4, 32)
+        if init == "ridge":
+            assert not torch.equal(new[:3], old)
+        else:
+            assert torch.equal(new[:3], old)
+            torch.testing.assert_close(new[3].norm(), old.norm(dim=1).mean(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(load_clean(grown)(TOKENS).logits, logits(grown), rtol=1e-5, atol=1e-5)
+    if init == "ridge":
+        low = {k: v for k, v in own_expert_share(grown, world.data).items() if v < 0.95}
+        assert not low, f"(domain, layer) below 95% on their own expert: {low}"
+        assert min(own_expert_share(world.moe, {d: world.data[d] for d in ("code", "math")}).values()) < 0.9
+
+
+def test_fitted_router_inits_need_their_inputs(world, tmp_path):
+    out = tmp_path / "out"
+    add = {"prose": world.experts["prose"]}
+    far = tmp_path / "far" / "moe"  # outside the run directory whose data/ holds the experts' shards
+    shutil.copytree(world.moe, far)
+    with pytest.raises(BtxError, match="needs validation tokens of expert 'code'"):
+        edit_moe(far, out, add=add, options=EditOptions(router_init="ridge"),
+                 router_data={"prose": world.data["prose"]}, progress=False)
+    with pytest.raises(BtxError, match="give the new expert 'prose' prompts"):
+        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"code": ["A"]}),
+                 progress=False)
+    with pytest.raises(BtxError, match="needs negative prompts"):
+        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"prose": ["!"]}),
+                 progress=False)
+    with pytest.raises(BtxError, match="reads the data of prose only"):
+        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="centroid"),
+                 router_data={"prose": world.data["prose"], "code": world.data["code"]}, progress=False)
+    with pytest.raises(BtxError, match="prompts are for router_init hidden"):
+        edit_moe(world.moe, out, add=add, options=EditOptions(prompts={"prose": ["!"]}), progress=False)
+    assert not out.exists()
+
+
 def test_shared_weights_keep_or_average(world, tmp_path):
     moe = hf.CheckpointReader(world.moe)
     prose = hf.CheckpointReader(world.experts["prose"])
@@ -195,3 +276,23 @@ def test_cli(world, tmp_path, capsys):
     assert "--seed belongs to a merge of dense experts" in capsys.readouterr().err
     assert cli_main(["merge", "--seed", str(world.seed), "--remove-expert", "x", "--out", str(tmp_path / "x")]) == 2
     assert "--remove-expert edits a finished MoE: give --into MOE" in capsys.readouterr().err
+
+
+def test_cli_fitted_inits(world, tmp_path, capsys):
+    """--router-init ridge with --router-data and --ridge-lambda; hidden with --prompt."""
+    ridge = tmp_path / "ridge"
+    data = [a for d in ("code", "math", "prose") for a in ("--router-data", f"{d}={world.data[d]}")]
+    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
+                   "--router-init", "ridge", "--ridge-lambda", "0.1", *data, "--out", str(ridge), "--quiet"])
+    assert rc == 0 and read_done(ridge)["options"]["ridge_lambda"] == 0.1
+    hidden = tmp_path / "hidden"
+    prompts = [a for d in ("math", "prose") for t in PROMPTS[d] for a in ("--prompt", f"{d}={t}")]
+    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
+                   "--router-init", "hidden", *prompts, "--out", str(hidden), "--quiet"])
+    assert rc == 0 and read_done(hidden)["options"]["prompts"] == {d: PROMPTS[d] for d in ("math", "prose")}
+    capsys.readouterr()
+    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
+                   "--router-init", "hidden", "--out", str(tmp_path / "bad"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and "give the new expert 'prose' prompts" in err
+    assert not (tmp_path / "bad").exists()
