@@ -330,7 +330,7 @@ def _merge_inputs(args: argparse.Namespace) -> list[str]:
         exp = load_experiment(args.recipe, args.overrides)
     except BtxError:
         return []  # the merge reports it
-    return [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains)]
+    return [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.merged_domains)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,7 +71,9 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         raise BtxError(f"{exp.path}: finetune.top_k: {top_k} is more than the model's {cfg.n_experts} experts")
 
     domains = list(exp.data_domains)  # the experts' domains and finetune.general's data-only one
-    mixture = {name: float(w) for name, w in (dict(ft.mixture) or dict.fromkeys(domains, 1.0)).items()}
+    # Default mixture: the domains merged into the MoE (grow.domains join it later) and the general one.
+    default = [d for d in domains if d not in exp.recipe.grow.domains]
+    mixture = {name: float(w) for name, w in (dict(ft.mixture) or dict.fromkeys(default, 1.0)).items()}
     train_domains = [name for name in domains if mixture.get(name, 0.0) > 0]
     settings = exp.finetune_train
     run_dir = exp.run_dir

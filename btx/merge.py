@@ -1087,7 +1087,10 @@ def merge_from_recipe(
     """
     seed = exp.seed_dir
     options = recipe_merge_options(exp.merge, upcycle, aux_loss_coef=exp.finetune.balance_alpha)
-    experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.domains}
+    experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.merged_domains}
+    merged = set(experts) | {SEED}  # prompts of experts that grow adds later are not this merge's
+    options.prompts = {k: v for k, v in options.prompts.items() if k in merged}
+    options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in merged}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
         centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init in ("centroid", "ridge") else None,
@@ -1111,7 +1114,7 @@ def merge_recipe_hash(exp, upcycle: int = 0) -> str:
     made by `btx merge` with the same settings)."""
     from btx.recipe import recipe_hash
 
-    experts = [] if upcycle else list(exp.domains)
+    experts = [] if upcycle else list(exp.merged_domains)
     return recipe_hash({"merge": exp.merge, "seed": str(exp.seed_dir), "experts": experts, "upcycle": upcycle})
 
 

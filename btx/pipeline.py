@@ -7,6 +7,7 @@ Stages, in order (each a plain function of the experiment; the modules do the wo
     branch     one expert per domain from the seed               btx.branch (local executor)
     merge      seed + experts -> MoE (the family's form)          btx.merge
     finetune   the MoE on the domain mixture                      btx.finetune
+    grow       the finetuned MoE + the experts of grow.domains     btx.grow (then a short finetune)
     baselines  dense and sparse-upcycling runs, compute-matched   btx.train / btx.merge / btx.finetune
     eval       per-domain validation loss of every model + BTM    btx.evaluate
     analyze    routing analysis of the finetuned MoE              btx.routing
@@ -53,7 +54,7 @@ from btx.errors import BtxError
 from btx.manifest import (DONE_NAME, changed_inputs, damaged_outputs, hash_dir, identity_changes, input_identity,
                           output_lock, read_done, write_json_atomic)
 
-STAGES = ("prepare", "seed", "branch", "merge", "finetune", "baselines", "eval", "analyze")
+STAGES = ("prepare", "seed", "branch", "merge", "finetune", "grow", "baselines", "eval", "analyze")
 LEDGER = "pipeline.json"
 
 
@@ -200,6 +201,11 @@ def _prepare(p: Pipeline, force: bool) -> StageOutcome:
     tokens = sum(r["train"]["tokens"] for r in results.values())
     key = _key(shas, p.exp.recipe.tokenizer)
     p.keys["prepare"] = key
+    # Without the domains grow adds: what the seed and the merged experts read. A domain added to a
+    # finished experiment (grow.domains) thus changes none of their keys. (With no grow.domains it
+    # is the whole key.)
+    grown = set(p.exp.grow.domains)
+    p.keys["prepare:merged"] = _key({d: v for d, v in shas.items() if d not in grown}, p.exp.recipe.tokenizer)
     skipped = all(r.get("skipped") for r in results.values())
     summary = f"{len(results)} domains, {tokens:,} train tokens"
     if not skipped:
@@ -240,7 +246,8 @@ def _seed(p: Pipeline, force: bool) -> StageOutcome:
     from btx.train import run_loop, seed_job, trajectory_hash
 
     job = seed_job(exp)
-    key = _key(trajectory_hash(job), p.keys["prepare"])
+    reads_grown = any(d in exp.grow.domains for d in job.train_shards)
+    key = _key(trajectory_hash(job), p.keys["prepare" if reads_grown else "prepare:merged"])
     return p.stage("seed", key, [job.manifest_dir], lambda: _train_summary(run_loop(job, console=p.console)),
                    force, extra_dirs=(job.work_dir,), adopt=_adopt_training(job), repairs_itself=True)
 
@@ -252,7 +259,8 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
     exp = p.exp
     jobs = {d: expert_job(exp, d) for d in exp.domains}
     # Per-expert keys and verdicts: one changed domain recipe retrains that expert only.
-    expert_keys = {d: _key(trajectory_hash(j), p.keys["seed"], p.keys["prepare"]) for d, j in jobs.items()}
+    expert_keys = {d: _key(trajectory_hash(j), p.keys["seed"], p.keys["prepare" if d in exp.grow.domains else "prepare:merged"])
+                   for d, j in jobs.items()}
     entry = p.ledger.get("branch", {})
     to_run = []
     for d, job in jobs.items():
@@ -277,7 +285,7 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
             p.console.print(f"[yellow]branch: expert {d}: {why or 'inputs changed'}; retraining it[/]", soft_wrap=True)
             shutil.rmtree(job.work_dir)
     if not to_run:
-        p.keys["branch"] = _branch_key(expert_keys, jobs)
+        _note_expert_keys(p, expert_keys, jobs)
         if entry.get("experts") != expert_keys or entry.get("outputs") != _expert_outputs(jobs):
             _record_branch(p, entry.get("summary", ""), 0.0, expert_keys, jobs)
         return StageOutcome("branch", "skipped", 0.0, p.ledger["branch"].get("summary", ""))
@@ -297,7 +305,7 @@ def _branch(p: Pipeline, force: bool) -> StageOutcome:
     summary = ", ".join(f"{d} val {v.get('val_loss') or float('nan'):.3f}" for d, v in dones.items())
     seconds = time.perf_counter() - t0
     _record_branch(p, summary, seconds, expert_keys, jobs)
-    p.keys["branch"] = _branch_key(expert_keys, jobs)
+    _note_expert_keys(p, expert_keys, jobs)
     return StageOutcome("branch", "ran", seconds, summary)
 
 
@@ -305,9 +313,17 @@ def _expert_outputs(jobs: dict) -> dict[str, str]:
     return {d: _outputs_key([job.manifest_dir]) for d, job in jobs.items()}
 
 
-def _branch_key(expert_keys: dict[str, str], jobs: dict) -> str:
+def _branch_key(expert_keys: dict[str, str], jobs: dict, domains=None) -> str:
+    """The key of the experts of `domains` (default: all), their settings and their outputs: the
+    merge reads the merged domains' only, so an expert that grow adds later changes nothing of it."""
     outputs = _expert_outputs(jobs)
-    return _key({d: _key(k, outputs[d]) for d, k in expert_keys.items()})
+    return _key({d: _key(k, outputs[d]) for d, k in expert_keys.items() if domains is None or d in domains})
+
+
+def _note_expert_keys(p: Pipeline, expert_keys: dict[str, str], jobs: dict) -> None:
+    p.keys["branch"] = _branch_key(expert_keys, jobs)
+    p.keys["branch:merged"] = _branch_key(expert_keys, jobs, p.exp.merged_domains)
+    p.keys["branch:grown"] = _branch_key(expert_keys, jobs, p.exp.grow.domains)
 
 
 def _record_branch(p: Pipeline, summary: str, seconds: float, expert_keys: dict, jobs: dict) -> None:
@@ -321,7 +337,7 @@ def _merge(p: Pipeline, force: bool) -> StageOutcome:
     from btx.merge import merge_from_recipe
 
     out = p.run_dir / "merged"
-    key = _key(p.exp.merge, p.keys["branch"], p.keys["seed"])
+    key = _key(p.exp.merge, p.keys["branch:merged"], p.keys["seed"])
 
     def work() -> str:
         done = merge_from_recipe(p.exp, console=p.console)
@@ -367,10 +383,54 @@ def _finetune(p: Pipeline, force: bool) -> StageOutcome:
                    adopt=_adopt_training(job), repairs_itself=True)
 
 
+def _grow(p: Pipeline, force: bool) -> StageOutcome:
+    """The finetuned MoE grown by the experts of grow.domains (btx.grow), then briefly finetuned."""
+    exp, g = p.exp, p.exp.grow
+    if not g.domains:
+        p.keys["grow"] = "off"
+        return StageOutcome("grow", "off", 0.0, "no grow.domains")
+    from btx.finetune import finetune_job, run_finetune
+    from btx.grow import EditOptions, edit_moe
+
+    out, tuned = p.run_dir / "grown", p.run_dir / "grown-finetuned"
+    m = exp.merge
+    fit = (m.centroid_tokens, m.ridge_lambda, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
+    key = _key(g, fit, p.keys["finetune"], p.keys["branch:grown"])
+
+    def work() -> str:
+        from btx.recipe import to_plain
+
+        names = [*exp.merged_domains, *(["seed"] if m.keep_seed else []), *g.domains]
+        options = EditOptions(
+            router_init=g.router_init, shared=g.shared, shared_weight=g.shared_weight, router_tokens=m.centroid_tokens,
+            ridge_lambda=m.ridge_lambda, prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names},
+            negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names},
+        )  # fmt: skip
+        data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
+        done = edit_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
+                        options=options, force=True, router_data={d: exp.data_dir(d) / "val.bin" for d in data},
+                        console=p.console)
+        summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
+        if g.steps:
+            job = finetune_job(exp, model_dir=out, out_dir=tuned)
+            mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
+            job = dataclasses.replace(
+                job, name="grow-finetune", settings=_baseline_settings(exp.finetune_train, g.steps), mixture=mixture,
+                train_shards={d: exp.data_dir(d) / "train.json" for d in mixture},
+                engine_settings={**job.engine_settings, "trainable": g.trainable},
+            )
+            summary += f"; finetuned {g.steps} steps ({g.trainable}): {_train_summary(run_finetune(job, console=p.console))}"
+        return summary
+
+    dirs = [out, tuned] if g.steps else [out]
+    return p.stage("grow", key, dirs, work, force, extra_dirs=(tuned.with_name(tuned.name + "-train"),),
+                   repairs_itself=True)
+
+
 def compute_budget(p: Pipeline) -> float:
     """Training FLOPs of BTX beyond the seed: every expert plus the MoE finetune."""
     exp = p.exp
-    experts = sum(read_done(exp.expert_dir(d))["train_flops"] for d in exp.domains)
+    experts = sum(read_done(exp.expert_dir(d))["train_flops"] for d in exp.merged_domains)
     return experts + read_done(p.run_dir / "finetuned")["train_flops"]
 
 
@@ -408,7 +468,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
 
     def work() -> str:
         settings = exp.finetune_train
-        mixture = dict(exp.finetune.mixture) or {d: 1.0 for d in exp.domains}
+        mixture = dict(exp.finetune.mixture) or {d: 1.0 for d in exp.merged_domains}
         seed_cfg = hf.CheckpointReader(seed_dir).cfg
         dense_steps = _matched_steps(budget, seed_cfg, settings)
         dense = TrainJob(
@@ -442,7 +502,8 @@ def model_stage_dirs(exp) -> list[Path]:
     run_dir = exp.run_dir
     dirs = [run_dir / "seed"] if exp.seed.path is None else []
     dirs += [exp.expert_dir(d) for d in exp.domains]
-    dirs += [run_dir / "merged", run_dir / "finetuned", run_dir / "baselines" / "dense",
+    dirs += [run_dir / "merged", run_dir / "finetuned", run_dir / "grown", run_dir / "grown-finetuned",
+             run_dir / "baselines" / "dense",
              run_dir / "baselines" / "upcycled-merged", run_dir / "baselines" / "upcycled"]
     return dirs
 
@@ -466,7 +527,7 @@ def eval_input_identities(exp, out: Path) -> dict:
     from btx.manifest import identity, relative_identities
 
     models = [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains), exp.run_dir / "merged",
-              exp.run_dir / "finetuned", exp.run_dir / "baselines" / "dense" / "final", exp.run_dir / "baselines" / "upcycled"]
+              exp.run_dir / "finetuned", exp.run_dir / "grown", exp.run_dir / "grown-finetuned", exp.run_dir / "baselines" / "dense" / "final", exp.run_dir / "baselines" / "upcycled"]
     identities = {str(Path(m).relative_to(exp.run_dir)) if Path(m).is_relative_to(exp.run_dir) else "seed":
                   input_identity(m) for m in models if (Path(m) / "config.json").is_file()}
     for d in exp.domains:
@@ -486,15 +547,23 @@ def eval_rows(exp, console: Console):
     shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
     seed_dir = exp.seed_dir
     candidates: list[tuple[str, Path, float | None, str]] = [("seed", seed_dir, 0.0, "the dense seed")]
-    expert_flops = 0.0
+    expert_flops = merged_flops = 0.0
     for d in exp.domains:
         done = read_done(exp.expert_dir(d)) or {}
         expert_flops += done.get("train_flops", 0.0)
+        merged_flops += done.get("train_flops", 0.0) if d in exp.merged_domains else 0.0
         candidates.append((f"expert:{d}", exp.expert_dir(d) / "final", done.get("train_flops"), f"{d} expert alone"))
     ft = read_done(run_dir / "finetuned") or {}
-    btx_flops = expert_flops + ft.get("train_flops", 0.0)
-    candidates.append(("BTX merged (no finetune)", run_dir / "merged", expert_flops, "MiX only"))
+    btx_flops = merged_flops + ft.get("train_flops", 0.0)
+    candidates.append(("BTX merged (no finetune)", run_dir / "merged", merged_flops, "MiX only"))
     candidates.append(("BTX", run_dir / "finetuned", btx_flops, "merged + MoE finetune"))
+    if exp.grow.domains:
+        grown_flops = btx_flops + expert_flops - merged_flops
+        added = "+" + ", ".join(exp.grow.domains)
+        candidates.append(("BTX grown (no finetune)", run_dir / "grown", grown_flops, f"BTX {added} experts"))
+        tuned = read_done(run_dir / "grown-finetuned") or {}
+        candidates.append(("BTX grown", run_dir / "grown-finetuned", grown_flops + tuned.get("train_flops", 0.0),
+                           f"BTX {added}, then {exp.grow.steps} finetune steps"))
     base = run_dir / "baselines"
     dense_done = read_done(base / "dense") or {}
     candidates.append(("dense (compute-matched)", base / "dense" / "final", dense_done.get("train_flops"),
@@ -524,7 +593,7 @@ def eval_rows(exp, console: Console):
             rows.insert(len(exp.domains) + 1, EvalRow("BTM ensemble", losses, expert_flops, active,
                                                       "experts mixed by domain posterior"))
     order = {"seed": 0, "BTM ensemble": 2, "dense (compute-matched)": 3, "sparse upcycling (compute-matched)": 4,
-             "BTX merged (no finetune)": 5, "BTX": 6}
+             "BTX merged (no finetune)": 5, "BTX": 6, "BTX grown (no finetune)": 7, "BTX grown": 8}
     rows.sort(key=lambda r: order.get(r.name, 1))
     return rows
 
@@ -534,7 +603,7 @@ def _eval(p: Pipeline, force: bool) -> StageOutcome:
 
     exp = p.exp
     out = p.run_dir / "eval"
-    key = _key(exp.eval, p.keys["finetune"], p.keys["baselines"], p.keys["branch"])
+    key = _key(exp.eval, p.keys["finetune"], p.keys["grow"], p.keys["baselines"], p.keys["branch"])
 
     def work() -> str:
         from btx.manifest import atomic_dir, write_done
@@ -567,7 +636,7 @@ def _analyze(p: Pipeline, force: bool) -> StageOutcome:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[Pipeline, bool], StageOutcome]] = {
-    "prepare": _prepare, "seed": _seed, "branch": _branch, "merge": _merge, "finetune": _finetune,
+    "prepare": _prepare, "seed": _seed, "branch": _branch, "merge": _merge, "finetune": _finetune, "grow": _grow,
     "baselines": _baselines, "eval": _eval, "analyze": _analyze,
 }
 

@@ -300,7 +300,8 @@ class MergeSection:
     def shard_bytes(self) -> int:
         return parse_size(self.shard_size)
 
-    def check(self, c: Checker, domains: List[str]) -> None:
+    def check(self, c: Checker, domains: List[str], grow: Optional["GrowSection"] = None) -> None:
+        """`domains`: the merged ones; `grow`: the recipe's grow section, whose experts may have prompts."""
         w = self.weights
         if isinstance(w, str):
             c.that(w in ("uniform", "tokens"), "weights",
@@ -317,11 +318,12 @@ class MergeSection:
         c.choice(self, "dtype", MERGE_DTYPES)
         c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda")
         c.non_negative(self, "router_seed")
-        experts = list(domains) + (["seed"] if self.keep_seed else [])
+        grown = list(grow.domains) if grow is not None else []
+        hidden = self.router_init == "hidden" or (bool(grown) and grow.router_init == "hidden")
+        experts = list(domains) + grown + (["seed"] if self.keep_seed else [])
         for key in ("prompts", "negative_prompts"):
             given = getattr(self, key)
-            c.that(not given or self.router_init == "hidden", key,
-                   f"prompts are for router_init hidden, not {self.router_init}")
+            c.that(not given or hidden, key, f"prompts are for router_init hidden, not {self.router_init}")
             for name, texts in given.items():
                 c.that(name in experts, f"{key}.{name}", f"not an expert of this merge ({', '.join(experts)})")
                 c.that(all(isinstance(t, str) and t for t in texts), f"{key}.{name}", "expected non-empty strings")
@@ -370,6 +372,41 @@ class FinetuneSection:
 
 
 @dataclass
+class GrowSection:
+    """Domains added to the finished MoE instead of merged into it (btx/grow.py): `btx run` trains
+    their experts, merges and finetunes the other domains as usual, then grows the finetuned MoE by
+    these experts into grown/ and, with `steps` > 0, finetunes it briefly into grown-finetuned/.
+    The fitted router inits read merge.centroid_tokens, merge.ridge_lambda and merge.prompts."""
+
+    domains: List[str] = field(default_factory=list)  # each is also listed in `domains:`
+    router_init: str = "ridge"  # the new experts' router rows (ridge refits every row)
+    shared: str = "keep"  # keep the MoE's shared weights, or average in the new experts'
+    shared_weight: Optional[float] = None  # average: None = as much as each expert already there
+    steps: int = 0  # the finetune after growing; 0: none
+    trainable: str = "router_only"
+    mixture: Dict[str, float] = field(default_factory=dict)  # empty: every domain equally
+
+    def check(self, c: Checker, domains: List[str], merge: "MergeSection") -> None:
+        for name in self.domains:
+            c.that(name in domains, "domains", f"{name!r} is not a domain of this experiment ({', '.join(domains)})")
+        c.that(len(set(self.domains)) == len(self.domains), "domains", "a domain listed twice")
+        c.that(not self.domains or len(self.domains) < len(domains), "domains",
+               "at least one domain must be merged before others can be added")
+        c.that(not self.domains or merge.granularity == "expert", "domains",
+               f"growing needs whole experts; merge.granularity is {merge.granularity}")
+        c.choice(self, "router_init", ROUTER_INITS)
+        c.choice(self, "shared", ("keep", "average"))
+        c.choice(self, "trainable", TRAINABLE)
+        c.non_negative(self, "steps")
+        c.that(self.shared_weight is None or 0 <= self.shared_weight <= 1, "shared_weight", "must be in [0, 1]")
+        c.weights(self.mixture, "mixture", domains)
+        if self.router_init == "hidden":
+            for name in self.domains:
+                c.that(name in merge.prompts, "router_init",
+                       f"hidden needs merge.prompts.{name} (the prompts of the expert to add)")
+
+
+@dataclass
 class EvalSection:
     baselines: bool = False  # also train/evaluate dense and sparse-upcycling baselines
     batches: int = 50  # validation batches per domain
@@ -404,6 +441,7 @@ class ExperimentRecipe:
     branch: BranchSection = field(default_factory=BranchSection)
     merge: MergeSection = field(default_factory=MergeSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    grow: GrowSection = field(default_factory=GrowSection)
     eval: EvalSection = field(default_factory=EvalSection)
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)
 
@@ -517,6 +555,11 @@ class Experiment:
         """The dense seed checkpoint: seed.path, or the seed this run trains (<run_dir>/seed)."""
         return Path(self.recipe.seed.path) if self.recipe.seed.path is not None else self.run_dir / "seed"
 
+    @property
+    def merged_domains(self) -> list[str]:
+        """The domains merged into the MoE: all, but those grow.domains adds to it afterwards."""
+        return [d for d in self.domains if d not in self.recipe.grow.domains]
+
     def data_dir(self, domain: str) -> Path:
         return self.run_dir / "data" / domain
 
@@ -584,7 +627,9 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     recipe.train.check(c.at("train"))
     recipe.seed.check(c.at("seed"), names)
     recipe.branch.check(c.at("branch"))
-    recipe.merge.check(c.at("merge"), names)
+    merged = [n for n in names if n not in recipe.grow.domains]
+    recipe.merge.check(c.at("merge"), merged, recipe.grow)
+    recipe.grow.check(c.at("grow"), names, recipe.merge)
     recipe.finetune.check(c.at("finetune"), names)
     recipe.eval.check(c.at("eval"))
     recipe.analyze.check(c.at("analyze"))

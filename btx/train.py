@@ -158,7 +158,8 @@ def seed_job(exp) -> TrainJob:
         raise BtxError(f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
                        "`btx train --seed` trains one from scratch from a `model:` section")
     names = list(exp.domains)
-    mixture = dict(exp.seed.mixture) or {name: 1.0 for name in names}
+    # Default: the domains merged (those grow.domains adds later are not the seed's data).
+    mixture = dict(exp.seed.mixture) or {name: 1.0 for name in exp.merged_domains}
     names = [n for n in names if mixture.get(n, 0) > 0]
     return TrainJob(
         name="seed",

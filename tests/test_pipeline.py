@@ -261,3 +261,45 @@ def test_two_btx_runs_of_one_recipe(run_copy):
         holder.kill()
         holder.wait()
     assert btx_main("run", str(TINY), f"run_dir={run_copy}", "eval.baselines=true")[0] == 0  # a dead holder's lock
+
+
+def test_a_domain_added_to_a_finished_run_grows_the_moe_and_redoes_nothing_else(run_copy, tmp_path):
+    """The issue's flow: a third domain in `domains:` and in `grow.domains` makes `btx run` train
+    only its expert, grow the finished MoE by it (ridge routers) and finetune the grown MoE briefly;
+    the seed, the other experts, the merge, the finetune and the baselines are kept."""
+    import shutil
+
+    import torch
+    import transformers
+
+    recipe_dir = tmp_path / "recipe"
+    shutil.copytree(TINY.parent, recipe_dir)
+    notes = recipe_dir / "data" / "notes"
+    notes.mkdir()
+    for i in range(4):
+        (notes / f"n{i}.txt").write_text("".join(f"NOTE {i}-{j}: remember the ZEBRA QUOTA {j * j}.\n" for j in range(60)))
+    (recipe_dir / "notes.yaml").write_text("data:\n  sources:\n    - data/notes\n  val_fraction: 0.25\n")
+    recipe = recipe_dir / "btx.yaml"
+    text = recipe.read_text().replace("  prose: prose.yaml\n", "  prose: prose.yaml\n  notes: notes.yaml\n")
+    recipe.write_text(text + "grow:\n  domains: [notes]\n  router_init: ridge\n  steps: 2\n")
+    kept = ["seed", "experts/code", "experts/prose", "merged", "finetuned", "baselines/dense", "baselines/upcycled"]
+    before = done_times(run_copy, *kept)
+    status, out = btx_main("run", str(recipe), f"run_dir={run_copy}", "eval.baselines=true")
+    assert status == 0, out[-3000:]
+    assert done_times(run_copy, *kept) == before
+    grown = read_done(run_copy / "grown")
+    assert grown["experts"] == ["code", "prose", "seed", "notes"] and grown["added"] == ["notes"]
+    assert grown["options"]["router_init"] == "ridge" and set(grown["router_tokens"]) == {"code", "prose", "notes"}
+    tuned = read_done(run_copy / "grown-finetuned")
+    assert tuned["steps"] == 2 and tuned["inputs"]["merged"] == str(run_copy / "grown")
+    losses = eval_losses(run_copy)
+    assert {"BTX", "BTX grown (no finetune)", "BTX grown", "expert:notes"} <= set(losses)
+    assert all(set(row) == {"code", "prose", "notes"} for row in losses.values())
+    for path in (run_copy / "grown", run_copy / "grown-finetuned"):
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
+                                                                        dtype=torch.float32)
+        assert not any(info.values()), info
+    # and a second run does nothing
+    again = done_times(run_copy, "grown", "grown-finetuned", "eval")
+    assert btx_main("run", str(recipe), f"run_dir={run_copy}", "eval.baselines=true")[0] == 0
+    assert done_times(run_copy, "grown", "grown-finetuned", "eval") == again
