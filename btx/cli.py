@@ -361,9 +361,21 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true",
                    help="recipe: evaluate the run's models even when one no longer follows from its inputs "
                         "(e.g. a finetune of an earlier merge)")
+    p.add_argument("--router-inits", nargs="?", const="", default=None, metavar="A,B,...",
+                   help="recipe: the merged-without-finetune loss of each router init side by side (default: "
+                        "random,zeros,centroid,ridge,hidden), merged into <run_dir>/router-inits/")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.router_inits is not None:
+        from btx.recipe import load_experiment, resolve_recipe
+        from btx.router_inits import parse_inits, router_init_table
+
+        inits = parse_inits(args.router_inits)
+        if args.target is None or not resolve_recipe(args.target).is_file():
+            raise BtxError("eval --router-inits: give an experiment RECIPE (its run's seed and experts are merged)")
+        router_init_table(load_experiment(args.target, list(args.overrides or [])), inits)
+        return 0
     from btx.evaluate import eval_command
 
     return eval_command(args)

@@ -19,11 +19,13 @@ What goes where
   - `random`: normal(0, router_std), reproducible from `router_seed` and the layer index;
   - `zeros`: every expert equally likely (top-k then breaks ties arbitrarily);
   - `centroid`: the row of a domain expert is the unit-normalised mean hidden state at that layer's
-    FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's validation
-    shard, computed with the *merged* model: averaged embeddings and attention, and the MoE of the
+    FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's data (a
+    recipe's merge: its train shard, so eval's validation windows stay unseen; `btx merge --seed`:
+    the validation shard beside the expert, or `--router-data`), computed with the *merged* model: averaged embeddings and attention, and the MoE of the
     layers below with their centroid routers. The seed's row is the normalised mean of the domain
     means (the centre of all domains). A token's logit for an expert is |x| cos(x, centroid), so
     each domain's tokens start out routed to their own expert.
+  - `ridge` (DUME) and `hidden` (mergekit's prompts): btx/router_fit.py, on the same walk.
 - Granularity (the paper's variants):
   - `split` cuts every FFN into C chunks along F, giving N*C experts. Chunk (n, c) keeps rows
     c*F/C.. of gate/up and those columns of down, which is scaled by C; the C chunks of FFN n share
@@ -1093,10 +1095,16 @@ def merge_from_recipe(
     options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in merged}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
-        centroid_data={d: exp.data_dir(d) / "val.bin" for d in experts} if options.router_init in ("centroid", "ridge") else None,
+        centroid_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
+
+
+def recipe_router_data(exp, domains) -> dict[str, Path]:
+    """The shards a recipe's centroid and ridge routers are fitted on: each domain's *train* shard,
+    so that the validation windows every eval row is scored on stay unseen by the routers too."""
+    return {d: exp.data_dir(d) / "train.bin" for d in domains}
 
 
 def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef: float = 0.01) -> MergeOptions:
@@ -1105,17 +1113,20 @@ def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef:
     finetune.balance_alpha) goes into the MoE's config.json for training it further elsewhere."""
     options = MergeOptions.from_section(section, upcycle=upcycle, router_aux_loss_coef=aux_loss_coef)
     if upcycle and options.router_init in FIT_INITS:
-        options.router_init, options.prompts, options.negative_prompts = "random", {}, {}
+        options.router_init = "random"
+    if options.router_init != "hidden":  # the recipe keeps prompts for grow and the router-init table
+        options.prompts, options.negative_prompts = {}, {}
     return options
 
 
-def merge_recipe_hash(exp, upcycle: int = 0) -> str:
+def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None) -> str:
     """The recipe_hash a recipe's merge records in DONE.json (btx run compares it to adopt a merge
-    made by `btx merge` with the same settings)."""
+    made by `btx merge` with the same settings); `section` in place of the recipe's merge section."""
     from btx.recipe import recipe_hash
 
     experts = [] if upcycle else list(exp.merged_domains)
-    return recipe_hash({"merge": exp.merge, "seed": str(exp.seed_dir), "experts": experts, "upcycle": upcycle})
+    merge_section = exp.merge if section is None else section
+    return recipe_hash({"merge": merge_section, "seed": str(exp.seed_dir), "experts": experts, "upcycle": upcycle})
 
 
 # --------------------------------------------------------------------------------------------

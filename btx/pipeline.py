@@ -391,6 +391,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
         return StageOutcome("grow", "off", 0.0, "no grow.domains")
     from btx.finetune import finetune_job, run_finetune
     from btx.grow import EditOptions, edit_moe
+    from btx.merge import recipe_router_data
 
     out, tuned = p.run_dir / "grown", p.run_dir / "grown-finetuned"
     m = exp.merge
@@ -408,7 +409,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
         )  # fmt: skip
         data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
         done = edit_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
-                        options=options, force=True, router_data={d: exp.data_dir(d) / "val.bin" for d in data},
+                        options=options, force=True, router_data=recipe_router_data(exp, data),
                         console=p.console)
         summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
         if g.steps:

@@ -278,7 +278,8 @@ class MergeSection:
     centroid_tokens: int = 65536  # centroid and ridge inits: validation tokens per domain
     ridge_lambda: float = 0.01  # ridge init: λ relative to XᵀX's mean eigenvalue (btx/router_fit.py)
     # hidden init: each expert's positive prompts, and optionally its negative ones (default: the
-    # other experts' positive prompts); the seed, kept as an expert, may have prompts too.
+    # other experts' positive prompts); the seed, kept as an expert, may have prompts too. Read by
+    # the merge (router_init hidden), by grow (grow.router_init hidden) and by the router-init table.
     prompts: Dict[str, List[str]] = field(default_factory=dict)
     negative_prompts: Dict[str, List[str]] = field(default_factory=dict)
     granularity: str = "expert"  # expert: one FFN per expert; split / blend: chunks of FFNs
@@ -318,12 +319,11 @@ class MergeSection:
         c.choice(self, "dtype", MERGE_DTYPES)
         c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda")
         c.non_negative(self, "router_seed")
+        # Prompts are kept whatever router_init is: grow and `btx eval --router-inits` use them too.
         grown = list(grow.domains) if grow is not None else []
-        hidden = self.router_init == "hidden" or (bool(grown) and grow.router_init == "hidden")
         experts = list(domains) + grown + (["seed"] if self.keep_seed else [])
         for key in ("prompts", "negative_prompts"):
             given = getattr(self, key)
-            c.that(not given or hidden, key, f"prompts are for router_init hidden, not {self.router_init}")
             for name, texts in given.items():
                 c.that(name in experts, f"{key}.{name}", f"not an expert of this merge ({', '.join(experts)})")
                 c.that(all(isinstance(t, str) and t for t in texts), f"{key}.{name}", "expected non-empty strings")

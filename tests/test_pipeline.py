@@ -303,3 +303,24 @@ def test_a_domain_added_to_a_finished_run_grows_the_moe_and_redoes_nothing_else(
     again = done_times(run_copy, "grown", "grown-finetuned", "eval")
     assert btx_main("run", str(recipe), f"run_dir={run_copy}", "eval.baselines=true")[0] == 0
     assert done_times(run_copy, "grown", "grown-finetuned", "eval") == again
+
+
+def test_router_init_table_on_a_run(run_copy):
+    """`btx eval RECIPE --router-inits`: one merged-without-finetune row per init, the merges kept
+    apart from merged/, reused when asked again; hidden rows need merge.prompts."""
+    prompts = ["merge.prompts.code=[def f(x), import os]", "merge.prompts.prose=[The history of, She said]"]
+    merged = done_times(run_copy, "merged")
+    status, out = btx_main("eval", str(TINY), f"run_dir={run_copy}", *prompts, "--router-inits")
+    assert status == 0, out
+    table = json.loads((run_copy / "eval-router-inits" / "eval.json").read_text())["rows"]
+    assert [r["name"] for r in table] == [f"merged, {i} routers" for i in ("random", "zeros", "centroid", "ridge", "hidden")]
+    assert len({round(sum(r["losses"].values()), 6) for r in table}) == 5  # five different MoEs
+    assert done_times(run_copy, "merged") == merged
+    assert read_done(run_copy / "router-inits" / "ridge")["options"]["router_init"] == "ridge"
+    made = done_times(run_copy, "router-inits/ridge")
+    status, _ = btx_main("eval", str(TINY), f"run_dir={run_copy}", "--router-inits", "ridge,random")
+    assert status == 0 and done_times(run_copy, "router-inits/ridge") == made
+    status, message = btx_main("eval", str(TINY), f"run_dir={run_copy}", "--router-inits", "hidden")
+    assert status == 2 and "no merge.prompts" in message
+    status, message = btx_main("eval", str(TINY), f"run_dir={run_copy}", "--router-inits", "learned")
+    assert status == 2 and "'learned' is not a router init" in message
