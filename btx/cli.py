@@ -263,6 +263,9 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
                        help="validation tokens per domain for centroid and ridge routers (default 65536)")
     adhoc.add_argument("--ridge-lambda", type=float, metavar="L",
                        help="ridge routers: regularisation relative to the hidden states' mean eigenvalue (default 0.01)")
+    adhoc.add_argument("--router-scale", type=float, metavar="S",
+                       help="centroid, ridge and hidden routers: the fitted rows times S, an inverse temperature "
+                            "(default 1)")
     adhoc.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
                        help="hidden routers: a positive prompt of expert NAME; repeat")
     adhoc.add_argument("--negative-prompt", action="append", default=[], metavar="NAME=TEXT",

@@ -84,6 +84,7 @@ class EditOptions:
     router_seed: int = 0
     router_tokens: int = 65536  # centroid, ridge: validation tokens per expert
     ridge_lambda: float = 0.01
+    router_scale: float = 1.0  # the fitted rows (ridge's; centroid's and hidden's after matching the norm) times this
     prompts: dict = dataclasses.field(default_factory=dict)  # hidden: {expert: [text, ...]}
     negative_prompts: dict = dataclasses.field(default_factory=dict)
     router_device: str | None = None
@@ -218,8 +219,8 @@ def _plan(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: Edi
         raise _fail(f"shared_weight must be in [0, 1], got {o.shared_weight!r}")
     if o.router_std is not None and not (o.router_std > 0 and math.isfinite(o.router_std)):
         raise _fail(f"router_std must be a positive number, got {o.router_std!r}")
-    if not (o.ridge_lambda > 0 and math.isfinite(o.ridge_lambda)) or not o.router_tokens > 0:
-        raise _fail("ridge_lambda and router_tokens must be positive numbers")
+    if not all(getattr(o, k) > 0 and math.isfinite(getattr(o, k)) for k in ("ridge_lambda", "router_scale", "router_tokens")):
+        raise _fail("ridge_lambda, router_scale and router_tokens must be positive numbers")
     if (o.prompts or o.negative_prompts) and o.router_init != "hidden":
         raise _fail(f"prompts are for router_init hidden, not {o.router_init}")
     if router_data and o.router_init not in ("centroid", "ridge"):
@@ -390,6 +391,9 @@ def _fit_routers(edit: _Edit, progress: bool, console) -> None:
                      else hidden_rows(stats, [f"pos:{n}" for n in new], negative))
             scale = float(old.norm(dim=1).mean()) if len(old) else 1.0
             rows = torch.cat([old, fresh * scale])
+        if o.router_scale != 1.0:
+            rows = torch.cat([rows[: len(edit.keep)], rows[len(edit.keep):] * o.router_scale]) \
+                if o.router_init != "ridge" else rows * o.router_scale
         edit.fitted[layer] = rows
         stored = edit.moe.info(edit.moe.plan[name].hf_names[0]).dtype
         return rows.to(stored).to(edit.dtype).float()  # routed as it will be written
@@ -549,7 +553,7 @@ def edit_command(args) -> int:
         router_init=args.router_init or "random", router_std=args.router_std, router_seed=args.router_seed or 0,
         shared=args.shared or "keep", shared_weight=args.shared_weight, top_k=args.top_k, dtype=args.dtype,
         shard_size=args.shard_size or "5GB", router_tokens=args.centroid_tokens or 65536,
-        ridge_lambda=args.ridge_lambda or 0.01, prompts=prompt_lists(args.prompt, "--prompt"),
+        ridge_lambda=args.ridge_lambda or 0.01, router_scale=args.router_scale or 1.0, prompts=prompt_lists(args.prompt, "--prompt"),
         negative_prompts=prompt_lists(args.negative_prompt, "--negative-prompt"), router_device=args.centroid_device,
     )
     manifest = edit_moe(args.into, args.out, add=_pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,

@@ -138,6 +138,7 @@ class MergeOptions:
     router_seed: int = _RECIPE.router_seed
     centroid_tokens: int = _RECIPE.centroid_tokens  # per domain, for centroid and ridge
     ridge_lambda: float = _RECIPE.ridge_lambda
+    router_scale: float = _RECIPE.router_scale  # fitted inits: rows times this
     prompts: dict = field(default_factory=dict)  # hidden: {expert: [positive prompt, ...]}
     negative_prompts: dict = field(default_factory=dict)  # hidden: {expert: [...]}; default: the others' prompts
     granularity: str = _RECIPE.granularity  # expert | split | blend
@@ -261,8 +262,9 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
         raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; use random or zeros")
     if o.router_init in FIT_INITS and o.upcycle:
         raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
-    if not (o.ridge_lambda > 0 and math.isfinite(o.ridge_lambda)):
-        raise _fail(f"ridge_lambda must be a positive number, got {o.ridge_lambda!r}")
+    for key in ("ridge_lambda", "router_scale"):
+        if not (getattr(o, key) > 0 and math.isfinite(getattr(o, key))):
+            raise _fail(f"{key} must be a positive number, got {getattr(o, key)!r}")
     _check_prompts(o, [*expert_names, *([SEED] if o.keep_seed else [])])
     for name in expert_names:
         if not _NAME_RE.match(name):
@@ -788,7 +790,7 @@ def _fit_routers(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> di
 
 
     def router_for_layer(layer: int, stats) -> torch.Tensor:
-        rows_GD = rule(layer, stats)
+        rows_GD = rule(layer, stats) * o.router_scale
         mixer.fitted[layer] = rows_GD
         # The next layer's input is computed with the router as written (rounded to the output dtype).
         return mixer.router(layer).to(plan.dtype).float()
@@ -1139,6 +1141,7 @@ _ADHOC_FLAGS = {  # argparse dest -> MergeOptions field (None: not an option)
     "router_seed": "router_seed", "centroid_tokens": "centroid_tokens", "granularity": "granularity",
     "chunks": "chunks", "top_k": "top_k", "dtype": "dtype", "shard_size": "shard_size", "upcycle": "upcycle",
     "average_all": "average_all", "centroid_device": "centroid_device", "ridge_lambda": "ridge_lambda",
+    "router_scale": "router_scale",
     "prompt": None, "negative_prompt": None,
 }  # fmt: skip
 

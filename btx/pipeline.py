@@ -395,7 +395,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
 
     out, tuned = p.run_dir / "grown", p.run_dir / "grown-finetuned"
     m = exp.merge
-    fit = (m.centroid_tokens, m.ridge_lambda, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
+    fit = (m.centroid_tokens, m.ridge_lambda, m.router_scale, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
     key = _key(g, fit, p.keys["finetune"], p.keys["branch:grown"])
 
     def work() -> str:
@@ -404,7 +404,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
         names = [*exp.merged_domains, *(["seed"] if m.keep_seed else []), *g.domains]
         options = EditOptions(
             router_init=g.router_init, shared=g.shared, shared_weight=g.shared_weight, router_tokens=m.centroid_tokens,
-            ridge_lambda=m.ridge_lambda, prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names},
+            ridge_lambda=m.ridge_lambda, router_scale=m.router_scale, prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names},
             negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names},
         )  # fmt: skip
         data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
@@ -463,7 +463,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     # and the options an upcycle takes from the merge section: other routers do not redo them.
     merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
     upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts, exp.finetune.balance_alpha))
-    for unused in ("centroid_tokens", "centroid_device", "ridge_lambda", "prompts", "negative_prompts"):
+    for unused in ("centroid_tokens", "centroid_device", "ridge_lambda", "router_scale", "prompts", "negative_prompts"):
         del upcycle[unused]  # an upcycle has no routers fitted to data
     key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
 

@@ -277,6 +277,7 @@ class MergeSection:
     router_seed: int = 0  # random init: the same seed gives the same routers
     centroid_tokens: int = 65536  # centroid and ridge inits: validation tokens per domain
     ridge_lambda: float = 0.01  # ridge init: λ relative to XᵀX's mean eigenvalue (btx/router_fit.py)
+    router_scale: float = 1.0  # centroid, ridge, hidden: the fitted rows times this (an inverse temperature)
     # hidden init: each expert's positive prompts, and optionally its negative ones (default: the
     # other experts' positive prompts); the seed, kept as an expert, may have prompts too. Read by
     # the merge (router_init hidden), by grow (grow.router_init hidden) and by the router-init table.
@@ -317,7 +318,7 @@ class MergeSection:
         c.choice(self, "router_init", ROUTER_INITS)
         c.choice(self, "granularity", GRANULARITIES)
         c.choice(self, "dtype", MERGE_DTYPES)
-        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda")
+        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda", "router_scale")
         c.non_negative(self, "router_seed")
         # Prompts are kept whatever router_init is: grow and `btx eval --router-inits` use them too.
         grown = list(grow.domains) if grow is not None else []
@@ -376,7 +377,8 @@ class GrowSection:
     """Domains added to the finished MoE instead of merged into it (btx/grow.py): `btx run` trains
     their experts, merges and finetunes the other domains as usual, then grows the finetuned MoE by
     these experts into grown/ and, with `steps` > 0, finetunes it briefly into grown-finetuned/.
-    The fitted router inits read merge.centroid_tokens, merge.ridge_lambda and merge.prompts."""
+    The fitted router inits read merge.centroid_tokens, merge.ridge_lambda, merge.router_scale and
+    merge.prompts."""
 
     domains: List[str] = field(default_factory=list)  # each is also listed in `domains:`
     router_init: str = "ridge"  # the new experts' router rows (ridge refits every row)

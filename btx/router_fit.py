@@ -19,6 +19,11 @@ The three rules (x: a token's FFN input at the layer, D wide):
   minus the mean x over its negative prompts (by default: every other expert's positive prompts),
   unit-normalised. An expert with no prompts gets a zero row.
 
+`router_scale` (merge and grow) multiplies the fitted rows: an inverse temperature. A ridge row
+predicts ~1 for its own domain and ~0 for the others, so at scale 1 the top-2 gates of a clear-cut
+token are still about 0.66 / 0.34; a larger scale puts a confident token's weight on its own expert
+and still mixes where the prediction is split.
+
 The seed kept as an expert belongs to no domain. Its row is the rule applied to all domains
 together: the normalised mean of the domain means (centroid), the mean of the domain rows
 (ridge: for every token its logit is the mean of the domain logits, so it is never the first

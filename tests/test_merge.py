@@ -316,6 +316,15 @@ def test_ridge_rows_solve_the_regression():
     torch.testing.assert_close(rows[3], expected.mean(0).float())
 
 
+def test_router_scale_multiplies_the_fitted_rows(world, tmp_path):
+    one = run_merge(world, tmp_path / "one", router_init="ridge", centroid_tokens=256)
+    ten = run_merge(world, tmp_path / "ten", router_init="ridge", centroid_tokens=256, router_scale=10.0)
+    assert ten["options"]["router_scale"] == 10.0 and one["options"]["router_scale"] == 1.0
+    a, b = hf.CheckpointReader(tmp_path / "one"), hf.CheckpointReader(tmp_path / "ten")
+    # layer 0 exactly (same hidden states); above it the inputs differ, since layer 0 routes differently
+    torch.testing.assert_close(b.get_btx("layers.0.ffn.router.weight"), 10 * a.get_btx("layers.0.ffn.router.weight"))
+
+
 def test_centroid_needs_each_domains_data(world, tmp_path):
     outside = {n: tmp_path / "elsewhere" / n for n in DOMAINS}
     for n in DOMAINS:
@@ -440,6 +449,7 @@ BAD_OPTIONS = {
     "prompts for ridge": (dict(router_init="ridge", prompts={"code": ["x"]}), "prompts are for router_init hidden"),
     "empty prompt": (dict(router_init="hidden", prompts={"code": [""]}), "expected a list of non-empty strings"),
     "ridge lambda": (dict(router_init="ridge", ridge_lambda=0.0), "ridge_lambda must be a positive number"),
+    "router scale": (dict(router_init="ridge", router_scale=float("inf")), "router_scale must be a positive number"),
 }
 
 
