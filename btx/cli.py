@@ -468,8 +468,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse errors exit 2 with one line)."""
+    parser = parser or build_parser()
     # argparse fills a `nargs="*"` positional in one go, so in `btx train RECIPE --domain code
     # train.steps=5` the overrides after the option would be "unrecognized". Collect them here.
     args, extra = parser.parse_known_args(argv)
@@ -478,6 +479,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
