@@ -395,16 +395,14 @@ def add_recipes_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from rich.markup import escape
 
     from btx.recipe import builtin_recipes, builtin_recipes_dir
+    from btx.tables import Column, FitTable
 
-    table = Table(title=f"built-in recipes ({builtin_recipes_dir()})", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("what it is")
-    for name, what in builtin_recipes().items():
-        table.add_row(name, what)
-    console().print(table)
+    rows = [[escape(name), escape(what)] for name, what in builtin_recipes().items()]
+    title = escape(f"built-in recipes ({builtin_recipes_dir()})")
+    console().print(FitTable([Column("name", "label"), Column("what it is", "text")], rows, title=title))
     console().print("Run one by name, e.g. `btx run demo`; copy its directory to make your own.")
     return 0
 
