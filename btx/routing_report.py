@@ -1,7 +1,8 @@
 """Showing and saving a routing analysis: rich tables in the terminal, routing.json, CSV, PNGs.
 
 The numbers come from `btx.routing.analyze_checkpoint` (see btx/routing.py for what each means);
-this module only presents them, and runs `btx analyze` (`run_analyze`).
+this module only presents them, and runs `btx analyze` (`run_analyze`; `analyze_recipe` is the recipe
+form, btx run's analyze stage).
 
 Output directory
     routing.json            every number (structure: docs/ROUTING.md; the file's own "definitions")

@@ -416,7 +416,7 @@ def test_recipe_mode(tmp_path, capsys):
     assert "top-1 expert at layer 1" in stdout  # analyze.show_text: 1
 
     from btx.recipe import load_experiment
-    from btx.routing import analyze_recipe
+    from btx.routing_report import analyze_recipe
 
     report = analyze_recipe(load_experiment(tmp_path / "btx.yaml"))  # what btx run's analyze stage calls
     assert report["domains"]["low"]["tokens"] == 100
