@@ -336,15 +336,15 @@ def readme_block(data: dict, run: dict, tokenizer: str) -> list[str]:
     seed = rows.get("seed")
     experts = [(d, rows[f"expert:{d}"]) for d in domains if f"expert:{d}" in rows]
     if seed and experts:
-        out.append("Each expert on its own domain against the seed: " + ", ".join(
+        out.append("- Each expert on its own domain, against the seed: " + ", ".join(
             f"{d} {r['losses'][d]:.4f} vs {seed['losses'][d]:.4f}" for d, r in experts) + ".")
     ranked = sorted(data["rows"], key=lambda r: r.get("average", math.inf))
-    out += ["Averages, best first: " + ", ".join(f"{_md(r['name'])} {r['average']:.4f}" for r in ranked) + ".", ""]
+    out.append("- Averages, best first: " + ", ".join(f"{_md(r['name'])} {r['average']:.4f}" for r in ranked) + ".")
     stages = run["stages"]
     total = sum(s["seconds"] for s in stages)
-    out.append(f"The run took {_duration(total)} (" + ", ".join(f"{s['stage']} {_duration(s['seconds'])}"
-                                                                for s in stages) + ")")
-    out += [f"on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
+    out.append(f"- The run took {_duration(total)} (" + ", ".join(f"{s['stage']} {_duration(s['seconds'])}"
+                                                                  for s in stages) + ")")
+    out += [f"  on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
     for figure in run.get("figures", []):
         out += [f"![{figure['alt']}]({SNAPSHOT}/{figure['file']})", ""]
     return out[:-1] if out[-1] == "" else out
