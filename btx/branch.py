@@ -360,23 +360,23 @@ _STATE_STYLE = {"pending": "dim", "queued": "cyan", "running": "yellow", "stoppe
 
 
 def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
-    """The rich table that `btx status` prints and `btx branch` keeps live."""
+    """The table that `btx status` prints and `btx branch` keeps live (btx.tables: values and paths
+    stay whole; a narrow terminal or log file gets one block per expert)."""
     from rich.markup import escape
-    from rich.table import Table
 
-    table = Table(title=title, title_justify="left")
-    for name, justify in (("expert", "left"), ("state", "left"), ("step", "right"), ("loss", "right"),
-                          ("tokens/s", "right"), ("ETA", "right"), ("output / note", "left")):
-        # Paths have no spaces to wrap at: fold them rather than cut them off.
-        table.add_column(name, justify=justify, no_wrap=name != "output / note",
-                         overflow="fold" if name == "output / note" else "ellipsis")
+    from btx.tables import Column, FitTable
+
+    columns = [Column("expert", "label"), Column("state", "text"), Column("step"), Column("loss"),
+               Column("tokens/s"), Column("ETA"), Column("output / note", "text")]
+    rows = []
     for s in statuses:
         step = f"{s.step if s.step is not None else '-'}/{s.total_steps}"
         loss = f"{s.loss:.4f}" if isinstance(s.loss, (int, float)) else ""
         tps = f"{s.tokens_per_s:,.0f}" if isinstance(s.tokens_per_s, (int, float)) else ""
         note = escape(str(s.path)) + (f"\n[dim]{escape(s.detail)}[/dim]" if s.detail else "")
-        table.add_row(s.domain, f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, _duration(s.eta_s), note)
-    return table
+        rows.append([escape(s.domain), f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, _duration(s.eta_s),
+                     note])
+    return FitTable(columns, rows, title=title)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -420,16 +420,14 @@ def add_recipes_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_recipes(args: argparse.Namespace) -> int:
-    from rich.table import Table
+    from rich.markup import escape
 
     from btx.recipe import builtin_recipes, builtin_recipes_dir
+    from btx.tables import Column, FitTable
 
-    table = Table(title=f"built-in recipes ({builtin_recipes_dir()})", title_justify="left")
-    table.add_column("name", no_wrap=True)
-    table.add_column("what it is")
-    for name, what in builtin_recipes().items():
-        table.add_row(name, what)
-    console().print(table)
+    rows = [[escape(name), escape(what)] for name, what in builtin_recipes().items()]
+    title = escape(f"built-in recipes ({builtin_recipes_dir()})")
+    console().print(FitTable([Column("name", "label"), Column("what it is", "text")], rows, title=title))
     console().print("Run one by name, e.g. `btx run demo`; copy its directory to make your own.")
     return 0
 
@@ -493,8 +491,9 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+def parse_args(argv: list[str] | None = None, parser: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The command line as `main` reads it (argparse errors exit 2 with one line)."""
+    parser = parser or build_parser()
     # argparse fills a `nargs="*"` positional in one go, so in `btx train RECIPE --domain code
     # train.steps=5` the overrides after the option would be "unrecognized". Collect them here.
     args, extra = parser.parse_known_args(argv)
@@ -503,6 +502,12 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*(args.overrides or []), *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parse_args(argv, parser)
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2

@@ -20,6 +20,7 @@ Shared optimisation choices, so that every engine trains the same way:
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -31,10 +32,34 @@ import torch
 from btx import hf
 from btx.errors import BtxError
 from btx.manifest import atomic_dir, dumps_json
+from btx.model import Transformer
 
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
 CLIENT_STATE_FILE = "trainer_state.json"  # the loop's own state (step, tokens, ...)
+
+
+def build_model(job) -> Transformer:
+    """The starting fp32 model of a training job (`btx.train.TrainJob`): the init checkpoint's
+    weights, or `init_weights` from job.settings.seed. Here, below the loop and every engine, because
+    both the loop and DeepSpeed's ZeRO-3 path (`engine_deepspeed.build_sharded_model`) start from it."""
+    if job.init_from is None:
+        if job.model_config is None:
+            raise BtxError(f"train {job.name}: give init_from (a checkpoint) or model_config (from scratch)")
+        cfg = dataclasses.replace(job.model_config, **job.config_overrides)
+        model = Transformer(cfg)
+        model.init_weights(generator=torch.Generator().manual_seed(job.settings.seed))
+        return model
+    model = hf.load_model(job.init_from, dtype=torch.float32)
+    if job.config_overrides:  # same weights, a model built for the changed config (e.g. router mode)
+        from accelerate import init_empty_weights
+
+        cfg = dataclasses.replace(model.cfg, **job.config_overrides)
+        with init_empty_weights(include_buffers=False):
+            changed = Transformer(cfg)
+        changed.load_state_dict(model.state_dict(), strict=True, assign=True)
+        model = changed
+    return model
 
 
 class Engine(Protocol):

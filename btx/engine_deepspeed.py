@@ -50,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-from btx.engine import make_optimizer, make_scheduler, mixed_precision
+from btx.engine import build_model, make_optimizer, make_scheduler, mixed_precision
 from btx.errors import BtxError
 from btx.manifest import fsync_dir, fsync_tree
 
@@ -173,7 +173,7 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
     """ZeRO-3: the job's starting model with every parameter partitioned over the ranks as it is
     created (`deepspeed.zero.Init`), then filled from the init checkpoint one tensor at a time.
     No rank ever holds the whole model: host memory is bounded by the largest tensor, where
-    `btx.train.build_model` would load the full fp32 model on every rank (~80 GB for 4 x 7B)."""
+    `btx.engine.build_model` would load the full fp32 model on every rank (~80 GB for 4 x 7B)."""
     import dataclasses
 
     import deepspeed
@@ -181,7 +181,6 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
 
     from btx import hf
     from btx.model import Transformer
-    from btx.train import build_model
 
     if job.init_from is None:
         return build_model(job)  # from scratch: small models only (the demo's seed)

@@ -28,7 +28,6 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from btx.data import Shard, eval_batches
 from btx.errors import BtxError
@@ -133,35 +132,23 @@ def btm_losses(experts: list, shards: dict[str, Shard], seq_len: int, batch_size
 
 def render(rows: list[EvalRow], domains: list[str], title: str = "Validation loss (nats/token; lower is better)",
            console: Console | None = None) -> None:
+    from btx.tables import Column, FitTable
+
     console = console or Console()
-    heads = ["model", *domains, "average", "ppl (avg)", "train FLOPs", "active params"]
-    plain = [[r.name, *(f"{r.losses[d]:.4f}" for d in domains), f"{r.average:.4f}", _ppl(r.average),
-              _flops(r.train_flops), _params(r.active_params)] for r in rows]
-    # The width the table needs with whole model names and headers wrapped at spaces.
-    need = sum(max(max(map(len, h.split() or [""])), *(len(c) for c in col)) for h, *col in zip(heads, *plain))
-    need += 3 * len(heads) + 1  # borders and padding
-    table = Table(title=title)
-    # Numbers never shrink below their width. When the table does not fit the terminal, the model
-    # names and the headers wrap (crop=False: a row wider still wraps as a whole, no column is lost).
-    if need <= console.width:
-        table.add_column("model", no_wrap=True)
-    else:
-        table.add_column("model", min_width=12, overflow="fold")
-    for d in domains:
-        table.add_column(escape(d), justify="right", min_width=6)
-    for head, width in (("average", 7), ("ppl (avg)", 5), ("train FLOPs", 5), ("active params", 7)):
-        table.add_column(head, justify="right", min_width=width)
+    columns = [Column("model", "label"), *(Column(escape(d)) for d in domains), Column("average"),
+               Column("ppl (avg)", optional=True), Column("train FLOPs"), Column("active params")]
     best = {d: min(r.losses[d] for r in rows) for d in domains}
     best_avg = min(r.average for r in rows)
-    for r, cells in zip(rows, plain):
-        cells = [escape(cells[0]), *cells[1:]]
-        for i, d in enumerate(domains, start=1):
-            if r.losses[d] == best[d]:
-                cells[i] = f"[bold green]{cells[i]}[/]"
-        if r.average == best_avg:
-            cells[len(domains) + 1] = f"[bold green]{cells[len(domains) + 1]}[/]"
-        table.add_row(*cells)
-    console.print(table, crop=False)
+    cells = []
+    for r in rows:
+        losses = [f"[bold green]{r.losses[d]:.4f}[/]" if r.losses[d] == best[d] else f"{r.losses[d]:.4f}"
+                  for d in domains]
+        average = f"[bold green]{r.average:.4f}[/]" if r.average == best_avg else f"{r.average:.4f}"
+        cells.append([escape(r.name), *losses, average, _ppl(r.average), _flops(r.train_flops),
+                      _params(r.active_params)])
+    # btx.tables keeps every number whole: a narrow terminal or a log file gets fewer columns or
+    # one block per model instead of cut values.
+    console.print(FitTable(columns, cells, title=title))
 
 
 def _ppl(loss: float) -> str:

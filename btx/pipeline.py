@@ -624,7 +624,7 @@ def _eval(p: Pipeline, force: bool) -> StageOutcome:
 
 
 def _analyze(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.routing import analyze_recipe
+    from btx.routing_report import analyze_recipe
 
     out = p.run_dir / "analysis"
     key = _key(p.exp.analyze, p.keys["finetune"])

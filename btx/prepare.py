@@ -83,20 +83,21 @@ def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLi
 
 
 def summary_table(summaries: dict[str, dict]):
-    """A rich table: one row per domain (tokens and documents per split, whether it was skipped)."""
-    from rich.table import Table
+    """A table: one row per domain (tokens and documents per split, whether it was skipped)."""
+    from rich.markup import escape
+
+    from btx.tables import Column, FitTable
 
     dirs = {str(Path(s["out_dir"]).parent) for s in summaries.values()}
-    caption = f"shards in {_short(dirs.pop())}/<domain>/" if len(dirs) == 1 else None
-    table = Table(title="token shards", title_justify="left", caption=caption, caption_justify="left")
-    for col, justify in (("domain", "left"), ("train tokens", "right"), ("val tokens", "right"),
-                         ("documents", "right"), ("status", "left")):
-        table.add_column(col, justify=justify)
+    caption = escape(f"shards in {_short(dirs.pop())}/<domain>/") if len(dirs) == 1 else None
+    columns = [Column("domain", "label"), Column("train tokens"), Column("val tokens"), Column("documents"),
+               Column("status", "text")]
+    rows = []
     for name, s in summaries.items():
         status = "up to date" if s.get("skipped") else f"done ({s.get('seconds', 0):.1f}s)"
-        table.add_row(name, f"{s['train']['tokens']:,}", f"{s['val']['tokens']:,}",
-                      f"{s['train']['documents']:,} + {s['val']['documents']:,}", status)
-    return table
+        rows.append([escape(name), f"{s['train']['tokens']:,}", f"{s['val']['tokens']:,}",
+                     f"{s['train']['documents']:,} + {s['val']['documents']:,}", status])
+    return FitTable(columns, rows, title="token shards", caption=caption)
 
 
 def _short(path: str) -> str:

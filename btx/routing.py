@@ -670,13 +670,6 @@ def token_pieces(ids: Sequence[int], tokenizer) -> list[str]:
     return pieces
 
 
-def analyze_recipe(exp, **kwargs) -> dict:
-    """`btx analyze RECIPE` as a function (btx run's analyze stage); see btx.routing_report."""
-    from btx.routing_report import analyze_recipe as run
-
-    return run(exp, **kwargs)
-
-
 def compare_reports(a: dict, b: dict) -> dict:
     """B - A, per domain ([layer][expert] matrices and per-layer numbers), for --compare."""
     shape_a = (a["model"]["n_layers"], a["model"]["n_experts"])

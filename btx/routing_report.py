@@ -1,7 +1,8 @@
 """Showing and saving a routing analysis: rich tables in the terminal, routing.json, CSV, PNGs.
 
 The numbers come from `btx.routing.analyze_checkpoint` (see btx/routing.py for what each means);
-this module only presents them, and runs `btx analyze` (`run_analyze`).
+this module only presents them, and runs `btx analyze` (`run_analyze`; `analyze_recipe` is the recipe
+form, btx run's analyze stage).
 
 Output directory
     routing.json            every number (structure: docs/ROUTING.md; the file's own "definitions")
@@ -84,17 +85,16 @@ def _cell(value: float, vmax: float, diverging: bool = False):
 
 def heatmap_table(matrix: Sequence[Sequence[float]], experts: Sequence[str], own: str | None = None,
                   diverging: bool = False):
-    """Layers x experts as a rich Table, cells in percent, coloured 0 -> table maximum."""
-    from rich.table import Table
+    """Layers x experts, cells in percent, coloured 0 -> table maximum (one block per layer when
+    the experts do not fit across)."""
+    from btx.tables import Column, FitTable
 
     vmax = max((abs(v) for row in matrix for v in row), default=0.0)
-    table = Table(show_edge=False, pad_edge=False)
-    table.add_column("layer", justify="right", style="dim")
-    for e, name in enumerate(experts):
-        table.add_column(f"[{expert_color(e)}]■[/]{escape(name)}{'*' if name == own else ''}", justify="right")
-    for layer, row in enumerate(matrix):
-        table.add_row(str(layer), *(_cell(v, vmax, diverging) for v in row))
-    return table
+    columns = [Column("layer", "label", justify="right", style="dim"),
+               *(Column(f"[{expert_color(e)}]■[/]{escape(name)}{'*' if name == own else ''}")
+                 for e, name in enumerate(experts))]
+    rows = [[str(layer), *(_cell(v, vmax, diverging) for v in row)] for layer, row in enumerate(matrix)]
+    return FitTable(columns, rows, compact=True)
 
 
 def _mean(values) -> float | None:
@@ -120,17 +120,16 @@ LEGEND = (
 
 
 def summary_table(report: dict):
-    from rich.table import Table
+    from btx.tables import Column, FitTable
 
     experts = report["experts"]
     E = len(experts)
     show_dropped = any(v > 0 for s in [report["overall"]] for v in s["dropped_frac"])
-    table = Table()
-    columns = ["domain", "tokens", "own top-1", "busiest", "imbal.", f"H(p̄)\n≤{math.log(E):.2f}", "H(p)", "agree"]
-    for name in columns + (["dropped"] if show_dropped else []):
-        table.add_column(name, justify="left" if name in ("domain", "busiest") else "right")
-    rows = list(report["domains"].items()) + [(OVERALL, report["overall"])]
-    for name, s in rows:
+    columns = [Column("domain", "label"), Column("tokens"), Column("own top-1"), Column("busiest", justify="left"),
+               Column("imbal."), Column(f"H(p̄)\n≤{math.log(E):.2f}"), Column("H(p)"), Column("agree")]
+    columns += [Column("dropped")] if show_dropped else []
+    rows = []
+    for name, s in list(report["domains"].items()) + [(OVERALL, report["overall"])]:
         share_by_expert = [_mean(col) for col in zip(*s["load_share"])]
         busiest = max(range(E), key=lambda e: share_by_expert[e])
         cells = [
@@ -143,28 +142,26 @@ def summary_table(report: dict):
             _num(_mean(s["mean_token_entropy"])),
             _pct(_mean(s["top1_agreement"])),
         ]
-        table.add_row(*cells, *([_pct(_mean(s["dropped_frac"]))] if show_dropped else []))
-    return table
+        rows.append(cells + ([_pct(_mean(s["dropped_frac"]))] if show_dropped else []))
+    return FitTable(columns, rows)
 
 
 def layer_table(reports: Sequence[dict]):
     """Per-layer numbers over all domains; with two reports each cell reads "A → B"."""
-    from rich.table import Table
+    from btx.tables import Column, FitTable
 
-    table = Table()
-    table.add_column("layer", justify="right")
     keys = [("load_imbalance", "imbal.", _num), ("entropy_of_mean", "H(p̄)", _num),
             ("mean_token_entropy", "H(p)", _num), ("own_top1_frac", "own top-1", _pct),
             ("top1_agreement", "agree", _pct)]  # fmt: skip
-    for _, header, _ in keys:
-        table.add_column(header, justify="right")
+    columns = [Column("layer", "label", justify="right"), *(Column(header) for _, header, _ in keys)]
+    rows = []
     for layer in range(reports[0]["model"]["n_layers"]):
         cells = [str(layer)]
         for key, _, fmt in keys:
             values = [r["overall"].get(key) for r in reports]
             cells.append("→".join(fmt(v[layer]) if v is not None and layer < len(v) else "-" for v in values))
-        table.add_row(*cells)
-    return table
+        rows.append(cells)
+    return FitTable(columns, rows)
 
 
 def text_view(report: dict, domain: str, layer: int, max_samples: int):

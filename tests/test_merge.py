@@ -151,7 +151,7 @@ def test_merged_moe_opens_in_transformers_with_btx_logits(world, tmp_path):
     from transformers import MixtralForCausalLM
 
     run_merge(world, tmp_path / "m", top_k=2)
-    theirs = MixtralForCausalLM.from_pretrained(tmp_path / "m", torch_dtype=torch.float32).eval()
+    theirs = MixtralForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(logits(tmp_path / "m", world.tokens), theirs(world.tokens).logits,
                                    atol=1e-5, rtol=1e-5)  # fmt: skip

@@ -52,7 +52,7 @@ def test_btx_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path, nam
     cfg = make_cfg(name, n_experts=experts, top_k=2)
     model = random_model(cfg)
     hf.save_model(model, cfg, tmp_path / "ckpt", dtype=torch.float32)
-    theirs = hf_class(cfg).from_pretrained(tmp_path / "ckpt", torch_dtype=torch.float32).eval()
+    theirs = hf_class(cfg).from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     x = tokens(cfg)
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, theirs(x).logits, atol=1e-5, rtol=1e-5)

@@ -90,6 +90,7 @@ def test_killed_during_branch_then_rerun_matches_an_uninterrupted_run(full_run, 
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # what Ctrl-C or a scheduler's stop does
     proc.wait(timeout=120)
+    proc.stderr.close()
     assert proc.returncode != 0
     assert read_done(run_dir / "merged") is None
     result = btx_run(run_dir)
@@ -260,6 +261,7 @@ def test_two_btx_runs_of_one_recipe(run_copy):
     finally:
         holder.kill()
         holder.wait()
+        holder.stdout.close()
     assert btx_main("run", str(TINY), f"run_dir={run_copy}", "eval.baselines=true")[0] == 0  # a dead holder's lock
 
 

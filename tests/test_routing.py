@@ -164,7 +164,7 @@ def test_every_number_matches_a_hand_computation(setup, capsys):
         assert report["overall"]["own_top1_frac"][layer] == pytest.approx(want)
 
     # The CSV holds the same numbers in long format.
-    rows = list(csv.DictReader((out / "routing.csv").open()))
+    rows = list(csv.DictReader((out / "routing.csv").read_text().splitlines()))
     assert len(rows) == 3 * 2 * E  # low, high, (overall) x layers x experts
     row = next(r for r in rows if (r["domain"], r["layer"], r["expert"]) == ("high", "1", "even"))
     for key in ("top1_frac", "topk_frac", "mean_prob", "load_share"):
@@ -416,7 +416,7 @@ def test_recipe_mode(tmp_path, capsys):
     assert "top-1 expert at layer 1" in stdout  # analyze.show_text: 1
 
     from btx.recipe import load_experiment
-    from btx.routing import analyze_recipe
+    from btx.routing_report import analyze_recipe
 
     report = analyze_recipe(load_experiment(tmp_path / "btx.yaml"))  # what btx run's analyze stage calls
     assert report["domains"]["low"]["tokens"] == 100

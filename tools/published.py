@@ -1,0 +1,471 @@
+#!/usr/bin/env python
+"""The figures btx publishes, generated from a real run and from the recipe, never typed in.
+
+Two blocks are generated:
+
+- the README's demo block (between `<!-- demo:begin -->` and `<!-- demo:end -->`): the eval table
+  of a real demo run (every row of its eval/eval.json, with standard errors where the rows carry
+  them), the stage times from its pipeline.json, the machine it ran on, and its figures;
+- the arithmetic comment in the demo recipe's header (between `# <arithmetic>` and
+  `# </arithmetic>`): tokens per step, each stage's tokens and training FLOPs, tokens per seed
+  parameter, the MoE stage's share of compute and the compute-matched baseline steps, computed
+  from the recipe's values with the FLOP count the training loop records
+  (`btx.model.ModelConfig.train_flops_per_token`) and the finetune's routing settings
+  (`btx.finetune.routing_overrides`).
+
+A run is kept in the repository as a snapshot, docs/demo/: its eval.json as written, run.json (the
+stage times, the machine, each training job's steps, tokens and FLOPs from its DONE.json, and the
+recipe's values it was run with) and its PNGs. The README block is rendered from the snapshot
+only, so it can be checked without rerunning the demo.
+
+    python tools/published.py snapshot checkpoints/demo [--machine TEXT]   # after `btx run demo`
+    python tools/published.py render                                      # rewrite both blocks
+    python tools/published.py --check                                     # CI: exit 1 when stale
+
+`--check` (tests/test_published.py runs it) fails when a block differs from what its sources
+give, when the snapshot was made from other recipe values than the recipe's now, or when the
+run's steps and FLOPs are not what the recipe's arithmetic predicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the btx package next to tools/, as in tools/routing_analysis.py
+
+README = "README.md"
+RECIPE = "recipes/demo/btx.yaml"
+SNAPSHOT = "docs/demo"
+README_BEGIN, README_END = "<!-- demo:begin -->", "<!-- demo:end -->"
+RECIPE_BEGIN, RECIPE_END = "# <arithmetic>", "# </arithmetic>"
+# The run's pictures, copied into the snapshot: (file in the run directory, name in docs/demo/, alt text).
+FIGURES = (("analysis/layers_stacked.png", "routing.png", "routing of the finetuned demo MoE per layer"),)
+# Any PNG eval/ writes (a loss-against-FLOPs plot, say) is copied too, under its own name.
+EVAL_FIGURE_GLOB = "eval/*.png"
+# A row key holding standard errors: `stderr`, `losses_se`, `average_sem`, ... (a dict over the
+# domains for the per-domain losses; a number when the key names the average).
+STDERR_KEY = re.compile(r"(^|_)(se|sem|stderr|std_err)($|_)")
+JOB_DIRS = {"seed": "seed", "finetune": "finetuned", "dense baseline": "baselines/dense",
+            "upcycled baseline": "baselines/upcycled"}
+
+
+class Stale(Exception):
+    """A published block or snapshot that no longer follows from its sources."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The recipe's arithmetic
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Stage:
+    name: str
+    steps: int
+    tokens_per_step: int
+    flops_per_token: float
+
+    @property
+    def tokens(self) -> int:
+        return self.steps * self.tokens_per_step
+
+    @property
+    def flops(self) -> float:
+        return self.flops_per_token * self.tokens  # as btx.train records train_flops in DONE.json
+
+
+@dataclasses.dataclass
+class Arithmetic:
+    seed: Stage
+    experts: dict[str, Stage]
+    finetune: Stage
+    seed_params: int
+    moe_params: dict[str, int]  # total, active
+    n_experts: int
+    top_k: int
+    dense_flops_per_token: float
+    dense_steps: int  # compute-matched baselines
+    upcycled_steps: int
+
+    @property
+    def expert_flops(self) -> float:
+        return sum(s.flops for s in self.experts.values())
+
+    @property
+    def budget(self) -> float:
+        """BTX's training FLOPs beyond the seed: the experts and the MoE finetune."""
+        return self.expert_flops + self.finetune.flops
+
+    @property
+    def moe_share(self) -> float:
+        return self.finetune.flops / self.budget
+
+
+def recipe_arithmetic(exp) -> Arithmetic:
+    """What the recipe's training stages cost, from its values alone (a seed trained from scratch)."""
+    from btx.finetune import routing_overrides
+
+    if exp.recipe.model is None:
+        raise Stale(f"{exp.path}: the arithmetic block needs a seed trained from scratch (a model: section)")
+    seed_cfg = exp.recipe.model.to_model_config()
+    merge = exp.merge
+    ffn_dim = seed_cfg.ffn_dim // merge.chunks if merge.granularity in ("split", "blend") else seed_cfg.ffn_dim
+    merged_cfg = dataclasses.replace(seed_cfg, n_experts=merge.n_experts(len(exp.domains)), top_k=merge.top_k,
+                                     ffn_dim=ffn_dim, router_mode="topk")
+    top_k = exp.finetune.top_k if exp.finetune.top_k is not None else merged_cfg.top_k
+    moe_cfg = dataclasses.replace(merged_cfg, **routing_overrides(merged_cfg, exp.finetune, top_k))
+
+    def stage(name, settings, cfg) -> Stage:
+        return Stage(name, settings.steps, settings.tokens_per_step, cfg.train_flops_per_token(settings.seq_len))
+
+    ft = exp.finetune_train
+    finetune = stage("finetune", ft, moe_cfg)
+    experts = {d: stage(d, dom.train, seed_cfg) for d, dom in exp.domains.items()}
+    budget = sum(s.flops for s in experts.values()) + finetune.flops
+    dense_fpt = seed_cfg.train_flops_per_token(ft.seq_len)
+    # The baselines train with the finetune's settings for as many steps as spend the budget.
+    matched = lambda fpt: max(1, round(budget / (fpt * ft.tokens_per_step)))  # noqa: E731
+    return Arithmetic(
+        seed=stage("seed", exp.seed_train, seed_cfg), experts=experts, finetune=finetune,
+        seed_params=seed_cfg.param_counts()["total"], moe_params=moe_cfg.param_counts(),
+        n_experts=moe_cfg.n_experts, top_k=moe_cfg.experts_per_token, dense_flops_per_token=dense_fpt,
+        dense_steps=matched(dense_fpt), upcycled_steps=matched(finetune.flops_per_token),
+    )
+
+
+def _n(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+def _params(p: int) -> str:
+    return f"{p / 1e6:.2f}M"
+
+
+def arithmetic_comment(exp) -> list[str]:
+    """The recipe header's arithmetic lines (without the markers), each starting with '# '."""
+    a = recipe_arithmetic(exp)
+    t = exp.finetune_train
+    same = len({(s.steps, s.tokens_per_step) for s in a.experts.values()}) == 1
+    lines = [
+        f"tokens per optimizer step = batch_size x seq_len x grad_accum = {t.batch_size} x {t.seq_len} x "
+        f"{t.grad_accum} = {_n(t.tokens_per_step)}",
+        f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of the mixture, "
+        f"{a.seed.flops:.3g} FLOPs:",
+        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter ({_params(a.seed_params)} parameters)",
+    ]
+    if same:
+        e = next(iter(a.experts.values()))
+        lines.append(f"experts   {len(a.experts)} x {e.steps} steps x {_n(e.tokens_per_step)} = {len(a.experts)} x "
+                     f"{_n(e.tokens)} tokens, each of its own domain, {len(a.experts)} x {e.flops:.3g} FLOPs")
+    else:
+        for d, e in a.experts.items():
+            lines.append(f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, "
+                         f"{e.flops:.3g} FLOPs")
+    lines += [
+        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} tokens of the "
+        f"mixture, {a.finetune.flops:.3g} FLOPs:",
+        f"          {a.moe_share:.1%} of BTX's {a.budget:.3g} training FLOPs beyond the seed",
+        f"training FLOPs per token: dense {a.dense_flops_per_token / 1e6:.2f}M, MoE {a.n_experts} experts top-"
+        f"{a.top_k} {a.finetune.flops_per_token / 1e6:.2f}M",
+        f"MoE parameters: {_params(a.moe_params['active'])} active of {_params(a.moe_params['total'])}",
+        f"compute-matched baselines ({a.budget:.3g} FLOPs each): dense {a.dense_steps} steps, sparse upcycling "
+        f"{a.upcycled_steps} steps",
+    ]
+    return ["# " + line for line in lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# The snapshot of a run
+# ---------------------------------------------------------------------------------------------
+
+
+def recipe_values(recipe_path: Path) -> dict:
+    """The values of an experiment recipe and its domain recipes as written (comments and paths
+    of other checkouts do not count): {"btx.yaml": {...}, "<domain recipe path>": {...}}."""
+    raw = yaml.safe_load(recipe_path.read_text()) or {}
+    values = {recipe_path.name: raw}
+    for name, rel in sorted((raw.get("domains") or {}).items()):
+        values[str(rel)] = yaml.safe_load((recipe_path.parent / rel).read_text()) or {}
+    return values
+
+
+def _differences(old, new, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            where = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{where} added")
+            elif key not in new:
+                out.append(f"{where} removed")
+            else:
+                out += _differences(old[key], new[key], where)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} then, {new!r} now"]
+
+
+def machine_description() -> str:
+    """This machine in one line: CPU cores and model, OS, torch, GPU."""
+    import torch
+
+    model = ""
+    try:
+        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("model name")), "")
+    except OSError:
+        pass
+    cpu = f"{os.cpu_count()} CPU cores" + (f" ({model})" if model else "")
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {gpu}, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
+
+
+def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Path:
+    """Copy a finished demo run's published figures into `root`/docs/demo/ (replacing the old ones)."""
+    from btx.manifest import read_done
+    from btx.pipeline import LEDGER, STAGES
+
+    run_dir = Path(run_dir)
+    eval_json = run_dir / "eval" / "eval.json"
+    ledger_path = run_dir / LEDGER
+    for needed in (eval_json, ledger_path):
+        if not needed.is_file():
+            raise Stale(f"{needed}: missing; snapshot takes a run directory that `btx run` finished")
+    ledger = json.loads(ledger_path.read_text())
+    stages = [{"stage": s, "seconds": ledger[s]["seconds"], "summary": ledger[s].get("summary", "")}
+              for s in STAGES if isinstance(ledger.get(s), dict)]  # in pipeline order
+    finished = max((ledger[s["stage"]].get("finished_at", "") for s in stages), default="")
+    jobs = {}
+    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", f"experts/{p.name}")
+                                          for p in sorted((run_dir / "experts").glob("*")))]:
+        done = read_done(run_dir / rel)
+        if done is not None and "steps" in done:
+            jobs[name] = {k: done.get(k) for k in ("steps", "tokens", "train_flops", "wall_time_s")}
+    out = root / SNAPSHOT
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    shutil.copyfile(eval_json, out / "eval.json")
+    figures = []
+    for rel, name, alt in FIGURES:
+        if (run_dir / rel).is_file():
+            shutil.copyfile(run_dir / rel, out / name)
+            figures.append({"file": name, "alt": alt})
+    for png in sorted(run_dir.glob(EVAL_FIGURE_GLOB)):
+        shutil.copyfile(png, out / png.name)
+        figures.append({"file": png.name, "alt": f"demo eval: {png.stem.replace('_', ' ')}"})
+    record = {"recipe": RECIPE, "recipe_values": recipe_values(root / RECIPE), "machine": machine or
+              machine_description(), "finished_at": finished, "stages": stages, "jobs": jobs, "figures": figures}
+    (out / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The README block
+# ---------------------------------------------------------------------------------------------
+
+
+def _stderrs(row: dict, domains: list[str]) -> tuple[dict, float | None]:
+    per_domain, average = {}, None
+    for key, value in row.items():
+        if not STDERR_KEY.search(key):
+            continue
+        if isinstance(value, dict) and set(value) >= set(domains):
+            per_domain = value
+        elif isinstance(value, (int, float)) and "average" in key:
+            average = float(value)
+    return per_domain, average
+
+
+def _loss(value, se) -> str:
+    return f"{value:.4f}" if not isinstance(se, (int, float)) else f"{value:.4f} ± {se:.4f}"
+
+
+def _duration(seconds: float) -> str:
+    s = round(seconds)
+    return f"{s // 60} min {s % 60} s" if s >= 60 else f"{seconds:.1f} s"
+
+
+def _md(text: str) -> str:
+    return str(text).replace("|", "\\|")
+
+
+def eval_table(data: dict) -> list[str]:
+    """A markdown table of every row of an eval.json, best value of each loss column in bold."""
+    domains = list(data["domains"])
+    rows = data["rows"]
+    averages = [r.get("average", sum(r["losses"][d] for d in domains) / len(domains)) for r in rows]
+    best = {d: min(r["losses"][d] for r in rows) for d in domains}
+    head = ["model", *domains, "average", "train FLOPs", "active params"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
+    for row, average in zip(rows, averages):
+        se, average_se = _stderrs(row, domains)
+        cells = [_md(row["name"])]
+        for d in domains:
+            cell = _loss(row["losses"][d], se.get(d))
+            cells.append(f"**{cell}**" if row["losses"][d] == best[d] else cell)
+        cell = _loss(average, average_se)
+        cells.append(f"**{cell}**" if average == min(averages) else cell)
+        flops, active = row.get("train_flops"), row.get("active_params")
+        cells.append("-" if flops is None else f"{flops:.3g}")
+        cells.append("-" if active is None else _params(active))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def readme_block(data: dict, run: dict, tokenizer: str) -> list[str]:
+    """The README's demo block (without the markers), from a snapshot's eval.json and run.json."""
+    domains = list(data["domains"])
+    rows = {r["name"]: r for r in data["rows"]}
+    unit = "nats/token" + ("; the demo's tokens are bytes, so nats/token = nats/byte" if tokenizer == "byte" else "")
+    out = [f"<!-- generated by tools/published.py from {SNAPSHOT}/ (a real `btx run demo`): do not edit by hand -->",
+           "", f"Validation loss of every model of the run ({unit}; lower is better, the best of each column in "
+           "bold):", "", *eval_table(data), ""]
+    seed = rows.get("seed")
+    experts = [(d, rows[f"expert:{d}"]) for d in domains if f"expert:{d}" in rows]
+    if seed and experts:
+        out.append("- Each expert on its own domain, against the seed: " + ", ".join(
+            f"{d} {r['losses'][d]:.4f} vs {seed['losses'][d]:.4f}" for d, r in experts) + ".")
+    ranked = sorted(data["rows"], key=lambda r: r.get("average", math.inf))
+    out.append("- Averages, best first: " + ", ".join(f"{_md(r['name'])} {r['average']:.4f}" for r in ranked) + ".")
+    stages = run["stages"]
+    total = sum(s["seconds"] for s in stages)
+    out.append(f"- The run took {_duration(total)} (" + ", ".join(f"{s['stage']} {_duration(s['seconds'])}"
+                                                                  for s in stages) + ")")
+    out += [f"  on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
+    for figure in run.get("figures", []):
+        out += [f"![{figure['alt']}]({SNAPSHOT}/{figure['file']})", ""]
+    return out[:-1] if out[-1] == "" else out
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks in files
+# ---------------------------------------------------------------------------------------------
+
+
+def _replace_block(text: str, begin: str, end: str, lines: list[str], where: str) -> str:
+    pattern = re.compile(rf"^{re.escape(begin)}[^\n]*\n(.*?)^{re.escape(end)}[^\n]*$", re.S | re.M)
+    found = pattern.findall(text)
+    if len(found) != 1:
+        raise Stale(f"{where}: expected one block between the markers {begin!r} and {end!r}, found {len(found)}")
+    match = pattern.search(text)
+    head = match.group(0).split("\n", 1)[0]
+    tail = match.group(0).rsplit("\n", 1)[1]
+    return text[:match.start()] + "\n".join([head, *lines, tail]) + text[match.end():]
+
+
+def expected_files(root: Path = ROOT) -> dict[Path, str]:
+    """{file: its text with both blocks as their sources give them}."""
+    from btx.recipe import load_experiment
+
+    recipe_path = root / RECIPE
+    exp = load_experiment(recipe_path)
+    out = {recipe_path: _replace_block(recipe_path.read_text(), RECIPE_BEGIN, RECIPE_END, arithmetic_comment(exp),
+                                       str(recipe_path))}
+    snap = root / SNAPSHOT
+    missing = [p for p in (snap / "eval.json", snap / "run.json") if not p.is_file()]
+    if missing:
+        raise Stale(f"{missing[0]}: missing; run the demo and `python tools/published.py snapshot checkpoints/demo`")
+    data = json.loads((snap / "eval.json").read_text())
+    run = json.loads((snap / "run.json").read_text())
+    readme = root / README
+    out[readme] = _replace_block(readme.read_text(), README_BEGIN, README_END,
+                                 readme_block(data, run, str(exp.recipe.tokenizer)), str(readme))
+    return out
+
+
+def snapshot_problems(root: Path = ROOT) -> list[str]:
+    """Why the snapshot in docs/demo/ does not describe a run of the recipe as it is now."""
+    from btx.recipe import load_experiment
+
+    snap = root / SNAPSHOT
+    run = json.loads((snap / "run.json").read_text())
+    redo = "; run `btx run demo`, then `python tools/published.py snapshot checkpoints/demo`"
+    changed = _differences(run.get("recipe_values"), recipe_values(root / RECIPE))
+    if changed:
+        return [f"{snap / 'run.json'}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])})"
+                + redo]
+    a = recipe_arithmetic(load_experiment(root / RECIPE))
+    predicted = {"seed": a.seed, "finetune": a.finetune, **{f"expert:{d}": s for d, s in a.experts.items()}}
+    problems = []
+    for name, stage in predicted.items():
+        job = run["jobs"].get(name)
+        if job is None:
+            problems.append(f"{snap / 'run.json'}: no {name} job recorded" + redo)
+        elif (job["steps"], job["tokens"]) != (stage.steps, stage.tokens) or \
+                not math.isclose(job["train_flops"], stage.flops, rel_tol=1e-9):
+            problems.append(f"{snap / 'run.json'}: {name} ran {job['steps']} steps, {job['tokens']} tokens, "
+                            f"{job['train_flops']:.6g} FLOPs; the recipe's arithmetic says {stage.steps}, "
+                            f"{stage.tokens}, {stage.flops:.6g}")
+    for name, steps in (("dense baseline", a.dense_steps), ("upcycled baseline", a.upcycled_steps)):
+        job = run["jobs"].get(name)
+        if job is not None and job["steps"] != steps:
+            problems.append(f"{snap / 'run.json'}: the {name} ran {job['steps']} steps; the recipe's arithmetic "
+                            f"says {steps}")
+    return problems
+
+
+def check(root: Path = ROOT) -> list[str]:
+    """Every way the published figures under `root` disagree with their sources (empty: all true)."""
+    try:
+        problems = snapshot_problems(root) if (root / SNAPSHOT / "run.json").is_file() else []
+        for path, text in expected_files(root).items():
+            if path.read_text() != text:
+                problems.append(f"{path}: its generated block differs from what its sources give; run "
+                                "`python tools/published.py render`")
+    except Stale as e:
+        problems = [str(e)]
+    return problems
+
+
+def render(root: Path = ROOT) -> list[Path]:
+    """Rewrite both blocks; returns the files that changed."""
+    changed = []
+    for path, text in expected_files(root).items():
+        if path.read_text() != text:
+            path.write_text(text)
+            changed.append(path)
+    return changed
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tools/published.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 when a published figure is stale (for CI)")
+    sub = parser.add_subparsers(dest="command")
+    snap = sub.add_parser("snapshot", help="copy a finished demo run into docs/demo/, then render")
+    snap.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    snap.add_argument("--machine", default=None, help="the machine it ran on (default: this one, detected)")
+    sub.add_parser("render", help="rewrite the README block and the recipe's arithmetic block")
+    args = parser.parse_args(argv)
+    try:
+        if args.check or args.command is None:
+            problems = check()
+            for p in problems:
+                print(f"published: {p}", file=sys.stderr)
+            return 1 if problems else 0
+        if args.command == "snapshot":
+            print(f"wrote {snapshot(args.run_dir, machine=args.machine)}")
+        for path in render():
+            print(f"rewrote {path}")
+        for p in snapshot_problems():
+            print(f"published: {p}", file=sys.stderr)
+    except Stale as e:
+        print(f"published: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
