@@ -354,9 +354,16 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from btx.evaluate import eval_command
+    from pathlib import Path
 
-    return eval_command(args)
+    target = args.target
+    if target is not None and (Path(target).is_file() or Path(target).suffix in (".yaml", ".yml")):
+        from btx.pipeline import eval_recipe_command  # every model of a run
+
+        return eval_recipe_command(args)
+    from btx.evaluate import eval_checkpoints_command
+
+    return eval_checkpoints_command(args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,12 +205,17 @@ def test_btm_posterior_by_hand(world, tmp_path):
 # ---------------------------------------------------------------------------------------- the table
 
 
+def table_lines(markdown: str) -> list[str]:
+    """The lines of the first table of a markdown text (the notes below it left out)."""
+    return markdown.strip().split("\n\n")[0].splitlines()
+
+
 def test_markdown_rows_and_average():
     rows = [EvalRow("seed", {"code": 2.5, "math": 3.25, "prose": 1.0}, 0.0, 1_000_000),
             EvalRow("BTX", {"code": 1.2345, "math": 2.0, "prose": 0.5}, 3.2e15, 2_500_000),
             EvalRow("BTM ensemble", {"code": 1.5, "math": 1.75, "prose": 0.75})]
     domains = ["code", "math", "prose"]
-    lines = to_markdown(rows, domains).strip().splitlines()
+    lines = table_lines(to_markdown(rows, domains))
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head == ["model", *domains, "average", "ppl (avg)", "train FLOPs", "active params"]
     assert set(lines[1]) <= set("|-")
@@ -297,7 +302,7 @@ def test_cli_two_checkpoints_and_btm(world, ckpts, tmp_path, capsys, monkeypatch
     assert rows["BTM ensemble"]["train_flops"] == 5e12
     assert rows["BTM ensemble"]["active_params"] == 2 * rows["ab-expert"]["active_params"]
     assert data["settings"]["seq_len"] == SEQ and data["settings"]["batches"] == 3
-    md = (out / "eval.md").read_text().strip().splitlines()
+    md = table_lines((out / "eval.md").read_text())
     assert [line.split("|")[1].strip() for line in md[2:]] == ["ab-expert", "xy/final", "BTM ensemble"]
     done = json.loads((out / "DONE.json").read_text())
     assert done["stage"] == "eval" and done["rows"] == list(rows)
@@ -419,14 +424,14 @@ def test_cli_recipe(world, tmp_path, capsys, monkeypatch):
     assert status == 0, err
     data = json.loads((run / "eval" / "eval.json").read_text())
     names = [r["name"] for r in data["rows"]]
-    assert names[0] == "seed" and set(names) == {"seed", "expert:ab", "expert:xy", "BTM ensemble"}
+    assert names == ["seed", "expert:ab", "expert:xy", "BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)"]
     rows = {r["name"]: r for r in data["rows"]}
     assert rows["expert:ab"]["tokens"] == {"ab": 2 * 16, "xy": 2 * 16}  # eval.batches=2 of --batch-size 1
     assert rows["expert:ab"]["losses"]["ab"] < 1.0 < rows["expert:ab"]["losses"]["xy"]
     assert rows["BTM ensemble"]["train_flops"] == 2e12
     done = json.loads((run / "eval" / "DONE.json").read_text())
     assert done["stage"] == "eval" and set(done["rows"]) == set(names)
-    assert (run / "eval" / "eval.md").read_text().count("\n") == 2 + len(names)
+    assert len(table_lines((run / "eval" / "eval.md").read_text())) == 2 + len(names)
     assert "BTM ensemble" in stdout
     assert "--btm is for checkpoints" in one_line_error(capsys, [recipe, "--btm", run / "seed", run / "seed"])
 

@@ -20,6 +20,7 @@ from btx import hf
 from btx.cli import main as btx_main
 from btx.engine import lr_factor, make_optimizer
 from btx.errors import BtxError
+from btx.flops import train_flops_per_token
 from btx.manifest import read_done, sha256_file
 from btx.model import ModelConfig, Transformer
 from btx.recipe import load_experiment
@@ -204,7 +205,8 @@ def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(p
         assert done[key] is not None, key
     cfg = hf.load_model(expert / "final").cfg
     assert done["steps"] == 8 and done["tokens"] == 8 * 2 * 32
-    assert done["train_flops"] == cfg.train_flops_per_token(32) * done["tokens"]
+    assert done["train_flops"] == train_flops_per_token(cfg, 32) * done["tokens"]
+    assert done["trainable"] == "all" and "4 per frozen weight" in done["flops_counting"]["rule"]
     assert done["val_losses"]["code"] == done["val_loss"]
     for name, digest in done["outputs"].items():
         assert sha256_file(expert / name) == digest
