@@ -407,7 +407,7 @@ def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: di
     if note is None:
         paths["plot"] = out / PLOT_NAME
     elif console is not None and note:
-        console.print(note, soft_wrap=True)
+        console.print(escape(note), soft_wrap=True)
     return paths
 
 
