@@ -647,7 +647,7 @@ def btm_rows(per_expert: Sequence[dict[str, torch.Tensor]], flops: Sequence[floa
             picks = "; ".join(f"{d}: " + ", ".join(f"{n} {share:.0%}" for n, share in zip(expert_names, shares))
                               for d, shares in top1.items())
             rows.append(row_from_logprobs(f"BTM top-{k} (tf-idf)", mixed, total, sum(sorted(active)[-k:]),
-                                          f"the {k} experts most tf-idf-similar to the context; top-1 picks: {picks}"))
+                                          ("the expert" if k == 1 else f"the {k} experts") + f" most tf-idf-similar to the context; top-1 picks: {picks}"))
     return rows
 
 
