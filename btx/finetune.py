@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 
 from btx import hf
+from btx.data import DataStream
 from btx.errors import BtxError
 from btx.manifest import DONE_NAME, read_done
-from btx.data import DataStream
 from btx.model import Transformer
 from btx.train import TrainJob, _recipe_hash, _shard_path, run_loop  # the loop's shard and hash conventions
 
