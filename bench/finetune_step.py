@@ -8,7 +8,7 @@ backward, grad-norm clipping, AdamW) on the same batch of 4 x 256 tokens, for
 
 Part 1, the model step: plain torch, the same AdamW (btx.engine.make_optimizer) for both. The
 MoE/dense time ratio is compared with the ratio of training FLOPs per token of the *active*
-parameters (`ModelConfig.train_flops_per_token`), which is what an MoE ought to cost; the target
+parameters (`btx.flops.train_flops_per_token`), which is what an MoE ought to cost; the target
 is time ratio <= 1.25 x FLOP ratio.
 
 Part 2, the engines on the MoE step: the training loop's calls (`engine.model`, `train.loss_terms`,
@@ -34,6 +34,7 @@ import torch
 from timing import interleaved_times
 
 from btx.engine import make_optimizer
+from btx.flops import train_flops_per_token
 from btx.model import ModelConfig, Transformer
 from btx.train import loss_terms
 
@@ -114,7 +115,7 @@ def main() -> None:
 
     dense, moe = seed_and_moe()
     counts_d, counts_m = SEED.param_counts(), MOE.param_counts()
-    flop_ratio = MOE.train_flops_per_token(args.seq) / SEED.train_flops_per_token(args.seq)
+    flop_ratio = train_flops_per_token(MOE, args.seq) / train_flops_per_token(SEED, args.seq)
     print(f"seed {counts_d['total'] / 1e6:.1f}M params; MoE 4 experts top-2 {counts_m['total'] / 1e6:.1f}M, "
           f"{counts_m['active'] / 1e6:.1f}M active; batch {args.batch} x {args.seq}; CPU fp32, "
           f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds")

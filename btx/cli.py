@@ -370,8 +370,10 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from btx.recipe import resolve_recipe
+
     if args.router_inits is not None:
-        from btx.recipe import load_experiment, resolve_recipe
+        from btx.recipe import load_experiment
         from btx.router_inits import parse_inits, router_init_table
 
         inits = parse_inits(args.router_inits)
@@ -379,9 +381,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
             raise BtxError("eval --router-inits: give an experiment RECIPE (its run's seed and experts are merged)")
         router_init_table(load_experiment(args.target, list(args.overrides or [])), inits)
         return 0
-    from btx.evaluate import eval_command
 
-    return eval_command(args)
+    target = args.target
+    if target is not None and (resolve_recipe(target).is_file() or target.endswith((".yaml", ".yml"))):
+        from btx.pipeline import eval_recipe_command  # every model of a run
+
+        return eval_recipe_command(args)
+    from btx.evaluate import eval_checkpoints_command
+
+    return eval_checkpoints_command(args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -935,6 +935,57 @@ class TokenSampler:
         return [self.names[d] for d in domains[self._rows(rank, world_size)]]
 
 
+@dataclass
+class DataStream:
+    """Micro-batches `first` .. `first + count - 1` of the TokenSampler over `domains` (in this
+    order, which the sampler's draws depend on), with `weights` (None: by token count) and `seed`:
+    the batches one job drew, to be drawn again by another (data-matched baselines), or the ones
+    after an earlier phase of the same data (the finetune after its router-only phase)."""
+
+    domains: list[str]
+    weights: dict[str, float] | None
+    seed: int
+    first: int
+    count: int
+
+
+class PlannedSampler:
+    """A job's micro-batches from a plan: phases one after another; within a phase, its streams
+    interleaved evenly (the i-th batch of a stream of n sits at (i + 0.5) / n of the phase; ties in
+    stream order), so every batch of every stream is drawn once, and each stream's batches in their
+    own order. `batch(index, rank, world_size)` as TokenSampler's, every stream drawn at the global
+    `batch_size` and `seq_len` given (a replayed batch is the same batch only at the same ones)."""
+
+    def __init__(self, shards: Mapping[str, Shard], plan: Sequence[Sequence[DataStream]], *, seq_len: int,
+                 batch_size: int):
+        self.samplers: list[TokenSampler] = []
+        self.order: list[tuple[int, int]] = []  # (stream, its micro-batch) for every index of the plan
+        for phase in plan:
+            keys = []
+            for stream in phase:
+                missing = [d for d in stream.domains if d not in shards]
+                if missing:
+                    raise BtxError(f"data plan: stream over {stream.domains} names {missing}, which have no train shard")
+                if stream.count < 0 or stream.first < 0:
+                    raise BtxError(f"data plan: stream over {stream.domains}: first and count must be >= 0")
+                weights = None if stream.weights is None else {d: stream.weights[d] for d in stream.domains}
+                sampler = TokenSampler({d: shards[d] for d in stream.domains}, weights, seq_len=seq_len,
+                                       batch_size=batch_size, seed=stream.seed)
+                self.samplers.append(sampler)
+                j = len(self.samplers) - 1
+                keys += [((i + 0.5) / stream.count, j, stream.first + i) for i in range(stream.count)]
+            self.order += [(j, i) for _, j, i in sorted(keys)]
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def batch(self, index: int, rank: int = 0, world_size: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= index < len(self.order):
+            raise BtxError(f"data plan: micro-batch {index} asked for, but the plan holds {len(self.order)}")
+        stream, own = self.order[index]
+        return self.samplers[stream].batch(own, rank, world_size)
+
+
 def _named_shards(shards) -> dict[str, Shard]:
     if isinstance(shards, Shard):
         shards = [shards]
@@ -983,6 +1034,8 @@ __all__ = [
     "SHARD_FORMAT",
     "PathSource",
     "PythonSource",
+    "DataStream",
+    "PlannedSampler",
     "Shard",
     "Source",
     "TokenSampler",

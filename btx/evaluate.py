@@ -13,8 +13,24 @@ The posterior needs only each expert's log-probabilities of the observed tokens,
 are run one after another (`window_logprobs`) and mixed afterwards (`btm_mixture`): one model in
 memory at a time, and a checkpoint that is both a row and a BTM expert is run once.
 
-`btx eval` (see `eval_command`): a recipe's run (every model of it that exists, via
-`btx.pipeline.eval_rows`) or any list of HF checkpoints on `--data DOMAIN=SHARD` validation shards.
+BTM top-k (the paper's BTM): at every position the k experts whose training data is most similar
+to the context so far (the window's tokens up to that position) by tf-idf are averaged, with equal
+weights (`TfidfRouter`, `btm_topk_mixture`). Terms are token ids and token-id bigrams (a bigram
+(a, b) is term V + (a*V + b) mod 2^20, exact for vocabularies up to 1024); each expert's document
+is an evenly spread sample of its domain's training shard; idf = ln((1 + J) / (1 + df)) + 1 over
+the J experts (scikit-learn's smooth idf); similarity is the cosine, whose ranking needs only the
+context's term counts against each expert's unit tf-idf vector, so it is a cumulative sum over
+the window. Ties go to the expert listed first.
+
+Uncertainty: a row's loss on a domain is the mean over its validation windows (all of equal
+length), and its standard error is the windows' standard deviation / sqrt(windows); the average's
+is sqrt(sum of squares) / domains. Windows are consecutive text, so neighbours correlate and the
+standard error is an estimate of the sampling noise of the validation set, not of training noise
+(another seed). Rows scored on the same windows are compared more sharply by the paired
+difference of their window losses (`paired_differences`).
+
+`btx eval CHECKPOINT ... --data DOMAIN=SHARD` (`eval_checkpoints_command`) evaluates any list of HF
+checkpoints; `btx eval RECIPE` (every model of a run) is btx.pipeline.eval_recipe_command.
 """
 
 from __future__ import annotations
@@ -24,6 +40,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
@@ -31,6 +48,7 @@ from rich.markup import escape
 
 from btx.data import Shard, eval_batches
 from btx.errors import BtxError
+from btx.eval_plot import PLOT_NAME, plot_loss_vs_flops, text_scatter
 from btx.manifest import dumps_json
 
 
@@ -42,10 +60,60 @@ class EvalRow:
     active_params: int | None = None  # per token
     note: str = ""
     tokens: dict[str, int] = field(default_factory=dict)
+    stderr: dict[str, float | None] = field(default_factory=dict)  # domain -> standard error of the loss
+    window_losses: dict[str, list[float]] = field(default_factory=dict)  # domain -> mean NLL of each window
 
     @property
     def average(self) -> float:
         return sum(self.losses.values()) / len(self.losses)
+
+    @property
+    def average_stderr(self) -> float | None:
+        """Standard error of `average` (the domains' validation sets are independent samples)."""
+        errors = [self.stderr.get(d) for d in self.losses]
+        if not errors or any(e is None for e in errors):
+            return None
+        return math.sqrt(sum(e * e for e in errors)) / len(errors)
+
+
+def window_scores(lp_NS: torch.Tensor) -> tuple[float, float | None, list[float]]:
+    """(mean NLL, its standard error over the N windows, each window's mean NLL) of token
+    log-probabilities [N, S]; the standard error is None for a single window."""
+    per_window = -lp_NS.double().mean(-1)
+    n = per_window.numel()
+    stderr = (per_window.std(unbiased=True) / math.sqrt(n)).item() if n > 1 else None
+    return nll(lp_NS), stderr, per_window.tolist()
+
+
+def row_from_logprobs(name: str, lps: dict[str, torch.Tensor], train_flops: float | None = None,
+                      active_params: int | None = None, note: str = "") -> EvalRow:
+    """An EvalRow from {domain: token log-probabilities [N, S]}: losses, standard errors, windows."""
+    scores = {d: window_scores(lp) for d, lp in lps.items()}
+    return EvalRow(name, {d: sc[0] for d, sc in scores.items()}, train_flops, active_params, note,
+                   {d: lp.numel() for d, lp in lps.items()}, {d: sc[1] for d, sc in scores.items()},
+                   {d: sc[2] for d, sc in scores.items()})
+
+
+def paired_differences(rows: list[EvalRow], reference: str) -> dict[str, dict]:
+    """{row: {"average", "stderr", "losses"}}: each row's loss minus the `reference` row's, with the
+    standard error of the difference paired window by window (rows scored on the same windows);
+    {} when there is no such row."""
+    ref = next((r for r in rows if r.name == reference), None)
+    if ref is None or not ref.window_losses:
+        return {}
+    out = {}
+    for r in rows:
+        if r is ref or set(r.window_losses) != set(ref.window_losses) or \
+                any(len(r.window_losses[d]) != len(w) for d, w in ref.window_losses.items()):
+            continue
+        diffs = {d: np.asarray(r.window_losses[d]) - np.asarray(ref.window_losses[d]) for d in ref.window_losses}
+        errors = [float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None for v in diffs.values()]
+        out[r.name] = {
+            "average": r.average - ref.average,
+            "stderr": None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors),
+            "losses": {d: r.losses[d] - ref.losses[d] for d in ref.losses},
+        }
+    return out
 
 
 def _device_of(model) -> torch.device:
@@ -114,6 +182,11 @@ def btm_losses_from_logprobs(per_expert: Sequence[dict[str, torch.Tensor]]) -> d
     return {d: nll(btm_mixture(torch.stack([lp[d] for lp in per_expert]))[0]) for d in per_expert[0]}
 
 
+def btm_posterior_logprobs(per_expert: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """{domain: the BTM ensemble's token log-probabilities [N, S]} from each expert's."""
+    return {d: btm_mixture(torch.stack([lp[d] for lp in per_expert]))[0] for d in per_expert[0]}
+
+
 def btm_losses(experts: list, shards: dict[str, Shard], seq_len: int, batch_size: int, max_batches: int,
                progress=None) -> dict[str, float]:
     """Per-domain NLL of the BTM ensemble (domain-posterior mixture of the experts)."""
@@ -126,8 +199,105 @@ def btm_losses(experts: list, shards: dict[str, Shard], seq_len: int, batch_size
 
 
 # ----------------------------------------------------------------------------------------------
+# BTM top-k by tf-idf (the paper's BTM)
+# ----------------------------------------------------------------------------------------------
+
+BIGRAM_BUCKETS = 1 << 20
+TFIDF_SAMPLES = 64  # an expert's document: this many evenly spaced stretches of its training shard
+
+
+def term_ids(tokens: np.ndarray, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(unigram terms [..., S], bigram terms [..., S]) of token ids [..., S]; a position's bigram is
+    (its previous token, it), and position 0 of a row has none (-1)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    bigrams = np.full(tokens.shape, -1, dtype=np.int64)
+    bigrams[..., 1:] = vocab_size + (tokens[..., :-1] * vocab_size + tokens[..., 1:]) % BIGRAM_BUCKETS
+    return tokens, bigrams
+
+
+def shard_sample(shard: Shard, tokens: int) -> np.ndarray:
+    """About `tokens` tokens of `shard` in TFIDF_SAMPLES evenly spaced stretches (all of a small shard)."""
+    n = len(shard)
+    if n <= tokens:
+        return np.asarray(shard.tokens[:n], dtype=np.int64)
+    size = tokens // TFIDF_SAMPLES
+    starts = np.linspace(0, n - size, TFIDF_SAMPLES).astype(np.int64)
+    return np.concatenate([np.asarray(shard.tokens[s : s + size], dtype=np.int64) for s in starts])
+
+
+class TfidfRouter:
+    """Scores of J experts for every context, by the tf-idf cosine of the context with each
+    expert's training data (see the module docstring)."""
+
+    def __init__(self, documents: Sequence[np.ndarray], vocab_size: int):
+        self.vocab_size = vocab_size
+        size = vocab_size + BIGRAM_BUCKETS
+        counts = []
+        for doc in documents:
+            uni, bi = term_ids(doc, vocab_size)
+            counts.append(np.bincount(np.concatenate([uni, bi[bi >= 0]]), minlength=size).astype(np.float64))
+        counts_JT = np.stack(counts)
+        df = (counts_JT > 0).sum(0)
+        self.idf_T = np.log((1 + len(documents)) / (1 + df)) + 1.0
+        tfidf_JT = counts_JT / counts_JT.sum(1, keepdims=True) * self.idf_T
+        unit_JT = tfidf_JT / np.linalg.norm(tfidf_JT, axis=1, keepdims=True)
+        # cosine(context, expert) = (counts * idf) . unit_j / |counts * idf|; the norm is the same for every expert
+        self.weight_JT = (unit_JT * self.idf_T).astype(np.float32)
+
+    def scores(self, inputs_NS: np.ndarray) -> torch.Tensor:
+        """[J, N, S]: expert j's similarity (up to a positive factor per context) to inputs[n, :t+1],
+        the context of the prediction at position t."""
+        uni, bi = term_ids(inputs_NS, self.vocab_size)
+        per_token = self.weight_JT[:, uni] + np.where(bi >= 0, self.weight_JT[:, np.maximum(bi, 0)], 0.0)
+        return torch.from_numpy(per_token.astype(np.float64)).cumsum(-1)
+
+
+def btm_topk_mixture(lp_JNS: torch.Tensor, scores_JNS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mix_NS, top1_NS): the equal-weight mixture of the k best-scoring experts at every position
+    (ties to the lower index), and the index of the best one."""
+    J = lp_JNS.shape[0]
+    # A stable descending sort: equal scores keep the experts' order.
+    order = torch.sort(-scores_JNS, dim=0, stable=True).indices[: min(k, J)]
+    chosen = torch.gather(lp_JNS.double(), 0, order)
+    return torch.logsumexp(chosen, dim=0) - math.log(order.shape[0]), order[0]
+
+
+def window_inputs(shard: Shard, seq_len: int, batch_size: int, max_batches: int | None) -> np.ndarray:
+    """The input tokens [N, S] of the evaluation windows `window_logprobs` scores."""
+    return np.concatenate([inputs.numpy() for inputs, _ in eval_batches(shard, seq_len, batch_size, max_batches)])
+
+
+def btm_topk_logprobs(per_expert: Sequence[dict[str, torch.Tensor]], router: TfidfRouter, shards: dict[str, Shard],
+                      seq_len: int, batch_size: int, max_batches: int | None, k: int
+                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+    """({domain: the top-k ensemble's token log-probabilities}, {domain: share of positions whose
+    best expert is expert j, for every j})."""
+    mixed, top1_share = {}, {}
+    for d, shard in shards.items():
+        scores = router.scores(window_inputs(shard, seq_len, batch_size, max_batches))
+        mixed[d], top1 = btm_topk_mixture(torch.stack([lp[d] for lp in per_expert]), scores, k)
+        top1_share[d] = (torch.bincount(top1.flatten(), minlength=len(per_expert)) / top1.numel()).tolist()
+    return mixed, top1_share
+
+
+# ----------------------------------------------------------------------------------------------
 # The table: terminal, markdown, JSON
 # ----------------------------------------------------------------------------------------------
+
+
+FLOPS_NOTE = ("train FLOPs: training FLOPs beyond the seed, counted as btx.flops does: 6 per trained weight and "
+              "token, 4 per frozen weight (no weight gradient), 2 where nothing before it trains; embedding "
+              "lookups 0. ± is the standard error over the validation windows.")
+REFERENCE_ROW = "BTX"  # the row the paired differences are taken against
+
+
+def _loss_cell(loss: float, stderr: float | None) -> str:
+    return f"{loss:.4f}" if stderr is None else f"{loss:.4f} ± {stderr:.4f}"
+
+
+def _cells(r: EvalRow, domains: list[str], domain_stderr: bool = True) -> list[str]:
+    return [r.name, *(_loss_cell(r.losses[d], r.stderr.get(d) if domain_stderr else None) for d in domains),
+            _loss_cell(r.average, r.average_stderr), _ppl(r.average), _flops(r.train_flops), _params(r.active_params)]
 
 
 def render(rows: list[EvalRow], domains: list[str], title: str = "Validation loss (nats/token; lower is better)",
@@ -141,14 +311,30 @@ def render(rows: list[EvalRow], domains: list[str], title: str = "Validation los
     best_avg = min(r.average for r in rows)
     cells = []
     for r in rows:
-        losses = [f"[bold green]{r.losses[d]:.4f}[/]" if r.losses[d] == best[d] else f"{r.losses[d]:.4f}"
-                  for d in domains]
-        average = f"[bold green]{r.average:.4f}[/]" if r.average == best_avg else f"{r.average:.4f}"
-        cells.append([escape(r.name), *losses, average, _ppl(r.average), _flops(r.train_flops),
-                      _params(r.active_params)])
+        row = _cells(r, domains)
+        row[0] = escape(row[0])
+        for i, d in enumerate(domains, start=1):
+            if r.losses[d] == best[d]:
+                row[i] = f"[bold green]{row[i]}[/]"
+        if r.average == best_avg:
+            row[len(domains) + 1] = f"[bold green]{row[len(domains) + 1]}[/]"
+        cells.append(row)
     # btx.tables keeps every number whole: a narrow terminal or a log file gets fewer columns or
     # one block per model instead of cut values.
-    console.print(FitTable(columns, cells, title=title))
+    console.print(FitTable(columns, cells, title=title,
+                           caption=FLOPS_NOTE if any(r.train_flops for r in rows) else None))
+    differences = paired_differences(rows, REFERENCE_ROW)
+    if differences:
+        console.print(f"average minus {REFERENCE_ROW}'s, paired over the same windows (± standard error):")
+        for name, diff in differences.items():
+            console.print(f"  {escape(name):<40} {_signed(diff['average'], diff['stderr'])}", highlight=False)
+    chart = text_scatter(rows)
+    if chart:
+        console.print(chart, markup=False, highlight=False, soft_wrap=True)
+
+
+def _signed(value: float, stderr: float | None) -> str:
+    return f"{value:+.4f}" + ("" if stderr is None else f" ± {stderr:.4f}")
 
 
 def _ppl(loss: float) -> str:
@@ -168,12 +354,18 @@ def _md_cell(text: str) -> str:
 
 
 def to_markdown(rows: list[EvalRow], domains: list[str]) -> str:
+    """The table; below it, when there is more than the table to say, the FLOPs note and the
+    paired differences from the BTX row."""
     head = ["model", *domains, "average", "ppl (avg)", "train FLOPs", "active params"]
     lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [_md_cell(r.name), *(f"{r.losses[d]:.4f}" for d in domains), f"{r.average:.4f}",
-                 _ppl(r.average), _flops(r.train_flops), _params(r.active_params)]
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(map(_md_cell, _cells(r, domains))) + " |")
+    if any(r.train_flops for r in rows):
+        lines += ["", FLOPS_NOTE]
+    differences = paired_differences(rows, REFERENCE_ROW)
+    if differences:
+        lines += ["", f"| model | average minus {REFERENCE_ROW}'s (paired, ± standard error) |", "|---|---|"]
+        lines += [f"| {_md_cell(name)} | {_signed(d['average'], d['stderr'])} |" for name, d in differences.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -181,17 +373,27 @@ def _perplexity(loss: float) -> float | None:
     return math.exp(loss) if loss < 700 else None
 
 
-def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: dict | None = None) -> dict[str, Path]:
-    """Write `eval.json` and `eval.md` into out_dir (created if needed)."""
+def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: dict | None = None,
+         console: Console | None = None) -> dict[str, Path]:
+    """Write `eval.json`, `eval.md` and, with matplotlib, `loss_vs_flops.png` into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {"domains": domains,
-            "rows": [asdict(r) | {"average": r.average, "perplexity": {d: _perplexity(v) for d, v in r.losses.items()},
+            "rows": [asdict(r) | {"average": r.average, "average_stderr": r.average_stderr,
+                                  "perplexity": {d: _perplexity(v) for d, v in r.losses.items()},
                                   "average_perplexity": _perplexity(r.average)} for r in rows],
+            "flops_counting": FLOPS_NOTE,
+            "differences_from": {"reference": REFERENCE_ROW, "rows": paired_differences(rows, REFERENCE_ROW)},
             **(extra or {})}
     (out / "eval.json").write_text(dumps_json(data, indent=2) + "\n")
     (out / "eval.md").write_text(to_markdown(rows, domains))
-    return {"json": out / "eval.json", "markdown": out / "eval.md"}
+    paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
+    note = plot_loss_vs_flops(rows, out / PLOT_NAME)
+    if note is None:
+        paths["plot"] = out / PLOT_NAME
+    elif console is not None and note:
+        console.print(escape(note), soft_wrap=True)
+    return paths
 
 
 # ----------------------------------------------------------------------------------------------
@@ -381,21 +583,75 @@ def evaluate_checkpoints(
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             bar.remove_task(task)
-    rows = []
-    for name, key in zip(row_names, row_keys):
-        c = unique[key]
-        rows.append(EvalRow(name, {d: nll(lp) for d, lp in lps[key].items()}, c.train_flops,
-                            c.cfg.param_counts()["active"], str(c.path), {d: lp.numel() for d, lp in lps[key].items()}))
+    rows = [row_from_logprobs(name, lps[key], unique[key].train_flops, unique[key].cfg.param_counts()["active"],
+                              str(unique[key].path)) for name, key in zip(row_names, row_keys)]
+    tfidf_note = None
     if btm:
         experts = [unique[k] for k in btm_keys]
-        flops = [e.train_flops for e in experts]
-        rows.append(EvalRow(
-            "BTM ensemble", btm_losses_from_logprobs([lps[k] for k in btm_keys]),
-            sum(flops) if all(f is not None for f in flops) else None,
-            sum(e.cfg.param_counts()["active"] for e in experts),
-            "experts mixed by domain posterior: " + ", ".join(str(e.path) for e in experts),
-            {d: lp.numel() for d, lp in lps[btm_keys[0]].items()},
-        ))
+        documents = [checkpoint_train_shard(e.path) for e in experts]
+        router = None
+        if all(doc is not None for doc in documents):
+            router = TfidfRouter([shard_sample(doc, TFIDF_TOKENS) for doc in documents],
+                                 min(e.cfg.vocab_size for e in experts))
+        else:
+            tfidf_note = ("BTM top-k (tf-idf) rows need each --btm expert's training shard, which btx finds in "
+                          "the DONE.json of a btx training job; not every expert has one")
+        rows += btm_rows([lps[k] for k in btm_keys], [e.train_flops for e in experts],
+                         [e.cfg.param_counts()["active"] for e in experts],
+                         "experts: " + ", ".join(str(e.path) for e in experts), router=router, shards=shards,
+                         seq_len=seq_len, batch_size=batch_size, batches=batches,
+                         expert_names=[e.name for e in experts])
+    settings = {
+        "checkpoints": {name: str(unique[key].path) for name, key in zip(row_names, row_keys)},
+        "btm_experts": [str(unique[k].path) for k in btm_keys],
+        "data": {d: str(s.path) for d, s in shards.items()},
+        "seq_len": seq_len, "batch_size": batch_size, "batches": batches,
+        "device": str(dev), "dtype": dtype,
+        **({"btm_tfidf": tfidf_note} if tfidf_note else {}),
+    }
+    return rows, settings
+
+
+BTM_POSTERIOR_ROW = "BTM ensemble"
+TFIDF_TOKENS = 1_000_000  # training tokens per expert for the tf-idf documents (a recipe: eval.btm_tfidf_tokens)
+
+
+def btm_rows(per_expert: Sequence[dict[str, torch.Tensor]], flops: Sequence[float | None], active: Sequence[int],
+             note: str, *, router: TfidfRouter | None = None, shards: dict[str, Shard] | None = None,
+             seq_len: int = 0, batch_size: int = 0, batches: int | None = None,
+             expert_names: Sequence[str] = ()) -> list[EvalRow]:
+    """The BTM rows from the experts' token log-probabilities: the domain-posterior ensemble and,
+    with a tf-idf `router`, top-1 and top-2 by tf-idf. Training FLOPs are the experts'; active
+    parameters those of the experts that run per token."""
+    total = sum(flops) if all(f is not None for f in flops) else None
+    rows = [row_from_logprobs(BTM_POSTERIOR_ROW, btm_posterior_logprobs(per_expert), total, sum(active),
+                              "experts mixed by domain posterior; " + note)]
+    if router is not None:
+        for k in [k for k in (1, 2) if k <= len(per_expert)]:
+            mixed, top1 = btm_topk_logprobs(per_expert, router, shards, seq_len, batch_size, batches, k)
+            picks = "; ".join(f"{d}: " + ", ".join(f"{n} {share:.0%}" for n, share in zip(expert_names, shares))
+                              for d, shares in top1.items())
+            rows.append(row_from_logprobs(f"BTM top-{k} (tf-idf)", mixed, total, sum(sorted(active)[-k:]),
+                                          ("the expert" if k == 1 else f"the {k} experts") + f" most tf-idf-similar to the context; top-1 picks: {picks}"))
+    return rows
+
+
+def checkpoint_train_shard(path: Path) -> Shard | None:
+    """The one training shard of the btx job that made the checkpoint (its DONE.json
+    inputs.train_shards, for a domain expert), or None."""
+    from btx.data import load_shard
+    from btx.manifest import read_done
+
+    for directory in (path, path.parent) if path.name == "final" else (path,):
+        try:
+            shards = ((read_done(directory) or {}).get("inputs") or {}).get("train_shards") or {}
+        except BtxError:
+            continue
+        if len(shards) == 1 and Path(next(iter(shards.values()))).is_file():
+            return load_shard(next(iter(shards.values())))
+    return None
+
+
     settings = {
         "checkpoints": {name: str(unique[key].path) for name, key in zip(row_names, row_keys)},
         "btm_experts": [str(unique[k].path) for k in btm_keys],
@@ -406,86 +662,45 @@ def evaluate_checkpoints(
     return rows, settings
 
 
-def _check_out_dir(out: Path) -> None:
+def check_out_dir(out: Path) -> None:
     """`--out` may be new, empty, or an earlier eval output (replaced); nothing else is overwritten."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "eval.json").is_file())):
         raise BtxError(f"--out {out}: exists and is not an earlier btx eval output (no eval.json); "
                        "choose another directory")
 
 
-def write_outputs(rows: list[EvalRow], domains: list[str], out: Path, done: dict, extra: dict | None = None) -> None:
-    """eval.json, eval.md and DONE.json (last), appearing in `out` all at once."""
+def written(out: Path) -> str:
+    """The files of an eval output, for the closing line."""
+    return ", ".join(name for name in ("eval.md", "eval.json", PLOT_NAME) if (out / name).is_file())
+
+
+def write_outputs(rows: list[EvalRow], domains: list[str], out: Path, done: dict, extra: dict | None = None,
+                  console: Console | None = None) -> None:
+    """eval.json, eval.md, the plot and DONE.json (last), appearing in `out` all at once."""
     from btx.manifest import atomic_dir, hash_dir, write_done
 
     with atomic_dir(out, force=True) as tmp:
-        save(rows, domains, tmp, extra)
+        save(rows, domains, tmp, extra, console=console)
         write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done,
                          "outputs": hash_dir(tmp)})
 
 
-def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None, force: bool = False) -> list[EvalRow]:
-    """`btx eval RECIPE`: every model of the run that exists (`pipeline.eval_rows`), shown and
-    written to <run_dir>/eval/ (eval.md, eval.json, DONE.json). A model that no longer follows from
-    its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
-    from btx.pipeline import eval_input_identities, eval_rows, stale_models
-
-    console = console or Console()
-    missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
-    if missing:
-        raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
-    stale = [] if force else stale_models(exp)
-    if stale:
-        raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
-                       f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
-    out = out or exp.run_dir / "eval"
-    identities = eval_input_identities(exp, out)
-    rows = eval_rows(exp, console)
-    if not rows:
-        raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
-                       "finetuned/, baselines/); run btx run or its stages first")
-    domains = list(exp.domains)
-    render(rows, domains, console=console)
-    settings = {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
-                "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len}
-    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings})
-    console.print(escape(f"wrote {out}/ (eval.md, eval.json)"), soft_wrap=True)
-    return rows
-
-
-def eval_command(args) -> int:
-    """`btx eval RECIPE [KEY=VALUE ...]` or `btx eval CKPT [CKPT ...] --data DOMAIN=SHARD ...`."""
-    target = args.target
+def eval_checkpoints_command(args) -> int:
+    """`btx eval CKPT [CKPT ...] --data DOMAIN=SHARD ...` (`btx eval RECIPE` is btx.pipeline's)."""
     rest = list(args.overrides or [])
-    if target is None:
+    if args.target is None:
         if not args.btm:
             raise BtxError("eval: give an experiment RECIPE, or CHECKPOINT directories with --data DOMAIN=SHARD")
         checkpoints: list[str] = []
-    elif Path(target).is_file() or Path(target).suffix in (".yaml", ".yml"):
-        from btx.recipe import load_experiment
-
-        for flag, value in (("--data", args.data), ("--btm", args.btm), ("--names", args.names)):
-            if value:
-                raise BtxError(f"eval: {flag} is for checkpoints; a RECIPE brings its own models and "
-                               "validation shards")
-        for key, value in (("batches", args.batches), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
-            if value is not None:  # --batches N is shorthand for eval.batches=N
-                rest.append(f"eval.{key}={value}")
-        if args.device not in (None, "cpu") or args.dtype != "auto":
-            raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
-        exp = load_experiment(target, rest)
-        if args.out:
-            _check_out_dir(Path(args.out))
-        eval_recipe(exp, out=Path(args.out) if args.out else None, force=args.force)
-        return 0
     else:
         bad = [r for r in rest if "=" in r and not Path(r).exists()]
         if bad:
             raise BtxError(f"eval: {bad[0]}: overrides need an experiment RECIPE (and this is not a checkpoint)")
-        checkpoints = [target, *rest]
+        checkpoints = [args.target, *rest]
     data = parse_data_specs(args.data)
     names = [n.strip() for n in args.names.split(",")] if args.names else None
     out = Path(args.out) if args.out else Path("eval")
-    _check_out_dir(out)
+    check_out_dir(out)
     console = Console()
     rows, settings = evaluate_checkpoints(
         checkpoints, data, btm=args.btm or (), names=names,
@@ -495,6 +710,6 @@ def eval_command(args) -> int:
     )
     domains = list(data)
     render(rows, domains, console=console)
-    write_outputs(rows, domains, out, {"settings": settings}, {"settings": settings})
-    Console(stderr=True).print(escape(f"wrote {out}/ (eval.md, eval.json)"), soft_wrap=True)
+    write_outputs(rows, domains, out, {"settings": settings}, {"settings": settings}, console=Console(stderr=True))
+    Console(stderr=True).print(escape(f"wrote {out}/ ({written(out)})"), soft_wrap=True)
     return 0

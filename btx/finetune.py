@@ -17,8 +17,12 @@ What finetune adds through the loop's hooks:
 - the data: a mixture of the domains' train shards (`finetune.mixture`), optionally with the
   data-only `general` domain (`finetune.general`), which stands for the seed's own pretraining
   data as in the paper (the seed, kept as an expert, has no domain of its own).
-- `setup_model`: which parameters train (`finetune.trainable`: all | router_only |
-  frozen_experts), set before the optimizer exists, so frozen ones are not in it.
+- which parameters train (`finetune.trainable`: all | router_only | frozen_experts; the job's
+  `trainable`, which the loop sets before the optimizer exists, so frozen ones are not in it).
+- `finetune.router_only_steps: N`: a router-only phase first, its own job (`<run_dir>/finetune-router/`,
+  the finetune's settings for N steps, warmup at most half of them), on the first N steps' batches
+  of the finetune's data; the finetune proper then starts from its export, on the batches after
+  them, and its DONE.json `train_flops` counts both phases (`train_flops_phases`).
 - `on_step`: per-layer balancing loss and z-loss, the switch drop rate (every step), and every
   `log_every` steps each layer's share of routed tokens per expert (`btx.routing`).
 
@@ -26,6 +30,7 @@ Where things go:
     <run_dir>/finetune-train/ckpt/step-N/   DeepSpeed checkpoints (resume)
     <run_dir>/finetune-train/metrics.jsonl  one JSON object per step
     <run_dir>/finetuned/                    the HF export (the seed family's MoE form), then DONE.json
+    <run_dir>/finetune-router(-train)/      the router-only phase's export and training state
 
 Launch on several processes with any launcher, e.g.
     torchrun --nproc_per_node 8 -m btx finetune RECIPE
@@ -34,12 +39,14 @@ Launch on several processes with any launcher, e.g.
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from pathlib import Path
 
 import torch
 
 from btx import hf
+from btx.data import DataStream
 from btx.errors import BtxError
 from btx.manifest import DONE_NAME, read_done
 from btx.model import Transformer
@@ -47,14 +54,16 @@ from btx.train import TrainJob, _recipe_hash, _shard_path, run_loop  # the loop'
 
 WORK_DIR = "finetune-train"
 EXPORT_DIR = "finetuned"
-# Parameter-name tests of `finetune.trainable` (btx names, see docs/CONTRACTS.md).
-EXPERT_WEIGHTS = ("ffn.w1", "ffn.w2", "ffn.w3")  # the stacked expert FFNs of MoE layers
-ROUTER_WEIGHT = "ffn.router.weight"
+ROUTER_PHASE = "finetune-router"  # the router-only phase's export dir (its training state: + "-train")
 
 
-def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path | None = None) -> TrainJob:
-    """The finetuning job of an experiment: the merged MoE (or `model_dir`) on the finetune mixture."""
+def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
+                 trainable: str | None = None, router_only_steps: int | None = None) -> TrainJob:
+    """The finetuning job of an experiment: the merged MoE (or `model_dir`) on the finetune mixture.
+    `trainable` and `router_only_steps` replace the recipe's (the baselines train everything)."""
     ft = exp.finetune
+    trainable = ft.trainable if trainable is None else trainable
+    router_steps = ft.router_only_steps if router_only_steps is None else router_only_steps
     merged = Path(model_dir) if model_dir is not None else exp.run_dir / "merged"
     if model_dir is None and read_done(merged) is None:
         raise BtxError(f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
@@ -79,7 +88,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     run_dir = exp.run_dir
     export_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
     merged_manifest = read_done(merged)
-    return TrainJob(
+    job = TrainJob(
         name="finetune",
         settings=settings,
         train_shards={name: _shard_path(exp, name, "train") for name in train_domains},
@@ -97,8 +106,34 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         recipe_hash=_recipe_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
                                   "finetune": ft, "train": settings}),
         inputs={"merged": str(merged)},
-        engine_settings={"trainable": ft.trainable, "zero_stage": ft.zero_stage,
+        engine_settings={"trainable": trainable, "zero_stage": ft.zero_stage,
                          "offload_optimizer": ft.offload_optimizer},
+        trainable=trainable,
+    )
+    return with_router_phase(job, router_steps) if router_steps else job
+
+
+def finetune_stream(job: TrainJob) -> DataStream:
+    """The finetune's batches from the first: the stream of its mixture and seed."""
+    return DataStream(domains=list(job.train_shards), weights=job.mixture, seed=job.settings.seed, first=0, count=0)
+
+
+def with_router_phase(job: TrainJob, steps: int) -> TrainJob:
+    """`job` preceded by `steps` router-only steps (see the module docstring)."""
+    s = job.settings
+    main_export = Path(job.export_dir)
+    export = main_export.with_name(ROUTER_PHASE if main_export.name == EXPORT_DIR else f"{main_export.name}-router")
+    first = dataclasses.replace(
+        job, name=ROUTER_PHASE, settings=dataclasses.replace(
+            s, steps=steps, warmup_steps=min(s.warmup_steps, steps // 2), eval_every=steps,
+            checkpoint_every=min(s.checkpoint_every, steps) if s.checkpoint_every else 0),
+        work_dir=export.with_name(export.name + "-train"), export_dir=export, manifest_dir=export,
+        trainable="router_only", engine_settings={**job.engine_settings, "trainable": "router_only"},
+    )
+    stream = dataclasses.replace(finetune_stream(job), first=steps * s.grad_accum, count=s.steps * s.grad_accum)
+    return dataclasses.replace(
+        job, init_from=export, before=first, data_plan=[[stream]], inputs={**job.inputs, "router_phase": str(export)},
+        engine_settings={**job.engine_settings, "router_only_steps": steps},
     )
 
 
@@ -112,19 +147,6 @@ def routing_overrides(cfg, ft, top_k: int) -> dict:
         "gumbel_rate": ft.gumbel_rate,
         "extra": {**cfg.extra, "router_aux_loss_coef": ft.balance_alpha},
     }
-
-
-def set_trainable(model: Transformer, mode: str) -> None:
-    """`all`: everything; `router_only`: the routers; `frozen_experts`: everything but the expert FFNs."""
-    if mode not in ("all", "router_only", "frozen_experts"):
-        raise BtxError(f"finetune.trainable: expected all, router_only or frozen_experts, got {mode!r}")
-    for name, p in model.named_parameters():
-        if mode == "router_only":
-            p.requires_grad_(name.endswith(ROUTER_WEIGHT))
-        elif mode == "frozen_experts":
-            p.requires_grad_(not name.endswith(EXPERT_WEIGHTS))
-        else:
-            p.requires_grad_(True)
 
 
 class RoutingLog:
@@ -198,14 +220,17 @@ def _collective_device() -> torch.device:
 
 
 def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
-    """Train a `finetune_job` with the DeepSpeed engine; returns its DONE.json dict."""
+    """Train a `finetune_job` with the DeepSpeed engine (its router-only phase first, when it has
+    one); returns its DONE.json dict."""
     from btx.engine_deepspeed import DeepSpeedEngine, build_sharded_model
 
+    if job.before is not None:
+        first = run_finetune(job.before, force=force, console=console)
+        job = dataclasses.replace(job, prior_flops={job.before.name: first["train_flops"]})
     settings = job.engine_settings
     log = RoutingLog(every=job.settings.log_every)
 
     def setup_model(model: Transformer) -> None:
-        set_trainable(model, settings.get("trainable", "all"))
         log.setup(model)
 
     zero_stage, offload = settings.get("zero_stage", 0), settings.get("offload_optimizer", False)

@@ -139,23 +139,6 @@ class ModelConfig:
         active = embed + self.n_layers * (attn + router + shared) + active_ffns * ffn
         return {"total": total, "active": active}
 
-    def train_flops_per_token(self, seq_len: int) -> float:
-        """Forward+backward FLOPs per token: 6 x active matmul parameters + causal attention scores.
-
-        Embedding lookups cost no FLOPs, so the input embedding is left out (the LM head is in).
-        A sliding-window layer scores each token against at most `window` keys.
-        """
-        active = self.param_counts()["active"] - self.vocab_size * self.dim - self.dim
-        if self.tie_embeddings:
-            active += self.vocab_size * self.dim
-        # QK^T and AV: 2 matmuls x 2 FLOPs x 3 (fwd+bwd) over the mean context; the causal mean
-        # context is seq_len / 2, hence 6 * seq_len per head dim for a full layer.
-        context = 0.0
-        for layer in range(self.n_layers):
-            w = self.window(layer)
-            context += seq_len if w is None or w >= seq_len else 2 * w - w * w / seq_len
-        return 6.0 * active + 6 * self.n_heads * self.head_dim * context
-
 
 @dataclass
 class Routing:

@@ -30,10 +30,21 @@ Work inside a stage is itself resumable (training checkpoints, finished experts)
 crash is resumed by running the same command again. One `btx run` per run directory at a time:
 a second stops with one line naming the first (`btx.manifest.output_lock`).
 
-Compute matching. With `eval.baselines`, the dense baseline continues the seed on the finetune
-mixture, and the sparse-upcycling baseline finetunes an MoE made of seed copies, each for as many
-steps as make its training FLOPs equal the experts' plus the BTX finetune's (the FLOPs recorded in
-their DONE.json manifests).
+Baselines (`eval.baselines`), matched on what `eval.match` says, each training all its parameters
+whatever BTX's finetune freezes (finetune.trainable, router_only_steps are BTX's alone):
+- compute (default): the dense baseline continues the seed on the finetune mixture, and the
+  sparse-upcycling baseline finetunes an MoE made of seed copies, each for as many steps as make
+  its training FLOPs equal the experts' plus the BTX finetune's (the FLOPs recorded in their
+  DONE.json manifests; btx.flops counts frozen weights without their weight gradients);
+- data (the paper's Table 2): both see exactly the batches BTX trained on after the seed, one step
+  per BTX step: every expert's batches (the domains interleaved evenly, so the dense model sees
+  the experts' union as one mixed stream rather than one domain after another), then the
+  finetune's, router-only phase included (`btx_data_plan`). The upcycled MoE costs more FLOPs
+  per token than a dense expert, so it gets more compute than BTX here; BTM has no finetune.
+- both: the four rows. Each baseline is its own ledger entry, so adding a protocol trains only its runs.
+
+`btx eval RECIPE` (`eval_recipe`) lives here, beside `eval_rows`: btx.evaluate scores checkpoints
+and draws tables and knows nothing of runs, so nothing imports back.
 """
 
 from __future__ import annotations
@@ -375,12 +386,31 @@ def _finetune(p: Pipeline, force: bool) -> StageOutcome:
 
     key = _key(p.exp.finetune, p.exp.finetune_train, p.keys["merge"])
     job = finetune_job(p.exp)
+    done_dirs, extra_dirs = [p.run_dir / "finetuned"], [p.run_dir / FINETUNE_WORK_DIR]
+    if job.before is not None:  # the router-only phase: its export is the finetune's start
+        done_dirs.insert(0, Path(job.before.manifest_dir))
+        extra_dirs.append(Path(job.before.work_dir))
 
     def work() -> str:
         return _train_summary(run_finetune(job, console=p.console))
 
-    return p.stage("finetune", key, [p.run_dir / "finetuned"], work, force, extra_dirs=(p.run_dir / FINETUNE_WORK_DIR,),
-                   adopt=_adopt_training(job), repairs_itself=True)
+    return p.stage("finetune", key, done_dirs, work, force, extra_dirs=tuple(extra_dirs),
+                   adopt=_adopt_finetune(job), repairs_itself=True)
+
+
+def _adopt_finetune(job) -> Adopt:
+    """A finetune (and its router-only phase) made by `btx finetune` follows from the recipe when
+    each job's DONE.json does (`_adopt_training`)."""
+    jobs = [job] if job.before is None else [job.before, job]
+
+    def adopt(dones: list[dict]) -> str | None:
+        for one, done in zip(jobs, dones[-len(jobs):]):
+            reason = _adopt_training(one)([done])
+            if reason is not None:
+                return reason
+        return None
+
+    return adopt
 
 
 def _grow(p: Pipeline, force: bool) -> StageOutcome:
@@ -436,8 +466,48 @@ def compute_budget(p: Pipeline) -> float:
 
 
 def _matched_steps(budget: float, cfg, settings) -> int:
-    flops_per_step = cfg.train_flops_per_token(settings.seq_len) * settings.batch_size * settings.seq_len * settings.grad_accum
+    """Steps of a baseline that trains all of `cfg` (btx.flops) within one step of `budget` FLOPs."""
+    from btx.flops import train_flops_per_token
+
+    flops_per_step = train_flops_per_token(cfg, settings.seq_len) * settings.batch_size * settings.seq_len * \
+        settings.grad_accum
     return max(1, round(budget / flops_per_step))
+
+
+def btx_data_plan(exp, settings) -> list[list]:
+    """The batches BTX trained on after the seed, for the data-matched baselines (btx.data.PlannedSampler):
+    first every expert's batches, the domains interleaved evenly (the union of the experts' data,
+    in a mixed order, as one dense run sees its data), then the finetune's (its router-only phase's
+    included), in order. A batch is the same batch only at the same global batch size and seq_len,
+    so every expert and the finetune must have trained at the baselines' (`settings`)."""
+    from btx.data import DataStream
+    from btx.finetune import finetune_job, finetune_stream
+    from btx.train import expert_job
+
+    batch_tokens = settings.batch_size * settings.seq_len  # one micro-batch of one process (btx run)
+
+    def micro_batches(job, done: dict, where: Path) -> int:
+        s = job.settings
+        micro = done["steps"] * s.grad_accum
+        if s.seq_len != settings.seq_len or done["tokens"] != micro * batch_tokens:
+            raise BtxError(f"{where / DONE_NAME}: trained {done['tokens']:,} tokens in {micro} micro-batches of "
+                           f"seq_len {s.seq_len}; the data-matched baselines replay BTX's batches at "
+                           f"{settings.batch_size} x {settings.seq_len} tokens (finetune.train), so every expert "
+                           "needs that batch_size and seq_len, on one process (or use eval.match: compute)")
+        return micro
+
+    experts = []
+    for d in exp.merged_domains:  # the data-matched baselines see what BTX saw: the merged experts
+        job = expert_job(exp, d)
+        done = read_done(job.manifest_dir)
+        experts.append(DataStream(domains=[d], weights=None, seed=job.settings.seed, first=0,
+                                  count=micro_batches(job, done, Path(job.manifest_dir))))
+    finetune = finetune_job(exp)
+    micro = micro_batches(finetune, read_done(Path(finetune.manifest_dir)), Path(finetune.manifest_dir))
+    if finetune.before is not None:
+        micro += micro_batches(finetune.before, read_done(Path(finetune.before.manifest_dir)),
+                               Path(finetune.before.manifest_dir))
+    return [experts, [dataclasses.replace(finetune_stream(finetune), count=micro)]]
 
 
 def _baseline_settings(settings, steps: int):
@@ -446,7 +516,27 @@ def _baseline_settings(settings, steps: int):
     return dataclasses.replace(settings, steps=steps, eval_every=steps)
 
 
+# The baselines (eval.baselines), by what they are matched on (eval.match): directory under
+# baselines/ -> eval row. Each is its own ledger entry ("baselines:<dir>"), so adding a protocol
+# trains only its own runs.
+BASELINES = {
+    "compute": {"dense": "dense (compute-matched)", "upcycled": "sparse upcycling (compute-matched)"},
+    "data": {"dense-data": "dense (data-matched)", "upcycled-data": "sparse upcycling (data-matched)"},
+}
+
+
+def matches(exp) -> list[str]:
+    """The protocols eval.match asks for."""
+    return ["compute", "data"] if exp.eval.match == "both" else [exp.eval.match]
+
+
 def _baselines(p: Pipeline, force: bool) -> StageOutcome:
+    """Dense and sparse-upcycling baselines (see the module docstring), each one trained ALL its
+    parameters whatever BTX's finetune freezes, from the seed:
+    - compute-matched: as many steps of the finetune's settings as make its training FLOPs the
+      experts' plus the BTX finetune's (dense on the finetune mixture);
+    - data-matched (the paper's Table 2): exactly the batches BTX trained on (`btx_data_plan`),
+      the experts' interleaved and then the finetune's, one step per BTX step."""
     exp = p.exp
     if not exp.eval.baselines:
         p.keys["baselines"] = "off"
@@ -456,57 +546,134 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     from btx.merge import merge_from_recipe, recipe_merge_options
     from btx.train import TrainJob, run_loop
 
+    t0 = time.perf_counter()
     root = p.run_dir / "baselines"
-    budget = compute_budget(p)
     seed_dir = exp.seed_dir
+    settings = exp.finetune_train
+    mixture = dict(exp.finetune.mixture) or {d: 1.0 for d in exp.merged_domains}
     # Of the merge, the baselines use its shape (the upcycled MoE copies its expert count and top-k)
     # and the options an upcycle takes from the merge section: other routers do not redo them.
     merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
     upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts, exp.finetune.balance_alpha))
     for unused in ("centroid_tokens", "centroid_device", "ridge_lambda", "router_scale", "prompts", "negative_prompts"):
         del upcycle[unused]  # an upcycle has no routers fitted to data
-    key = _key(budget, p.keys["seed"], merged_cfg.top_k, upcycle, exp.finetune, exp.finetune_train)
+    moe_cfg = dataclasses.replace(merged_cfg, router_mode=exp.finetune.router_mode,
+                                  top_k=exp.finetune.top_k or merged_cfg.top_k)
+    outcomes: list[StageOutcome] = []
 
-    def work() -> str:
-        settings = exp.finetune_train
-        mixture = dict(exp.finetune.mixture) or {d: 1.0 for d in exp.merged_domains}
-        seed_cfg = hf.CheckpointReader(seed_dir).cfg
-        dense_steps = _matched_steps(budget, seed_cfg, settings)
-        dense = TrainJob(
-            name="dense-baseline", settings=_baseline_settings(settings, dense_steps),
-            train_shards={d: exp.data_dir(d) / "train.json" for d in mixture},
+    def dense_job(name: str, steps: int, inputs: dict, data_plan=None) -> TrainJob:
+        shards = exp.data_domains if data_plan is not None else mixture  # a plan draws every domain
+        return TrainJob(
+            name=f"{name}-baseline", settings=_baseline_settings(settings, steps),
+            train_shards={d: exp.data_dir(d) / "train.json" for d in shards},
             val_shards={d: exp.data_dir(d) / "val.json" for d in mixture}, mixture=mixture,
-            work_dir=root / "dense", export_dir=root / "dense" / "final", manifest_dir=root / "dense",
-            init_from=seed_dir, tokenizer=str(exp.recipe.tokenizer), inputs={"compute_budget": budget},
+            work_dir=root / name, export_dir=root / name / "final", manifest_dir=root / name,
+            init_from=seed_dir, tokenizer=str(exp.recipe.tokenizer), inputs=inputs, data_plan=data_plan,
         )
-        run_loop(dense, console=p.console)
-        merged_cfg = hf.CheckpointReader(p.run_dir / "merged").cfg
-        up_merged = root / "upcycled-merged"
-        if read_done(up_merged) is None or damaged_outputs(up_merged):  # a sound one is this stage's own
-            merge_from_recipe(exp, upcycle=merged_cfg.n_experts, out_dir=up_merged, force=True, console=p.console)
-        moe_cfg = dataclasses.replace(merged_cfg, router_mode=exp.finetune.router_mode,
-                                      top_k=exp.finetune.top_k or merged_cfg.top_k)
-        up_steps = _matched_steps(budget, moe_cfg, settings)
-        up_job = finetune_job(exp, model_dir=root / "upcycled-merged", out_dir=root / "upcycled")
-        up_job = dataclasses.replace(up_job, name="upcycled-baseline", work_dir=root / "upcycled-work",
-                                     settings=_baseline_settings(settings, up_steps),
-                                     inputs={**up_job.inputs, "compute_budget": budget})
-        run_finetune(up_job, console=p.console)
-        return f"budget {budget / 1e12:.2f} TFLOPs: dense {dense_steps} steps, upcycled {up_steps} steps"
 
-    return p.stage("baselines", key, [root / "dense", root / "upcycled-merged", root / "upcycled"], work, force,
-                   extra_dirs=(root,), repairs_itself=True)
+    def upcycled_job(name: str, steps: int, inputs: dict, data_plan=None) -> TrainJob:
+        job = finetune_job(exp, model_dir=root / "upcycled-merged", out_dir=root / name, trainable="all",
+                           router_only_steps=0)
+        if data_plan is not None:
+            job = dataclasses.replace(job, train_shards={d: exp.data_dir(d) / "train.json" for d in exp.data_domains})
+        return dataclasses.replace(job, name=f"{name}-baseline", work_dir=root / f"{name}-work",
+                                   settings=_baseline_settings(settings, steps), data_plan=data_plan,
+                                   inputs={**job.inputs, **inputs})
+
+    def up_merge() -> str:
+        merge_from_recipe(exp, upcycle=merged_cfg.n_experts, out_dir=root / "upcycled-merged", force=True,
+                          console=p.console)
+        return f"{merged_cfg.n_experts} copies of the seed, top-{merged_cfg.top_k}"
+
+    up_key = _key(p.keys["seed"], merged_cfg.top_k, upcycle)
+    outcomes.append(p.stage("baselines:upcycled-merged", up_key, [root / "upcycled-merged"], up_merge, force))
+    up_key = _key(up_key, _outputs_key([root / "upcycled-merged"]))
+    sub_keys = [up_key]
+
+    for match in matches(exp):
+        if match == "compute":
+            budget = compute_budget(p)
+            dense_steps = _matched_steps(budget, hf.CheckpointReader(seed_dir).cfg, settings)
+            up_steps = _matched_steps(budget, moe_cfg, settings)
+            plan = None
+            inputs = {"compute_budget": budget}
+            dense_name, up_name = "dense", "upcycled"
+        else:
+            plan = btx_data_plan(exp, settings)
+            micro = sum(stream.count for phase in plan for stream in phase)
+            if micro % settings.grad_accum:
+                raise BtxError(f"{exp.path}: BTX trained {micro} micro-batches, which finetune.train.grad_accum "
+                               f"{settings.grad_accum} does not divide; the data-matched baselines replay them in "
+                               "whole steps (or use eval.match: compute)")
+            dense_steps = up_steps = micro // settings.grad_accum
+            inputs = {"data_matched_tokens": micro * settings.batch_size * settings.seq_len}
+            dense_name, up_name = "dense-data", "upcycled-data"
+        plan_key = None if plan is None else [[dataclasses.asdict(x) for x in phase] for phase in plan]
+        dense = dense_job(dense_name, dense_steps, inputs, plan)
+        key = _key(match, inputs, plan_key, p.keys["seed"], settings, mixture)
+        outcomes.append(p.stage(f"baselines:{dense_name}", key, [root / dense_name],
+                                lambda job=dense: _train_summary(run_loop(job, console=p.console)), force,
+                                repairs_itself=True))
+        sub_keys.append(_key(key, _outputs_key([root / dense_name])))
+        up = upcycled_job(up_name, up_steps, inputs, plan)
+        key = _key(match, inputs, plan_key, up_key, exp.finetune, settings)
+        outcomes.append(p.stage(f"baselines:{up_name}", key, [root / up_name],
+                                lambda job=up: _train_summary(run_finetune(job, console=p.console)), force,
+                                extra_dirs=(root / f"{up_name}-work",), repairs_itself=True))
+        sub_keys.append(_key(key, _outputs_key([root / up_name])))
+
+    p.keys["baselines"] = _key(sub_keys)
+    ran = [o for o in outcomes if o.state == "ran"]
+    summary = "; ".join(f"{o.name.split(':')[1]}: {o.summary}" for o in outcomes[1:])
+    if ran:
+        p.record("baselines", p.keys["baselines"], summary, time.perf_counter() - t0)
+        return StageOutcome("baselines", "ran", time.perf_counter() - t0, summary)
+    return StageOutcome("baselines", "skipped", 0.0, summary)
+
+
+@dataclass
+class RunModel:
+    """One model of a run as eval shows it."""
+
+    name: str  # its row
+    path: Path  # the HF checkpoint
+    done_dir: Path | None  # where its DONE.json is (None: a given seed.path)
+    note: str
+
+
+def run_models(exp) -> list[RunModel]:
+    """Every model of the run that eval scores (whether it exists yet or not), in table order;
+    the baselines of the protocols eval.match asks for."""
+    from btx.finetune import ROUTER_PHASE
+
+    run_dir, base = exp.run_dir, exp.run_dir / "baselines"
+    models = [RunModel("seed", exp.seed_dir, run_dir / "seed" if exp.seed.path is None else None, "the dense seed")]
+    models += [RunModel(f"expert:{d}", exp.expert_dir(d) / "final", exp.expert_dir(d), f"{d} expert alone")
+               for d in exp.domains]
+    notes = {"dense": "the seed trained further", "upcycled": "seed copies as experts + MoE finetune"}
+    for kind, note in notes.items():
+        for match in matches(exp):
+            directory = next(d for d in BASELINES[match] if d.startswith(kind))
+            path = base / directory / "final" if kind == "dense" else base / directory
+            models.append(RunModel(BASELINES[match][directory], path, base / directory, note))
+    models.append(RunModel("BTX merged (no finetune)", run_dir / "merged", run_dir / "merged", "MiX only"))
+    if exp.finetune.router_only_steps:
+        models.append(RunModel(f"BTX router-only ({exp.finetune.router_only_steps} steps)", run_dir / ROUTER_PHASE,
+                               run_dir / ROUTER_PHASE, "merged + the router-only phase"))
+    models.append(RunModel("BTX", run_dir / "finetuned", run_dir / "finetuned", "merged + MoE finetune"))
+    if exp.grow.domains:
+        added = "+" + ", ".join(exp.grow.domains)
+        models.append(RunModel("BTX grown (no finetune)", run_dir / "grown", run_dir / "grown", f"BTX {added} experts"))
+        if exp.grow.steps:
+            models.append(RunModel("BTX grown", run_dir / "grown-finetuned", run_dir / "grown-finetuned",
+                                   f"BTX {added}, then {exp.grow.steps} finetune steps"))
+    return models
 
 
 def model_stage_dirs(exp) -> list[Path]:
     """The directories whose DONE.json describe the run's models (the seed when the run trains it)."""
-    run_dir = exp.run_dir
-    dirs = [run_dir / "seed"] if exp.seed.path is None else []
-    dirs += [exp.expert_dir(d) for d in exp.domains]
-    dirs += [run_dir / "merged", run_dir / "finetuned", run_dir / "grown", run_dir / "grown-finetuned",
-             run_dir / "baselines" / "dense",
-             run_dir / "baselines" / "upcycled-merged", run_dir / "baselines" / "upcycled"]
-    return dirs
+    dirs = [m.done_dir for m in run_models(exp) if m.done_dir is not None]
+    return dirs + [exp.run_dir / "baselines" / "upcycled-merged"] if exp.eval.baselines else dirs
 
 
 def stale_models(exp) -> list[str]:
@@ -527,76 +694,132 @@ def eval_input_identities(exp, out: Path) -> dict:
     from btx.data import load_shard
     from btx.manifest import identity, relative_identities
 
-    models = [exp.seed_dir, *(exp.expert_dir(d) / "final" for d in exp.domains), exp.run_dir / "merged",
-              exp.run_dir / "finetuned", exp.run_dir / "grown", exp.run_dir / "grown-finetuned", exp.run_dir / "baselines" / "dense" / "final", exp.run_dir / "baselines" / "upcycled"]
-    identities = {str(Path(m).relative_to(exp.run_dir)) if Path(m).is_relative_to(exp.run_dir) else "seed":
-                  input_identity(m) for m in models if (Path(m) / "config.json").is_file()}
+    identities = {str(m.path.relative_to(exp.run_dir)) if m.path.is_relative_to(exp.run_dir) else "seed":
+                  input_identity(m.path) for m in run_models(exp) if (m.path / "config.json").is_file()}
     for d in exp.domains:
         identities[f"val:{d}"] = identity(load_shard(exp.data_dir(d) / "val.json", verify=True).path)
     return relative_identities(identities, out)
 
 
+def _row_flops(exp, model: RunModel) -> float | None:
+    """Training FLOPs beyond the seed: a model's own, plus the experts' for the MoEs made of them."""
+    if model.name == "seed":
+        return 0.0
+    done = read_done(model.done_dir) or {}
+
+    def flops(path: Path) -> float:
+        return (read_done(path) or {}).get("train_flops", 0.0)
+
+    if model.name.startswith("BTX grown"):  # BTX, the added experts, and the finetune after growing
+        finetuned = _row_flops(exp, RunModel("BTX", exp.run_dir / "finetuned", exp.run_dir / "finetuned", ""))
+        tuned = flops(model.done_dir) if model.name == "BTX grown" else 0.0
+        return finetuned + sum(flops(exp.expert_dir(d)) for d in exp.grow.domains) + tuned
+    experts = sum(flops(exp.expert_dir(d)) for d in exp.merged_domains)
+    if model.name.startswith("BTX"):
+        return experts + done.get("train_flops", 0.0) if done.get("stage") == "train" else experts
+    return done.get("train_flops")
+
+
 def eval_rows(exp, console: Console):
-    """Every model of the run that exists, scored on the same validation windows."""
+    """Every model of the run that exists, scored on the same validation windows, and the BTM rows
+    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data)."""
+    import torch
+    from rich.progress import Progress
+
     from btx import hf
     from btx.data import load_shard
-    from btx.evaluate import EvalRow, btm_losses, domain_losses
+    from btx.evaluate import TfidfRouter, btm_rows, row_from_logprobs, shard_sample, window_logprobs
 
-    run_dir = exp.run_dir
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
-    seed_dir = exp.seed_dir
-    candidates: list[tuple[str, Path, float | None, str]] = [("seed", seed_dir, 0.0, "the dense seed")]
-    expert_flops = merged_flops = 0.0
-    for d in exp.domains:
-        done = read_done(exp.expert_dir(d)) or {}
-        expert_flops += done.get("train_flops", 0.0)
-        merged_flops += done.get("train_flops", 0.0) if d in exp.merged_domains else 0.0
-        candidates.append((f"expert:{d}", exp.expert_dir(d) / "final", done.get("train_flops"), f"{d} expert alone"))
-    ft = read_done(run_dir / "finetuned") or {}
-    btx_flops = merged_flops + ft.get("train_flops", 0.0)
-    candidates.append(("BTX merged (no finetune)", run_dir / "merged", merged_flops, "MiX only"))
-    candidates.append(("BTX", run_dir / "finetuned", btx_flops, "merged + MoE finetune"))
-    if exp.grow.domains:
-        grown_flops = btx_flops + expert_flops - merged_flops
-        added = "+" + ", ".join(exp.grow.domains)
-        candidates.append(("BTX grown (no finetune)", run_dir / "grown", grown_flops, f"BTX {added} experts"))
-        tuned = read_done(run_dir / "grown-finetuned") or {}
-        candidates.append(("BTX grown", run_dir / "grown-finetuned", grown_flops + tuned.get("train_flops", 0.0),
-                           f"BTX {added}, then {exp.grow.steps} finetune steps"))
-    base = run_dir / "baselines"
-    dense_done = read_done(base / "dense") or {}
-    candidates.append(("dense (compute-matched)", base / "dense" / "final", dense_done.get("train_flops"),
-                       "seed trained on the mixture"))
-    up_done = read_done(base / "upcycled") or {}
-    candidates.append(("sparse upcycling (compute-matched)", base / "upcycled", up_done.get("train_flops"),
-                       "seed copies as experts + finetune"))
-
-    present = [c for c in candidates if (c[1] / "config.json").is_file()]
-    n_batches = len(exp.domains) * settings.batches * (len(present) + len(exp.domains))
-    rows: list[EvalRow] = []
-    from rich.progress import Progress
-
+    present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
+    n_batches = len(exp.domains) * settings.batches * len(present)
+    rows = []
+    experts: list[tuple[str, dict, int, float | None]] = []  # (domain, logprobs, active params, flops)
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("eval", total=n_batches)
-        tick = lambda: bar.advance(task)  # noqa: E731
-        experts = []
-        for name, path, flops, note in present:
-            model = hf.load_model(path, dtype=__import__("torch").float32)
-            losses, tokens = domain_losses(model, shards, seq_len, settings.batch_size, settings.batches, tick)
-            rows.append(EvalRow(name, losses, flops, model.cfg.param_counts()["active"], note, tokens))
-            if name.startswith("expert:"):
-                experts.append(model)
-        if experts:
-            losses = btm_losses(experts, shards, seq_len, settings.batch_size, settings.batches, tick)
-            active = sum(m.cfg.param_counts()["active"] for m in experts)
-            rows.insert(len(exp.domains) + 1, EvalRow("BTM ensemble", losses, expert_flops, active,
-                                                      "experts mixed by domain posterior"))
-    order = {"seed": 0, "BTM ensemble": 2, "dense (compute-matched)": 3, "sparse upcycling (compute-matched)": 4,
-             "BTX merged (no finetune)": 5, "BTX": 6, "BTX grown (no finetune)": 7, "BTX grown": 8}
-    rows.sort(key=lambda r: order.get(r.name, 1))
+        for m in present:
+            model = hf.load_model(m.path, dtype=torch.float32)
+            lps = {d: window_logprobs(model, shard, seq_len, settings.batch_size, settings.batches,
+                                      lambda: bar.advance(task)) for d, shard in shards.items()}
+            active, flops = model.cfg.param_counts()["active"], _row_flops(exp, m)
+            rows.append(row_from_logprobs(m.name, lps, flops, active, m.note))
+            if m.name.startswith("expert:"):
+                experts.append((m.name.split(":", 1)[1], lps, active, flops))
+            del model
+    if experts:
+        train = [exp.data_dir(d) / "train.json" for d, *_ in experts]
+        router = None
+        if len(experts) >= 2 and all(path.is_file() for path in train):
+            router = TfidfRouter([shard_sample(load_shard(path), settings.btm_tfidf_tokens) for path in train],
+                                 min(hf.CheckpointReader(exp.expert_dir(d) / "final").cfg.vocab_size
+                                     for d, *_ in experts))
+        btm = btm_rows([lps for _, lps, _, _ in experts], [f for *_, f in experts], [a for _, _, a, _ in experts],
+                       f"the {len(experts)} experts", router=router, shards=shards, seq_len=seq_len,
+                       batch_size=settings.batch_size, batches=settings.batches,
+                       expert_names=[d for d, *_ in experts])
+        at = max(i for i, r in enumerate(rows) if r.name.startswith("expert:")) + 1
+        rows[at:at] = btm
     return rows
+
+
+def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None, force: bool = False):
+    """`btx eval RECIPE`: every model of the run that exists (`eval_rows`), shown and written to
+    <run_dir>/eval/ (eval.md, eval.json, the plot, DONE.json). A model that no longer follows from
+    its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
+    from rich.markup import escape
+
+    from btx.evaluate import render, write_outputs, written
+
+    console = console or Console()
+    missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
+    if missing:
+        raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
+    stale = [] if force else stale_models(exp)
+    if stale:
+        raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
+                       f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
+    out = out or exp.run_dir / "eval"
+    identities = eval_input_identities(exp, out)
+    rows = eval_rows(exp, console)
+    if not rows:
+        raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
+                       "finetuned/, baselines/); run btx run or its stages first")
+    domains = list(exp.domains)
+    render(rows, domains, console=console)
+    settings = eval_settings(exp)
+    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings},
+                  console=console)
+    console.print(escape(f"wrote {out}/ ({written(out)})"), soft_wrap=True)
+    return rows
+
+
+def eval_settings(exp) -> dict:
+    return {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
+            "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len,
+            "match": exp.eval.match, "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens}
+
+
+def eval_recipe_command(args) -> int:
+    """`btx eval RECIPE [KEY=VALUE ...]` (arguments: btx.cli; checkpoints: btx.evaluate)."""
+    from btx.evaluate import check_out_dir
+    from btx.recipe import load_experiment
+
+    rest = list(args.overrides or [])
+    for flag, value in (("--data", args.data), ("--btm", args.btm), ("--names", args.names)):
+        if value:
+            raise BtxError(f"eval: {flag} is for checkpoints; a RECIPE brings its own models and validation shards")
+    for key, value in (("batches", args.batches), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
+        if value is not None:  # --batches N is shorthand for eval.batches=N
+            rest.append(f"eval.{key}={value}")
+    if args.device not in (None, "cpu") or args.dtype != "auto":
+        raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
+    exp = load_experiment(args.target, rest)
+    if args.out:
+        check_out_dir(Path(args.out))
+    eval_recipe(exp, out=Path(args.out) if args.out else None, force=args.force)
+    return 0
 
 
 def _eval(p: Pipeline, force: bool) -> StageOutcome:
@@ -614,7 +837,7 @@ def _eval(p: Pipeline, force: bool) -> StageOutcome:
         domains = list(exp.domains)
         render(rows, domains, console=p.console)
         with atomic_dir(out, force=True) as tmp:
-            save(rows, domains, tmp)
+            save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
             write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp),
                              "input_identities": identities})
         best = min(rows, key=lambda r: r.average)

@@ -49,7 +49,9 @@ from btx.errors import BtxError, missing_checkpoint
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.ROUTER_MODES
-TRAINABLE = ("all", "router_only", "frozen_experts")
+TRAINABLE = ("all", "router_only", "frozen_experts")  # finetune.trainable (btx.trainable.MOE_MODES)
+DENSE_TRAINABLE = ("all", "ffn", "ffn_norms")  # train.trainable of an expert (btx.trainable.DENSE_MODES)
+EVAL_MATCHES = ("compute", "data", "both")
 GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
 ROUTER_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
 GRANULARITIES = ("expert", "split", "blend")
@@ -177,6 +179,10 @@ class TrainSection:
     # state over the GPUs, as FSDP does: needed when a replica does not fit (a 7B model with AdamW
     # needs ~112 GB per replica). MoE finetuning uses finetune.zero_stage instead.
     zero_stage: Optional[int] = None
+    # Which parameters an expert trains (btx.trainable): all (the paper), ffn (only the FFNs: the
+    # shared weights stay the seed's, so their merge is exact), ffn_norms (FFNs and norm gains).
+    # The seed trains from scratch and the finetune has finetune.trainable: both always train all here.
+    trainable: str = "all"
 
     @property
     def tokens_per_step(self) -> int:
@@ -191,6 +197,7 @@ class TrainSection:
         c.that(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
                f"expected two numbers in [0, 1), got {list(self.betas)!r}")
         c.choice(self, "precision", PRECISIONS)
+        c.choice(self, "trainable", DENSE_TRAINABLE)
         c.that(self.zero_stage is None or 0 <= self.zero_stage <= 3, "zero_stage",
                f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}")
 
@@ -354,6 +361,9 @@ class FinetuneSection:
     balance_alpha: float = 0.01  # load-balancing loss weight (paper: 0.01); 0 turns it off
     z_loss: float = 0.0  # router z-loss weight
     trainable: str = "all"
+    # The first N steps train only the routers (a separate job, finetune-router/), then the
+    # finetune proper runs its finetune.train.steps from there on the batches that follow.
+    router_only_steps: int = 0
     zero_stage: int = 0
     offload_optimizer: bool = False
     # A domain recipe of data like the seed's own pretraining data (the paper's "general" 19.23%):
@@ -366,7 +376,7 @@ class FinetuneSection:
         c.choice(self, "router_mode", ROUTER_MODES)
         c.choice(self, "trainable", TRAINABLE)
         c.positive(self, "top_k", "capacity_factor")
-        c.non_negative(self, "gumbel_rate", "balance_alpha", "z_loss")
+        c.non_negative(self, "gumbel_rate", "balance_alpha", "z_loss", "router_only_steps")
         c.that(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         c.that(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
                "needs zero_stage >= 1")
@@ -411,12 +421,19 @@ class GrowSection:
 @dataclass
 class EvalSection:
     baselines: bool = False  # also train/evaluate dense and sparse-upcycling baselines
+    # What the baselines are matched on: compute (their training FLOPs = the experts' + the BTX
+    # finetune's), data (exactly the tokens BTX trained on, as the paper's Table 2), or both.
+    match: str = "compute"
     batches: int = 50  # validation batches per domain
     batch_size: int = 8
     seq_len: Optional[int] = None  # None: train.seq_len
+    # BTM top-k rows (the paper's BTM): experts picked per context by tf-idf similarity to a
+    # sample of this many training tokens of each expert's domain (btx.evaluate.TfidfRouter).
+    btm_tfidf_tokens: int = 1_000_000
 
     def check(self, c: Checker) -> None:
-        c.positive(self, "batches", "batch_size", "seq_len")
+        c.positive(self, "batches", "batch_size", "seq_len", "btm_tfidf_tokens")
+        c.choice(self, "match", EVAL_MATCHES)
 
 
 @dataclass
@@ -638,10 +655,18 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
 
     # Command-line train.* overrides win over every job's own train settings (see module doc).
     cli_train = _cli_keys(override_dicts, "train")
-    seed_train = _effective_train(recipe.train, recipe.seed.train, cli_train, _cli_keys(override_dicts, "seed.train"),
-                                  c.at("seed.train"))
-    finetune_train = _effective_train(recipe.train, recipe.finetune.train, cli_train,
-                                      _cli_keys(override_dicts, "finetune.train"), c.at("finetune.train"))
+    cli_seed, cli_finetune = _cli_keys(override_dicts, "seed.train"), _cli_keys(override_dicts, "finetune.train")
+    seed_train = _effective_train(recipe.train, recipe.seed.train, cli_train, cli_seed, c.at("seed.train"))
+    finetune_train = _effective_train(recipe.train, recipe.finetune.train, cli_train, cli_finetune,
+                                      c.at("finetune.train"))
+    # train.trainable is the experts'; the seed trains from scratch and the finetune has its own key.
+    for key, own, why in (("seed.train", {**recipe.seed.train, **cli_seed}, "the seed trains from scratch, "
+                           "so all of it trains (train.trainable applies to the experts)"),
+                          ("finetune.train", {**recipe.finetune.train, **cli_finetune},
+                           "the MoE finetune's is finetune.trainable (all, router_only, frozen_experts)")):
+        c.that(own.get("trainable", "all") == "all", f"{key}.trainable", why)
+    seed_train = dataclasses.replace(seed_train, trainable="all")
+    finetune_train = dataclasses.replace(finetune_train, trainable="all")
     domains: Dict[str, Domain] = {}
     for name, domain_path in recipe.domains.items():
         dpath = Path(domain_path)

@@ -10,8 +10,13 @@ checkpoint cadence, resume and the HF export with its DONE.json. The engine owns
 parallelism, backward, the optimizer step and its own checkpoint files (docs/CONTRACTS.md): dense
 jobs use btx.engine.AccelerateEngine (DDP; a plain process on CPU), or btx.engine_deepspeed's ZeRO
 engine when `train.zero_stage` is set (sharded, for models whose replicas do not fit).
-`btx finetune` passes its DeepSpeed engine through `make_engine`, routing statistics through
-`on_step`, and freezing through `setup_model`.
+`btx finetune` passes its DeepSpeed engine through `make_engine` and routing statistics through
+`on_step`.
+
+Frozen parameters (`job.trainable`, btx.trainable: an expert's `train.trainable: ffn`, the
+finetune's `finetune.trainable`) get requires_grad False before the engine exists, so no optimizer
+holds them. FLOPs (DONE.json `train_flops`, the MFU) follow btx.flops: a frozen weight costs no
+weight gradient, and DONE.json records `trainable` and `flops_counting`.
 
 Where things go (TrainJob):
     work_dir/ckpt/step-N/     resumable state, the engine's format (accelerate: fp32 weights as an
@@ -81,11 +86,14 @@ import torch.nn.functional as F
 from btx import hf
 from btx.engine import build_model  # the starting model; engine_deepspeed shares it
 from btx.errors import BtxError
+from btx.flops import describe as flops_counting
+from btx.flops import train_flops_per_token
 from btx.manifest import (DONE_NAME, atomic_dir, cached_sha256, changed_inputs, damaged_outputs, disk_errors,
                           dumps_json, ensure_free_space, fsync_dir, hash_dir, identity, identity_changes,
                           input_identity, output_lock,
                           read_done, relative_identities, sha256_file, write_done, write_json_atomic)
 from btx.model import ModelConfig, ModelOutput, Transformer
+from btx.trainable import set_trainable
 
 CKPT_DIR = "ckpt"
 CKPT_MANIFEST = "btx_checkpoint.json"  # sha256 of every file of a checkpoint, written last
@@ -135,6 +143,15 @@ class TrainJob:
     # Engine-side settings that change what a run computes or how its checkpoints are laid out
     # (finetune: trainable, zero_stage, offload_optimizer); part of the trajectory hash.
     engine_settings: dict = field(default_factory=dict)
+    trainable: str = "all"  # which parameters train (btx.trainable.MODES); the others are frozen
+    # The batches, when not the TokenSampler of (train_shards, mixture, settings.seed): phases of
+    # btx.data.DataStream (data-matched baselines replay BTX's batches; a finetune after its
+    # router-only phase takes the batches after that phase's).
+    data_plan: list | None = None
+    # A job that runs first, whose export this one starts from (init_from) and whose FLOPs count
+    # in this one's train_flops: the finetune's router-only phase (btx.finetune runs it).
+    before: "TrainJob | None" = None
+    prior_flops: dict = field(default_factory=dict)  # {earlier phase's name: its train_flops}
 
     @property
     def ckpt_dir(self) -> Path:
@@ -214,6 +231,7 @@ def expert_job(exp, domain: str) -> TrainJob:
         recipe_hash=_recipe_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
                                   "tokenizer": exp.recipe.tokenizer}),
         inputs={"seed": str(seed)},
+        trainable=settings.trainable,
     )
 
 
@@ -314,6 +332,7 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     model = (make_model or build_model)(job)
     _check_model_fits(job, model.cfg, tokenizer)
     _export_dtype(job)  # a bad export dtype is an error now, not after training
+    set_trainable(model, job.trainable)
     if setup_model is not None:
         setup_model(model)
 
@@ -391,16 +410,24 @@ def discard_damaged_export(job: TrainJob, console=None) -> bool:
     return True
 
 
+def job_sampler(job: TrainJob, train_shards: dict, global_batch: int):
+    """The job's batches: its data plan, or the TokenSampler of its mixture and seed."""
+    from btx.data import PlannedSampler, TokenSampler
+
+    s = job.settings
+    if job.data_plan is not None:
+        return PlannedSampler(train_shards, job.data_plan, seq_len=s.seq_len, batch_size=global_batch)
+    return TokenSampler(train_shards, job.mixture, seq_len=s.seq_len, batch_size=global_batch, seed=s.seed)
+
+
 def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
            identities: dict | None = None) -> dict:
-    from btx.data import TokenSampler
-
     s = job.settings
     cfg = engine.unwrapped.cfg
     rank, world = engine.rank, engine.world_size
-    sampler = TokenSampler(train_shards, job.mixture, seq_len=s.seq_len, batch_size=s.batch_size * world, seed=s.seed)
+    sampler = job_sampler(job, train_shards, s.batch_size * world)
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world
-    flops_per_token = cfg.train_flops_per_token(s.seq_len)
+    flops_per_token = train_flops_per_token(cfg, s.seq_len, job.trainable)
 
     state = _resume(job, engine, trajectory, console, identities)
     metrics = _MetricsLog(job.metrics_path, enabled=engine.is_main)
@@ -546,7 +573,7 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
 
 def _open_inputs(job: TrainJob):
     """Tokenizer and shards, checked against each other (BtxError naming the file at fault)."""
-    from btx.data import TokenSampler, check_tokenizer, eval_batches, load_shard
+    from btx.data import check_tokenizer, eval_batches, load_shard
     from btx.tokenizer import load_tokenizer
 
     if job.init_from is not None:
@@ -568,7 +595,10 @@ def _open_inputs(job: TrainJob):
         check_tokenizer(shard, tokenizer.identity())
     # Shards long enough for the windows, and sound weights: found now, not at the first validation.
     s = job.settings
-    TokenSampler(train, job.mixture, seq_len=s.seq_len, batch_size=s.batch_size, seed=s.seed)
+    sampler = job_sampler(job, train, s.batch_size)
+    if job.data_plan is not None and len(sampler) < s.steps * s.grad_accum:
+        raise BtxError(f"train {job.name}: its data plan holds {len(sampler)} micro-batches; {s.steps} steps of "
+                       f"{s.grad_accum} need {s.steps * s.grad_accum}")
     for shard in val.values():
         next(eval_batches(shard, s.seq_len, 1, 1))
     return tokenizer, train, val
@@ -609,6 +639,10 @@ def trajectory_hash(job: TrainJob) -> str:
     }
     if job.engine_settings:  # only when set, so jobs without any keep their hash
         what["engine_settings"] = job.engine_settings
+    if job.trainable != "all":  # likewise
+        what["trainable"] = job.trainable
+    if job.data_plan is not None:
+        what["data_plan"] = [[dataclasses.asdict(stream) for stream in phase] for phase in job.data_plan]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -776,6 +810,7 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
         if not val and "val_loss" in last:
             val = {next(iter(job.val_shards)): last["val_loss"]}
         s = job.settings
+        own_flops = train_flops_per_token(cfg, s.seq_len, job.trainable) * state["tokens"]
         manifest = {
             "stage": "train",
             "job": job.name,
@@ -786,7 +821,9 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             "val_loss": last.get("val_loss"),
             "val_losses": val,
             "wall_time_s": state["wall_time_s"],
-            "train_flops": cfg.train_flops_per_token(s.seq_len) * state["tokens"],
+            "train_flops": own_flops + sum(job.prior_flops.values()),
+            "flops_counting": flops_counting(job.trainable),
+            "trainable": job.trainable,
             "params": cfg.param_counts(),
             "world_size": engine.world_size,
             "recipe_hash": job.recipe_hash,
@@ -797,6 +834,7 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
                        "train_shards": {k: str(v) for k, v in job.train_shards.items()},
                        "mixture": job.mixture},
             "input_identities": relative_identities(state.get("input_identities"), job.manifest_dir),
+            **({"train_flops_phases": {**job.prior_flops, job.name: own_flops}} if job.prior_flops else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with disk_errors(job.manifest_dir, None, f"{job.manifest_dir / DONE_NAME}"):

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from btx.data import (
+    DataStream,
+    PlannedSampler,
     PythonSource,
     TokenSampler,
     check_tokenizer,
@@ -332,6 +334,28 @@ def test_batch_is_a_function_of_seed_and_step(two_domains):
     assert not torch.equal(sampler.batch(8)[0], inputs)
     other_seed = TokenSampler(two_domains, {"a": 0.5, "b": 0.5}, seq_len=16, batch_size=8, seed=4)
     assert not torch.equal(other_seed.batch(7)[0], inputs)
+
+
+def test_a_planned_sampler_replays_every_stream_batch_once_interleaved_then_the_next_phase(two_domains):
+    """Data-matched baselines: the experts' batches (one stream per domain, interleaved evenly),
+    then the finetune's mixture from its batch `first` on; each batch as its own sampler drew it."""
+    a = TokenSampler({"a": two_domains["a"]}, None, seq_len=16, batch_size=4, seed=1)
+    b = TokenSampler({"b": two_domains["b"]}, None, seq_len=16, batch_size=4, seed=2)
+    mix = TokenSampler(two_domains, {"a": 1.0, "b": 3.0}, seq_len=16, batch_size=4, seed=5)
+    plan = [[DataStream(["a"], None, 1, 0, 2), DataStream(["b"], None, 2, 0, 4)],
+            [DataStream(["a", "b"], {"a": 1.0, "b": 3.0}, 5, 3, 2)]]
+    sampler = PlannedSampler(two_domains, plan, seq_len=16, batch_size=4)
+    # a's batches sit at 1/4 and 3/4 of the first phase, b's at 1/8, 3/8, 5/8, 7/8
+    expected = [(b, 0), (a, 0), (b, 1), (b, 2), (a, 1), (b, 3), (mix, 3), (mix, 4)]
+    assert len(sampler) == len(expected)
+    for index, (source, own) in enumerate(expected):
+        for rank in (0, 1):  # the rows of each rank, as for the sampler it replays
+            got, want = sampler.batch(index, rank, 2), source.batch(own, rank, 2)
+            assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (index, rank)
+    with pytest.raises(BtxError, match="micro-batch 8 asked for, but the plan holds 8"):
+        sampler.batch(8)
+    with pytest.raises(BtxError, match="names \\['c'\\], which have no train shard"):
+        PlannedSampler(two_domains, [[DataStream(["c"], None, 0, 0, 1)]], seq_len=16, batch_size=4)
 
 
 def test_windows_come_from_the_shard(tmp_path):

@@ -9,6 +9,7 @@ x/y; on the other's letters each predicts uniformly.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import random
@@ -21,7 +22,8 @@ from btx import hf
 from btx.cli import main
 from btx.data import load_shard, prepare_domain
 from btx.errors import BtxError
-from btx.evaluate import (EvalRow, btm_losses, btm_mixture, default_names, domain_losses, render, save,
+from btx.evaluate import (BIGRAM_BUCKETS, EvalRow, TfidfRouter, btm_losses, btm_mixture, btm_topk_mixture,
+                          default_names, domain_losses, paired_differences, render, row_from_logprobs, save,
                           to_markdown)  # fmt: skip
 from btx.manifest import write_done
 from btx.model import ModelConfig, Transformer
@@ -202,7 +204,143 @@ def test_btm_posterior_by_hand(world, tmp_path):
     torch.testing.assert_close(mix_NS[0], torch.tensor(np.log(mix)))
 
 
+def test_tfidf_scores_by_hand():
+    """Two experts over a 4-token vocabulary: A's data is 0 1 0 1 ..., B's is 2 3 2 3 ... with one 0.
+    Terms: unigrams, and bigram (a, b) = V + (a*V + b) mod 2^20; idf = ln((1 + J)/(1 + df)) + 1."""
+    V = 4
+    a_doc, b_doc = np.array([0, 1] * 4), np.array([2, 3, 2, 3, 0, 2, 3, 2])
+    router = TfidfRouter([a_doc, b_doc], V)
+    assert router.weight_JT.shape == (2, V + BIGRAM_BUCKETS)
+
+    def counts(doc):
+        c = np.zeros(V + BIGRAM_BUCKETS)
+        for t in doc:
+            c[t] += 1
+        for x, y in zip(doc[:-1], doc[1:]):
+            c[V + x * V + y] += 1
+        return c
+
+    ca, cb = counts(a_doc), counts(b_doc)
+    df = (ca > 0).astype(int) + (cb > 0)
+    idf = np.log(3 / (1 + df)) + 1
+    assert idf[0] == pytest.approx(1.0) and idf[1] == pytest.approx(np.log(1.5) + 1)  # 0 is in both, 1 only in A
+    unit = [(c / c.sum()) * idf / np.linalg.norm((c / c.sum()) * idf) for c in (ca, cb)]
+    context = np.array([[0, 1, 3, 2]])
+    scores = router.scores(context)  # [J, 1, 4]: the context of position t is context[0, :t+1]
+    for t in range(4):
+        c = counts(context[0, : t + 1]) * idf
+        for j in range(2):
+            assert scores[j, 0, t].item() == pytest.approx(c @ unit[j], rel=1e-5)
+    assert scores[0, 0, 1] > scores[1, 0, 1] and scores[1, 0, 3] > scores[0, 0, 3]
+
+
+def test_topk_mixture_takes_the_best_scoring_experts_with_equal_weights():
+    lp = torch.log(torch.tensor([[[0.5, 0.1]], [[0.2, 0.6]], [[0.3, 0.3]]], dtype=torch.float64))  # [J=3, N=1, S=2]
+    scores = torch.tensor([[[3.0, 0.0]], [[1.0, 2.0]], [[1.0, 1.0]]], dtype=torch.float64)
+    top1, best = btm_topk_mixture(lp, scores, 1)
+    torch.testing.assert_close(top1.exp(), torch.tensor([[0.5, 0.6]], dtype=torch.float64))
+    assert best.tolist() == [[0, 1]]
+    top2, _ = btm_topk_mixture(lp, scores, 2)  # position 0: expert 0, then 1 (tied with 2: the lower index)
+    torch.testing.assert_close(top2.exp(), torch.tensor([[(0.5 + 0.2) / 2, (0.6 + 0.3) / 2]], dtype=torch.float64))
+
+
+def test_btm_tfidf_rows_pick_each_domains_own_expert(world, ckpts, tmp_path, capsys, monkeypatch):
+    """`btx eval --btm` of two btx experts whose DONE.json names their training shard: top-1 by
+    tf-idf routes the a/b text to the ab expert and the x/y text to the xy one."""
+    monkeypatch.setenv("COLUMNS", "200")
+    experts = {}
+    for name in ("ab", "xy"):
+        job = tmp_path / "experts" / name
+        save_ckpt(world["models"][name], job / "final")
+        write_done(job, {"stage": "train", "train_flops": 1e12, "inputs": {"train_shards": {name: str(world["shards"][name])}}})
+        experts[name] = job / "final"
+    shards = world["shards"]
+    out = tmp_path / "out"
+    status, stdout, err = run_cli(["--btm", experts["ab"], experts["xy"], "--data", f"ab={shards['ab']}",
+                                   "--data", f"xy={shards['xy']}", "--seq-len", SEQ, "--batches", 3, "--out", out], capsys)
+    assert status == 0, err
+    rows = {r["name"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
+    assert list(rows) == ["BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)"]
+    alone = {name: domain_losses(world["models"][name], world["loaded"], SEQ, 8, 3)[0] for name in ("ab", "xy")}
+    for d in ("ab", "xy"):
+        assert rows["BTM top-1 (tf-idf)"]["losses"][d] == pytest.approx(alone[d][d], rel=1e-6)  # always its own expert
+    assert "ab: ab/final 100%, xy/final 0%; xy: ab/final 0%, xy/final 100%" in rows["BTM top-1 (tf-idf)"]["note"]
+    top2 = rows["BTM top-2 (tf-idf)"]  # both experts, equal weights: the uniform mixture
+    ids = scored_ids(world["loaded"]["ab"], SEQ, 8, 3)
+    p = np.exp(-np.stack([hand_nll(world["tables"]["ab"], ids), hand_nll(world["tables"]["xy"], ids)]))
+    assert top2["losses"]["ab"] == pytest.approx(-np.log(p.mean(0)).mean(), rel=1e-5)  # fp32 log-probabilities
+    assert rows["BTM top-1 (tf-idf)"]["active_params"] * 2 == top2["active_params"]
+
+
+def test_standard_errors_and_paired_differences_by_hand():
+    # three windows of two tokens with mean NLLs 1, 2, 3 on domain x; 1, 1, 4 on y
+    lp = {"x": -torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), "y": -torch.tensor([[1.0, 1.0], [1.0, 1.0], [4.0, 4.0]])}
+    row = row_from_logprobs("r", lp, 1e9, 10)
+    assert row.losses == {"x": 2.0, "y": 2.0} and row.tokens == {"x": 6, "y": 6}
+    assert row.stderr["x"] == pytest.approx(1 / math.sqrt(3)) and row.stderr["y"] == pytest.approx(math.sqrt(3) / math.sqrt(3))
+    assert row.average_stderr == pytest.approx(math.sqrt(1 / 3 + 1) / 2)
+    assert row.window_losses == {"x": [1.0, 2.0, 3.0], "y": [1.0, 1.0, 4.0]}
+    # BTX is 0.5 better on every window of x and better by 0, 0, 3 on y
+    btx = row_from_logprobs("BTX", {"x": lp["x"] + 0.5, "y": -torch.tensor([[1.0] * 2, [1.0] * 2, [1.0] * 2])})
+    diff = paired_differences([row, btx], "BTX")["r"]
+    assert diff["losses"] == {"x": pytest.approx(0.5), "y": pytest.approx(1.0)}
+    assert diff["average"] == pytest.approx(0.75)
+    assert diff["stderr"] == pytest.approx(math.sqrt(0 + (np.std([0, 0, 3], ddof=1) / math.sqrt(3)) ** 2) / 2)
+    assert paired_differences([row], "BTX") == {} and row_from_logprobs("one", {"x": lp["x"][:1]}).stderr == {"x": None}
+    md = to_markdown([row, btx], ["x", "y"])
+    assert "| r | 2.0000 ± 0.5774 | 2.0000 ± 1.0000 | 2.0000 ± 0.5774 |" in md
+    assert "| r | +0.7500 ± 0.5000 |" in md
+
+
+def test_the_loss_against_flops_plot_and_its_text_form(tmp_path, monkeypatch):
+    import btx.eval_plot
+    from btx.eval_plot import PLOT_NAME, PLOTS_NOTE, text_scatter
+
+    rows = [EvalRow("seed", {"x": 2.0}, 0.0), EvalRow("cheap", {"x": 1.8}, 1e12, stderr={"x": 0.01}),
+            EvalRow("dear", {"x": 1.5}, 1e14), EvalRow("unknown", {"x": 1.0}, None)]
+    chart = text_scatter(rows, width=21, height=5).splitlines()
+    grid = [line.split("|", 1)[1] for line in chart[1:6]]
+    assert grid[0] == "-" * 21  # the seed's 0 FLOPs: a reference line at its loss, the top
+    assert grid[2][0] == "A" and grid[4][20] == "B"  # log FLOPs left to right; 1.8 is 2/5 of the way down
+    legend = [line.strip() for line in chart[8:]]
+    assert legend == ["A  1.8000 ± 0.0100  1e+12 FLOPs  cheap", "B  1.5000  1e+14 FLOPs  dear",
+                      "-  2.0000  (0 FLOPs beyond the seed)  seed"]  # no FLOPs ("unknown"): no place on the axis
+    paths = save(rows, ["x"], tmp_path / "o")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert paths["plot"] == tmp_path / "o" / PLOT_NAME and paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    else:
+        assert "plot" not in paths and not (tmp_path / "o" / PLOT_NAME).exists()
+    # without matplotlib: everything else is written, and one line says why the PNG is not
+    from rich.console import Console
+
+    monkeypatch.setattr(btx.eval_plot, "_pyplot", lambda: None)
+    console = Console(record=True, width=300)
+    paths = save(rows, ["x"], tmp_path / "p", console=console)
+    assert set(paths) == {"json", "markdown"} and not (tmp_path / "p" / PLOT_NAME).exists()
+    assert console.export_text().strip() == PLOTS_NOTE
+
+
+def test_evaluate_does_not_import_pipeline():
+    """btx eval RECIPE lives in btx.pipeline, which imports btx.evaluate; never the other way."""
+    import ast
+    from pathlib import Path
+
+    import btx.eval_plot
+    import btx.evaluate
+
+    for module in (btx.evaluate, btx.eval_plot):
+        tree = ast.parse(Path(module.__file__).read_text())
+        imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+        imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        assert not {m for m in imported if m and m.startswith(("btx.pipeline", "btx.cli"))}, module.__name__
+
+
 # ---------------------------------------------------------------------------------------- the table
+
+
+def table_lines(markdown: str) -> list[str]:
+    """The lines of the first table of a markdown text (the notes below it left out)."""
+    return markdown.strip().split("\n\n")[0].splitlines()
 
 
 def test_markdown_rows_and_average():
@@ -210,7 +348,7 @@ def test_markdown_rows_and_average():
             EvalRow("BTX", {"code": 1.2345, "math": 2.0, "prose": 0.5}, 3.2e15, 2_500_000),
             EvalRow("BTM ensemble", {"code": 1.5, "math": 1.75, "prose": 0.75})]
     domains = ["code", "math", "prose"]
-    lines = to_markdown(rows, domains).strip().splitlines()
+    lines = table_lines(to_markdown(rows, domains))
     head = [c.strip() for c in lines[0].strip("|").split("|")]
     assert head == ["model", *domains, "average", "ppl (avg)", "train FLOPs", "active params"]
     assert set(lines[1]) <= set("|-")
@@ -297,7 +435,7 @@ def test_cli_two_checkpoints_and_btm(world, ckpts, tmp_path, capsys, monkeypatch
     assert rows["BTM ensemble"]["train_flops"] == 5e12
     assert rows["BTM ensemble"]["active_params"] == 2 * rows["ab-expert"]["active_params"]
     assert data["settings"]["seq_len"] == SEQ and data["settings"]["batches"] == 3
-    md = (out / "eval.md").read_text().strip().splitlines()
+    md = table_lines((out / "eval.md").read_text())
     assert [line.split("|")[1].strip() for line in md[2:]] == ["ab-expert", "xy/final", "BTM ensemble"]
     done = json.loads((out / "DONE.json").read_text())
     assert done["stage"] == "eval" and done["rows"] == list(rows)
@@ -419,14 +557,14 @@ def test_cli_recipe(world, tmp_path, capsys, monkeypatch):
     assert status == 0, err
     data = json.loads((run / "eval" / "eval.json").read_text())
     names = [r["name"] for r in data["rows"]]
-    assert names[0] == "seed" and set(names) == {"seed", "expert:ab", "expert:xy", "BTM ensemble"}
+    assert names == ["seed", "expert:ab", "expert:xy", "BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)"]
     rows = {r["name"]: r for r in data["rows"]}
     assert rows["expert:ab"]["tokens"] == {"ab": 2 * 16, "xy": 2 * 16}  # eval.batches=2 of --batch-size 1
     assert rows["expert:ab"]["losses"]["ab"] < 1.0 < rows["expert:ab"]["losses"]["xy"]
     assert rows["BTM ensemble"]["train_flops"] == 2e12
     done = json.loads((run / "eval" / "DONE.json").read_text())
     assert done["stage"] == "eval" and set(done["rows"]) == set(names)
-    assert (run / "eval" / "eval.md").read_text().count("\n") == 2 + len(names)
+    assert len(table_lines((run / "eval" / "eval.md").read_text())) == 2 + len(names)
     assert "BTM ensemble" in stdout
     assert "--btm is for checkpoints" in one_line_error(capsys, [recipe, "--btm", run / "seed", run / "seed"])
 

@@ -260,6 +260,39 @@ def test_trainable_changes_exactly_its_parameters(finetune, base, trainable):
         assert changed == set(before) - experts
 
 
+def test_a_router_only_phase_trains_the_routers_first_then_the_finetune_goes_on_from_it(finetune, base):
+    """finetune.router_only_steps=2: finetune-router/ changes only the routers of merged/, on the
+    finetune's first 2 steps' batches; the finetune starts from that export on the batches after
+    them, and its train_flops count both phases (the router phase without weight gradients)."""
+    from btx.finetune import finetune_job
+    from btx.flops import train_flops_per_token
+    from btx.recipe import load_experiment
+    from btx.train import job_sampler
+
+    run = finetune("finetune.router_only_steps=2", steps(3))
+    router_phase = run.dir / "finetune-router"
+    _, merged = hf.load_state_dict(base / "shared" / "merged", dtype=torch.float32)
+    _, routed = hf.load_state_dict(router_phase, dtype=torch.float32)
+    changed = {name for name in merged if not torch.equal(merged[name], routed[name])}
+    assert changed == {n for n in merged if n.endswith("ffn.router.weight")}
+    first, done = json.loads((router_phase / "DONE.json").read_text()), run.done
+    assert first["steps"] == 2 and first["trainable"] == "router_only" and done["steps"] == 3
+    cfg = hf.CheckpointReader(run.export).cfg
+    own = train_flops_per_token(cfg, SEQ_LEN) * done["tokens"]
+    assert first["train_flops"] == train_flops_per_token(cfg, SEQ_LEN, "router_only") * first["tokens"]
+    assert done["train_flops"] == own + first["train_flops"]
+    assert done["train_flops_phases"] == {"finetune-router": first["train_flops"], "finetune": own}
+    assert done["inputs"]["init_from"] == str(router_phase)
+    # the finetune's batch i is the finetune stream's batch 2 + i
+    exp = load_experiment(base / "btx.yaml", [f"run_dir={run.dir}", "finetune.router_only_steps=2", steps(3)])
+    job = finetune_job(exp)
+    shards = {d: load_shard(p) for d, p in job.train_shards.items()}
+    plain = TokenSampler(shards, job.mixture, seq_len=SEQ_LEN, batch_size=BATCH, seed=job.settings.seed)
+    for i in range(3):
+        assert torch.equal(job_sampler(job, shards, BATCH).batch(i)[0], plain.batch(2 + i)[0])
+    assert job_sampler(job.before, shards, BATCH).batch(1)[0].equal(plain.batch(1)[0])
+
+
 # ---------------------------------------------------------------------------------- ZeRO
 
 

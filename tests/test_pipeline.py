@@ -326,3 +326,63 @@ def test_router_init_table_on_a_run(run_copy):
     assert status == 2 and "no merge.prompts" in message
     status, message = btx_main("eval", str(TINY), f"run_dir={run_copy}", "--router-inits", "learned")
     assert status == 2 and "'learned' is not a router init" in message
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's protocol beside btx's (issue 16): compute- and data-matched baselines
+# ----------------------------------------------------------------------------------------------
+
+
+def test_both_protocols_label_their_rows_and_the_baselines_train_everything(tmp_path):
+    """FFN-only experts and a router-only BTX finetune (after a router-only phase): the baselines
+    still train all their parameters; eval.match both adds the data-matched runs without redoing
+    the compute-matched ones; the data-matched ones trained one step per BTX step."""
+    from btx.pipeline import btx_data_plan
+    from btx.recipe import load_experiment
+
+    run_dir = tmp_path / "run"
+    common = ["train.trainable=ffn", "finetune.trainable=router_only", "finetune.router_only_steps=2"]
+    result = btx_run(run_dir, *common, "--until", "eval")
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    compute_done = {d: (run_dir / "baselines" / d / "DONE.json").stat().st_mtime_ns for d in ("dense", "upcycled")}
+    assert set(eval_losses(run_dir)) >= {"dense (compute-matched)", "sparse upcycling (compute-matched)"}
+    assert not (run_dir / "baselines" / "dense-data").exists()
+
+    result = btx_run(run_dir, *common, "eval.match=both", "--until", "eval")
+    assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
+    assert compute_done == {d: (run_dir / "baselines" / d / "DONE.json").stat().st_mtime_ns for d in compute_done}
+    data = json.loads((run_dir / "eval" / "eval.json").read_text())
+    names = [r["name"] for r in data["rows"]]
+    assert names == ["seed", "expert:code", "expert:prose", "BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)",
+                     "dense (compute-matched)", "dense (data-matched)", "sparse upcycling (compute-matched)",
+                     "sparse upcycling (data-matched)", "BTX merged (no finetune)", "BTX router-only (2 steps)", "BTX"]
+    base = run_dir / "baselines"
+    finetuned = read_done(run_dir / "finetuned")
+    assert finetuned["trainable"] == "router_only"
+    for d in ("dense", "upcycled", "dense-data", "upcycled-data"):
+        assert read_done(base / d)["trainable"] == "all", d
+    experts = [read_done(run_dir / "experts" / d) for d in ("code", "prose")]
+    assert {e["trainable"] for e in experts} == {"ffn"}
+    # data-matched: every BTX step replayed once: 4 steps per expert, 2 router-only + 3 finetune steps
+    for d in ("dense-data", "upcycled-data"):
+        done = read_done(base / d)
+        assert done["steps"] == 4 + 4 + 2 + 3 and done["tokens"] == done["inputs"]["data_matched_tokens"], d
+    exp = load_experiment(TINY, [f"run_dir={run_dir}", *common, "eval.match=both"])
+    plan = btx_data_plan(exp, exp.finetune_train)
+    assert [[(s.domains, s.count) for s in phase] for phase in plan] == [[(["code"], 4), (["prose"], 4)],
+                                                                        [(["code", "prose"], 5)]]
+    # compute-matched: the budget counts both finetune phases and the experts' honest FLOPs
+    budget = sum(e["train_flops"] for e in experts) + finetuned["train_flops"]
+    assert finetuned["train_flops"] == sum(finetuned["train_flops_phases"].values())
+    assert read_done(base / "dense")["inputs"]["compute_budget"] == budget
+    rows = {r["name"]: r for r in data["rows"]}
+    assert rows["BTX"]["train_flops"] == budget
+    assert rows["BTX router-only (2 steps)"]["train_flops"] == \
+        sum(e["train_flops"] for e in experts) + finetuned["train_flops_phases"]["finetune-router"]
+    # every row carries its standard errors; the paired differences are taken against BTX
+    for r in data["rows"]:
+        assert r["average_stderr"] > 0 and set(r["stderr"]) == {"code", "prose"}, r["name"]
+    assert set(data["differences_from"]["rows"]) == set(names) - {"BTX"}
+    assert (run_dir / "eval" / "loss_vs_flops.png").is_file()
+    md = (run_dir / "eval" / "eval.md").read_text()
+    assert "± " in md and "4 per frozen weight" in md and "| dense (data-matched) |" in md

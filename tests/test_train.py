@@ -20,6 +20,7 @@ from btx import hf
 from btx.cli import main as btx_main
 from btx.engine import lr_factor, make_optimizer
 from btx.errors import BtxError
+from btx.flops import train_flops_per_token
 from btx.manifest import read_done, sha256_file
 from btx.model import ModelConfig, Transformer
 from btx.recipe import load_experiment
@@ -204,7 +205,8 @@ def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(p
         assert done[key] is not None, key
     cfg = hf.load_model(expert / "final").cfg
     assert done["steps"] == 8 and done["tokens"] == 8 * 2 * 32
-    assert done["train_flops"] == cfg.train_flops_per_token(32) * done["tokens"]
+    assert done["train_flops"] == train_flops_per_token(cfg, 32) * done["tokens"]
+    assert done["trainable"] == "all" and "4 per frozen weight" in done["flops_counting"]["rule"]
     assert done["val_losses"]["code"] == done["val_loss"]
     for name, digest in done["outputs"].items():
         assert sha256_file(expert / name) == digest
@@ -217,6 +219,53 @@ def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(p
     changed = experiment(prepared, run_dir, "train.steps=8", "train.lr=0.01")
     with pytest.raises(BtxError, match="different settings"):
         run_loop(expert_job(changed, "code"), console=quiet_console())
+
+
+@pytest.mark.parametrize("engine", ["accelerate", "deepspeed"])
+def test_an_ffn_only_expert_keeps_every_other_weight_of_the_seed_bit_for_bit(prepared, run_dir, engine):
+    """train.trainable=ffn: the optimizer holds the FFNs only; the export's other tensors are the
+    seed's exactly; DONE.json says what trained and counts the FLOPs of that (btx.flops)."""
+    from btx.trainable import param_group
+
+    overrides = ["train.trainable=ffn", "train.steps=3"] + (["train.zero_stage=0"] if engine == "deepspeed" else [])
+    exp = experiment(prepared, run_dir, *overrides)
+    job = expert_job(exp, "code")
+    assert job.trainable == "ffn" and exp.seed_train.trainable == "all"  # the seed is not an expert
+    held = []
+
+    def engine_of(model, job):
+        from btx.train import dense_engine
+
+        built = dense_engine(model, job)
+        optimizer = built._optimizer if engine == "accelerate" else built.ds.optimizer
+        held.extend(p for group in optimizer.param_groups for p in group["params"])
+        return built
+
+    done = run_loop(job, make_engine=engine_of, console=quiet_console())
+    seed, expert = weights(run_dir / "seed"), weights(job.export_dir)
+    names = [n for n, p in Transformer(hf.CheckpointReader(run_dir / "seed").cfg).named_parameters()]
+    ffn = {n for n in names if param_group(n) == "ffn"}
+    assert len(held) == len(ffn) and sum(p.numel() for p in held) == sum(seed[n].numel() for n in ffn)
+    for name in seed:
+        assert torch.equal(seed[name], expert[name]) == (name not in ffn), name
+    cfg = hf.CheckpointReader(job.export_dir).cfg
+    assert done["trainable"] == "ffn" and done["flops_counting"]["trainable"] == "ffn"
+    assert done["train_flops"] == train_flops_per_token(cfg, 32, "ffn") * done["tokens"]
+    assert done["train_flops"] < train_flops_per_token(cfg, 32) * done["tokens"]
+    records = [json.loads(line) for line in job.metrics_path.read_text().splitlines()]
+    assert len(records) == 3
+
+
+def test_train_trainable_is_the_experts_and_refused_for_the_seed_and_the_finetune(prepared, run_dir):
+    with pytest.raises(BtxError, match="seed.train.trainable: the seed trains from scratch"):
+        experiment(prepared, run_dir, "seed.train.trainable=ffn")
+    with pytest.raises(BtxError, match="finetune.train.trainable: .*finetune.trainable"):
+        experiment(prepared, run_dir, "finetune.train.trainable=ffn_norms")
+    with pytest.raises(BtxError, match="train.trainable: expected one of all, ffn, ffn_norms"):
+        experiment(prepared, run_dir, "train.trainable=router_only")
+    exp = experiment(prepared, run_dir, "train.trainable=ffn_norms")
+    assert seed_job(exp).trainable == "all" and exp.finetune_train.trainable == "all"
+    assert expert_job(exp, "prose").trainable == "ffn_norms"
 
 
 def test_moe_loss_has_the_balance_term_and_hooks_see_every_step(prepared, run_dir):
