@@ -10,7 +10,7 @@ Two blocks are generated:
   `# </arithmetic>`): tokens per step, each stage's tokens and training FLOPs, tokens per seed
   parameter, the MoE stage's share of compute and the compute-matched baseline steps, computed
   from the recipe's values with the FLOP count the training loop records
-  (`btx.model.ModelConfig.train_flops_per_token`) and the finetune's routing settings
+  (`btx.flops.train_flops_per_token`, frozen parameters included) and the finetune's routing settings
   (`btx.finetune.routing_overrides`).
 
 A run is kept in the repository as a snapshot, docs/demo/: its eval.json as written, run.json (the
@@ -128,21 +128,23 @@ def recipe_arithmetic(exp) -> Arithmetic:
     top_k = exp.finetune.top_k if exp.finetune.top_k is not None else merged_cfg.top_k
     moe_cfg = dataclasses.replace(merged_cfg, **routing_overrides(merged_cfg, exp.finetune, top_k))
 
-    def stage(name, settings, cfg) -> Stage:
-        return Stage(name, settings.steps, settings.tokens_per_step, cfg.train_flops_per_token(settings.seq_len))
+    from btx.flops import train_flops_per_token
+
+    def stage(name, settings, cfg, trainable="all") -> Stage:
+        return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
 
     ft = exp.finetune_train
-    finetune = stage("finetune", ft, moe_cfg)
-    experts = {d: stage(d, dom.train, seed_cfg) for d, dom in exp.domains.items()}
+    finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
+    experts = {d: stage(d, dom.train, seed_cfg, dom.train.trainable) for d, dom in exp.domains.items()}
     budget = sum(s.flops for s in experts.values()) + finetune.flops
-    dense_fpt = seed_cfg.train_flops_per_token(ft.seq_len)
+    dense_fpt = train_flops_per_token(seed_cfg, ft.seq_len)  # the baselines train everything
     # The baselines train with the finetune's settings for as many steps as spend the budget.
     matched = lambda fpt: max(1, round(budget / (fpt * ft.tokens_per_step)))  # noqa: E731
     return Arithmetic(
         seed=stage("seed", exp.seed_train, seed_cfg), experts=experts, finetune=finetune,
         seed_params=seed_cfg.param_counts()["total"], moe_params=moe_cfg.param_counts(),
         n_experts=moe_cfg.n_experts, top_k=moe_cfg.experts_per_token, dense_flops_per_token=dense_fpt,
-        dense_steps=matched(dense_fpt), upcycled_steps=matched(finetune.flops_per_token),
+        dense_steps=matched(dense_fpt), upcycled_steps=matched(train_flops_per_token(moe_cfg, ft.seq_len)),
     )
 
 
