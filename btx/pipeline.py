@@ -432,10 +432,13 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
         from btx.recipe import to_plain
 
         names = [*exp.merged_domains, *(["seed"] if m.keep_seed else []), *g.domains]
+        hidden = g.router_init == "hidden"
         options = EditOptions(
             router_init=g.router_init, shared=g.shared, shared_weight=g.shared_weight, router_tokens=m.centroid_tokens,
-            ridge_lambda=m.ridge_lambda, router_scale=m.router_scale, prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names},
-            negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names},
+            ridge_lambda=m.ridge_lambda, router_scale=m.router_scale,
+            # the recipe keeps prompts for every use; only a hidden init reads them
+            prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names} if hidden else {},
+            negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names} if hidden else {},
         )  # fmt: skip
         data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
         done = edit_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},

@@ -283,6 +283,8 @@ def test_a_domain_added_to_a_finished_run_grows_the_moe_and_redoes_nothing_else(
     (recipe_dir / "notes.yaml").write_text("data:\n  sources:\n    - data/notes\n  val_fraction: 0.25\n")
     recipe = recipe_dir / "btx.yaml"
     text = recipe.read_text().replace("  prose: prose.yaml\n", "  prose: prose.yaml\n  notes: notes.yaml\n")
+    # prompts in the recipe (for a hidden init elsewhere) must not trouble a ridge grow
+    text = text.replace("merge:\n  top_k: 2\n", "merge:\n  top_k: 2\n  prompts: {code: [def f]}\n")
     recipe.write_text(text + "grow:\n  domains: [notes]\n  router_init: ridge\n  steps: 2\n")
     kept = ["seed", "experts/code", "experts/prose", "merged", "finetuned", "baselines/dense", "baselines/upcycled"]
     before = done_times(run_copy, *kept)
