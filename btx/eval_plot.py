@@ -63,15 +63,9 @@ def text_scatter(rows, width: int = 60, height: int = 12) -> str:
 
 
 def _pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), or None when not installed."""
-    try:
-        import matplotlib
+    from btx.pyplot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+    return pyplot()
 
 
 def plot_loss_vs_flops(rows, path: Path) -> str | None:

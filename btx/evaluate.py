@@ -652,16 +652,6 @@ def checkpoint_train_shard(path: Path) -> Shard | None:
     return None
 
 
-    settings = {
-        "checkpoints": {name: str(unique[key].path) for name, key in zip(row_names, row_keys)},
-        "btm_experts": [str(unique[k].path) for k in btm_keys],
-        "data": {d: str(s.path) for d, s in shards.items()},
-        "seq_len": seq_len, "batch_size": batch_size, "batches": batches,
-        "device": str(dev), "dtype": dtype,
-    }
-    return rows, settings
-
-
 def check_out_dir(out: Path) -> None:
     """`--out` may be new, empty, or an earlier eval output (replaced); nothing else is overwritten."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "eval.json").is_file())):

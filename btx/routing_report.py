@@ -295,15 +295,9 @@ def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", comp
 
 
 def _pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed), or None when not installed."""
-    try:
-        import matplotlib
+    from btx.pyplot import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
+    return pyplot()
 
 
 def plot_heatmap(plt, matrix, experts, title, path: Path, own: str | None = None, diverging: bool = False) -> None:
