@@ -461,12 +461,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {snapshot(args.run_dir, machine=args.machine)}")
         for path in render():
             print(f"rewrote {path}")
-        for p in snapshot_problems():
+        problems = snapshot_problems() if (ROOT / SNAPSHOT / "run.json").is_file() else []
+        for p in problems:  # e.g. a run made before the recipe's values were edited
             print(f"published: {p}", file=sys.stderr)
+        return 1 if problems else 0
     except Stale as e:
         print(f"published: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":
