@@ -1103,6 +1103,14 @@ def merge_from_recipe(
     )  # fmt: skip
 
 
+def effective_merge_section(section: MergeSection) -> MergeSection:
+    """The merge section as the merge reads it: prompts shape only a hidden init (the recipe keeps
+    them for grow and the router-init table), so a merge with another init does not depend on them."""
+    if section.router_init == "hidden" or not (section.prompts or section.negative_prompts):
+        return section
+    return dataclasses.replace(section, prompts={}, negative_prompts={})
+
+
 def recipe_router_data(exp, domains) -> dict[str, Path]:
     """The shards a recipe's centroid and ridge routers are fitted on: each domain's *train* shard,
     so that the validation windows every eval row is scored on stay unseen by the routers too."""
@@ -1127,7 +1135,7 @@ def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None
     from btx.recipe import recipe_hash
 
     experts = [] if upcycle else list(exp.merged_domains)
-    merge_section = exp.merge if section is None else section
+    merge_section = effective_merge_section(exp.merge if section is None else section)
     return recipe_hash({"merge": merge_section, "seed": str(exp.seed_dir), "experts": experts, "upcycle": upcycle})
 
 

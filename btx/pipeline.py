@@ -345,10 +345,10 @@ def _record_branch(p: Pipeline, summary: str, seconds: float, expert_keys: dict,
 
 
 def _merge(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.merge import merge_from_recipe
+    from btx.merge import effective_merge_section, merge_from_recipe
 
     out = p.run_dir / "merged"
-    key = _key(p.exp.merge, p.keys["branch:merged"], p.keys["seed"])
+    key = _key(effective_merge_section(p.exp.merge), p.keys["branch:merged"], p.keys["seed"])
 
     def work() -> str:
         done = merge_from_recipe(p.exp, console=p.console)

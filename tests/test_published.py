@@ -52,17 +52,17 @@ def test_a_readme_number_edited_by_hand_fails(copy):
 def test_a_recipe_value_changed_without_rerunning_fails(copy):
     recipe = copy / published.RECIPE
     text = recipe.read_text()
-    assert "\n  steps: 100\n" in text
-    recipe.write_text(text.replace("\n  steps: 100\n", "\n  steps: 120\n", 1))
+    assert "\n  steps: 300\n" in text
+    recipe.write_text(text.replace("\n  steps: 300\n", "\n  steps: 320\n", 1))
     problems = published.check(copy)
     # the arithmetic comment is stale, and so is the run snapshot, which names the changed key
     assert any(str(recipe) in p and "render" in p for p in problems)
-    assert any("train.steps: 100 then, 120 now" in p for p in problems)
+    assert any("train.steps: 300 then, 320 now" in p for p in problems)
     published.render(copy)
     comment = recipe.read_text()
-    assert "3 x 120 steps" in comment and "3 x 100 steps" not in comment
+    assert "3 x 320 steps" in comment and "3 x 300 steps" not in comment
     assert [p for p in published.check(copy) if str(recipe) in p and "render" in p] == []
-    assert any("120 now" in p for p in published.check(copy))  # until the demo is rerun
+    assert any("320 now" in p for p in published.check(copy))  # until the demo is rerun
 
 
 def test_a_hand_edited_arithmetic_comment_fails(copy):
@@ -89,7 +89,12 @@ def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
     a = published.recipe_arithmetic(exp)
     cfg = exp.recipe.model.to_model_config()
     assert a.seed.tokens == exp.seed_train.steps * exp.seed_train.batch_size * exp.seed_train.seq_len
-    assert a.seed.flops == cfg.train_flops_per_token(exp.seed_train.seq_len) * a.seed.tokens
+    from btx.flops import train_flops_per_token
+
+    assert a.seed.flops == train_flops_per_token(cfg, exp.seed_train.seq_len) * a.seed.tokens
+    expert = next(iter(exp.domains.values())).train  # FFN-only experts: frozen weights cost 4 (or 2), not 6
+    assert a.experts[next(iter(exp.domains))].flops == \
+        train_flops_per_token(cfg, expert.seq_len, expert.trainable) * expert.steps * expert.tokens_per_step
     assert a.seed_params == cfg.param_counts()["total"]
     assert 0 < a.moe_share < 1 and a.budget == a.expert_flops + a.finetune.flops
     assert a.n_experts == len(exp.domains) + 1 and a.finetune.flops_per_token > a.dense_flops_per_token
