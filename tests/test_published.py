@@ -138,3 +138,18 @@ def test_snapshot_copies_a_run(copy, tmp_path):
     readme = (copy / published.README).read_text()
     assert "on a test machine" in readme and "docs/demo/loss_vs_flops.png" in readme
     assert published.check(copy) == []
+
+
+def test_the_seed_spread_line_and_its_staleness(copy):
+    """A rerun's averages (docs/demo/seed-N.json) become the README's spread line; a rerun made
+    from other recipe values makes the check fail."""
+    data = {"rows": [{"name": "BTX", "average": 2.0}, {"name": "dense (compute-matched)", "average": 2.01},
+                     {"name": "seed", "average": 3.0}]}
+    lines = published.spread_lines(data, [{"train_seed": 1, "averages": {"BTX": 2.02, "dense (compute-matched)": 2.02}}])
+    assert lines == ["- Seed-to-seed: the same recipe with `train.seed=1` (every job's init and batches) gives "
+                     "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200; BTX's margin over each of "
+                     "these moved by at most 0.0100."]
+    seed_file = copy / published.SNAPSHOT / "seed-7.json"
+    seed_file.write_text(json.dumps({"train_seed": 7, "recipe_values": {"btx.yaml": {"experiment": "other"}},
+                                     "averages": {"BTX": 1.0}}))
+    assert any(str(seed_file) in p and "other recipe values" in p for p in published.check(copy))

@@ -19,6 +19,7 @@ recipe's values it was run with) and its PNGs. The README block is rendered from
 only, so it can be checked without rerunning the demo.
 
     python tools/published.py snapshot checkpoints/demo [--machine TEXT]   # after `btx run demo`
+    python tools/published.py snapshot-seed RUN_DIR --seed 1                # a rerun with train.seed=1
     python tools/published.py render                                      # rewrite both blocks
     python tools/published.py --check                                     # CI: exit 1 when stale
 
@@ -327,7 +328,38 @@ def eval_table(data: dict) -> list[str]:
     return lines
 
 
-def readme_block(data: dict, run: dict, tokenizer: str) -> list[str]:
+SPREAD_ROWS = ("BTX", "BTM ensemble", "dense (compute-matched)", "dense (data-matched)",
+               "sparse upcycling (compute-matched)", "sparse upcycling (data-matched)")
+
+
+def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
+    """Record the averages of a rerun of the demo with train.seed=`seed` (docs/demo/seed-N.json)."""
+    eval_json = Path(run_dir) / "eval" / "eval.json"
+    if not eval_json.is_file():
+        raise Stale(f"{eval_json}: missing; snapshot-seed takes a run directory that `btx run` finished")
+    rows = json.loads(eval_json.read_text())["rows"]
+    out = root / SNAPSHOT / f"seed-{seed}.json"
+    out.write_text(json.dumps({"train_seed": seed, "recipe_values": recipe_values(root / RECIPE),
+                               "averages": {r["name"]: r["average"] for r in rows}}, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def spread_lines(data: dict, spreads: list[dict]) -> list[str]:
+    """The seed-to-seed spread: each rerun's averages beside the snapshot's, and how far BTX's
+    margin over each baseline moved."""
+    base = {r["name"]: r["average"] for r in data["rows"]}
+    out = []
+    for other in spreads:
+        names = [n for n in SPREAD_ROWS if n in base and n in other["averages"]]
+        moves = [abs((other["averages"]["BTX"] - other["averages"][n]) - (base["BTX"] - base[n]))
+                 for n in names if n != "BTX"]
+        out.append(f"- Seed-to-seed: the same recipe with `train.seed={other['train_seed']}` (every job's init and "
+                   "batches) gives " + ", ".join(f"{_md(n)} {base[n]:.4f} → {other['averages'][n]:.4f}" for n in names)
+                   + (f"; BTX's margin over each of these moved by at most {max(moves):.4f}." if moves else "."))
+    return out
+
+
+def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | None = None) -> list[str]:
     """The README's demo block (without the markers), from a snapshot's eval.json and run.json."""
     domains = list(data["domains"])
     rows = {r["name"]: r for r in data["rows"]}
@@ -342,6 +374,7 @@ def readme_block(data: dict, run: dict, tokenizer: str) -> list[str]:
             f"{d} {r['losses'][d]:.4f} vs {seed['losses'][d]:.4f}" for d, r in experts) + ".")
     ranked = sorted(data["rows"], key=lambda r: r.get("average", math.inf))
     out.append("- Averages, best first: " + ", ".join(f"{_md(r['name'])} {r['average']:.4f}" for r in ranked) + ".")
+    out += spread_lines(data, spreads or [])
     stages = run["stages"]
     total = sum(s["seconds"] for s in stages)
     out.append(f"- The run took {_duration(total)} (" + ", ".join(f"{s['stage']} {_duration(s['seconds'])}"
@@ -383,8 +416,9 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
     data = json.loads((snap / "eval.json").read_text())
     run = json.loads((snap / "run.json").read_text())
     readme = root / README
+    spreads = [json.loads(p.read_text()) for p in sorted(snap.glob("seed-*.json"))]
     out[readme] = _replace_block(readme.read_text(), README_BEGIN, README_END,
-                                 readme_block(data, run, str(exp.recipe.tokenizer)), str(readme))
+                                 readme_block(data, run, str(exp.recipe.tokenizer), spreads), str(readme))
     return out
 
 
@@ -399,6 +433,11 @@ def snapshot_problems(root: Path = ROOT) -> list[str]:
     if changed:
         return [f"{snap / 'run.json'}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])})"
                 + redo]
+    for spread in sorted(snap.glob("seed-*.json")):
+        changed = _differences(json.loads(spread.read_text()).get("recipe_values"), recipe_values(root / RECIPE))
+        if changed:
+            return [f"{spread}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])}); rerun "
+                    "it, or remove it"]
     a = recipe_arithmetic(load_experiment(root / RECIPE))
     predicted = {"seed": a.seed, "finetune": a.finetune, **{f"expert:{d}": s for d, s in a.experts.items()}}
     problems = []
@@ -449,6 +488,9 @@ def main(argv: list[str] | None = None) -> int:
     snap = sub.add_parser("snapshot", help="copy a finished demo run into docs/demo/, then render")
     snap.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     snap.add_argument("--machine", default=None, help="the machine it ran on (default: this one, detected)")
+    seed = sub.add_parser("snapshot-seed", help="record a rerun's averages (train.seed=N) for the spread line")
+    seed.add_argument("run_dir", metavar="RUN_DIR", type=Path)
+    seed.add_argument("--seed", type=int, required=True)
     sub.add_parser("render", help="rewrite the README block and the recipe's arithmetic block")
     args = parser.parse_args(argv)
     try:
@@ -459,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1 if problems else 0
         if args.command == "snapshot":
             print(f"wrote {snapshot(args.run_dir, machine=args.machine)}")
+        if args.command == "snapshot-seed":
+            print(f"wrote {snapshot_seed(args.run_dir, args.seed)}")
         for path in render():
             print(f"rewrote {path}")
         problems = snapshot_problems() if (ROOT / SNAPSHOT / "run.json").is_file() else []
