@@ -6,9 +6,9 @@ backward, grad-norm clipping, AdamW) on the same batch of 4 x 256 tokens, for
 - its 4-expert top-2 MoE (~46M, ~29M active): experts are copies of the seed's FFN with a little
   noise and routers are random, as after an upcycling merge, so the load is roughly balanced.
 
-Part 1, the model step: plain torch, the same AdamW (btx.engine.make_optimizer) for both. The
+Part 1, the model step: plain torch, the same AdamW (btx.train.engines.base.make_optimizer) for both. The
 MoE/dense time ratio is compared with the ratio of training FLOPs per token of the *active*
-parameters (`btx.flops.train_flops_per_token`), which is what an MoE ought to cost; the target
+parameters (`btx.model.flops.train_flops_per_token`), which is what an MoE ought to cost; the target
 is time ratio <= 1.25 x FLOP ratio.
 
 Part 2, the engines on the MoE step: the training loop's calls (`engine.model`, `train.loss_terms`,
@@ -33,10 +33,11 @@ from types import SimpleNamespace
 import torch
 from timing import interleaved_times
 
-from btx.engine import make_optimizer
-from btx.flops import train_flops_per_token
-from btx.model import ModelConfig, Transformer
-from btx.train import loss_terms
+from btx.model.config import ModelConfig
+from btx.model.flops import train_flops_per_token
+from btx.model.transformer import Transformer
+from btx.train.engines.base import make_optimizer
+from btx.train.loop import loss_terms
 
 SEED = ModelConfig(vocab_size=8192, dim=512, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=1024)
 MOE = dataclasses.replace(SEED, n_experts=4, top_k=2)
@@ -132,8 +133,8 @@ def main() -> None:
         return
 
     print("part 2: the MoE step through the training loop's engines")
-    from btx.engine import AccelerateEngine
-    from btx.engine_deepspeed import DeepSpeedEngine
+    from btx.train.engines.accelerate import AccelerateEngine
+    from btx.train.engines.deepspeed import DeepSpeedEngine
 
     engines = {}
     for stage in (0, 2):

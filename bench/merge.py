@@ -12,7 +12,7 @@ Also printed: the merge's CPU seconds (all threads), which is what bounds it on 
 besides the I/O it hashes its output and every input it reads (sha256, about 1.8 GB/s) and starts Python and
 torch (1.3-1.7 s). What keeps it near the floor: the expert FFNs, 80-85% of the output here, are
 copied file to file with sendfile and hashed from the mapped page cache (no user-space copy), and
-the inputs are read ahead while torch imports (btx/startup.py).
+the inputs are read ahead while torch imports (btx/io/startup.py).
 
 Measured, in alternating order for --rounds rounds:
 - merge: `python -m btx merge --seed ... --expert ... --out ...` as a subprocess, so interpreter and
@@ -43,9 +43,10 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from btx import hf  # noqa: E402
-from btx.manifest import hash_dir, write_done  # noqa: E402
-from btx.model import ModelConfig  # noqa: E402
+from btx.io.layout import TensorSpec, hf_shapes
+from btx.io.manifest import hash_dir, write_done
+from btx.io.writer import write_checkpoint
+from btx.model.config import ModelConfig
 
 DOMAINS = ("code", "math", "prose")
 _BLOCK = 16 << 20
@@ -64,11 +65,11 @@ def bench_config(scale: int) -> ModelConfig:
 def write_random_checkpoint(path: Path, cfg: ModelConfig, seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
     specs = [
-        hf.TensorSpec(name, shape, torch.bfloat16,
+        TensorSpec(name, shape, torch.bfloat16,
                       lambda shape=shape: torch.empty(shape, dtype=torch.bfloat16).normal_(0, 0.02, generator=gen))
-        for name, shape in hf.hf_shapes(cfg).items()
+        for name, shape in hf_shapes(cfg).items()
     ]  # fmt: skip
-    hf.write_checkpoint(path, cfg, specs)
+    write_checkpoint(path, cfg, specs)
 
 
 def build(root: Path, scale: int) -> tuple[Path, dict[str, Path]]:

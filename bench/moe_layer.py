@@ -15,7 +15,7 @@ Prints medians and the ratios btx/floor and btx/best-transformers at 8192 and 25
 RMSNorm, attention with an explicit head_dim (128, where hidden/heads is 64) and per-head q/k
 RMSNorm, RoPE, causal SDPA, then the MoE, against transformers' `Qwen3MoeDecoderLayer` on the same
 weights, tokens as 8 sequences. The floor is then the same block with k x a dense FFN in place of
-the MoE (`btx.model.Block` on a dense config): attention costs what it costs, the MoE can only add.
+the MoE (`btx.model.transformer.Block` on a dense config): attention costs what it costs, the MoE can only add.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ import statistics
 import torch
 from timing import interleaved_times
 
-from btx.model import FeedForward, ModelConfig, MoEFeedForward
+from btx.model.config import ModelConfig
+from btx.model.moe import FeedForward, MoEFeedForward
 
 
 def timed_rounds(fns: dict, device: str, reps: int, warmup: int = 2) -> dict[str, float]:
@@ -72,7 +73,7 @@ def qwen3_blocks(device, dtype):
     from transformers import Qwen3MoeConfig
     from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeDecoderLayer
 
-    from btx.model import Block
+    from btx.model.transformer import Block
 
     shape = dict(dim=512, n_heads=8, n_kv_heads=4, head_dim=128, ffn_dim=1408, qk_norm="head", family="qwen3",
                  norm_eps=1e-6, max_seq_len=4096)
@@ -107,7 +108,7 @@ def qwen3_blocks(device, dtype):
 
 
 def run_block(args, device, dtype) -> None:
-    from btx.model import rope_frequencies
+    from btx.model.transformer import rope_frequencies
 
     block, dense, layer, cfg = qwen3_blocks(device, dtype)
     for name in ("w1", "w2", "w3"):

@@ -7,7 +7,7 @@ transformers loads it with attn_implementation="sdpa", its default) and use the 
 parameter groups: weight decay on matrices only).
 
 - btx: the training loop's own step: `AccelerateEngine` (accelerate, fp32 on CPU) and
-  `train.loss_terms`, exactly the calls `btx.train.run_loop` makes per step.
+  `train.loss_terms`, exactly the calls `btx.train.loop.run_loop` makes per step.
 - transformers: the same step written directly against `LlamaForCausalLM` (logits -> the same
   cross-entropy on the same targets, `clip_grad_norm_`, AdamW).
 
@@ -29,13 +29,15 @@ import tempfile
 from types import SimpleNamespace
 
 import torch
-from timing import interleaved_times
 import torch.nn.functional as F
+from timing import interleaved_times
 
-from btx import hf
-from btx.engine import AccelerateEngine, make_optimizer
-from btx.model import ModelConfig, Transformer
-from btx.train import loss_terms
+from btx.io.checkpoint import save_model
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
+from btx.train.engines.accelerate import AccelerateEngine
+from btx.train.engines.base import make_optimizer
+from btx.train.loop import loss_terms
 
 CONFIG = ModelConfig(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads=4, ffn_dim=1408, max_seq_len=1024)
 
@@ -92,7 +94,7 @@ def main() -> None:
     model = Transformer(CONFIG)
     model.init_weights(generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_model(model, None, f"{tmp}/ckpt", dtype=torch.float32)
+        save_model(model, None, f"{tmp}/ckpt", dtype=torch.float32)
         reference = LlamaForCausalLM.from_pretrained(f"{tmp}/ckpt", dtype=torch.float32, attn_implementation="sdpa")
     engine = AccelerateEngine(model, SimpleNamespace(settings=settings(precision)))
     device = engine.device

@@ -44,7 +44,7 @@ def add_recipe_arguments(p: argparse.ArgumentParser, required: bool = True) -> N
 
 
 def load_experiment_args(args: argparse.Namespace):
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     return load_experiment(args.recipe, args.overrides)
 
@@ -76,7 +76,12 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from btx.prepare import parse_domain_specs, prepare_adhoc, prepare_experiment, summary_table
+    from btx.data.recipe import (
+        parse_domain_specs,
+        prepare_adhoc,
+        prepare_experiment,
+        summary_table,
+    )
 
     if args.recipe is not None:
         if args.domain or args.out or args.tokenizer:
@@ -131,7 +136,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from btx.routing_report import run_analyze
+    from btx.evaluate.routing_report import run_analyze
 
     return run_analyze(args)
 
@@ -156,7 +161,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from btx.train import train_command
+    from btx.train.loop import train_command
 
     return train_command(args)
 
@@ -178,7 +183,7 @@ def add_finetune_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from btx.finetune import finetune_command
+    from btx.train.finetune import finetune_command
 
     return finetune_command(args)
 
@@ -201,7 +206,7 @@ def add_branch_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_branch(args: argparse.Namespace) -> int:
-    from btx.branch import branch
+    from btx.run.branch import branch
 
     # `--only a b key=value` takes the override too (argparse cannot tell them apart); domain names
     # never contain '=', so hand those back to the overrides.
@@ -217,7 +222,7 @@ def add_status_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from btx.branch import status
+    from btx.run.branch import status
 
     return status(args.recipe, args.overrides, watch=args.watch)
 
@@ -301,7 +306,7 @@ _MERGE_ONLY = ("seed", "expert", "upcycle", "average_all", "no_keep_seed", "weig
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from btx.startup import checkpoint_files, quick_import, readahead
+    from btx.io.startup import checkpoint_files, quick_import, readahead
 
     if args.into is not None:
         clash = [d for d in _MERGE_ONLY if getattr(args, d, None) not in (None, False, [])]
@@ -310,7 +315,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
             raise BtxError(f"merge --into: {flag} belongs to a merge of dense experts, not to editing an MoE")
         readahead(checkpoint_files([args.into, *(e.partition("=")[2] for e in args.add_expert)]))
         with quick_import():
-            from btx.grow import edit_command
+            from btx.mix.grow import edit_command
         return edit_command(args)
     given = [d for d in _EDIT_ONLY if getattr(args, d, None) not in (None, False, [])]
     if given:
@@ -318,7 +323,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     # A merge is mostly I/O: have the disk read the inputs while torch is imported.
     readahead(checkpoint_files(_merge_inputs(args)))
     with quick_import():
-        from btx.merge import merge_command
+        from btx.mix.merge import merge_command
 
     return merge_command(args)
 
@@ -327,7 +332,7 @@ def _merge_inputs(args: argparse.Namespace) -> list[str]:
     """The merge's input checkpoint directories, as far as they can be known before it runs."""
     if args.recipe is None:
         return [d for d in (args.seed, *(e.partition("=")[2] for e in args.expert)) if d]
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     try:
         exp = load_experiment(args.recipe, args.overrides)
@@ -370,11 +375,11 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from btx.recipe import resolve_recipe
+    from btx.recipe.builtin import resolve_recipe
 
     if args.router_inits is not None:
-        from btx.recipe import load_experiment
-        from btx.router_inits import parse_inits, router_init_table
+        from btx.mix.router_inits import parse_inits, router_init_table
+        from btx.recipe.load import load_experiment
 
         inits = parse_inits(args.router_inits)
         if args.target is None or not resolve_recipe(args.target).is_file():
@@ -384,10 +389,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     target = args.target
     if target is not None and (resolve_recipe(target).is_file() or target.endswith((".yaml", ".yml"))):
-        from btx.pipeline import eval_recipe_command  # every model of a run
+        from btx.run.evaluation import eval_recipe_command
 
         return eval_recipe_command(args)
-    from btx.evaluate import eval_checkpoints_command
+    from btx.evaluate.checkpoints import eval_checkpoints_command
 
     return eval_checkpoints_command(args)
 
@@ -410,7 +415,7 @@ def add_run_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from btx.pipeline import run
+    from btx.run.pipeline import run
 
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe is not None and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
@@ -430,8 +435,8 @@ def add_recipes_arguments(p: argparse.ArgumentParser) -> None:
 def cmd_recipes(args: argparse.Namespace) -> int:
     from rich.markup import escape
 
-    from btx.recipe import builtin_recipes, builtin_recipes_dir
-    from btx.tables import Column, FitTable
+    from btx.recipe.builtin import builtin_recipes, builtin_recipes_dir
+    from btx.ui.tables import Column, FitTable
 
     rows = [[escape(name), escape(what)] for name, what in builtin_recipes().items()]
     title = escape(f"built-in recipes ({builtin_recipes_dir()})")
@@ -532,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"btx: interrupted ({args.command} stopped; finished work is kept, re-run to continue)", file=sys.stderr)
         return 130
     except OSError as e:  # a full, read-only or forbidden destination is bad input too
-        from btx.manifest import disk_error_message
+        from btx.io.disk import disk_error_message
 
         message = disk_error_message(e)
         if message is None:

@@ -19,10 +19,22 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from btx import branch as br
 from btx.errors import BtxError
-from btx.manifest import write_done
-from btx.recipe import load_experiment
+from btx.io.manifest import write_done
+from btx.recipe.load import load_experiment
+from btx.run.branch import branch, status
+from btx.run.jobs import (
+    STALE_AFTER_S,
+    ExpertJob,
+    _process_start,
+    expert_state,
+    plan_jobs,
+    read_job,
+    update_job,
+)
+from btx.run.local import LocalSlots
+from btx.run.progress import expert_status
+from btx.run.slurm import sbatch_script
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,7 +112,7 @@ def recording_console() -> Console:
 def prepare_with_seed(recipe: Path) -> None:
     """What `btx branch` needs before it launches anything: token shards and a finished seed
     (here only its DONE.json: the stand-in training never reads it)."""
-    from btx.prepare import prepare_experiment
+    from btx.data.recipe import prepare_experiment
 
     exp = load_experiment(recipe)
     prepare_experiment(exp, progress=False)
@@ -124,7 +136,7 @@ def experiment(tmp_path):
 
 def test_local_runs_every_expert_then_only_what_is_missing(tmp_path, experiment):
     program = fake_program(tmp_path)
-    assert br.branch(experiment, train_program=program, console=quiet_console()) == 0
+    assert branch(experiment, train_program=program, console=quiet_console()) == 0
     assert sorted(launches(tmp_path)) == ["a", "b", "c"]
     run = tmp_path / "run"
     for name in "abc":
@@ -137,41 +149,41 @@ def test_local_runs_every_expert_then_only_what_is_missing(tmp_path, experiment)
         assert f"threads {threads}" in (run / "experts" / name / "train.log").read_text()
 
     # Everything is done: nothing is launched, and `btx status --watch` has nothing to wait for.
-    assert br.branch(experiment, train_program=program, console=quiet_console()) == 0
+    assert branch(experiment, train_program=program, console=quiet_console()) == 0
     assert len(launches(tmp_path)) == 3
-    assert br.status(experiment, watch=True, interval_s=60, console=quiet_console()) == 0
+    assert status(experiment, watch=True, interval_s=60, console=quiet_console()) == 0
 
     # One expert's outputs are deleted: only that one trains again.
     shutil.rmtree(run / "experts" / "b")
-    assert br.branch(experiment, train_program=program, console=quiet_console()) == 0
+    assert branch(experiment, train_program=program, console=quiet_console()) == 0
     assert launches(tmp_path)[3:] == ["b"]
 
 
 def test_overrides_and_only_reach_the_jobs(tmp_path, experiment):
     program = fake_program(tmp_path)
-    jobs = br.plan_jobs(load_experiment(experiment, ["train.steps=2"]), experiment, ["train.steps=2"],
+    jobs = plan_jobs(load_experiment(experiment, ["train.steps=2"]), experiment, ["train.steps=2"],
                         only=["c"], train_program=program)
     assert [j.domain for j in jobs] == ["c"] and jobs[0].total_steps == 2
     assert jobs[0].program == [*program, str(experiment.absolute()), "--domain", "c", "train.steps=2"]
     with pytest.raises(BtxError, match=r"--only bb: not a domain .*\(did you mean b\?\)"):
-        br.branch(experiment, only=["bb"], train_program=program, console=quiet_console())
+        branch(experiment, only=["bb"], train_program=program, console=quiet_console())
 
 
 def test_failed_job_is_reported_with_its_log_and_the_others_finish(tmp_path, experiment, monkeypatch, capsys):
     monkeypatch.setenv("FAKE_FAIL", "b")
     console = recording_console()
-    assert br.branch(experiment, train_program=fake_program(tmp_path), console=console) == 1
+    assert branch(experiment, train_program=fake_program(tmp_path), console=console) == 1
     run = tmp_path / "run"
     assert (run / "experts" / "a" / "DONE.json").exists() and (run / "experts" / "c" / "DONE.json").exists()
     assert not (run / "experts" / "b" / "DONE.json").exists()
     shown = console.export_text()
     assert "b failed (exit 3)" in shown and "shard train.bin is corrupt" in shown  # the log's tail
     assert "1 of 3 expert job(s) failed: b (exit 3)" in capsys.readouterr().err
-    assert br.expert_state(run / "experts" / "b")[0] == "failed"
+    assert expert_state(run / "experts" / "b")[0] == "failed"
 
     # Fixed: the re-run launches only the failed expert.
     monkeypatch.delenv("FAKE_FAIL")
-    assert br.branch(experiment, train_program=fake_program(tmp_path), console=quiet_console()) == 0
+    assert branch(experiment, train_program=fake_program(tmp_path), console=quiet_console()) == 0
     assert launches(tmp_path)[3:] == ["b"]
 
 
@@ -182,7 +194,7 @@ def test_ctrl_c_stops_every_child_and_they_resume(tmp_path, experiment):
     driver = tmp_path / "driver.py"
     driver.write_text(textwrap.dedent(f"""\
         import sys
-        from btx.branch import branch
+        from btx.run.branch import branch
         sys.exit(branch({str(experiment)!r}, train_program={program!r}, max_parallel=2,
                         stop_grace_s=5))
         """))
@@ -190,44 +202,44 @@ def test_ctrl_c_stops_every_child_and_they_resume(tmp_path, experiment):
     proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     experts = tmp_path / "run" / "experts"
     wait_for_launches(tmp_path, 2)
-    pids = [br.read_job(experts / d)["pid"] for d in "ab"]
+    pids = [read_job(experts / d)["pid"] for d in "ab"]
     proc.send_signal(signal.SIGINT)
     out, _ = proc.communicate(timeout=30)
     assert proc.returncode != 0, out.decode()
     for domain, pid in zip("ab", pids):
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # reaped and gone: no orphans
-        job = br.read_job(experts / domain)
+        job = read_job(experts / domain)
         assert job["interrupted"] is True and job["exit_code"] == 130
-        assert br.expert_state(experts / domain)[0] == "stopped"
+        assert expert_state(experts / domain)[0] == "stopped"
         assert "stopped, checkpoint kept" in (experts / domain / "train.log").read_text()
-    assert br.expert_state(experts / "c")[0] == "pending"  # never started
-    assert br.branch(experiment, train_program=program, console=quiet_console()) == 0
+    assert expert_state(experts / "c")[0] == "pending"  # never started
+    assert branch(experiment, train_program=program, console=quiet_console()) == 0
     assert sorted(launches(tmp_path)[2:]) == ["a", "b", "c"]
 
 
 def test_missing_seed_or_data_is_refused_before_anything_starts(tmp_path):
     recipe = make_experiment(tmp_path)
     with pytest.raises(BtxError, match=r"seed: the seed is not trained yet \(no DONE.json\); run `btx train"):
-        br.branch(recipe, train_program=fake_program(tmp_path), console=quiet_console())
+        branch(recipe, train_program=fake_program(tmp_path), console=quiet_console())
     write_done(_mkdir(tmp_path / "run" / "seed"), {"stage": "seed"})
     with pytest.raises(BtxError, match=r"train shard of domain 'a' not found; run `btx prepare"):
-        br.branch(recipe, train_program=fake_program(tmp_path), console=quiet_console())
+        branch(recipe, train_program=fake_program(tmp_path), console=quiet_console())
     assert launches(tmp_path) == [] and not (tmp_path / "run" / "experts").exists()
 
 
 def test_gpu_slots_group_devices_and_use_torchrun():
-    slots = br.LocalSlots.plan(["0", "1", "2", "3", "5"], devices_per_expert=2, max_parallel=None)
+    slots = LocalSlots.plan(["0", "1", "2", "3", "5"], devices_per_expert=2, max_parallel=None)
     assert slots.devices == ["0,1", "2,3"]
-    job = br.ExpertJob("a", Path("/x"), ["-m", "btx", "train", "r.yaml", "--domain", "a"], 3)
+    job = ExpertJob("a", Path("/x"), ["-m", "btx", "train", "r.yaml", "--domain", "a"], 3)
     cmd = slots.command(job)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     assert cmd[5:] == job.program
     assert slots.env(1)["CUDA_VISIBLE_DEVICES"] == "2,3"
     with pytest.raises(BtxError, match="branch.max_parallel: 3 jobs of 2 GPU"):
-        br.LocalSlots.plan(["0", "1", "2", "3"], devices_per_expert=2, max_parallel=3)
-    cpu = br.LocalSlots.plan([], devices_per_expert=1, max_parallel=2)
-    assert cpu.devices == [None, None] and br.LocalSlots.plan([], 1, None).devices == [None]
+        LocalSlots.plan(["0", "1", "2", "3"], devices_per_expert=2, max_parallel=3)
+    cpu = LocalSlots.plan([], devices_per_expert=1, max_parallel=2)
+    assert cpu.devices == [None, None] and LocalSlots.plan([], 1, None).devices == [None]
     assert cpu.command(job) == [sys.executable, *job.program]
 
 
@@ -256,12 +268,12 @@ def test_slurm_dry_run_prints_valid_resumable_scripts(tmp_path):
     recipe = make_experiment(tmp_path, extra=slurm_section())
     prepare_with_seed(recipe)
     console = recording_console()
-    assert br.branch(recipe, ["train.steps=5"], dry_run=True, console=console) == 0
+    assert branch(recipe, ["train.steps=5"], dry_run=True, console=console) == 0
     shown = console.export_text()
     assert not (tmp_path / "run" / "experts").exists()  # a dry run writes nothing
     exp = load_experiment(recipe)
-    for job in br.plan_jobs(exp, recipe, ["train.steps=5"]):
-        script = br.sbatch_script(job, exp.branch.slurm, exp.name)
+    for job in plan_jobs(exp, recipe, ["train.steps=5"]):
+        script = sbatch_script(job, exp.branch.slurm, exp.name)
         assert script in shown.replace("\r", "")  # the dry run printed exactly this script
         lines = script.splitlines()
         assert lines[0] == "#!/bin/bash"
@@ -318,8 +330,8 @@ def test_sbatch_values_with_spaces_quotes_and_percent_signs_are_quoted(tmp_path)
     base.mkdir(parents=True)
     recipe = make_experiment(base, extra=slurm_section().replace("gpu-long", "gpu long#1"))
     exp = load_experiment(recipe)
-    job = br.plan_jobs(exp, recipe)[0]
-    lines = [line for line in br.sbatch_script(job, exp.branch.slurm, exp.name).splitlines()
+    job = plan_jobs(exp, recipe)[0]
+    lines = [line for line in sbatch_script(job, exp.branch.slurm, exp.name).splitlines()
              if line.startswith("#SBATCH ")]
     args = [arg for line in lines for arg in sbatch_arguments(line)]
     assert f"--output={str(job.log).replace('%', '%%')}" in args and "--partition=gpu long#1" in args
@@ -339,13 +351,13 @@ def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, mon
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     program = fake_program(tmp_path)
-    assert br.branch(recipe, train_program=program, console=quiet_console()) == 0
+    assert branch(recipe, train_program=program, console=quiet_console()) == 0
     experts = tmp_path / "run" / "experts"
     for domain in "ab":
-        assert br.read_job(experts / domain)["slurm_job_id"] == "4242"
-        assert br.expert_state(experts / domain) == ("queued", "slurm 4242")
+        assert read_job(experts / domain)["slurm_job_id"] == "4242"
+        assert expert_state(experts / domain) == ("queued", "slurm 4242")
     # Already queued: a second branch submits nothing.
-    assert br.branch(recipe, train_program=program, console=quiet_console()) == 0
+    assert branch(recipe, train_program=program, console=quiet_console()) == 0
 
     env = {**os.environ, "SLURM_JOB_ID": "4242", "PYTHONPATH": str(REPO), "FAKE_FAIL": "b",
            "BTX_PYTHON": sys.executable}
@@ -355,10 +367,10 @@ def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, mon
                                 text=True)
         assert result.returncode == code, result
     assert "shard train.bin is corrupt" in result.stdout
-    assert br.expert_state(experts / "a")[0] == "done"
-    state, detail = br.expert_state(experts / "b")
+    assert expert_state(experts / "a")[0] == "done"
+    state, detail = expert_state(experts / "b")
     assert state == "failed" and "exit 3 (slurm 4242)" in detail
-    job = br.read_job(experts / "b")
+    job = read_job(experts / "b")
     assert job["exit_code"] == 3 and job["slurm_job_id"] == "4242" and job["started_at"] <= job["ended_at"]
 
     # Near the time limit (USR1) the script stops training and requeues itself: queued again.
@@ -371,7 +383,7 @@ def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, mon
         wait_for_launches(tmp_path, len(launches(tmp_path)) + 1)
         script.send_signal(sig)
         out, _ = script.communicate(timeout=20)
-        assert br.expert_state(experts / "b")[0] == state, out
+        assert expert_state(experts / "b")[0] == state, out
         assert "stopped, checkpoint kept" in out
 
 
@@ -384,35 +396,35 @@ def test_status_derives_each_state_from_the_run_dir(tmp_path, experiment, monkey
     exp = load_experiment(experiment)
     experts = {d: _mkdir(exp.expert_dir(d)) for d in ("a", "b", "c")}
     write_done(experts["a"], {"domain": "a"})
-    br.update_job(experts["b"], executor="local", host=socket.gethostname(), pid=os.getpid(),
-                  pid_start=br._process_start(os.getpid()), started_at=time.time(), exit_code=None)
+    update_job(experts["b"], executor="local", host=socket.gethostname(), pid=os.getpid(),
+                  pid_start=_process_start(os.getpid()), started_at=time.time(), exit_code=None)
     with open(experts["b"] / "metrics.jsonl", "w") as f:
         for step, t in ((1, 100.0), (2, 110.0)):
             f.write(json.dumps({"step": step, "loss": 2.5, "tokens_per_s": 1234.0, "elapsed_s": t}) + "\n")
         f.write('{"step": 3, "lo')  # a line being written: ignored
-    jobs = {j.domain: j for j in br.plan_jobs(exp, experiment)}
-    assert br.expert_state(experts["a"]) == ("done", "")
-    running = br.expert_status(jobs["b"])
+    jobs = {j.domain: j for j in plan_jobs(exp, experiment)}
+    assert expert_state(experts["a"]) == ("done", "")
+    running = expert_status(jobs["b"])
     assert (running.state, running.step, running.loss, running.tokens_per_s) == ("running", 2, 2.5, 1234.0)
     assert running.eta_s == pytest.approx(10.0)  # 1 step left at 10 s per step
-    assert br.expert_state(experts["c"])[0] == "pending"
+    assert expert_state(experts["c"])[0] == "pending"
 
     # A recorded non-zero exit is a failure; a local pid that is gone without one is stopped.
-    br.update_job(experts["b"], exit_code=1, ended_at=time.time())
-    assert br.expert_state(experts["b"])[0] == "failed"
+    update_job(experts["b"], exit_code=1, ended_at=time.time())
+    assert expert_state(experts["b"])[0] == "failed"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    br.update_job(experts["c"], executor="local", host=socket.gethostname(), pid=dead.pid, started_at=time.time())
-    assert br.expert_state(experts["c"])[0] == "stopped"
+    update_job(experts["c"], executor="local", host=socket.gethostname(), pid=dead.pid, started_at=time.time())
+    assert expert_state(experts["c"])[0] == "stopped"
     # Elsewhere (another host, a Slurm node): alive while it shows recent signs of progress.
-    br.update_job(experts["c"], host="other-node", started_at=time.time() - 2 * br.STALE_AFTER_S)
+    update_job(experts["c"], host="other-node", started_at=time.time() - 2 * STALE_AFTER_S)
     os.utime(experts["b"] / "metrics.jsonl")
-    assert br.expert_state(experts["c"])[0] == "stopped"
+    assert expert_state(experts["c"])[0] == "stopped"
     (experts["c"] / "metrics.jsonl").write_text('{"step": 1, "loss": 3.0}\n')
-    assert br.expert_state(experts["c"])[0] == "running"
+    assert expert_state(experts["c"])[0] == "running"
 
     console = recording_console()
-    assert br.status(experiment, console=console) == 0
+    assert status(experiment, console=console) == 0
     shown = console.export_text()
     for domain, state in (("a", "done"), ("b", "failed"), ("c", "running")):
         assert re.search(rf"│ {domain}\s+│ {state}\s+│", shown), shown
@@ -463,8 +475,9 @@ def test_llama2_recipe_loads(tmp_path, monkeypatch):
 def test_real_btx_train_experts_in_parallel_one_with_a_corrupt_shard(tmp_path):
     """Three real `btx train` jobs at once on a tiny model; domain c's shard is truncated, so c fails
     (reported with btx train's own error in the log tail) while a and b finish and export."""
-    from btx.prepare import prepare_experiment
-    from btx.train import run_loop, seed_job
+    from btx.data.recipe import prepare_experiment
+    from btx.train.job import seed_job
+    from btx.train.loop import run_loop
 
     for name in "abc":
         for i in range(6):  # several documents, so both splits get some
@@ -477,12 +490,12 @@ def test_real_btx_train_experts_in_parallel_one_with_a_corrupt_shard(tmp_path):
     shard.write_bytes(shard.read_bytes()[:100])
 
     console = recording_console()
-    assert br.branch(recipe, max_parallel=3, console=console) == 1
+    assert branch(recipe, max_parallel=3, console=console) == 1
     experts = tmp_path / "run" / "experts"
     for name in "ab":
         assert (experts / name / "DONE.json").is_file() and (experts / name / "final" / "config.json").is_file()
         assert json.loads((experts / name / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
     assert f"{shard}: truncated" in console.export_text()
-    statuses = {s.domain: s for s in (br.expert_status(job) for job in br.plan_jobs(exp, recipe))}
+    statuses = {s.domain: s for s in (expert_status(job) for job in plan_jobs(exp, recipe))}
     assert {d: s.state for d, s in statuses.items()} == {"a": "done", "b": "done", "c": "failed"}
     assert statuses["a"].step == 3 and statuses["a"].path == experts / "a" / "final"

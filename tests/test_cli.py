@@ -147,7 +147,8 @@ def test_merge_inputs_are_known_before_the_merge_runs(tmp_path):
 
 
 def test_named_recipes(tmp_path, capsys):
-    from btx.recipe import builtin_recipes, load_experiment
+    from btx.recipe.builtin import builtin_recipes
+    from btx.recipe.load import load_experiment
 
     assert load_experiment("demo").path == load_experiment(Path(__file__).parents[1] / "recipes/demo/btx.yaml").path
     assert set(builtin_recipes()) >= {"demo", "llama2-7b"}

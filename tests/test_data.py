@@ -7,21 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from btx.data import (
-    DataStream,
-    PlannedSampler,
-    PythonSource,
-    TokenSampler,
-    check_tokenizer,
-    eval_batches,
-    load_domain,
-    load_shard,
-    prepare_domain,
-    prepare_domains,
-    token_dtype,
-)
+from btx.data.prepare import prepare_domain, prepare_domains
+from btx.data.sampling import DataStream, PlannedSampler, TokenSampler, eval_batches
+from btx.data.shards import check_tokenizer, load_domain, load_shard, token_dtype
+from btx.data.sources import PythonSource
+from btx.data.tokenizer import ByteTokenizer
 from btx.errors import BtxError
-from btx.tokenizer import ByteTokenizer
 
 BYTE = ByteTokenizer()
 

@@ -23,8 +23,8 @@ def test_the_committed_tokenizer_is_what_the_tool_builds():
 
 
 def test_btx_and_transformers_read_it_alike():
-    from btx.recipe import load_experiment
-    from btx.tokenizer import load_tokenizer
+    from btx.data.tokenizer import load_tokenizer
+    from btx.recipe.load import load_experiment
 
     tok = load_tokenizer(TOKENIZER)
     assert tok.vocab_size == 1024 == load_experiment("demo").recipe.model.vocab_size

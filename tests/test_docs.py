@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from btx import cli, recipe
+from btx import cli
+from btx.recipe.schema import DomainRecipe, ExperimentRecipe, ModelSection
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "recipes" / "README.md",
@@ -231,12 +232,12 @@ def _schema_differences(schema: type, documented: dict, prefix: str = "") -> lis
 def test_the_recipe_schema_lists_every_key():
     blocks = _schema_blocks()
     assert set(blocks) == {"experiment recipe", "domain recipe", "model section"}
-    problems = _schema_differences(recipe.ExperimentRecipe, blocks["experiment recipe"])
-    problems += _schema_differences(recipe.DomainRecipe, blocks["domain recipe"])
-    problems += _schema_differences(recipe.ModelSection, blocks["model section"]["model"], "model.")
+    problems = _schema_differences(ExperimentRecipe, blocks["experiment recipe"])
+    problems += _schema_differences(DomainRecipe, blocks["domain recipe"])
+    problems += _schema_differences(ModelSection, blocks["model section"]["model"], "model.")
     assert problems == []
 
 
 def test_the_model_section_shows_the_defaults():
     documented = _schema_blocks()["model section"]["model"]
-    assert documented == dataclasses.asdict(recipe.ModelSection())
+    assert documented == dataclasses.asdict(ModelSection())

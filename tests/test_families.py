@@ -4,7 +4,7 @@ btx, written back, merged into the family's MoE form and upcycled, with fp32 log
 unexpected or re-initialised.
 
 The checkpoints are built once per session (`seeds`); each variant exercises one switch of
-btx/model.py (explicit head_dim, biases, q/k norms, post-norm, sliding windows, RoPE scalings).
+btx/model/ (explicit head_dim, biases, q/k norms, post-norm, sliding windows, RoPE scalings).
 """
 
 from __future__ import annotations
@@ -15,9 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from btx import hf
 from btx.errors import BtxError
-from btx.merge import MergeOptions, merge
+from btx.io.checkpoint import load_model, save_model
+from btx.io.layout import config_from_hf, config_to_hf
+from btx.io.reader import CheckpointReader
+from btx.mix.merge import merge
+from btx.mix.options import MergeOptions
 
 transformers = pytest.importorskip("transformers")
 
@@ -89,7 +92,7 @@ def hf_logits(model) -> torch.Tensor:
 
 
 def btx_logits(path: Path) -> torch.Tensor:
-    model = hf.load_model(path, dtype=torch.float32).eval()
+    model = load_model(path, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(TOKENS).logits
 
@@ -114,11 +117,11 @@ def reference_logits(path: Path) -> torch.Tensor:
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_dense_seed_matches_transformers_both_ways(seeds, name, tmp_path):
     seed = seeds[name]
-    cfg = hf.CheckpointReader(seed).cfg
+    cfg = CheckpointReader(seed).cfg
     assert cfg.family == VARIANTS[name][0].lower()
     torch.testing.assert_close(btx_logits(seed), reference_logits(seed), rtol=1e-5, atol=1e-5)
     # and back: what btx writes is what transformers computed in the first place
-    hf.save_model(hf.load_model(seed, dtype=torch.float32), None, tmp_path / "out", tokenizer_from=seed)
+    save_model(load_model(seed, dtype=torch.float32), None, tmp_path / "out", tokenizer_from=seed)
     written = json.loads((tmp_path / "out" / "config.json").read_text())
     assert written["model_type"] == json.loads((seed / "config.json").read_text())["model_type"]
     torch.testing.assert_close(hf_logits(load_clean(tmp_path / "out")), reference_logits(seed), rtol=1e-5, atol=1e-5)
@@ -127,12 +130,12 @@ def test_dense_seed_matches_transformers_both_ways(seeds, name, tmp_path):
 def make_expert(seed: Path, out: Path, seed_index: int) -> Path:
     """A domain expert: the seed with every weight moved a little (attention too, so the merge's
     averaging is exercised), saved by btx."""
-    model = hf.load_model(seed, dtype=torch.float32)
+    model = load_model(seed, dtype=torch.float32)
     g = torch.Generator().manual_seed(100 + seed_index)
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    hf.save_model(model, None, out, tokenizer_from=seed)
+    save_model(model, None, out, tokenizer_from=seed)
     return out
 
 
@@ -141,7 +144,7 @@ def router_data(tmp_path_factory) -> dict[str, Path]:
     """Validation shards of two synthetic domains, as bytes below the tiny vocabulary."""
     import numpy as np
 
-    from btx.data import prepare_domain
+    from btx.data.prepare import prepare_domain
 
     root, rng, out = tmp_path_factory.mktemp("router-data"), np.random.default_rng(0), {}
     for d, chars in {"code": "ABCDEFGHIJ", "math": "0123456789"}.items():
@@ -187,13 +190,13 @@ def test_upcycled_copies_of_the_seed_compute_the_seed(seeds, name, k, tmp_path):
 def test_sliding_window_is_what_transformers_computes_beyond_the_window(seeds):
     """The window matters at S > window: without it the logits differ, with it they agree."""
     seed = seeds["mistral-sliding"]
-    model = hf.load_model(seed, dtype=torch.float32).eval()
+    model = load_model(seed, dtype=torch.float32).eval()
     for layer in model.layers:
         layer.attn.window = None
     with torch.no_grad():
         full = model(TOKENS).logits
     assert not torch.allclose(full, reference_logits(seed), atol=1e-3)
-    assert hf.CheckpointReader(seeds["qwen2-sliding"]).cfg.sliding_layers == [1]
+    assert CheckpointReader(seeds["qwen2-sliding"]).cfg.sliding_layers == [1]
 
 
 def test_seed_the_moe_form_cannot_express_is_refused(seeds, tmp_path):
@@ -224,7 +227,7 @@ def test_configs_btx_cannot_honour_are_refused_by_name(seeds, model_type, change
     name = {"llama": "llama", "qwen2": "qwen2", "olmo2": "olmo2", "qwen3": "qwen3"}[model_type]
     config = json.loads((seeds[name] / "config.json").read_text()) | change
     with pytest.raises(BtxError, match="^x/config.json: ") as e:
-        hf.config_from_hf(config, source="x/config.json")
+        config_from_hf(config, source="x/config.json")
     assert message in str(e.value)
     assert "btx reads the dense families" in str(e.value) or "model_type" not in change
 
@@ -232,10 +235,10 @@ def test_configs_btx_cannot_honour_are_refused_by_name(seeds, model_type, change
 def test_configs_round_trip_through_btx_for_every_family(seeds):
     """Read then written, a config reads back to the same ModelConfig (both RoPE spellings kept)."""
     for name, path in seeds.items():
-        cfg = hf.CheckpointReader(path).cfg
-        written = hf.config_to_hf(cfg)
+        cfg = CheckpointReader(path).cfg
+        written = config_to_hf(cfg)
         assert "rope_theta" in written and written["rope_parameters"]["rope_theta"] == cfg.rope_theta
-        assert hf.config_from_hf(json.loads(json.dumps(written))) == cfg, name
+        assert config_from_hf(json.loads(json.dumps(written))) == cfg, name
 
 
 # MoE checkpoints btx did not write (another tool's merge, a released MoE): read, finetuned and
@@ -258,7 +261,7 @@ def test_moe_checkpoints_from_elsewhere_match_transformers(name, tmp_path):
     prefix, overrides = FOREIGN_MOE[name]
     model = transformers_model(prefix, overrides, seed=7)
     model.save_pretrained(tmp_path)
-    cfg = hf.CheckpointReader(tmp_path).cfg
+    cfg = CheckpointReader(tmp_path).cfg
     assert cfg.n_experts == 4 and cfg.norm_topk_prob == overrides.get("norm_topk_prob", True)
     assert cfg.shared_expert_dim == overrides.get("shared_expert_intermediate_size", 0)
     torch.testing.assert_close(btx_logits(tmp_path), hf_logits(model), rtol=1e-5, atol=1e-5)
@@ -269,12 +272,12 @@ def test_granite_multipliers_btx_does_not_implement_are_refused(tmp_path):
                                               "embedding_multiplier": 12.0}, seed=8)
     model.save_pretrained(tmp_path)
     with pytest.raises(BtxError, match="'embedding_multiplier' is 12.0; btx reads GraniteMoe only with its multipliers at 1"):
-        hf.CheckpointReader(tmp_path)
+        CheckpointReader(tmp_path)
 
 
 def test_expert_with_another_chat_template_is_refused(seeds, tmp_path):
     seed = tmp_path / "seed"
-    hf.save_model(hf.load_model(seeds["qwen3"]), None, seed)
+    save_model(load_model(seeds["qwen3"]), None, seed)
     (seed / "chat_template.jinja").write_text("{{ messages }}")
     expert = make_expert(seed, tmp_path / "code", 0)
     assert (expert / "chat_template.jinja").is_file()  # save_model(tokenizer_from=seed) carried it

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from btx import hf
+from btx.io.checkpoint import load_model
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
@@ -114,7 +114,7 @@ def test_btx_run_from_a_transformers_seed(family, tmp_path):
         model = load_clean(path)
         with torch.no_grad():
             theirs = model(tokens).logits
-            ours = hf.load_model(path, dtype=torch.float32).eval()(tokens).logits
+            ours = load_model(path, dtype=torch.float32).eval()(tokens).logits
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4, msg=rel)
         for file in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
             assert (path / file).read_bytes() == (seed / file).read_bytes(), (rel, file)

@@ -24,12 +24,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from btx import hf
 from btx.cli import main
 from btx.errors import BtxError
-from btx.manifest import (cached_sha256, changed_inputs, dumps_json, identity, output_lock, read_done,
-                          write_done, write_json_atomic)
-from btx.model import ModelConfig, Transformer
+from btx.io.atomic import dumps_json, write_json_atomic
+from btx.io.checkpoint import save_model
+from btx.io.hashing import cached_sha256
+from btx.io.locks import output_lock
+from btx.io.manifest import changed_inputs, identity, read_done, write_done
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "tiny" / "btx.yaml"
@@ -52,7 +55,7 @@ def one_line_error(status: int, err: str) -> str:
 
 def hold_lock(path: Path, what: str) -> subprocess.Popen:
     """Another process holding the lock of `path` (it prints 'held' once it has it)."""
-    code = ("import sys, time\nfrom btx.manifest import output_lock\n"
+    code = ("import sys, time\nfrom btx.io.manifest import output_lock\n"
             "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"
@@ -66,12 +69,12 @@ def hidden(directory: Path) -> list[str]:
 @pytest.fixture(scope="module")
 def seed(tmp_path_factory) -> Path:
     """A random dense checkpoint (external: no DONE.json) with the byte tokenizer."""
-    from btx.tokenizer import load_tokenizer
+    from btx.data.tokenizer import load_tokenizer
 
     path = tmp_path_factory.mktemp("faults") / "seed"
     model = Transformer(CFG)
     model.init_weights(generator=torch.Generator().manual_seed(0))
-    hf.save_model(model, None, path)
+    save_model(model, None, path)
     load_tokenizer("byte").save(path)
     return path
 
@@ -143,7 +146,7 @@ def test_two_merges_into_one_output(seed, tmp_path):
 
 
 def test_an_output_that_appears_meanwhile_is_not_replaced_without_force(tmp_path):
-    from btx.manifest import atomic_dir
+    from btx.io.atomic import atomic_dir
 
     out = tmp_path / "out"
     with pytest.raises(BtxError, match="appeared while this output was being written"):
@@ -208,16 +211,16 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(seed, tmp_path, small_disk, 
     disk = small_disk("rw", 200_000)  # the upcycled MoE needs about 0.5 MB
     where = disk if disk is not None else tmp_path / "full"
     if disk is None:
-        from btx import manifest
+        from btx.io.disk import free_bytes
 
-        real_free = manifest.free_bytes
-        monkeypatch.setattr("btx.manifest.free_bytes",
+        real_free = free_bytes
+        monkeypatch.setattr("btx.io.disk.free_bytes",
                             lambda p: 200_000 if str(p).startswith(str(where)) else real_free(p))
     # Known sizes are checked before anything is written ...
     err = one_line_error(*btx("merge", "--seed", seed, "--upcycle", "4", "--out", where / "moe", "--quiet"))
     assert f"{where}: the merged checkpoint {where / 'moe'} needs about" in err and "are free there" in err
     # ... and a disk that fills up while writing is the same one line, with nothing left behind.
-    monkeypatch.setattr("btx.merge.ensure_free_space", lambda *a: None)
+    monkeypatch.setattr("btx.mix.merge.ensure_free_space", lambda *a: None)
     if disk is None:
         fail_writes_into(monkeypatch, where, errno.ENOSPC)
     err = one_line_error(*btx("merge", "--seed", seed, "--upcycle", "4", "--out", where / "moe", "--quiet"))
@@ -251,7 +254,7 @@ def test_a_disk_that_fills_up_during_training_keeps_the_last_checkpoint(tmp_path
             return real_save(obj, path, *a, **kw)
 
         monkeypatch.setattr(torch, "save", save)
-        monkeypatch.setattr("btx.manifest.free_bytes", lambda path: 1000)
+        monkeypatch.setattr("btx.io.disk.free_bytes", lambda path: 1000)
     status, err = btx("train", TINY, "--seed", f"run_dir={run_dir}")
     err = one_line_error(status, err.splitlines()[-1])
     assert "seed-train/ckpt: no space left on the device while writing checkpoint step-4" in err and "needs about" in err
@@ -336,7 +339,7 @@ def test_a_killed_prepare_then_its_rerun(tmp_path):
 
 
 def test_a_single_text_file_is_cut_into_passages(tmp_path):
-    from btx.data import load_domain
+    from btx.data.shards import load_domain
 
     book = tmp_path / "book.txt"
     book.write_text("\n\n".join(f"Chapter {i}. " + "It was a dark night. " * (3 + i % 5) for i in range(400)))
@@ -406,7 +409,7 @@ def test_the_hash_cache_sees_a_same_size_edit_with_the_mtime_put_back(tmp_path, 
 def test_a_copied_run_directory_checks_its_own_files(tmp_path):
     """Identities record paths relative to their DONE.json too, so a copied run directory
     compares its own inputs, not the original's."""
-    from btx.manifest import relative_identities
+    from btx.io.manifest import relative_identities
 
     (tmp_path / "a" / "in").mkdir(parents=True)
     (tmp_path / "a" / "in" / "x.bin").write_bytes(b"x")
@@ -422,7 +425,7 @@ def test_a_copied_run_directory_checks_its_own_files(tmp_path):
 
 
 def test_an_orphaned_expert_job_is_named(tmp_path):
-    from btx.branch import orphan_note, update_job
+    from btx.run.jobs import orphan_note, update_job
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     update_job(tmp_path, launcher={"pid": int(gone.stdout), "start": None})

@@ -19,11 +19,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from btx import hf
 from btx.cli import main
-from btx.data import TokenSampler, load_shard
-from btx.manifest import write_done
-from btx.model import ModelConfig, Transformer
+from btx.data.sampling import TokenSampler
+from btx.data.shards import load_shard
+from btx.io.checkpoint import load_model, load_state_dict, save_model
+from btx.io.layout import config_from_hf, config_to_hf
+from btx.io.manifest import write_done
+from btx.io.reader import CheckpointReader
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 pytest.importorskip("deepspeed")
 
@@ -51,8 +55,8 @@ finetune:
 def base(tmp_path_factory) -> Path:
     """Recipe, prepared shards (data/) and two MoE checkpoints: merged/ (random routers) and
     idle-expert/ (routers that never pick expert 3 with top-1 routing)."""
-    from btx.prepare import prepare_experiment
-    from btx.recipe import load_experiment
+    from btx.data.recipe import prepare_experiment
+    from btx.recipe.load import load_experiment
 
     root = tmp_path_factory.mktemp("finetune")
     for name, text in TEXTS.items():
@@ -66,13 +70,13 @@ def base(tmp_path_factory) -> Path:
     cfg = exp.model.to_model_config(n_experts=E, top_k=TOP_K)
     model = Transformer(cfg)
     model.init_weights(generator=torch.Generator().manual_seed(0))
-    hf.save_model(model, None, root / "shared" / "merged")
+    save_model(model, None, root / "shared" / "merged")
     write_done(root / "shared" / "merged", {"stage": "merge"})
     with torch.no_grad():  # expert 3's logit is 0, expert 0's or 1's is |v.x| > 0: top-1 never picks 3
         for layer in model.moe_layers():
             v = torch.randn(cfg.dim, generator=torch.Generator().manual_seed(1)) * 4
             layer.router.weight.copy_(torch.stack([v, -v, -v.abs() * 0.1, torch.zeros_like(v)]))
-    hf.save_model(model, None, root / "shared" / "idle-expert")
+    save_model(model, None, root / "shared" / "idle-expert")
     return root
 
 
@@ -108,8 +112,8 @@ def make_run_dir(base: Path, name: str) -> Path:
 @pytest.fixture(scope="module")
 def finetune(base):
     """finetune(*overrides) -> Run, trained in this process; cached by overrides."""
-    from btx.finetune import finetune_job, run_finetune
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
+    from btx.train.finetune import finetune_job, run_finetune
 
     cache: dict[tuple, Run] = {}
 
@@ -180,7 +184,7 @@ def test_switch_logs_the_drop_rate_of_its_capacity(finetune, base):
 
 
 def switch_model(base: Path, capacity_factor: float) -> Transformer:
-    cfg, state = hf.load_state_dict(base / "shared" / "merged", dtype=torch.float32)
+    cfg, state = load_state_dict(base / "shared" / "merged", dtype=torch.float32)
     cfg.router_mode, cfg.capacity_factor = "switch", capacity_factor
     model = Transformer(cfg)
     model.load_state_dict(state)
@@ -197,7 +201,7 @@ def test_sample_top1_temperature_follows_the_step(finetune):
 
 def test_sample_top1_is_deterministic_at_eval_and_samples_in_training(finetune):
     run = finetune("finetune.router_mode=sample_top1")
-    model = hf.load_model(run.export)
+    model = load_model(run.export)
     assert model.cfg.router_mode == "sample_top1" and model.cfg.top_k == TOP_K
     tokens = torch.randint(0, 256, (2, SEQ_LEN), generator=torch.Generator().manual_seed(3))
     model.eval()
@@ -227,7 +231,7 @@ def test_the_loss_adds_alpha_times_the_balancing_loss_and_the_z_loss(finetune, b
     # Step 1's balancing loss is the paper's sum over layers of E * sum_i u_i p_i on its batch.
     sampler = TokenSampler({n: load_shard(base / "shared" / "data" / n / "train.bin") for n in TEXTS},
                            {n: 1.0 for n in TEXTS}, seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
-    model = hf.load_model(base / "shared" / "merged", dtype=torch.float32)
+    model = load_model(base / "shared" / "merged", dtype=torch.float32)
     model.set_routing_record(True)
     with torch.no_grad():
         model(sampler.batch(0)[0])
@@ -249,8 +253,8 @@ def test_the_loss_adds_alpha_times_the_balancing_loss_and_the_z_loss(finetune, b
 @pytest.mark.parametrize("trainable", ["router_only", "frozen_experts"])
 def test_trainable_changes_exactly_its_parameters(finetune, base, trainable):
     run = finetune(f"finetune.trainable={trainable}", steps(3))
-    _, before = hf.load_state_dict(base / "shared" / "merged", dtype=torch.float32)
-    _, after = hf.load_state_dict(run.export, dtype=torch.float32)
+    _, before = load_state_dict(base / "shared" / "merged", dtype=torch.float32)
+    _, after = load_state_dict(run.export, dtype=torch.float32)
     changed = {name for name in before if not torch.equal(before[name], after[name])}
     routers = {n for n in before if n.endswith("ffn.router.weight")}
     experts = {n for n in before if n.endswith(("ffn.w1", "ffn.w2", "ffn.w3"))}
@@ -264,20 +268,20 @@ def test_a_router_only_phase_trains_the_routers_first_then_the_finetune_goes_on_
     """finetune.router_only_steps=2: finetune-router/ changes only the routers of merged/, on the
     finetune's first 2 steps' batches; the finetune starts from that export on the batches after
     them, and its train_flops count both phases (the router phase without weight gradients)."""
-    from btx.finetune import finetune_job
-    from btx.flops import train_flops_per_token
-    from btx.recipe import load_experiment
-    from btx.train import job_sampler
+    from btx.model.flops import train_flops_per_token
+    from btx.recipe.load import load_experiment
+    from btx.train.finetune import finetune_job
+    from btx.train.job import job_sampler
 
     run = finetune("finetune.router_only_steps=2", steps(3))
     router_phase = run.dir / "finetune-router"
-    _, merged = hf.load_state_dict(base / "shared" / "merged", dtype=torch.float32)
-    _, routed = hf.load_state_dict(router_phase, dtype=torch.float32)
+    _, merged = load_state_dict(base / "shared" / "merged", dtype=torch.float32)
+    _, routed = load_state_dict(router_phase, dtype=torch.float32)
     changed = {name for name in merged if not torch.equal(merged[name], routed[name])}
     assert changed == {n for n in merged if n.endswith("ffn.router.weight")}
     first, done = json.loads((router_phase / "DONE.json").read_text()), run.done
     assert first["steps"] == 2 and first["trainable"] == "router_only" and done["steps"] == 3
-    cfg = hf.CheckpointReader(run.export).cfg
+    cfg = CheckpointReader(run.export).cfg
     own = train_flops_per_token(cfg, SEQ_LEN) * done["tokens"]
     assert first["train_flops"] == train_flops_per_token(cfg, SEQ_LEN, "router_only") * first["tokens"]
     assert done["train_flops"] == own + first["train_flops"]
@@ -302,8 +306,8 @@ def test_zero_stages_0_2_3_give_the_same_losses(finetune):
         assert run.losses == pytest.approx(runs[0].losses, rel=1e-5)
         assert [r["grad_norm"] for r in run.records] == pytest.approx([r["grad_norm"] for r in runs[0].records],
                                                                        rel=1e-4)
-    _, zero0 = hf.load_state_dict(runs[0].export)
-    _, zero3 = hf.load_state_dict(runs[2].export)
+    _, zero0 = load_state_dict(runs[0].export)
+    _, zero3 = load_state_dict(runs[2].export)
     for name in zero0:
         torch.testing.assert_close(zero3[name], zero0[name], rtol=1e-4, atol=1e-6)
 
@@ -364,8 +368,8 @@ def test_a_killed_run_resumes_at_its_checkpoint_with_the_same_losses(finetune, b
     run = Run(run_dir, None)
     assert [r["step"] for r in run.records] == list(range(1, 7))
     assert run.losses == pytest.approx(uninterrupted.losses, rel=1e-6)
-    _, a = hf.load_state_dict(run.export)
-    _, b = hf.load_state_dict(uninterrupted.export)
+    _, a = load_state_dict(run.export)
+    _, b = load_state_dict(uninterrupted.export)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-6, atol=1e-7)
 
@@ -379,7 +383,7 @@ def test_export_loads_in_transformers_mixtral_with_the_same_logits(finetune, mod
     transformers = pytest.importorskip("transformers")
     run = finetune(f"finetune.router_mode={mode}")
     theirs = transformers.MixtralForCausalLM.from_pretrained(run.export, dtype=torch.float32).eval()
-    ours = hf.load_model(run.export).eval()
+    ours = load_model(run.export).eval()
     tokens = torch.randint(0, 256, (2, SEQ_LEN), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(theirs(tokens).logits, ours(tokens).logits, rtol=1e-4, atol=1e-4)
@@ -389,9 +393,9 @@ def test_exported_config_round_trips_every_mode():
     for mode in MIXTRAL_K:
         cfg = ModelConfig(vocab_size=96, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, n_experts=E, top_k=TOP_K,
                           router_mode=mode, capacity_factor=1.25, gumbel_rate=1e-3)
-        written = json.loads(json.dumps(hf.config_to_hf(cfg)))
+        written = json.loads(json.dumps(config_to_hf(cfg)))
         assert written["num_experts_per_tok"] == MIXTRAL_K[mode]
-        back = hf.config_from_hf(written)
+        back = config_from_hf(written)
         assert (back.router_mode, back.top_k, back.capacity_factor, back.gumbel_rate) == (mode, TOP_K, 1.25, 1e-3)
 
 
@@ -400,9 +404,9 @@ def test_exported_config_round_trips_every_mode():
 
 def test_a_general_data_domain_joins_the_mixture_without_becoming_an_expert(base):
     """finetune.general: prepared with the domains, sampled as "general", never branched."""
-    from btx.finetune import finetune_job, run_finetune
-    from btx.prepare import prepare_experiment
-    from btx.recipe import load_experiment
+    from btx.data.recipe import prepare_experiment
+    from btx.recipe.load import load_experiment
+    from btx.train.finetune import finetune_job, run_finetune
 
     (base / "general.jsonl").write_text("".join(json.dumps({"text": f"{i} a general sentence. " * 3}) + "\n"
                                                 for i in range(100)))
@@ -451,10 +455,10 @@ def test_resume_reads_checkpoints_weights_only_and_only_files_btx_recorded(base,
     """Resuming never unpickles (every torch.load is weights_only=True), skips a checkpoint whose
     files differ from what btx recorded at save (a flipped byte here) for the one before, and
     refuses a file holding any object btx does not allow."""
-    from btx.engine_deepspeed import load_weights_only
-    from btx.finetune import finetune_job, run_finetune
-    from btx.recipe import load_experiment
-    from btx.train import CKPT_MANIFEST
+    from btx.recipe.load import load_experiment
+    from btx.train.engines.deepspeed import load_weights_only
+    from btx.train.finetune import finetune_job, run_finetune
+    from btx.train.job import CKPT_MANIFEST
 
     run_dir = make_run_dir(base, "weights-only")
     exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=2", steps(2),

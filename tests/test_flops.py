@@ -1,4 +1,4 @@
-"""btx/flops.py and btx/trainable.py: which parameters train, and the FLOPs that costs.
+"""btx/model/flops.py and btx/model/trainable.py: which parameters train, and the FLOPs that costs.
 
 The numbers are worked out by hand for one small model (dim 32, 2 layers, 4 heads of 8 with 2 kv
 heads, FFN 64, vocabulary 64, 16-token windows), and the matmul part is checked against what
@@ -15,9 +15,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from btx.errors import BtxError
-from btx.flops import train_flops_breakdown, train_flops_per_token
-from btx.model import ModelConfig, Transformer
-from btx.trainable import param_group, set_trainable
+from btx.model.config import ModelConfig
+from btx.model.flops import train_flops_breakdown, train_flops_per_token
+from btx.model.trainable import param_group, set_trainable
+from btx.model.transformer import Transformer
 
 SEQ = 16
 DENSE = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64)

@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from btx import hf
 from btx.cli import main as cli_main
-from btx.data import load_shard, prepare_domain
+from btx.data.prepare import prepare_domain
+from btx.data.shards import load_shard
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
-from btx.grow import EditOptions, edit_moe
-from btx.merge import MergeOptions, merge
-from btx.manifest import read_done
-from btx.tokenizer import load_tokenizer
+from btx.io.checkpoint import load_model, save_model
+from btx.io.manifest import read_done
+from btx.io.reader import CheckpointReader
+from btx.mix.grow import edit_moe
+from btx.mix.merge import merge
+from btx.mix.options import EditOptions, MergeOptions
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,12 +37,12 @@ PROMPTS = {d: [c * 2, c[::-1]] for d, c in CHARS.items()}
 
 def perturbed(seed: Path, out: Path, index: int, shared: float = 0.01) -> Path:
     """An expert as branch training leaves it: FFNs moved a lot, shared weights a little."""
-    model = hf.load_model(seed, dtype=torch.float32)
+    model = load_model(seed, dtype=torch.float32)
     g = torch.Generator().manual_seed(10 + index)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_((0.05 if ".ffn." in name else shared) * torch.randn(p.shape, generator=g))
-    hf.save_model(model, None, out, tokenizer_from=seed)
+    save_model(model, None, out, tokenizer_from=seed)
     return out
 
 
@@ -77,7 +80,7 @@ def world(request, tmp_path_factory) -> World:
 
 def logits(path: Path) -> torch.Tensor:
     with torch.no_grad():
-        return hf.load_model(path, dtype=torch.float32).eval()(TOKENS).logits
+        return load_model(path, dtype=torch.float32).eval()(TOKENS).logits
 
 
 def load_clean(path: Path):
@@ -95,7 +98,7 @@ def test_add_then_remove_gives_back_the_original_byte_for_byte(world, tmp_path):
     grown = tmp_path / "grown"
     done = edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
     assert done["experts"] == ["code", "math", "seed", "prose"] and done["added"] == ["prose"]
-    cfg = hf.CheckpointReader(grown).cfg
+    cfg = CheckpointReader(grown).cfg
     assert cfg.n_experts == 4 and cfg.expert_names == done["experts"]
     # the grown MoE is a checkpoint transformers opens as its own class, computing what btx computes
     torch.testing.assert_close(load_clean(grown)(TOKENS).logits, logits(grown), rtol=1e-5, atol=1e-5)
@@ -110,7 +113,7 @@ def test_an_expert_that_never_wins_changes_nothing(world, tmp_path):
     """New router rows far below the others on these tokens: the logits stay bit for bit the same."""
     grown = tmp_path / "grown"
     edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
-    model = hf.load_model(grown, dtype=torch.float32).eval()
+    model = load_model(grown, dtype=torch.float32).eval()
     for i, layer in enumerate(model.layers):  # layer by layer: each row changes the next layer's inputs
         seen = []
         hook = layer.ffn.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
@@ -138,7 +141,7 @@ def test_growing_an_upcycled_moe_by_the_seed_still_computes_the_seed(world, tmp_
     merge(world.seed, {}, up, MergeOptions(upcycle=2, router_std=1.0), progress=False)
     grown = tmp_path / "grown"
     edit_moe(up, grown, add={"again": world.seed}, options=EditOptions(router_std=1.0), progress=False)
-    seed = hf.load_model(world.seed, dtype=torch.float32).eval()
+    seed = load_model(world.seed, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = seed(TOKENS).logits
     torch.testing.assert_close(logits(grown), expected, rtol=1e-5, atol=1e-5)
@@ -147,8 +150,8 @@ def test_growing_an_upcycled_moe_by_the_seed_still_computes_the_seed(world, tmp_
 
 def own_expert_share(path: Path, data: dict[str, Path]) -> dict[tuple[str, int], float]:
     """{(domain, layer): share of the domain's tokens whose top-1 expert is its own}."""
-    model = hf.load_model(path, dtype=torch.float32).eval()
-    names = hf.CheckpointReader(path).cfg.expert_names
+    model = load_model(path, dtype=torch.float32).eval()
+    names = CheckpointReader(path).cfg.expert_names
     model.set_routing_record(True)
     shares = {}
     for d, shard in data.items():
@@ -172,7 +175,7 @@ def test_fitted_router_inits_for_a_new_expert(world, tmp_path, init):
                     router_data=data if init != "hidden" else None, progress=False)
     assert done["experts"] == ["code", "math", "seed", "prose"]
     assert set(done["router_tokens"]) == ({"pos:code", "pos:math", "pos:prose"} if init == "hidden" else set(data))
-    before, after = hf.CheckpointReader(world.moe), hf.CheckpointReader(grown)
+    before, after = CheckpointReader(world.moe), CheckpointReader(grown)
     for layer in range(2):
         name = f"layers.{layer}.ffn.router.weight"
         old, new = before.get_btx(name), after.get_btx(name)
@@ -212,8 +215,8 @@ def test_fitted_router_inits_need_their_inputs(world, tmp_path):
 
 
 def test_shared_weights_keep_or_average(world, tmp_path):
-    moe = hf.CheckpointReader(world.moe)
-    prose = hf.CheckpointReader(world.experts["prose"])
+    moe = CheckpointReader(world.moe)
+    prose = CheckpointReader(world.experts["prose"])
     kept = tmp_path / "kept"
     edit_moe(world.moe, kept, add={"prose": world.experts["prose"]}, progress=False)
     avg = tmp_path / "avg"
@@ -221,9 +224,9 @@ def test_shared_weights_keep_or_average(world, tmp_path):
              progress=False)
     for name in ("embed.weight", "layers.1.attn.wq.weight"):
         a, p = moe.get_btx(name), prose.get_btx(name)
-        assert torch.equal(hf.CheckpointReader(kept).get_btx(name), a)
-        torch.testing.assert_close(hf.CheckpointReader(avg).get_btx(name), a + 0.25 * (p - a))  # 1 of 4 experts
-    rows = hf.CheckpointReader(kept).get_btx("layers.0.ffn.router.weight")
+        assert torch.equal(CheckpointReader(kept).get_btx(name), a)
+        torch.testing.assert_close(CheckpointReader(avg).get_btx(name), a + 0.25 * (p - a))  # 1 of 4 experts
+    rows = CheckpointReader(kept).get_btx("layers.0.ffn.router.weight")
     assert torch.equal(rows[:3], moe.get_btx("layers.0.ffn.router.weight"))
     assert 0.5 < float(rows[3].std() / rows[:3].std()) < 2  # random, on the existing rows' scale
 
@@ -266,11 +269,11 @@ def test_cli(world, tmp_path, capsys):
     out = tmp_path / "cli"
     rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
                    "--router-init", "zeros", "--out", str(out), "--quiet"])
-    assert rc == 0 and hf.CheckpointReader(out).cfg.expert_names == ["code", "math", "seed", "prose"]
-    assert torch.equal(hf.CheckpointReader(out).get_btx("layers.1.ffn.router.weight")[3], torch.zeros(32))
+    assert rc == 0 and CheckpointReader(out).cfg.expert_names == ["code", "math", "seed", "prose"]
+    assert torch.equal(CheckpointReader(out).get_btx("layers.1.ffn.router.weight")[3], torch.zeros(32))
     assert cli_main(["merge", "--into", str(out), "--remove-expert", "math", "--out", str(tmp_path / "less"),
                      "--quiet"]) == 0
-    assert hf.CheckpointReader(tmp_path / "less").cfg.expert_names == ["code", "seed", "prose"]
+    assert CheckpointReader(tmp_path / "less").cfg.expert_names == ["code", "seed", "prose"]
     capsys.readouterr()
     assert cli_main(["merge", "--into", str(out), "--seed", str(world.seed), "--out", str(tmp_path / "x")]) == 2
     assert "--seed belongs to a merge of dense experts" in capsys.readouterr().err

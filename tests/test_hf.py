@@ -15,10 +15,27 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from btx import hf
 from btx.errors import BtxError
-from btx.manifest import atomic_dir, hash_dir, read_done, sha256_file, write_done
-from btx.model import ModelConfig
+from btx.io.atomic import atomic_dir
+from btx.io.checkpoint import load_model, load_state_dict, save_model
+from btx.io.hashing import sha256_file
+from btx.io.layout import (
+    DEFAULT_SHARD_SIZE,
+    FileRange,
+    TensorSpec,
+    btx_shapes,
+    btx_state_dict_from_hf,
+    config_from_hf,
+    config_to_hf,
+    hf_shapes,
+    hf_specs_from_btx,
+    hf_tensors_from_btx,
+    key_table,
+)
+from btx.io.manifest import hash_dir, read_done, write_done
+from btx.io.reader import CheckpointReader, read_safetensors_header
+from btx.io.writer import parse_size, write_checkpoint, write_safetensors
+from btx.model.config import ModelConfig
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -38,7 +55,7 @@ def tiny(**kw) -> ModelConfig:
 def random_state_dict(cfg: ModelConfig, seed: int = 0) -> dict[str, torch.Tensor]:
     """A btx state dict from the shape table alone (independent of the model class)."""
     g = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(shape, generator=g) for name, shape in hf.btx_shapes(cfg).items()}
+    return {name: torch.randn(shape, generator=g) for name, shape in btx_shapes(cfg).items()}
 
 
 def leftovers(parent) -> list[str]:
@@ -69,10 +86,10 @@ CONFIGS = {
 @pytest.mark.parametrize("name", CONFIGS)
 def test_config_round_trip(name):
     cfg = CONFIGS[name]
-    written = hf.config_to_hf(cfg, torch.bfloat16)
-    back = hf.config_from_hf(json.loads(json.dumps(written)))
+    written = config_to_hf(cfg, torch.bfloat16)
+    back = config_from_hf(json.loads(json.dumps(written)))
     assert core_fields(back) == core_fields(cfg)
-    assert hf.config_to_hf(back, torch.bfloat16) == written  # stable under a second round trip
+    assert config_to_hf(back, torch.bfloat16) == written  # stable under a second round trip
     assert written["model_type"] == ("mixtral" if cfg.is_moe else "llama")
     assert written["torch_dtype"] == written["dtype"] == "bfloat16"
     # both rope spellings, so transformers 4.x and 5.x read the same model
@@ -95,29 +112,29 @@ def test_config_reads_both_rope_spellings():
     old_scaling = {k: v for k, v in LLAMA3.items() if k != "rope_type"} | {"type": "llama3"}
     v4 = dict(common, rope_theta=5e5, rope_scaling=old_scaling)
     v5 = dict(common, rope_parameters=dict(LLAMA3, rope_theta=5e5))
-    a, b = hf.config_from_hf(v4), hf.config_from_hf(v5)
+    a, b = config_from_hf(v4), config_from_hf(v5)
     assert a.rope_theta == b.rope_theta == 5e5
     assert a.rope_scaling == b.rope_scaling == LLAMA3
     assert a.n_kv_heads == 4  # num_key_value_heads defaults to the head count
     # absent rope: transformers' per-architecture defaults
-    assert hf.config_from_hf(common).rope_theta == 1e4
+    assert config_from_hf(common).rope_theta == 1e4
     moe = dict(common, model_type="mixtral", num_local_experts=2, num_experts_per_tok=1, head_dim=None)
-    assert hf.config_from_hf(moe).rope_theta == 1e6
+    assert config_from_hf(moe).rope_theta == 1e6
 
 
 def test_config_carries_unknown_fields_and_drops_writer_fields():
-    d = hf.config_to_hf(tiny(n_experts=2))
+    d = config_to_hf(tiny(n_experts=2))
     d |= {"bos_token_id": 5, "eos_token_id": [6, 7], "torch_dtype": "float16", "transformers_version": "4.57.6"}
-    cfg = hf.config_from_hf(d)
+    cfg = config_from_hf(d)
     assert cfg.extra["bos_token_id"] == 5 and cfg.extra["eos_token_id"] == [6, 7]
     assert cfg.extra["torch_dtype"] == "float16"
     assert "transformers_version" not in cfg.extra
-    out = hf.config_to_hf(cfg)  # no dtype given: the carried one stays
+    out = config_to_hf(cfg)  # no dtype given: the carried one stays
     assert out["bos_token_id"] == 5 and out["torch_dtype"] == "float16"
-    assert hf.config_to_hf(cfg, torch.float32)["torch_dtype"] == "float32"
+    assert config_to_hf(cfg, torch.float32)["torch_dtype"] == "float32"
     # a Mixtral-only field does not leak into a dense Llama config written from the same extra
     dense = dataclasses.replace(cfg, n_experts=0)
-    assert "router_aux_loss_coef" not in hf.config_to_hf(dense)
+    assert "router_aux_loss_coef" not in config_to_hf(dense)
 
 
 @pytest.mark.parametrize(
@@ -142,9 +159,9 @@ def test_config_carries_unknown_fields_and_drops_writer_fields():
     ],
 )
 def test_config_errors_name_file_and_field(change, message):
-    d = hf.config_to_hf(tiny(n_experts=2) if "btx" in change else tiny()) | change
+    d = config_to_hf(tiny(n_experts=2) if "btx" in change else tiny()) | change
     with pytest.raises(BtxError, match="^some/dir/config.json: ") as e:
-        hf.config_from_hf(d, source="some/dir/config.json")
+        config_from_hf(d, source="some/dir/config.json")
     assert message in str(e.value)
 
 
@@ -152,7 +169,7 @@ def test_config_errors_name_file_and_field(change, message):
 def test_transformers_reads_written_config(tmp_path, name):
     transformers = pytest.importorskip("transformers")
     cfg = CONFIGS[name]
-    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg, torch.bfloat16)))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg, torch.bfloat16)))
     cls = transformers.MixtralConfig if cfg.is_moe else transformers.LlamaConfig
     t = cls.from_pretrained(tmp_path)
     rope = getattr(t, "rope_parameters", None)  # 5.x
@@ -171,10 +188,10 @@ def test_transformers_reads_written_config(tmp_path, name):
 
 @pytest.mark.parametrize("cfg", [tiny(), tiny(tie_embeddings=True), tiny(n_experts=3)], ids=["dense", "tied", "moe"])
 def test_key_table_maps_every_name_both_ways(cfg):
-    table = hf.key_table(cfg)
-    hf_names = hf.hf_shapes(cfg)
+    table = key_table(cfg)
+    hf_names = hf_shapes(cfg)
     seen = set()
-    for name in hf.btx_shapes(cfg):
+    for name in btx_shapes(cfg):
         for e, hf_name in enumerate(table.hf_names(name, cfg.n_experts)):
             stacked = name.endswith(("ffn.w1", "ffn.w2", "ffn.w3"))
             assert table.btx_name(hf_name) == (name, e if stacked else None)
@@ -197,9 +214,9 @@ def test_key_table_maps_every_name_both_ways(cfg):
 def test_unstack_and_stack_round_trip():
     cfg = tiny(n_experts=3)
     sd = random_state_dict(cfg)
-    pairs = dict(hf.hf_tensors_from_btx(sd, cfg))
+    pairs = dict(hf_tensors_from_btx(sd, cfg))
     assert torch.equal(pairs["model.layers.1.block_sparse_moe.experts.2.w1.weight"], sd["layers.1.ffn.w1"][2])
-    back = hf.btx_state_dict_from_hf(pairs, cfg)
+    back = btx_state_dict_from_hf(pairs, cfg)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
 
 
@@ -212,8 +229,8 @@ def test_write_then_read_gives_identical_tensors(tmp_path, dtype, sharded):
     cfg = tiny(n_experts=3)
     sd = random_state_dict(cfg)
     out = tmp_path / "ckpt"
-    shard_size = 20_000 if sharded else hf.DEFAULT_SHARD_SIZE
-    hashes = hf.save_model(sd, cfg, out, dtype=dtype, shard_size=shard_size)
+    shard_size = 20_000 if sharded else DEFAULT_SHARD_SIZE
+    hashes = save_model(sd, cfg, out, dtype=dtype, shard_size=shard_size)
 
     files = sorted(p.name for p in out.iterdir())
     shards = [f for f in files if f.endswith(".safetensors")]
@@ -229,7 +246,7 @@ def test_write_then_read_gives_identical_tensors(tmp_path, dtype, sharded):
     assert leftovers(tmp_path) == []
 
     # The files are plain safetensors: the library opens them, lazily and eagerly.
-    expected = {n: t.to(dtype) for n, t in hf.hf_tensors_from_btx(sd, cfg)}
+    expected = {n: t.to(dtype) for n, t in hf_tensors_from_btx(sd, cfg)}
     loaded = {}
     for shard in shards:
         with safe_open(out / shard, framework="pt") as f:
@@ -239,27 +256,27 @@ def test_write_then_read_gives_identical_tensors(tmp_path, dtype, sharded):
     assert loaded.keys() == expected.keys()
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
 
-    with hf.CheckpointReader(out) as ckpt:
+    with CheckpointReader(out) as ckpt:
         assert core_fields(ckpt.cfg) == core_fields(cfg)
         assert ckpt.dtype == dtype and ckpt.hf_config["torch_dtype"] == str(dtype).removeprefix("torch.")
         assert ckpt.btx_names() == list(sd)
         for name, t in ckpt.iter_btx():
             assert t.dtype == dtype and torch.equal(t, sd[name].to(dtype)), name
-    cfg2, sd2 = hf.load_state_dict(out)
+    cfg2, sd2 = load_state_dict(out)
     assert sd2["layers.0.ffn.router.weight"].dtype == torch.float32  # routers always come back fp32
     assert sd2["embed.weight"].dtype == dtype
 
 
 def test_header_is_read_without_touching_data(tmp_path, monkeypatch):
     cfg = tiny(tie_embeddings=True)
-    hf.save_model(random_state_dict(cfg), cfg, tmp_path / "c", dtype=torch.float16, shard_size=10_000)
+    save_model(random_state_dict(cfg), cfg, tmp_path / "c", dtype=torch.float16, shard_size=10_000)
     import safetensors
 
     def refuse(*a, **k):
         raise AssertionError("tensor data was opened while only headers were needed")
 
     monkeypatch.setattr(safetensors, "safe_open", refuse)
-    ckpt = hf.CheckpointReader(tmp_path / "c")
+    ckpt = CheckpointReader(tmp_path / "c")
     info = ckpt.info("model.layers.1.mlp.down_proj.weight")
     assert (info.shape, info.dtype) == ((cfg.dim, cfg.ffn_dim), torch.float16)
     assert "lm_head.weight" not in ckpt.keys()
@@ -270,7 +287,7 @@ def test_header_is_read_without_touching_data(tmp_path, monkeypatch):
 def test_own_header_parser_agrees_with_safetensors(tmp_path):
     tensors = {"a": torch.randn(3, 5), "b": torch.zeros(7, dtype=torch.bfloat16), "c": torch.arange(4)}
     save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
-    infos, meta = hf.read_safetensors_header(tmp_path / "x.safetensors")
+    infos, meta = read_safetensors_header(tmp_path / "x.safetensors")
     assert meta == {"format": "pt"}
     assert {n: (i.shape, i.dtype) for n, i in infos.items()} == {
         n: (tuple(t.shape), t.dtype) for n, t in tensors.items()
@@ -283,16 +300,16 @@ def test_writer_streams_one_tensor_at_a_time(tmp_path):
     sd = random_state_dict(cfg)
     calls, alive = [], []
     specs = []
-    for name, t in hf.hf_tensors_from_btx(sd, cfg):
+    for name, t in hf_tensors_from_btx(sd, cfg):
 
         def produce(name=name, t=t):
             calls.append(name)
             alive.append(name)
             return t.clone()
 
-        specs.append(hf.TensorSpec(name, tuple(t.shape), torch.float32, produce))
+        specs.append(TensorSpec(name, tuple(t.shape), torch.float32, produce))
     written = []
-    hf.write_checkpoint(tmp_path / "o", cfg, specs, shard_size=30_000, on_tensor=lambda n, b: written.append((n, b)))
+    write_checkpoint(tmp_path / "o", cfg, specs, shard_size=30_000, on_tensor=lambda n, b: written.append((n, b)))
     assert sorted(calls) == sorted(s.name for s in specs) and len(calls) == len(specs)
     assert [n for n, _ in written] == calls
     assert sum(b for _, b in written) == sum(t.numel() * 4 for t in sd.values())
@@ -306,21 +323,21 @@ def test_file_ranges_are_copied_and_hashed_like_the_tensors(tmp_path, monkeypatc
         def refuse(*args):
             raise OSError(errno.EINVAL, "sendfile: not for these files")
 
-        monkeypatch.setattr(hf.os, "sendfile", refuse)
+        monkeypatch.setattr("btx.io.writer.os.sendfile", refuse)
     elif sendfile == "absent":
-        monkeypatch.delattr(hf.os, "sendfile")
+        monkeypatch.delattr("btx.io.writer.os.sendfile")
     src = {"a": torch.randn(37, 5), "b": torch.randn(4, 3).to(torch.bfloat16), "c": torch.randn(0, 2)}
-    hf.write_safetensors(tmp_path / "src.safetensors", [hf.TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t)
+    write_safetensors(tmp_path / "src.safetensors", [TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t)
                                                         for n, t in src.items()])  # fmt: skip
-    infos = hf.read_safetensors_header(tmp_path / "src.safetensors")[0]
-    ranges = {n: hf.FileRange(tmp_path / "src.safetensors", infos[n].offset, infos[n].nbytes) for n in src}
-    rows = hf.FileRange(ranges["a"].path, ranges["a"].offset + 20 * 5 * 4, 7 * 5 * 4)  # a[20:27]
+    infos = read_safetensors_header(tmp_path / "src.safetensors")[0]
+    ranges = {n: FileRange(tmp_path / "src.safetensors", infos[n].offset, infos[n].nbytes) for n in src}
+    rows = FileRange(ranges["a"].path, ranges["a"].offset + 20 * 5 * 4, 7 * 5 * 4)  # a[20:27]
     wanted = {**src, "a_rows": src["a"][20:27], "a2": src["a"].clone()}
     given = {**ranges, "a_rows": rows, "a2": src["a"]}
     files = {}
     for kind, values in (("tensors", wanted), ("ranges", given)):
-        specs = [hf.TensorSpec(n, tuple(t.shape), t.dtype, lambda v=values[n]: v) for n, t in wanted.items()]
-        digest = hf.write_safetensors(tmp_path / f"{kind}.safetensors", specs)
+        specs = [TensorSpec(n, tuple(t.shape), t.dtype, lambda v=values[n]: v) for n, t in wanted.items()]
+        digest = write_safetensors(tmp_path / f"{kind}.safetensors", specs)
         assert digest == sha256_file(tmp_path / f"{kind}.safetensors")
         files[kind] = (tmp_path / f"{kind}.safetensors").read_bytes()
     assert files["ranges"] == files["tensors"]
@@ -330,12 +347,12 @@ def test_file_ranges_are_copied_and_hashed_like_the_tensors(tmp_path, monkeypatc
 
 def test_file_range_errors(tmp_path):
     (tmp_path / "short.bin").write_bytes(bytes(100))
-    spec = hf.TensorSpec("w", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "short.bin", 0, 120))
+    spec = TensorSpec("w", (30,), torch.float32, lambda: FileRange(tmp_path / "short.bin", 0, 120))
     with pytest.raises(BtxError, match=r"short.bin: ended 20 bytes early while being copied \(truncated\?\)"):
-        hf.write_safetensors(tmp_path / "o.safetensors", [spec])
-    spec = hf.TensorSpec("w", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "short.bin", 0, 100))
+        write_safetensors(tmp_path / "o.safetensors", [spec])
+    spec = TensorSpec("w", (30,), torch.float32, lambda: FileRange(tmp_path / "short.bin", 0, 100))
     with pytest.raises(ValueError, match="w: produced 100 bytes of .*short.bin, announced 120"):
-        hf.write_safetensors(tmp_path / "o.safetensors", [spec])
+        write_safetensors(tmp_path / "o.safetensors", [spec])
 
 
 def test_a_failed_hash_of_a_copied_range_is_not_lost(tmp_path, monkeypatch):
@@ -346,15 +363,15 @@ def test_a_failed_hash_of_a_copied_range_is_not_lost(tmp_path, monkeypatch):
     def broken(*args):
         raise OSError("mmap failed")
 
-    monkeypatch.setattr(hf, "update_from_file", broken)
-    specs = [hf.TensorSpec("a", (30,), torch.float32, lambda: hf.FileRange(tmp_path / "src.bin", 0, 120)),
-             hf.TensorSpec("b", (3,), torch.float32, lambda: torch.ones(3))]  # fmt: skip
+    monkeypatch.setattr("btx.io.writer.update_from_file", broken)
+    specs = [TensorSpec("a", (30,), torch.float32, lambda: FileRange(tmp_path / "src.bin", 0, 120)),
+             TensorSpec("b", (3,), torch.float32, lambda: torch.ones(3))]  # fmt: skip
     with pytest.raises(OSError, match="mmap failed"):
-        hf.write_safetensors(tmp_path / "o.safetensors", specs)
+        write_safetensors(tmp_path / "o.safetensors", specs)
 
 
 def test_reader_file_range_points_at_the_stored_bytes(saved):
-    reader = hf.CheckpointReader(saved)
+    reader = CheckpointReader(saved)
     name = "model.layers.1.mlp.down_proj.weight"
     info = reader.info(name)
     with open(reader.file_range(name).path, "rb") as f:
@@ -374,16 +391,16 @@ def test_update_from_file_hashes_any_range(tmp_path, monkeypatch, window):
     import hashlib
     import mmap
 
-    from btx import manifest
+    from btx.io.hashing import update_from_file
 
     granule = mmap.ALLOCATIONGRANULARITY
-    monkeypatch.setattr(manifest, "_CHUNK", window * granule)
+    monkeypatch.setattr("btx.io.hashing._CHUNK", window * granule)
     data = os.urandom(5 * granule + 123)
     (tmp_path / "f").write_bytes(data)
     for offset, nbytes in [(0, 0), (0, 1), (7, granule), (granule - 1, 2), (granule, 3 * granule + 5),
                            (13, len(data) - 13), (0, len(data))]:  # fmt: skip
         h = hashlib.sha256()
-        manifest.update_from_file(h, tmp_path / "f", offset, nbytes)
+        update_from_file(h, tmp_path / "f", offset, nbytes)
         assert h.hexdigest() == hashlib.sha256(data[offset : offset + nbytes]).hexdigest(), (offset, nbytes)
     assert sha256_file(tmp_path / "f") == hashlib.sha256(data).hexdigest()
     (tmp_path / "empty").write_bytes(b"")
@@ -394,9 +411,9 @@ def test_mixed_dtypes_stay_aligned(tmp_path):
     """An fp32 tensor after 2-byte ones would sit misaligned in the memory map: the writer lays
     out wider dtypes first, and the library reads every tensor back exactly."""
     tensors = {"a": torch.randn(3, dtype=torch.bfloat16), "b": torch.randn(5), "c": torch.arange(3)}
-    specs = [hf.TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
+    specs = [TensorSpec(n, tuple(t.shape), t.dtype, lambda t=t: t) for n, t in tensors.items()]
     path = tmp_path / "m.safetensors"
-    hf.write_safetensors(path, specs)
+    write_safetensors(path, specs)
     raw = path.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     assert (8 + n) % 8 == 0
@@ -413,11 +430,11 @@ def test_written_checkpoint_loads_in_transformers(tmp_path, dtype):
     for cfg in (tiny(tie_embeddings=True), tiny(n_experts=3)):
         sd = random_state_dict(cfg)
         out = tmp_path / f"m{cfg.n_experts}"
-        hf.save_model(sd, cfg, out, dtype=dtype, shard_size=40_000)
+        save_model(sd, cfg, out, dtype=dtype, shard_size=40_000)
         model = transformers.AutoModelForCausalLM.from_pretrained(out)
         assert model.dtype == dtype
         assert type(model).__name__ == ("MixtralForCausalLM" if cfg.is_moe else "LlamaForCausalLM")
-        back = hf.btx_state_dict_from_hf(model.state_dict(), cfg)  # 5.x fuses experts in memory
+        back = btx_state_dict_from_hf(model.state_dict(), cfg)  # 5.x fuses experts in memory
         assert back.keys() == sd.keys()
         for k in sd:
             assert torch.equal(back[k], sd[k].to(dtype)), k
@@ -436,13 +453,13 @@ def test_reads_transformers_llama(tmp_path):
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config)
         model.save_pretrained(tmp_path / f"llama{tied}")
-        with hf.CheckpointReader(tmp_path / f"llama{tied}") as ckpt:
+        with CheckpointReader(tmp_path / f"llama{tied}") as ckpt:
             cfg = ckpt.cfg
             assert (cfg.rope_theta, cfg.rope_scaling, cfg.tie_embeddings) == (5e5, LLAMA3, tied)
-            assert ckpt.btx_names() == list(hf.btx_shapes(cfg))
+            assert ckpt.btx_names() == list(btx_shapes(cfg))
             hf_sd = model.state_dict()
             for name in ckpt.btx_names():
-                assert torch.equal(ckpt.get_btx(name), hf_sd[hf.key_table(ckpt.cfg).hf_name(name)]), name
+                assert torch.equal(ckpt.get_btx(name), hf_sd[key_table(ckpt.cfg).hf_name(name)]), name
 
 
 def test_reads_transformers_mixtral(tmp_path):
@@ -454,12 +471,12 @@ def test_reads_transformers_mixtral(tmp_path):
     torch.manual_seed(0)
     model = transformers.MixtralForCausalLM(config)
     model.save_pretrained(tmp_path / "mix")
-    keys = set(hf.read_safetensors_header(tmp_path / "mix" / "model.safetensors")[0])
+    keys = set(read_safetensors_header(tmp_path / "mix" / "model.safetensors")[0])
     # What save_pretrained puts on disk: the classic per-expert Mixtral layout (4.x and 5.x alike).
     assert "model.layers.1.block_sparse_moe.experts.2.w3.weight" in keys
     assert not any("gate_up_proj" in k for k in keys)
 
-    with hf.CheckpointReader(tmp_path / "mix") as ckpt:
+    with CheckpointReader(tmp_path / "mix") as ckpt:
         cfg = ckpt.cfg
         assert (cfg.n_experts, cfg.top_k, cfg.rope_theta) == (3, 2, 1e6)
         w1, w3, w2 = (ckpt.get_btx(f"layers.1.ffn.{w}") for w in ("w1", "w3", "w2"))
@@ -471,7 +488,7 @@ def test_reads_transformers_mixtral(tmp_path):
         torch.testing.assert_close(torch.cat([w1, w3], dim=1), gate_up, rtol=0, atol=0)
         torch.testing.assert_close(w2, live["model.layers.1.mlp.experts.down_proj"], rtol=0, atol=0)
         torch.testing.assert_close(router, live["model.layers.1.mlp.gate.weight"], rtol=0, atol=0)
-    from_live = hf.btx_state_dict_from_hf(live, cfg)
+    from_live = btx_state_dict_from_hf(live, cfg)
     assert torch.equal(from_live["layers.1.ffn.w1"], w1) and torch.equal(from_live["layers.1.ffn.w2"], w2)
 
     # A file saved straight from a live 5.x model (fused names) reads the same.
@@ -479,7 +496,7 @@ def test_reads_transformers_mixtral(tmp_path):
     fused.mkdir()
     (fused / "config.json").write_bytes((tmp_path / "mix" / "config.json").read_bytes())
     save_file({k: v.contiguous() for k, v in live.items()}, fused / "model.safetensors")
-    with hf.CheckpointReader(fused) as ckpt:
+    with CheckpointReader(fused) as ckpt:
         assert torch.equal(ckpt.get_btx("layers.1.ffn.w3"), w3)
         assert torch.equal(ckpt.get_btx("layers.1.ffn.router.weight"), router)
 
@@ -487,18 +504,18 @@ def test_reads_transformers_mixtral(tmp_path):
 def test_load_model_builds_a_transformer(tmp_path):
     model_mod = pytest.importorskip("btx.model")
     if not hasattr(model_mod, "Transformer"):
-        pytest.skip("btx.model.Transformer not written yet")
+        pytest.skip("btx.model.transformer.Transformer not written yet")
     cfg = tiny(n_experts=2)
     sd = random_state_dict(cfg)
-    hf.save_model(sd, cfg, tmp_path / "m", dtype=torch.bfloat16)
-    model = hf.load_model(tmp_path / "m")
+    save_model(sd, cfg, tmp_path / "m", dtype=torch.bfloat16)
+    model = load_model(tmp_path / "m")
     got = model.state_dict()
     assert got.keys() == sd.keys()
     assert got["layers.0.ffn.router.weight"].dtype == torch.float32
     assert got["layers.0.ffn.w1"].dtype == torch.bfloat16
     assert torch.equal(got["layers.0.ffn.w1"], sd["layers.0.ffn.w1"].to(torch.bfloat16))
     # and a model saves back to the same bytes
-    hf.save_model(model, None, tmp_path / "again", dtype=torch.bfloat16)
+    save_model(model, None, tmp_path / "again", dtype=torch.bfloat16)
     assert sha256_file(tmp_path / "m/model.safetensors") == sha256_file(tmp_path / "again/model.safetensors")
 
 
@@ -509,7 +526,7 @@ def test_load_model_builds_a_transformer(tmp_path):
 def saved(tmp_path):
     cfg = tiny()
     out = tmp_path / "ckpt"
-    hf.save_model(random_state_dict(cfg), cfg, out, shard_size=30_000)
+    save_model(random_state_dict(cfg), cfg, out, shard_size=30_000)
     return out
 
 
@@ -524,20 +541,20 @@ def test_truncated_shard_is_named(saved):
     data_bytes = len(data) - 8 - struct.unpack("<Q", data[:8])[0]
     message = f"{victim}: header says {data_bytes} bytes of data but the file has {data_bytes - 100}"
     with pytest.raises(BtxError, match=re.escape(message)):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_truncated_header_and_garbage_are_named(saved):
     victim = shard_files(saved)[0]
     victim.write_bytes(victim.read_bytes()[:50])
     with pytest.raises(BtxError, match=re.escape(f"{victim}: not a safetensors file or truncated")):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
     victim.write_bytes(struct.pack("<Q", 6) + b"{oops}")
     with pytest.raises(BtxError, match=re.escape(f"{victim}: safetensors header is not valid JSON")):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
     victim.write_bytes(b"abc")
     with pytest.raises(BtxError, match="too short"):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_missing_shard_file_is_named(saved):
@@ -545,19 +562,19 @@ def test_missing_shard_file_is_named(saved):
     victim.unlink()
     message = f"model.safetensors.index.json: lists shard(s) that do not exist: {victim.name}"
     with pytest.raises(BtxError, match=re.escape(message)):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_unknown_model_type_is_named(saved):
     config = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps(config | {"model_type": "granite"}))
     with pytest.raises(BtxError, match=re.escape(f"{saved / 'config.json'}: model_type 'granite' is not supported")):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def resave_single(path, edit):
     """Rewrite a checkpoint as one model.safetensors after editing its HF tensors."""
-    with hf.CheckpointReader(path) as ckpt:
+    with CheckpointReader(path) as ckpt:
         tensors = {k: ckpt.get(k) for k in ckpt.keys()}
     edit(tensors)
     for f in shard_files(path):
@@ -570,7 +587,7 @@ def test_missing_tensor_is_named(saved, tmp_path):
     resave_single(saved, lambda t: t.pop("model.layers.1.self_attn.k_proj.weight"))
     message = "missing 1 tensor(s) that config.json implies: model.layers.1.self_attn.k_proj.weight"
     with pytest.raises(BtxError, match=re.escape(message)):
-        hf.load_state_dict(saved)
+        load_state_dict(saved)
     assert leftovers(tmp_path) == []
 
 
@@ -582,7 +599,7 @@ def test_extra_tensor_is_named(saved):
     resave_single(saved, add)
     message = "1 tensor(s) config.json does not explain: model.layers.0.mlp.surprise.weight (in model.safetensors)"
     with pytest.raises(BtxError, match=re.escape(message)):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_wrong_shape_is_named(saved):
@@ -590,41 +607,41 @@ def test_wrong_shape_is_named(saved):
     (saved / "config.json").write_text(json.dumps(config | {"vocab_size": 100}))
     message = r"tensor model.embed_tokens.weight \(in model-00001-of-\d+.safetensors\) has shape \[96, 32\]"
     with pytest.raises(BtxError, match=message + r", but config.json implies \[100, 32\]"):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_tied_config_with_lm_head_hints(saved):
     config = json.loads((saved / "config.json").read_text())
     (saved / "config.json").write_text(json.dumps(config | {"tie_word_embeddings": True}))
     with pytest.raises(BtxError, match="lm_head.weight should be absent"):
-        hf.CheckpointReader(saved)
+        CheckpointReader(saved)
 
 
 def test_tied_head_stored_anyway_is_accepted_when_equal(tmp_path):
     cfg = tiny(tie_embeddings=True)
     sd = random_state_dict(cfg)
-    tensors = {n: t.contiguous() for n, t in hf.hf_tensors_from_btx(sd, cfg)}
+    tensors = {n: t.contiguous() for n, t in hf_tensors_from_btx(sd, cfg)}
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
-    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(cfg)))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(cfg)))
     save_file(tensors, tmp_path / "model.safetensors")
-    cfg2, sd2 = hf.load_state_dict(tmp_path)
+    cfg2, sd2 = load_state_dict(tmp_path)
     assert sd2.keys() == sd.keys()
 
 
 def test_pickle_only_checkpoint_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(hf.config_to_hf(tiny())))
+    (tmp_path / "config.json").write_text(json.dumps(config_to_hf(tiny())))
     (tmp_path / "pytorch_model.bin").write_bytes(b"\x80\x04not really")
     with pytest.raises(BtxError, match="pytorch_model.bin: btx reads safetensors only"):
-        hf.CheckpointReader(tmp_path)
+        CheckpointReader(tmp_path)
 
 
 def test_existing_output_without_force(saved, tmp_path):
     before = hash_dir(saved)
     cfg = tiny()
     with pytest.raises(BtxError, match=re.escape(f"{saved}: already exists and is not empty; pass --force")):
-        hf.save_model(random_state_dict(cfg, seed=1), cfg, saved)
+        save_model(random_state_dict(cfg, seed=1), cfg, saved)
     assert hash_dir(saved) == before and leftovers(tmp_path) == []
-    hf.save_model(random_state_dict(cfg, seed=1), cfg, saved, force=True)  # replaced at the end
+    save_model(random_state_dict(cfg, seed=1), cfg, saved, force=True)  # replaced at the end
     assert hash_dir(saved) != before and leftovers(tmp_path) == []
     assert not (saved / "model.safetensors.index.json").exists()  # nothing of the old output remains
 
@@ -635,24 +652,25 @@ def test_failed_write_leaves_nothing(tmp_path):
     def boom():
         raise RuntimeError("disk on fire")
 
-    specs = [s for s in hf.hf_specs_from_btx(random_state_dict(cfg), cfg, torch.float32)]
+    specs = [s for s in hf_specs_from_btx(random_state_dict(cfg), cfg, torch.float32)]
     specs[5] = specs[5]._replace(produce=boom)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        hf.write_checkpoint(tmp_path / "out", cfg, specs, shard_size=10_000)
+        write_checkpoint(tmp_path / "out", cfg, specs, shard_size=10_000)
     assert os.listdir(tmp_path) == []
 
 
 KILLED_WRITER = """
 import os, signal, sys, torch
-from btx import hf
-from btx.model import ModelConfig
+from btx.io.layout import btx_shapes, hf_specs_from_btx
+from btx.io.writer import write_checkpoint
+from btx.model.config import ModelConfig
 cfg = ModelConfig(vocab_size=96, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)
-sd = {n: torch.zeros(s) for n, s in hf.btx_shapes(cfg).items()}
-specs = hf.hf_specs_from_btx(sd, cfg, torch.float32)
+sd = {n: torch.zeros(s) for n, s in btx_shapes(cfg).items()}
+specs = hf_specs_from_btx(sd, cfg, torch.float32)
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 specs[7] = specs[7]._replace(produce=die)
-hf.write_checkpoint(sys.argv[1], cfg, specs, shard_size=10_000)
+write_checkpoint(sys.argv[1], cfg, specs, shard_size=10_000)
 """
 
 
@@ -660,14 +678,16 @@ def test_killed_writer_leaves_nothing_that_looks_finished(tmp_path):
     import subprocess
     import sys
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(hf.__file__)))
+    import btx
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(btx.__file__)))
     env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-c", KILLED_WRITER, str(tmp_path / "out")], env=env)
     assert proc.returncode == -9
     # Only the hidden temporary remains: no `out`, so no reader or stage mistakes it for output.
     assert [p.startswith(".out.tmp-") for p in os.listdir(tmp_path)] == [True]
     with pytest.raises(BtxError, match="not a checkpoint directory"):
-        hf.CheckpointReader(tmp_path / "out")
+        CheckpointReader(tmp_path / "out")
 
 
 def test_tokenizer_files_are_carried(tmp_path):
@@ -676,7 +696,7 @@ def test_tokenizer_files_are_carried(tmp_path):
     for name in ("tokenizer.json", "generation_config.json", "btx_tokenizer.json", "notes.txt"):
         (src / name).write_text(name)
     cfg = tiny()
-    hashes = hf.save_model(random_state_dict(cfg), cfg, tmp_path / "out", tokenizer_from=src)
+    hashes = save_model(random_state_dict(cfg), cfg, tmp_path / "out", tokenizer_from=src)
     got = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert got == ["btx_tokenizer.json", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert hashes == hash_dir(tmp_path / "out")
@@ -724,19 +744,19 @@ def test_done_manifest(tmp_path):
 
 
 def test_parse_size():
-    assert hf.parse_size(123) == 123
-    assert hf.parse_size("5GB") == 5 * 10**9
-    assert hf.parse_size("500MB") == 500 * 10**6
-    assert hf.parse_size("2GiB") == 2 * 2**30
+    assert parse_size(123) == 123
+    assert parse_size("5GB") == 5 * 10**9
+    assert parse_size("500MB") == 500 * 10**6
+    assert parse_size("2GiB") == 2 * 2**30
     with pytest.raises(BtxError, match="shard size"):
-        hf.parse_size("lots")
+        parse_size("lots")
 
 
 def test_atomic_dir_removes_temporaries_of_dead_writers_only(tmp_path):
     import subprocess
     import sys
 
-    from btx.manifest import atomic_dir
+    from btx.io.atomic import atomic_dir
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".out.tmp-{int(dead.stdout)}"

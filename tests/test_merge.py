@@ -19,14 +19,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from btx import hf
 from btx.cli import main as cli_main
-from btx.data import load_shard, prepare_domain
+from btx.data.prepare import prepare_domain
+from btx.data.shards import load_shard
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
-from btx.manifest import hash_dir, read_done, write_done
-from btx.merge import MergeOptions, merge, merge_from_recipe
-from btx.model import ModelConfig, Transformer
-from btx.tokenizer import load_tokenizer
+from btx.io.checkpoint import load_model, save_model
+from btx.io.manifest import hash_dir, read_done, write_done
+from btx.io.reader import CheckpointReader
+from btx.mix.merge import merge, merge_from_recipe
+from btx.mix.options import MergeOptions
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 REPO = Path(__file__).resolve().parents[1]
 DOMAINS = {"code": "abcdefghij", "math": "0123456789", "prose": "KLMNOPQRST"}
@@ -47,7 +51,7 @@ def random_model(cfg: ModelConfig, seed: int) -> Transformer:
 def save_expert(run: Path, name: str, model_or_sd, cfg=CFG, tokens: int = 1000, done: bool = True) -> Path:
     """An expert the way `btx train` leaves it: experts/<name>/final plus experts/<name>/DONE.json."""
     final = run / "experts" / name / "final"
-    hf.save_model(model_or_sd, cfg, final, dtype=torch.float32)
+    save_model(model_or_sd, cfg, final, dtype=torch.float32)
     load_tokenizer("byte").save(final)
     (run / "experts" / name / "metrics.jsonl").write_text("")
     if done:
@@ -77,7 +81,7 @@ class World:
                 seed.embed.weight[[ord(c) for c in chars]] += direction / direction.norm()
         self.seed_model = seed
         self.seed = self.run / "seed"
-        hf.save_model(seed, CFG, self.seed, dtype=torch.float32)
+        save_model(seed, CFG, self.seed, dtype=torch.float32)
         load_tokenizer("byte").save(self.seed)
         self.experts = {}
         for i, name in enumerate(DOMAINS):
@@ -101,7 +105,7 @@ def world(tmp_path_factory) -> World:
 
 
 def logits(path_or_model, tokens):
-    model = hf.load_model(path_or_model, dtype=torch.float32) if isinstance(path_or_model, Path) else path_or_model
+    model = load_model(path_or_model, dtype=torch.float32) if isinstance(path_or_model, Path) else path_or_model
     with torch.no_grad():
         return model.eval()(tokens).logits
 
@@ -141,7 +145,7 @@ def test_sparse_upcycling_computes_the_seed(world, tmp_path, router_init, k):
     manifest = merge(world.seed, None, tmp_path / "up", MergeOptions(upcycle=3, top_k=k, router_init=router_init),
                      progress=False)  # fmt: skip
     assert manifest["kind"] == "upcycle" and manifest["experts"] == ["seed.0", "seed.1", "seed.2"]
-    cfg = hf.CheckpointReader(tmp_path / "up").cfg
+    cfg = CheckpointReader(tmp_path / "up").cfg
     assert (cfg.n_experts, cfg.top_k) == (3, k)
     torch.testing.assert_close(logits(tmp_path / "up", world.tokens), logits(world.seed_model, world.tokens),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
@@ -211,7 +215,7 @@ def test_average_of_identical_copies_is_the_original(world, tmp_path, weights):
     got, want = load_file(tmp_path / "avg" / "model.safetensors"), load_file(world.seed / "model.safetensors")
     assert got.keys() == want.keys()
     assert all(torch.equal(got[k], want[k]) for k in want)
-    assert hf.CheckpointReader(tmp_path / "avg").cfg.is_moe is False
+    assert CheckpointReader(tmp_path / "avg").cfg.is_moe is False
 
 
 @pytest.mark.parametrize("weights", [{"code": 1, "math": 2, "prose": 0, "seed": 5}, "tokens"])
@@ -244,7 +248,7 @@ def test_weighted_average_matches_a_hand_computation(world, tmp_path, weights):
 def test_bf16_output_and_no_seed_expert(world, tmp_path):
     manifest = run_merge(world, tmp_path / "m", keep_seed=False, dtype="bfloat16", shard_size="10KB")
     assert manifest["experts"] == ["code", "math", "prose"] and set(manifest["weights"]) == set(DOMAINS)
-    reader = hf.CheckpointReader(tmp_path / "m")
+    reader = CheckpointReader(tmp_path / "m")
     assert reader.dtype == torch.bfloat16 and reader.cfg.n_experts == 3 and len(reader.metadata) > 1
     assert json.loads((tmp_path / "m" / "config.json").read_text())["torch_dtype"] == "bfloat16"
 
@@ -252,7 +256,7 @@ def test_bf16_output_and_no_seed_expert(world, tmp_path):
 def test_inputs_of_another_dtype_are_converted_to_the_seeds(world, tmp_path):
     sd = {k: v.to(torch.bfloat16) for k, v in world.seed_model.state_dict().items()}
     half = tmp_path / "half"
-    hf.save_model(sd, CFG, half, dtype=torch.bfloat16)
+    save_model(sd, CFG, half, dtype=torch.bfloat16)
     manifest = run_merge(world, tmp_path / "m", experts={"code": world.experts["code"], "half": half},
                          allow_no_manifest=True)  # fmt: skip
     assert manifest["options"]["dtype"] == "float32" and manifest["inputs"]["half"]["dtype"] == "bfloat16"
@@ -266,7 +270,7 @@ def test_inputs_of_another_dtype_are_converted_to_the_seeds(world, tmp_path):
 
 def own_expert_share(path: Path, names: list[str], run: Path) -> dict[tuple[str, int], float]:
     """{(domain, layer): share of the domain's validation tokens whose top-1 expert is its own}."""
-    model = hf.load_model(path, dtype=torch.float32).eval()
+    model = load_model(path, dtype=torch.float32).eval()
     model.set_routing_record(True)
     shares = {}
     for domain in DOMAINS:
@@ -299,7 +303,7 @@ def test_data_fitted_routers_send_each_domain_to_its_own_expert(world, tmp_path,
 
 def test_ridge_rows_solve_the_regression():
     """ridge_rows against a direct least-squares solve on the stacked hidden states."""
-    from btx.router_fit import LayerStats, ridge_rows
+    from btx.mix.router_fit import LayerStats, ridge_rows
 
     gen = torch.Generator().manual_seed(0)
     X = {d: torch.randn(50, 6, generator=gen, dtype=torch.float64) + i for i, d in enumerate("abc")}
@@ -320,7 +324,7 @@ def test_router_scale_multiplies_the_fitted_rows(world, tmp_path):
     one = run_merge(world, tmp_path / "one", router_init="ridge", centroid_tokens=256)
     ten = run_merge(world, tmp_path / "ten", router_init="ridge", centroid_tokens=256, router_scale=10.0)
     assert ten["options"]["router_scale"] == 10.0 and one["options"]["router_scale"] == 1.0
-    a, b = hf.CheckpointReader(tmp_path / "one"), hf.CheckpointReader(tmp_path / "ten")
+    a, b = CheckpointReader(tmp_path / "one"), CheckpointReader(tmp_path / "ten")
     # layer 0 exactly (same hidden states); above it the inputs differ, since layer 0 routes differently
     torch.testing.assert_close(b.get_btx("layers.0.ffn.router.weight"), 10 * a.get_btx("layers.0.ffn.router.weight"))
 
@@ -469,7 +473,7 @@ def test_existing_output_needs_force_and_inputs_are_never_outputs(world, tmp_pat
         run_merge(world, out, top_k=1)
     assert hash_dir(out) == before
     run_merge(world, out, top_k=1, force=True)
-    assert hf.CheckpointReader(out).cfg.top_k == 1 and leftovers(tmp_path) == []
+    assert CheckpointReader(out).cfg.top_k == 1 and leftovers(tmp_path) == []
     with pytest.raises(BtxError, match="overwrite or sit inside an input"):
         run_merge(world, world.seed / "merged", force=True)
     assert not (world.seed / "merged").exists()
@@ -509,12 +513,12 @@ def test_killed_merge_leaves_nothing_finished_and_a_rerun_gives_the_same_bytes(w
 def test_recipe_form_and_cli(world, tmp_path, capsys):
     recipe = REPO / "tests" / "fixtures" / "tiny" / "btx.yaml"
     run = tmp_path / "run"
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     exp = load_experiment(recipe, [f"run_dir={run}"])
     cfg = exp.model.to_model_config()
     seed = random_model(cfg, 0)
-    hf.save_model(seed, cfg, run / "seed", dtype=torch.float32)
+    save_model(seed, cfg, run / "seed", dtype=torch.float32)
     load_tokenizer("byte").save(run / "seed")  # as btx train leaves a seed: its experts carry the same
     with pytest.raises(BtxError, match="training job has no DONE.json"):
         merge_from_recipe(exp, progress=False)
@@ -528,7 +532,7 @@ def test_recipe_form_and_cli(world, tmp_path, capsys):
     assert up["kind"] == "upcycle" and up["experts"] == ["seed.0", "seed.1", "seed.2"]
 
     rc = cli_main(["merge", str(recipe), f"run_dir={run}", "merge.top_k=1", "merge.router_seed=3", "--force", "--quiet"])
-    assert rc == 0 and hf.CheckpointReader(run / "merged").cfg.top_k == 1
+    assert rc == 0 and CheckpointReader(run / "merged").cfg.top_k == 1
     assert read_done(run / "merged")["options"]["router_seed"] == 3
     assert cli_main(["merge", str(recipe), f"run_dir={run}", "--top-k", "1"]) == 2
     assert "as recipe overrides" in capsys.readouterr().err
@@ -564,7 +568,7 @@ ONLY = {"code": 0, "math": 0, "prose": 0, "seed": 0}
 def test_copied_tensors_are_the_computed_ones(world, tmp_path, monkeypatch, options, n_copied):
     """Tensors that already lie byte for byte in a source are copied file to file
     (`_Mixer.stored`); the checkpoint is the same as when every tensor is computed."""
-    from btx.merge import _Mixer
+    from btx.mix.mixer import _Mixer
 
     real, copied = _Mixer.stored, []
 

@@ -5,7 +5,9 @@ import math
 import pytest
 import torch
 
-from btx.model import ModelConfig, MoEFeedForward, Routing, Transformer
+from btx.model.config import ModelConfig, Routing
+from btx.model.moe import MoEFeedForward
+from btx.model.transformer import Transformer
 
 
 def tiny(**kw) -> ModelConfig:

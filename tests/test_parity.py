@@ -7,8 +7,10 @@ Weights go both ways: written by btx and loaded by transformers, and written by 
 import pytest
 import torch
 
-from btx import hf
-from btx.model import ModelConfig, Transformer
+from btx.io.checkpoint import load_model, save_model
+from btx.io.layout import config_to_hf
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 CONFIGS = {
     "mha-untied": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False, rope_theta=10000.0),
@@ -51,7 +53,7 @@ def hf_class(cfg):
 def test_btx_checkpoint_loads_in_transformers_with_the_same_logits(tmp_path, name, experts):
     cfg = make_cfg(name, n_experts=experts, top_k=2)
     model = random_model(cfg)
-    hf.save_model(model, cfg, tmp_path / "ckpt", dtype=torch.float32)
+    save_model(model, cfg, tmp_path / "ckpt", dtype=torch.float32)
     theirs = hf_class(cfg).from_pretrained(tmp_path / "ckpt", dtype=torch.float32).eval()
     x = tokens(cfg)
     with torch.no_grad():
@@ -67,14 +69,14 @@ def test_transformers_checkpoint_loads_in_btx_with_the_same_logits(tmp_path, nam
 
     hf_cfg_path = tmp_path / "cfg"
     hf_cfg_path.mkdir()
-    (hf_cfg_path / "config.json").write_text(__import__("json").dumps(hf.config_to_hf(cfg, torch.float32)))
+    (hf_cfg_path / "config.json").write_text(__import__("json").dumps(config_to_hf(cfg, torch.float32)))
     torch.manual_seed(3)
     theirs = hf_class(cfg)(AutoConfig.from_pretrained(hf_cfg_path)).eval()
     with torch.no_grad():
         for p in theirs.parameters():
             p.normal_(0, 0.1)
     theirs.save_pretrained(tmp_path / "theirs")
-    ours = hf.load_model(tmp_path / "theirs", dtype=torch.float32).eval()
+    ours = load_model(tmp_path / "theirs", dtype=torch.float32).eval()
     assert ours.cfg.rope_theta == cfg.rope_theta and ours.cfg.n_experts == experts
     x = tokens(cfg)
     with torch.no_grad():

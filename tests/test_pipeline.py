@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from btx.manifest import read_done
+from btx.io.manifest import read_done
 
 TINY = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
 STAGE_MANIFESTS = ["seed", "experts/code", "experts/prose", "merged", "finetuned", "baselines/dense",
@@ -124,7 +124,7 @@ def run_here(run_dir: Path, *extra: str) -> tuple[int, str]:
     from rich.console import Console
 
     from btx.errors import BtxError
-    from btx.pipeline import run
+    from btx.run.pipeline import run
 
     out = io.StringIO()
     overrides = [a for a in extra if not a.startswith("--") and "=" in a]
@@ -251,7 +251,7 @@ def test_a_bit_flip_in_an_expert_shard_is_refused_by_merge(run_copy):
 def test_two_btx_runs_of_one_recipe(run_copy):
     """The second one stops at once with one line naming the first (pid, host, command)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from btx.manifest import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from btx.io.manifest import output_lock\n"
          "with output_lock(sys.argv[1], 'the run directory'):\n print('held', flush=True); time.sleep(60)",
          str(run_copy)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:
@@ -339,8 +339,8 @@ def test_both_protocols_label_their_rows_and_the_baselines_train_everything(tmp_
     """FFN-only experts and a router-only BTX finetune (after a router-only phase): the baselines
     still train all their parameters; eval.match both adds the data-matched runs without redoing
     the compute-matched ones; the data-matched ones trained one step per BTX step."""
-    from btx.pipeline import btx_data_plan
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
+    from btx.run.baselines import btx_data_plan
 
     run_dir = tmp_path / "run"
     common = ["train.trainable=ffn", "finetune.trainable=router_only", "finetune.router_only_steps=2"]

@@ -83,13 +83,13 @@ def test_a_snapshot_from_another_run_fails(copy):
 
 
 def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     exp = load_experiment(REPO / published.RECIPE)
     a = published.recipe_arithmetic(exp)
     cfg = exp.recipe.model.to_model_config()
     assert a.seed.tokens == exp.seed_train.steps * exp.seed_train.batch_size * exp.seed_train.seq_len
-    from btx.flops import train_flops_per_token
+    from btx.model.flops import train_flops_per_token
 
     assert a.seed.flops == train_flops_per_token(cfg, exp.seed_train.seq_len) * a.seed.tokens
     expert = next(iter(exp.domains.values())).train  # FFN-only experts: frozen weights cost 4 (or 2), not 6

@@ -7,8 +7,11 @@ from pathlib import Path
 import pytest
 
 from btx.errors import BtxError
-from btx.recipe import (ExperimentRecipe, ModelSection, TrainSection, builtin_recipes_dir, load_domain,
-                        load_experiment, parse_size, recipe_hash, to_yaml)
+from btx.recipe.builtin import builtin_recipes_dir
+from btx.recipe.check import parse_size
+from btx.recipe.experiment import recipe_hash, to_yaml
+from btx.recipe.load import load_domain, load_experiment
+from btx.recipe.schema import ExperimentRecipe, ModelSection, TrainSection
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
 
@@ -229,7 +232,7 @@ def test_recipe_hash_and_yaml_round_trip(tmp_path):
 
 
 def test_model_section_mirrors_model_config():
-    from btx.model import ModelConfig
+    from btx.model.config import ModelConfig
 
     config_fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
     for f in dataclasses.fields(ModelSection):

@@ -1,4 +1,4 @@
-"""Routing analysis (btx/routing.py, btx/routing_report.py, `btx analyze`).
+"""Routing analysis (btx/evaluate/routing.py, btx/evaluate/routing_report.py, `btx analyze`).
 
 The central test builds a model whose routing is known in closed form: attention and expert
 outputs are zero, so every layer's FFN input is the token's embedding, and the embedding of
@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from btx import hf
 from btx.cli import main
-from btx.data import prepare_domain
+from btx.data.prepare import prepare_domain
+from btx.data.tokenizer import ByteTokenizer
 from btx.errors import BtxError
-from btx.manifest import write_done
-from btx.model import ModelConfig, Transformer
-from btx.routing import RoutingAccumulator, analyze_checkpoint, routings_of
-from btx.tokenizer import ByteTokenizer
+from btx.evaluate.routing import RoutingAccumulator, routings_of
+from btx.evaluate.routing_analysis import analyze_checkpoint
+from btx.io.checkpoint import load_model, save_model
+from btx.io.manifest import write_done
+from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 E, TOP_K, DIM = 4, 2, 8
 # Router rows over the embedding coordinates (a, b), per layer. Layer 0 sorts by a (low ids to
@@ -58,7 +60,7 @@ def hand_routed_model(router_scale: float = 1.0) -> Transformer:
 def save(model, path, experts=EXPERT_NAMES):
     tok_dir = path.parent / f"{path.name}-tok"
     ByteTokenizer().save(tok_dir)
-    hf.save_model(model, None, path, tokenizer_from=tok_dir)
+    save_model(model, None, path, tokenizer_from=tok_dir)
     if experts is not None:
         write_done(path, {"stage": "merge", "experts": list(experts)})
     return path
@@ -183,8 +185,8 @@ def test_token_budget_and_streaming(setup):
     report = analyze_checkpoint(ckpt, {"low": str(shards["low"])}, tokens=50, seq_len=16, batch_size=2)
     assert report["domains"]["low"]["tokens"] == 50
     # The 50 tokens are 4 windows spread over the whole shard, without overlap, first to last token.
-    from btx.data import load_shard
-    from btx.routing import DomainData
+    from btx.data.shards import load_shard
+    from btx.evaluate.routing_analysis import DomainData
 
     shard = load_shard(make_shard(tmp, "distinct", "".join(chr(33 + i) for i in range(90))))  # 90 distinct ids
     windows = list(DomainData("distinct", "distinct", "shard", shard=shard).windows(seq_len=16, max_tokens=50))
@@ -203,7 +205,7 @@ def test_token_budget_and_streaming(setup):
 def test_accumulator_matches_the_analysis(setup):
     """What btx finetune logs (RoutingAccumulator over full forwards) equals the analysis."""
     tmp, ckpt, shards = setup
-    model = hf.load_model(ckpt)
+    model = load_model(ckpt)
     model.set_routing_record(True)
     acc = RoutingAccumulator(n_layers=2, n_experts=E, top_k=TOP_K)
     mixed = RoutingAccumulator(n_layers=2, n_experts=E, top_k=TOP_K)
@@ -356,7 +358,7 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "missing.txt: not found" in one_line_error(capsys, [ckpt, "--data", f"x={tmp_path / 'missing.txt'}"])
     # a dense checkpoint
     dense = ModelConfig(vocab_size=264, dim=16, n_layers=1, n_heads=2, n_kv_heads=2, ffn_dim=16)
-    hf.save_model(Transformer(dense), None, tmp_path / "dense")
+    save_model(Transformer(dense), None, tmp_path / "dense")
     assert "dense model" in one_line_error(capsys, [tmp_path / "dense", "--data", low])
     # an empty data file
     (tmp_path / "empty.txt").write_text("")
@@ -415,8 +417,8 @@ def test_recipe_mode(tmp_path, capsys):
     assert done["stage"] == "analyze" and "routing.json" in done["files"]
     assert "top-1 expert at layer 1" in stdout  # analyze.show_text: 1
 
-    from btx.recipe import load_experiment
-    from btx.routing_report import analyze_recipe
+    from btx.evaluate.routing_report import analyze_recipe
+    from btx.recipe.load import load_experiment
 
     report = analyze_recipe(load_experiment(tmp_path / "btx.yaml"))  # what btx run's analyze stage calls
     assert report["domains"]["low"]["tokens"] == 100
@@ -430,7 +432,7 @@ def test_overall_over_ranks(setup):
     import torch.distributed as dist
 
     tmp, ckpt, _ = setup
-    model = hf.load_model(ckpt)
+    model = load_model(ckpt)
     model.set_routing_record(True)
     model(torch.tensor([list(LOW_TEXT.encode())[:16]]))
     acc = RoutingAccumulator(n_layers=2, n_experts=E, top_k=TOP_K)

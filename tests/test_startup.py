@@ -1,4 +1,4 @@
-"""btx.startup: input read-ahead and the gc-paused import that make `btx merge` start fast."""
+"""btx.io.startup: input read-ahead and the gc-paused import that make `btx merge` start fast."""
 
 import gc
 import os
@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from btx import startup
+from btx.io import startup
+from btx.io.startup import _STEP, checkpoint_files, readahead
 
 
 def test_checkpoint_files_lists_shards_and_skips_what_is_missing(tmp_path):
@@ -15,13 +16,13 @@ def test_checkpoint_files_lists_shards_and_skips_what_is_missing(tmp_path):
     for name in ("model-00002-of-00002.safetensors", "model-00001-of-00002.safetensors", "config.json"):
         (tmp_path / "a" / name).write_bytes(b"x")
     (tmp_path / "a" / "dir.safetensors").mkdir()
-    files = startup.checkpoint_files([tmp_path / "a", tmp_path / "missing", tmp_path / "a" / "config.json"])
+    files = checkpoint_files([tmp_path / "a", tmp_path / "missing", tmp_path / "a" / "config.json"])
     assert [f.name for f in files] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
 
 
 @pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise here")
 def test_readahead_hints_every_file_round_robin_within_the_budget(tmp_path, monkeypatch):
-    step = startup._STEP
+    step = _STEP
     sizes = {"a": 2 * step + 5, "b": step // 2, "c": 0}
     files = []
     for name, size in sizes.items():
@@ -39,16 +40,16 @@ def test_readahead_hints_every_file_round_robin_within_the_budget(tmp_path, monk
     hints = []
     monkeypatch.setattr(startup.os, "open", recording_open)
     monkeypatch.setattr(startup.os, "posix_fadvise", lambda fd, off, n, advice: hints.append((fd_names[fd], off, n)))
-    startup.readahead(files).join(timeout=10)
+    readahead(files).join(timeout=10)
     assert hints == [("a", 0, step), ("b", 0, step // 2), ("a", step, step), ("a", 2 * step, 5)]
     hints.clear()
-    startup.readahead(files, budget=step + 100).join(timeout=10)
+    readahead(files, budget=step + 100).join(timeout=10)
     assert hints == [("a", 0, step), ("b", 0, 100)]
-    assert startup.readahead([]) is None
+    assert readahead([]) is None
 
 
 def test_readahead_of_an_unreadable_file_is_silent(tmp_path):
-    thread = startup.readahead([tmp_path / "gone.safetensors"])
+    thread = readahead([tmp_path / "gone.safetensors"])
     if thread is not None:
         thread.join(timeout=10)
         assert not thread.is_alive()
@@ -56,7 +57,7 @@ def test_readahead_of_an_unreadable_file_is_silent(tmp_path):
 
 def test_quick_import_pauses_the_collector_and_restores_it():
     code = (
-        "import gc; from btx.startup import quick_import\n"
+        "import gc; from btx.io.startup import quick_import\n"
         "with quick_import():\n"
         "    assert not gc.isenabled()\n"
         "    import json\n"

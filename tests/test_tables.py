@@ -1,4 +1,4 @@
-"""btx.tables and the tables built on it keep every value whole in 80 columns and in log files."""
+"""btx.ui.tables and the tables built on it keep every value whole in 80 columns and in log files."""
 
 import io
 import re
@@ -7,7 +7,7 @@ import pytest
 from rich.console import Console
 from rich.text import Text
 
-from btx.tables import Column, FitTable
+from btx.ui.tables import Column, FitTable
 
 EVAL_ROWS = [  # the demo's eval table: long row names, FLOPs like 1.86e+12
     ["seed", "1.7397", "0.7080", "1.6257", "1.3578", "3.888", "0", "0.66M"],
@@ -105,7 +105,8 @@ def test_rows_must_match_the_columns():
 
 
 def test_btx_eval_render_fits_80_columns():
-    from btx.evaluate import EvalRow, render
+    from btx.evaluate.scores import EvalRow
+    from btx.evaluate.table import render
 
     rows = [EvalRow(r[0], {"code": float(r[1]), "math": float(r[2]), "prose": float(r[3])},
                     float(r[6]), int(float(r[7][:-1]) * 1e6)) for r in EVAL_ROWS]
@@ -116,7 +117,7 @@ def test_btx_eval_render_fits_80_columns():
 
 
 def test_btx_status_table_fits_80_columns():
-    from btx.branch import ExpertStatus, status_table
+    from btx.run.progress import ExpertStatus, status_table
 
     path = "checkpoints/a-long-experiment-name/experts/prose/final"  # too wide for the table at 80
     statuses = [ExpertStatus(domain="prose", state="running", step=50, total_steps=100, loss=1.4522,
@@ -126,7 +127,7 @@ def test_btx_status_table_fits_80_columns():
 
 
 def test_routing_tables_fit_80_columns_with_many_experts():
-    from btx.routing_report import heatmap_table
+    from btx.evaluate.routing_report import heatmap_table
 
     experts = [f"expert{e}" for e in range(12)]
     matrix = [[(e + layer) / 20 for e in range(12)] for layer in range(4)]

@@ -6,8 +6,8 @@ import json
 import numpy as np
 import pytest
 
+from btx.data.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 from btx.errors import BtxError
-from btx.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer
 
 SAMPLES = ["hello world", "héllo wörld", "日本語のテキスト", "emoji 🙂 and tabs\t\n", ""]
 

@@ -16,15 +16,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from btx import hf
 from btx.cli import main as btx_main
-from btx.engine import lr_factor, make_optimizer
 from btx.errors import BtxError
-from btx.flops import train_flops_per_token
-from btx.manifest import read_done, sha256_file
-from btx.model import ModelConfig, Transformer
-from btx.recipe import load_experiment
-from btx.train import TrainJob, expert_job, run_loop, seed_job
+from btx.io.checkpoint import load_model, load_state_dict, save_model
+from btx.io.hashing import sha256_file
+from btx.io.manifest import read_done
+from btx.io.reader import CheckpointReader
+from btx.model.config import ModelConfig
+from btx.model.flops import train_flops_per_token
+from btx.model.transformer import Transformer
+from btx.recipe.load import load_experiment
+from btx.train.engines.base import lr_factor, make_optimizer
+from btx.train.job import TrainJob, expert_job, seed_job
+from btx.train.loop import run_loop
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURE = REPO / "tests" / "fixtures" / "tiny"
@@ -40,7 +44,7 @@ def quiet_console():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """The tiny experiment with prepared shards and a trained seed: (recipe path, run_dir)."""
-    from btx.prepare import prepare_experiment
+    from btx.data.recipe import prepare_experiment
 
     root = tmp_path_factory.mktemp("tiny")
     shutil.copytree(FIXTURE, root / "recipe")
@@ -80,7 +84,7 @@ def curve(metrics_path):
 
 
 def weights(checkpoint):
-    return hf.load_state_dict(checkpoint)[1]
+    return load_state_dict(checkpoint)[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -184,16 +188,16 @@ def test_zero3_dense_training_stops_on_sigterm_and_resumes_exactly(prepared, run
 
 
 def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(prepared, run_dir):
-    from btx.data import load_shard
-    from btx.evaluate import domain_losses
+    from btx.data.shards import load_shard
+    from btx.evaluate.scores import domain_losses
 
     exp = experiment(prepared, run_dir, "train.steps=8")
     done = run_loop(expert_job(exp, "code"), console=quiet_console())
     expert = run_dir / "experts" / "code"
 
     val = {"code": load_shard(run_dir / "data" / "code" / "val.json")}
-    seed_loss, _ = domain_losses(hf.load_model(run_dir / "seed"), val, 32, 2, 4)
-    expert_loss, _ = domain_losses(hf.load_model(expert / "final"), val, 32, 2, 4)
+    seed_loss, _ = domain_losses(load_model(run_dir / "seed"), val, 32, 2, 4)
+    expert_loss, _ = domain_losses(load_model(expert / "final"), val, 32, 2, 4)
     assert expert_loss["code"] < seed_loss["code"] - 0.05
 
     # The export is the last checkpoint's weights (fp32 seed -> fp32 export), with the tokenizer.
@@ -203,7 +207,7 @@ def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(p
     # DONE.json: the numbers a reader needs, and hashes that match the files.
     for key in ("tokens", "steps", "train_loss", "val_loss", "wall_time_s", "train_flops", "recipe_hash", "outputs"):
         assert done[key] is not None, key
-    cfg = hf.load_model(expert / "final").cfg
+    cfg = load_model(expert / "final").cfg
     assert done["steps"] == 8 and done["tokens"] == 8 * 2 * 32
     assert done["train_flops"] == train_flops_per_token(cfg, 32) * done["tokens"]
     assert done["trainable"] == "all" and "4 per frozen weight" in done["flops_counting"]["rule"]
@@ -224,8 +228,8 @@ def test_expert_beats_the_seed_on_its_domain_and_exports_a_loadable_checkpoint(p
 @pytest.mark.parametrize("engine", ["accelerate", "deepspeed"])
 def test_an_ffn_only_expert_keeps_every_other_weight_of_the_seed_bit_for_bit(prepared, run_dir, engine):
     """train.trainable=ffn: the optimizer holds the FFNs only; the export's other tensors are the
-    seed's exactly; DONE.json says what trained and counts the FLOPs of that (btx.flops)."""
-    from btx.trainable import param_group
+    seed's exactly; DONE.json says what trained and counts the FLOPs of that (btx.model.flops)."""
+    from btx.model.trainable import param_group
 
     overrides = ["train.trainable=ffn", "train.steps=3"] + (["train.zero_stage=0"] if engine == "deepspeed" else [])
     exp = experiment(prepared, run_dir, *overrides)
@@ -234,7 +238,7 @@ def test_an_ffn_only_expert_keeps_every_other_weight_of_the_seed_bit_for_bit(pre
     held = []
 
     def engine_of(model, job):
-        from btx.train import dense_engine
+        from btx.train.loop import dense_engine
 
         built = dense_engine(model, job)
         optimizer = built._optimizer if engine == "accelerate" else built.ds.optimizer
@@ -243,12 +247,12 @@ def test_an_ffn_only_expert_keeps_every_other_weight_of_the_seed_bit_for_bit(pre
 
     done = run_loop(job, make_engine=engine_of, console=quiet_console())
     seed, expert = weights(run_dir / "seed"), weights(job.export_dir)
-    names = [n for n, p in Transformer(hf.CheckpointReader(run_dir / "seed").cfg).named_parameters()]
+    names = [n for n, p in Transformer(CheckpointReader(run_dir / "seed").cfg).named_parameters()]
     ffn = {n for n in names if param_group(n) == "ffn"}
     assert len(held) == len(ffn) and sum(p.numel() for p in held) == sum(seed[n].numel() for n in ffn)
     for name in seed:
         assert torch.equal(seed[name], expert[name]) == (name not in ffn), name
-    cfg = hf.CheckpointReader(job.export_dir).cfg
+    cfg = CheckpointReader(job.export_dir).cfg
     assert done["trainable"] == "ffn" and done["flops_counting"]["trainable"] == "ffn"
     assert done["train_flops"] == train_flops_per_token(cfg, 32, "ffn") * done["tokens"]
     assert done["train_flops"] < train_flops_per_token(cfg, 32) * done["tokens"]
@@ -334,7 +338,7 @@ def test_bad_inputs_give_one_clear_error_and_write_nothing(prepared, run_dir, tm
     # A seed whose vocabulary is smaller than the tokenizer's.
     exp = experiment(prepared, run_dir)
     small = Transformer(ModelConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64))
-    hf.save_model(small, None, tmp_path / "small_seed")
+    save_model(small, None, tmp_path / "small_seed")
     fails("--domain", "code", f"run_dir={run_dir}", f"seed.path={tmp_path / 'small_seed'}", "model=null",
           match="vocab_size 100 is smaller than the tokenizer's 264")
     assert not (run_dir / "experts").exists() and not (no_seed / "experts").exists()

@@ -33,7 +33,7 @@ CORPUS_BYTES = 1_500_000  # as the demo's domain recipes
 def build() -> dict[str, bytes]:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from btx.corpora import builtin_corpus
+    from btx.data.corpora import builtin_corpus
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

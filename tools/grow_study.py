@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 
 
 def run(recipe: str, overrides: list[str]) -> float:
-    from btx.pipeline import run as btx_run
+    from btx.run.pipeline import run as btx_run
 
     t0 = time.perf_counter()
     btx_run(recipe, overrides)
@@ -45,7 +45,7 @@ def ledger(run_dir: Path) -> dict:
 
 
 def flops(path: Path) -> float:
-    from btx.manifest import read_done
+    from btx.io.manifest import read_done
 
     return float((read_done(path) or {}).get("train_flops") or 0.0)
 
@@ -60,7 +60,7 @@ def main() -> int:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides for both runs (e.g. train.trainable=ffn)")
     args = ap.parse_args()
 
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     root = Path(args.root)
     onego, grown = root / "one-go", root / "grown"
@@ -79,8 +79,8 @@ def main() -> int:
             f"grow.trainable={args.trainable}", *([f"finetune.mixture.{args.add}=0"] if exp.finetune.mixture else [])]
     wall_grown = run(args.recipe, [f"run_dir={grown}", *common, *grow])
 
-    from btx.recipe import load_experiment as load
-    from btx.router_inits import router_init_table
+    from btx.mix.router_inits import router_init_table
+    from btx.recipe.load import load_experiment as load
 
     t0 = time.perf_counter()
     router_init_table(load(args.recipe, [f"run_dir={onego}", *common]), ["random", "zeros", "centroid", "ridge", "hidden"]

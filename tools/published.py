@@ -10,8 +10,8 @@ Two blocks are generated:
   `# </arithmetic>`): tokens per step, each stage's tokens and training FLOPs, tokens per seed
   parameter, the MoE stage's share of compute and the compute-matched baseline steps, computed
   from the recipe's values with the FLOP count the training loop records
-  (`btx.flops.train_flops_per_token`, frozen parameters included) and the finetune's routing settings
-  (`btx.finetune.routing_overrides`).
+  (`btx.model.flops.train_flops_per_token`, frozen parameters included) and the finetune's routing settings
+  (`btx.train.finetune.routing_overrides`).
 
 A run is kept in the repository as a snapshot, docs/demo/: its eval.json as written, run.json (the
 stage times, the machine, each training job's steps, tokens and FLOPs from its DONE.json, and the
@@ -117,7 +117,7 @@ class Arithmetic:
 
 def recipe_arithmetic(exp) -> Arithmetic:
     """What the recipe's training stages cost, from its values alone (a seed trained from scratch)."""
-    from btx.finetune import routing_overrides
+    from btx.train.finetune import routing_overrides
 
     if exp.recipe.model is None:
         raise Stale(f"{exp.path}: the arithmetic block needs a seed trained from scratch (a model: section)")
@@ -129,7 +129,7 @@ def recipe_arithmetic(exp) -> Arithmetic:
     top_k = exp.finetune.top_k if exp.finetune.top_k is not None else merged_cfg.top_k
     moe_cfg = dataclasses.replace(merged_cfg, **routing_overrides(merged_cfg, exp.finetune, top_k))
 
-    from btx.flops import train_flops_per_token
+    from btx.model.flops import train_flops_per_token
 
     def stage(name, settings, cfg, trainable="all") -> Stage:
         return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
@@ -237,8 +237,8 @@ def machine_description() -> str:
 
 def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Path:
     """Copy a finished demo run's published figures into `root`/docs/demo/ (replacing the old ones)."""
-    from btx.manifest import read_done
-    from btx.pipeline import LEDGER, STAGES
+    from btx.io.manifest import read_done
+    from btx.run.ledger import LEDGER, STAGES
 
     run_dir = Path(run_dir)
     eval_json = run_dir / "eval" / "eval.json"
@@ -403,7 +403,7 @@ def _replace_block(text: str, begin: str, end: str, lines: list[str], where: str
 
 def expected_files(root: Path = ROOT) -> dict[Path, str]:
     """{file: its text with both blocks as their sources give them}."""
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     recipe_path = root / RECIPE
     exp = load_experiment(recipe_path)
@@ -424,7 +424,7 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
 
 def snapshot_problems(root: Path = ROOT) -> list[str]:
     """Why the snapshot in docs/demo/ does not describe a run of the recipe as it is now."""
-    from btx.recipe import load_experiment
+    from btx.recipe.load import load_experiment
 
     snap = root / SNAPSHOT
     run = json.loads((snap / "run.json").read_text())

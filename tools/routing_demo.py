@@ -35,12 +35,14 @@ def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120
     """Write the shards, seed, experts and both merges under `work`; returns their paths."""
     import torch
 
-    from btx.data import prepare_domain
-    from btx.hf import save_model
-    from btx.merge import MergeOptions, merge
-    from btx.model import ModelConfig, Transformer
-    from btx.prepare import builtin_source
-    from btx.tokenizer import ByteTokenizer
+    from btx.data.prepare import prepare_domain
+    from btx.data.recipe import builtin_source
+    from btx.data.tokenizer import ByteTokenizer
+    from btx.io.checkpoint import save_model
+    from btx.mix.merge import merge
+    from btx.mix.options import MergeOptions
+    from btx.model.config import ModelConfig
+    from btx.model.transformer import Transformer
 
     tokenizer_dir = work / "tokenizer"
     ByteTokenizer().save(tokenizer_dir)

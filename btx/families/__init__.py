@@ -16,7 +16,7 @@ common to all of them, once:
 - `write_config(cfg, dtype)`: the config.json of a ModelConfig, in its family's dense or MoE form.
   RoPE is written in both spellings (transformers 4.x `rope_theta`/`rope_scaling`, 5.x
   `rope_parameters`) so both versions load exactly this model.
-- `key_table(cfg)`: the family's key rules for that form, used both ways by btx/hf.py.
+- `key_table(cfg)`: the family's key rules for that form, used both ways by btx/io/.
 - `fillers(cfg)`: zero tensors the form needs that btx's model does not hold.
 - `moe_unsupported(cfg)`: why a dense model's MoE form cannot express it (merge refuses then).
 
@@ -32,8 +32,17 @@ import pkgutil
 from collections.abc import Mapping
 
 from btx.errors import BtxError
-from btx.families.base import EXPERT_PARAMS, Family, Filler, Form, HfTensor, KeyRule, KeyTable, Piece
-from btx.model import ROPE_TYPES, ROUTER_MODES, ModelConfig
+from btx.families.base import (
+    EXPERT_PARAMS,
+    Family,
+    Filler,
+    Form,
+    HfTensor,
+    KeyRule,
+    KeyTable,
+    Piece,
+)
+from btx.model.config import ROPE_TYPES, ROUTER_MODES, ModelConfig
 
 __all__ = [
     "EXPERT_PARAMS", "FAMILIES", "Family", "Filler", "Form", "HfTensor", "KeyRule", "KeyTable", "Piece", "family_of",

@@ -3,7 +3,7 @@
 A *form* is one config.json layout, i.e. one transformers model class (LlamaForCausalLM,
 MixtralForCausalLM, ...): the config fields it owns, its defaults, and the key rules of its
 feed-forward tensors. A *family* pairs a dense form with the MoE form its merge writes, and adds
-what both share: the architecture switches of `btx.model.ModelConfig` it implies and the key rules
+what both share: the architecture switches of `btx.model.config.ModelConfig` it implies and the key rules
 of its attention and norms. Everything generic (dimensions, RoPE, the MoE counts, carried fields,
 refusals common to all) lives in btx/families/__init__.py, once.
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from btx.errors import BtxError
-from btx.model import ModelConfig
+from btx.model.config import ModelConfig
 
 
 @dataclass(frozen=True)

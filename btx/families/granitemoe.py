@@ -16,7 +16,7 @@ rows, then up rows), `block_sparse_moe.output_linear.weight` [E, D, F], and the 
 import math
 
 from btx.errors import BtxError
-from btx.families.base import L, Form, KeyRule, flag
+from btx.families.base import Form, KeyRule, L, flag
 
 _B = f"{L}.block_sparse_moe"
 _NEUTRAL = ("embedding_multiplier", "residual_multiplier", "logits_scaling")

@@ -6,7 +6,7 @@ config.json fields beyond the common ones (btx/families/__init__.py):
     mlp_bias         -> mlp_bias (biases on gate/up/down)
     head_dim         -> head_dim (explicit, may differ from hidden_size / num_attention_heads)
     rope_parameters  every rope_type transformers implements for Llama: default, linear, dynamic,
-                     yarn, longrope, llama3 (btx/model.py rope_frequencies)
+                     yarn, longrope, llama3 (btx/model/ rope_frequencies)
     pretraining_tp   carried along; it only splits matmuls in transformers 4.x, same result
 
 MoE form: Mixtral. Mixtral's projections have no biases, so a seed with attention_bias becomes

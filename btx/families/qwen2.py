@@ -18,7 +18,16 @@ Qwen1.5-MoE) keeps its real shared expert: btx's model implements it (`shared_ex
 """
 
 from btx.families.base import (
-    L, Family, Filler, Form, KeyRule, QWEN_STYLE_EXPERTS, flag, integer, layer_types, sliding_from_layer_types,
+    QWEN_STYLE_EXPERTS,
+    Family,
+    Filler,
+    Form,
+    KeyRule,
+    L,
+    flag,
+    integer,
+    layer_types,
+    sliding_from_layer_types,
 )
 
 

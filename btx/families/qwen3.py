@@ -11,7 +11,14 @@ MoE form: Qwen3-MoE, routed experts only (`mlp.gate`, `mlp.experts.{e}.gate/up/d
 one `sliding_window` for all layers, so a seed sliding in some layers only is refused at merge.
 """
 
-from btx.families.base import QWEN_STYLE_EXPERTS, Family, Form, flag, integer, sliding_everywhere_or_nowhere
+from btx.families.base import (
+    QWEN_STYLE_EXPERTS,
+    Family,
+    Form,
+    flag,
+    integer,
+    sliding_everywhere_or_nowhere,
+)
 from btx.families.qwen2 import SLIDING_FIELDS, read_sliding, write_sliding
 
 

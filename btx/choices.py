@@ -1,0 +1,17 @@
+"""The closed sets of names btx accepts, declared once: recipes check against them, the CLI offers
+them as choices, and the code that acts on them imports them from here. No imports, so any module
+(the model's included) can depend on it without depending on anything else.
+"""
+
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.config.ROUTER_MODES
+TRAINABLE = ("all", "router_only", "frozen_experts")  # finetune.trainable (btx.model.trainable.MOE_MODES)
+DENSE_TRAINABLE = ("all", "ffn", "ffn_norms")  # train.trainable of an expert (btx.model.trainable.DENSE_MODES)
+EVAL_MATCHES = ("compute", "data", "both")
+GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
+ROUTER_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
+GRANULARITIES = ("expert", "split", "blend")
+EXECUTORS = ("local", "slurm")
+MERGE_DTYPES = ("float32", "bfloat16", "float16")

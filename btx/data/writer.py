@@ -1,0 +1,132 @@
+"""Writing shards: the train/val split by document and the streamed, atomic shard writer.
+
+`_Splitter` sends a document to val when a keyed hash of its text falls below val_fraction, so
+identical documents always land in the same split and adding documents never moves the others.
+`_ShardWriter` buffers tokens and writes them to a temporary sibling, fsynced and renamed into
+place by prepare once the sidecar is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from btx.data.shards import SPLITS
+from btx.errors import BtxError
+from btx.io.atomic import temporary_sibling
+
+# Tokens buffered per shard before a write to disk.
+_WRITE_BUFFER_TOKENS = 4 << 20
+
+
+class _ShardWriter:
+    """Streams token ids into a temporary sibling of `<split>.bin`; `commit` renames it into place."""
+
+    def __init__(self, final_path: Path, dtype: np.dtype, vocab_size: int):
+        self.final_path = final_path
+        self.dtype = dtype
+        self.vocab_size = vocab_size
+        self.tmp_path = temporary_sibling(final_path)
+        # 0666 less the umask, as for every other file btx writes (mkstemp would make it 0600).
+        self._file = os.fdopen(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+        self._sha256 = hashlib.sha256()
+        self._pending: list[np.ndarray] = []
+        self._pending_tokens = 0
+        self.tokens = 0
+        self.documents = 0
+
+    def add_document(self, pieces: Sequence[np.ndarray]) -> None:
+        self._pending.extend(pieces)
+        self._pending_tokens += sum(len(p) for p in pieces)
+        self.documents += 1
+        if self._pending_tokens >= _WRITE_BUFFER_TOKENS:
+            self._flush()
+
+    def flush(self) -> None:
+        self._flush()
+        self._file.flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        chunk = np.concatenate(self._pending)
+        if chunk.size and int(chunk.max()) >= self.vocab_size:
+            raise BtxError(f"tokenizer: produced id {int(chunk.max())}, beyond its vocab_size {self.vocab_size}")
+        data = chunk.astype(self.dtype, copy=False).tobytes()
+        self._file.write(data)
+        self._sha256.update(data)
+        self.tokens += chunk.size
+        self._pending, self._pending_tokens = [], 0
+
+    def finish(self) -> str:
+        """Flush and fsync; returns the sha256 of the file's contents."""
+        self._flush()
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return self._sha256.hexdigest()
+
+    def commit(self) -> None:
+        os.replace(self.tmp_path, self.final_path)
+
+    def discard(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+        self.tmp_path.unlink(missing_ok=True)
+
+
+@dataclass
+class _Document:
+    key: float  # the document's hash in [0, 1): below val_fraction means val
+    pieces: list[np.ndarray]
+
+
+class _Splitter:
+    """Routes documents to the train or val writer by their hash, streaming.
+
+    To guarantee both splits at least one document (when val_fraction > 0 and there are two or
+    more documents) without a second pass, it holds back the train document with the lowest key
+    and the val document with the highest key: the ones nearest the boundary. At the end, if a
+    split is empty, the other split's held-back document moves over; otherwise each goes to its
+    own split (appended after the rest of that split).
+    """
+
+    def __init__(self, train: _ShardWriter, val: _ShardWriter, val_fraction: float):
+        self.writers = {"train": train, "val": val}
+        self.val_fraction = val_fraction
+        self.held: dict[str, _Document | None] = {"train": None, "val": None}
+
+    def add(self, document: _Document) -> None:
+        split = "val" if document.key < self.val_fraction else "train"
+        held = self.held[split]
+        # Train keeps back its lowest key, val its highest: the candidates for crossing over.
+        nearer_boundary = held is None or (
+            document.key < held.key if split == "train" else document.key > held.key
+        )
+        if nearer_boundary:
+            self.held[split], document = document, held
+        if document is not None:
+            self.writers[split].add_document(document.pieces)
+
+    def finish(self) -> None:
+        counts = {s: self.writers[s].documents + (self.held[s] is not None) for s in SPLITS}
+        if self.val_fraction > 0 and counts["val"] == 0 and counts["train"] >= 2:
+            self.held["val"], self.held["train"] = self.held["train"], None
+        elif counts["train"] == 0 and counts["val"] >= 1:
+            self.held["train"], self.held["val"] = self.held["val"], None
+        for split in SPLITS:
+            if self.held[split] is not None:
+                self.writers[split].add_document(self.held[split].pieces)
+                self.held[split] = None
+
+
+def _document_key(text_bytes: bytes, seed_key: bytes) -> float:
+    digest = hashlib.blake2b(text_bytes, digest_size=8, key=seed_key).digest()
+    return int.from_bytes(digest, "little") / 2.0**64
+
+

@@ -1,0 +1,14 @@
+"""Evaluation: held-out loss of any set of checkpoints, the BTM ensembles, tables, routing analysis.
+
+    scores.py            per-window log-probabilities and losses of one model, standard errors
+    btm.py               the Branch-Train-Merge ensembles: domain posterior and tf-idf top-k
+    table.py             the comparison table: terminal, markdown, JSON
+    plot.py              loss against training FLOPs (PNG and a text scatter)
+    checkpoints.py       `btx eval CKPT ... --data DOMAIN=SHARD`
+    routing.py           routing statistics (shared with the finetune's logging)
+    routing_analysis.py  `btx analyze`'s numbers for one checkpoint on domain data
+    routing_report.py    showing and saving them; `btx analyze`
+
+Nothing here knows about runs or recipes' stages: `btx eval RECIPE` is btx.run.evaluation, which
+imports this package, never the other way.
+"""

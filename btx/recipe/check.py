@@ -1,0 +1,96 @@
+"""Value checks for recipe sections: each section's `check(c)` states its ranges through a Checker
+that knows the file and the key prefix, so every message reads `<file>: <key>: <expected>`.
+"""
+
+import difflib
+import re
+import typing
+from typing import Any, Dict, List, Optional
+
+from btx.errors import BtxError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_GLOB_CHARS = re.compile(r"[*?\[]")
+# Names the run directory and the merge give meanings of their own, so no domain may take them:
+# "seed" is the seed's expert and row, "seed.<i>" and "blend.<i>" are merge expert names, and
+# "general" is finetune.general's data-only domain (refused only when that is set).
+RESERVED_DOMAINS = ("seed",)
+RESERVED_DOMAIN_PREFIXES = ("seed.", "blend.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Value checks. Each section's `check(c)` states its ranges; `c` knows the file and key prefix.
+# ---------------------------------------------------------------------------------------------
+
+
+class Checker:
+    """Raises BtxError("<file>: <prefix.key>: <message>") for a value out of range."""
+
+    def __init__(self, label: str, prefix: str = "", origins: Optional[List[tuple]] = None):
+        self.label, self.prefix = label, prefix
+        self.origins = origins or []  # (dotted key, override text) for keys set on the command line
+
+    def at(self, prefix: str) -> "Checker":
+        return Checker(self.label, _join(self.prefix, prefix), self.origins)
+
+    def fail(self, key: str, message: str) -> typing.NoReturn:
+        full = _join(self.prefix, key)
+        label = self.label
+        for okey, text in reversed(self.origins):  # name the override that set this value, if one did
+            if okey == full or full.startswith((okey + ".", okey + "[")) or okey.startswith(full + "."):
+                label = f"{label} (override {text!r})"
+                break
+        raise BtxError(f"{label}: {full}: {message}" if full else f"{label}: {message}")
+
+    def that(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.fail(key, message)
+
+    def positive(self, obj: Any, *keys: str) -> None:
+        for key in keys:
+            value = getattr(obj, key)
+            self.that(value is None or value > 0, key, f"must be > 0, got {value!r}")
+
+    def non_negative(self, obj: Any, *keys: str) -> None:
+        for key in keys:
+            value = getattr(obj, key)
+            self.that(value is None or value >= 0, key, f"must be >= 0, got {value!r}")
+
+    def choice(self, obj: Any, key: str, options: tuple) -> None:
+        value = getattr(obj, key)
+        if value is not None and value not in options:
+            self.fail(key, f"expected one of {', '.join(map(str, options))}; got {value!r}{_suggest(str(value), options)}")
+
+    def name(self, value: str, key: str) -> None:
+        self.that(bool(_NAME_RE.match(value)), key,
+                  f"{value!r} is not a usable name (letters, digits, '_', '-', '.'; it names a directory)")
+
+    def weights(self, weights: Dict[str, float], key: str, allowed: Optional[List[str]] = None) -> None:
+        for name, w in weights.items():
+            if allowed is not None and name not in allowed:
+                self.fail(f"{key}.{name}", f"not a domain of this experiment (domains: {', '.join(allowed) or 'none'})"
+                          + _suggest(name, allowed))
+            self.that(w >= 0, f"{key}.{name}", f"weights must be >= 0, got {w!r}")
+        if weights:
+            self.that(sum(weights.values()) > 0, key, "weights must sum to more than 0")
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix and key else (prefix or key)
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
+    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
+    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
+    base = 1024 if unit.endswith("IB") else 1000
+    return int(number * base**power)

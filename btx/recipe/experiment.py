@@ -1,0 +1,129 @@
+"""What loading a recipe gives: an Experiment (the resolved experiment recipe, its domains and run
+directory), each Domain's effective settings and resolved Sources; and the hashes stages key on.
+"""
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+
+from btx.choices import GENERAL_DOMAIN
+from btx.recipe.check import _GLOB_CHARS
+from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
+
+
+@dataclass
+class Source:
+    """One data source, resolved: `files` are the existing files it stands for, sorted."""
+
+    path: Path  # a file, a directory, or (for a glob written in the path) the pattern itself
+    glob: Optional[str]  # the mapping form's glob, applied inside the directory `path`
+    text_field: str
+    files: List[Path]
+
+    def specs(self) -> List[Dict[str, Any]]:
+        """Source specs for btx.data.prepare.prepare_domain."""
+        if self.glob is None and _GLOB_CHARS.search(str(self.path)):
+            return [{"path": str(f), "text_field": self.text_field} for f in self.files]
+        spec: Dict[str, Any] = {"path": str(self.path), "text_field": self.text_field}
+        if self.glob is not None:
+            spec["glob"] = self.glob
+        return [spec]
+
+
+@dataclass
+class Domain:
+    name: str
+    path: Optional[Path]  # the domain recipe file
+    recipe: DomainRecipe
+    sources: List[Source]
+    train: TrainSection  # effective: experiment train + this domain's train + command-line train.*
+
+    @property
+    def data(self) -> DataSection:
+        return self.recipe.data
+
+    @property
+    def files(self) -> List[Path]:
+        return [f for s in self.sources for f in s.files]
+
+
+@dataclass
+class Experiment:
+    """A loaded, validated experiment. Attribute access falls through to the recipe sections
+    (`exp.merge.top_k`, `exp.finetune.router_mode`, ...)."""
+
+    path: Path  # the experiment recipe file
+    recipe: ExperimentRecipe
+    domains: Dict[str, Domain]  # in recipe order
+    run_dir: Path  # absolute
+    seed_train: TrainSection  # effective settings of the from-scratch seed job
+    finetune_train: TrainSection  # effective settings of MoE finetuning
+    overrides: List[str] = field(default_factory=list)
+    general: Optional[Domain] = None  # finetune.general: data only, no expert
+
+    @property
+    def data_domains(self) -> Dict[str, Domain]:
+        """Every domain with data to prepare: the experts' domains, then the general one."""
+        return {**self.domains, **({GENERAL_DOMAIN: self.general} if self.general is not None else {})}
+
+    def __getattr__(self, name: str):
+        if name.startswith("__") or name == "recipe":
+            raise AttributeError(name)
+        return getattr(self.recipe, name)
+
+    @property
+    def name(self) -> str:
+        return self.recipe.experiment
+
+    @property
+    def seed_dir(self) -> Path:
+        """The dense seed checkpoint: seed.path, or the seed this run trains (<run_dir>/seed)."""
+        return Path(self.recipe.seed.path) if self.recipe.seed.path is not None else self.run_dir / "seed"
+
+    @property
+    def merged_domains(self) -> list[str]:
+        """The domains merged into the MoE: all, but those grow.domains adds to it afterwards."""
+        return [d for d in self.domains if d not in self.recipe.grow.domains]
+
+    def data_dir(self, domain: str) -> Path:
+        return self.run_dir / "data" / domain
+
+    def expert_dir(self, domain: str) -> Path:
+        return self.run_dir / "experts" / domain
+
+    def to_yaml(self) -> str:
+        return to_yaml(self.recipe)
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, OmegaConf nodes, Paths, tuples -> plain dicts, lists, strings and numbers."""
+    if isinstance(obj, Experiment):
+        return to_plain(obj.recipe)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if OmegaConf.is_config(obj):
+        return to_plain(OmegaConf.to_container(obj, resolve=True))
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    return obj
+
+
+def to_yaml(obj: Any, sort_keys: bool = False) -> str:
+    """The resolved YAML of a recipe, a section, an Experiment or a Domain."""
+    return yaml.safe_dump(to_plain(obj), sort_keys=sort_keys, default_flow_style=False, allow_unicode=True)
+
+
+def recipe_hash(section: Any) -> str:
+    """sha256 (hex) of the resolved YAML (sorted keys) of what a stage depends on: pass the
+    sections, or a dict of them ({"merge": exp.merge, "experts": [...]}), for DONE.json."""
+    return hashlib.sha256(to_yaml(section, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,474 @@
+"""Loading recipes: the experiment and domain YAML files, overrides, validation, effective settings.
+
+An *experiment recipe* describes one BTX run (seed, domains, merge, finetune, eval, analyze); it
+names one *domain recipe* per domain (data sources and training overrides for that expert).
+
+    exp = load_experiment("recipes/demo/btx.yaml", ["merge.top_k=1", "train.steps=20"])
+    exp.merge.top_k                    # sections are typed dataclasses (attribute access is
+    exp.run_dir                        #   delegated to exp.recipe); run_dir is an absolute Path
+    exp.domains["code"].train.lr       # per-domain effective training settings
+    exp.domains["code"].sources        # resolved data sources (absolute paths, expanded files)
+    recipe_hash(exp.merge)             # sha256 of the resolved YAML of what a stage depends on
+
+Rules
+- The schema is the dataclasses of btx/recipe/schema.py; OmegaConf.structured builds the typed config from them.
+  To add a setting: add a field (with a default) to the right section and, if it has a range,
+  a line in that section's `check`. Nothing else needs to change.
+- Loading is strict: an unknown key (with a did-you-mean), a wrong type, a missing referenced file
+  or a value out of range is a BtxError of one line, `<file>: <key>: <what was expected>`.
+  No OmegaConf or YAML traceback escapes.
+- Overrides are OmegaConf dotlists (`merge.top_k=1`, `finetune.mixture={code: 2, math: 1}`),
+  applied after the file and checked the same way.
+- Paths: input paths written in a recipe (seed.path, tokenizer, domains.*, data.sources) are
+  relative to that recipe file's directory; paths given as command-line overrides are relative to
+  the current directory. Both are stored absolute after loading. `run_dir` (an output) is relative
+  to the current directory and defaults to `checkpoints/<experiment>`.
+- Training settings: `train:` in the experiment recipe holds the defaults of every training job.
+  `seed.train`, each domain recipe's `train:` and `finetune.train` name only the keys they change.
+  A `train.<key>=...` given on the command line wins over all of them (it names what every job
+  should use), unless the command line also names the more specific key (`finetune.train.<key>`).
+"""
+
+import dataclasses
+import glob
+import math
+import os
+import typing
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from btx.choices import GENERAL_DOMAIN
+from btx.errors import BtxError, missing_checkpoint
+from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
+from btx.recipe.check import (
+    _GLOB_CHARS,
+    RESERVED_DOMAIN_PREFIXES,
+    RESERVED_DOMAINS,
+    Checker,
+    _join,
+    _suggest,
+)
+from btx.recipe.experiment import Domain, Experiment, Source, to_plain
+from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
+
+
+def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> Experiment:
+    """Load, resolve and validate an experiment recipe and every domain recipe it names. `path` is
+    a recipe file, or the name of a recipe btx ships (`demo`; see `btx recipes`)."""
+    path = resolve_recipe(path)
+    overrides = list(overrides or [])
+    label = _label(path, overrides)
+    raw = _read_yaml(path)
+    _typecheck(raw, ExperimentRecipe, str(path), "")
+    _resolve_paths(raw, _EXPERIMENT_PATHS, path.parent)
+    override_dicts = _parse_overrides(overrides, ExperimentRecipe, str(path))
+    for od in override_dicts:
+        _resolve_paths(od, _EXPERIMENT_PATHS, Path.cwd())
+        _deep_merge(raw, od)
+    recipe: ExperimentRecipe = _build(ExperimentRecipe, raw, label, overrides)
+
+    c = Checker(label, origins=_origins(overrides))
+    c.name(recipe.experiment, "experiment")
+    if recipe.run_dir is None:
+        recipe.run_dir = str(Path("checkpoints") / recipe.experiment)
+    if recipe.tokenizer != "byte":
+        c.that(Path(recipe.tokenizer).exists(), "tokenizer", f"{recipe.tokenizer}: no such file or directory "
+               "(expected 'byte', a tokenizer.json or a directory holding one)")
+    if recipe.seed.path is not None:
+        c.that(recipe.model is None, "model",
+               "give either seed.path (an existing checkpoint) or model (a seed trained from scratch), not both")
+        if not Path(recipe.seed.path).is_dir():
+            c.fail("seed.path", missing_checkpoint(recipe.seed.path, _written_path(recipe.seed.path, path.parent)))
+    elif recipe.model is None:
+        c.fail("seed", "give seed.path (an existing dense checkpoint) or a model section (a seed trained from scratch)")
+    if recipe.model is not None:
+        recipe.model.check(c.at("model"))
+        if recipe.tokenizer == "byte":
+            from btx.data.tokenizer import ByteTokenizer
+
+            c.that(recipe.model.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
+                   f"the byte tokenizer needs vocab_size >= {ByteTokenizer.vocab_size}, got {recipe.model.vocab_size}")
+    c.that(bool(recipe.domains), "domains", "an experiment needs at least one domain (domains: {name: recipe.yaml})")
+    names = list(recipe.domains)
+    folded: Dict[str, str] = {}
+    for name in names:
+        c.name(name, f"domains.{name}")
+        c.that(name not in RESERVED_DOMAINS, f"domains.{name}", f"{name!r} is reserved: it names the seed's expert "
+               "in the merged MoE and the seed's row in eval tables; rename this domain")
+        c.that(not name.startswith(RESERVED_DOMAIN_PREFIXES), f"domains.{name}",
+               f"{name!r} is reserved: merge names its experts seed.<i> and blend.<i>; rename this domain")
+        c.that(name.lower() not in folded, f"domains.{name}",
+               f"differs from domain {folded.get(name.lower())!r} only in case; on a case-insensitive file "
+               "system both would share one directory")
+        folded[name.lower()] = name
+    recipe.train.check(c.at("train"))
+    recipe.seed.check(c.at("seed"), names)
+    recipe.branch.check(c.at("branch"))
+    merged = [n for n in names if n not in recipe.grow.domains]
+    recipe.merge.check(c.at("merge"), merged, recipe.grow)
+    recipe.grow.check(c.at("grow"), names, recipe.merge)
+    recipe.finetune.check(c.at("finetune"), names)
+    recipe.eval.check(c.at("eval"))
+    recipe.analyze.check(c.at("analyze"))
+
+    # Command-line train.* overrides win over every job's own train settings (see module doc).
+    cli_train = _cli_keys(override_dicts, "train")
+    cli_seed, cli_finetune = _cli_keys(override_dicts, "seed.train"), _cli_keys(override_dicts, "finetune.train")
+    seed_train = _effective_train(recipe.train, recipe.seed.train, cli_train, cli_seed, c.at("seed.train"))
+    finetune_train = _effective_train(recipe.train, recipe.finetune.train, cli_train, cli_finetune,
+                                      c.at("finetune.train"))
+    # train.trainable is the experts'; the seed trains from scratch and the finetune has its own key.
+    for key, own, why in (("seed.train", {**recipe.seed.train, **cli_seed}, "the seed trains from scratch, "
+                           "so all of it trains (train.trainable applies to the experts)"),
+                          ("finetune.train", {**recipe.finetune.train, **cli_finetune},
+                           "the MoE finetune's is finetune.trainable (all, router_only, frozen_experts)")):
+        c.that(own.get("trainable", "all") == "all", f"{key}.trainable", why)
+    seed_train = dataclasses.replace(seed_train, trainable="all")
+    finetune_train = dataclasses.replace(finetune_train, trainable="all")
+    domains: Dict[str, Domain] = {}
+    for name, domain_path in recipe.domains.items():
+        dpath = Path(domain_path)
+        c.that(dpath.is_file(), f"domains.{name}", f"{domain_path}: no such domain recipe file")
+        domains[name] = load_domain(dpath, base_train=recipe.train, name=name, cli_train=cli_train)
+    general = None
+    if recipe.finetune.general is not None:
+        c.that(GENERAL_DOMAIN not in domains, f"domains.{GENERAL_DOMAIN}",
+               f"'{GENERAL_DOMAIN}' names finetune.general's data-only domain; rename this expert's domain")
+        gpath = Path(recipe.finetune.general)
+        c.that(gpath.is_file(), "finetune.general", f"{gpath}: no such domain recipe file")
+        general = load_domain(gpath, base_train=recipe.train, name=GENERAL_DOMAIN, cli_train=cli_train)
+
+    return Experiment(path=path, recipe=recipe, domains=domains, run_dir=Path(recipe.run_dir).absolute(),
+                      seed_train=seed_train, finetune_train=finetune_train, overrides=overrides, general=general)
+
+
+def load_domain(path: str | os.PathLike, overrides: Optional[List[str]] = None, *,
+                base_train: Optional[TrainSection] = None, name: Optional[str] = None,
+                cli_train: Optional[Dict[str, Any]] = None) -> Domain:
+    """Load and validate one domain recipe. `base_train` holds the experiment's training defaults
+    (TrainSection() when the domain stands alone); the domain's `train:` overrides them."""
+    path = Path(path)
+    overrides = list(overrides or [])
+    label = _label(path, overrides)
+    raw = _read_yaml(path)
+    _typecheck(raw, DomainRecipe, str(path), "")
+    _resolve_sources(raw, path.parent)
+    override_dicts = _parse_overrides(overrides, DomainRecipe, str(path))
+    for od in override_dicts:
+        _resolve_sources(od, Path.cwd())
+        _deep_merge(raw, od)
+    recipe: DomainRecipe = _build(DomainRecipe, raw, label, overrides)
+
+    c = Checker(label, origins=_origins(overrides))
+    expected = name or recipe.name or path.stem
+    if recipe.name is not None and name is not None and recipe.name != name:
+        c.fail("name", f"this recipe is for domain {recipe.name!r} but the experiment lists it as {name!r}")
+    recipe.name = expected
+    c.name(recipe.name, "name")
+    recipe.data.check(c.at("data"))
+    sources = [_source(s, recipe.data, c, i) for i, s in enumerate(recipe.data.sources)]
+    train = _effective_train(base_train or TrainSection(), recipe.train, cli_train or {},
+                             _cli_keys(override_dicts, "train"), c.at("train"))
+    return Domain(name=recipe.name, path=path, recipe=recipe, sources=sources, train=train)
+
+
+# Keys holding input paths, which resolve relative to the recipe file (or the CWD for overrides).
+_EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general")
+
+
+def _written_path(resolved: str, recipe_dir: Path) -> str:
+    """A path as written (relative to the recipe's directory, or to the current one for an
+    override) from its resolved form."""
+    for base in (recipe_dir.absolute(), Path.cwd()):
+        try:
+            return str(Path(resolved).relative_to(base))
+        except ValueError:
+            pass
+    return resolved
+
+
+def _label(path: Path, overrides: List[str]) -> str:
+    return str(path)
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        hint = ""
+        if os.sep not in str(path) and path.suffix not in (".yaml", ".yml"):
+            names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+            hint = f" and no built-in recipe of that name (built-in: {', '.join(names)}{_suggest(str(path), names)})"
+        raise BtxError(f"{path}: no such recipe file{hint}")
+    try:
+        cfg = OmegaConf.load(path)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise BtxError(f"{path}: {where}invalid YAML ({problem})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise BtxError(f"{path}: cannot read ({e})") from None
+    except OmegaConfBaseException as e:
+        raise BtxError(f"{path}: {_first_line(e)}") from None
+    if cfg is None or (OmegaConf.is_dict(cfg) and len(cfg) == 0):
+        raise BtxError(f"{path}: the recipe is empty")
+    if not OmegaConf.is_dict(cfg):
+        raise BtxError(f"{path}: expected a mapping of keys at the top level, got a list")
+    return OmegaConf.to_container(cfg, resolve=False)
+
+
+def _origins(overrides: List[str]) -> List[tuple]:
+    return [(item.partition("=")[0].strip(), item) for item in overrides]
+
+
+def _parse_overrides(overrides: List[str], schema: type, path: str) -> List[dict]:
+    out = []
+    for item in overrides:
+        label = f"{path} (override {item!r})"
+        key, eq, _ = item.partition("=")
+        if not eq or not key.strip() or key.strip().startswith(("-", "+", "~")):
+            raise BtxError(f"{label}: expected KEY=VALUE (e.g. merge.top_k=1)")
+        try:
+            d = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
+        except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
+            raise BtxError(f"{label}: cannot parse ({_first_line(e)})") from None
+        _typecheck(d, schema, label, "")
+        out.append(d)
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(getattr(e, "msg", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and "${" in value
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}" if value is not None else "null"
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin in (dict, Dict):
+        return "a mapping"
+    if origin in (list, List):
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _typecheck(value: Any, tp: Any, label: str, key: str, partial: Optional[type] = None) -> None:
+    """Check a plain YAML value against a schema type; unknown keys and wrong types are errors."""
+    if _is_interpolation(value) or tp is Any:
+        return
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    fail = lambda msg: _raise(label, key, msg)  # noqa: E731
+
+    if partial is not None:  # a Dict[str, Any] that overrides some keys of `partial`
+        if not isinstance(value, dict):
+            fail(f"expected a mapping of {partial.__name__} keys, got {_describe(value)}")
+        _typecheck_fields(value, partial, label, key)
+        return
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return
+        inner = [a for a in args if a is not type(None)]
+        if value is None:
+            fail(f"expected {_type_name(tp)}, got null")
+        _typecheck(value, inner[0], label, key)
+        return
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {_describe(value)}")
+        _typecheck_fields(value, tp, label, key)
+        return
+    if origin in (dict, Dict):
+        if not isinstance(value, dict):
+            fail(f"expected a mapping, got {_describe(value)}")
+        for k, v in value.items():
+            if not isinstance(k, str):
+                _raise(label, _join(key, str(k)), f"keys must be strings, got {_describe(k)} (quote it)")
+            _typecheck(v, args[1] if args else Any, label, _join(key, k))
+        return
+    if origin in (list, List):
+        if not isinstance(value, list):
+            fail(f"expected a list, got {_describe(value)}")
+        for i, v in enumerate(value):
+            _typecheck(v, args[0] if args else Any, label, f"{key}[{i}]")
+        return
+    if value is None:
+        fail(f"expected {_type_name(tp)}, got null")
+    if tp is bool:
+        ok = isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is str:
+        ok = isinstance(value, str)
+        if not ok and isinstance(value, (int, float)) and not isinstance(value, bool):
+            fail(f"expected a string, got {_describe(value)} (quote the value)")
+    else:
+        ok = True
+    if not ok:
+        fail(f"expected {_type_name(tp)}, got {_describe(value)}")
+
+
+def _typecheck_fields(value: dict, schema: type, label: str, key: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    for k, v in value.items():
+        if k not in fields:
+            _raise(label, _join(key, str(k)), f"unknown key{_suggest(str(k), fields)}")
+        _typecheck(v, hints[k], label, _join(key, k), partial=fields[k].metadata.get("partial"))
+
+
+def _raise(label: str, key: str, msg: str) -> typing.NoReturn:
+    raise BtxError(f"{label}: {key}: {msg}" if key else f"{label}: {msg}")
+
+
+def _build(schema: type, raw: dict, label: str, overrides: List[str]):
+    """raw (already type-checked) -> a schema dataclass instance, through OmegaConf.structured."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        OmegaConf.resolve(cfg)
+        obj = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as e:
+        Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or "?"),
+                                                         "missing (this key is required)")
+    except OmegaConfBaseException as e:
+        Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), _first_line(e))
+    # Interpolated values are converted by OmegaConf after our type check; check them again here.
+    plain = to_plain(obj)
+    _typecheck(plain, schema, label, "")
+    _check_finite(plain, Checker(label, origins=_origins(overrides)), "")
+    return obj
+
+
+def _check_finite(value: Any, c: Checker, key: str) -> None:
+    """Every number in a recipe is finite: YAML's .inf / .nan (or 1e999) would reach training
+    and JSON manifests, which cannot hold them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        c.fail(key, f"must be a finite number, got {value!r}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite(v, c, _join(key, str(k)))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_finite(v, c, f"{key}[{i}]")
+
+
+def _deep_merge(base: dict, new: dict) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def _abs(value: Any, root: Path) -> Any:
+    if not isinstance(value, str) or _is_interpolation(value):
+        return value
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (root / p).absolute())
+
+
+def _resolve_paths(raw: dict, keys: tuple, root: Path) -> None:
+    for dotted in keys:
+        *parents, last = dotted.split(".")
+        node = raw
+        for p in parents:
+            node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if last == "*":
+            for k in list(node):
+                node[k] = _abs(node[k], root)
+        elif last in node and not (dotted == "tokenizer" and node[last] == "byte"):
+            node[last] = _abs(node[last], root)
+
+
+def _resolve_sources(raw: dict, root: Path) -> None:
+    sources = raw.get("data", {}).get("sources") if isinstance(raw.get("data"), dict) else None
+    if not isinstance(sources, list):
+        return
+    for i, s in enumerate(sources):
+        if isinstance(s, str):
+            sources[i] = _abs(s, root)
+        elif isinstance(s, dict) and "path" in s:
+            s["path"] = _abs(s["path"], root)
+
+
+_SOURCE_KEYS = ("path", "glob", "text_field")
+
+
+def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
+    key = f"data.sources[{i}]"
+    if isinstance(spec, str):
+        spec = {"path": spec}
+    if not isinstance(spec, dict):
+        c.fail(key, f"expected a path or a mapping {{path, glob, text_field}}, got {_describe(spec)}")
+    for k, v in spec.items():
+        if k not in _SOURCE_KEYS:
+            c.fail(f"{key}.{k}", f"unknown key{_suggest(str(k), _SOURCE_KEYS)}")
+        if not isinstance(v, str):
+            c.fail(f"{key}.{k}", f"expected a string, got {_describe(v)}")
+    if "path" not in spec:
+        c.fail(key, "missing path")
+    path = Path(spec["path"])
+    pattern = spec.get("glob")
+    if pattern is not None:
+        if not path.is_dir():
+            c.fail(f"{key}.path", f"{path}: no such directory")
+        files = sorted(p for p in path.glob(pattern)
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    elif _GLOB_CHARS.search(str(path)):
+        files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*")
+                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    elif path.is_file():
+        files = [path]
+    else:
+        c.fail(key, f"{path}: no such file or directory")
+    if not files:
+        c.fail(key, f"{path}{' ' + pattern if pattern else ''}: matches no file")
+    return Source(path=path, glob=pattern, text_field=spec.get("text_field", data.text_field), files=files)
+
+
+def _cli_keys(override_dicts: List[dict], dotted: str) -> Dict[str, Any]:
+    """The keys that command-line overrides set under `dotted` (e.g. "train", "finetune.train")."""
+    out: Dict[str, Any] = {}
+    for d in override_dicts:
+        node: Any = d
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            out.update(node)
+    return out
+
+
+def _effective_train(base: TrainSection, own: Dict[str, Any], cli_train: Dict[str, Any],
+                     cli_own: Dict[str, Any], c: Checker) -> TrainSection:
+    """base <- the job's own train keys <- command-line train.* <- command-line <job>.train.*"""
+    merged = {**own, **cli_train, **cli_own}
+    if not merged:
+        return dataclasses.replace(base, betas=list(base.betas))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(base), merged)
+        result = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or ""
+        c.fail(key, _first_line(e))
+    result.check(c)
+    return result

@@ -1,0 +1,375 @@
+"""The recipe schema: one dataclass per section, with defaults, and a `check` per section.
+
+A setting is declared here once, with its default and a comment saying what it does; its range
+goes in the section's `check`. OmegaConf builds typed configs from these classes, so unknown keys
+and wrong types are refused at load.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from btx.choices import (
+    DENSE_TRAINABLE,
+    EVAL_MATCHES,
+    EXECUTORS,
+    GENERAL_DOMAIN,
+    GRANULARITIES,
+    MERGE_DTYPES,
+    PRECISIONS,
+    ROUTER_INITS,
+    ROUTER_MODES,
+    TRAINABLE,
+)
+from btx.recipe.check import Checker, _suggest, parse_size
+
+
+@dataclass
+class TrainSection:
+    """One training job's settings (dense expert training, seed training, MoE finetuning).
+
+    Tokens per optimizer step = batch_size * seq_len * grad_accum * number of data-parallel ranks.
+    """
+
+    lr: float = 1e-4  # peak learning rate (paper: 1e-4)
+    weight_decay: float = 0.1
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decay to this fraction of the peak
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch, per data-parallel rank
+    seq_len: int = 1024
+    grad_accum: int = 1
+    grad_clip: float = 1.0  # 0 turns clipping off
+    precision: str = "auto"  # auto: bf16 where the device has it, else fp32
+    checkpoint_every: int = 500  # 0: only the final export
+    keep_checkpoints: int = 2  # resumable step-N checkpoints kept on disk
+    eval_every: int = 500  # 0: no periodic validation
+    eval_batches: int = 20
+    log_every: int = 10
+    seed: int = 0
+    # Dense jobs (seed, experts, baselines): null trains data-parallel with DDP (accelerate); 0-3
+    # trains with DeepSpeed ZeRO at that stage. Stage 3 shards weights, gradients and optimizer
+    # state over the GPUs, as FSDP does: needed when a replica does not fit (a 7B model with AdamW
+    # needs ~112 GB per replica). MoE finetuning uses finetune.zero_stage instead.
+    zero_stage: Optional[int] = None
+    # Which parameters an expert trains (btx.model.trainable): all (the paper), ffn (only the FFNs: the
+    # shared weights stay the seed's, so their merge is exact), ffn_norms (FFNs and norm gains).
+    # The seed trains from scratch and the finetune has finetune.trainable: both always train all here.
+    trainable: str = "all"
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens per optimizer step on one data-parallel rank."""
+        return self.batch_size * self.seq_len * self.grad_accum
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "lr", "eps", "steps", "batch_size", "seq_len", "grad_accum", "eval_batches", "log_every")
+        c.positive(self, "keep_checkpoints")
+        c.non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "checkpoint_every", "eval_every", "seed")
+        c.that(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
+        c.that(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
+               f"expected two numbers in [0, 1), got {list(self.betas)!r}")
+        c.choice(self, "precision", PRECISIONS)
+        c.choice(self, "trainable", DENSE_TRAINABLE)
+        c.that(self.zero_stage is None or 0 <= self.zero_stage <= 3, "zero_stage",
+               f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}")
+
+
+@dataclass
+class ModelSection:
+    """The architecture of a seed trained from scratch. Mirrors btx.model.config.ModelConfig's dense fields
+    (same names, same defaults); the MoE fields come from `merge` and `finetune`."""
+
+    vocab_size: int = 256
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    ffn_dim: int = 172
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[Dict[str, Any]] = None  # Llama-3 style, see btx.model.config.ModelConfig
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps",
+                   "rope_theta", "max_seq_len")
+        c.that(self.dim % self.n_heads == 0, "dim", f"must be a multiple of n_heads ({self.n_heads}), got {self.dim}")
+        c.that(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
+               f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+
+    def to_model_config(self, **moe):
+        """A btx.model.config.ModelConfig (imports torch); `moe` sets MoE fields such as n_experts."""
+        from btx.model.config import ModelConfig
+
+        return ModelConfig(**dataclasses.asdict(self), **moe)
+
+
+@dataclass
+class SeedSection:
+    path: Optional[str] = None  # an existing HF dense checkpoint; None: train one from `model:`
+    train: Dict[str, Any] = field(default_factory=dict, metadata={"partial": TrainSection})
+    mixture: Dict[str, float] = field(default_factory=dict)  # domain weights; empty: all equal
+
+    def check(self, c: Checker, domains: List[str]) -> None:
+        c.weights(self.mixture, "mixture", domains)
+
+
+@dataclass
+class SlurmSection:
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    time: str = "24:00:00"  # quote it in YAML: unquoted 24:00:00 is the number 86400
+    nodes: int = 1
+    gpus_per_node: int = 8
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    extra_sbatch: List[str] = field(default_factory=list)  # extra '#SBATCH ...' arguments
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, ...)
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "nodes", "cpus_per_task")
+        c.non_negative(self, "gpus_per_node")
+
+
+@dataclass
+class BranchSection:
+    executor: str = "local"
+    max_parallel: Optional[int] = None  # None: as many as the devices allow (one at a time on CPU)
+    devices_per_expert: int = 1
+    slurm: SlurmSection = field(default_factory=SlurmSection)
+
+    def check(self, c: Checker) -> None:
+        c.choice(self, "executor", EXECUTORS)
+        c.positive(self, "max_parallel", "devices_per_expert")
+        self.slurm.check(c.at("slurm"))
+
+
+@dataclass
+class MergeSection:
+    keep_seed: bool = True  # the seed's FFN becomes one more expert (as in the paper)
+    # Averaging of the non-FFN weights: "uniform", "tokens" (by training tokens of each expert), or
+    # a mapping {domain or "seed": weight}.
+    weights: Any = "uniform"
+    router_init: str = "random"
+    router_std: float = 0.02  # random init
+    router_seed: int = 0  # random init: the same seed gives the same routers
+    centroid_tokens: int = 65536  # centroid and ridge inits: validation tokens per domain
+    ridge_lambda: float = 0.01  # ridge init: λ relative to XᵀX's mean eigenvalue (btx/mix/router_fit.py)
+    router_scale: float = 1.0  # centroid, ridge, hidden: the fitted rows times this (an inverse temperature)
+    # hidden init: each expert's positive prompts, and optionally its negative ones (default: the
+    # other experts' positive prompts); the seed, kept as an expert, may have prompts too. Read by
+    # the merge (router_init hidden), by grow (grow.router_init hidden) and by the router-init table.
+    prompts: Dict[str, List[str]] = field(default_factory=dict)
+    negative_prompts: Dict[str, List[str]] = field(default_factory=dict)
+    granularity: str = "expert"  # expert: one FFN per expert; split / blend: chunks of FFNs
+    chunks: int = 1
+    top_k: int = 2  # written to the merged config (num_experts_per_tok)
+    dtype: Optional[str] = None  # None: the seed's dtype
+    shard_size: str = "5GB"
+
+    def n_experts(self, n_domains: int) -> int:
+        """Experts of the merged model: one per FFN (split: chunks per FFN; blend: one per chunk)."""
+        n_ffns = n_domains + (1 if self.keep_seed else 0)
+        if self.granularity == "split":
+            return n_ffns * self.chunks
+        if self.granularity == "blend":
+            return self.chunks
+        return n_ffns
+
+    @property
+    def shard_bytes(self) -> int:
+        return parse_size(self.shard_size)
+
+    def check(self, c: Checker, domains: List[str], grow: Optional["GrowSection"] = None) -> None:
+        """`domains`: the merged ones; `grow`: the recipe's grow section, whose experts may have prompts."""
+        w = self.weights
+        if isinstance(w, str):
+            c.that(w in ("uniform", "tokens"), "weights",
+                   f"expected uniform, tokens or a mapping of weights; got {w!r}{_suggest(w, ('uniform', 'tokens'))}")
+        elif isinstance(w, dict):
+            for name, value in w.items():
+                c.that(isinstance(value, (int, float)) and not isinstance(value, bool), f"weights.{name}",
+                       f"expected a number, got {value!r}")
+            c.weights(w, "weights", list(domains) + (["seed"] if self.keep_seed else []))
+        else:
+            c.fail("weights", f"expected uniform, tokens or a mapping of weights; got {w!r}")
+        c.choice(self, "router_init", ROUTER_INITS)
+        c.choice(self, "granularity", GRANULARITIES)
+        c.choice(self, "dtype", MERGE_DTYPES)
+        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda", "router_scale")
+        c.non_negative(self, "router_seed")
+        # Prompts are kept whatever router_init is: grow and `btx eval --router-inits` use them too.
+        grown = list(grow.domains) if grow is not None else []
+        experts = list(domains) + grown + (["seed"] if self.keep_seed else [])
+        for key in ("prompts", "negative_prompts"):
+            given = getattr(self, key)
+            for name, texts in given.items():
+                c.that(name in experts, f"{key}.{name}", f"not an expert of this merge ({', '.join(experts)})")
+                c.that(all(isinstance(t, str) and t for t in texts), f"{key}.{name}", "expected non-empty strings")
+        c.that(self.router_init != "hidden" or bool(self.prompts), "prompts",
+               "router_init hidden needs each expert's positive prompts: prompts: {domain: [text, ...]}")
+        if self.granularity == "expert":
+            c.that(self.chunks == 1, "chunks", f"must be 1 with granularity expert, got {self.chunks}")
+        else:
+            c.that(self.chunks >= 2, "chunks", f"must be >= 2 with granularity {self.granularity}, got {self.chunks}")
+        try:
+            c.that(self.shard_bytes > 0, "shard_size", "must be > 0")
+        except ValueError as e:
+            c.fail("shard_size", str(e))
+        if domains:
+            n = self.n_experts(len(domains))
+            c.that(self.top_k <= n, "top_k", f"must be <= the number of experts ({n}), got {self.top_k}")
+
+
+@dataclass
+class FinetuneSection:
+    train: Dict[str, Any] = field(default_factory=dict, metadata={"partial": TrainSection})
+    mixture: Dict[str, float] = field(default_factory=dict)  # domain weights; empty: all equal
+    router_mode: str = "topk"
+    top_k: Optional[int] = None  # None: the merged checkpoint's (merge.top_k)
+    capacity_factor: float = 1.5  # switch
+    gumbel_rate: float = 1e-4  # sample_top1: temperature max(0.5, exp(-rate * step))
+    balance_alpha: float = 0.01  # load-balancing loss weight (paper: 0.01); 0 turns it off
+    z_loss: float = 0.0  # router z-loss weight
+    trainable: str = "all"
+    # The first N steps train only the routers (a separate job, finetune-router/), then the
+    # finetune proper runs its finetune.train.steps from there on the batches that follow.
+    router_only_steps: int = 0
+    zero_stage: int = 0
+    offload_optimizer: bool = False
+    # A domain recipe of data like the seed's own pretraining data (the paper's "general" 19.23%):
+    # prepared into data/general/ with the other domains and sampled in the mixture as "general",
+    # but never branched into an expert (the seed, kept as an expert, stands for it).
+    general: Optional[str] = None
+
+    def check(self, c: Checker, domains: List[str]) -> None:
+        c.weights(self.mixture, "mixture", domains + ([GENERAL_DOMAIN] if self.general else []))
+        c.choice(self, "router_mode", ROUTER_MODES)
+        c.choice(self, "trainable", TRAINABLE)
+        c.positive(self, "top_k", "capacity_factor")
+        c.non_negative(self, "gumbel_rate", "balance_alpha", "z_loss", "router_only_steps")
+        c.that(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        c.that(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
+               "needs zero_stage >= 1")
+
+
+@dataclass
+class GrowSection:
+    """Domains added to the finished MoE instead of merged into it (btx/mix/grow.py): `btx run` trains
+    their experts, merges and finetunes the other domains as usual, then grows the finetuned MoE by
+    these experts into grown/ and, with `steps` > 0, finetunes it briefly into grown-finetuned/.
+    The fitted router inits read merge.centroid_tokens, merge.ridge_lambda, merge.router_scale and
+    merge.prompts."""
+
+    domains: List[str] = field(default_factory=list)  # each is also listed in `domains:`
+    router_init: str = "ridge"  # the new experts' router rows (ridge refits every row)
+    shared: str = "keep"  # keep the MoE's shared weights, or average in the new experts'
+    shared_weight: Optional[float] = None  # average: None = as much as each expert already there
+    steps: int = 0  # the finetune after growing; 0: none
+    trainable: str = "router_only"
+    mixture: Dict[str, float] = field(default_factory=dict)  # empty: every domain equally
+
+    def check(self, c: Checker, domains: List[str], merge: "MergeSection") -> None:
+        for name in self.domains:
+            c.that(name in domains, "domains", f"{name!r} is not a domain of this experiment ({', '.join(domains)})")
+        c.that(len(set(self.domains)) == len(self.domains), "domains", "a domain listed twice")
+        c.that(not self.domains or len(self.domains) < len(domains), "domains",
+               "at least one domain must be merged before others can be added")
+        c.that(not self.domains or merge.granularity == "expert", "domains",
+               f"growing needs whole experts; merge.granularity is {merge.granularity}")
+        c.choice(self, "router_init", ROUTER_INITS)
+        c.choice(self, "shared", ("keep", "average"))
+        c.choice(self, "trainable", TRAINABLE)
+        c.non_negative(self, "steps")
+        c.that(self.shared_weight is None or 0 <= self.shared_weight <= 1, "shared_weight", "must be in [0, 1]")
+        c.weights(self.mixture, "mixture", domains)
+        if self.router_init == "hidden":
+            for name in self.domains:
+                c.that(name in merge.prompts, "router_init",
+                       f"hidden needs merge.prompts.{name} (the prompts of the expert to add)")
+
+
+@dataclass
+class EvalSection:
+    baselines: bool = False  # also train/evaluate dense and sparse-upcycling baselines
+    # What the baselines are matched on: compute (their training FLOPs = the experts' + the BTX
+    # finetune's), data (exactly the tokens BTX trained on, as the paper's Table 2), or both.
+    match: str = "compute"
+    batches: int = 50  # validation batches per domain
+    batch_size: int = 8
+    seq_len: Optional[int] = None  # None: train.seq_len
+    # BTM top-k rows (the paper's BTM): experts picked per context by tf-idf similarity to a
+    # sample of this many training tokens of each expert's domain (btx.evaluate.btm.TfidfRouter).
+    btm_tfidf_tokens: int = 1_000_000
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "batches", "batch_size", "seq_len", "btm_tfidf_tokens")
+        c.choice(self, "match", EVAL_MATCHES)
+
+
+@dataclass
+class AnalyzeSection:
+    tokens: int = 16384  # validation tokens per domain
+    show_text: int = 2  # token-level examples coloured by expert, per domain (0: none)
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "tokens")
+        c.non_negative(self, "show_text")
+
+
+@dataclass
+class ExperimentRecipe:
+    """The experiment recipe file."""
+
+    experiment: str = "???"  # required; names the run directory
+    run_dir: Optional[str] = None  # default checkpoints/<experiment>, relative to the current directory
+    tokenizer: str = "byte"  # "byte" or a tokenizer.json / a directory holding one
+    seed: SeedSection = field(default_factory=SeedSection)
+    model: Optional[ModelSection] = None  # a seed trained from scratch; None with seed.path
+    domains: Dict[str, str] = field(default_factory=dict)  # name -> domain recipe path
+    train: TrainSection = field(default_factory=TrainSection)
+    branch: BranchSection = field(default_factory=BranchSection)
+    merge: MergeSection = field(default_factory=MergeSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    grow: GrowSection = field(default_factory=GrowSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    analyze: AnalyzeSection = field(default_factory=AnalyzeSection)
+
+
+@dataclass
+class DataSection:
+    # Files, directories or globs (relative to the domain recipe), or mappings {path, glob,
+    # text_field}. Directories are read recursively (hidden files skipped). A `.jsonl` file holds one
+    # JSON document per line (its text under `text_field`); any other file is one text document.
+    sources: List[Any] = field(default_factory=list)
+    builtin: Optional[str] = None  # a named built-in corpus (btx.data.corpora: the demo's)
+    builtin_bytes: int = 2_000_000  # how much of the built-in corpus to take
+    val_fraction: float = 0.05  # share of documents held out for validation
+    text_field: str = "text"  # jsonl: the field holding the document text
+    seed: int = 0  # keys the train/val split (independent of the training seed)
+
+    def check(self, c: Checker) -> None:
+        c.that(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
+        c.positive(self, "builtin_bytes")
+        c.non_negative(self, "seed")
+        c.that(bool(self.sources) or self.builtin is not None, "sources",
+               "a domain needs data: give data.sources or data.builtin")
+        if self.builtin is not None:
+            from btx.data.corpora import BUILTIN_CORPORA
+
+            c.that(self.builtin in BUILTIN_CORPORA, "builtin",
+                   f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
+                   + _suggest(self.builtin, BUILTIN_CORPORA))
+
+
+@dataclass
+class DomainRecipe:
+    """One domain recipe file."""
+
+    name: Optional[str] = None  # default: the name the experiment gives it (or the file's stem)
+    data: DataSection = field(default_factory=DataSection)
+    train: Dict[str, Any] = field(default_factory=dict, metadata={"partial": TrainSection})

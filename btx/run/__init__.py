@@ -1,0 +1,14 @@
+"""Running the workflow: `btx run` (the pipeline of stages and its ledger), `btx branch` and
+`btx status` (expert jobs, locally or on Slurm).
+
+    pipeline.py    `btx run`: the stages in order, then a summary (start here)
+    ledger.py      pipeline.json, stage keys and the skip / redo / adopt decision
+    stages.py      prepare, seed, branch, merge, finetune and grow
+    baselines.py   the dense and sparse-upcycling baselines, matched on compute or data
+    evaluation.py  `btx eval RECIPE`: every model of a run
+    branch.py      `btx branch` and `btx status`
+    jobs.py        expert jobs and their state, derived from the expert directory
+    progress.py    progress of expert jobs from metrics.jsonl; the status table
+    local.py       the local executor: subprocesses on their own devices
+    slurm.py       the Slurm executor: batch scripts that requeue
+"""

@@ -1,0 +1,243 @@
+"""`btx eval RECIPE`: every model of a run on the same validation windows, with the BTM ensembles.
+
+`run_models` lists the run's checkpoints (seed, experts, merged, BTX, grown, baselines) with the
+FLOPs each cost; a model whose stage is stale is refused rather than scored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from rich.console import Console
+
+from btx.errors import BtxError
+from btx.io.manifest import (
+    changed_inputs,
+    damaged_outputs,
+    hash_dir,
+    input_identity,
+    read_done,
+)
+from btx.run.baselines import BASELINES, matches
+from btx.run.ledger import Pipeline, StageOutcome, _key
+
+
+@dataclass
+class RunModel:
+    """One model of a run as eval shows it."""
+
+    name: str  # its row
+    path: Path  # the HF checkpoint
+    done_dir: Path | None  # where its DONE.json is (None: a given seed.path)
+    note: str
+
+
+def run_models(exp) -> list[RunModel]:
+    """Every model of the run that eval scores (whether it exists yet or not), in table order;
+    the baselines of the protocols eval.match asks for."""
+    from btx.train.finetune import ROUTER_PHASE
+
+    run_dir, base = exp.run_dir, exp.run_dir / "baselines"
+    models = [RunModel("seed", exp.seed_dir, run_dir / "seed" if exp.seed.path is None else None, "the dense seed")]
+    models += [RunModel(f"expert:{d}", exp.expert_dir(d) / "final", exp.expert_dir(d), f"{d} expert alone")
+               for d in exp.domains]
+    notes = {"dense": "the seed trained further", "upcycled": "seed copies as experts + MoE finetune"}
+    for kind, note in notes.items():
+        for match in matches(exp):
+            directory = next(d for d in BASELINES[match] if d.startswith(kind))
+            path = base / directory / "final" if kind == "dense" else base / directory
+            models.append(RunModel(BASELINES[match][directory], path, base / directory, note))
+    models.append(RunModel("BTX merged (no finetune)", run_dir / "merged", run_dir / "merged", "MiX only"))
+    if exp.finetune.router_only_steps:
+        models.append(RunModel(f"BTX router-only ({exp.finetune.router_only_steps} steps)", run_dir / ROUTER_PHASE,
+                               run_dir / ROUTER_PHASE, "merged + the router-only phase"))
+    models.append(RunModel("BTX", run_dir / "finetuned", run_dir / "finetuned", "merged + MoE finetune"))
+    if exp.grow.domains:
+        added = "+" + ", ".join(exp.grow.domains)
+        models.append(RunModel("BTX grown (no finetune)", run_dir / "grown", run_dir / "grown", f"BTX {added} experts"))
+        if exp.grow.steps:
+            models.append(RunModel("BTX grown", run_dir / "grown-finetuned", run_dir / "grown-finetuned",
+                                   f"BTX {added}, then {exp.grow.steps} finetune steps"))
+    return models
+
+
+def model_stage_dirs(exp) -> list[Path]:
+    """The directories whose DONE.json describe the run's models (the seed when the run trains it)."""
+    dirs = [m.done_dir for m in run_models(exp) if m.done_dir is not None]
+    return dirs + [exp.run_dir / "baselines" / "upcycled-merged"] if exp.eval.baselines else dirs
+
+
+def stale_models(exp) -> list[str]:
+    """One line per finished model of the run that no longer follows from what is on disk: its files
+    differ from its DONE.json, or an input it recorded (the merge a finetune started from, ...) changed."""
+    problems = []
+    for directory in model_stage_dirs(exp):
+        done = read_done(directory)
+        if done is not None:
+            problems += [f"{directory}: {p}" for p in damaged_outputs(directory)]
+            problems += [f"{directory}: stale: {p}" for p in changed_inputs(done.get("input_identities"), directory)]
+    return problems
+
+
+def eval_input_identities(exp, out: Path) -> dict:
+    """For eval's DONE.json: the identity of every model of the run that is evaluated, and of the
+    validation shards they are scored on (paths also relative to `out`, where DONE.json goes)."""
+    from btx.data.shards import load_shard
+    from btx.io.manifest import identity, relative_identities
+
+    identities = {str(m.path.relative_to(exp.run_dir)) if m.path.is_relative_to(exp.run_dir) else "seed":
+                  input_identity(m.path) for m in run_models(exp) if (m.path / "config.json").is_file()}
+    for d in exp.domains:
+        identities[f"val:{d}"] = identity(load_shard(exp.data_dir(d) / "val.json", verify=True).path)
+    return relative_identities(identities, out)
+
+
+def _row_flops(exp, model: RunModel) -> float | None:
+    """Training FLOPs beyond the seed: a model's own, plus the experts' for the MoEs made of them."""
+    if model.name == "seed":
+        return 0.0
+    done = read_done(model.done_dir) or {}
+
+    def flops(path: Path) -> float:
+        return (read_done(path) or {}).get("train_flops", 0.0)
+
+    if model.name.startswith("BTX grown"):  # BTX, the added experts, and the finetune after growing
+        finetuned = _row_flops(exp, RunModel("BTX", exp.run_dir / "finetuned", exp.run_dir / "finetuned", ""))
+        tuned = flops(model.done_dir) if model.name == "BTX grown" else 0.0
+        return finetuned + sum(flops(exp.expert_dir(d)) for d in exp.grow.domains) + tuned
+    experts = sum(flops(exp.expert_dir(d)) for d in exp.merged_domains)
+    if model.name.startswith("BTX"):
+        return experts + done.get("train_flops", 0.0) if done.get("stage") == "train" else experts
+    return done.get("train_flops")
+
+
+def eval_rows(exp, console: Console):
+    """Every model of the run that exists, scored on the same validation windows, and the BTM rows
+    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data)."""
+    import torch
+    from rich.progress import Progress
+
+    from btx.data.shards import load_shard
+    from btx.evaluate.btm import TfidfRouter, shard_sample
+    from btx.evaluate.checkpoints import btm_rows
+    from btx.evaluate.scores import row_from_logprobs, window_logprobs
+    from btx.io.checkpoint import load_model
+    from btx.io.reader import CheckpointReader
+
+    settings = exp.eval
+    seq_len = settings.seq_len or exp.train.seq_len
+    shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
+    present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
+    n_batches = len(exp.domains) * settings.batches * len(present)
+    rows = []
+    experts: list[tuple[str, dict, int, float | None]] = []  # (domain, logprobs, active params, flops)
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("eval", total=n_batches)
+        for m in present:
+            model = load_model(m.path, dtype=torch.float32)
+            lps = {d: window_logprobs(model, shard, seq_len, settings.batch_size, settings.batches,
+                                      lambda: bar.advance(task)) for d, shard in shards.items()}
+            active, flops = model.cfg.param_counts()["active"], _row_flops(exp, m)
+            rows.append(row_from_logprobs(m.name, lps, flops, active, m.note))
+            if m.name.startswith("expert:"):
+                experts.append((m.name.split(":", 1)[1], lps, active, flops))
+            del model
+    if experts:
+        train = [exp.data_dir(d) / "train.json" for d, *_ in experts]
+        router = None
+        if len(experts) >= 2 and all(path.is_file() for path in train):
+            router = TfidfRouter([shard_sample(load_shard(path), settings.btm_tfidf_tokens) for path in train],
+                                 min(CheckpointReader(exp.expert_dir(d) / "final").cfg.vocab_size
+                                     for d, *_ in experts))
+        btm = btm_rows([lps for _, lps, _, _ in experts], [f for *_, f in experts], [a for _, _, a, _ in experts],
+                       f"the {len(experts)} experts", router=router, shards=shards, seq_len=seq_len,
+                       batch_size=settings.batch_size, batches=settings.batches,
+                       expert_names=[d for d, *_ in experts])
+        at = max(i for i, r in enumerate(rows) if r.name.startswith("expert:")) + 1
+        rows[at:at] = btm
+    return rows
+
+
+def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None, force: bool = False):
+    """`btx eval RECIPE`: every model of the run that exists (`eval_rows`), shown and written to
+    <run_dir>/eval/ (eval.md, eval.json, the plot, DONE.json). A model that no longer follows from
+    its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
+    from rich.markup import escape
+
+    from btx.evaluate.checkpoints import write_outputs, written
+    from btx.evaluate.table import render
+
+    console = console or Console()
+    missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
+    if missing:
+        raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
+    stale = [] if force else stale_models(exp)
+    if stale:
+        raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
+                       f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
+    out = out or exp.run_dir / "eval"
+    identities = eval_input_identities(exp, out)
+    rows = eval_rows(exp, console)
+    if not rows:
+        raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
+                       "finetuned/, baselines/); run btx run or its stages first")
+    domains = list(exp.domains)
+    render(rows, domains, console=console)
+    settings = eval_settings(exp)
+    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings},
+                  console=console)
+    console.print(escape(f"wrote {out}/ ({written(out)})"), soft_wrap=True)
+    return rows
+
+
+def eval_settings(exp) -> dict:
+    return {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
+            "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len,
+            "match": exp.eval.match, "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens}
+
+
+def eval_recipe_command(args) -> int:
+    """`btx eval RECIPE [KEY=VALUE ...]` (arguments: btx.cli; checkpoints: btx.evaluate)."""
+    from btx.evaluate.checkpoints import check_out_dir
+    from btx.recipe.load import load_experiment
+
+    rest = list(args.overrides or [])
+    for flag, value in (("--data", args.data), ("--btm", args.btm), ("--names", args.names)):
+        if value:
+            raise BtxError(f"eval: {flag} is for checkpoints; a RECIPE brings its own models and validation shards")
+    for key, value in (("batches", args.batches), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
+        if value is not None:  # --batches N is shorthand for eval.batches=N
+            rest.append(f"eval.{key}={value}")
+    if args.device not in (None, "cpu") or args.dtype != "auto":
+        raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
+    exp = load_experiment(args.target, rest)
+    if args.out:
+        check_out_dir(Path(args.out))
+    eval_recipe(exp, out=Path(args.out) if args.out else None, force=args.force)
+    return 0
+
+
+def _eval(p: Pipeline, force: bool) -> StageOutcome:
+    from btx.evaluate.table import render, save
+
+    exp = p.exp
+    out = p.run_dir / "eval"
+    key = _key(exp.eval, p.keys["finetune"], p.keys["grow"], p.keys["baselines"], p.keys["branch"])
+
+    def work() -> str:
+        from btx.io.atomic import atomic_dir
+        from btx.io.manifest import write_done
+
+        identities = eval_input_identities(exp, out)
+        rows = eval_rows(exp, p.console)
+        domains = list(exp.domains)
+        render(rows, domains, console=p.console)
+        with atomic_dir(out, force=True) as tmp:
+            save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
+            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp),
+                             "input_identities": identities})
+        best = min(rows, key=lambda r: r.average)
+        return f"best average: {best.name} ({best.average:.4f})"
+
+    return p.stage("eval", key, [out], work, force)
