@@ -55,7 +55,7 @@ def one_line_error(status: int, err: str) -> str:
 
 def hold_lock(path: Path, what: str) -> subprocess.Popen:
     """Another process holding the lock of `path` (it prints 'held' once it has it)."""
-    code = ("import sys, time\nfrom btx.io.manifest import output_lock\n"
+    code = ("import sys, time\nfrom btx.io.locks import output_lock\n"
             "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"
@@ -220,7 +220,7 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(seed, tmp_path, small_disk, 
     err = one_line_error(*btx("merge", "--seed", seed, "--upcycle", "4", "--out", where / "moe", "--quiet"))
     assert f"{where}: the merged checkpoint {where / 'moe'} needs about" in err and "are free there" in err
     # ... and a disk that fills up while writing is the same one line, with nothing left behind.
-    monkeypatch.setattr("btx.mix.merge.ensure_free_space", lambda *a: None)
+    monkeypatch.setattr("btx.mix.output.ensure_free_space", lambda *a: None)
     if disk is None:
         fail_writes_into(monkeypatch, where, errno.ENOSPC)
     err = one_line_error(*btx("merge", "--seed", seed, "--upcycle", "4", "--out", where / "moe", "--quiet"))

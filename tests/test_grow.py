@@ -18,7 +18,7 @@ from btx.errors import BtxError
 from btx.io.checkpoint import load_model, save_model
 from btx.io.manifest import read_done
 from btx.io.reader import CheckpointReader
-from btx.mix.grow import edit_moe
+from btx.mix.grow import grow_moe
 from btx.mix.merge import merge
 from btx.mix.options import EditOptions, MergeOptions
 
@@ -96,14 +96,14 @@ def files(path: Path) -> dict[str, bytes]:
 
 def test_add_then_remove_gives_back_the_original_byte_for_byte(world, tmp_path):
     grown = tmp_path / "grown"
-    done = edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
+    done = grow_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
     assert done["experts"] == ["code", "math", "seed", "prose"] and done["added"] == ["prose"]
     cfg = CheckpointReader(grown).cfg
     assert cfg.n_experts == 4 and cfg.expert_names == done["experts"]
     # the grown MoE is a checkpoint transformers opens as its own class, computing what btx computes
     torch.testing.assert_close(load_clean(grown)(TOKENS).logits, logits(grown), rtol=1e-5, atol=1e-5)
     back = tmp_path / "back"
-    undone = edit_moe(grown, back, remove=["prose"], progress=False)
+    undone = grow_moe(grown, back, remove=["prose"], progress=False)
     assert undone["experts"] == ["code", "math", "seed"]
     assert [step["stage"] for step in undone["lineage"]] == ["merge", "grow", "grow"]
     assert files(back) == files(world.moe)
@@ -112,7 +112,7 @@ def test_add_then_remove_gives_back_the_original_byte_for_byte(world, tmp_path):
 def test_an_expert_that_never_wins_changes_nothing(world, tmp_path):
     """New router rows far below the others on these tokens: the logits stay bit for bit the same."""
     grown = tmp_path / "grown"
-    edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
+    grow_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
     model = load_model(grown, dtype=torch.float32).eval()
     for i, layer in enumerate(model.layers):  # layer by layer: each row changes the next layer's inputs
         seen = []
@@ -140,7 +140,7 @@ def test_growing_an_upcycled_moe_by_the_seed_still_computes_the_seed(world, tmp_
     up = tmp_path / "up"
     merge(world.seed, {}, up, MergeOptions(upcycle=2, router_std=1.0), progress=False)
     grown = tmp_path / "grown"
-    edit_moe(up, grown, add={"again": world.seed}, options=EditOptions(router_std=1.0), progress=False)
+    grow_moe(up, grown, add={"again": world.seed}, options=EditOptions(router_std=1.0), progress=False)
     seed = load_model(world.seed, dtype=torch.float32).eval()
     with torch.no_grad():
         expected = seed(TOKENS).logits
@@ -171,7 +171,7 @@ def test_fitted_router_inits_for_a_new_expert(world, tmp_path, init):
     grown = tmp_path / "grown"
     options = EditOptions(router_init=init, prompts=PROMPTS if init == "hidden" else {})
     data = {d: world.data[d] for d in (("code", "math", "prose") if init == "ridge" else ("prose",))}
-    done = edit_moe(world.moe, grown, add={"prose": world.experts["prose"]}, options=options,
+    done = grow_moe(world.moe, grown, add={"prose": world.experts["prose"]}, options=options,
                     router_data=data if init != "hidden" else None, progress=False)
     assert done["experts"] == ["code", "math", "seed", "prose"]
     assert set(done["router_tokens"]) == ({"pos:code", "pos:math", "pos:prose"} if init == "hidden" else set(data))
@@ -198,19 +198,19 @@ def test_fitted_router_inits_need_their_inputs(world, tmp_path):
     far = tmp_path / "far" / "moe"  # outside the run directory whose data/ holds the experts' shards
     shutil.copytree(world.moe, far)
     with pytest.raises(BtxError, match="needs validation tokens of expert 'code'"):
-        edit_moe(far, out, add=add, options=EditOptions(router_init="ridge"),
+        grow_moe(far, out, add=add, options=EditOptions(router_init="ridge"),
                  router_data={"prose": world.data["prose"]}, progress=False)
     with pytest.raises(BtxError, match="give the new expert 'prose' prompts"):
-        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"code": ["A"]}),
+        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"code": ["A"]}),
                  progress=False)
     with pytest.raises(BtxError, match="needs negative prompts"):
-        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"prose": ["!"]}),
+        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"prose": ["!"]}),
                  progress=False)
     with pytest.raises(BtxError, match="reads the data of prose only"):
-        edit_moe(world.moe, out, add=add, options=EditOptions(router_init="centroid"),
+        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="centroid"),
                  router_data={"prose": world.data["prose"], "code": world.data["code"]}, progress=False)
     with pytest.raises(BtxError, match="prompts are for router_init hidden"):
-        edit_moe(world.moe, out, add=add, options=EditOptions(prompts={"prose": ["!"]}), progress=False)
+        grow_moe(world.moe, out, add=add, options=EditOptions(prompts={"prose": ["!"]}), progress=False)
     assert not out.exists()
 
 
@@ -218,9 +218,9 @@ def test_shared_weights_keep_or_average(world, tmp_path):
     moe = CheckpointReader(world.moe)
     prose = CheckpointReader(world.experts["prose"])
     kept = tmp_path / "kept"
-    edit_moe(world.moe, kept, add={"prose": world.experts["prose"]}, progress=False)
+    grow_moe(world.moe, kept, add={"prose": world.experts["prose"]}, progress=False)
     avg = tmp_path / "avg"
-    edit_moe(world.moe, avg, add={"prose": world.experts["prose"]}, options=EditOptions(shared="average"),
+    grow_moe(world.moe, avg, add={"prose": world.experts["prose"]}, options=EditOptions(shared="average"),
              progress=False)
     for name in ("embed.weight", "layers.1.attn.wq.weight"):
         a, p = moe.get_btx(name), prose.get_btx(name)
@@ -254,15 +254,15 @@ def test_bad_edits_are_refused_and_write_nothing(world, tmp_path):
     out = tmp_path / "out"
     for kwargs, message in cases:
         with pytest.raises(BtxError, match=message):
-            edit_moe(world.moe, out, progress=False, **kwargs)
+            grow_moe(world.moe, out, progress=False, **kwargs)
         assert not out.exists()
     with pytest.raises(BtxError, match="a split merge"):
-        edit_moe(split, out, add={"prose": world.experts["prose"]}, progress=False)
+        grow_moe(split, out, add={"prose": world.experts["prose"]}, progress=False)
     with pytest.raises(BtxError, match="a dense checkpoint; --into takes an MoE"):
-        edit_moe(world.seed, out, add={"prose": world.experts["prose"]}, progress=False)
+        grow_moe(world.seed, out, add={"prose": world.experts["prose"]}, progress=False)
     assert not out.exists()
     # --allow-foreign takes it anyway
-    edit_moe(world.moe, out, add={"prose": foreign}, allow_foreign=True, progress=False)
+    grow_moe(world.moe, out, add={"prose": foreign}, allow_foreign=True, progress=False)
 
 
 def test_cli(world, tmp_path, capsys):

@@ -567,10 +567,10 @@ ONLY = {"code": 0, "math": 0, "prose": 0, "seed": 0}
 ])  # fmt: skip
 def test_copied_tensors_are_the_computed_ones(world, tmp_path, monkeypatch, options, n_copied):
     """Tensors that already lie byte for byte in a source are copied file to file
-    (`_Mixer.stored`); the checkpoint is the same as when every tensor is computed."""
-    from btx.mix.mixer import _Mixer
+    (`MergedTensors.stored`); the checkpoint is the same as when every tensor is computed."""
+    from btx.mix.merged_tensors import MergedTensors
 
-    real, copied = _Mixer.stored, []
+    real, copied = MergedTensors.stored, []
 
     def counting(self, *args):
         found = real(self, *args)
@@ -578,9 +578,9 @@ def test_copied_tensors_are_the_computed_ones(world, tmp_path, monkeypatch, opti
         return found
 
     experts = {} if options.get("upcycle") else None
-    monkeypatch.setattr(_Mixer, "stored", counting)
+    monkeypatch.setattr(MergedTensors, "stored", counting)
     run_merge(world, tmp_path / "copied", experts=experts, router_seed=3, **options)
-    monkeypatch.setattr(_Mixer, "stored", lambda self, *args: None)
+    monkeypatch.setattr(MergedTensors, "stored", lambda self, *args: None)
     run_merge(world, tmp_path / "computed", experts=experts, router_seed=3, **options)
     copied_files, computed_files = hash_dir(tmp_path / "copied"), hash_dir(tmp_path / "computed")
     assert len(copied_files) > 2 and copied_files == computed_files

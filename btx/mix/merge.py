@@ -21,10 +21,11 @@ What goes where
   - `centroid`: the row of a domain expert is the unit-normalised mean hidden state at that layer's
     FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's data (a
     recipe's merge: its train shard, so eval's validation windows stay unseen; `btx merge --seed`:
-    the validation shard beside the expert, or `--router-data`), computed with the *merged* model: averaged embeddings and attention, and the MoE of the
-    layers below with their centroid routers. The seed's row is the normalised mean of the domain
-    means (the centre of all domains). A token's logit for an expert is |x| cos(x, centroid), so
-    each domain's tokens start out routed to their own expert.
+    the validation shard beside the expert, or `--router-data`), computed with the *merged* model:
+    averaged embeddings and attention, and the MoE of the layers below with their centroid routers.
+    The seed's row is the normalised mean of the domain means (the centre of all domains). A
+    token's logit for an expert is |x| cos(x, centroid), so each domain's tokens start out routed
+    to their own expert.
   - `ridge` (DUME) and `hidden` (mergekit's prompts): btx/mix/router_fit.py, on the same walk.
 - Granularity (the paper's variants):
   - `split` cuts every FFN into C chunks along F, giving N*C experts. Chunk (n, c) keeps rows
@@ -39,8 +40,10 @@ What goes where
     Blend experts belong to no domain, so `centroid` routers do not apply.
 - Special cases: `upcycle=N` (sparse upcycling: N experts, all copies of the seed, no experts
   needed; the MoE computes exactly the seed, for any router) and `average_all` (Branch-Train-Merge
-  style: every tensor averaged, FFNs too, into a dense model of the seed's family; over the same sources, so the seed
-  takes part unless keep_seed=False).
+  style: every tensor averaged, FFNs too, into a dense model of the seed's family; over the same
+  sources, so the seed takes part unless keep_seed=False).
+
+Shapes: N source FFNs, C chunks, E experts, F an FFN's width, D the model width.
 
 Validation, before any byte is written: options; that the output would not overwrite a
 checkpoint (without `force`) or an input; every input checkpoint (config, index, safetensors
@@ -50,30 +53,25 @@ experts agree on the architecture, vocab, tie_word_embeddings, rope and tokenize
 centroid shards. Each fault is one BtxError naming the directory, field or file.
 
 Streaming and memory
-- The output is written tensor by tensor through write_checkpoint (header first, then each
-  tensor produced, written and dropped). Inputs are read with plain reads (CheckpointReader.
-  read_into) into buffers that are reused from tensor to tensor, never memory-mapped, so memory is
-  about one output tensor plus a few 32 MB working chunks, whatever the model size (the averaging
-  runs in row chunks). An output tensor that is a source tensor's bytes unchanged (an expert FFN
-  in the inputs' dtype: most of the output) is not read at all: `_Mixer.stored` names the file
-  range and the writer copies it inside the kernel (FileRange).
+- The output is written by btx/mix/output.py, the writer merge and grow share (lock, free-space
+  check, atomic directory, streaming, tokenizer files, DONE.json). Inputs are read with plain reads
+  (CheckpointReader.read_into) into buffers that are reused from tensor to tensor, never
+  memory-mapped, so memory is about one output tensor plus a few 32 MB working chunks, whatever
+  the model size (the averaging runs in row chunks). An output tensor that is a source tensor's
+  bytes unchanged (an expert FFN in the inputs' dtype: most of the output) is not read at all:
+  `MergedTensors.stored` names the file range and the writer copies it inside the kernel.
 - A `centroid` init is the exception: it runs the merged model layer by layer before writing and
   holds, besides the streaming buffers, one merged layer in fp32 (for a 7B seed with 4 experts,
   about 2.4 GB) and the hidden states of every centroid token (domains x tokens x D x 4 bytes; 3
   domains x 64k tokens x 4096 = 3.2 GB). That is fine at demo scale, on a GPU, or with
   `centroid_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
   pass of the MoE over all those tokens).
-- Atomic and reproducible: the directory is built in a hidden temporary sibling, fsynced, and
-  renamed into place with its DONE.json already inside, so a killed merge leaves nothing that
-  looks finished, and the same inputs and options give the same bytes (routers from a seed, a
-  fixed tensor order, no timestamps inside the safetensors files).
-- Input hashes: every input file is hashed while the merge runs (a background thread, from the
-  page cache that the merge's own reads and the read-ahead fill), so DONE.json records what was
-  actually read. A btx-made input whose hash differs from what its own DONE.json records (a bit
-  flipped after its job finished, say) fails the merge before the output appears.
-- Locking: the output's lock (btx.io.locks.output_lock) is held from the "exists / --force"
-  check to the final rename, so two merges into one output cannot both succeed; the second stops
-  with one line naming the first one's pid and host.
+- Atomic, locked and reproducible (btx/mix/output.py): a killed merge leaves nothing that looks
+  finished, a second merge into the same output stops with one line naming the first one's pid
+  and host, and the same inputs and options give the same bytes.
+- Input hashes (btx/mix/input_hashes.py): every input file is hashed while the merge runs, so
+  DONE.json records what was actually read, and a btx-made input that is not what its own
+  DONE.json records fails the merge before the output appears.
 
 Test hook: BTX_MERGE_TEST_DELAY=<seconds> sleeps after every written tensor, so a test can kill a
 merge half-way.
@@ -82,184 +80,102 @@ merge half-way.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import math
 import os
-import threading
-import time
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
 
 from btx.errors import BtxError
-from btx.io.atomic import atomic_dir, fsync_tree
-from btx.io.disk import disk_errors, ensure_free_space
-from btx.io.hashing import update_from_file
-from btx.io.layout import CONFIG_NAME, INDEX_FILE, TOKENIZER_FILES, hf_shapes
-from btx.io.locks import output_lock
-from btx.io.manifest import DONE_NAME, identity, relative_identities, write_done
-from btx.io.writer import write_checkpoint
-from btx.mix.merge_plan import _Input, _Plan, _plan
-from btx.mix.merge_routers import _fit_routers
-from btx.mix.mixer import _Mixer, _Progress
-from btx.mix.options import SEED, TEST_DELAY_ENV, MergeOptions
-from btx.mix.router_fit import FIT_INITS
+from btx.io.layout import CONFIG_NAME
+from btx.io.manifest import identity, relative_identities
+from btx.mix.input_hashes import InputHashes, same_content_warnings
+from btx.mix.merge_plan import MergePlan, plan_merge
+from btx.mix.merged_tensors import MergedTensors
+from btx.mix.options import SEED, MergeOptions
+from btx.mix.output import OutputNames, write_output
+from btx.mix.router_data import router_shard, shard_windows
+from btx.mix.router_fit import FIT_INITS, LayerStats, fit_routers, fitted_rows, hidden_targets
 from btx.recipe.schema import MergeSection
 
-_HASH_WINDOW = 32 << 20  # input bytes hashed per file per turn, in step with the read-ahead
+MERGE_OUTPUT = OutputNames(title="merge", lock="this merge output", what="the merged checkpoint")
 
 
-def _input_files(inp: _Input) -> list[str]:
-    """The files of an input that the merge reads or copies: config, weights, index, tokenizer."""
-    files = [CONFIG_NAME, *sorted(inp.reader.metadata)]
-    files += [f for f in (INDEX_FILE, *TOKENIZER_FILES) if (inp.path / f).is_file() and f not in files]
-    return files
+class _MergeJob:
+    """A planned merge as the writer sees it (btx.mix.output.OutputJob): the merged tensors, the
+    fitted routers, and what DONE.json records, with the inputs hashed while the merge runs."""
 
+    def __init__(self, plan: MergePlan, console):
+        self.plan, self.console = plan, console
+        self.tensors = MergedTensors(plan)
+        self.hashes = InputHashes(plan.inputs)
+        self.router_tokens: dict[str, int] | None = None
 
-def _input_hashes(plan: _Plan, pool: ThreadPoolExecutor, stop: threading.Event) -> dict[str, dict[str, Future]]:
-    """sha256 of every file each input is read from, hashed on `pool` while the merge runs: what
-    DONE.json records is what the merge read, never a copy of the inputs' own manifests.
-
-    One thread hashes all files a window at a time, round robin by offset: the order in which the
-    read-ahead (btx.io.startup) and the layer-by-layer merge bring them into the page cache, so the
-    hashing reads what is cached already instead of adding a second stream of disk reads."""
-    files = [(inp.name, f, inp.path / f) for inp in plan.inputs for f in _input_files(inp)]
-    out: dict[str, dict[str, Future]] = {inp.name: {} for inp in plan.inputs}
-    for name, f, _ in files:
-        out[name][f] = Future()
-    pool.submit(_hash_round_robin, [(path, out[name][f]) for name, f, path in files], stop)
-    return out
-
-
-def _hash_round_robin(files: list[tuple[Path, Future]], stop: threading.Event) -> None:
-    try:
-        pending = [(path, future, hashlib.sha256(), os.stat(path).st_size) for path, future in files]
-        offset = 0
-        while pending and not stop.is_set():
-            for path, future, digest, size in pending:
-                update_from_file(digest, path, offset, min(_HASH_WINDOW, max(0, size - offset)))
-                if offset + _HASH_WINDOW >= size:
-                    future.set_result(digest.hexdigest())
-            pending = [p for p in pending if offset + _HASH_WINDOW < p[3]]
-            offset += _HASH_WINDOW
-    except BaseException as e:  # a vanished input, say: whoever waits on a hash sees why
-        for _, future in files:
-            if not future.done():
-                future.set_exception(e)
-
-
-def _checked_input_hashes(plan: _Plan, pending: dict[str, dict[str, Future]]) -> dict[str, dict[str, str]]:
-    """The finished hashes; BtxError when a btx-made input is not what its DONE.json says it wrote."""
-    hashes = {name: {f: h.result() for f, h in files.items()} for name, files in pending.items()}
-    for inp in plan.inputs:
-        for f, digest in hashes[inp.name].items():
-            recorded = (inp.recorded_hashes or {}).get(f)
-            if recorded is not None and recorded != digest:
-                raise BtxError(f"{inp.path / f}: its sha256 is not the one its {DONE_NAME} records (damaged or "
-                               "edited after its job finished); nothing was merged: restore the file, or redo "
-                               f"the job that made {inp.path}")
-    return hashes
-
-
-def _same_content_warnings(plan: _Plan, hashes: dict[str, dict[str, str]]) -> list[str]:
-    """Inputs that are the same checkpoint (a symlink, one directory given twice) or hold the same
-    weights: legal, but seldom what was meant (an expert that is the seed adds nothing)."""
-    if plan.options.upcycle:
-        return []
-    seen: dict[tuple, str] = {}
-    warnings = []
-    for inp in plan.inputs:
-        weights = tuple(sorted((f, h) for f, h in hashes[inp.name].items() if f.endswith(".safetensors")))
-        if weights in seen:
-            warnings.append(f"merge: warning: {inp.name} ({inp.path}) has the same weights as {seen[weights]}; "
-                            "the MoE gets two identical experts")
+    def fit_routers(self, progress: bool, console) -> None:
+        """centroid, ridge, hidden: one row per router row group, fitted on the merged model."""
+        plan, o = self.plan, self.plan.options
+        if o.router_init not in FIT_INITS or o.average_all:
+            return
+        if o.router_init == "hidden":
+            sets = plan.prompt_sets
+            rows, negative = hidden_targets([g.name for g in plan.groups], o.prompts, o.negative_prompts)
         else:
-            seen[weights] = f"{inp.name} ({inp.path})"
-    return warnings
+            sets = [shard_windows(d, shard, o.centroid_tokens, plan.out_cfg.max_seq_len)
+                    for d, shard in plan.centroid_shards.items()]
+            rows, negative = [None if g.domain == SEED else g.domain for g in plan.groups], ()
 
+        def rows_for_layer(layer: int, stats: LayerStats) -> torch.Tensor:
+            fitted = fitted_rows(o.router_init, stats, rows, negative=negative, ridge_lambda=o.ridge_lambda)
+            return fitted * o.router_scale
 
-def _run(plan: _Plan, progress: bool, console=None) -> dict:
-    started = time.monotonic()
-    o = plan.options
-    mixer = _Mixer(plan)
-    fitted = plan.options.router_init in FIT_INITS and not plan.options.average_all
-    router_tokens = _fit_routers(plan, mixer, progress, console) if fitted else None
-    specs = mixer.specs()
-    total = sum(math.prod(s.shape) * s.dtype.itemsize for s in specs)
-    # The streaming phase is bound by I/O; its elementwise work runs fastest on one thread, and
-    # leaves the other cores to the hashing threads and the kernel's writeback. (torch's intra-op
-    # threads synchronise on every op: on a busy machine two of them run several times slower.)
-    threads = torch.get_num_threads()
-    delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
-    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="btx-merge-hash")
-    stop_hashing = threading.Event()
-    try:
-        torch.set_num_threads(1)
-        pending_hashes = _input_hashes(plan, pool, stop_hashing)
-        tokenizer_from = next(
-            (i.path for i in (plan.seed, *plan.experts_in) if any((i.path / f).is_file() for f in TOKENIZER_FILES)),
-            None,
-        )
-        with atomic_dir(plan.out, force=plan.force) as tmp, _Progress(progress, "merge", total, console=console) as bar:
+        fit_routers(self.tensors, plan.out_cfg, sets, rows_for_layer, init=o.router_init, device=o.centroid_device,
+                    progress=progress, console=console)
+        self.router_tokens = {s.name: s.tokens for s in sets}
 
-            def on_tensor(name: str, nbytes: int) -> None:
-                bar.advance(nbytes, name)
-                if delay:
-                    time.sleep(delay)
-
-            outputs = write_checkpoint(
-                tmp, plan.out_cfg, specs, shard_size=plan.shard_size, tokenizer_from=tokenizer_from,
-                atomic=False, on_tensor=on_tensor,
-            )  # fmt: skip
-            fsync_tree(tmp)  # the seconds below include making the bytes durable
-            input_hashes = _checked_input_hashes(plan, pending_hashes)
-            for warning in _same_content_warnings(plan, input_hashes):
-                _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
-            inputs = {
-                inp.name: {
-                    "path": str(inp.path.resolve()),
-                    "sha256": input_hashes[inp.name],
-                    "sha256_from": "read",  # hashed from the bytes this merge read (DONE.json's checked)
-                    "tokens": (inp.manifest or {}).get("tokens"),
-                    "dtype": str(inp.reader.dtype).removeprefix("torch."),
-                }
-                for inp in plan.inputs
+    def manifest(self) -> dict:
+        plan, o = self.plan, self.plan.options
+        input_hashes = self.hashes.checked()
+        for warning in [] if o.upcycle else same_content_warnings(plan.inputs, input_hashes):
+            _console(self.console).print(f"[yellow]{warning}[/]", soft_wrap=True)
+        inputs = {
+            inp.name: {
+                "path": str(inp.path.resolve()),
+                "sha256": input_hashes[inp.name],
+                "sha256_from": "read",  # hashed from the bytes this merge read (DONE.json's checked)
+                "tokens": (inp.manifest or {}).get("tokens"),
+                "dtype": str(inp.reader.dtype).removeprefix("torch."),
             }
-            manifest = {
-                "stage": "merge",
-                "kind": plan.kind,
-                "inputs": inputs,
-                # The same hashes in the shape every stage's manifest uses (btx.io.manifest.changed_inputs),
-                # with the centroid shards, which decide the routers too.
-                "input_identities": relative_identities({
-                    **{name: {"path": record["path"], "sha256": record["sha256"]} for name, record in inputs.items()},
-                    **{f"centroid:{d}": identity(shard.path) for d, shard in plan.centroid_shards.items()},
-                }, plan.out),
-                "weights": plan.weights,
-                "options": {**dataclasses.asdict(o), "dtype": str(plan.dtype).removeprefix("torch.")},
-                "outputs": outputs,
-                "bytes": sum((tmp / f).stat().st_size for f in outputs),
-                "seconds": round(time.monotonic() - started, 3),
+            for inp in plan.inputs
+        }
+        manifest = {
+            "stage": "merge",
+            "kind": plan.kind,
+            "inputs": inputs,
+            # The same hashes in the shape every stage's manifest uses (btx.io.manifest.changed_inputs),
+            # with the centroid shards, which decide the routers too.
+            "input_identities": relative_identities({
+                **{name: {"path": record["path"], "sha256": record["sha256"]} for name, record in inputs.items()},
+                **{f"centroid:{d}": identity(shard.path) for d, shard in plan.centroid_shards.items()},
+            }, plan.out),
+            "weights": plan.weights,
+            "options": {**dataclasses.asdict(o), "dtype": str(plan.dtype).removeprefix("torch.")},
+        }
+        if plan.kind != "average":
+            manifest |= {
+                "experts": [e.name for e in plan.experts],
+                "expert_domains": [e.domain for e in plan.experts],
+                "n_experts": plan.out_cfg.n_experts,
+                "top_k": plan.out_cfg.top_k,
+                "ffn_dim": plan.out_cfg.ffn_dim,
             }
-            if plan.kind != "average":
-                manifest |= {
-                    "experts": [e.name for e in plan.experts],
-                    "expert_domains": [e.domain for e in plan.experts],
-                    "n_experts": plan.out_cfg.n_experts,
-                    "top_k": plan.out_cfg.top_k,
-                    "ffn_dim": plan.out_cfg.ffn_dim,
-                }
-            if router_tokens is not None:
-                manifest["router_tokens"] = router_tokens
-            if plan.recipe_hash is not None:
-                manifest["recipe_hash"] = plan.recipe_hash
-            write_done(tmp, manifest)  # inside the temporary: the directory appears with it
-    finally:
-        stop_hashing.set()  # a merge that failed does not wait for (or keep) its hashing
-        pool.shutdown(wait=False, cancel_futures=True)
-        torch.set_num_threads(threads)
-    return manifest
+        if self.router_tokens is not None:
+            manifest["router_tokens"] = self.router_tokens
+        if plan.recipe_hash is not None:
+            manifest["recipe_hash"] = plan.recipe_hash
+        return manifest
+
+    def close(self) -> None:
+        self.hashes.stop()
+        self.plan.close()
 
 
 def merge(
@@ -284,45 +200,25 @@ def merge(
     `console`: the rich Console progress bars draw on (default: rich's own).
     """
     options = options or MergeOptions()
-    centroid_data = {d: _centroid_shard_path(d, p) for d, p in (centroid_data or {}).items()}
+    centroid_data = {d: router_shard(d, p) for d, p in (centroid_data or {}).items()}
     for warning in _same_path_warnings(seed, experts or {}):
         _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
-    # The exists / --force decision (in _plan) and the final rename happen under one lock.
-    with output_lock(out, "this merge output"):
-        plan = _plan(
+
+    def open_job() -> _MergeJob:  # under the output's lock, with the exists / --force decision
+        plan = plan_merge(
             seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
             allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
         )  # fmt: skip
         plan.recipe_hash = recipe_hash
-        try:
-            size = _output_bytes(plan)
-            ensure_free_space(plan.out.parent, size, f"the merged checkpoint {plan.out}")
-            with disk_errors(plan.out.parent, size, f"the merged checkpoint {plan.out}"):
-                return _run(plan, progress, console)
-        finally:
-            plan.close()
+        return _MergeJob(plan, console)
+
+    return write_output(Path(out), MERGE_OUTPUT, open_job, progress=progress, console=console)
 
 
 def _console(console):
     from rich.console import Console
 
     return console or Console(stderr=True)
-
-
-def _output_bytes(plan: _Plan) -> int:
-    """The size of the merged checkpoint's tensors (headers and config add a few kB)."""
-    return sum(math.prod(shape) for shape in hf_shapes(plan.out_cfg).values()) * plan.dtype.itemsize
-
-
-def _centroid_shard_path(domain: str, spec: str | os.PathLike) -> Path:
-    """--centroid-data NAME=PATH takes what `btx eval --data` takes: a shard, or a prepared domain
-    directory (its val shard), checked against its sidecar's sha256 before the merge starts."""
-    from btx.data.sampling import shard_spec_path
-    from btx.data.shards import load_shard
-
-    path = shard_spec_path(spec, f"centroid data of {domain!r}: {spec}")
-    load_shard(path, verify=True)
-    return path
 
 
 def _same_path_warnings(seed, experts: dict) -> list[str]:

@@ -18,9 +18,10 @@ import torch
 
 from btx import families
 from btx.choices import GRANULARITIES, ROUTER_INITS
+from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.hashing import sha256_file
-from btx.io.layout import CONFIG_NAME
+from btx.io.layout import CONFIG_NAME, TOKENIZER_FILES
 from btx.io.manifest import DONE_NAME, producer_manifest
 from btx.io.reader import CheckpointReader
 from btx.io.writer import parse_size
@@ -33,12 +34,13 @@ from btx.mix.options import (
     SEED,
     MergeOptions,
 )
-from btx.mix.router_fit import FIT_INITS, check_shard
+from btx.mix.router_data import check_prompts, check_shard, prompt_sets, run_dir_val_shard
+from btx.mix.router_fit import FIT_INITS
 from btx.model.config import ModelConfig
 
 
 @dataclass
-class _Input:
+class MergeInput:
     name: str  # a domain name, or "seed"
     path: Path
     reader: CheckpointReader
@@ -51,7 +53,7 @@ class _Input:
 
 
 @dataclass
-class _Expert:
+class MergeExpert:
     name: str
     domain: str | None  # whose data its centroid row comes from ("seed": all domains; None: blend)
     pieces: list[tuple[int, int, int]]  # (FFN source index, f0, f1): rows of gate/up, columns of down
@@ -60,18 +62,18 @@ class _Expert:
 
 
 @dataclass
-class _Plan:
+class MergePlan:
     out: Path
     options: MergeOptions
-    seed: _Input
-    experts_in: list[_Input]  # the domain experts, in order
-    ffn_sources: list[_Input]  # the FFNs that become experts (upcycling: the seed N times)
-    averaged: list[tuple[_Input, float]]  # sources of every other tensor, normalised nonzero weights
+    seed: MergeInput
+    experts_in: list[MergeInput]  # the domain experts, in order
+    ffn_sources: list[MergeInput]  # the FFNs that become experts (upcycling: the seed N times)
+    averaged: list[tuple[MergeInput, float]]  # sources of every other tensor, normalised nonzero weights
     weights: dict[str, float]
     out_cfg: ModelConfig
     dtype: torch.dtype
-    experts: list[_Expert]
-    groups: list[_Expert]  # one representative expert per router row group
+    experts: list[MergeExpert]
+    groups: list[MergeExpert]  # one representative expert per router row group
     shard_size: int
     force: bool
     centroid_shards: dict[str, Any] = field(default_factory=dict)  # domain -> btx.data.shards.Shard (centroid, ridge)
@@ -83,8 +85,14 @@ class _Plan:
         return "average" if self.options.average_all else "upcycle" if self.options.upcycle else "moe"
 
     @property
-    def inputs(self) -> list[_Input]:
+    def inputs(self) -> list[MergeInput]:
         return [*self.experts_in, self.seed]
+
+    @property
+    def tokenizer_from(self) -> Path | None:
+        """The first input with tokenizer files (experts may leave them out: they are the seed's)."""
+        return next((i.path for i in (self.seed, *self.experts_in)
+                     if any((i.path / f).is_file() for f in TOKENIZER_FILES)), None)
 
     def close(self) -> None:
         for inp in self.inputs:
@@ -126,7 +134,8 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     if o.granularity == "blend" and o.chunks is not None and o.chunks < 2:
         raise _fail(f"granularity blend needs chunks >= 2, got {o.chunks}")
     if o.granularity == "blend" and o.router_init in FIT_INITS:
-        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; use random or zeros")
+        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; "
+                    "use random or zeros")
     if o.router_init in FIT_INITS and o.upcycle:
         raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
     for key in ("ridge_lambda", "router_scale"):
@@ -148,15 +157,7 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
 
 
 def _check_prompts(o: MergeOptions, experts: list[str]) -> None:
-    for key in ("prompts", "negative_prompts"):
-        given = getattr(o, key) or {}
-        if given and o.router_init != "hidden":
-            raise _fail(f"{key} are for router_init hidden, not {o.router_init}")
-        for name, texts in given.items():
-            if name not in experts:
-                raise _fail(f"{key} of {name!r}: not an expert of this merge ({', '.join(experts)})")
-            if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) and t for t in texts):
-                raise _fail(f"{key} of {name!r}: expected a list of non-empty strings")
+    check_prompts(o, experts, "this merge", _fail)
     if o.router_init == "hidden" and not o.prompts:
         raise _fail("router_init hidden needs prompts: give each expert positive prompts "
                     "(recipe merge.prompts {expert: [text, ...]}, or --prompt EXPERT=TEXT)")
@@ -178,7 +179,7 @@ def _looks_like_btx_job(path: Path) -> bool:
     return path.name == "final" and any((path.parent / p).exists() for p in ("ckpt", "metrics.jsonl", "train.log"))
 
 
-def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allow_no_manifest: bool) -> _Input:
+def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allow_no_manifest: bool) -> MergeInput:
     path = Path(path)
     if not (path / CONFIG_NAME).is_file() and (path / "final" / CONFIG_NAME).is_file():
         path = path / "final"  # a branch job's directory: its export is final/
@@ -201,10 +202,10 @@ def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allo
             f"{path}: is an MoE ({reader.hf_config.get('model_type')}, {reader.cfg.n_experts} experts); merge takes "
             "dense checkpoints (to add experts to a finished MoE, use btx merge --into)"
         )
-    return _Input(name, path, reader, manifest, _recorded_hashes(manifest, prefix))
+    return MergeInput(name, path, reader, manifest, _recorded_hashes(manifest, prefix))
 
 
-def _check_same_architecture(seed: _Input, other: _Input) -> None:
+def _check_same_architecture(seed: MergeInput, other: MergeInput) -> None:
     mine, theirs = dataclasses.asdict(seed.cfg), dataclasses.asdict(other.cfg)
     for key in mine:
         if key not in _MAY_DIFFER and mine[key] != theirs[key]:
@@ -213,10 +214,10 @@ def _check_same_architecture(seed: _Input, other: _Input) -> None:
                 f"{other.path / CONFIG_NAME}: {name} is {theirs[key]!r} but the seed ({seed.path}) has "
                 f"{mine[key]!r}; experts must keep the seed's architecture"
             )
-    _check_same_tokenizer(seed.path, other.path)
+    check_same_tokenizer(seed.path, other.path)
 
 
-def _check_same_tokenizer(seed_dir: Path, other_dir: Path) -> None:
+def check_same_tokenizer(seed_dir: Path, other_dir: Path) -> None:
     """An expert's tokenizer files and chat template are the seed's, byte for byte. An expert
     without them is fine (the merge carries the seed's); one with a file the seed lacks is not."""
     for file in _TOKENIZER_IDENTITY:
@@ -229,7 +230,7 @@ def _check_same_tokenizer(seed_dir: Path, other_dir: Path) -> None:
                            "and chat template")
 
 
-def _resolve_weights(o: MergeOptions, sources: list[_Input]) -> dict[str, float]:
+def _resolve_weights(o: MergeOptions, sources: list[MergeInput]) -> dict[str, float]:
     names = [s.name for s in sources]
     w = o.weights
     if w == "uniform" or len(sources) == 1:
@@ -272,12 +273,12 @@ def _resolve_weights(o: MergeOptions, sources: list[_Input]) -> dict[str, float]
     return {n: raw[n] / total for n in names}
 
 
-def _plan_experts(o: MergeOptions, ffn_sources: list[_Input], ffn_dim: int) -> tuple[list[_Expert], int]:
+def _plan_experts(o: MergeOptions, ffn_sources: list[MergeInput], ffn_dim: int) -> tuple[list[MergeExpert], int]:
     """The experts (which FFN rows/columns each is made of) and the output FFN width."""
     n = len(ffn_sources)
     domain = lambda s: s.name if not o.upcycle else SEED  # noqa: E731
     if o.granularity == "expert":
-        experts = [_Expert(s.name, domain(s), [(i, 0, ffn_dim)], 1.0, i) for i, s in enumerate(ffn_sources)]
+        experts = [MergeExpert(s.name, domain(s), [(i, 0, ffn_dim)], 1.0, i) for i, s in enumerate(ffn_sources)]
         return experts, ffn_dim
     c = o.chunks if o.chunks is not None else n
     if ffn_dim % c:
@@ -285,18 +286,18 @@ def _plan_experts(o: MergeOptions, ffn_sources: list[_Input], ffn_dim: int) -> t
     f = ffn_dim // c
     if o.granularity == "split":
         experts = [
-            _Expert(f"{s.name}.{k}", domain(s), [(i, k * f, (k + 1) * f)], float(c), i)
+            MergeExpert(f"{s.name}.{k}", domain(s), [(i, k * f, (k + 1) * f)], float(c), i)
             for i, s in enumerate(ffn_sources)
             for k in range(c)
         ]
         return experts, f
     experts = [  # blend
-        _Expert(f"blend.{k}", None, [(i, k * f, (k + 1) * f) for i in range(n)], c / n, k) for k in range(c)
+        MergeExpert(f"blend.{k}", None, [(i, k * f, (k + 1) * f) for i in range(n)], c / n, k) for k in range(c)
     ]
     return experts, n * f
 
 
-def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
+def check_output(out: Path, inputs: list[Path], force: bool) -> None:
     resolved = out.resolve()
     for p in inputs:
         q = p.resolve()
@@ -307,7 +308,7 @@ def _check_output(out: Path, inputs: list[Path], force: bool) -> None:
         raise BtxError(f"{out}: already exists ({what}); pass --force to replace it")
 
 
-def _plan(
+def plan_merge(
     seed: str | os.PathLike,
     experts: dict[str, str | os.PathLike],
     out: str | os.PathLike,
@@ -317,13 +318,13 @@ def _plan(
     force: bool,
     allow_no_manifest: bool,
     seed_needs_manifest: bool,
-) -> _Plan:
+) -> MergePlan:
     experts = dict(experts)
     _check_options(o, list(experts))
     out = Path(out)
-    _check_output(out, [Path(seed), *map(Path, experts.values())], force)
+    check_output(out, [Path(seed), *map(Path, experts.values())], force)
 
-    opened: list[_Input] = []
+    opened: list[MergeInput] = []
     try:
         seed_in = _open_input(SEED, seed, need_manifest=seed_needs_manifest, allow_no_manifest=allow_no_manifest)
         opened.append(seed_in)
@@ -359,7 +360,7 @@ def _plan(
                 extra={**seed_in.cfg.extra, "router_aux_loss_coef": o.router_aux_loss_coef},
             )
         groups = {e.group: e for e in plan_experts}
-        plan = _Plan(
+        plan = MergePlan(
             out=out, options=o, seed=seed_in, experts_in=experts_in, ffn_sources=ffn_sources,
             averaged=averaged, weights=weights, out_cfg=out_cfg, dtype=dtype, experts=plan_experts,
             groups=[groups[g] for g in sorted(groups)], shard_size=parse_size(o.shard_size), force=force,
@@ -367,7 +368,7 @@ def _plan(
         if o.router_init in ("centroid", "ridge") and not o.average_all:
             plan.centroid_shards = _centroid_shards(plan, centroid_data or {})
         if o.router_init == "hidden" and not o.average_all:
-            plan.prompt_sets = _prompt_sets(plan)
+            plan.prompt_sets = prompt_sets(o.prompts, o.negative_prompts, seed_in.path, out_cfg)
         return plan
     except BaseException:
         for inp in opened:
@@ -375,9 +376,7 @@ def _plan(
         raise
 
 
-def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
-    from btx.data.shards import load_shard
-
+def _centroid_shards(plan: MergePlan, given: dict[str, str | os.PathLike]) -> dict:
     expert_dirs = {e.name: e.path for e in plan.experts_in if any(x.domain == e.name for x in plan.experts)}
     domains = list(expert_dirs)
     unknown = sorted(set(given) - set(domains))
@@ -387,7 +386,7 @@ def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
     for d in domains:
         path = given.get(d)
         if path is None:
-            guess = _run_dir_val_shard(expert_dirs[d], d)
+            guess = run_dir_val_shard(expert_dirs[d], d)
             if guess is None:
                 raise _fail(
                     f"router_init {plan.options.router_init} needs validation tokens of domain '{d}': pass "
@@ -398,30 +397,3 @@ def _centroid_shards(plan: _Plan, given: dict[str, str | os.PathLike]) -> dict:
         check_shard(shard, f"router_init {plan.options.router_init} (domain '{d}')", plan.out_cfg.vocab_size)
         shards[d] = shard
     return shards
-
-
-def _run_dir_val_shard(expert_path: Path, domain: str) -> Path | None:
-    """<run_dir>/data/<domain>/val.bin for an expert at <run_dir>/experts/<domain>/final."""
-    p = expert_path.resolve()
-    if p.name == "final" and p.parent.name == domain and p.parent.parent.name == "experts":
-        candidate = p.parent.parent.parent / "data" / domain / "val.bin"
-        if candidate.with_suffix(".json").is_file():
-            return candidate
-    return None
-
-
-def _prompt_sets(plan: _Plan) -> list:
-    """hidden: one token set per expert's positive prompts ("pos:NAME") and explicit negatives ("neg:NAME")."""
-    from btx.data.tokenizer import load_tokenizer
-    from btx.mix.router_fit import prompt_set
-
-    o, cfg = plan.options, plan.out_cfg
-    try:
-        tokenizer = load_tokenizer(plan.seed.path)
-    except BtxError as e:
-        raise BtxError(f"router_init hidden tokenizes the prompts with the checkpoint's tokenizer: {e}") from None
-    sets = []
-    for kind, given in (("pos", o.prompts), ("neg", o.negative_prompts)):
-        for name, texts in given.items():
-            sets.append(prompt_set(f"{kind}:{name}", texts, tokenizer, cfg.max_seq_len, cfg.vocab_size))
-    return sets

@@ -1,11 +1,13 @@
-"""Routers computed from hidden states, with no training: `centroid`, `ridge` and `hidden`.
+"""Router rows with no training: seeded random rows, and rows fitted to hidden states (`centroid`,
+`ridge`, `hidden`).
 
-Merge (a new MoE) and grow (an MoE with experts added) share this walk. Both hand it the MoE's
-weights layer by layer and some sets of token sequences; the walk runs the sequences through the
-MoE one layer at a time and, at each layer, collects statistics of the FFN inputs (what the
-router reads) per set. The caller turns those statistics into that layer's router rows, and the
-walk routes the layers above with the rows it was given, so every layer's router is fitted on the
-hidden states the finished MoE actually produces there.
+Merge (a new MoE) and grow (an MoE with experts added) share one entry, `fit_routers`: each hands
+it the tensors its output will hold (btx.mix.output.OutputTensors), some sets of token sequences
+(btx/mix/router_data.py) and the rule that turns a layer's statistics into its rows. The walk runs
+the sequences through the output MoE one layer at a time and, at each layer, collects statistics
+of the FFN inputs (what the router reads) per set; the rule gives that layer's rows, and the walk
+routes the layers above with those rows as the output will store them, so every layer's router is
+fitted on the hidden states the finished MoE actually produces there.
 
 The three rules (x: a token's FFN input at the layer, D wide):
 - `centroid`: an expert's row is the unit-normalised mean x over its domain's validation tokens.
@@ -29,25 +31,30 @@ together: the normalised mean of the domain means (centroid), the mean of the do
 (ridge: for every token its logit is the mean of the domain logits, so it is never the first
 choice of a clear-cut token but is the natural second one), zero (hidden, without prompts).
 
+Random rows (`random_rows`) come from a generator seeded by the stream's name, the seed and the
+layer, so they are the same on every run and independent of the layer order.
+
+Shapes: D the model width, E experts, G fitted rows (one per domain), V the vocabulary, S a
+sequence's length, N tokens.
+
 Memory: the hidden states of every token of every set (tokens x D x 4 bytes) plus one layer's
 weights in fp32, plus XᵀX in fp64 for ridge.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
-import numpy as np
 import torch
 
-from btx.errors import BtxError
+from btx.io.layout import btx_shapes
+from btx.mix.output import OutputTensors
+from btx.mix.progress import Progress
 from btx.model.config import ModelConfig
 
 FIT_INITS = ("centroid", "ridge", "hidden")  # router inits that need hidden states
-SEQ_LEN = 1024  # data tokens are read as windows of this many (capped by max_seq_len and the shard)
-BATCH_TOKENS = 8192  # tokens per forward micro-batch
 
 
 @dataclass
@@ -124,7 +131,7 @@ def hidden_rows(stats: LayerStats, positive: Sequence[str | None], negative: Seq
     """[len(positive), D]: unit(mean(positive set) - mean(its negative sets)); None: a zero row."""
     D = stats.sums.shape[1]
     rows = []
-    for pos, neg in zip(positive, negative):
+    for pos, neg in zip(positive, negative, strict=True):
         if pos is None:
             rows.append(torch.zeros(D, dtype=torch.float64))
             continue
@@ -196,42 +203,73 @@ def walk(
     return routers
 
 
-# --------------------------------------------------------------------------------------------
-# Token sets from shards and prompts
-# --------------------------------------------------------------------------------------------
+def fitted_rows(init: str, stats: LayerStats, rows: Sequence[str | None], *,
+                negative: Sequence[Sequence[str]] = (), ridge_lambda: float = 0.0) -> torch.Tensor:
+    """[len(rows), D]: `init`'s closed form for each row, named by the token set it is fitted to
+    (None: the seed's row for centroid and ridge, a zero row for hidden); `negative`: hidden's
+    contrast sets per row."""
+    if init == "centroid":
+        return centroid_rows(stats, rows)
+    if init == "ridge":
+        return ridge_rows(stats, rows, ridge_lambda)
+    return hidden_rows(stats, rows, negative)
 
 
-def check_shard(shard, what: str, vocab_size: int) -> None:
-    """A validation shard a router can be fitted on: a few tokens, all within the vocabulary."""
-    if len(shard) < 2:
-        raise BtxError(f"{shard.path}: {len(shard)} tokens; {what} needs validation tokens")
-    top = int(np.max(shard.tokens))
-    if top >= vocab_size:
-        raise BtxError(
-            f"{shard.path}: holds token id {top}, but the model's vocab_size is {vocab_size} "
-            "(tokenized with another tokenizer?)"
-        )
+def hidden_targets(names: Sequence[str], prompts: dict, negative_prompts: dict) -> tuple[list, list]:
+    """hidden's sets for the rows of experts `names`: each one's positive prompts ("pos:NAME", None
+    without prompts) and what it is contrasted with: its negative prompts ("neg:NAME"), by default
+    every other expert's positive prompts."""
+    positive = [f"pos:{n}" if n in prompts else None for n in names]
+    negative = [[f"neg:{n}"] if n in negative_prompts else [f"pos:{m}" for m in prompts if m != n] for n in names]
+    return positive, negative
 
 
-def shard_windows(name: str, shard, tokens: int, max_seq_len: int) -> TokenSet:
-    """Evenly spaced windows covering about `tokens` tokens of the shard, in micro-batches."""
-    n_tokens = len(shard)
-    seq_len = min(SEQ_LEN, max_seq_len, n_tokens)
-    count = max(1, min(math.ceil(tokens / seq_len), n_tokens // seq_len))
-    starts = np.linspace(0, n_tokens - seq_len, count).astype(np.int64)
-    windows = torch.from_numpy(np.stack([np.asarray(shard.tokens[s : s + seq_len], dtype=np.int64) for s in starts]))
-    per_batch = max(1, BATCH_TOKENS // seq_len)
-    return TokenSet(name, list(windows.split(per_batch)))
+def random_rows(stream: str, seed: int, layer: int, n: int, dim: int, std: float) -> torch.Tensor:
+    """[n, dim] normal(0, std) router rows of `layer`, the same on every run for one (stream, seed)."""
+    key = hashlib.sha256(f"{stream}:{seed}:{layer}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
+    return torch.randn(n, dim, generator=gen) * std
 
 
-def prompt_set(name: str, prompts: Sequence[str], tokenizer, max_seq_len: int, vocab_size: int) -> TokenSet:
-    """Each prompt as its own sequence (no padding, so no prompt sees another's tokens)."""
-    batches = []
-    for text in prompts:
-        ids = list(tokenizer.encode(text))[:max_seq_len]
-        if not ids:
-            raise BtxError(f"prompt {text!r} of {name!r}: no tokens")
-        if max(ids) >= vocab_size:
-            raise BtxError(f"prompt {text!r} of {name!r}: token id {max(ids)} is outside the vocabulary ({vocab_size})")
-        batches.append(torch.tensor([ids], dtype=torch.int64))
-    return TokenSet(name, batches)
+class OutputLayers:
+    """The output MoE's layers for `walk` (a LayerWeights): fp32 copies of its tensors as they will
+    be written, from its OutputTensors, before its routers are known."""
+
+    def __init__(self, tensors: OutputTensors, cfg: ModelConfig):
+        self.tensors, self.cfg = tensors, cfg
+        self.names = list(btx_shapes(cfg))
+
+    def embed(self) -> torch.Tensor:
+        return self.tensors.shared("embed.weight").to(torch.float32, copy=True)
+
+    def block(self, layer: int) -> dict[str, torch.Tensor]:
+        p = f"layers.{layer}."
+        return {k.removeprefix(p): self.tensors.shared(k).to(torch.float32, copy=True)
+                for k in self.names if k.startswith(p) and ".ffn." not in k}
+
+    def experts(self, layer: int) -> dict[str, torch.Tensor]:
+        return self.tensors.layer_experts(layer)
+
+
+def fit_routers(
+    tensors: OutputTensors,
+    cfg: ModelConfig,
+    sets: Sequence[TokenSet],
+    rows_for_layer: Callable[[int, LayerStats], torch.Tensor],
+    *,
+    init: str,
+    device: str | None,
+    progress: bool,
+    console=None,
+) -> None:
+    """Fill `tensors.fitted` with every layer's router rows, fitted on the output MoE itself:
+    `rows_for_layer(i, stats)` turns layer i's FFN-input statistics into its rows, and the layers
+    above are routed by `tensors.router(i)`, the rows as the output stores them."""
+
+    def router_for_layer(layer: int, stats: LayerStats) -> torch.Tensor:
+        tensors.fitted[layer] = rows_for_layer(layer, stats)
+        return tensors.router(layer).float()
+
+    with Progress(progress, f"{init} routers", cfg.n_layers, bytes_=False, console=console) as bar:
+        walk(OutputLayers(tensors, cfg), sets, router_for_layer, need_gram=init == "ridge", device=device,
+             on_layer=lambda i: bar.advance(1, f"layer {i}"))

@@ -243,7 +243,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
     if not g.domains:
         p.keys["grow"] = "off"
         return StageOutcome("grow", "off", 0.0, "no grow.domains")
-    from btx.mix.grow import edit_moe
+    from btx.mix.grow import grow_moe
     from btx.mix.merge import recipe_router_data
     from btx.mix.options import EditOptions
     from btx.train.finetune import finetune_job, run_finetune
@@ -266,7 +266,7 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
             negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names} if hidden else {},
         )  # fmt: skip
         data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
-        done = edit_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
+        done = grow_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
                         options=options, force=True, router_data=recipe_router_data(exp, data),
                         console=p.console)
         summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"

@@ -1,22 +1,25 @@
-"""Producing the merged tensors, one at a time.
+"""The merged MoE's tensors, produced one at a time (btx.mix.output.OutputTensors).
 
-`_Mixer` builds each output tensor from the inputs named by the plan: an expert FFN is the source
-tensor's bytes unchanged where possible (a FileRange the writer copies inside the kernel), an
-averaged tensor is computed in fp32 row chunks into reused buffers. `_Progress` is the merge's
-progress line (GB written, GB/s), shared with grow.
+`MergedTensors` builds each output tensor from the inputs named by the plan: an expert FFN is the
+source tensor's bytes unchanged where possible (a FileRange the writer copies inside the kernel),
+an averaged tensor is computed in fp32 row chunks into buffers reused from tensor to tensor, so
+memory stays at one output tensor plus a few 32 MB working chunks whatever the model size.
+
+Shapes (btx names): E experts, F the output's expert width, D the model width, G router row
+groups (split chunks share their FFN's row); gate/up [E, F, D], down [E, D, F], router [E, D].
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 
 import torch
 
-from btx.io.layout import FileRange, TensorSpec, btx_shapes, build_hf_tensor, hf_layout
+from btx.io.layout import FileRange, btx_shapes
 from btx.io.reader import CheckpointReader
-from btx.mix.merge_plan import _Input, _Plan
+from btx.mix.merge_plan import MergeInput, MergePlan
 from btx.mix.options import _CHUNK_BYTES
+from btx.mix.router_fit import random_rows
 
 
 def _hf_name(reader: CheckpointReader, btx_name: str) -> str:
@@ -25,17 +28,17 @@ def _hf_name(reader: CheckpointReader, btx_name: str) -> str:
     return name
 
 
-class _Mixer:
+class MergedTensors:
     """Produces each output tensor from the sources, in buffers reused from tensor to tensor.
 
     A produced tensor is valid until the next call (the writer writes it at once); callers that
     keep one must copy it.
     """
 
-    def __init__(self, plan: _Plan):
+    def __init__(self, plan: MergePlan):
         self.plan = plan
         self.shapes = btx_shapes(plan.out_cfg)
-        self.fitted: dict[int, torch.Tensor] = {}  # layer -> [groups, D] fp32 (centroid, ridge, hidden)
+        self.fitted: dict[int, torch.Tensor] = {}  # layer -> [G, D] fp32 (centroid, ridge, hidden)
         self._buffers: dict[str, torch.Tensor] = {}
 
     def _buffer(self, key: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
@@ -48,7 +51,7 @@ class _Mixer:
     def _output(self, shape: tuple[int, ...]) -> torch.Tensor:
         return self._buffer("out", math.prod(shape), self.plan.dtype).view(shape)
 
-    def _read(self, inp: _Input, btx_name: str, r0: int, r1: int, key: str) -> torch.Tensor:
+    def _read(self, inp: MergeInput, btx_name: str, r0: int, r1: int, key: str) -> torch.Tensor:
         """Rows [r0, r1) of a source tensor, in its stored dtype."""
         name = _hf_name(inp.reader, btx_name)
         info = inp.reader.info(name)
@@ -62,7 +65,7 @@ class _Mixer:
     def _row_step(shape: tuple[int, ...]) -> int:
         return max(1, (_CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
 
-    def _copy_rows(self, inp: _Input, btx_name: str, r0: int, r1: int, dst: torch.Tensor, scale: float) -> None:
+    def _copy_rows(self, inp: MergeInput, btx_name: str, r0: int, r1: int, dst: torch.Tensor, scale: float) -> None:
         """dst <- rows [r0, r1) of a source tensor times `scale`. Raw bytes when nothing changes."""
         name = _hf_name(inp.reader, btx_name)
         if scale == 1.0 and inp.reader.info(name).dtype == dst.dtype:
@@ -81,10 +84,11 @@ class _Mixer:
         tmp.copy_(x).mul_(scale)
         dst.copy_(tmp)
 
-    def average(self, btx_name: str) -> torch.Tensor:
-        """The weighted mean over the averaged sources, as a running mean in fp32:
-        m <- m + (w_k / W_k)(x_k - m), W_k the weight seen so far (torch.lerp). Where the sources
-        agree, x_k - m is exactly 0, so identical copies give back the original bit for bit."""
+    def shared(self, btx_name: str) -> torch.Tensor:
+        """A tensor outside the experts: the weighted mean over the averaged sources, as a running
+        mean in fp32: m <- m + (w_k / W_k)(x_k - m), W_k the weight seen so far (torch.lerp). Where
+        the sources agree, x_k - m is exactly 0, so identical copies give back the original bit for
+        bit."""
         shape = self.shapes[btx_name]
         out = self._output(shape)
         (first, w_first), *rest = self.plan.averaged
@@ -136,7 +140,7 @@ class _Mixer:
         """Where output tensor `btx_name` (expert `e` of a stacked one) already lies, byte for
         byte, in a source file: an expert that is one source FFN's rows, unscaled, or a mean over a
         single source, in the output dtype. The writer copies such bytes file to file. None when
-        the tensor must be computed (`expert` / `average`)."""
+        the tensor must be computed (`expert` / `shared`)."""
         if e is None:
             if len(self.plan.averaged) != 1:
                 return None
@@ -157,69 +161,24 @@ class _Mixer:
         return inp.reader.file_range(hf_name, rows)
 
     def router(self, layer: int) -> torch.Tensor:
-        """[E, D] router of `layer` in fp32 (before rounding to the output dtype)."""
+        """[E, D] router of `layer` in the output dtype: the row of each expert's group."""
         o, D = self.plan.options, self.plan.out_cfg.dim
         n_groups = len(self.plan.groups)
         if o.router_init == "zeros":
             rows = torch.zeros(n_groups, D)
         elif o.router_init == "random":
-            key = hashlib.sha256(f"btx-merge-router:{o.router_seed}:{layer}".encode()).digest()
-            gen = torch.Generator().manual_seed(int.from_bytes(key[:8], "little") >> 1)
-            rows = torch.randn(n_groups, D, generator=gen) * o.router_std
+            rows = random_rows("btx-merge-router", o.router_seed, layer, n_groups, D, o.router_std)
         else:
             rows = self.fitted[layer]
-        return rows[torch.tensor([e.group for e in self.plan.experts])]
+        return rows[torch.tensor([e.group for e in self.plan.experts])].to(self.plan.dtype)
 
-    def specs(self) -> list[TensorSpec]:
-        """Every output tensor, by HF name through the family's key table, in checkpoint order."""
-        dtype = self.plan.dtype
-
-        def piece(name: str, e: int | None):
-            if name.endswith(".ffn.router.weight"):
-                return self.router(int(name.split(".")[1]))
-            if e is not None:
-                return self.stored(name, e) or self.expert(name, e)
-            return self.stored(name) or self.average(name)
-
-        return [TensorSpec(t.name, t.shape, dtype, lambda t=t: build_hf_tensor(t, piece, dtype))
-                for t in hf_layout(self.plan.out_cfg)]
-
-
-class _Progress:
-    """A rich progress bar (bytes with GB/s, or steps), or nothing when disabled."""
-
-    def __init__(self, enabled: bool, title: str, total: int, bytes_: bool = True, console=None):
-        self.enabled, self.title, self.total, self.bytes_, self.console = enabled, title, total, bytes_, console
-
-    def __enter__(self) -> _Progress:
-        if self.enabled:
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )  # fmt: skip
-
-            if self.bytes_:
-                counts = [DownloadColumn(binary_units=False), TransferSpeedColumn()]
-            else:
-                counts = [MofNCompleteColumn()]
-            self.bar = Progress(
-                TextColumn(f"[bold]{self.title}"), BarColumn(), *counts, TimeElapsedColumn(), TimeRemainingColumn(),
-                TextColumn("{task.description}", style="dim"), console=self.console,
-            )  # fmt: skip
-            self.bar.__enter__()
-            self.task = self.bar.add_task("", total=self.total)
-        return self
-
-    def advance(self, amount: int, description: str) -> None:
-        if self.enabled:
-            self.bar.update(self.task, advance=amount, description=description)
-
-    def __exit__(self, *exc) -> None:
-        if self.enabled:
-            self.bar.__exit__(*exc)
+    def layer_experts(self, layer: int) -> dict[str, torch.Tensor]:
+        """The layer's experts stacked in fp32, as they will be written."""
+        out = {}
+        for w in ("w1", "w3", "w2"):
+            name = f"layers.{layer}.ffn.{w}"
+            stacked = torch.empty(self.shapes[name], dtype=torch.float32)
+            for e in range(self.plan.out_cfg.n_experts):
+                stacked[e].copy_(self.expert(name, e))
+            out[f"ffn.{w}"] = stacked
+        return out
