@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 
+from btx.choices import ROUTER_INITS, SHARED_POLICIES
 from btx.errors import BtxError
 from btx.io.atomic import atomic_dir, fsync_tree
 from btx.io.disk import disk_errors, ensure_free_space
@@ -71,21 +72,20 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.io.reader import CheckpointReader
-from btx.io.writer import parse_size, write_checkpoint
-from btx.mix.merge_plan import _check_same_tokenizer
+from btx.io.writer import write_checkpoint
+from btx.mix.merge_plan import DTYPES, _check_same_tokenizer
 from btx.mix.mixer import _Progress
 from btx.mix.options import (
     _MOE_FIELDS,
     _NAME_RE,
-    DTYPES,
-    GROW_INITS,
     MAX_SHARED_DISTANCE,
     SEED,
-    SHARED_POLICIES,
     EditOptions,
 )
 from btx.mix.router_fit import FIT_INITS
 from btx.model.config import ModelConfig
+from btx.recipe.settings import given, pairs
+from btx.units import parse_size
 
 
 def moe_expert_names(path: Path, cfg: ModelConfig) -> list[str]:
@@ -202,10 +202,10 @@ def _plan(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: Edi
           allow_foreign: bool, router_data: dict[str, Path]) -> _Edit:
     if not add and not remove:
         raise _fail("nothing to do: give --add-expert NAME=DIR or --remove-expert NAME")
-    if o.router_init not in GROW_INITS:
-        raise _fail(f"router_init {o.router_init!r}: expected one of {', '.join(GROW_INITS)}")
+    if o.router_init not in ROUTER_INITS:
+        raise _fail(f"router_init {o.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
     if o.shared not in SHARED_POLICIES:
-        raise _fail(f"shared {o.shared!r}: expected keep or average")
+        raise _fail(f"shared {o.shared!r}: expected one of {', '.join(SHARED_POLICIES)}")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise _fail(f"dtype {o.dtype!r}: expected one of {', '.join(DTYPES)}")
     if o.shared_weight is not None and not (0.0 <= o.shared_weight <= 1.0):
@@ -539,20 +539,12 @@ def _write(edit: _Edit, specs, total: int, into: Path, out: Path, o: EditOptions
 
 def edit_command(args) -> int:
     """`btx merge --into MOE (--add-expert NAME=DIR | --remove-expert NAME)... --out DIR`."""
-    from btx.mix.merge import _pairs, prompt_lists
-
     if not args.out:
         raise BtxError("merge --into: give --out DIR for the edited MoE")
-    options = EditOptions(
-        router_init=args.router_init or "random", router_std=args.router_std, router_seed=args.router_seed or 0,
-        shared=args.shared or "keep", shared_weight=args.shared_weight, top_k=args.top_k, dtype=args.dtype,
-        shard_size=args.shard_size or "5GB", router_tokens=args.centroid_tokens or 65536,
-        ridge_lambda=args.ridge_lambda or 0.01, router_scale=args.router_scale or 1.0, prompts=prompt_lists(args.prompt, "--prompt"),
-        negative_prompts=prompt_lists(args.negative_prompt, "--negative-prompt"), router_device=args.centroid_device,
-    )
-    manifest = edit_moe(args.into, args.out, add=_pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
-                        options=options, force=args.force, allow_foreign=args.allow_foreign,
-                        router_data=_pairs(args.centroid_data, "--router-data"), progress=not args.quiet)
+    manifest = edit_moe(args.into, args.out, add=pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
+                        options=EditOptions(**given(args, EditOptions)), force=args.force,
+                        allow_foreign=args.allow_foreign, router_data=pairs(args.router_data, "--router-data"),
+                        progress=not args.quiet)
     from rich.console import Console
 
     Console().print(

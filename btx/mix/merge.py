@@ -19,12 +19,13 @@ What goes where
   - `random`: normal(0, router_std), reproducible from `router_seed` and the layer index;
   - `zeros`: every expert equally likely (top-k then breaks ties arbitrarily);
   - `centroid`: the row of a domain expert is the unit-normalised mean hidden state at that layer's
-    FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's data (a
+    FFN input (after the FFN norm) over `router_tokens` tokens of its own domain's data (a
     recipe's merge: its train shard, so eval's validation windows stay unseen; `btx merge --seed`:
-    the validation shard beside the expert, or `--router-data`), computed with the *merged* model: averaged embeddings and attention, and the MoE of the
-    layers below with their centroid routers. The seed's row is the normalised mean of the domain
-    means (the centre of all domains). A token's logit for an expert is |x| cos(x, centroid), so
-    each domain's tokens start out routed to their own expert.
+    the validation shard beside the expert, or `--router-data`), computed with the *merged* model:
+    averaged embeddings and attention, and the MoE of the layers below with their centroid routers.
+    The seed's row is the normalised mean of the domain means (the centre of all domains). A
+    token's logit for an expert is |x| cos(x, centroid), so each domain's tokens start out routed
+    to their own expert.
   - `ridge` (DUME) and `hidden` (mergekit's prompts): btx/mix/router_fit.py, on the same walk.
 - Granularity (the paper's variants):
   - `split` cuts every FFN into C chunks along F, giving N*C experts. Chunk (n, c) keeps rows
@@ -61,7 +62,7 @@ Streaming and memory
   holds, besides the streaming buffers, one merged layer in fp32 (for a 7B seed with 4 experts,
   about 2.4 GB) and the hidden states of every centroid token (domains x tokens x D x 4 bytes; 3
   domains x 64k tokens x 4096 = 3.2 GB). That is fine at demo scale, on a GPU, or with
-  `centroid_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
+  `router_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
   pass of the MoE over all those tokens).
 - Atomic and reproducible: the directory is built in a hidden temporary sibling, fsynced, and
   renamed into place with its DONE.json already inside, so a killed merge leaves nothing that
@@ -106,6 +107,7 @@ from btx.mix.mixer import _Mixer, _Progress
 from btx.mix.options import SEED, TEST_DELAY_ENV, MergeOptions
 from btx.mix.router_fit import FIT_INITS
 from btx.recipe.schema import MergeSection
+from btx.recipe.settings import flags, given, pairs
 
 _HASH_WINDOW = 32 << 20  # input bytes hashed per file per turn, in step with the read-ahead
 
@@ -268,7 +270,7 @@ def merge(
     out: str | os.PathLike,
     options: MergeOptions | None = None,
     *,
-    centroid_data: dict[str, str | os.PathLike] | None = None,
+    router_data: dict[str, str | os.PathLike] | None = None,
     force: bool = False,
     allow_no_manifest: bool = False,
     seed_needs_manifest: bool = False,
@@ -279,18 +281,18 @@ def merge(
     """Merge `seed` and `experts` ({domain: checkpoint dir}, in expert order) into `out`.
 
     Everything is validated before anything is written (BtxError otherwise). Returns the DONE.json
-    written into `out`. `centroid_data` maps a domain to its validation shard (default:
+    written into `out`. `router_data` maps a domain to its validation shard (default:
     <run_dir>/data/<domain>/val.bin when the expert sits at <run_dir>/experts/<domain>/final).
     `console`: the rich Console progress bars draw on (default: rich's own).
     """
     options = options or MergeOptions()
-    centroid_data = {d: _centroid_shard_path(d, p) for d, p in (centroid_data or {}).items()}
+    router_data = {d: _centroid_shard_path(d, p) for d, p in (router_data or {}).items()}
     for warning in _same_path_warnings(seed, experts or {}):
         _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
     # The exists / --force decision (in _plan) and the final rename happen under one lock.
     with output_lock(out, "this merge output"):
         plan = _plan(
-            seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
+            seed, experts or {}, out, options, router_data=router_data, force=force,
             allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
         )  # fmt: skip
         plan.recipe_hash = recipe_hash
@@ -315,7 +317,7 @@ def _output_bytes(plan: _Plan) -> int:
 
 
 def _centroid_shard_path(domain: str, spec: str | os.PathLike) -> Path:
-    """--centroid-data NAME=PATH takes what `btx eval --data` takes: a shard, or a prepared domain
+    """--router-data NAME=PATH takes what `btx eval --data` takes: a shard, or a prepared domain
     directory (its val shard), checked against its sidecar's sha256 before the merge starts."""
     from btx.data.sampling import shard_spec_path
     from btx.data.shards import load_shard
@@ -365,7 +367,7 @@ def merge_from_recipe(
     options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in merged}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
-        centroid_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
+        router_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
@@ -411,64 +413,21 @@ def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None
 # The command line (arguments are declared in btx/cli.py)
 # --------------------------------------------------------------------------------------------
 
-_ADHOC_FLAGS = {  # argparse dest -> MergeOptions field (None: not an option)
-    "seed": None, "expert": None, "out": None, "centroid_data": None, "no_keep_seed": None,
-    "weights": "weights", "router_init": "router_init", "router_std": "router_std",
-    "router_seed": "router_seed", "centroid_tokens": "centroid_tokens", "granularity": "granularity",
-    "chunks": "chunks", "top_k": "top_k", "dtype": "dtype", "shard_size": "shard_size", "upcycle": "upcycle",
-    "average_all": "average_all", "centroid_device": "centroid_device", "ridge_lambda": "ridge_lambda",
-    "router_scale": "router_scale",
-    "prompt": None, "negative_prompt": None,
-}  # fmt: skip
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name or not value:
-            raise BtxError(f"{flag} {item!r}: expected NAME=VALUE")
-        if name in out:
-            raise BtxError(f"{flag}: '{name}' given twice")
-        out[name] = value
-    return out
-
-
-def prompt_lists(items: list[str], flag: str) -> dict[str, list[str]]:
-    """--prompt NAME=TEXT, repeated: {NAME: [TEXT, ...]} in the order given."""
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        name, eq, text = item.partition("=")
-        if not eq or not name or not text:
-            raise BtxError(f"{flag} {item!r}: expected NAME=TEXT")
-        out.setdefault(name, []).append(text)
-    return out
-
-
-def _parse_weights(text: str | None):
-    if text is None or text in ("uniform", "tokens"):
-        return text
-    weights = {}
-    for name, value in _pairs(text.split(","), "--weights").items():
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise BtxError(f"--weights {name}={value}: not a number") from None
-    return weights
+# Flags (argparse dests) that name the merge's inputs and output, not its settings: with a recipe,
+# the recipe names them.
+_INPUT_FLAGS = {"seed": "--seed", "expert": "--expert", "out": "--out", "router_data": "--router-data"}
 
 
 def merge_command(args) -> int:
     """`btx merge RECIPE [KEY=VALUE ...]` or `btx merge --seed DIR --expert NAME=DIR ... --out DIR`."""
-    given = {}
-    for dest in _ADHOC_FLAGS:
-        value = getattr(args, dest, None)
-        if value is not None and value is not False and value != []:
-            given[dest] = value
+    settings = given(args, MergeOptions)
     progress = not args.quiet
     if args.recipe is not None:
-        if given:
-            flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            raise BtxError(f"merge: {flags}: give merge settings as recipe overrides (e.g. merge.top_k=1), not flags")
+        named = [flag for dest, flag in _INPUT_FLAGS.items() if getattr(args, dest, None)]
+        named += [flag for flag, f in flags(MergeOptions).items() if f.name in settings]
+        if named:
+            raise BtxError(f"merge: {', '.join(named)}: give merge settings as recipe overrides (e.g. merge.top_k=1), "
+                           "not flags")
         from btx.recipe.load import load_experiment
 
         exp = load_experiment(args.recipe, args.overrides)
@@ -479,16 +438,9 @@ def merge_command(args) -> int:
             raise BtxError(f"merge: overrides ({args.overrides[0]}) need a RECIPE")
         if not args.seed or not args.out:
             raise BtxError("merge: give a RECIPE, or --seed DIR, --expert NAME=DIR ... (or --upcycle N) and --out DIR")
-        fields = {_ADHOC_FLAGS[d]: v for d, v in given.items() if _ADHOC_FLAGS[d] is not None}
-        if "weights" in fields:
-            fields["weights"] = _parse_weights(fields["weights"])
-        if args.no_keep_seed:
-            fields["keep_seed"] = False
-        fields["prompts"] = prompt_lists(args.prompt, "--prompt")
-        fields["negative_prompts"] = prompt_lists(args.negative_prompt, "--negative-prompt")
         manifest = merge(
-            args.seed, _pairs(args.expert, "--expert"), args.out, MergeOptions(**fields),
-            centroid_data=_pairs(args.centroid_data, "--router-data"), force=args.force,
+            args.seed, pairs(args.expert, "--expert"), args.out, MergeOptions(**settings),
+            router_data=pairs(args.router_data, "--router-data"), force=args.force,
             allow_no_manifest=args.allow_no_manifest, progress=progress,
         )  # fmt: skip
         out = Path(args.out)

@@ -17,24 +17,27 @@ from typing import Any
 import torch
 
 from btx import families
-from btx.choices import GRANULARITIES, ROUTER_INITS
+from btx.choices import GRANULARITIES, ROUTER_INITS, WEIGHT_DTYPES
 from btx.errors import BtxError
 from btx.io.hashing import sha256_file
-from btx.io.layout import CONFIG_NAME
+from btx.io.layout import CONFIG_NAME, TOKENIZER_FILES
 from btx.io.manifest import DONE_NAME, producer_manifest
 from btx.io.reader import CheckpointReader
-from btx.io.writer import parse_size
 from btx.mix.options import (
     _HF_FIELD,
     _MAY_DIFFER,
     _NAME_RE,
-    _TOKENIZER_IDENTITY,
-    DTYPES,
     SEED,
     MergeOptions,
 )
 from btx.mix.router_fit import FIT_INITS, check_shard
 from btx.model.config import ModelConfig
+from btx.units import parse_size
+
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}  # what a merge or an MoE edit may write
+# Tokenizer files whose contents must agree across inputs: everything the checkpoint carries for
+# its tokenizer and chat template (generation_config.json may differ).
+_TOKENIZER_IDENTITY = tuple(f for f in TOKENIZER_FILES if f != "generation_config.json")
 
 
 @dataclass
@@ -104,7 +107,7 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     choice("granularity", GRANULARITIES)
     if o.dtype is not None:
         choice("dtype", tuple(DTYPES))
-    for key in ("router_std", "centroid_tokens", "top_k"):
+    for key in ("router_std", "router_tokens", "top_k"):
         if not getattr(o, key) > 0:
             raise _fail(f"{key} must be > 0, got {getattr(o, key)!r}")
     if isinstance(o.upcycle, bool) or not isinstance(o.upcycle, int) or o.upcycle < 0:
@@ -126,7 +129,8 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     if o.granularity == "blend" and o.chunks is not None and o.chunks < 2:
         raise _fail(f"granularity blend needs chunks >= 2, got {o.chunks}")
     if o.granularity == "blend" and o.router_init in FIT_INITS:
-        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; use random or zeros")
+        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; "
+                    "use random or zeros")
     if o.router_init in FIT_INITS and o.upcycle:
         raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
     for key in ("ridge_lambda", "router_scale"):
@@ -313,7 +317,7 @@ def _plan(
     out: str | os.PathLike,
     o: MergeOptions,
     *,
-    centroid_data: dict[str, str | os.PathLike] | None,
+    router_data: dict[str, str | os.PathLike] | None,
     force: bool,
     allow_no_manifest: bool,
     seed_needs_manifest: bool,
@@ -365,7 +369,7 @@ def _plan(
             groups=[groups[g] for g in sorted(groups)], shard_size=parse_size(o.shard_size), force=force,
         )  # fmt: skip
         if o.router_init in ("centroid", "ridge") and not o.average_all:
-            plan.centroid_shards = _centroid_shards(plan, centroid_data or {})
+            plan.centroid_shards = _centroid_shards(plan, router_data or {})
         if o.router_init == "hidden" and not o.average_all:
             plan.prompt_sets = _prompt_sets(plan)
         return plan

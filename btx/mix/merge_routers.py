@@ -64,7 +64,7 @@ def _fit_routers(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> di
         def rule(layer, stats):
             return hidden_rows(stats, positive, negative)
     else:
-        sets = [shard_windows(d, shard, o.centroid_tokens, cfg.max_seq_len) for d, shard in plan.centroid_shards.items()]
+        sets = [shard_windows(d, shard, o.router_tokens, cfg.max_seq_len) for d, shard in plan.centroid_shards.items()]
         if o.router_init == "centroid":
             def rule(layer, stats):
                 return centroid_rows(stats, domains)
@@ -81,5 +81,5 @@ def _fit_routers(plan: _Plan, mixer: _Mixer, progress: bool, console=None) -> di
 
     with _Progress(progress, f"{o.router_init} routers", cfg.n_layers, bytes_=False, console=console) as bar:
         walk(_MergedWeights(plan, mixer), sets, router_for_layer, need_gram=o.router_init == "ridge",
-             device=o.centroid_device, on_layer=lambda i: bar.advance(1, f"layer {i}"))
+             device=o.router_device, on_layer=lambda i: bar.advance(1, f"layer {i}"))
     return {s.name: s.tokens for s in sets}
