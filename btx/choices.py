@@ -3,15 +3,14 @@ them as choices, and the code that acts on them imports them from here. No impor
 (the model's included) can depend on it without depending on anything else.
 """
 
-
-
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # the same names as btx.model.config.ROUTER_MODES
-TRAINABLE = ("all", "router_only", "frozen_experts")  # finetune.trainable (btx.model.trainable.MOE_MODES)
-DENSE_TRAINABLE = ("all", "ffn", "ffn_norms")  # train.trainable of an expert (btx.model.trainable.DENSE_MODES)
+ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # finetune.router_mode (btx.model.moe)
+TRAINABLE = ("all", "router_only", "frozen_experts")  # finetune.trainable (btx.model.trainable)
+DENSE_TRAINABLE = ("all", "ffn", "ffn_norms")  # train.trainable of an expert (btx.model.trainable)
 EVAL_MATCHES = ("compute", "data", "both")
 GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
 ROUTER_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
 GRANULARITIES = ("expert", "split", "blend")
+SHARED_POLICIES = ("keep", "average")  # grow.shared: an MoE edit's shared (non-FFN) weights
 EXECUTORS = ("local", "slurm")
-MERGE_DTYPES = ("float32", "bfloat16", "float16")
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what btx writes checkpoints in (merge.dtype, --dtype)

@@ -14,13 +14,17 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import traceback
 from dataclasses import dataclass
 from typing import Callable
 
 from btx import __version__
+from btx.choices import EXECUTORS, WEIGHT_DTYPES
 from btx.errors import BtxError
+from btx.mix.options import EditOptions, MergeOptions
+from btx.recipe.settings import FlagAction, add_flags, add_renamed, flags
 
 
 @dataclass(frozen=True)
@@ -131,7 +135,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated expert names (default: the merge's DONE.json, else e0, e1, ...)")
     p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the checkpoint's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *WEIGHT_DTYPES),
                    help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
 
 
@@ -195,7 +199,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def add_branch_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p)
-    p.add_argument("--executor", choices=("local", "slurm"), default=None,
+    p.add_argument("--executor", choices=EXECUTORS, default=None,
                    help="local: subprocesses on this machine; slurm: one sbatch script per expert "
                         "(default: the recipe's branch.executor)")
     p.add_argument("--max-parallel", type=int, default=None, metavar="N",
@@ -244,82 +248,56 @@ def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     adhoc.add_argument("--expert", action="append", default=[], metavar="NAME=DIR",
                        help="a domain expert (a checkpoint, or a branch job's directory); repeat, in expert order")
     adhoc.add_argument("--out", metavar="DIR", help="output directory of the MoE checkpoint")
-    adhoc.add_argument("--upcycle", type=int, metavar="N",
-                       help="sparse upcycling: N experts, all copies of the seed (no --expert)")
-    adhoc.add_argument("--average-all", action="store_true",
-                       help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense model like the seed")
-    adhoc.add_argument("--no-keep-seed", action="store_true",
-                       help="leave the seed's FFN out of the experts and the seed out of the average")
-    adhoc.add_argument("--weights", metavar="W",
-                       help="averaging of the non-FFN tensors: uniform (default), tokens (each expert's training "
-                            "tokens, from its DONE.json), or NAME=W,NAME=W,... (seed included)")
-    adhoc.add_argument("--router-init", choices=("random", "zeros", "centroid", "ridge", "hidden"),
-                       help="random (default): normal(0, --router-std); zeros: uniform routing; centroid: each "
-                            "expert's mean hidden state on its domain's validation tokens; ridge: closed-form "
-                            "least squares on those hidden states (DUME); hidden: its prompts' mean hidden state "
-                            "minus the others' (--prompt)")
-    adhoc.add_argument("--router-std", type=float, help="std of random routers (default 0.02)")
-    adhoc.add_argument("--router-seed", type=int, help="seed of random routers (default 0)")
-    adhoc.add_argument("--router-data", "--centroid-data", dest="centroid_data", action="append", default=[],
-                       metavar="NAME=SHARD",
-                       help="validation shard of domain NAME for centroid and ridge routers (default: "
-                            "<run_dir>/data/NAME/val.bin when the expert sits in a btx run directory)")
-    adhoc.add_argument("--router-tokens", "--centroid-tokens", dest="centroid_tokens", type=int, metavar="N",
-                       help="validation tokens per domain for centroid and ridge routers (default 65536)")
-    adhoc.add_argument("--ridge-lambda", type=float, metavar="L",
-                       help="ridge routers: regularisation relative to the hidden states' mean eigenvalue (default 0.01)")
-    adhoc.add_argument("--router-scale", type=float, metavar="S",
-                       help="centroid, ridge and hidden routers: the fitted rows times S, an inverse temperature "
-                            "(default 1)")
-    adhoc.add_argument("--prompt", action="append", default=[], metavar="NAME=TEXT",
-                       help="hidden routers: a positive prompt of expert NAME; repeat")
-    adhoc.add_argument("--negative-prompt", action="append", default=[], metavar="NAME=TEXT",
-                       help="hidden routers: a negative prompt of expert NAME (default: the other experts' prompts)")
-    adhoc.add_argument("--router-device", "--centroid-device", dest="centroid_device", metavar="DEV",
-                       help="device of the pass that fits centroid, ridge or hidden routers (default: cuda if any)")
-    adhoc.add_argument("--granularity", choices=("expert", "split", "blend"),
-                       help="expert (default): one expert per FFN; split: C chunks per FFN (N*C experts); "
-                            "blend: expert c made of chunk c of every FFN")
-    adhoc.add_argument("--chunks", type=int, metavar="C", help="chunks per FFN (split: required; blend: default N)")
-    adhoc.add_argument("--top-k", type=int, metavar="K", help="experts per token, written to config.json (default 2)")
-    adhoc.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
-                       help="output dtype (default: the inputs')")
-    adhoc.add_argument("--shard-size", metavar="SIZE", help="output shard size, e.g. 5GB (default), 500MB")
-    edit = p.add_argument_group("editing a finished MoE (with --out; the --router-* options, --ridge-lambda, "
-                                "--prompt, --negative-prompt, --top-k, --dtype and --shard-size apply too)")
+    add_renamed(adhoc, "--router-data", "--centroid-data", dest="router_data", action=FlagAction, repeat=True,
+                default=[], metavar="NAME=SHARD",
+                help="validation shard of domain NAME for centroid and ridge routers (default: "
+                     "<run_dir>/data/NAME/val.bin when the expert sits in a btx run directory)")
+    add_flags(adhoc, MergeOptions)  # every field of MergeOptions is a flag (btx/recipe/settings.py)
+    merge_fields = {f.name: f for f in dataclasses.fields(MergeOptions)}
+    shared = {flag: f for flag, f in flags(EditOptions).items() if f.name in merge_fields}
+    # The defaults an edit has of its own: what the MoE already has.
+    defaults = [f"{flag}: {f.metadata['default_help']}" for flag, f in shared.items()
+                if f.metadata["default_help"] != merge_fields[f.name].metadata["default_help"]]
+    edit = p.add_argument_group("editing a finished MoE (with --out)",
+                                f"{', '.join(shared)} and --router-data apply too, with these defaults: "
+                                f"{'; '.join(defaults)}.")
     edit.add_argument("--into", metavar="MOE", help="the MoE to grow or shrink (btx's, or any MoE btx reads)")
     edit.add_argument("--add-expert", action="append", default=[], metavar="NAME=DIR",
                       help="a dense expert trained from the MoE's seed, added as one more expert; repeat")
     edit.add_argument("--remove-expert", action="append", default=[], metavar="NAME",
                       help="an expert to remove, with its router rows (FlexOlmo's opt-out); repeat")
-    edit.add_argument("--shared", choices=("keep", "average"),
-                      help="the shared (non-FFN) weights: keep the MoE's (default), or average in the new experts'")
-    edit.add_argument("--shared-weight", type=float, metavar="W",
-                      help="--shared average: the new experts' weight (default: as much as each existing expert)")
+    add_flags(edit, EditOptions, skip=merge_fields)
     edit.add_argument("--allow-foreign", action="store_true",
                       help="add an expert even if nothing shows it was trained from the MoE's seed")
 
 
-_EDIT_ONLY = ("add_expert", "remove_expert", "shared", "shared_weight", "allow_foreign")
-_MERGE_ONLY = ("seed", "expert", "upcycle", "average_all", "no_keep_seed", "weights", "granularity", "chunks",
-               "recipe")
+# What only a merge of dense experts, or only an edit of an MoE, takes besides its own settings.
+_MERGE_INPUTS = {"seed": "--seed", "expert": "--expert", "recipe": "RECIPE"}
+_EDIT_INPUTS = {"add_expert": "--add-expert", "remove_expert": "--remove-expert", "allow_foreign": "--allow-foreign"}
+
+
+def _given_only(args: argparse.Namespace, inputs: dict[str, str], own: type, other: type) -> list[str]:
+    """The flags the command line gave among `inputs` and the settings of `own` that `other` lacks."""
+    theirs = {f.name for f in dataclasses.fields(other)}
+    named = [flag for dest, flag in inputs.items() if getattr(args, dest, None) not in (None, False, [])]
+    return named + [flag for flag, f in flags(own).items()
+                    if f.name not in theirs and getattr(args, f.name) is not None]
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
     from btx.io.startup import checkpoint_files, quick_import, readahead
 
     if args.into is not None:
-        clash = [d for d in _MERGE_ONLY if getattr(args, d, None) not in (None, False, [])]
+        clash = _given_only(args, _MERGE_INPUTS, MergeOptions, EditOptions)
         if clash:
-            flag = "RECIPE" if clash[0] == "recipe" else "--" + clash[0].replace("_", "-")
-            raise BtxError(f"merge --into: {flag} belongs to a merge of dense experts, not to editing an MoE")
+            raise BtxError(f"merge --into: {clash[0]} belongs to a merge of dense experts, not to editing an MoE")
         readahead(checkpoint_files([args.into, *(e.partition("=")[2] for e in args.add_expert)]))
         with quick_import():
             from btx.mix.grow import edit_command
         return edit_command(args)
-    given = [d for d in _EDIT_ONLY if getattr(args, d, None) not in (None, False, [])]
+    given = _given_only(args, _EDIT_INPUTS, EditOptions, MergeOptions)
     if given:
-        raise BtxError(f"merge: --{given[0].replace('_', '-')} edits a finished MoE: give --into MOE")
+        raise BtxError(f"merge: {given[0]} edits a finished MoE: give --into MOE")
     # A merge is mostly I/O: have the disk read the inputs while torch is imported.
     readahead(checkpoint_files(_merge_inputs(args)))
     with quick_import():
@@ -353,18 +331,22 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", metavar="KEY=VALUE|CKPT", nargs="*",
                    help="recipe overrides (eval.batches=20), or more checkpoints")
     p.add_argument("--data", action="append", default=[], metavar="DOMAIN=SHARD",
-                   help="a domain's validation shard (btx .bin/.json, or a prepared domain directory); repeat per domain")
+                   help="a domain's validation shard (btx .bin/.json, or a prepared domain directory); repeat per "
+                        "domain")
     p.add_argument("--btm", nargs="+", default=None, metavar="CKPT",
                    help="add a BTM ensemble row: these expert checkpoints mixed by the domain posterior")
-    p.add_argument("--names", default=None, metavar="A,B,...", help="row names of the checkpoints (default: directory names)")
+    p.add_argument("--names", default=None, metavar="A,B,...",
+                   help="row names of the checkpoints (default: directory names)")
     p.add_argument("--batches", type=int, default=None, help="batches per domain (default 50; recipe: eval.batches)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per batch (default 8; recipe: eval.batch_size)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="windows per batch (default 8; recipe: eval.batch_size)")
     p.add_argument("--seq-len", type=int, default=None,
-                   help="window length (default: the models' max_position_embeddings, at most 1024; recipe: eval.seq_len)")
+                   help="window length (default: the models' max_position_embeddings, at most 1024; recipe: "
+                        "eval.seq_len)")
     p.add_argument("--out", default=None, metavar="DIR",
                    help="output directory for eval.md/eval.json (default ./eval; recipe: <run_dir>/eval)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (checkpoints; default: cuda when available)")
-    p.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+    p.add_argument("--dtype", default="auto", choices=("auto", *WEIGHT_DTYPES),
                    help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)")
     p.add_argument("--force", action="store_true",
                    help="recipe: evaluate the run's models even when one no longer follows from its inputs "
@@ -483,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="btx",
         description="Branch-Train-MiX: branch a dense seed into domain experts, mix them into an "
-                    "MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo, ...), finetune its routing, evaluate and analyse it.",
+                    "MoE (Mixtral, Qwen2-MoE, Qwen3-MoE, FlexOlmo, ...), finetune its routing, evaluate and "
+                    "analyse it.",
     )
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     parser.add_argument("--version", action="version", version=f"btx {__version__}")

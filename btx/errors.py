@@ -2,10 +2,11 @@
 
 The CLI turns a BtxError into a single line on stderr and exit status 2; anything
 else is a bug and keeps its traceback. Messages name the file, key or tensor at
-fault and say what was expected.
+fault and say what was expected. Input that uses an old name still works, with one line of note.
 """
 
 import re
+import sys
 from pathlib import Path
 
 
@@ -24,3 +25,13 @@ def missing_checkpoint(path, written: str | None = None) -> str:
         return (f"{path}: no such directory; '{given}' looks like a Hugging Face Hub id, and btx reads local "
                 f"checkpoints only: download it first (hf download {given} --local-dir DIR) and pass DIR")
     return f"{path}: not a checkpoint directory (missing, or a file)"
+
+
+_NOTED: set[str] = set()
+
+
+def note_renamed(old: str, new: str) -> None:
+    """One line on stderr, once per process, when a setting or flag is given by its old name."""
+    if old not in _NOTED:
+        _NOTED.add(old)
+        print(f"btx: note: {old} is now {new}; the old name still works but will go", file=sys.stderr)

@@ -38,7 +38,7 @@ NOT_RUNNABLE = re.compile(r"/models/|/ckpts/|\$|llama2-7b|^(torchrun|deepspeed|s
 TINY = ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=32",
         "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=2", "train.steps=3", "train.warmup_steps=1",
         "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
-        "merge.centroid_tokens=256", "eval.batches=2", "eval.batch_size=2", "analyze.tokens=256"]
+        "merge.router_tokens=256", "eval.batches=2", "eval.batch_size=2", "analyze.tokens=256"]
 DEMO_RECIPES = ("recipes/demo/btx.yaml", "demo")
 
 

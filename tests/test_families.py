@@ -163,7 +163,7 @@ def test_merged_moe_matches_transformers(seeds, name, router_init, router_data, 
     experts = {d: make_expert(seed, tmp_path / d, i) for i, d in enumerate(("code", "math"))}
     out = tmp_path / "merged"
     merge(seed, experts, out, MergeOptions(router_std=0.5, router_init=router_init), allow_no_manifest=True,
-          centroid_data=router_data if router_init == "ridge" else None, progress=False)
+          router_data=router_data if router_init == "ridge" else None, progress=False)
     config = json.loads((out / "config.json").read_text())
     prefix = VARIANTS[name][0]
     moe_class = "GraniteMoe" if name == "llama-attention-bias" else MOE_CLASS[prefix]

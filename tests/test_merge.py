@@ -112,7 +112,7 @@ def logits(path_or_model, tokens):
 
 def run_merge(world, out, experts=None, **options):
     quiet = dict(progress=False)
-    for key in ("centroid_data", "force", "allow_no_manifest"):
+    for key in ("router_data", "force", "allow_no_manifest"):
         if key in options:
             quiet[key] = options.pop(key)
     return merge(world.seed, world.experts if experts is None else experts, out, MergeOptions(**options), **quiet)
@@ -166,9 +166,9 @@ def test_merged_moe_opens_in_transformers_with_btx_logits(world, tmp_path):
 @pytest.mark.parametrize("router_init", ["random", "centroid"])
 @pytest.mark.parametrize("k", [1, 2])
 def test_split_is_the_unsplit_moe_with_top_k_times_chunks(world, tmp_path, router_init, k):
-    run_merge(world, tmp_path / "whole", top_k=k, router_init=router_init, centroid_tokens=256)
+    run_merge(world, tmp_path / "whole", top_k=k, router_init=router_init, router_tokens=256)
     manifest = run_merge(world, tmp_path / "split", granularity="split", chunks=2, top_k=2 * k, router_init=router_init,
-                         centroid_tokens=256)
+                         router_tokens=256)
     assert manifest["n_experts"] == 8 and manifest["ffn_dim"] == CFG.ffn_dim // 2
     assert manifest["experts"][:2] == ["code.0", "code.1"] and manifest["expert_domains"][:2] == ["code", "code"]
     torch.testing.assert_close(logits(tmp_path / "split", world.tokens), logits(tmp_path / "whole", world.tokens),
@@ -289,7 +289,7 @@ def test_data_fitted_routers_send_each_domain_to_its_own_expert(world, tmp_path,
     """On well-separated synthetic domains every layer's router sends at least 95% of a domain's
     tokens to its own expert (random routers: 0-83% here)."""
     prompts = PROMPTS if router_init == "hidden" else {}
-    manifest = run_merge(world, tmp_path / "m", router_init=router_init, centroid_tokens=512, prompts=prompts)
+    manifest = run_merge(world, tmp_path / "m", router_init=router_init, router_tokens=512, prompts=prompts)
     names = manifest["experts"]
     assert names == ["code", "math", "prose", "seed"]
     used = manifest["router_tokens"]
@@ -321,8 +321,8 @@ def test_ridge_rows_solve_the_regression():
 
 
 def test_router_scale_multiplies_the_fitted_rows(world, tmp_path):
-    one = run_merge(world, tmp_path / "one", router_init="ridge", centroid_tokens=256)
-    ten = run_merge(world, tmp_path / "ten", router_init="ridge", centroid_tokens=256, router_scale=10.0)
+    one = run_merge(world, tmp_path / "one", router_init="ridge", router_tokens=256)
+    ten = run_merge(world, tmp_path / "ten", router_init="ridge", router_tokens=256, router_scale=10.0)
     assert ten["options"]["router_scale"] == 10.0 and one["options"]["router_scale"] == 1.0
     a, b = CheckpointReader(tmp_path / "one"), CheckpointReader(tmp_path / "ten")
     # layer 0 exactly (same hidden states); above it the inputs differ, since layer 0 routes differently
@@ -337,7 +337,7 @@ def test_centroid_needs_each_domains_data(world, tmp_path):
         run_merge(world, tmp_path / "m", experts=outside, router_init="centroid", allow_no_manifest=True)
     data = {n: world.run / "data" / n / "val.bin" for n in DOMAINS}
     manifest = run_merge(world, tmp_path / "m", experts=outside, router_init="centroid", allow_no_manifest=True,
-                         centroid_data=data, centroid_tokens=64)  # fmt: skip
+                         router_data=data, router_tokens=64)  # fmt: skip
     assert all(i["sha256_from"] == "read" for i in manifest["inputs"].values())
 
 

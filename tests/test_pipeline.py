@@ -164,7 +164,7 @@ def test_the_readme_merge_example_then_btx_run(run_copy, full_run):
     then refuses, naming merged/; `btx finetune` and `btx eval` refuse the finetune of the old merge;
     `btx run` with the merge's settings keeps that merge and redoes finetune, baselines, eval, analyze."""
     run = [str(TINY), f"run_dir={run_copy}", "eval.baselines=true"]
-    centroid = ["merge.router_init=centroid", "merge.centroid_tokens=256"]
+    centroid = ["merge.router_init=centroid", "merge.router_tokens=256"]
     assert btx_main("merge", *run[:2], *centroid, "--force", "--quiet")[0] == 0
     status, message = btx_main("run", *run)
     assert status == 2 and f"{run_copy / 'merged'}: not made by this btx run" in message

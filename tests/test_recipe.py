@@ -8,10 +8,10 @@ import pytest
 
 from btx.errors import BtxError
 from btx.recipe.builtin import builtin_recipes_dir
-from btx.recipe.check import parse_size
 from btx.recipe.experiment import recipe_hash, to_yaml
 from btx.recipe.load import load_domain, load_experiment
 from btx.recipe.schema import ExperimentRecipe, ModelSection, TrainSection
+from btx.units import parse_size
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
 

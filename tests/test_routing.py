@@ -456,7 +456,7 @@ def test_demo_merged_model(tmp_path, capsys):
     spec = importlib.util.spec_from_file_location("routing_demo", Path(__file__).parent.parent / "tools" / "routing_demo.py")
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
-    paths = demo.build(tmp_path, dim=32, n_layers=2, data_bytes=40_000, centroid_tokens=2048)
+    paths = demo.build(tmp_path, dim=32, n_layers=2, data_bytes=40_000, router_tokens=2048)
     status, stdout, err = run_cli(demo.analyze_args(paths, tmp_path / "analysis", tokens=4096), capsys)
     assert status == 0, err
     random_routers = json.loads((tmp_path / "analysis" / "routing.json").read_text())

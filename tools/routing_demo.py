@@ -31,7 +31,7 @@ DOMAINS = {"code": "python_code", "math": "arithmetic", "prose": "python_docs"}
 
 
 def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120_000,
-          centroid_tokens: int = 4096, progress: bool = False) -> dict[str, Path]:
+          router_tokens: int = 4096, progress: bool = False) -> dict[str, Path]:
     """Write the shards, seed, experts and both merges under `work`; returns their paths."""
     import torch
 
@@ -73,8 +73,8 @@ def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120
     for init in ("centroid", "random"):
         merged[init] = work / f"merged-{init}"
         merge(work / "seed", experts, merged[init],
-              MergeOptions(router_init=init, centroid_tokens=centroid_tokens, top_k=2),
-              centroid_data={name: str(path) for name, path in val.items()}, allow_no_manifest=True, force=True,
+              MergeOptions(router_init=init, router_tokens=router_tokens, top_k=2),
+              router_data={name: str(path) for name, path in val.items()}, allow_no_manifest=True, force=True,
               progress=progress)  # fmt: skip
     return {"centroid": merged["centroid"], "random": merged["random"], **{f"val_{d}": p for d, p in val.items()}}
 

@@ -31,6 +31,7 @@ import math
 import pkgutil
 from collections.abc import Mapping
 
+from btx.choices import ROUTER_MODES, WEIGHT_DTYPES
 from btx.errors import BtxError
 from btx.families.base import (
     EXPERT_PARAMS,
@@ -42,7 +43,7 @@ from btx.families.base import (
     KeyTable,
     Piece,
 )
-from btx.model.config import ROPE_TYPES, ROUTER_MODES, ModelConfig
+from btx.model.config import ROPE_TYPES, ModelConfig
 
 __all__ = [
     "EXPERT_PARAMS", "FAMILIES", "Family", "Filler", "Form", "HfTensor", "KeyRule", "KeyTable", "Piece", "family_of",
@@ -138,7 +139,6 @@ _BTX_MOE_FIELDS = ("router_mode", "top_k", "capacity_factor", "gumbel_rate", "fi
 BTX_NOTE_FIELD = "inference_note"  # written for people under "btx"; ignored when read back
 BTX_SEED_FAMILY = "seed_family"
 BTX_EXPERTS = "experts"  # the experts' names, in order
-_DTYPE_NAMES = {"float32", "bfloat16", "float16"}
 
 
 def _known_elsewhere() -> frozenset[str]:
@@ -477,8 +477,8 @@ def write_config(cfg: ModelConfig, dtype: str | None = None) -> dict:
             section[BTX_NOTE_FIELD] = note
         out["btx"] = section
     if dtype is not None:
-        if dtype not in _DTYPE_NAMES:
-            raise ValueError(f"dtype {dtype!r}: expected one of {sorted(_DTYPE_NAMES)}")
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"dtype {dtype!r}: expected one of {list(WEIGHT_DTYPES)}")
         out["torch_dtype"] = out["dtype"] = dtype
     for k, v in cfg.extra.items():
         if k not in out and k not in _COMMON and k not in _DROPPED and k not in _FORM_FIELDS:

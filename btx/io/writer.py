@@ -15,7 +15,6 @@ import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import struct
 import sys
@@ -42,17 +41,7 @@ from btx.io.layout import (
 )
 from btx.io.reader import TORCH_TO_ST
 from btx.model.config import ModelConfig
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 123, "500MB", "5GB" or "2GiB" (decimal units as transformers uses them)."""
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", str(size), re.IGNORECASE)
-    if not m:
-        raise BtxError(f"shard size {size!r}: expected bytes or a size like '500MB' or '5GB'")
-    base = 1024 if m.group(3) else 1000
-    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
+from btx.units import parse_size
 
 
 def _spec_nbytes(spec: TensorSpec) -> int:

@@ -67,6 +67,7 @@ from btx.mix.grown_tensors import GrownTensors
 from btx.mix.options import SEED, EditOptions
 from btx.mix.output import OutputNames, write_output
 from btx.mix.router_fit import LayerStats, fit_routers, fitted_rows, hidden_targets
+from btx.recipe.settings import given, pairs
 
 GROW_OUTPUT = OutputNames(title="edit MoE", lock="this MoE output", what="the edited MoE")
 
@@ -159,20 +160,12 @@ def grow_moe(
 
 def edit_command(args) -> int:
     """`btx merge --into MOE (--add-expert NAME=DIR | --remove-expert NAME)... --out DIR`."""
-    from btx.mix.merge import _pairs, prompt_lists
-
     if not args.out:
         raise BtxError("merge --into: give --out DIR for the edited MoE")
-    options = EditOptions(
-        router_init=args.router_init or "random", router_std=args.router_std, router_seed=args.router_seed or 0,
-        shared=args.shared or "keep", shared_weight=args.shared_weight, top_k=args.top_k, dtype=args.dtype,
-        shard_size=args.shard_size or "5GB", router_tokens=args.centroid_tokens or 65536,
-        ridge_lambda=args.ridge_lambda or 0.01, router_scale=args.router_scale or 1.0, prompts=prompt_lists(args.prompt, "--prompt"),
-        negative_prompts=prompt_lists(args.negative_prompt, "--negative-prompt"), router_device=args.centroid_device,
-    )
-    manifest = grow_moe(args.into, args.out, add=_pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
-                        options=options, force=args.force, allow_foreign=args.allow_foreign,
-                        router_data=_pairs(args.centroid_data, "--router-data"), progress=not args.quiet)
+    manifest = grow_moe(args.into, args.out, add=pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
+                        options=EditOptions(**given(args, EditOptions)), force=args.force,
+                        allow_foreign=args.allow_foreign, router_data=pairs(args.router_data, "--router-data"),
+                        progress=not args.quiet)
     from rich.console import Console
 
     Console().print(

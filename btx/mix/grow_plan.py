@@ -17,21 +17,18 @@ from pathlib import Path
 
 import torch
 
+from btx.choices import ROUTER_INITS, SHARED_POLICIES
 from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.layout import CONFIG_NAME
 from btx.io.manifest import identity, input_identity, read_done
 from btx.io.reader import CheckpointReader
-from btx.io.writer import parse_size
-from btx.mix.merge_plan import check_output, check_same_tokenizer
+from btx.mix.merge_plan import DTYPES, check_output, check_same_tokenizer
 from btx.mix.options import (
     _MOE_FIELDS,
     _NAME_RE,
-    DTYPES,
-    GROW_INITS,
     MAX_SHARED_DISTANCE,
     SEED,
-    SHARED_POLICIES,
     EditOptions,
 )
 from btx.mix.router_data import (
@@ -44,6 +41,7 @@ from btx.mix.router_data import (
 )
 from btx.mix.router_fit import FIT_INITS, TokenSet
 from btx.model.config import ModelConfig
+from btx.units import parse_size
 
 
 def moe_expert_names(path: Path, cfg: ModelConfig) -> list[str]:
@@ -172,10 +170,10 @@ def _check_ancestry(moe: CheckpointReader, new: AddedExpert, allow_foreign: bool
 def _check_options(o: EditOptions, add: dict[str, Path], remove: list[str], router_data: dict[str, Path]) -> None:
     if not add and not remove:
         raise _fail("nothing to do: give --add-expert NAME=DIR or --remove-expert NAME")
-    if o.router_init not in GROW_INITS:
-        raise _fail(f"router_init {o.router_init!r}: expected one of {', '.join(GROW_INITS)}")
+    if o.router_init not in ROUTER_INITS:
+        raise _fail(f"router_init {o.router_init!r}: expected one of {', '.join(ROUTER_INITS)}")
     if o.shared not in SHARED_POLICIES:
-        raise _fail(f"shared {o.shared!r}: expected keep or average")
+        raise _fail(f"shared {o.shared!r}: expected one of {', '.join(SHARED_POLICIES)}")
     if o.dtype is not None and o.dtype not in DTYPES:
         raise _fail(f"dtype {o.dtype!r}: expected one of {', '.join(DTYPES)}")
     if o.shared_weight is not None and not (0.0 <= o.shared_weight <= 1.0):

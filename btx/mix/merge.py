@@ -19,7 +19,7 @@ What goes where
   - `random`: normal(0, router_std), reproducible from `router_seed` and the layer index;
   - `zeros`: every expert equally likely (top-k then breaks ties arbitrarily);
   - `centroid`: the row of a domain expert is the unit-normalised mean hidden state at that layer's
-    FFN input (after the FFN norm) over `centroid_tokens` tokens of its own domain's data (a
+    FFN input (after the FFN norm) over `router_tokens` tokens of its own domain's data (a
     recipe's merge: its train shard, so eval's validation windows stay unseen; `btx merge --seed`:
     the validation shard beside the expert, or `--router-data`), computed with the *merged* model:
     averaged embeddings and attention, and the MoE of the layers below with their centroid routers.
@@ -64,7 +64,7 @@ Streaming and memory
   holds, besides the streaming buffers, one merged layer in fp32 (for a 7B seed with 4 experts,
   about 2.4 GB) and the hidden states of every centroid token (domains x tokens x D x 4 bytes; 3
   domains x 64k tokens x 4096 = 3.2 GB). That is fine at demo scale, on a GPU, or with
-  `centroid_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
+  `router_tokens` lowered; on a CPU a 7B centroid pass also takes a long while (it is a forward
   pass of the MoE over all those tokens).
 - Atomic, locked and reproducible (btx/mix/output.py): a killed merge leaves nothing that looks
   finished, a second merge into the same output stops with one line naming the first one's pid
@@ -94,8 +94,15 @@ from btx.mix.merged_tensors import MergedTensors
 from btx.mix.options import SEED, MergeOptions
 from btx.mix.output import OutputNames, write_output
 from btx.mix.router_data import router_shard, shard_windows
-from btx.mix.router_fit import FIT_INITS, LayerStats, fit_routers, fitted_rows, hidden_targets
+from btx.mix.router_fit import (
+    FIT_INITS,
+    LayerStats,
+    fit_routers,
+    fitted_rows,
+    hidden_targets,
+)
 from btx.recipe.schema import MergeSection
+from btx.recipe.settings import flags, given, pairs
 
 MERGE_OUTPUT = OutputNames(title="merge", lock="this merge output", what="the merged checkpoint")
 
@@ -119,7 +126,7 @@ class _MergeJob:
             sets = plan.prompt_sets
             rows, negative = hidden_targets([g.name for g in plan.groups], o.prompts, o.negative_prompts)
         else:
-            sets = [shard_windows(d, shard, o.centroid_tokens, plan.out_cfg.max_seq_len)
+            sets = [shard_windows(d, shard, o.router_tokens, plan.out_cfg.max_seq_len)
                     for d, shard in plan.centroid_shards.items()]
             rows, negative = [None if g.domain == SEED else g.domain for g in plan.groups], ()
 
@@ -127,7 +134,7 @@ class _MergeJob:
             fitted = fitted_rows(o.router_init, stats, rows, negative=negative, ridge_lambda=o.ridge_lambda)
             return fitted * o.router_scale
 
-        fit_routers(self.tensors, plan.out_cfg, sets, rows_for_layer, init=o.router_init, device=o.centroid_device,
+        fit_routers(self.tensors, plan.out_cfg, sets, rows_for_layer, init=o.router_init, device=o.router_device,
                     progress=progress, console=console)
         self.router_tokens = {s.name: s.tokens for s in sets}
 
@@ -184,7 +191,7 @@ def merge(
     out: str | os.PathLike,
     options: MergeOptions | None = None,
     *,
-    centroid_data: dict[str, str | os.PathLike] | None = None,
+    router_data: dict[str, str | os.PathLike] | None = None,
     force: bool = False,
     allow_no_manifest: bool = False,
     seed_needs_manifest: bool = False,
@@ -195,18 +202,18 @@ def merge(
     """Merge `seed` and `experts` ({domain: checkpoint dir}, in expert order) into `out`.
 
     Everything is validated before anything is written (BtxError otherwise). Returns the DONE.json
-    written into `out`. `centroid_data` maps a domain to its validation shard (default:
+    written into `out`. `router_data` maps a domain to its validation shard (default:
     <run_dir>/data/<domain>/val.bin when the expert sits at <run_dir>/experts/<domain>/final).
     `console`: the rich Console progress bars draw on (default: rich's own).
     """
     options = options or MergeOptions()
-    centroid_data = {d: router_shard(d, p) for d, p in (centroid_data or {}).items()}
+    router_data = {d: router_shard(d, p) for d, p in (router_data or {}).items()}
     for warning in _same_path_warnings(seed, experts or {}):
         _console(console).print(f"[yellow]{warning}[/]", soft_wrap=True)
 
     def open_job() -> _MergeJob:  # under the output's lock, with the exists / --force decision
         plan = plan_merge(
-            seed, experts or {}, out, options, centroid_data=centroid_data, force=force,
+            seed, experts or {}, out, options, router_data=router_data, force=force,
             allow_no_manifest=allow_no_manifest, seed_needs_manifest=seed_needs_manifest,
         )  # fmt: skip
         plan.recipe_hash = recipe_hash
@@ -261,7 +268,7 @@ def merge_from_recipe(
     options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in merged}
     return merge(
         seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
-        centroid_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
+        router_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
     )  # fmt: skip
@@ -307,64 +314,21 @@ def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None
 # The command line (arguments are declared in btx/cli.py)
 # --------------------------------------------------------------------------------------------
 
-_ADHOC_FLAGS = {  # argparse dest -> MergeOptions field (None: not an option)
-    "seed": None, "expert": None, "out": None, "centroid_data": None, "no_keep_seed": None,
-    "weights": "weights", "router_init": "router_init", "router_std": "router_std",
-    "router_seed": "router_seed", "centroid_tokens": "centroid_tokens", "granularity": "granularity",
-    "chunks": "chunks", "top_k": "top_k", "dtype": "dtype", "shard_size": "shard_size", "upcycle": "upcycle",
-    "average_all": "average_all", "centroid_device": "centroid_device", "ridge_lambda": "ridge_lambda",
-    "router_scale": "router_scale",
-    "prompt": None, "negative_prompt": None,
-}  # fmt: skip
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for item in items or []:
-        name, eq, value = item.partition("=")
-        if not eq or not name or not value:
-            raise BtxError(f"{flag} {item!r}: expected NAME=VALUE")
-        if name in out:
-            raise BtxError(f"{flag}: '{name}' given twice")
-        out[name] = value
-    return out
-
-
-def prompt_lists(items: list[str], flag: str) -> dict[str, list[str]]:
-    """--prompt NAME=TEXT, repeated: {NAME: [TEXT, ...]} in the order given."""
-    out: dict[str, list[str]] = {}
-    for item in items or []:
-        name, eq, text = item.partition("=")
-        if not eq or not name or not text:
-            raise BtxError(f"{flag} {item!r}: expected NAME=TEXT")
-        out.setdefault(name, []).append(text)
-    return out
-
-
-def _parse_weights(text: str | None):
-    if text is None or text in ("uniform", "tokens"):
-        return text
-    weights = {}
-    for name, value in _pairs(text.split(","), "--weights").items():
-        try:
-            weights[name] = float(value)
-        except ValueError:
-            raise BtxError(f"--weights {name}={value}: not a number") from None
-    return weights
+# Flags (argparse dests) that name the merge's inputs and output, not its settings: with a recipe,
+# the recipe names them.
+_INPUT_FLAGS = {"seed": "--seed", "expert": "--expert", "out": "--out", "router_data": "--router-data"}
 
 
 def merge_command(args) -> int:
     """`btx merge RECIPE [KEY=VALUE ...]` or `btx merge --seed DIR --expert NAME=DIR ... --out DIR`."""
-    given = {}
-    for dest in _ADHOC_FLAGS:
-        value = getattr(args, dest, None)
-        if value is not None and value is not False and value != []:
-            given[dest] = value
+    settings = given(args, MergeOptions)
     progress = not args.quiet
     if args.recipe is not None:
-        if given:
-            flags = ", ".join("--" + d.replace("_", "-") for d in given)
-            raise BtxError(f"merge: {flags}: give merge settings as recipe overrides (e.g. merge.top_k=1), not flags")
+        named = [flag for dest, flag in _INPUT_FLAGS.items() if getattr(args, dest, None)]
+        named += [flag for flag, f in flags(MergeOptions).items() if f.name in settings]
+        if named:
+            raise BtxError(f"merge: {', '.join(named)}: give merge settings as recipe overrides (e.g. merge.top_k=1), "
+                           "not flags")
         from btx.recipe.load import load_experiment
 
         exp = load_experiment(args.recipe, args.overrides)
@@ -375,16 +339,9 @@ def merge_command(args) -> int:
             raise BtxError(f"merge: overrides ({args.overrides[0]}) need a RECIPE")
         if not args.seed or not args.out:
             raise BtxError("merge: give a RECIPE, or --seed DIR, --expert NAME=DIR ... (or --upcycle N) and --out DIR")
-        fields = {_ADHOC_FLAGS[d]: v for d, v in given.items() if _ADHOC_FLAGS[d] is not None}
-        if "weights" in fields:
-            fields["weights"] = _parse_weights(fields["weights"])
-        if args.no_keep_seed:
-            fields["keep_seed"] = False
-        fields["prompts"] = prompt_lists(args.prompt, "--prompt")
-        fields["negative_prompts"] = prompt_lists(args.negative_prompt, "--negative-prompt")
         manifest = merge(
-            args.seed, _pairs(args.expert, "--expert"), args.out, MergeOptions(**fields),
-            centroid_data=_pairs(args.centroid_data, "--router-data"), force=args.force,
+            args.seed, pairs(args.expert, "--expert"), args.out, MergeOptions(**settings),
+            router_data=pairs(args.router_data, "--router-data"), force=args.force,
             allow_no_manifest=args.allow_no_manifest, progress=progress,
         )  # fmt: skip
         out = Path(args.out)

@@ -17,26 +17,34 @@ from typing import Any
 import torch
 
 from btx import families
-from btx.choices import GRANULARITIES, ROUTER_INITS
+from btx.choices import GRANULARITIES, ROUTER_INITS, WEIGHT_DTYPES
 from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.hashing import sha256_file
 from btx.io.layout import CONFIG_NAME, TOKENIZER_FILES
 from btx.io.manifest import DONE_NAME, producer_manifest
 from btx.io.reader import CheckpointReader
-from btx.io.writer import parse_size
 from btx.mix.options import (
     _HF_FIELD,
     _MAY_DIFFER,
     _NAME_RE,
-    _TOKENIZER_IDENTITY,
-    DTYPES,
     SEED,
     MergeOptions,
 )
-from btx.mix.router_data import check_prompts, check_shard, prompt_sets, run_dir_val_shard
+from btx.mix.router_data import (
+    check_prompts,
+    check_shard,
+    prompt_sets,
+    run_dir_val_shard,
+)
 from btx.mix.router_fit import FIT_INITS
 from btx.model.config import ModelConfig
+from btx.units import parse_size
+
+DTYPES = {name: getattr(torch, name) for name in WEIGHT_DTYPES}  # what a merge or an MoE edit may write
+# Tokenizer files whose contents must agree across inputs: everything the checkpoint carries for
+# its tokenizer and chat template (generation_config.json may differ).
+_TOKENIZER_IDENTITY = tuple(f for f in TOKENIZER_FILES if f != "generation_config.json")
 
 
 @dataclass
@@ -112,7 +120,7 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     choice("granularity", GRANULARITIES)
     if o.dtype is not None:
         choice("dtype", tuple(DTYPES))
-    for key in ("router_std", "centroid_tokens", "top_k"):
+    for key in ("router_std", "router_tokens", "top_k"):
         if not getattr(o, key) > 0:
             raise _fail(f"{key} must be > 0, got {getattr(o, key)!r}")
     if isinstance(o.upcycle, bool) or not isinstance(o.upcycle, int) or o.upcycle < 0:
@@ -314,7 +322,7 @@ def plan_merge(
     out: str | os.PathLike,
     o: MergeOptions,
     *,
-    centroid_data: dict[str, str | os.PathLike] | None,
+    router_data: dict[str, str | os.PathLike] | None,
     force: bool,
     allow_no_manifest: bool,
     seed_needs_manifest: bool,
@@ -366,7 +374,7 @@ def plan_merge(
             groups=[groups[g] for g in sorted(groups)], shard_size=parse_size(o.shard_size), force=force,
         )  # fmt: skip
         if o.router_init in ("centroid", "ridge") and not o.average_all:
-            plan.centroid_shards = _centroid_shards(plan, centroid_data or {})
+            plan.centroid_shards = _centroid_shards(plan, router_data or {})
         if o.router_init == "hidden" and not o.average_all:
             plan.prompt_sets = prompt_sets(o.prompts, o.negative_prompts, seed_in.path, out_cfg)
         return plan

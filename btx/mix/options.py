@@ -1,30 +1,27 @@
 """What a merge or an MoE edit can be asked to do, and the names both use.
 
-MergeOptions mirrors the recipe's `merge:` section (the schema's defaults are the defaults here)
-plus what only the command line gives; EditOptions is `btx merge --into`'s.
+MergeOptions is the recipe's `merge:` section (btx.recipe.schema.MergeSection: every key, with its
+default and help) plus the settings only the command line gives; EditOptions (`btx merge --into`,
+and a recipe's grow stage) takes the merge's router and output settings under the same names and
+grow:'s own. Every field is a flag of `btx merge` (btx.recipe.settings), so no flag is listed
+anywhere else. No torch here: the command line builds its flags from these classes at startup.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import re
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Dict, List, Optional
 
-import torch
-
-from btx.choices import MERGE_DTYPES
-from btx.io.layout import TOKENIZER_FILES
-from btx.recipe.schema import MergeSection
+from btx.recipe.schema import GrowSection, MergeSection
+from btx.recipe.settings import like, setting
 
 SEED = "seed"
-DTYPES = {name: getattr(torch, name) for name in MERGE_DTYPES}
 TEST_DELAY_ENV = "BTX_MERGE_TEST_DELAY"
 _CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-# Tokenizer files whose contents must agree across inputs: everything the checkpoint carries for
-# its tokenizer and chat template (generation_config.json may differ).
-_TOKENIZER_IDENTITY = tuple(f for f in TOKENIZER_FILES if f != "generation_config.json")
 # ModelConfig fields that may differ between seed and experts (everything else must match).
 _MAY_DIFFER = ("extra",)
 # config.json names of ModelConfig fields, for messages.
@@ -35,70 +32,82 @@ _HF_FIELD = {
     "rope_scaling": "rope_parameters", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
 }  # fmt: skip
 
-_RECIPE = MergeSection()  # the recipe schema's defaults are the defaults here too
-
 
 @dataclass
-class MergeOptions:
-    """How to merge. The recipe's `merge:` section maps onto the first block one to one."""
+class MergeOptions(MergeSection):
+    """How to merge: every key of the recipe's merge: section, then what only the command line gives."""
 
-    keep_seed: bool = _RECIPE.keep_seed
-    weights: Any = _RECIPE.weights  # "uniform" | "tokens" | {source name: weight}
-    router_init: str = _RECIPE.router_init  # random | zeros | centroid | ridge | hidden
-    router_std: float = _RECIPE.router_std
-    router_seed: int = _RECIPE.router_seed
-    centroid_tokens: int = _RECIPE.centroid_tokens  # per domain, for centroid and ridge
-    ridge_lambda: float = _RECIPE.ridge_lambda
-    router_scale: float = _RECIPE.router_scale  # fitted inits: rows times this
-    prompts: dict = field(default_factory=dict)  # hidden: {expert: [positive prompt, ...]}
-    negative_prompts: dict = field(default_factory=dict)  # hidden: {expert: [...]}; default: the others' prompts
-    granularity: str = _RECIPE.granularity  # expert | split | blend
-    chunks: int | None = None  # split: required; blend: default the number of source FFNs
-    top_k: int = _RECIPE.top_k
-    dtype: str | None = _RECIPE.dtype  # None: the inputs' dtype (the seed's when they differ)
-    shard_size: int | str = _RECIPE.shard_size
-    # Not in the recipe section:
-    # Written to the MoE's config.json for whoever trains it further with transformers: the
-    # recipe's finetune.balance_alpha in recipe mode, the paper's 0.01 otherwise.
-    router_aux_loss_coef: float = 0.01
-    upcycle: int = 0  # > 0: sparse upcycling into this many copies of the seed
-    average_all: bool = False  # Branch-Train-Merge style dense average
-    centroid_device: str | None = None  # None: cuda when available, else cpu
+    # A recipe always gives chunks; without one, blend's default is one expert per source FFN.
+    chunks: Optional[int] = like(MergeSection, "chunks", default=None,
+                                 default_help="split: required; blend: the number of source FFNs")
+    # A recipe's merge writes its finetune.balance_alpha here.
+    router_aux_loss_coef: float = setting(0.01, flag="--router-aux-loss-coef", metavar="A",
+                                          help="the load-balancing loss weight written to config.json, for whoever "
+                                               "trains the MoE further with transformers")
+    upcycle: int = setting(0, flag="--upcycle", metavar="N",
+                           help="sparse upcycling: N experts, all copies of the seed (no --expert)")
+    average_all: bool = setting(False, flag="--average-all",
+                                help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense model "
+                                     "like the seed")
+    router_device: Optional[str] = setting(None, flag="--router-device", metavar="DEV", renamed="centroid_device",
+                                           default_help="cuda if any",
+                                           help="device of the pass that fits centroid, ridge or hidden routers")
 
     @classmethod
     def from_section(cls, section: MergeSection, **more) -> MergeOptions:
-        from btx.recipe.experiment import to_plain
-
-        own = {f.name for f in dataclasses.fields(cls)}
-        values = {k: to_plain(getattr(section, k)) for k in own if hasattr(section, k)}
-        if values.get("granularity") == "expert":
+        """Every key of `section`, then `more`. An expert merge's chunks is None, as without a recipe,
+        so that a recipe's merge and the same merge from flags record the same options."""
+        values = {f.name: copy.deepcopy(getattr(section, f.name)) for f in dataclasses.fields(MergeSection)}
+        if values["granularity"] == "expert":
             values["chunks"] = None
         return cls(**{**values, **more})
 
 
-
-GROW_INITS = ("random", "zeros", "centroid", "ridge", "hidden")
-SHARED_POLICIES = ("keep", "average")
 MAX_SHARED_DISTANCE = 0.5  # relative L2 distance of shared weights above which an expert is foreign
-_CHUNK_BYTES = 32 << 20
 # ModelConfig fields that describe the MoE, not the architecture a dense expert must share with it.
-_MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor", "moe_form",
-               "gumbel_rate", "first_layer_soft", "expert_names", "extra"}
+_MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor",
+               "moe_form", "gumbel_rate", "first_layer_soft", "expert_names", "extra"}
+
+
+# grow: keys that the run's grow stage reads itself; every other grow: key is an edit setting.
+GROW_STAGE_KEYS = ("domains", "steps", "trainable", "mixture")
+# merge: keys that a recipe's grow takes too: one token budget and one set of prompts per experiment.
+FROM_MERGE = ("router_tokens", "ridge_lambda", "router_scale", "prompts", "negative_prompts")
 
 
 @dataclass
 class EditOptions:
-    router_init: str = "random"  # the new experts' router rows: random | zeros | centroid | ridge | hidden
-    router_std: float | None = None  # random: None = each layer's existing rows' standard deviation
-    router_seed: int = 0
-    router_tokens: int = 65536  # centroid, ridge: validation tokens per expert
-    ridge_lambda: float = 0.01
-    router_scale: float = 1.0  # the fitted rows (ridge's; centroid's and hidden's after matching the norm) times this
-    prompts: dict = dataclasses.field(default_factory=dict)  # hidden: {expert: [text, ...]}
-    negative_prompts: dict = dataclasses.field(default_factory=dict)
-    router_device: str | None = None
-    shared: str = "keep"  # keep | average
-    shared_weight: float | None = None  # average: weight of the new experts' shared weights
-    top_k: int | None = None  # None: the MoE's (lowered when fewer experts remain)
-    dtype: str | None = None  # None: the MoE's
-    shard_size: int | str = "5GB"
+    """How to edit a finished MoE: the merge's settings of the same names (flag, help, default), and
+    grow:'s `shared` and `shared_weight`. Only the defaults where an edit keeps what the MoE has differ."""
+
+    router_init: str = like(MergeOptions, "router_init")  # a recipe's grow: grow.router_init
+    router_std: Optional[float] = like(MergeOptions, "router_std", default=None,
+                                       default_help="each layer's existing rows' std")
+    router_seed: int = like(MergeOptions, "router_seed")
+    router_tokens: int = like(MergeOptions, "router_tokens")
+    ridge_lambda: float = like(MergeOptions, "ridge_lambda")
+    router_scale: float = like(MergeOptions, "router_scale")
+    prompts: Dict[str, List[str]] = like(MergeOptions, "prompts")
+    negative_prompts: Dict[str, List[str]] = like(MergeOptions, "negative_prompts")
+    router_device: Optional[str] = like(MergeOptions, "router_device")
+    shared: str = like(GrowSection, "shared")
+    shared_weight: Optional[float] = like(GrowSection, "shared_weight")
+    top_k: Optional[int] = like(MergeOptions, "top_k", default=None,
+                                default_help="the MoE's, lowered when fewer experts remain")
+    dtype: Optional[str] = like(MergeOptions, "dtype", default_help="the MoE's")
+    shard_size: str = like(MergeOptions, "shard_size")
+
+    @classmethod
+    def from_sections(cls, grow: GrowSection, merge: MergeSection, experts: List[str]) -> EditOptions:
+        """A recipe's grow: every grow: key but GROW_STAGE_KEYS, and the merge: keys in FROM_MERGE.
+        Prompts (kept by the recipe for every use) only for a hidden init, and only of `experts`."""
+        own = {f.name for f in dataclasses.fields(cls)}
+        stray = [f.name for f in dataclasses.fields(GrowSection) if f.name not in own | set(GROW_STAGE_KEYS)]
+        if stray:
+            raise TypeError(f"grow.{stray[0]} is neither an EditOptions field nor one of GROW_STAGE_KEYS")
+        values = {name: copy.deepcopy(getattr(grow, name)) for name in own if hasattr(grow, name)}
+        values |= {name: copy.deepcopy(getattr(merge, name)) for name in FROM_MERGE}
+        hidden = values["router_init"] == "hidden"
+        for key in ("prompts", "negative_prompts"):
+            values[key] = {k: list(v) for k, v in values[key].items() if k in experts} if hidden else {}
+        return cls(**values)

@@ -88,7 +88,7 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
             options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in [*experts, "seed"]}
             console.print(escape(f"router inits: merging with {init} routers -> {out}"), soft_wrap=True)
             merge(exp.seed_dir, experts, out, options, force=True, recipe_hash=wanted,
-                  centroid_data=recipe_router_data(exp, experts) if init in ("centroid", "ridge") else None,
+                  router_data=recipe_router_data(exp, experts) if init in ("centroid", "ridge") else None,
                   seed_needs_manifest=exp.seed.path is None, console=console)
         model = load_model(out, dtype=torch.float32)
         losses, tokens = domain_losses(model, shards, seq_len, settings.batch_size, settings.batches)

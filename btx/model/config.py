@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")
 QK_NORMS = ("none", "head", "proj")
 NORM_PLACEMENTS = ("pre", "post")
 ROPE_TYPES = ("default", "linear", "dynamic", "yarn", "longrope", "llama3")

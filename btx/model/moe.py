@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from btx.model.config import ROUTER_MODES, ModelConfig, MoEStats, Routing
+from btx.choices import ROUTER_MODES
+from btx.model.config import ModelConfig, MoEStats, Routing
 
 
 class FeedForward(nn.Module):

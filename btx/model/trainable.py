@@ -21,6 +21,7 @@ the residual norms). MoE finetuning (`finetune.trainable`): `all`, `router_only`
 
 from __future__ import annotations
 
+from btx.choices import DENSE_TRAINABLE, TRAINABLE
 from btx.errors import BtxError
 
 GROUPS = ("embed", "attn", "norms", "ffn", "shared", "router", "head")
@@ -31,8 +32,6 @@ MODES: dict[str, frozenset[str]] = {
     "router_only": frozenset({"router"}),
     "frozen_experts": frozenset(GROUPS) - {"ffn"},
 }
-DENSE_MODES = ("all", "ffn", "ffn_norms")
-MOE_MODES = ("all", "router_only", "frozen_experts")
 
 
 def param_group(name: str) -> str:
@@ -63,7 +62,7 @@ def trained_groups(mode: str) -> frozenset[str]:
 def set_trainable(model, mode: str) -> None:
     """requires_grad of every parameter of `model` (a btx Transformer) as `mode` says."""
     groups = trained_groups(mode)
-    allowed = MOE_MODES if model.cfg.is_moe else DENSE_MODES
+    allowed = TRAINABLE if model.cfg.is_moe else DENSE_TRAINABLE
     if mode not in allowed:
         kind = "an MoE" if model.cfg.is_moe else "a dense model"
         raise BtxError(f"trainable: {mode} is not a mode for {kind} (expected one of {', '.join(allowed)})")

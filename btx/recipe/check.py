@@ -2,6 +2,7 @@
 that knows the file and the key prefix, so every message reads `<file>: <key>: <expected>`.
 """
 
+import dataclasses
 import difflib
 import re
 import typing
@@ -10,7 +11,6 @@ from typing import Any, Dict, List, Optional
 from btx.errors import BtxError
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # Names the run directory and the merge give meanings of their own, so no domain may take them:
 # "seed" is the seed's expert and row, "seed.<i>" and "blend.<i>" are merge expert names, and
@@ -60,7 +60,14 @@ class Checker:
     def choice(self, obj: Any, key: str, options: tuple) -> None:
         value = getattr(obj, key)
         if value is not None and value not in options:
-            self.fail(key, f"expected one of {', '.join(map(str, options))}; got {value!r}{_suggest(str(value), options)}")
+            expected = ", ".join(map(str, options))
+            self.fail(key, f"expected one of {expected}; got {value!r}{_suggest(str(value), options)}")
+
+    def choices(self, obj: Any) -> None:
+        """Every field of `obj` that declares its choices (btx.recipe.settings.setting) holds one of them."""
+        for f in dataclasses.fields(obj):
+            if f.metadata.get("choices") is not None:
+                self.choice(obj, f.name, f.metadata["choices"])
 
     def name(self, value: str, key: str) -> None:
         self.that(bool(_NAME_RE.match(value)), key,
@@ -84,13 +91,3 @@ def _suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 
-
-def parse_size(text: str) -> int:
-    """'5GB' -> 5_000_000_000, '512MiB' -> 536_870_912, '1000' -> 1000 bytes."""
-    m = _SIZE_RE.match(str(text))
-    if not m:
-        raise ValueError(f"not a size: {text!r} (expected e.g. 5GB, 500MB, 2GiB)")
-    number, unit = float(m.group(1)), (m.group(2) or "B").upper()
-    power = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4}[unit[0]]
-    base = 1024 if unit.endswith("IB") else 1000
-    return int(number * base**power)

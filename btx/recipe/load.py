@@ -42,7 +42,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from btx.choices import GENERAL_DOMAIN
-from btx.errors import BtxError, missing_checkpoint
+from btx.errors import BtxError, missing_checkpoint, note_renamed
 from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
 from btx.recipe.check import (
     _GLOB_CHARS,
@@ -63,6 +63,7 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     overrides = list(overrides or [])
     label = _label(path, overrides)
     raw = _read_yaml(path)
+    _rename_old_keys(raw, ExperimentRecipe, str(path))
     _typecheck(raw, ExperimentRecipe, str(path), "")
     _resolve_paths(raw, _EXPERIMENT_PATHS, path.parent)
     override_dicts = _parse_overrides(overrides, ExperimentRecipe, str(path))
@@ -155,6 +156,7 @@ def load_domain(path: str | os.PathLike, overrides: Optional[List[str]] = None, 
     overrides = list(overrides or [])
     label = _label(path, overrides)
     raw = _read_yaml(path)
+    _rename_old_keys(raw, DomainRecipe, str(path))
     _typecheck(raw, DomainRecipe, str(path), "")
     _resolve_sources(raw, path.parent)
     override_dicts = _parse_overrides(overrides, DomainRecipe, str(path))
@@ -235,6 +237,7 @@ def _parse_overrides(overrides: List[str], schema: type, path: str) -> List[dict
             d = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
             raise BtxError(f"{label}: cannot parse ({_first_line(e)})") from None
+        _rename_old_keys(d, schema, label)
         _typecheck(d, schema, label, "")
         out.append(d)
     return out
@@ -331,6 +334,23 @@ def _typecheck_fields(value: dict, schema: type, label: str, key: str) -> None:
         if k not in fields:
             _raise(label, _join(key, str(k)), f"unknown key{_suggest(str(k), fields)}")
         _typecheck(v, hints[k], label, _join(key, k), partial=fields[k].metadata.get("partial"))
+
+
+def _rename_old_keys(value: Any, schema: Any, label: str, key: str = "") -> None:
+    """A key given by its setting's old name (btx.recipe.settings.setting(renamed=...)) takes the
+    new name, with a one-line note; both names at once is an error."""
+    schema = next((t for t in (schema, *typing.get_args(schema)) if dataclasses.is_dataclass(t)), None)
+    if schema is None or not isinstance(value, dict):
+        return
+    hints = typing.get_type_hints(schema)
+    for f in dataclasses.fields(schema):
+        old, new = f.metadata.get("renamed"), _join(key, f.name)
+        if old is not None and old in value:
+            if f.name in value:
+                _raise(label, _join(key, old), f"the old name of {new}, which is given too: give {new} only")
+            note_renamed(_join(key, old), new)
+            value[f.name] = value.pop(old)
+        _rename_old_keys(value.get(f.name), hints[f.name], label, new)
 
 
 def _raise(label: str, key: str, msg: str) -> typing.NoReturn:

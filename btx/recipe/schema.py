@@ -1,8 +1,9 @@
 """The recipe schema: one dataclass per section, with defaults, and a `check` per section.
 
-A setting is declared here once, with its default and a comment saying what it does; its range
-goes in the section's `check`. OmegaConf builds typed configs from these classes, so unknown keys
-and wrong types are refused at load.
+A setting is declared here once, with its default and a comment saying what it does, or, when it
+is also a command-line flag, with `setting(...)` (btx/recipe/settings.py), whose help is both; its
+range goes in the section's `check`, its choices (btx.choices) in the field where it has them.
+OmegaConf builds typed configs from these classes, so unknown keys and wrong types are refused at load.
 """
 
 import dataclasses
@@ -15,13 +16,17 @@ from btx.choices import (
     EXECUTORS,
     GENERAL_DOMAIN,
     GRANULARITIES,
-    MERGE_DTYPES,
     PRECISIONS,
     ROUTER_INITS,
     ROUTER_MODES,
+    SHARED_POLICIES,
     TRAINABLE,
+    WEIGHT_DTYPES,
 )
-from btx.recipe.check import Checker, _suggest, parse_size
+from btx.errors import BtxError
+from btx.recipe.check import Checker, _suggest
+from btx.recipe.settings import parse_weights, prompt_lists, setting
+from btx.units import parse_size
 
 
 @dataclass
@@ -150,26 +155,53 @@ class BranchSection:
 
 @dataclass
 class MergeSection:
-    keep_seed: bool = True  # the seed's FFN becomes one more expert (as in the paper)
-    # Averaging of the non-FFN weights: "uniform", "tokens" (by training tokens of each expert), or
-    # a mapping {domain or "seed": weight}.
-    weights: Any = "uniform"
-    router_init: str = "random"
-    router_std: float = 0.02  # random init
-    router_seed: int = 0  # random init: the same seed gives the same routers
-    centroid_tokens: int = 65536  # centroid and ridge inits: validation tokens per domain
-    ridge_lambda: float = 0.01  # ridge init: λ relative to XᵀX's mean eigenvalue (btx/mix/router_fit.py)
-    router_scale: float = 1.0  # centroid, ridge, hidden: the fitted rows times this (an inverse temperature)
-    # hidden init: each expert's positive prompts, and optionally its negative ones (default: the
-    # other experts' positive prompts); the seed, kept as an expert, may have prompts too. Read by
-    # the merge (router_init hidden), by grow (grow.router_init hidden) and by the router-init table.
-    prompts: Dict[str, List[str]] = field(default_factory=dict)
-    negative_prompts: Dict[str, List[str]] = field(default_factory=dict)
-    granularity: str = "expert"  # expert: one FFN per expert; split / blend: chunks of FFNs
-    chunks: int = 1
-    top_k: int = 2  # written to the merged config (num_experts_per_tok)
-    dtype: Optional[str] = None  # None: the seed's dtype
-    shard_size: str = "5GB"
+    """How the seed and the experts become one MoE (btx/mix/merge.py). Every key is also a flag of
+    `btx merge` without a recipe (btx.mix.options.MergeOptions adds the flags only it has)."""
+
+    keep_seed: bool = setting(True, flag="--no-keep-seed",
+                              help="the seed's FFN is one more expert and the seed takes part in the average, as in "
+                                   "the paper (--no-keep-seed: neither)")
+    weights: Any = setting("uniform", flag="--weights", metavar="W", parse=parse_weights,
+                           help="averaging of the non-FFN tensors: uniform, tokens (each expert's training tokens, "
+                                "from its DONE.json; the seed counts as the experts' mean), or a weight per source "
+                                "(in a recipe {code: 3, seed: 1}; as a flag code=3,seed=1)")
+    router_init: str = setting("random", flag="--router-init", choices=ROUTER_INITS,
+                               help="random: normal(0, router_std); zeros: uniform routing; centroid: each expert's "
+                                    "mean hidden state on its domain's tokens; ridge: closed-form least squares on "
+                                    "those hidden states (DUME); hidden: its prompts' mean hidden state minus the "
+                                    "others' (prompts)")
+    router_std: float = setting(0.02, flag="--router-std", metavar="STD", help="random routers: their std")
+    router_seed: int = setting(0, flag="--router-seed", metavar="N",
+                               help="random routers: their seed (the same seed gives the same routers)")
+    router_tokens: int = setting(65536, flag="--router-tokens", metavar="N", renamed="centroid_tokens",
+                                 help="centroid and ridge routers: tokens per domain (a recipe's: of its train "
+                                      "shard)")
+    ridge_lambda: float = setting(0.01, flag="--ridge-lambda", metavar="L",
+                                  help="ridge routers: regularisation relative to the hidden states' mean eigenvalue "
+                                       "(btx/mix/router_fit.py)")
+    router_scale: float = setting(1.0, flag="--router-scale", metavar="S",
+                                  help="centroid, ridge and hidden routers: the fitted rows times S, an inverse "
+                                       "temperature")
+    # Prompts are kept whatever router_init is: grow (grow.router_init hidden) and the router-init
+    # table (`btx eval --router-inits`) read them too.
+    prompts: Dict[str, List[str]] = setting(factory=dict, flag="--prompt", metavar="NAME=TEXT", repeat=True,
+                                            parse=prompt_lists,
+                                            help="hidden routers: a positive prompt of expert NAME; repeat (in a "
+                                                 "recipe {NAME: [TEXT, ...]})")
+    negative_prompts: Dict[str, List[str]] = setting(factory=dict, flag="--negative-prompt", metavar="NAME=TEXT",
+                                                     repeat=True, parse=prompt_lists,
+                                                     help="hidden routers: a negative prompt of expert NAME (default: "
+                                                          "the other experts' prompts)")
+    granularity: str = setting("expert", flag="--granularity", choices=GRANULARITIES,
+                               help="expert: one expert per FFN; split: each FFN cut into C chunks (N*C experts); "
+                                    "blend: expert c made of chunk c of every FFN")
+    chunks: int = setting(1, flag="--chunks", metavar="C",
+                          help="chunks per FFN (expert: 1; split: C >= 2; blend: C >= 2 experts)")
+    top_k: int = setting(2, flag="--top-k", metavar="K", help="experts per token, written to config.json")
+    dtype: Optional[str] = setting(None, flag="--dtype", choices=WEIGHT_DTYPES, default_help="the inputs'",
+                                   help="the output's dtype")
+    shard_size: str = setting("5GB", flag="--shard-size", metavar="SIZE",
+                              help="the output's safetensors shard size, e.g. 5GB, 5G, 2GiB, 500MB or bytes")
 
     def n_experts(self, n_domains: int) -> int:
         """Experts of the merged model: one per FFN (split: chunks per FFN; blend: one per chunk)."""
@@ -197,12 +229,9 @@ class MergeSection:
             c.weights(w, "weights", list(domains) + (["seed"] if self.keep_seed else []))
         else:
             c.fail("weights", f"expected uniform, tokens or a mapping of weights; got {w!r}")
-        c.choice(self, "router_init", ROUTER_INITS)
-        c.choice(self, "granularity", GRANULARITIES)
-        c.choice(self, "dtype", MERGE_DTYPES)
-        c.positive(self, "router_std", "centroid_tokens", "chunks", "top_k", "ridge_lambda", "router_scale")
+        c.choices(self)
+        c.positive(self, "router_std", "router_tokens", "chunks", "top_k", "ridge_lambda", "router_scale")
         c.non_negative(self, "router_seed")
-        # Prompts are kept whatever router_init is: grow and `btx eval --router-inits` use them too.
         grown = list(grow.domains) if grow is not None else []
         experts = list(domains) + grown + (["seed"] if self.keep_seed else [])
         for key in ("prompts", "negative_prompts"):
@@ -218,7 +247,7 @@ class MergeSection:
             c.that(self.chunks >= 2, "chunks", f"must be >= 2 with granularity {self.granularity}, got {self.chunks}")
         try:
             c.that(self.shard_bytes > 0, "shard_size", "must be > 0")
-        except ValueError as e:
+        except BtxError as e:
             c.fail("shard_size", str(e))
         if domains:
             n = self.n_experts(len(domains))
@@ -262,15 +291,20 @@ class GrowSection:
     """Domains added to the finished MoE instead of merged into it (btx/mix/grow.py): `btx run` trains
     their experts, merges and finetunes the other domains as usual, then grows the finetuned MoE by
     these experts into grown/ and, with `steps` > 0, finetunes it briefly into grown-finetuned/.
-    The fitted router inits read merge.centroid_tokens, merge.ridge_lambda, merge.router_scale and
-    merge.prompts."""
+    The fitted router inits read merge.router_tokens, merge.ridge_lambda, merge.router_scale and
+    merge.prompts. router_init, shared and shared_weight are also `btx merge --into`'s
+    (btx.mix.options.EditOptions)."""
 
     domains: List[str] = field(default_factory=list)  # each is also listed in `domains:`
-    router_init: str = "ridge"  # the new experts' router rows (ridge refits every row)
-    shared: str = "keep"  # keep the MoE's shared weights, or average in the new experts'
-    shared_weight: Optional[float] = None  # average: None = as much as each expert already there
+    router_init: str = setting("ridge", choices=ROUTER_INITS,
+                               help="the new experts' router rows, by any router init (ridge refits every row)")
+    shared: str = setting("keep", flag="--shared", choices=SHARED_POLICIES,
+                          help="the shared (non-FFN) weights: keep the MoE's, or average in the new experts'")
+    shared_weight: Optional[float] = setting(None, flag="--shared-weight", metavar="W",
+                                             default_help="as much as each expert already there",
+                                             help="shared average: the new experts' weight")
     steps: int = 0  # the finetune after growing; 0: none
-    trainable: str = "router_only"
+    trainable: str = setting("router_only", choices=TRAINABLE, help="what the finetune after growing trains")
     mixture: Dict[str, float] = field(default_factory=dict)  # empty: every domain equally
 
     def check(self, c: Checker, domains: List[str], merge: "MergeSection") -> None:
@@ -281,9 +315,7 @@ class GrowSection:
                "at least one domain must be merged before others can be added")
         c.that(not self.domains or merge.granularity == "expert", "domains",
                f"growing needs whole experts; merge.granularity is {merge.granularity}")
-        c.choice(self, "router_init", ROUTER_INITS)
-        c.choice(self, "shared", ("keep", "average"))
-        c.choice(self, "trainable", TRAINABLE)
+        c.choices(self)
         c.non_negative(self, "steps")
         c.that(self.shared_weight is None or 0 <= self.shared_weight <= 1, "shared_weight", "must be in [0, 1]")
         c.weights(self.mixture, "mixture", domains)

@@ -117,7 +117,7 @@ def _baselines(p: Pipeline, force: bool) -> StageOutcome:
     # and the options an upcycle takes from the merge section: other routers do not redo them.
     merged_cfg = CheckpointReader(p.run_dir / "merged").cfg
     upcycle = dataclasses.asdict(recipe_merge_options(exp.merge, merged_cfg.n_experts, exp.finetune.balance_alpha))
-    for unused in ("centroid_tokens", "centroid_device", "ridge_lambda", "router_scale", "prompts", "negative_prompts"):
+    for unused in ("router_tokens", "router_device", "ridge_lambda", "router_scale", "prompts", "negative_prompts"):
         del upcycle[unused]  # an upcycle has no routers fitted to data
     moe_cfg = dataclasses.replace(merged_cfg, router_mode=exp.finetune.router_mode,
                                   top_k=exp.finetune.top_k or merged_cfg.top_k)

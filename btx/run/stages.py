@@ -250,21 +250,12 @@ def _grow(p: Pipeline, force: bool) -> StageOutcome:
 
     out, tuned = p.run_dir / "grown", p.run_dir / "grown-finetuned"
     m = exp.merge
-    fit = (m.centroid_tokens, m.ridge_lambda, m.router_scale, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
+    fit = (m.router_tokens, m.ridge_lambda, m.router_scale, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
     key = _key(g, fit, p.keys["finetune"], p.keys["branch:grown"])
 
     def work() -> str:
-        from btx.recipe.experiment import to_plain
-
         names = [*exp.merged_domains, *(["seed"] if m.keep_seed else []), *g.domains]
-        hidden = g.router_init == "hidden"
-        options = EditOptions(
-            router_init=g.router_init, shared=g.shared, shared_weight=g.shared_weight, router_tokens=m.centroid_tokens,
-            ridge_lambda=m.ridge_lambda, router_scale=m.router_scale,
-            # the recipe keeps prompts for every use; only a hidden init reads them
-            prompts={k: list(v) for k, v in to_plain(m.prompts).items() if k in names} if hidden else {},
-            negative_prompts={k: list(v) for k, v in to_plain(m.negative_prompts).items() if k in names} if hidden else {},
-        )  # fmt: skip
+        options = EditOptions.from_sections(g, m, names)
         data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
         done = grow_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
                         options=options, force=True, router_data=recipe_router_data(exp, data),
