@@ -482,21 +482,20 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
     from btx.io.manifest import is_done
 
-    for stage in ("finetuned", "merged"):
-        if is_done(exp.run_dir / stage):
-            checkpoint = exp.run_dir / stage
+    for checkpoint in (exp.paths.finetuned, exp.paths.merged):
+        if is_done(checkpoint):
             break
     else:
         raise BtxError(f"{exp.run_dir}: no finished finetuned/ or merged/ model yet; run btx merge (and btx finetune) first")
     data = {}
     for name in exp.domains:
-        val = exp.data_dir(name) / "val.json"
+        val = exp.paths.shard(name, "val")
         if not val.is_file():
             raise BtxError(f"{val}: validation shard missing; run btx prepare {exp.path}")
         data[name] = str(val)
     tokens = tokens or exp.analyze.tokens
     show_text = exp.analyze.show_text if show_text is None else show_text
-    out = out or exp.run_dir / "analysis"
+    out = out or exp.paths.analysis
     from btx.data.shards import load_shard
     from btx.io.manifest import identity, input_identity, relative_identities
 
