@@ -55,7 +55,7 @@ def one_line_error(status: int, err: str) -> str:
 
 def hold_lock(path: Path, what: str) -> subprocess.Popen:
     """Another process holding the lock of `path` (it prints 'held' once it has it)."""
-    code = ("import sys, time\nfrom btx.io.manifest import output_lock\n"
+    code = ("import sys, time\nfrom btx.io.locks import output_lock\n"
             "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"

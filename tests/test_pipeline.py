@@ -251,7 +251,7 @@ def test_a_bit_flip_in_an_expert_shard_is_refused_by_merge(run_copy):
 def test_two_btx_runs_of_one_recipe(run_copy):
     """The second one stops at once with one line naming the first (pid, host, command)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from btx.io.manifest import output_lock\n"
+        [sys.executable, "-c", "import sys, time; from btx.io.locks import output_lock\n"
          "with output_lock(sys.argv[1], 'the run directory'):\n print('held', flush=True); time.sleep(60)",
          str(run_copy)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
     try:

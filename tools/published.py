@@ -46,21 +46,22 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the btx package next to tools/, as in tools/routing_analysis.py
+from btx.recipe.run_dir import RunDir  # noqa: E402  (light: paths only)
 
 README = "README.md"
 RECIPE = "recipes/demo/btx.yaml"
 SNAPSHOT = "docs/demo"
 README_BEGIN, README_END = "<!-- demo:begin -->", "<!-- demo:end -->"
 RECIPE_BEGIN, RECIPE_END = "# <arithmetic>", "# </arithmetic>"
+RUN = RunDir(Path())  # the layout of a run directory, relative to it
 # The run's pictures, copied into the snapshot: (file in the run directory, name in docs/demo/, alt text).
-FIGURES = (("analysis/layers_stacked.png", "routing.png", "routing of the finetuned demo MoE per layer"),)
+FIGURES = ((RUN.analysis / "layers_stacked.png", "routing.png", "routing of the finetuned demo MoE per layer"),)
 # Any PNG eval/ writes (a loss-against-FLOPs plot, say) is copied too, under its own name.
-EVAL_FIGURE_GLOB = "eval/*.png"
 # A row key holding standard errors: `stderr`, `losses_se`, `average_sem`, ... (a dict over the
 # domains for the per-domain losses; a number when the key names the average).
 STDERR_KEY = re.compile(r"(^|_)(se|sem|stderr|std_err)($|_)")
-JOB_DIRS = {"seed": "seed", "finetune": "finetuned", "dense baseline": "baselines/dense",
-            "upcycled baseline": "baselines/upcycled"}
+JOB_DIRS = {"seed": RUN.seed, "finetune": RUN.finetuned, "dense baseline": RUN.dense_baseline("compute"),
+            "upcycled baseline": RUN.upcycled_baseline("compute")}
 
 
 class Stale(Exception):
@@ -238,21 +239,21 @@ def machine_description() -> str:
 def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Path:
     """Copy a finished demo run's published figures into `root`/docs/demo/ (replacing the old ones)."""
     from btx.io.manifest import read_done
-    from btx.run.ledger import LEDGER, STAGES
+    from btx.run.pipeline import STAGE_NAMES
 
-    run_dir = Path(run_dir)
-    eval_json = run_dir / "eval" / "eval.json"
-    ledger_path = run_dir / LEDGER
+    run_dir, rd = Path(run_dir), RunDir(Path(run_dir))
+    eval_json = rd.eval / "eval.json"
+    ledger_path = rd.ledger
     for needed in (eval_json, ledger_path):
         if not needed.is_file():
             raise Stale(f"{needed}: missing; snapshot takes a run directory that `btx run` finished")
     ledger = json.loads(ledger_path.read_text())
     stages = [{"stage": s, "seconds": ledger[s]["seconds"], "summary": ledger[s].get("summary", "")}
-              for s in STAGES if isinstance(ledger.get(s), dict)]  # in pipeline order
+              for s in STAGE_NAMES if isinstance(ledger.get(s), dict)]  # in pipeline order
     finished = max((ledger[s["stage"]].get("finished_at", "") for s in stages), default="")
     jobs = {}
-    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", f"experts/{p.name}")
-                                          for p in sorted((run_dir / "experts").glob("*")))]:
+    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", RUN.expert(p.name))
+                                          for p in sorted(rd.experts.glob("*")))]:
         done = read_done(run_dir / rel)
         if done is not None and "steps" in done:
             jobs[name] = {k: done.get(k) for k in ("steps", "tokens", "train_flops", "wall_time_s")}
@@ -266,7 +267,7 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
         if (run_dir / rel).is_file():
             shutil.copyfile(run_dir / rel, out / name)
             figures.append({"file": name, "alt": alt})
-    for png in sorted(run_dir.glob(EVAL_FIGURE_GLOB)):
+    for png in sorted(rd.eval.glob("*.png")):
         shutil.copyfile(png, out / png.name)
         figures.append({"file": png.name, "alt": f"demo eval: {png.stem.replace('_', ' ')}"})
     record = {"recipe": RECIPE, "recipe_values": recipe_values(root / RECIPE), "machine": machine or
@@ -334,7 +335,7 @@ SPREAD_ROWS = ("BTX", "BTM ensemble", "dense (compute-matched)", "dense (data-ma
 
 def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
     """Record the averages of a rerun of the demo with train.seed=`seed` (docs/demo/seed-N.json)."""
-    eval_json = Path(run_dir) / "eval" / "eval.json"
+    eval_json = RunDir(Path(run_dir)).eval / "eval.json"
     if not eval_json.is_file():
         raise Stale(f"{eval_json}: missing; snapshot-seed takes a run directory that `btx run` finished")
     rows = json.loads(eval_json.read_text())["rows"]

@@ -1,6 +1,7 @@
 """`btx run`: the whole Branch-Train-MiX workflow from one recipe, resumable and incremental.
 
-Stages, in order (each a plain function of the experiment; the modules do the work):
+Stages, in order (the work of each is a function of btx/run/stages.py, baselines.py, evaluation.py
+or this module; the modules named here do it):
 
     prepare    domain text -> token shards                       btx.data.recipe
     seed       the dense seed, when the recipe trains one         btx.train (seed_job)
@@ -13,7 +14,8 @@ Stages, in order (each a plain function of the experiment; the modules do the wo
     analyze    routing analysis of the finetuned MoE              btx.evaluate.routing
 
 STAGES below declares each stage once: the recipe paths it reads, the stages it consumes, the
-directories it leaves and its work (btx/run/stage.py drives a stage from its row).
+directories it leaves and its work (btx/run/stage.py drives a stage from its row, and computes its
+key from the row alone); the baselines are several rows of one stage, one per run.
 
 Skipping and redoing (docs/PROVENANCE.md). The ledger `<run_dir>/pipeline.json` records, per
 stage, a key and the identity of the outputs it left. The key hashes the recipe sections the stage
@@ -70,6 +72,7 @@ from btx.run import baselines, stages
 from btx.run.evaluation import evaluate
 from btx.run.ledger import Pipeline, StageOutcome, _key
 from btx.run.stage import Parts, Read, Stage, Task, drive
+from btx.train.job import seed_domains
 
 
 def analyze(p: Pipeline, task: Task) -> str:
@@ -80,11 +83,6 @@ def analyze(p: Pipeline, task: Task) -> str:
 def names(exp) -> list[str]:
     """The domains' names, not their recipes: what a stage that only lists them reads."""
     return list(exp.domains)
-
-
-def _dirs(*attributes: str):
-    """(exp, part) -> those directories of the run (RunDir attributes)."""
-    return lambda exp, part: [getattr(exp.paths, a) for a in attributes]
 
 
 def _baseline_rows(match: str) -> tuple[Stage, Stage]:
@@ -123,8 +121,9 @@ STAGES: tuple[Stage, ...] = (
         reads=("seed", "seed_train", "model", "tokenizer", "merged_domains"),
         uses={"domains": "orders the domains of its mixture, which seed.mixture or merged_domains decide",
               "domains.*.data": _SHARDS},
-        consumes=(Parts("prepare", "seed", stages.seed_domains),),
-        outputs=_dirs("seed"), scratch=_dirs("seed_train"), repairs_itself=True,
+        consumes=(Parts("prepare", "seed", lambda exp, part: seed_domains(exp)),),
+        outputs=lambda exp, part: [exp.paths.seed], scratch=lambda exp, part: [exp.paths.seed_train],
+        repairs_itself=True,
         adopt=lambda exp, part: stages.adopt_training(stages.seed_job(exp)),
     ),
     Stage(
@@ -137,7 +136,7 @@ STAGES: tuple[Stage, ...] = (
         adopt=lambda exp, part: stages.adopt_training(stages.expert_job(exp, part)),
     ),
     Stage(
-        "merge", stages.merge, adopt=stages.adopt_merge, outputs=_dirs("merged"),
+        "merge", stages.merge, adopt=stages.adopt_merge, outputs=lambda exp, part: [exp.paths.merged],
         # prompts shape only a hidden router init: another merge does not depend on them
         reads=(Read("merge", lambda exp: effective_merge_section(exp.merge)), "merged_domains", "seed.path"),
         uses={"finetune.balance_alpha": _BALANCE_ALPHA},
@@ -163,17 +162,17 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "baselines:upcycled-merged", baselines.upcycle, off=baselines.baselines_off, inputs=baselines.merge_shape,
         reads=(Read("merge", baselines.upcycle_options), "finetune.balance_alpha", "seed.path"),
-        consumes=("seed",), outputs=_dirs("upcycled_merged"),
+        consumes=("seed",), outputs=lambda exp, part: [exp.paths.upcycled_merged],
     ),
     *(row for match in BASELINE_PROTOCOLS for row in _baseline_rows(match)),
     Stage(
-        "eval", evaluate, outputs=_dirs("eval"),
+        "eval", evaluate, outputs=lambda exp, part: [exp.paths.eval],
         reads=("eval", "train.seq_len", Read("domains", names), "merged_domains", "grow.domains", "grow.steps",
                "finetune.router_only_steps", "seed.path"),
         consumes=("seed", "branch", "merge", "finetune", "grow", "baselines"),
     ),
     Stage("analyze", analyze, reads=("analyze", Read("domains", names)), consumes=("finetune",),
-          outputs=_dirs("analysis")),
+          outputs=lambda exp, part: [exp.paths.analysis]),
 )
 STAGE_NAMES = tuple(dict.fromkeys(stage.group for stage in STAGES))
 

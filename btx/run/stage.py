@@ -174,21 +174,22 @@ def plan(p: Pipeline, stages: Iterable[Stage]) -> list[str]:
         if off is not None:
             note(p, stage, off[1])
             continue
-        inputs = stage.inputs(p.exp) if stage.inputs is not None else None
-        contents = {}
-        for part in parts_of(p.exp, stage):
-            key = stage_key(p, stage, part, inputs)
-            upstream_redone = _redone(consumed(p, stage, part))
-            if stage.drive is not None:  # decides by itself: redone when what it reads changed
-                recorded = p.ledger.get(stage.name, {}).get("parts", {}).get(part)
-                fresh = recorded == key and not upstream_redone
-            else:
-                fresh = decide(p, stage, part, key, False).verdict in ("fresh", "adopt") and not upstream_redone
-            contents[part] = content(p.exp, stage, part) if fresh else REDO
-            if not fresh:
+        contents = {part: content(p.exp, stage, part) if _fresh(p, stage, part) else REDO
+                    for part in parts_of(p.exp, stage)}
+        for part, value in contents.items():
+            if value == REDO:
                 redo.append(stage.name if part is None else f"{stage.name}:{part}")
         note(p, stage, contents[None] if stage.parts is None else contents)
     return redo
+
+
+def _fresh(p: Pipeline, stage: Stage, part: Optional[str]) -> bool:
+    if _redone(consumed(p, stage, part)):
+        return False  # its inputs are not made yet: nothing else can be known of it
+    key = stage_key(p, stage, part, stage.inputs(p.exp) if stage.inputs is not None else None)
+    if stage.drive is not None:  # decides by itself: redone when what it reads changed
+        return p.ledger.get(stage.name, {}).get("parts", {}).get(part) == key
+    return decide(p, stage, part, key, False).verdict in ("fresh", "adopt")
 
 
 def note(p: Pipeline, stage: Stage, value) -> None:

@@ -107,11 +107,6 @@ def given_seed(exp) -> tuple[str, str] | None:
     return f"given: {exp.seed.path}", _key(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
 
 
-def seed_domains(exp, part=None) -> list[str]:
-    """The domains the seed trains on, whose shards it consumes."""
-    return list(seed_job(exp).train_shards)
-
-
 def train_seed(p: Pipeline, task: Task) -> str:
     return train_summary(run_loop(seed_job(p.exp), console=p.console))
 

@@ -98,15 +98,23 @@ StepHook = Callable[[int, ModelOutput, torch.Tensor], "dict | None"]
 # --------------------------------------------------------------------------------------------
 
 
+def _seed_weights(exp) -> dict:
+    # Default: the domains merged (those grow.domains adds later are not the seed's data).
+    return dict(exp.seed.mixture) or {name: 1.0 for name in exp.merged_domains}
+
+
+def seed_domains(exp) -> list[str]:
+    """The domains the seed trains on, in recipe order."""
+    weights = _seed_weights(exp)
+    return [n for n in exp.domains if weights.get(n, 0) > 0]
+
+
 def seed_job(exp) -> TrainJob:
     """The demo's seed: trained from scratch (recipe `model:`) on the domain mixture into <run_dir>/seed/."""
     if exp.seed.path is not None:
         raise BtxError(f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
                        "`btx train --seed` trains one from scratch from a `model:` section")
-    names = list(exp.domains)
-    # Default: the domains merged (those grow.domains adds later are not the seed's data).
-    mixture = dict(exp.seed.mixture) or {name: 1.0 for name in exp.merged_domains}
-    names = [n for n in names if mixture.get(n, 0) > 0]
+    mixture, names = _seed_weights(exp), seed_domains(exp)
     return TrainJob(
         name="seed",
         settings=exp.seed_train,
