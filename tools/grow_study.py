@@ -85,13 +85,14 @@ def main() -> int:
     from btx.recipe.load import load_experiment as load
 
     t0 = time.perf_counter()
-    router_init_table(load(args.recipe, [f"run_dir={onego}", *common]), ["random", "zeros", "centroid", "ridge", "hidden"]
-                      if exp.merge.prompts else ["random", "zeros", "centroid", "ridge"])
+    inits = ["random", "zeros", "centroid", "ridge", *(["hidden"] if exp.merge.prompts else [])]
+    router_init_table(load(args.recipe, [f"run_dir={onego}", *common]), inits)
     wall_table = time.perf_counter() - t0
 
     a, b = rows(rd_onego), rows(rd_grown)
     domains = list(exp.domains)
-    table = [("one go: BTX, every domain merged", a["BTX"]), ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
+    table = [("one go: BTX, every domain merged", a["BTX"]),
+             ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
              (f"without {args.add}: BTX", b["BTX"]), ("grown: no finetune", b["BTX grown (no finetune)"]),
              (f"grown: + {steps} finetune steps ({args.trainable})", b["BTX grown"])]
     lines = [f"# Growing vs merging in one go ({args.recipe}, {args.add} added, {args.router_init} routers)", "",

@@ -133,7 +133,8 @@ def recipe_arithmetic(exp) -> Arithmetic:
     from btx.model.flops import train_flops_per_token
 
     def stage(name, settings, cfg, trainable="all") -> Stage:
-        return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
+        return Stage(name, settings.steps, settings.tokens_per_step,
+                     train_flops_per_token(cfg, settings.seq_len, trainable))
 
     ft = exp.finetune_train
     finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
@@ -168,7 +169,8 @@ def arithmetic_comment(exp) -> list[str]:
         f"{t.grad_accum} = {_n(t.tokens_per_step)}",
         f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of the mixture, "
         f"{a.seed.flops:.3g} FLOPs:",
-        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter ({_params(a.seed_params)} parameters)",
+        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter "
+        f"({_params(a.seed_params)} parameters)",
     ]
     if same:
         e = next(iter(a.experts.values()))
@@ -179,7 +181,8 @@ def arithmetic_comment(exp) -> list[str]:
             lines.append(f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, "
                          f"{e.flops:.3g} FLOPs")
     lines += [
-        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} tokens of the "
+        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} "
+        "tokens of the "
         f"mixture, {a.finetune.flops:.3g} FLOPs:",
         f"          {a.moe_share:.1%} of BTX's {a.budget:.3g} training FLOPs beyond the seed",
         f"training FLOPs per token: dense {a.dense_flops_per_token / 1e6:.2f}M, MoE {a.n_experts} experts top-"
@@ -201,7 +204,7 @@ def recipe_values(recipe_path: Path) -> dict:
     of other checkouts do not count): {"btx.yaml": {...}, "<domain recipe path>": {...}}."""
     raw = yaml.safe_load(recipe_path.read_text()) or {}
     values = {recipe_path.name: raw}
-    for name, rel in sorted((raw.get("domains") or {}).items()):
+    for _, rel in sorted((raw.get("domains") or {}).items()):
         values[str(rel)] = yaml.safe_load((recipe_path.parent / rel).read_text()) or {}
     return values
 
@@ -314,7 +317,7 @@ def eval_table(data: dict) -> list[str]:
     best = {d: min(r["losses"][d] for r in rows) for d in domains}
     head = ["model", *domains, "average", "train FLOPs", "active params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for row, average in zip(rows, averages):
+    for row, average in zip(rows, averages, strict=True):
         se, average_se = _stderrs(row, domains)
         cells = [_md(row["name"])]
         for d in domains:

@@ -73,7 +73,8 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
 
 
 def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.05,
-                  seed: int = 0, text_field: str = "text", force: bool = False, progress: bool = True) -> dict[str, dict]:
+                  seed: int = 0, text_field: str = "text", force: bool = False,
+                  progress: bool = True) -> dict[str, dict]:
     from btx.data.prepare import prepare_domains
 
     if not 0.0 < val_fraction < 1.0:

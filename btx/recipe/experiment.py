@@ -160,9 +160,11 @@ class Experiment:
         return [d for d in self.domains if d not in self.grow.domains]
 
     def data_dir(self, domain: str) -> Path:
+        """Shorthand for `paths.data(domain)`."""
         return self.paths.data(domain)
 
     def expert_dir(self, domain: str) -> Path:
+        """Shorthand for `paths.expert(domain)`."""
         return self.paths.expert(domain)
 
     def to_yaml(self) -> str:

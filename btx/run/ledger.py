@@ -71,13 +71,15 @@ class Pipeline:
             if problems:
                 return "damaged", problems[0]
         made_here = bool(entry) and entry.get("outputs") in (None, _outputs_key(done_dirs))
-        changed = [c for path, done in zip(done_dirs, dones) for c in changed_inputs(done.get("input_identities"), path)]
+        changed = [c for path, done in zip(done_dirs, dones, strict=True)
+                   for c in changed_inputs(done.get("input_identities"), path)]
         if changed:
             return ("stale" if made_here or adopt is None else "foreign"), changed[0]
         if entry.get("key") == key and made_here:
             return "fresh", ""
         if not entry:
-            why = "this run's ledger has no record of it (made by a stage command, or by a btx run killed before it noted it)"
+            why = ("this run's ledger has no record of it (made by a stage command, or by a btx run killed before it "
+                   "noted it)")
         elif entry.get("key") != key:
             why = "its recipe sections or inputs changed"
         else:

@@ -72,7 +72,7 @@ from btx.run import baselines, stages
 from btx.run.evaluation import evaluate
 from btx.run.ledger import Pipeline, StageOutcome, _key
 from btx.run.stage import Parts, Read, Stage, Task, drive
-from btx.train.job import seed_domains
+from btx.train.job import expert_job, seed_domains, seed_job
 
 
 def analyze(p: Pipeline, task: Task) -> str:
@@ -124,7 +124,7 @@ STAGES: tuple[Stage, ...] = (
         consumes=(Parts("prepare", "seed", lambda exp, part: seed_domains(exp)),),
         outputs=lambda exp, part: [exp.paths.seed], scratch=lambda exp, part: [exp.paths.seed_train],
         repairs_itself=True,
-        adopt=lambda exp, part: stages.adopt_training(stages.seed_job(exp)),
+        adopt=lambda exp, part: stages.adopt_training(seed_job(exp)),
     ),
     Stage(
         "branch", stages.train_experts, parts="domains", part_label="expert", busy=stages.expert_busy,
@@ -133,7 +133,7 @@ STAGES: tuple[Stage, ...] = (
               "branch": "how the experts run (executor, parallel jobs, Slurm), not what they compute"},
         consumes=("seed", Parts("prepare", "own", lambda exp, part: [part])),
         outputs=lambda exp, part: [exp.paths.expert(part)], repairs_itself=True,
-        adopt=lambda exp, part: stages.adopt_training(stages.expert_job(exp, part)),
+        adopt=lambda exp, part: stages.adopt_training(expert_job(exp, part)),
     ),
     Stage(
         "merge", stages.merge, adopt=stages.adopt_merge, outputs=lambda exp, part: [exp.paths.merged],
