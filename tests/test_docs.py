@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import itertools
 import os
 import re
 import shlex
@@ -241,3 +243,50 @@ def test_the_recipe_schema_lists_every_key():
 def test_the_model_section_shows_the_defaults():
     documented = _schema_blocks()["model section"]["model"]
     assert documented == dataclasses.asdict(ModelSection())
+
+
+# ------------------------------------------------------------------------------------------------
+# docs/RUN_DIR.md and btx.recipe.run_dir.RunDir name the same paths
+# ------------------------------------------------------------------------------------------------
+
+
+def run_dir_doc_paths() -> set[str]:
+    """The paths docs/RUN_DIR.md's listing names: its entries two spaces in (those indented deeper
+    are files of the job above them), without the trailing slash of a directory."""
+    text = (REPO / "docs" / "RUN_DIR.md").read_text()
+    listing = text[text.index("```\ncheckpoints/<experiment>/\n"):]
+    listing = listing[:listing.index("\n```", 4)]
+    return {m.group(1).rstrip("/") for m in re.finditer(r"^  (\S+)", listing, re.M)}
+
+
+def run_dir_paths() -> dict[str, set[str]]:
+    """Every path attribute of RunDir, relative to the run directory, by attribute: a parameter is
+    shown as the doc shows it (<domain>), and a baseline's protocol takes each of its values."""
+    from btx.recipe.run_dir import BASELINE_PROTOCOLS, FinetuneDirs, RunDir
+
+    root = Path("R")
+    rd = RunDir(root)
+    values = {"domain": ["<domain>"], "split": ["<split>"], "init": ["<init>"], "match": list(BASELINE_PROTOCOLS)}
+    found: dict[str, set[str]] = {}
+    for name, member in vars(RunDir).items():
+        if name.startswith("_") or name == "root":
+            continue
+        if isinstance(member, property):
+            results = [getattr(rd, name)]
+        elif callable(member):
+            params = list(inspect.signature(member).parameters)[1:]  # after self
+            results = [getattr(rd, name)(*args) for args in itertools.product(*(values[p] for p in params))]
+        else:
+            continue
+        paths = [p for r in results for p in (dataclasses.astuple(r) if isinstance(r, FinetuneDirs) else (r,))]
+        found[name] = {str(p.relative_to(root)) for p in paths}
+    return found
+
+
+def test_the_run_dir_doc_lists_every_path_of_run_dir():
+    documented, attributes = run_dir_doc_paths(), run_dir_paths()
+    assert {"pipeline.json", "experts/<domain>/final", "baselines/upcycled-data-work"} <= documented  # parsed
+    assert {"merged", "finetuned", "expert_final", "shard", "dense_baseline", "grow_finetune"} <= set(attributes)
+    in_code = set().union(*attributes.values())
+    assert sorted(in_code - documented) == [], "RunDir paths missing from docs/RUN_DIR.md"
+    assert sorted(documented - in_code) == [], "docs/RUN_DIR.md lists paths that RunDir does not have"

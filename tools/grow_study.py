@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from btx.recipe.run_dir import RunDir  # noqa: E402  (the btx package of this checkout, on the path just above)
 
 
 def run(recipe: str, overrides: list[str]) -> float:
@@ -36,12 +37,12 @@ def run(recipe: str, overrides: list[str]) -> float:
     return time.perf_counter() - t0
 
 
-def rows(run_dir: Path) -> dict[str, dict]:
-    return {r["name"]: r for r in json.loads((run_dir / "eval" / "eval.json").read_text())["rows"]}
+def rows(run: RunDir) -> dict[str, dict]:
+    return {r["name"]: r for r in json.loads((run.eval / "eval.json").read_text())["rows"]}
 
 
-def ledger(run_dir: Path) -> dict:
-    return json.loads((run_dir / "pipeline.json").read_text())
+def ledger(run: RunDir) -> dict:
+    return json.loads(run.ledger.read_text())
 
 
 def flops(path: Path) -> float:
@@ -64,6 +65,7 @@ def main() -> int:
 
     root = Path(args.root)
     onego, grown = root / "one-go", root / "grown"
+    rd_onego, rd_grown = RunDir(onego), RunDir(grown)
     common = ["eval.baselines=false", *args.extra]
     wall_onego = run(args.recipe, [f"run_dir={onego}", *common])
     exp = load_experiment(args.recipe, [f"run_dir={onego}", *common])
@@ -71,8 +73,8 @@ def main() -> int:
     if grown.exists():
         shutil.rmtree(grown)
     grown.mkdir(parents=True)
-    for part in ("data", "seed", "experts"):  # made outside the grown run: it adopts them
-        shutil.copytree(onego / part, grown / part, symlinks=True)
+    for part in ("data_root", "seed", "experts"):  # made outside the grown run: it adopts them
+        shutil.copytree(getattr(rd_onego, part), getattr(rd_grown, part), symlinks=True)
     # The MoE without ADD is finetuned without ADD's data (weight 0 in the mixture) and the grown
     # one on every domain equally, as the one-go finetune.
     grow = [f"grow.domains=[{args.add}]", f"grow.router_init={args.router_init}", f"grow.steps={steps}",
@@ -83,35 +85,36 @@ def main() -> int:
     from btx.recipe.load import load_experiment as load
 
     t0 = time.perf_counter()
-    router_init_table(load(args.recipe, [f"run_dir={onego}", *common]), ["random", "zeros", "centroid", "ridge", "hidden"]
-                      if exp.merge.prompts else ["random", "zeros", "centroid", "ridge"])
+    inits = ["random", "zeros", "centroid", "ridge", *(["hidden"] if exp.merge.prompts else [])]
+    router_init_table(load(args.recipe, [f"run_dir={onego}", *common]), inits)
     wall_table = time.perf_counter() - t0
 
-    a, b = rows(onego), rows(grown)
+    a, b = rows(rd_onego), rows(rd_grown)
     domains = list(exp.domains)
-    table = [("one go: BTX, every domain merged", a["BTX"]), ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
+    table = [("one go: BTX, every domain merged", a["BTX"]),
+             ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
              (f"without {args.add}: BTX", b["BTX"]), ("grown: no finetune", b["BTX grown (no finetune)"]),
              (f"grown: + {steps} finetune steps ({args.trainable})", b["BTX grown"])]
     lines = [f"# Growing vs merging in one go ({args.recipe}, {args.add} added, {args.router_init} routers)", "",
              "| MoE | " + " | ".join(domains) + " | average |", "|---|" + "---|" * (len(domains) + 1)]
     for name, r in table:
         lines.append(f"| {name} | " + " | ".join(f"{r['losses'][d]:.4f}" for d in domains) + f" | {r['average']:.4f} |")
-    la, lb = ledger(onego), ledger(grown)
+    la, lb = ledger(rd_onego), ledger(rd_grown)
     remerge_s = la["merge"]["seconds"] + la["finetune"]["seconds"]
     grow_s = lb["grow"]["seconds"]
-    remerge_f = flops(onego / "finetuned")
-    grow_f = flops(grown / "grown-finetuned")
+    remerge_f = flops(rd_onego.finetuned)
+    grow_f = flops(rd_grown.grow_finetune.export)
     lines += ["", "| cost of the new domain (its expert aside) | wall s | training FLOPs |", "|---|---|---|",
               f"| re-merge + re-finetune ({steps} steps) | {remerge_s:.1f} | {remerge_f:.3e} |",
               f"| grow + finetune ({steps} steps) | {grow_s:.1f} | {grow_f:.3e} |",
               f"| ratio grow / re-merge | {grow_s / remerge_s:.2f} | {grow_f / max(remerge_f, 1):.2f} |",
               "", f"whole runs: one go {wall_onego:.0f} s, grown {wall_grown:.0f} s (seed and experts adopted); "
               f"router-init table {wall_table:.0f} s", "",
-              "router-init table (merged, no finetune): " + str(onego / "eval-router-inits" / "eval.md")]
+              "router-init table (merged, no finetune): " + str(rd_onego.router_init_table / "eval.md")]
     text = "\n".join(lines) + "\n"
     (root / "grow_study.md").write_text(text)
     print(text)
-    print((onego / "eval-router-inits" / "eval.md").read_text())
+    print((rd_onego.router_init_table / "eval.md").read_text())
     return 0
 
 

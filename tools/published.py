@@ -46,21 +46,22 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the btx package next to tools/, as in tools/routing_analysis.py
+from btx.recipe.run_dir import RunDir  # noqa: E402  (light: paths only)
 
 README = "README.md"
 RECIPE = "recipes/demo/btx.yaml"
 SNAPSHOT = "docs/demo"
 README_BEGIN, README_END = "<!-- demo:begin -->", "<!-- demo:end -->"
 RECIPE_BEGIN, RECIPE_END = "# <arithmetic>", "# </arithmetic>"
+RUN = RunDir(Path())  # the layout of a run directory, relative to it
 # The run's pictures, copied into the snapshot: (file in the run directory, name in docs/demo/, alt text).
-FIGURES = (("analysis/layers_stacked.png", "routing.png", "routing of the finetuned demo MoE per layer"),)
+FIGURES = ((RUN.analysis / "layers_stacked.png", "routing.png", "routing of the finetuned demo MoE per layer"),)
 # Any PNG eval/ writes (a loss-against-FLOPs plot, say) is copied too, under its own name.
-EVAL_FIGURE_GLOB = "eval/*.png"
 # A row key holding standard errors: `stderr`, `losses_se`, `average_sem`, ... (a dict over the
 # domains for the per-domain losses; a number when the key names the average).
 STDERR_KEY = re.compile(r"(^|_)(se|sem|stderr|std_err)($|_)")
-JOB_DIRS = {"seed": "seed", "finetune": "finetuned", "dense baseline": "baselines/dense",
-            "upcycled baseline": "baselines/upcycled"}
+JOB_DIRS = {"seed": RUN.seed, "finetune": RUN.finetuned, "dense baseline": RUN.dense_baseline("compute"),
+            "upcycled baseline": RUN.upcycled_baseline("compute")}
 
 
 class Stale(Exception):
@@ -132,7 +133,8 @@ def recipe_arithmetic(exp) -> Arithmetic:
     from btx.model.flops import train_flops_per_token
 
     def stage(name, settings, cfg, trainable="all") -> Stage:
-        return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
+        return Stage(name, settings.steps, settings.tokens_per_step,
+                     train_flops_per_token(cfg, settings.seq_len, trainable))
 
     ft = exp.finetune_train
     finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
@@ -167,7 +169,8 @@ def arithmetic_comment(exp) -> list[str]:
         f"{t.grad_accum} = {_n(t.tokens_per_step)}",
         f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of the mixture, "
         f"{a.seed.flops:.3g} FLOPs:",
-        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter ({_params(a.seed_params)} parameters)",
+        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter "
+        f"({_params(a.seed_params)} parameters)",
     ]
     if same:
         e = next(iter(a.experts.values()))
@@ -178,7 +181,8 @@ def arithmetic_comment(exp) -> list[str]:
             lines.append(f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, "
                          f"{e.flops:.3g} FLOPs")
     lines += [
-        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} tokens of the "
+        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} "
+        "tokens of the "
         f"mixture, {a.finetune.flops:.3g} FLOPs:",
         f"          {a.moe_share:.1%} of BTX's {a.budget:.3g} training FLOPs beyond the seed",
         f"training FLOPs per token: dense {a.dense_flops_per_token / 1e6:.2f}M, MoE {a.n_experts} experts top-"
@@ -200,7 +204,7 @@ def recipe_values(recipe_path: Path) -> dict:
     of other checkouts do not count): {"btx.yaml": {...}, "<domain recipe path>": {...}}."""
     raw = yaml.safe_load(recipe_path.read_text()) or {}
     values = {recipe_path.name: raw}
-    for name, rel in sorted((raw.get("domains") or {}).items()):
+    for _, rel in sorted((raw.get("domains") or {}).items()):
         values[str(rel)] = yaml.safe_load((recipe_path.parent / rel).read_text()) or {}
     return values
 
@@ -238,21 +242,21 @@ def machine_description() -> str:
 def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Path:
     """Copy a finished demo run's published figures into `root`/docs/demo/ (replacing the old ones)."""
     from btx.io.manifest import read_done
-    from btx.run.ledger import LEDGER, STAGES
+    from btx.run.pipeline import STAGE_NAMES
 
-    run_dir = Path(run_dir)
-    eval_json = run_dir / "eval" / "eval.json"
-    ledger_path = run_dir / LEDGER
+    run_dir, rd = Path(run_dir), RunDir(Path(run_dir))
+    eval_json = rd.eval / "eval.json"
+    ledger_path = rd.ledger
     for needed in (eval_json, ledger_path):
         if not needed.is_file():
             raise Stale(f"{needed}: missing; snapshot takes a run directory that `btx run` finished")
     ledger = json.loads(ledger_path.read_text())
     stages = [{"stage": s, "seconds": ledger[s]["seconds"], "summary": ledger[s].get("summary", "")}
-              for s in STAGES if isinstance(ledger.get(s), dict)]  # in pipeline order
+              for s in STAGE_NAMES if isinstance(ledger.get(s), dict)]  # in pipeline order
     finished = max((ledger[s["stage"]].get("finished_at", "") for s in stages), default="")
     jobs = {}
-    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", f"experts/{p.name}")
-                                          for p in sorted((run_dir / "experts").glob("*")))]:
+    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", RUN.expert(p.name))
+                                          for p in sorted(rd.experts.glob("*")))]:
         done = read_done(run_dir / rel)
         if done is not None and "steps" in done:
             jobs[name] = {k: done.get(k) for k in ("steps", "tokens", "train_flops", "wall_time_s")}
@@ -266,7 +270,7 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
         if (run_dir / rel).is_file():
             shutil.copyfile(run_dir / rel, out / name)
             figures.append({"file": name, "alt": alt})
-    for png in sorted(run_dir.glob(EVAL_FIGURE_GLOB)):
+    for png in sorted(rd.eval.glob("*.png")):
         shutil.copyfile(png, out / png.name)
         figures.append({"file": png.name, "alt": f"demo eval: {png.stem.replace('_', ' ')}"})
     record = {"recipe": RECIPE, "recipe_values": recipe_values(root / RECIPE), "machine": machine or
@@ -313,7 +317,7 @@ def eval_table(data: dict) -> list[str]:
     best = {d: min(r["losses"][d] for r in rows) for d in domains}
     head = ["model", *domains, "average", "train FLOPs", "active params"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" + "---:|" * (len(head) - 1)]
-    for row, average in zip(rows, averages):
+    for row, average in zip(rows, averages, strict=True):
         se, average_se = _stderrs(row, domains)
         cells = [_md(row["name"])]
         for d in domains:
@@ -334,7 +338,7 @@ SPREAD_ROWS = ("BTX", "BTM ensemble", "dense (compute-matched)", "dense (data-ma
 
 def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
     """Record the averages of a rerun of the demo with train.seed=`seed` (docs/demo/seed-N.json)."""
-    eval_json = Path(run_dir) / "eval" / "eval.json"
+    eval_json = RunDir(Path(run_dir)).eval / "eval.json"
     if not eval_json.is_file():
         raise Stale(f"{eval_json}: missing; snapshot-seed takes a run directory that `btx run` finished")
     rows = json.loads(eval_json.read_text())["rows"]

@@ -42,7 +42,7 @@ def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool =
     from btx.data.prepare import prepare_domains
     from btx.data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(exp.recipe.tokenizer)
+    tokenizer = load_tokenizer(exp.tokenizer)
     domains = {
         name: {
             "sources": domain_sources(d),
@@ -52,7 +52,7 @@ def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool =
         }
         for name, d in exp.data_domains.items()
     }
-    return prepare_domains(domains, tokenizer, exp.run_dir / "data", force=force, progress=progress)
+    return prepare_domains(domains, tokenizer, exp.paths.data_root, force=force, progress=progress)
 
 
 def parse_domain_specs(specs: list[str]) -> dict[str, list]:
@@ -73,7 +73,8 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
 
 
 def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.05,
-                  seed: int = 0, text_field: str = "text", force: bool = False, progress: bool = True) -> dict[str, dict]:
+                  seed: int = 0, text_field: str = "text", force: bool = False,
+                  progress: bool = True) -> dict[str, dict]:
     from btx.data.prepare import prepare_domains
 
     if not 0.0 < val_fraction < 1.0:

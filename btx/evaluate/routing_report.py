@@ -1,8 +1,8 @@
 """Showing and saving a routing analysis: rich tables in the terminal, routing.json, CSV, PNGs.
 
-The numbers come from `btx.evaluate.routing_analysis.analyze_checkpoint` (see btx/evaluate/routing.py for what each means);
-this module only presents them, and runs `btx analyze` (`run_analyze`; `analyze_recipe` is the recipe
-form, btx run's analyze stage).
+The numbers come from `btx.evaluate.routing_analysis.analyze_checkpoint` (see btx/evaluate/routing.py
+for what each means); this module only presents them, and runs `btx analyze` (`run_analyze`;
+`analyze_recipe` is the recipe form, btx run's analyze stage).
 
 Output directory
     routing.json            every number (structure: docs/ROUTING.md; the file's own "definitions")
@@ -65,7 +65,7 @@ def text_on(color: str) -> str:
 def _blend(t: float, low=(247, 251, 255), high=(8, 48, 107)) -> str:
     """A colour between `low` and `high` (matplotlib's Blues ends) for t in [0, 1]."""
     t = min(max(t, 0.0), 1.0)
-    return "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(low, high))
+    return "#" + "".join(f"{round(a + (b - a) * t):02x}" for a, b in zip(low, high, strict=False))
 
 
 def _cell(value: float, vmax: float, diverging: bool = False):
@@ -129,7 +129,7 @@ def summary_table(report: dict):
     columns += [Column("dropped")] if show_dropped else []
     rows = []
     for name, s in list(report["domains"].items()) + [(OVERALL, report["overall"])]:
-        share_by_expert = [_mean(col) for col in zip(*s["load_share"])]
+        share_by_expert = [_mean(col) for col in zip(*s["load_share"], strict=False)]
         busiest = max(range(E), key=lambda e: share_by_expert[e])
         cells = [
             escape(name),
@@ -171,7 +171,7 @@ def text_view(report: dict, domain: str, layer: int, max_samples: int):
     parts = []
     for sample in report.get("samples", {}).get(domain, [])[:max_samples]:
         text = Text()
-        for piece, expert in zip(sample["pieces"], sample["top1"][layer]):
+        for piece, expert in zip(sample["pieces"], sample["top1"][layer], strict=False):
             if not piece:
                 continue
             shown = "".join(c if c.isprintable() or c in "\n\t" else "·" for c in piece)
@@ -341,7 +341,7 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
         for e, name in enumerate(experts):
             heights = [share[layer][e] for layer in range(n_layers)]
             ax.bar(range(n_layers), heights, bottom=bottom, color=expert_color(e), width=0.85, label=name)
-            bottom = [b + h for b, h in zip(bottom, heights)]
+            bottom = [b + h for b, h in zip(bottom, heights, strict=False)]
         ax.set_title(f"{domain} tokens", fontsize=10)
         ax.set_xlabel("layer")
         ax.set_ylim(0, 1)
@@ -411,7 +411,7 @@ def analyze_and_write(
     shapes = {(cfg.n_layers, cfg.n_experts) for cfg in configs}
     if len(shapes) > 1:
         raise BtxError(f"--compare: {checkpoints[0]} and {checkpoints[1]} differ in layers x experts "
-                       f"({' vs '.join(f'{l} x {e}' for l, e in shapes)}); a comparison needs the same shape")
+                       f"({' vs '.join(f'{n} x {e}' for n, e in shapes)}); a comparison needs the same shape")
     n_layers = configs[0].n_layers
     if layer is not None and not 0 <= layer < n_layers:
         raise BtxError(f"--layer {layer}: the model has MoE layers 0..{n_layers - 1}")
@@ -482,21 +482,21 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
     from btx.io.manifest import is_done
 
-    for stage in ("finetuned", "merged"):
-        if is_done(exp.run_dir / stage):
-            checkpoint = exp.run_dir / stage
+    for checkpoint in (exp.paths.finetuned, exp.paths.merged):
+        if is_done(checkpoint):
             break
     else:
-        raise BtxError(f"{exp.run_dir}: no finished finetuned/ or merged/ model yet; run btx merge (and btx finetune) first")
+        raise BtxError(f"{exp.run_dir}: no finished finetuned/ or merged/ model yet; run btx merge (and btx finetune) "
+                       "first")
     data = {}
     for name in exp.domains:
-        val = exp.data_dir(name) / "val.json"
+        val = exp.paths.shard(name, "val")
         if not val.is_file():
             raise BtxError(f"{val}: validation shard missing; run btx prepare {exp.path}")
         data[name] = str(val)
     tokens = tokens or exp.analyze.tokens
     show_text = exp.analyze.show_text if show_text is None else show_text
-    out = out or exp.run_dir / "analysis"
+    out = out or exp.paths.analysis
     from btx.data.shards import load_shard
     from btx.io.manifest import identity, input_identity, relative_identities
 

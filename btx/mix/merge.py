@@ -262,12 +262,12 @@ def merge_from_recipe(
     """
     seed = exp.seed_dir
     options = recipe_merge_options(exp.merge, upcycle, aux_loss_coef=exp.finetune.balance_alpha)
-    experts = {} if upcycle else {d: exp.expert_dir(d) / "final" for d in exp.merged_domains}
+    experts = {} if upcycle else {d: exp.paths.expert_final(d) for d in exp.merged_domains}
     merged = set(experts) | {SEED}  # prompts of experts that grow adds later are not this merge's
     options.prompts = {k: v for k, v in options.prompts.items() if k in merged}
     options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in merged}
     return merge(
-        seed, experts, Path(out_dir) if out_dir is not None else exp.run_dir / "merged", options,
+        seed, experts, Path(out_dir) if out_dir is not None else exp.paths.merged, options,
         router_data=recipe_router_data(exp, experts) if options.router_init in ("centroid", "ridge") else None,
         force=force, allow_no_manifest=allow_no_manifest, seed_needs_manifest=exp.seed.path is None,
         recipe_hash=merge_recipe_hash(exp, upcycle), progress=progress, console=console,
@@ -285,7 +285,7 @@ def effective_merge_section(section: MergeSection) -> MergeSection:
 def recipe_router_data(exp, domains) -> dict[str, Path]:
     """The shards a recipe's centroid and ridge routers are fitted on: each domain's *train* shard,
     so that the validation windows every eval row is scored on stay unseen by the routers too."""
-    return {d: exp.data_dir(d) / "train.bin" for d in domains}
+    return {d: exp.paths.tokens(d, "train") for d in domains}
 
 
 def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef: float = 0.01) -> MergeOptions:

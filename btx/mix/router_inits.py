@@ -25,9 +25,6 @@ from btx.choices import ROUTER_INITS
 from btx.errors import BtxError
 from btx.io.manifest import changed_inputs, damaged_outputs, read_done
 
-OUT_DIR = "router-inits"
-TABLE_DIR = "eval-router-inits"
-
 
 def parse_inits(text: str | None) -> list[str]:
     """`--router-inits` with no value: all; else a comma-separated list of router inits."""
@@ -63,15 +60,16 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
     )
 
     console = console or Console()
-    missing = [d for d in exp.merged_domains if read_done(exp.expert_dir(d)) is None]
+    rd = exp.paths
+    missing = [d for d in exp.merged_domains if read_done(rd.expert(d)) is None]
     if missing or not (exp.seed_dir / "config.json").is_file():
         raise BtxError(f"{exp.run_dir}: the router-init table needs the seed and every expert "
                        f"({', '.join(missing) or 'seed'} not finished); run btx run {exp.path} --until branch first")
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
-    shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
-    experts = {d: exp.expert_dir(d) / "final" for d in exp.merged_domains}
-    expert_flops = sum((read_done(exp.expert_dir(d)) or {}).get("train_flops", 0.0) for d in experts)
+    shards = {d: load_shard(rd.shard(d, "val")) for d in exp.domains}
+    experts = {d: rd.expert_final(d) for d in exp.merged_domains}
+    expert_flops = sum((read_done(rd.expert(d)) or {}).get("train_flops", 0.0) for d in experts)
     rows, notes = [], []
     for init in inits:
         if init == "hidden" and not exp.merge.prompts:
@@ -81,7 +79,7 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
         section = dataclasses.replace(exp.merge, router_init=init, **({} if init == "hidden" else
                                                                      {"prompts": {}, "negative_prompts": {}}))
         wanted = merge_recipe_hash(exp, section=section)
-        out = exp.run_dir / OUT_DIR / init
+        out = rd.router_init(init)
         if not _reusable(out, wanted):
             options = recipe_merge_options(section, aux_loss_coef=exp.finetune.balance_alpha)
             options.prompts = {k: v for k, v in options.prompts.items() if k in [*experts, "seed"]}
@@ -101,7 +99,7 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
            console=console)
     for note in notes:
         console.print(escape(note), soft_wrap=True)
-    table_dir = exp.run_dir / TABLE_DIR
+    table_dir = rd.router_init_table
     record = {"recipe": str(exp.path), "overrides": list(exp.overrides), "inits": inits, "notes": notes,
               "batches": settings.batches, "batch_size": settings.batch_size, "seq_len": seq_len}
     write_outputs(rows, domains, table_dir, {"settings": record}, {"settings": record})

@@ -1,5 +1,9 @@
 """What loading a recipe gives: an Experiment (the resolved experiment recipe, its domains and run
 directory), each Domain's effective settings and resolved Sources; and the hashes stages key on.
+
+An Experiment names each recipe section it gives (`exp.merge`, `exp.finetune`, ...) as a property
+of its own, so that grep and a type checker follow every use of a section (btx.run.stage records
+them to check that each stage keys on what it reads); `exp.paths` is the run directory's layout.
 """
 
 import dataclasses
@@ -14,7 +18,21 @@ from omegaconf import OmegaConf
 
 from btx.choices import GENERAL_DOMAIN
 from btx.recipe.check import _GLOB_CHARS
-from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
+from btx.recipe.run_dir import RunDir
+from btx.recipe.schema import (
+    AnalyzeSection,
+    BranchSection,
+    DataSection,
+    DomainRecipe,
+    EvalSection,
+    ExperimentRecipe,
+    FinetuneSection,
+    GrowSection,
+    MergeSection,
+    ModelSection,
+    SeedSection,
+    TrainSection,
+)
 
 
 @dataclass
@@ -55,8 +73,8 @@ class Domain:
 
 @dataclass
 class Experiment:
-    """A loaded, validated experiment. Attribute access falls through to the recipe sections
-    (`exp.merge.top_k`, `exp.finetune.router_mode`, ...)."""
+    """A loaded, validated experiment: its recipe's sections (`exp.merge.top_k`), its domains with
+    their effective settings, and its run directory (`exp.paths`)."""
 
     path: Path  # the experiment recipe file
     recipe: ExperimentRecipe
@@ -72,30 +90,82 @@ class Experiment:
         """Every domain with data to prepare: the experts' domains, then the general one."""
         return {**self.domains, **({GENERAL_DOMAIN: self.general} if self.general is not None else {})}
 
-    def __getattr__(self, name: str):
-        if name.startswith("__") or name == "recipe":
-            raise AttributeError(name)
-        return getattr(self.recipe, name)
+    @property
+    def paths(self) -> RunDir:
+        """Every path the run writes."""
+        return RunDir(self.run_dir)
+
+    # -- the recipe's sections ------------------------------------------------------------------
+
+    @property
+    def experiment(self) -> str:
+        return self.recipe.experiment
 
     @property
     def name(self) -> str:
         return self.recipe.experiment
 
     @property
+    def tokenizer(self) -> str:
+        return self.recipe.tokenizer
+
+    @property
+    def seed(self) -> SeedSection:
+        return self.recipe.seed
+
+    @property
+    def model(self) -> Optional[ModelSection]:
+        return self.recipe.model
+
+    @property
+    def train(self) -> TrainSection:
+        """The experiment's training defaults (each job's effective settings: `seed_train`,
+        `Domain.train`, `finetune_train`)."""
+        return self.recipe.train
+
+    @property
+    def branch(self) -> BranchSection:
+        return self.recipe.branch
+
+    @property
+    def merge(self) -> MergeSection:
+        return self.recipe.merge
+
+    @property
+    def finetune(self) -> FinetuneSection:
+        return self.recipe.finetune
+
+    @property
+    def grow(self) -> GrowSection:
+        return self.recipe.grow
+
+    @property
+    def eval(self) -> EvalSection:
+        return self.recipe.eval
+
+    @property
+    def analyze(self) -> AnalyzeSection:
+        return self.recipe.analyze
+
+    # -- derived ----------------------------------------------------------------------------------
+
+    @property
     def seed_dir(self) -> Path:
         """The dense seed checkpoint: seed.path, or the seed this run trains (<run_dir>/seed)."""
-        return Path(self.recipe.seed.path) if self.recipe.seed.path is not None else self.run_dir / "seed"
+        return Path(self.seed.path) if self.seed.path is not None else self.paths.seed
 
     @property
     def merged_domains(self) -> list[str]:
         """The domains merged into the MoE: all, but those grow.domains adds to it afterwards."""
-        return [d for d in self.domains if d not in self.recipe.grow.domains]
+        return [d for d in self.domains if d not in self.grow.domains]
 
     def data_dir(self, domain: str) -> Path:
-        return self.run_dir / "data" / domain
+        """Shorthand for `paths.data(domain)`."""
+        return self.paths.data(domain)
 
     def expert_dir(self, domain: str) -> Path:
-        return self.run_dir / "experts" / domain
+        """Shorthand for `paths.expert(domain)`."""
+        return self.paths.expert(domain)
 
     def to_yaml(self) -> str:
         return to_yaml(self.recipe)

@@ -4,8 +4,8 @@ An *experiment recipe* describes one BTX run (seed, domains, merge, finetune, ev
 names one *domain recipe* per domain (data sources and training overrides for that expert).
 
     exp = load_experiment("recipes/demo/btx.yaml", ["merge.top_k=1", "train.steps=20"])
-    exp.merge.top_k                    # sections are typed dataclasses (attribute access is
-    exp.run_dir                        #   delegated to exp.recipe); run_dir is an absolute Path
+    exp.merge.top_k                    # sections are typed dataclasses, each a property of exp
+    exp.run_dir, exp.paths.merged      # run_dir is an absolute Path; paths, its layout (RunDir)
     exp.domains["code"].train.lr       # per-domain effective training settings
     exp.domains["code"].sources        # resolved data sources (absolute paths, expanded files)
     recipe_hash(exp.merge)             # sha256 of the resolved YAML of what a stage depends on

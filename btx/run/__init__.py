@@ -1,9 +1,10 @@
 """Running the workflow: `btx run` (the pipeline of stages and its ledger), `btx branch` and
 `btx status` (expert jobs, locally or on Slurm).
 
-    pipeline.py    `btx run`: the stages in order, then a summary (start here)
-    ledger.py      pipeline.json, stage keys and the skip / redo / adopt decision
-    stages.py      prepare, seed, branch, merge, finetune and grow
+    pipeline.py    `btx run`: STAGES, the table declaring every stage; the run, then a summary (start here)
+    stage.py       what a Stage declares, and driving one from its row: key, verdict, work, record
+    ledger.py      pipeline.json and the skip / redo / adopt verdict
+    stages.py      the work of prepare, seed, branch, merge, finetune and grow
     baselines.py   the dense and sparse-upcycling baselines, matched on compute or data
     evaluation.py  `btx eval RECIPE`: every model of a run
     branch.py      `btx branch` and `btx status`

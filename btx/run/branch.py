@@ -4,7 +4,7 @@
     jobs = plan_jobs(exp, recipe_path, overrides)          # one ExpertJob per domain (its command, its dir)
     run_local(jobs, LocalSlots.plan(visible_gpus(), devices_per_expert=1, max_parallel=2))
     sbatch_script(job, exp.branch.slurm, exp.name)         # or one Slurm batch script per expert
-    expert_state(exp.expert_dir("code"))                   # ("running", "pid 123 on node7")
+    expert_state(exp.paths.expert("code"))                 # ("running", "pid 123 on node7")
 
 Every job is the same idempotent command, `btx train RECIPE --domain NAME [overrides]`: it resumes
 from the newest `ckpt/step-N/` and does nothing once the expert's DONE.json exists. Re-running
@@ -59,7 +59,7 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
     for job in jobs:
         state, detail = expert_state(job.expert_dir)
         if state == "done":
-            console.print(f"{job.domain}: done ({job.expert_dir / 'final'}), skipped")
+            console.print(f"{job.domain}: done ({job.final}), skipped")
         elif state in ("running", "queued"):
             console.print(f"{job.domain}: already {state} ({detail}{orphan_note(job.expert_dir)}), skipped",
                           highlight=False)
@@ -123,7 +123,7 @@ def status(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, wat
     console = console or Console()
     exp = load_experiment(recipe_path, list(overrides))
     jobs = plan_jobs(exp, recipe_path, overrides)
-    title = f"{exp.name}: experts in {exp.run_dir / 'experts'}"
+    title = f"{exp.name}: experts in {exp.paths.experts}"
 
     def snapshot():
         return [expert_status(job) for job in jobs]

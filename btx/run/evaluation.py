@@ -9,18 +9,34 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from rich.console import Console
+from rich.markup import escape
+from rich.progress import Progress
 
+from btx.data.shards import load_shard
 from btx.errors import BtxError
+from btx.evaluate.btm import TfidfRouter, shard_sample
+from btx.evaluate.checkpoints import btm_rows, check_out_dir, write_outputs, written
+from btx.evaluate.scores import row_from_logprobs, window_logprobs
+from btx.evaluate.table import render, save
+from btx.io.atomic import atomic_dir
+from btx.io.checkpoint import load_model
 from btx.io.manifest import (
     changed_inputs,
     damaged_outputs,
     hash_dir,
+    identity,
     input_identity,
     read_done,
+    relative_identities,
+    write_done,
 )
-from btx.run.baselines import BASELINES, matches
-from btx.run.ledger import Pipeline, StageOutcome, _key
+from btx.io.reader import CheckpointReader
+from btx.recipe.load import load_experiment
+from btx.run.baselines import ROWS, matches
+from btx.run.ledger import Pipeline
+from btx.run.stage import Task
 
 
 @dataclass
@@ -36,36 +52,36 @@ class RunModel:
 def run_models(exp) -> list[RunModel]:
     """Every model of the run that eval scores (whether it exists yet or not), in table order;
     the baselines of the protocols eval.match asks for."""
-    from btx.train.finetune import ROUTER_PHASE
-
-    run_dir, base = exp.run_dir, exp.run_dir / "baselines"
-    models = [RunModel("seed", exp.seed_dir, run_dir / "seed" if exp.seed.path is None else None, "the dense seed")]
-    models += [RunModel(f"expert:{d}", exp.expert_dir(d) / "final", exp.expert_dir(d), f"{d} expert alone")
-               for d in exp.domains]
-    notes = {"dense": "the seed trained further", "upcycled": "seed copies as experts + MoE finetune"}
-    for kind, note in notes.items():
-        for match in matches(exp):
-            directory = next(d for d in BASELINES[match] if d.startswith(kind))
-            path = base / directory / "final" if kind == "dense" else base / directory
-            models.append(RunModel(BASELINES[match][directory], path, base / directory, note))
-    models.append(RunModel("BTX merged (no finetune)", run_dir / "merged", run_dir / "merged", "MiX only"))
+    rd = exp.paths
+    models = [RunModel("seed", exp.seed_dir, rd.seed if exp.seed.path is None else None, "the dense seed")]
+    models += [RunModel(f"expert:{d}", rd.expert_final(d), rd.expert(d), f"{d} expert alone") for d in exp.domains]
+    models += [RunModel(ROWS["dense", m], rd.dense_baseline_final(m), rd.dense_baseline(m), "the seed trained further")
+               for m in matches(exp)]
+    models += [RunModel(ROWS["upcycled", m], rd.upcycled_baseline(m), rd.upcycled_baseline(m),
+                        "seed copies as experts + MoE finetune") for m in matches(exp)]
+    models.append(_model("BTX merged (no finetune)", rd.merged, "MiX only"))
     if exp.finetune.router_only_steps:
-        models.append(RunModel(f"BTX router-only ({exp.finetune.router_only_steps} steps)", run_dir / ROUTER_PHASE,
-                               run_dir / ROUTER_PHASE, "merged + the router-only phase"))
-    models.append(RunModel("BTX", run_dir / "finetuned", run_dir / "finetuned", "merged + MoE finetune"))
+        models.append(_model(f"BTX router-only ({exp.finetune.router_only_steps} steps)", rd.finetune.router,
+                             "merged + the router-only phase"))
+    models.append(_model("BTX", rd.finetuned, "merged + MoE finetune"))
     if exp.grow.domains:
         added = "+" + ", ".join(exp.grow.domains)
-        models.append(RunModel("BTX grown (no finetune)", run_dir / "grown", run_dir / "grown", f"BTX {added} experts"))
+        models.append(_model("BTX grown (no finetune)", rd.grown, f"BTX {added} experts"))
         if exp.grow.steps:
-            models.append(RunModel("BTX grown", run_dir / "grown-finetuned", run_dir / "grown-finetuned",
-                                   f"BTX {added}, then {exp.grow.steps} finetune steps"))
+            models.append(_model("BTX grown", rd.grow_finetune.export,
+                                 f"BTX {added}, then {exp.grow.steps} finetune steps"))
     return models
+
+
+def _model(name: str, path: Path, note: str) -> RunModel:
+    """A model whose checkpoint directory holds its DONE.json too."""
+    return RunModel(name, path, path, note)
 
 
 def model_stage_dirs(exp) -> list[Path]:
     """The directories whose DONE.json describe the run's models (the seed when the run trains it)."""
     dirs = [m.done_dir for m in run_models(exp) if m.done_dir is not None]
-    return dirs + [exp.run_dir / "baselines" / "upcycled-merged"] if exp.eval.baselines else dirs
+    return dirs + [exp.paths.upcycled_merged] if exp.eval.baselines else dirs
 
 
 def stale_models(exp) -> list[str]:
@@ -83,13 +99,10 @@ def stale_models(exp) -> list[str]:
 def eval_input_identities(exp, out: Path) -> dict:
     """For eval's DONE.json: the identity of every model of the run that is evaluated, and of the
     validation shards they are scored on (paths also relative to `out`, where DONE.json goes)."""
-    from btx.data.shards import load_shard
-    from btx.io.manifest import identity, relative_identities
-
     identities = {str(m.path.relative_to(exp.run_dir)) if m.path.is_relative_to(exp.run_dir) else "seed":
                   input_identity(m.path) for m in run_models(exp) if (m.path / "config.json").is_file()}
     for d in exp.domains:
-        identities[f"val:{d}"] = identity(load_shard(exp.data_dir(d) / "val.json", verify=True).path)
+        identities[f"val:{d}"] = identity(load_shard(exp.paths.shard(d, "val"), verify=True).path)
     return relative_identities(identities, out)
 
 
@@ -103,10 +116,10 @@ def _row_flops(exp, model: RunModel) -> float | None:
         return (read_done(path) or {}).get("train_flops", 0.0)
 
     if model.name.startswith("BTX grown"):  # BTX, the added experts, and the finetune after growing
-        finetuned = _row_flops(exp, RunModel("BTX", exp.run_dir / "finetuned", exp.run_dir / "finetuned", ""))
+        finetuned = _row_flops(exp, _model("BTX", exp.paths.finetuned, ""))
         tuned = flops(model.done_dir) if model.name == "BTX grown" else 0.0
-        return finetuned + sum(flops(exp.expert_dir(d)) for d in exp.grow.domains) + tuned
-    experts = sum(flops(exp.expert_dir(d)) for d in exp.merged_domains)
+        return finetuned + sum(flops(exp.paths.expert(d)) for d in exp.grow.domains) + tuned
+    experts = sum(flops(exp.paths.expert(d)) for d in exp.merged_domains)
     if model.name.startswith("BTX"):
         return experts + done.get("train_flops", 0.0) if done.get("stage") == "train" else experts
     return done.get("train_flops")
@@ -115,19 +128,9 @@ def _row_flops(exp, model: RunModel) -> float | None:
 def eval_rows(exp, console: Console):
     """Every model of the run that exists, scored on the same validation windows, and the BTM rows
     of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data)."""
-    import torch
-    from rich.progress import Progress
-
-    from btx.data.shards import load_shard
-    from btx.evaluate.btm import TfidfRouter, shard_sample
-    from btx.evaluate.checkpoints import btm_rows
-    from btx.evaluate.scores import row_from_logprobs, window_logprobs
-    from btx.io.checkpoint import load_model
-    from btx.io.reader import CheckpointReader
-
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
-    shards = {d: load_shard(exp.data_dir(d) / "val.json") for d in exp.domains}
+    shards = {d: load_shard(exp.paths.shard(d, "val")) for d in exp.domains}
     present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
     n_batches = len(exp.domains) * settings.batches * len(present)
     rows = []
@@ -144,11 +147,11 @@ def eval_rows(exp, console: Console):
                 experts.append((m.name.split(":", 1)[1], lps, active, flops))
             del model
     if experts:
-        train = [exp.data_dir(d) / "train.json" for d, *_ in experts]
+        train = [exp.paths.shard(d, "train") for d, *_ in experts]
         router = None
         if len(experts) >= 2 and all(path.is_file() for path in train):
             router = TfidfRouter([shard_sample(load_shard(path), settings.btm_tfidf_tokens) for path in train],
-                                 min(CheckpointReader(exp.expert_dir(d) / "final").cfg.vocab_size
+                                 min(CheckpointReader(exp.paths.expert_final(d)).cfg.vocab_size
                                      for d, *_ in experts))
         btm = btm_rows([lps for _, lps, _, _ in experts], [f for *_, f in experts], [a for _, _, a, _ in experts],
                        f"the {len(experts)} experts", router=router, shards=shards, seq_len=seq_len,
@@ -163,20 +166,15 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
     """`btx eval RECIPE`: every model of the run that exists (`eval_rows`), shown and written to
     <run_dir>/eval/ (eval.md, eval.json, the plot, DONE.json). A model that no longer follows from
     its inputs (a finetune of an earlier merge, a damaged file) is refused unless `force`."""
-    from rich.markup import escape
-
-    from btx.evaluate.checkpoints import write_outputs, written
-    from btx.evaluate.table import render
-
     console = console or Console()
-    missing = [str(exp.data_dir(d) / "val.json") for d in exp.domains if not (exp.data_dir(d) / "val.json").is_file()]
+    missing = [str(exp.paths.shard(d, "val")) for d in exp.domains if not exp.paths.shard(d, "val").is_file()]
     if missing:
         raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
     stale = [] if force else stale_models(exp)
     if stale:
         raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
                        f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
-    out = out or exp.run_dir / "eval"
+    out = out or exp.paths.eval
     identities = eval_input_identities(exp, out)
     rows = eval_rows(exp, console)
     if not rows:
@@ -199,9 +197,6 @@ def eval_settings(exp) -> dict:
 
 def eval_recipe_command(args) -> int:
     """`btx eval RECIPE [KEY=VALUE ...]` (arguments: btx.cli; checkpoints: btx.evaluate)."""
-    from btx.evaluate.checkpoints import check_out_dir
-    from btx.recipe.load import load_experiment
-
     rest = list(args.overrides or [])
     for flag, value in (("--data", args.data), ("--btm", args.btm), ("--names", args.names)):
         if value:
@@ -218,26 +213,16 @@ def eval_recipe_command(args) -> int:
     return 0
 
 
-def _eval(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.evaluate.table import render, save
-
-    exp = p.exp
-    out = p.run_dir / "eval"
-    key = _key(exp.eval, p.keys["finetune"], p.keys["grow"], p.keys["baselines"], p.keys["branch"])
-
-    def work() -> str:
-        from btx.io.atomic import atomic_dir
-        from btx.io.manifest import write_done
-
-        identities = eval_input_identities(exp, out)
-        rows = eval_rows(exp, p.console)
-        domains = list(exp.domains)
-        render(rows, domains, console=p.console)
-        with atomic_dir(out, force=True) as tmp:
-            save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
-            write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": key, "outputs": hash_dir(tmp),
-                             "input_identities": identities})
-        best = min(rows, key=lambda r: r.average)
-        return f"best average: {best.name} ({best.average:.4f})"
-
-    return p.stage("eval", key, [out], work, force)
+def evaluate(p: Pipeline, task: Task) -> str:
+    """btx run's eval stage: `eval_rows` into <run_dir>/eval/, with its DONE.json."""
+    exp, out = p.exp, p.exp.paths.eval
+    identities = eval_input_identities(exp, out)
+    rows = eval_rows(exp, p.console)
+    domains = list(exp.domains)
+    render(rows, domains, console=p.console)
+    with atomic_dir(out, force=True) as tmp:
+        save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
+        write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": task.key, "outputs": hash_dir(tmp),
+                         "input_identities": identities})
+    best = min(rows, key=lambda r: r.average)
+    return f"best average: {best.name} ({best.average:.4f})"

@@ -69,6 +69,7 @@ class ExpertJob:
     expert_dir: Path  # where btx train puts it: ckpt/, metrics.jsonl, final/, DONE.json (+ ours: job.json, train.log)
     program: list[str]  # e.g. ["-m", "btx", "train", "/abs/btx.yaml", "--domain", "math", "train.steps=5"]
     total_steps: int
+    final: Optional[Path] = None  # its HF checkpoint (RunDir.expert_final)
 
     @property
     def log(self) -> Path:
@@ -95,7 +96,7 @@ def plan_jobs(exp, recipe_path: str | os.PathLike, overrides: Sequence[str] = ()
         names = [n for n in names if n in set(only)]
     recipe = str(Path(recipe_path).absolute())
     return [
-        ExpertJob(domain=name, expert_dir=exp.expert_dir(name),
+        ExpertJob(domain=name, expert_dir=exp.paths.expert(name), final=exp.paths.expert_final(name),
                   program=[*train_program, recipe, "--domain", name, *overrides],
                   total_steps=exp.domains[name].train.steps)
         for name in names

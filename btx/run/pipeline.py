@@ -1,6 +1,7 @@
 """`btx run`: the whole Branch-Train-MiX workflow from one recipe, resumable and incremental.
 
-Stages, in order (each a plain function of the experiment; the modules do the work):
+Stages, in order (the work of each is a function of btx/run/stages.py, baselines.py, evaluation.py
+or this module; the modules named here do it):
 
     prepare    domain text -> token shards                       btx.data.recipe
     seed       the dense seed, when the recipe trains one         btx.train (seed_job)
@@ -11,6 +12,10 @@ Stages, in order (each a plain function of the experiment; the modules do the wo
     baselines  dense and sparse-upcycling runs, compute-matched   btx.train / btx.mix.merge / btx.train.finetune
     eval       per-domain validation loss of every model + BTM    btx.evaluate
     analyze    routing analysis of the finetuned MoE              btx.evaluate.routing
+
+STAGES below declares each stage once: the recipe paths it reads, the stages it consumes, the
+directories it leaves and its work (btx/run/stage.py drives a stage from its row, and computes its
+key from the row alone); the baselines are several rows of one stage, one per run.
 
 Skipping and redoing (docs/PROVENANCE.md). The ledger `<run_dir>/pipeline.json` records, per
 stage, a key and the identity of the outputs it left. The key hashes the recipe sections the stage
@@ -50,65 +55,166 @@ and draws tables and knows nothing of runs, so nothing imports back.
 from __future__ import annotations
 
 import time
+from functools import partial
 from pathlib import Path
-from typing import Callable
 
 from rich.console import Console
 from rich.table import Table
 
 from btx.errors import BtxError
+from btx.evaluate.routing_report import analyze_recipe
 from btx.io.locks import output_lock
-from btx.run.baselines import _baselines
-from btx.run.evaluation import _eval
-from btx.run.ledger import STAGES, Pipeline, StageOutcome, _key
-from btx.run.stages import _branch, _finetune, _grow, _merge, _prepare, _seed
+from btx.mix.merge import effective_merge_section
+from btx.recipe.builtin import builtin_recipe, resolve_recipe
+from btx.recipe.load import load_experiment
+from btx.recipe.run_dir import BASELINE_PROTOCOLS
+from btx.run import baselines, stages
+from btx.run.evaluation import evaluate
+from btx.run.ledger import Pipeline, StageOutcome, _key
+from btx.run.stage import Parts, Read, Stage, Task, drive
+from btx.train.job import expert_job, seed_domains, seed_job
 
 
-def _analyze(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.evaluate.routing_report import analyze_recipe
-
-    out = p.run_dir / "analysis"
-    key = _key(p.exp.analyze, p.keys["finetune"])
-
-    def work() -> str:
-        report = analyze_recipe(p.exp, console=p.console)
-        return report.get("headline", "routing.json written") if isinstance(report, dict) else "done"
-
-    return p.stage("analyze", key, [out], work, force)
+def analyze(p: Pipeline, task: Task) -> str:
+    report = analyze_recipe(p.exp, console=p.console)
+    return report.get("headline", "routing.json written") if isinstance(report, dict) else "done"
 
 
-STAGE_FUNCTIONS: dict[str, Callable[[Pipeline, bool], StageOutcome]] = {
-    "prepare": _prepare, "seed": _seed, "branch": _branch, "merge": _merge, "finetune": _finetune, "grow": _grow,
-    "baselines": _baselines, "eval": _eval, "analyze": _analyze,
-}
+def names(exp) -> list[str]:
+    """The domains' names, not their recipes: what a stage that only lists them reads."""
+    return list(exp.domains)
+
+
+def _baseline_rows(match: str) -> tuple[Stage, Stage]:
+    """The dense and the upcycled baseline matched on `match`: each a row of the baselines stage."""
+    suffix, off = BASELINE_PROTOCOLS[match], partial(baselines.baselines_off, match=match)
+    data = "its validation shards, and the domains a data plan draws from (the plan, an input, names them)"
+    dense = Stage(
+        f"baselines:dense{suffix}", partial(baselines.train_dense, match=match),
+        reads=("finetune_train", "finetune.mixture", "merged_domains", "tokenizer"), uses={"data_domains": data},
+        consumes=("seed",), inputs=partial(baselines.dense_inputs, match=match),
+        outputs=lambda exp, part: [exp.paths.dense_baseline(match)], off=off, repairs_itself=True,
+    )
+    upcycled = Stage(
+        f"baselines:upcycled{suffix}", partial(baselines.train_upcycled, match=match),
+        reads=("finetune", "finetune_train", "merged_domains", "tokenizer"), uses={"data_domains": data},
+        consumes=("baselines:upcycled-merged",), inputs=partial(baselines.upcycled_inputs, match=match),
+        outputs=lambda exp, part: [exp.paths.upcycled_baseline(match)],
+        scratch=lambda exp, part: [exp.paths.upcycled_baseline_train(match)], off=off, repairs_itself=True,
+    )
+    return dense, upcycled
+
+
+_BALANCE_ALPHA = ("only the default that the merged config.json records for training the MoE elsewhere; "
+                  "the finetune sets its own")
+_SHARDS = "recorded in its DONE.json's recipe_hash; what it trains on is its shards' content, which it consumes"
+
+# Every stage of `btx run`, in order (btx/run/stage.py says what each field means). Reads are dotted
+# paths into the Experiment ("{part}": each part's own); a Read keys on a view of its path.
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "prepare", stages.prepare, drive=stages.drive_prepare, parts="data_domains", content=stages.shard_content,
+        reads=("data_domains.{part}.data", "data_domains.{part}.sources", "tokenizer"),
+    ),
+    Stage(
+        "seed", stages.train_seed, off=stages.given_seed,
+        reads=("seed", "seed_train", "model", "tokenizer", "merged_domains"),
+        uses={"domains": "orders the domains of its mixture, which seed.mixture or merged_domains decide",
+              "domains.*.data": _SHARDS},
+        consumes=(Parts("prepare", "seed", lambda exp, part: seed_domains(exp)),),
+        outputs=lambda exp, part: [exp.paths.seed], scratch=lambda exp, part: [exp.paths.seed_train],
+        repairs_itself=True,
+        adopt=lambda exp, part: stages.adopt_training(seed_job(exp)),
+    ),
+    Stage(
+        "branch", stages.train_experts, parts="domains", part_label="expert", busy=stages.expert_busy,
+        reads=("domains.{part}.train", "tokenizer", "seed.path"),
+        uses={"domains.{part}.data": _SHARDS,
+              "branch": "how the experts run (executor, parallel jobs, Slurm), not what they compute"},
+        consumes=("seed", Parts("prepare", "own", lambda exp, part: [part])),
+        outputs=lambda exp, part: [exp.paths.expert(part)], repairs_itself=True,
+        adopt=lambda exp, part: stages.adopt_training(expert_job(exp, part)),
+    ),
+    Stage(
+        "merge", stages.merge, adopt=stages.adopt_merge, outputs=lambda exp, part: [exp.paths.merged],
+        # prompts shape only a hidden router init: another merge does not depend on them
+        reads=(Read("merge", lambda exp: effective_merge_section(exp.merge)), "merged_domains", "seed.path"),
+        uses={"finetune.balance_alpha": _BALANCE_ALPHA},
+        consumes=("seed", Parts("branch", "merged", lambda exp, part: exp.merged_domains)),
+    ),
+    Stage(
+        "finetune", stages.finetune, adopt=stages.adopt_finetune, repairs_itself=True,
+        reads=("finetune", "finetune_train", "merged_domains", "tokenizer"),
+        uses={"data_domains": "the validation shards it reports on: what it shows, not what it trains"},
+        consumes=("merge",), outputs=stages.finetune_outputs, scratch=stages.finetune_scratch,
+    ),
+    Stage(
+        "grow", stages.grow, off=stages.grow_off, repairs_itself=True,
+        reads=("grow", "merge.router_tokens", "merge.ridge_lambda", "merge.router_scale", "merge.keep_seed",
+               # only a hidden init reads the prompts
+               Read("merge.prompts", partial(stages.grow_prompts, field="prompts")),
+               Read("merge.negative_prompts", partial(stages.grow_prompts, field="negative_prompts")),
+               Read("domains", names), "merged_domains", "finetune", "finetune_train", "tokenizer"),
+        uses={"data_domains": "the validation shards of its finetune: what it shows, not what it trains"},
+        consumes=("finetune", Parts("branch", "grown", lambda exp, part: exp.grow.domains)),
+        outputs=stages.grow_dirs, scratch=stages.grow_scratch,
+    ),
+    Stage(
+        "baselines:upcycled-merged", baselines.upcycle, off=baselines.baselines_off, inputs=baselines.merge_shape,
+        reads=(Read("merge", baselines.upcycle_options), "finetune.balance_alpha", "seed.path"),
+        consumes=("seed",), outputs=lambda exp, part: [exp.paths.upcycled_merged],
+    ),
+    *(row for match in BASELINE_PROTOCOLS for row in _baseline_rows(match)),
+    Stage(
+        "eval", evaluate, outputs=lambda exp, part: [exp.paths.eval],
+        reads=("eval", "train.seq_len", Read("domains", names), "merged_domains", "grow.domains", "grow.steps",
+               "finetune.router_only_steps", "seed.path"),
+        consumes=("seed", "branch", "merge", "finetune", "grow", "baselines"),
+    ),
+    Stage("analyze", analyze, reads=("analyze", Read("domains", names)), consumes=("finetune",),
+          outputs=lambda exp, part: [exp.paths.analysis]),
+)
+STAGE_NAMES = tuple(dict.fromkeys(stage.group for stage in STAGES))
 
 
 def run(recipe: str | Path | None = None, overrides: list[str] | None = None, *, until: str | None = None,
         from_stage: str | None = None, console: Console | None = None) -> int:
     """Run the pipeline; returns the exit status. `recipe=None` runs the embedded demo."""
-    from btx.recipe.builtin import builtin_recipe, resolve_recipe
-    from btx.recipe.load import load_experiment
-
     console = console or Console()
     overrides = list(overrides or [])
     for flag, stage in (("--until", until), ("--from", from_stage)):
-        if stage is not None and stage not in STAGES:
-            raise BtxError(f"{flag} {stage}: unknown stage; expected one of {', '.join(STAGES)}")
+        if stage is not None and stage not in STAGE_NAMES:
+            raise BtxError(f"{flag} {stage}: unknown stage; expected one of {', '.join(STAGE_NAMES)}")
     recipe_path = resolve_recipe(recipe) if recipe is not None else builtin_recipe("demo")
     exp = load_experiment(recipe_path, overrides)
     start = time.perf_counter()
     outcomes: list[StageOutcome] = []
-    redo = False
     with output_lock(exp.run_dir, "the run directory"):  # one btx run per run directory
         pipeline = Pipeline(exp, recipe_path, overrides, console)
-        for name in STAGES:
-            if from_stage is not None and name == from_stage:
-                redo = True
-            outcomes.append(STAGE_FUNCTIONS[name](pipeline, redo))
-            if until is not None and name == until:
+        redo = False
+        for name in STAGE_NAMES:
+            redo = redo or name == from_stage
+            outcomes.append(_run_group(pipeline, [s for s in STAGES if s.group == name], redo))
+            if name == until:
                 break
     _summary(outcomes, exp, time.perf_counter() - start, console)
     return 0
+
+
+def _run_group(p: Pipeline, rows: list[Stage], force: bool) -> StageOutcome:
+    """One stage of `btx run`: its row, or its rows (the baselines) in order, as one outcome."""
+    outcomes = [drive(p, row, force) for row in rows]
+    if len(rows) == 1:
+        return outcomes[0]
+    name, on = rows[0].group, [o for o in outcomes if o.state != "off"]
+    if not on:
+        return StageOutcome(name, "off", 0.0, outcomes[0].summary)
+    summary = "; ".join(f"{o.name.split(':')[1]}: {o.summary}" for o in on)
+    seconds = sum(o.seconds for o in on)
+    if any(o.state == "ran" for o in on):
+        p.record(name, _key(p.keys[name]), summary, seconds)
+        return StageOutcome(name, "ran", seconds, summary)
+    return StageOutcome(name, "skipped", 0.0, summary)
 
 
 def _summary(outcomes: list[StageOutcome], exp, seconds: float, console: Console) -> None:
@@ -122,10 +228,9 @@ def _summary(outcomes: list[StageOutcome], exp, seconds: float, console: Console
         table.add_row(o.name, f"[{colour[o.state]}]{o.state}[/]", f"{o.seconds:.1f} s" if o.state == "ran" else "",
                       o.summary)
     console.print(table)
-    run_dir = exp.run_dir
-    console.print(f"outputs in {run_dir}: seed/, experts/<domain>/final/, merged/, finetuned/, eval/eval.md, "
+    console.print(f"outputs in {exp.run_dir}: seed/, experts/<domain>/final/, merged/, finetuned/, eval/eval.md, "
                   "analysis/routing.json", soft_wrap=True)
-    eval_md = run_dir / "eval" / "eval.md"
+    eval_md = exp.paths.eval / "eval.md"
     if eval_md.is_file() and not any(o.name == "eval" and o.state == "ran" for o in outcomes):
         console.print(f"eval table ({eval_md}):")
         console.print(eval_md.read_text(), markup=False, highlight=False, soft_wrap=True)

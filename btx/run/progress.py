@@ -58,9 +58,8 @@ def read_progress(expert_dir: Path) -> list[dict]:
 
 def expert_status(job: ExpertJob, now: Optional[float] = None) -> ExpertStatus:
     state, detail = expert_state(job.expert_dir, now)
-    final = job.expert_dir / "final"
     status = ExpertStatus(domain=job.domain, state=state, detail=detail, total_steps=job.total_steps,
-                          path=final if state == "done" else job.expert_dir)
+                          path=job.final if state == "done" else job.expert_dir)
     rows = read_progress(job.expert_dir)
     if rows:
         last = rows[-1]

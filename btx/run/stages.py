@@ -1,59 +1,80 @@
-"""The stages of `btx run` from prepare to grow, each a plain function of the Pipeline that returns
-a StageOutcome. The modules named in btx/run/pipeline.py do the work; a stage computes its key,
-decides whether its outputs can be adopted, and records what it did.
+"""The work of the stages of `btx run` from prepare to grow: each a function of the Pipeline and
+the driver's Task that returns a one-line summary, and the hooks STAGES (btx/run/pipeline.py)
+declares them with: what outputs made outside this run may be adopted, which parts a stage reads.
+The modules named in btx/run/pipeline.py do the work; btx/run/stage.py keys, decides and records.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
-from pathlib import Path
+from typing import Optional
 
+from btx.data.recipe import prepare_experiment
+from btx.data.shards import load_shard
 from btx.errors import BtxError
-from btx.io.atomic import write_json_atomic
 from btx.io.manifest import DONE_NAME, identity_changes, input_identity, read_done
-from btx.run.ledger import (
-    Adopt,
-    Pipeline,
-    StageOutcome,
-    _baseline_settings,
-    _key,
-    _outputs_key,
-    _train_summary,
+from btx.mix.grow import grow_moe
+from btx.mix.merge import (
+    merge_from_recipe,
+    merge_recipe_hash,
+    recipe_merge_options,
+    recipe_router_data,
 )
+from btx.mix.options import EditOptions
+from btx.run.branch import branch
+from btx.run.jobs import expert_state, plan_jobs, wait_for_running
+from btx.run.ledger import Adopt, Pipeline, StageOutcome, _key
+from btx.run.stage import Stage, Task, content, note, parts_of, stage_key
+from btx.train.finetune import finetune_job, run_finetune
+from btx.train.job import TrainJob, expert_job, seed_job, trajectory_hash
+from btx.train.loop import current_input_identities, discard_damaged_export, run_loop
 
 
-def _prepare(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.data.recipe import prepare_experiment
+def train_summary(done: dict) -> str:
+    return f"{done['steps']} steps, {done['tokens']:,} tokens, val loss {done.get('val_loss') or float('nan'):.3f}"
 
+
+def short_settings(settings, steps: int):
+    """The finetune's optimisation for `steps` steps; validation only at the end (eval then scores
+    every model on the same windows anyway): the baselines' and the grown MoE's finetune."""
+    return dataclasses.replace(settings, steps=steps, eval_every=steps)
+
+
+# -- prepare -------------------------------------------------------------------------------------
+
+
+def prepare(p: Pipeline, task: Task) -> dict[str, dict]:
+    return prepare_experiment(p.exp, force=task.force)
+
+
+def shard_content(exp, domain: Optional[str]) -> str:
+    """A prepared domain's identity: the sha256 of its shards, as their sidecars record them."""
+    return _key([load_shard(exp.paths.shard(domain, split)).meta["sha256"] for split in ("train", "val")])
+
+
+def drive_prepare(p: Pipeline, stage: Stage, force: bool) -> StageOutcome:
+    """Prepare runs every time: btx.data.prepare skips a domain whose shards match their sources,
+    tokenizer and options (and prepares a damaged one again), so it is the judge of its own work."""
     t0 = time.perf_counter()
     p.console.rule("[bold]prepare")
-    results = prepare_experiment(p.exp, force=force)
-    shas = {d: (r["train"]["sha256"], r["val"]["sha256"]) for d, r in results.items()}
-    tokens = sum(r["train"]["tokens"] for r in results.values())
-    key = _key(shas, p.exp.recipe.tokenizer)
-    p.keys["prepare"] = key
-    # Without the domains grow adds: what the seed and the merged experts read. A domain added to a
-    # finished experiment (grow.domains) thus changes none of their keys. (With no grow.domains it
-    # is the whole key.)
-    grown = set(p.exp.grow.domains)
-    p.keys["prepare:merged"] = _key({d: v for d, v in shas.items() if d not in grown}, p.exp.recipe.tokenizer)
-    skipped = all(r.get("skipped") for r in results.values())
-    summary = f"{len(results)} domains, {tokens:,} train tokens"
-    if not skipped:
-        p.record("prepare", key, summary, time.perf_counter() - t0)
-    return StageOutcome("prepare", "skipped" if skipped else "ran", time.perf_counter() - t0, summary)
+    results = stage.run(p, Task(force=force))
+    note(p, stage, {d: content(p.exp, stage, d) for d in parts_of(p.exp, stage)})
+    summary = f"{len(results)} domains, {sum(r['train']['tokens'] for r in results.values()):,} train tokens"
+    if all(r.get("skipped") for r in results.values()):
+        return StageOutcome("prepare", "skipped", time.perf_counter() - t0, summary)
+    keys = {d: stage_key(p, stage, d) for d in parts_of(p.exp, stage)}
+    p.record("prepare", _key(keys), summary, time.perf_counter() - t0, parts=keys)
+    return StageOutcome("prepare", "ran", time.perf_counter() - t0, summary)
 
 
+# -- training jobs -------------------------------------------------------------------------------
 
 
-def _adopt_training(job) -> Adopt:
+def adopt_training(job: TrainJob) -> Adopt:
     """A training job's DONE.json follows from the recipe when it records the trajectory (settings,
     data, the init's config) that the recipe's job has now, and inputs with the content of the
     recipe's inputs now (the seed.path may name another checkpoint than the one it was trained from)."""
-    from btx.train.job import trajectory_hash
-    from btx.train.loop import current_input_identities
 
     def adopt(dones: list[dict]) -> str | None:
         done = dones[0]
@@ -68,124 +89,86 @@ def _adopt_training(job) -> Adopt:
     return adopt
 
 
-def _seed(p: Pipeline, force: bool) -> StageOutcome:
+def adopt_jobs(jobs: list[TrainJob]) -> Adopt:
+    """Jobs that run one after the other (a finetune after its router-only phase) follow from the
+    recipe when each job's DONE.json does (`adopt_training`)."""
+
+    def adopt(dones: list[dict]) -> str | None:
+        for job, done in zip(jobs, dones[-len(jobs):], strict=True):
+            reason = adopt_training(job)([done])
+            if reason is not None:
+                return reason
+        return None
+
+    return adopt
+
+
+def given_seed(exp) -> tuple[str, str] | None:
+    """A recipe's seed.path: nothing to train; its identity is the content of the checkpoint
+    (hashed once, then re-read only when it changes), so a replaced one redoes all after it."""
+    if exp.seed.path is None:
+        return None
+    return f"given: {exp.seed.path}", _key(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
+
+
+def train_seed(p: Pipeline, task: Task) -> str:
+    return train_summary(run_loop(seed_job(p.exp), console=p.console))
+
+
+def expert_busy(exp, domain: str) -> bool:
+    """An expert still running or queued under an earlier, killed `btx run` or `btx branch`."""
+    return expert_state(exp.paths.expert(domain))[0] in ("running", "queued")
+
+
+def train_experts(p: Pipeline, task: Task) -> str:
+    """The experts of `task.parts` (and any still running), with branch's local executor."""
     exp = p.exp
-    if exp.seed.path is not None:
-        # The content of the given checkpoint (hashed once, then re-read only when it changes):
-        # a replaced seed.path changes the key of every stage after it.
-        p.keys["seed"] = _key(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
-        return StageOutcome("seed", "off", 0.0, f"given: {exp.seed.path}")
-    from btx.train.job import seed_job, trajectory_hash
-    from btx.train.loop import run_loop
-
-    job = seed_job(exp)
-    reads_grown = any(d in exp.grow.domains for d in job.train_shards)
-    key = _key(trajectory_hash(job), p.keys["prepare" if reads_grown else "prepare:merged"])
-    return p.stage("seed", key, [job.manifest_dir], lambda: _train_summary(run_loop(job, console=p.console)),
-                   force, extra_dirs=(job.work_dir,), adopt=_adopt_training(job), repairs_itself=True)
-
-
-def _branch(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.run.branch import branch
-    from btx.run.jobs import expert_state, plan_jobs, wait_for_running
-    from btx.train.job import expert_job, trajectory_hash
-    from btx.train.loop import discard_damaged_export
-
-    exp = p.exp
-    jobs = {d: expert_job(exp, d) for d in exp.domains}
-    # Per-expert keys and verdicts: one changed domain recipe retrains that expert only.
-    expert_keys = {d: _key(trajectory_hash(j), p.keys["seed"], p.keys["prepare" if d in exp.grow.domains else "prepare:merged"])
-                   for d, j in jobs.items()}
-    entry = p.ledger.get("branch", {})
-    to_run = []
-    for d, job in jobs.items():
-        recorded = {"key": entry.get("experts", {}).get(d), "outputs": entry.get("outputs", {}).get(d)} \
-            if d in entry.get("experts", {}) else {}
-        verdict, why = ("stale", "--from branch") if force else p.verdict(expert_keys[d], [job.manifest_dir],
-                                                                         _adopt_training(job), recorded)
-        if verdict == "foreign":
-            raise p.refuse("branch", job.manifest_dir, why)
-        if verdict == "adopt":
-            p.console.print(f"[yellow]branch: kept expert {d}: {why}, but its {DONE_NAME} records the recipe's "
-                            "settings and inputs[/]", soft_wrap=True)
-        if verdict in ("fresh", "adopt"):
-            continue
-        to_run.append(d)
-        changed = recorded.get("key") not in (None, expert_keys[d])
-        if expert_state(job.work_dir)[0] in ("running", "queued"):
-            continue  # its own process owns the directory; branch waits for it below
-        if verdict == "damaged" and not changed:
-            discard_damaged_export(job, p.console)  # exported again from its final checkpoint
-        elif (verdict == "stale" or changed) and job.work_dir.exists():
-            p.console.print(f"[yellow]branch: expert {d}: {why or 'inputs changed'}; retraining it[/]", soft_wrap=True)
-            shutil.rmtree(job.work_dir)
-    if not to_run:
-        _note_expert_keys(p, expert_keys, jobs)
-        if entry.get("experts") != expert_keys or entry.get("outputs") != _expert_outputs(jobs):
-            _record_branch(p, entry.get("summary", ""), 0.0, expert_keys, jobs)
-        return StageOutcome("branch", "skipped", 0.0, p.ledger["branch"].get("summary", ""))
-    p.console.rule("[bold]branch")
-    t0 = time.perf_counter()
+    for domain in task.parts:  # a damaged export is made again from the expert's final checkpoint
+        discard_damaged_export(expert_job(exp, domain), p.console)
     status = branch(p.recipe_path, p.overrides, executor="local", console=p.console)
     if status != 0:
         raise BtxError("branch: some expert jobs failed (see above); fix the cause and re-run `btx run` "
                        "(finished experts are kept)")
-    # Experts still running under an earlier, killed `btx run` or `btx branch`: wait for them.
     wait_for_running(plan_jobs(exp, p.recipe_path, p.overrides), p.console)
-    dones = {d: read_done(j.manifest_dir) for d, j in jobs.items()}
+    dones = {d: read_done(exp.paths.expert(d)) for d in exp.domains}
     unfinished = [d for d, done in dones.items() if done is None]
     if unfinished:
         raise BtxError(f"branch: expert(s) {', '.join(unfinished)} not finished (see `btx status {p.recipe_path}`); "
                        "fix the cause (train.log), then re-run `btx run`")
-    summary = ", ".join(f"{d} val {v.get('val_loss') or float('nan'):.3f}" for d, v in dones.items())
-    seconds = time.perf_counter() - t0
-    _record_branch(p, summary, seconds, expert_keys, jobs)
-    _note_expert_keys(p, expert_keys, jobs)
-    return StageOutcome("branch", "ran", seconds, summary)
+    return ", ".join(f"{d} val {v.get('val_loss') or float('nan'):.3f}" for d, v in dones.items())
 
 
-def _expert_outputs(jobs: dict) -> dict[str, str]:
-    return {d: _outputs_key([job.manifest_dir]) for d, job in jobs.items()}
+def finetune_outputs(exp, part=None) -> list:
+    """The finetune's export, after its router-only phase's (which the finetune starts from)."""
+    dirs = exp.paths.finetune
+    return [dirs.router, dirs.export] if exp.finetune.router_only_steps else [dirs.export]
 
 
-def _branch_key(expert_keys: dict[str, str], jobs: dict, domains=None) -> str:
-    """The key of the experts of `domains` (default: all), their settings and their outputs: the
-    merge reads the merged domains' only, so an expert that grow adds later changes nothing of it."""
-    outputs = _expert_outputs(jobs)
-    return _key({d: _key(k, outputs[d]) for d, k in expert_keys.items() if domains is None or d in domains})
+def finetune_scratch(exp, part=None) -> list:
+    dirs = exp.paths.finetune
+    return [dirs.train, dirs.router_train] if exp.finetune.router_only_steps else [dirs.train]
 
 
-def _note_expert_keys(p: Pipeline, expert_keys: dict[str, str], jobs: dict) -> None:
-    p.keys["branch"] = _branch_key(expert_keys, jobs)
-    p.keys["branch:merged"] = _branch_key(expert_keys, jobs, p.exp.merged_domains)
-    p.keys["branch:grown"] = _branch_key(expert_keys, jobs, p.exp.grow.domains)
+def adopt_finetune(exp, part=None) -> Adopt:
+    job = finetune_job(exp)
+    return adopt_jobs([job] if job.before is None else [job.before, job])
 
 
-def _record_branch(p: Pipeline, summary: str, seconds: float, expert_keys: dict, jobs: dict) -> None:
-    p.record("branch", _key(expert_keys), summary, seconds)
-    p.ledger["branch"]["experts"] = expert_keys
-    p.ledger["branch"]["outputs"] = _expert_outputs(jobs)
-    write_json_atomic(p.ledger_path, p.ledger)
+def finetune(p: Pipeline, task: Task) -> str:
+    return train_summary(run_finetune(finetune_job(p.exp), console=p.console))
 
 
-def _merge(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.mix.merge import effective_merge_section, merge_from_recipe
-
-    out = p.run_dir / "merged"
-    key = _key(effective_merge_section(p.exp.merge), p.keys["branch:merged"], p.keys["seed"])
-
-    def work() -> str:
-        done = merge_from_recipe(p.exp, console=p.console)
-        return f"{len(done.get('experts', []))} experts ({', '.join(done.get('experts', []))}), top-{p.exp.merge.top_k}"
-
-    return p.stage("merge", key, [out], work, force, adopt=_adopt_merge(p.exp))
+# -- merge and grow ------------------------------------------------------------------------------
 
 
-def _adopt_merge(exp) -> Adopt:
+def merge(p: Pipeline, task: Task) -> str:
+    done = merge_from_recipe(p.exp, console=p.console)
+    return f"{len(done.get('experts', []))} experts ({', '.join(done.get('experts', []))}), top-{p.exp.merge.top_k}"
+
+
+def adopt_merge(exp, part=None) -> Adopt:
     """A merge made by `btx merge` follows from the recipe when it records the recipe's merge
     settings for the recipe's seed and experts (their content is compared before, by identity)."""
-    from btx.mix.merge import merge_recipe_hash, recipe_merge_options
-
     wanted = merge_recipe_hash(exp)
 
     def adopt(dones: list[dict]) -> str | None:
@@ -204,74 +187,46 @@ def _adopt_merge(exp) -> Adopt:
     return adopt
 
 
-def _finetune(p: Pipeline, force: bool) -> StageOutcome:
-    from btx.train.finetune import WORK_DIR as FINETUNE_WORK_DIR
-    from btx.train.finetune import finetune_job, run_finetune
-
-    key = _key(p.exp.finetune, p.exp.finetune_train, p.keys["merge"])
-    job = finetune_job(p.exp)
-    done_dirs, extra_dirs = [p.run_dir / "finetuned"], [p.run_dir / FINETUNE_WORK_DIR]
-    if job.before is not None:  # the router-only phase: its export is the finetune's start
-        done_dirs.insert(0, Path(job.before.manifest_dir))
-        extra_dirs.append(Path(job.before.work_dir))
-
-    def work() -> str:
-        return _train_summary(run_finetune(job, console=p.console))
-
-    return p.stage("finetune", key, done_dirs, work, force, extra_dirs=tuple(extra_dirs),
-                   adopt=_adopt_finetune(job), repairs_itself=True)
+def grow_off(exp) -> tuple[str, str] | None:
+    return None if exp.grow.domains else ("no grow.domains", "off")
 
 
-def _adopt_finetune(job) -> Adopt:
-    """A finetune (and its router-only phase) made by `btx finetune` follows from the recipe when
-    each job's DONE.json does (`_adopt_training`)."""
-    jobs = [job] if job.before is None else [job.before, job]
-
-    def adopt(dones: list[dict]) -> str | None:
-        for one, done in zip(jobs, dones[-len(jobs):]):
-            reason = _adopt_training(one)([done])
-            if reason is not None:
-                return reason
-        return None
-
-    return adopt
+def grow_dirs(exp, part=None) -> list:
+    return [exp.paths.grown, exp.paths.grow_finetune.export] if exp.grow.steps else [exp.paths.grown]
 
 
-def _grow(p: Pipeline, force: bool) -> StageOutcome:
+def grow_scratch(exp, part=None) -> list:
+    dirs = exp.paths.grow_finetune
+    return [dirs.train, dirs.router, dirs.router_train]
+
+
+def grow_prompts(exp, field: str) -> dict:
+    """merge.prompts (or negative_prompts) as a grow reads them: only a hidden init does, for the
+    experts of the grown MoE."""
+    return getattr(grow_options(exp), field)
+
+
+def grow_options(exp) -> EditOptions:
+    """The grow's edit options: grow: and the merge: keys a grow shares (EditOptions.from_sections)."""
+    names = [*exp.merged_domains, *(["seed"] if exp.merge.keep_seed else []), *exp.grow.domains]
+    return EditOptions.from_sections(exp.grow, exp.merge, names)
+
+
+def grow(p: Pipeline, task: Task) -> str:
     """The finetuned MoE grown by the experts of grow.domains (btx.mix.grow), then briefly finetuned."""
-    exp, g = p.exp, p.exp.grow
-    if not g.domains:
-        p.keys["grow"] = "off"
-        return StageOutcome("grow", "off", 0.0, "no grow.domains")
-    from btx.mix.grow import grow_moe
-    from btx.mix.merge import recipe_router_data
-    from btx.mix.options import EditOptions
-    from btx.train.finetune import finetune_job, run_finetune
-
-    out, tuned = p.run_dir / "grown", p.run_dir / "grown-finetuned"
-    m = exp.merge
-    fit = (m.router_tokens, m.ridge_lambda, m.router_scale, m.prompts, m.negative_prompts) if g.router_init in ("centroid", "ridge", "hidden") else ()
-    key = _key(g, fit, p.keys["finetune"], p.keys["branch:grown"])
-
-    def work() -> str:
-        names = [*exp.merged_domains, *(["seed"] if m.keep_seed else []), *g.domains]
-        options = EditOptions.from_sections(g, m, names)
-        data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
-        done = grow_moe(p.run_dir / "finetuned", out, add={d: exp.expert_dir(d) / "final" for d in g.domains},
-                        options=options, force=True, router_data=recipe_router_data(exp, data),
-                        console=p.console)
-        summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
-        if g.steps:
-            job = finetune_job(exp, model_dir=out, out_dir=tuned)
-            mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
-            job = dataclasses.replace(
-                job, name="grow-finetune", settings=_baseline_settings(exp.finetune_train, g.steps), mixture=mixture,
-                train_shards={d: exp.data_dir(d) / "train.json" for d in mixture},
-                engine_settings={**job.engine_settings, "trainable": g.trainable},
-            )
-            summary += f"; finetuned {g.steps} steps ({g.trainable}): {_train_summary(run_finetune(job, console=p.console))}"
+    exp, g, rd = p.exp, p.exp.grow, p.exp.paths
+    data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
+    done = grow_moe(rd.finetuned, rd.grown, add={d: rd.expert_final(d) for d in g.domains}, options=grow_options(exp),
+                    force=True, router_data=recipe_router_data(exp, data), console=p.console)
+    summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
+    if not g.steps:
         return summary
-
-    dirs = [out, tuned] if g.steps else [out]
-    return p.stage("grow", key, dirs, work, force, extra_dirs=(tuned.with_name(tuned.name + "-train"),),
-                   repairs_itself=True)
+    job = finetune_job(exp, model_dir=rd.grown, out_dir=rd.grow_finetune.export)
+    mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
+    job = dataclasses.replace(
+        job, name="grow-finetune", settings=short_settings(exp.finetune_train, g.steps), mixture=mixture,
+        train_shards={d: rd.shard(d, "train") for d in mixture},
+        engine_settings={**job.engine_settings, "trainable": g.trainable},
+    )
+    done = run_finetune(job, console=p.console)
+    return summary + f"; finetuned {g.steps} steps ({g.trainable}): {train_summary(done)}"

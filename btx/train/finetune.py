@@ -26,7 +26,7 @@ What finetune adds through the loop's hooks:
 - `on_step`: per-layer balancing loss and z-loss, the switch drop rate (every step), and every
   `log_every` steps each layer's share of routed tokens per expert (`btx.evaluate.routing`).
 
-Where things go:
+Where things go (btx.recipe.run_dir.FinetuneDirs: the run's `exp.paths.finetune`, or beside `--out DIR`):
     <run_dir>/finetune-train/ckpt/step-N/   DeepSpeed checkpoints (resume)
     <run_dir>/finetune-train/metrics.jsonl  one JSON object per step
     <run_dir>/finetuned/                    the HF export (the seed family's MoE form), then DONE.json
@@ -45,17 +45,17 @@ from pathlib import Path
 
 import torch
 
+from btx.choices import GENERAL_DOMAIN
 from btx.data.sampling import DataStream
 from btx.errors import BtxError
 from btx.io.manifest import DONE_NAME, read_done
 from btx.io.reader import CheckpointReader
 from btx.model.transformer import Transformer
+from btx.recipe.run_dir import FinetuneDirs
 from btx.train.job import TrainJob, _recipe_hash, _shard_path
 from btx.train.loop import run_loop
 
-WORK_DIR = "finetune-train"
-EXPORT_DIR = "finetuned"
-ROUTER_PHASE = "finetune-router"  # the router-only phase's export dir (its training state: + "-train")
+ROUTER_PHASE = "finetune-router"  # the router-only phase's job name (in DONE.json's train_flops_phases)
 
 
 def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
@@ -65,7 +65,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     ft = exp.finetune
     trainable = ft.trainable if trainable is None else trainable
     router_steps = ft.router_only_steps if router_only_steps is None else router_only_steps
-    merged = Path(model_dir) if model_dir is not None else exp.run_dir / "merged"
+    merged = Path(model_dir) if model_dir is not None else exp.paths.merged
     if model_dir is None and read_done(merged) is None:
         raise BtxError(f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
                        "first, or pass --model DIR")
@@ -82,12 +82,12 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
 
     domains = list(exp.data_domains)  # the experts' domains and finetune.general's data-only one
     # Default mixture: the domains merged into the MoE (grow.domains join it later) and the general one.
-    default = [d for d in domains if d not in exp.recipe.grow.domains]
+    default = [d for d in domains if d in exp.merged_domains or d == GENERAL_DOMAIN]
     mixture = {name: float(w) for name, w in (dict(ft.mixture) or dict.fromkeys(default, 1.0)).items()}
     train_domains = [name for name in domains if mixture.get(name, 0.0) > 0]
     settings = exp.finetune_train
-    run_dir = exp.run_dir
-    export_dir = Path(out_dir) if out_dir is not None else run_dir / EXPORT_DIR
+    # with --out, the training state sits next to that export, so two outputs never share checkpoints
+    dirs = exp.paths.finetune if out_dir is None else FinetuneDirs.beside(Path(out_dir))
     merged_manifest = read_done(merged)
     job = TrainJob(
         name="finetune",
@@ -95,13 +95,12 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         train_shards={name: _shard_path(exp, name, "train") for name in train_domains},
         val_shards={name: _shard_path(exp, name, "val") for name in domains},
         mixture={name: mixture[name] for name in train_domains},
-        # with --out, the training state sits next to that export, so two outputs never share checkpoints
-        work_dir=run_dir / WORK_DIR if out_dir is None else export_dir.with_name(export_dir.name + "-train"),
-        export_dir=export_dir,
-        manifest_dir=export_dir,
+        work_dir=dirs.train,
+        export_dir=dirs.export,
+        manifest_dir=dirs.export,
         init_from=merged,
         config_overrides=routing_overrides(cfg, ft, top_k),
-        tokenizer=str(exp.recipe.tokenizer),
+        tokenizer=str(exp.tokenizer),
         balance_alpha=ft.balance_alpha,
         z_loss_coef=ft.z_loss,
         recipe_hash=_recipe_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
@@ -111,7 +110,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
                          "offload_optimizer": ft.offload_optimizer},
         trainable=trainable,
     )
-    return with_router_phase(job, router_steps) if router_steps else job
+    return with_router_phase(job, router_steps, dirs) if router_steps else job
 
 
 def finetune_stream(job: TrainJob) -> DataStream:
@@ -119,16 +118,15 @@ def finetune_stream(job: TrainJob) -> DataStream:
     return DataStream(domains=list(job.train_shards), weights=job.mixture, seed=job.settings.seed, first=0, count=0)
 
 
-def with_router_phase(job: TrainJob, steps: int) -> TrainJob:
-    """`job` preceded by `steps` router-only steps (see the module docstring)."""
+def with_router_phase(job: TrainJob, steps: int, dirs: FinetuneDirs) -> TrainJob:
+    """`job` preceded by `steps` router-only steps into `dirs.router` (see the module docstring)."""
     s = job.settings
-    main_export = Path(job.export_dir)
-    export = main_export.with_name(ROUTER_PHASE if main_export.name == EXPORT_DIR else f"{main_export.name}-router")
+    export = dirs.router
     first = dataclasses.replace(
         job, name=ROUTER_PHASE, settings=dataclasses.replace(
             s, steps=steps, warmup_steps=min(s.warmup_steps, steps // 2), eval_every=steps,
             checkpoint_every=min(s.checkpoint_every, steps) if s.checkpoint_every else 0),
-        work_dir=export.with_name(export.name + "-train"), export_dir=export, manifest_dir=export,
+        work_dir=dirs.router_train, export_dir=export, manifest_dir=export,
         trainable="router_only", engine_settings={**job.engine_settings, "trainable": "router_only"},
     )
     stream = dataclasses.replace(finetune_stream(job), first=steps * s.grad_accum, count=s.steps * s.grad_accum)

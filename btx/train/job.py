@@ -98,28 +98,36 @@ StepHook = Callable[[int, ModelOutput, torch.Tensor], "dict | None"]
 # --------------------------------------------------------------------------------------------
 
 
+def _seed_weights(exp) -> dict:
+    # Default: the domains merged (those grow.domains adds later are not the seed's data).
+    return dict(exp.seed.mixture) or {name: 1.0 for name in exp.merged_domains}
+
+
+def seed_domains(exp) -> list[str]:
+    """The domains the seed trains on, in recipe order."""
+    weights = _seed_weights(exp)
+    return [n for n in exp.domains if weights.get(n, 0) > 0]
+
+
 def seed_job(exp) -> TrainJob:
     """The demo's seed: trained from scratch (recipe `model:`) on the domain mixture into <run_dir>/seed/."""
     if exp.seed.path is not None:
         raise BtxError(f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
                        "`btx train --seed` trains one from scratch from a `model:` section")
-    names = list(exp.domains)
-    # Default: the domains merged (those grow.domains adds later are not the seed's data).
-    mixture = dict(exp.seed.mixture) or {name: 1.0 for name in exp.merged_domains}
-    names = [n for n in names if mixture.get(n, 0) > 0]
+    mixture, names = _seed_weights(exp), seed_domains(exp)
     return TrainJob(
         name="seed",
         settings=exp.seed_train,
         train_shards={n: _shard_path(exp, n, "train") for n in names},
         val_shards={n: _shard_path(exp, n, "val") for n in names},
         mixture={n: float(mixture[n]) for n in names},
-        work_dir=exp.run_dir / "seed-train",
-        export_dir=exp.run_dir / "seed",
-        manifest_dir=exp.run_dir / "seed",
+        work_dir=exp.paths.seed_train,
+        export_dir=exp.paths.seed,
+        manifest_dir=exp.paths.seed,
         model_config=exp.model.to_model_config(),
-        tokenizer=str(exp.recipe.tokenizer),
+        tokenizer=str(exp.tokenizer),
         recipe_hash=_recipe_hash({"model": exp.model, "train": exp.seed_train, "mixture": mixture,
-                                  "tokenizer": exp.recipe.tokenizer,
+                                  "tokenizer": exp.tokenizer,
                                   "data": {n: exp.domains[n].data for n in names}}),
     )
 
@@ -144,7 +152,7 @@ def expert_job(exp, domain: str) -> TrainJob:
         raise BtxError(f"{exp.path}: seed.path: {seed} has no config.json (expected a Hugging Face "
                        "dense checkpoint directory)")
     settings = exp.domains[domain].train
-    expert_dir = exp.expert_dir(domain)
+    expert_dir = exp.paths.expert(domain)
     seed_identity = seed_manifest.get("outputs") if seed_manifest else str(seed)
     return TrainJob(
         name=domain,
@@ -152,19 +160,19 @@ def expert_job(exp, domain: str) -> TrainJob:
         train_shards={domain: _shard_path(exp, domain, "train")},
         val_shards={domain: _shard_path(exp, domain, "val")},
         work_dir=expert_dir,
-        export_dir=expert_dir / "final",
+        export_dir=exp.paths.expert_final(domain),
         manifest_dir=expert_dir,
         init_from=seed,
-        tokenizer=str(exp.recipe.tokenizer),
+        tokenizer=str(exp.tokenizer),
         recipe_hash=_recipe_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
-                                  "tokenizer": exp.recipe.tokenizer}),
+                                  "tokenizer": exp.tokenizer}),
         inputs={"seed": str(seed)},
         trainable=settings.trainable,
     )
 
 
 def _shard_path(exp, domain: str, split: str) -> Path:
-    path = exp.data_dir(domain) / f"{split}.json"
+    path = exp.paths.shard(domain, split)
     if not path.is_file():
         raise BtxError(f"{path}: {split} shard of domain '{domain}' not found; run `btx prepare {exp.path}` first")
     return path
