@@ -80,7 +80,7 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from btx.data.recipe import (
+    from btx.run.prepare import (
         parse_domain_specs,
         prepare_adhoc,
         prepare_experiment,
@@ -360,8 +360,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from btx.recipe.builtin import resolve_recipe
 
     if args.router_inits is not None:
-        from btx.mix.router_inits import parse_inits, router_init_table
         from btx.recipe.load import load_experiment
+        from btx.run.router_inits import parse_inits, router_init_table
 
         inits = parse_inits(args.router_inits)
         if args.target is None or not resolve_recipe(args.target).is_file():

@@ -112,7 +112,7 @@ def recording_console() -> Console:
 def prepare_with_seed(recipe: Path) -> None:
     """What `btx branch` needs before it launches anything: token shards and a finished seed
     (here only its DONE.json: the stand-in training never reads it)."""
-    from btx.data.recipe import prepare_experiment
+    from btx.run.prepare import prepare_experiment
 
     exp = load_experiment(recipe)
     prepare_experiment(exp, progress=False)
@@ -475,7 +475,7 @@ def test_llama2_recipe_loads(tmp_path, monkeypatch):
 def test_real_btx_train_experts_in_parallel_one_with_a_corrupt_shard(tmp_path):
     """Three real `btx train` jobs at once on a tiny model; domain c's shard is truncated, so c fails
     (reported with btx train's own error in the log tail) while a and b finish and export."""
-    from btx.data.recipe import prepare_experiment
+    from btx.run.prepare import prepare_experiment
     from btx.train.job import seed_job
     from btx.train.loop import run_loop
 

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from btx.errors import BtxError
+from btx.families import read_config
 from btx.io.checkpoint import load_model, save_model
-from btx.io.layout import config_from_hf, config_to_hf
+from btx.io.layout import config_to_hf
 from btx.io.reader import CheckpointReader
 from btx.mix.merge import merge
 from btx.mix.options import MergeOptions
@@ -227,7 +228,7 @@ def test_configs_btx_cannot_honour_are_refused_by_name(seeds, model_type, change
     name = {"llama": "llama", "qwen2": "qwen2", "olmo2": "olmo2", "qwen3": "qwen3"}[model_type]
     config = json.loads((seeds[name] / "config.json").read_text()) | change
     with pytest.raises(BtxError, match="^x/config.json: ") as e:
-        config_from_hf(config, source="x/config.json")
+        read_config(config, source="x/config.json")
     assert message in str(e.value)
     assert "btx reads the dense families" in str(e.value) or "model_type" not in change
 
@@ -238,7 +239,7 @@ def test_configs_round_trip_through_btx_for_every_family(seeds):
         cfg = CheckpointReader(path).cfg
         written = config_to_hf(cfg)
         assert "rope_theta" in written and written["rope_parameters"]["rope_theta"] == cfg.rope_theta
-        assert config_from_hf(json.loads(json.dumps(written))) == cfg, name
+        assert read_config(json.loads(json.dumps(written))) == cfg, name
 
 
 # MoE checkpoints btx did not write (another tool's merge, a released MoE): read, finetuned and

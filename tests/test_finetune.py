@@ -22,8 +22,9 @@ import torch
 from btx.cli import main
 from btx.data.sampling import TokenSampler
 from btx.data.shards import load_shard
+from btx.families import read_config
 from btx.io.checkpoint import load_model, load_state_dict, save_model
-from btx.io.layout import config_from_hf, config_to_hf
+from btx.io.layout import config_to_hf
 from btx.io.manifest import write_done
 from btx.io.reader import CheckpointReader
 from btx.model.config import ModelConfig
@@ -55,8 +56,8 @@ finetune:
 def base(tmp_path_factory) -> Path:
     """Recipe, prepared shards (data/) and two MoE checkpoints: merged/ (random routers) and
     idle-expert/ (routers that never pick expert 3 with top-1 routing)."""
-    from btx.data.recipe import prepare_experiment
     from btx.recipe.load import load_experiment
+    from btx.run.prepare import prepare_experiment
 
     root = tmp_path_factory.mktemp("finetune")
     for name, text in TEXTS.items():
@@ -395,7 +396,7 @@ def test_exported_config_round_trips_every_mode():
                           router_mode=mode, capacity_factor=1.25, gumbel_rate=1e-3)
         written = json.loads(json.dumps(config_to_hf(cfg)))
         assert written["num_experts_per_tok"] == MIXTRAL_K[mode]
-        back = config_from_hf(written)
+        back = read_config(written)
         assert (back.router_mode, back.top_k, back.capacity_factor, back.gumbel_rate) == (mode, TOP_K, 1.25, 1e-3)
 
 
@@ -404,8 +405,8 @@ def test_exported_config_round_trips_every_mode():
 
 def test_a_general_data_domain_joins_the_mixture_without_becoming_an_expert(base):
     """finetune.general: prepared with the domains, sampled as "general", never branched."""
-    from btx.data.recipe import prepare_experiment
     from btx.recipe.load import load_experiment
+    from btx.run.prepare import prepare_experiment
     from btx.train.finetune import finetune_job, run_finetune
 
     (base / "general.jsonl").write_text("".join(json.dumps({"text": f"{i} a general sentence. " * 3}) + "\n"

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from btx.errors import BtxError
+from btx.families import key_table, read_config
 from btx.io.atomic import atomic_dir
 from btx.io.checkpoint import load_model, load_state_dict, save_model
 from btx.io.hashing import sha256_file
@@ -25,17 +26,16 @@ from btx.io.layout import (
     TensorSpec,
     btx_shapes,
     btx_state_dict_from_hf,
-    config_from_hf,
     config_to_hf,
     hf_shapes,
     hf_specs_from_btx,
     hf_tensors_from_btx,
-    key_table,
 )
 from btx.io.manifest import hash_dir, read_done, write_done
 from btx.io.reader import CheckpointReader, read_safetensors_header
-from btx.io.writer import parse_size, write_checkpoint, write_safetensors
+from btx.io.writer import write_checkpoint, write_safetensors
 from btx.model.config import ModelConfig
+from btx.units import parse_size
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -87,7 +87,7 @@ CONFIGS = {
 def test_config_round_trip(name):
     cfg = CONFIGS[name]
     written = config_to_hf(cfg, torch.bfloat16)
-    back = config_from_hf(json.loads(json.dumps(written)))
+    back = read_config(json.loads(json.dumps(written)))
     assert core_fields(back) == core_fields(cfg)
     assert config_to_hf(back, torch.bfloat16) == written  # stable under a second round trip
     assert written["model_type"] == ("mixtral" if cfg.is_moe else "llama")
@@ -112,20 +112,20 @@ def test_config_reads_both_rope_spellings():
     old_scaling = {k: v for k, v in LLAMA3.items() if k != "rope_type"} | {"type": "llama3"}
     v4 = dict(common, rope_theta=5e5, rope_scaling=old_scaling)
     v5 = dict(common, rope_parameters=dict(LLAMA3, rope_theta=5e5))
-    a, b = config_from_hf(v4), config_from_hf(v5)
+    a, b = read_config(v4), read_config(v5)
     assert a.rope_theta == b.rope_theta == 5e5
     assert a.rope_scaling == b.rope_scaling == LLAMA3
     assert a.n_kv_heads == 4  # num_key_value_heads defaults to the head count
     # absent rope: transformers' per-architecture defaults
-    assert config_from_hf(common).rope_theta == 1e4
+    assert read_config(common).rope_theta == 1e4
     moe = dict(common, model_type="mixtral", num_local_experts=2, num_experts_per_tok=1, head_dim=None)
-    assert config_from_hf(moe).rope_theta == 1e6
+    assert read_config(moe).rope_theta == 1e6
 
 
 def test_config_carries_unknown_fields_and_drops_writer_fields():
     d = config_to_hf(tiny(n_experts=2))
     d |= {"bos_token_id": 5, "eos_token_id": [6, 7], "torch_dtype": "float16", "transformers_version": "4.57.6"}
-    cfg = config_from_hf(d)
+    cfg = read_config(d)
     assert cfg.extra["bos_token_id"] == 5 and cfg.extra["eos_token_id"] == [6, 7]
     assert cfg.extra["torch_dtype"] == "float16"
     assert "transformers_version" not in cfg.extra
@@ -161,7 +161,7 @@ def test_config_carries_unknown_fields_and_drops_writer_fields():
 def test_config_errors_name_file_and_field(change, message):
     d = config_to_hf(tiny(n_experts=2) if "btx" in change else tiny()) | change
     with pytest.raises(BtxError, match="^some/dir/config.json: ") as e:
-        config_from_hf(d, source="some/dir/config.json")
+        read_config(d, source="some/dir/config.json")
     assert message in str(e.value)
 
 

@@ -112,3 +112,23 @@ def test_every_package_ships_in_the_wheel():
     listed = set(re.findall(r'"(btx[\w.]*)"', re.search(r"^packages = \[(.*?)\]", text, re.M | re.S).group(1)))
     on_disk = {module_name(p) for p in PACKAGE.rglob("__init__.py")}
     assert on_disk <= listed, sorted(on_disk - listed)
+
+
+def package_graph(graph: dict[str, set[str]]) -> dict[str, set[str]]:
+    """The module graph folded onto btx's top-level packages and modules (btx.io, btx.cli, ...)."""
+
+    def top(name: str) -> str:
+        return ".".join(name.split(".")[:2])
+
+    folded: dict[str, set[str]] = {}
+    for a, targets in graph.items():
+        folded.setdefault(top(a), set()).update(top(b) for b in targets if top(b) != top(a))
+    return folded
+
+
+def test_packages_depend_one_way():
+    """docs/ARCHITECTURE.md: cli -> run -> train, mix, evaluate -> recipe, io, data, families -> model.
+    No two packages import each other, even through different modules."""
+    graph = package_graph(import_graph())
+    assert circles(graph) == []
+    assert graph["btx.model"] <= {"btx.choices", "btx.errors"}  # the model knows nothing of training

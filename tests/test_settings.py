@@ -159,7 +159,7 @@ def test_an_edit_takes_the_merge_settings_of_the_same_name():
 def every_value(tmp_path_factory):
     """The tiny experiment with every key of train, finetune, eval, analyze, branch, seed and model
     set to a non-default value, its data prepared, a finished seed and a small merged MoE."""
-    from btx.data.recipe import prepare_experiment
+    from btx.run.prepare import prepare_experiment
 
     tmp = tmp_path_factory.mktemp("every-value")
     general = tmp / "general.yaml"

@@ -44,7 +44,7 @@ def quiet_console():
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """The tiny experiment with prepared shards and a trained seed: (recipe path, run_dir)."""
-    from btx.data.recipe import prepare_experiment
+    from btx.run.prepare import prepare_experiment
 
     root = tmp_path_factory.mktemp("tiny")
     shutil.copytree(FIXTURE, root / "recipe")

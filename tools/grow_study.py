@@ -81,8 +81,8 @@ def main() -> int:
             f"grow.trainable={args.trainable}", *([f"finetune.mixture.{args.add}=0"] if exp.finetune.mixture else [])]
     wall_grown = run(args.recipe, [f"run_dir={grown}", *common, *grow])
 
-    from btx.mix.router_inits import router_init_table
     from btx.recipe.load import load_experiment as load
+    from btx.run.router_inits import router_init_table
 
     t0 = time.perf_counter()
     inits = ["random", "zeros", "centroid", "ridge", *(["hidden"] if exp.merge.prompts else [])]

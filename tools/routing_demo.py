@@ -35,8 +35,8 @@ def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120
     """Write the shards, seed, experts and both merges under `work`; returns their paths."""
     import torch
 
+    from btx.data.corpora import builtin_source
     from btx.data.prepare import prepare_domain
-    from btx.data.recipe import builtin_source
     from btx.data.tokenizer import ByteTokenizer
     from btx.io.checkpoint import save_model
     from btx.mix.merge import merge

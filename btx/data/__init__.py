@@ -4,10 +4,9 @@
     tokenizer.py  the byte tokenizer and tokenizer.json (through `tokenizers`)
     writer.py     the train/val split by document and the streamed shard writer
     prepare.py    `prepare_domain` / `prepare_domains`: sources -> shards, resumable, locked
-    recipe.py     `btx prepare`: a recipe's domains (or command-line specs) -> prepare_domains
     shards.py     the shard format (btx-tokens-v1) and reading it back
     sampling.py   training batches as a pure function of (seed, step, rank); evaluation windows
-    corpora.py    the demo's built-in corpora, made from the standard library
+    corpora.py    the demo's built-in corpora, made from the standard library (`builtin:NAME`)
 
 Start at prepare.py to see how a corpus becomes shards, at sampling.py for what training reads.
 """

@@ -12,12 +12,15 @@ same everywhere for a given seed.
 
 from __future__ import annotations
 
+import functools
 import random
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from btx.errors import BtxError
+
+BUILTIN_PREFIX = "builtin:"
 
 # Top-level modules that are mostly data or generated tables, not code people write.
 _SKIP_MODULES = {"_pydecimal.py", "pydoc.py", "this.py", "antigravity.py", "_collections_abc.py"}
@@ -106,3 +109,11 @@ def builtin_corpus(name: str, max_bytes: int, seed: int = 0) -> Iterator[str]:
     if name not in BUILTIN_CORPORA:
         raise BtxError(f"data.builtin: unknown built-in corpus {name!r}; expected one of {sorted(BUILTIN_CORPORA)}")
     return BUILTIN_CORPORA[name](max_bytes=max_bytes, seed=seed)
+
+
+def builtin_source(name: str, max_bytes: int = 2_000_000, seed: int = 0):
+    """A built-in corpus as a reproducible source (a partial, so its description is stable)."""
+    if name not in BUILTIN_CORPORA:
+        raise BtxError(f"{BUILTIN_PREFIX}{name}: unknown built-in corpus; expected one of "
+                       f"{', '.join(sorted(BUILTIN_CORPORA))}")
+    return functools.partial(builtin_corpus, name, max_bytes, seed)

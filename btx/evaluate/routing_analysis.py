@@ -116,7 +116,7 @@ def open_domain_data(name: str, spec: str, tokenizer) -> DomainData:
 
     label = f"--data {name}={spec}"
     if spec.startswith("builtin:"):
-        from btx.data.recipe import builtin_source
+        from btx.data.corpora import builtin_source
 
         return _text_data(name, spec, PythonSource(builtin_source(spec.removeprefix("builtin:"))), tokenizer, label)
     path = Path(spec).expanduser()

@@ -11,7 +11,6 @@ Shape legend: V vocab, D model dim, F ffn dim, E experts, H heads, G kv heads, H
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import NamedTuple
@@ -20,6 +19,7 @@ import torch
 
 from btx import families
 from btx.errors import BtxError
+from btx.families import key_table
 from btx.model.config import ModelConfig
 
 CONFIG_NAME = "config.json"
@@ -52,22 +52,11 @@ DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' and mergekit's default: 5 GB
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
 
-def config_from_hf(hf: Mapping, source: str | os.PathLike = CONFIG_NAME) -> ModelConfig:
-    """Read any config.json btx reads (as a dict); errors name `source` and the field."""
-    return families.read_config(hf, source)
-
-
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     """The config.json for `cfg` in its family's dense or MoE form (see btx.families.write_config)."""
     return families.write_config(cfg, None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
 
 
-inference_note = families.inference_note
-
-
-def key_table(cfg: ModelConfig) -> families.KeyTable:
-    """The one key table of `cfg`'s family and form, used both ways."""
-    return families.key_table(cfg)
 
 
 # HF buffers some older checkpoints carry that are recomputed, not learned: skipped on read.

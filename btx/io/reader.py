@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from btx.errors import BtxError, missing_checkpoint
+from btx.families import read_config
 from btx.io.layout import (
     CONFIG_NAME,
     INDEX_FILE,
@@ -28,7 +29,6 @@ from btx.io.layout import (
     _assemble,
     _few,
     btx_shapes,
-    config_from_hf,
     plan_btx_from_hf,
 )
 
@@ -148,7 +148,7 @@ class CheckpointReader:
             raise BtxError(f"{config_path}: not valid JSON ({e})") from None
         if not isinstance(self.hf_config, dict):
             raise BtxError(f"{config_path}: expected a JSON object")
-        self.cfg = config_from_hf(self.hf_config, source=config_path)
+        self.cfg = read_config(self.hf_config, source=config_path)
 
         self._handles: dict[str, object] = {}  # file -> open safe_open handle
         self._fds: dict[str, int] = {}  # file -> descriptor for read_into

@@ -13,5 +13,4 @@
                        layer-by-layer walk, closed forms and one entry (`fit_routers`)
     router_data.py     the token sets routers are fitted on (shard windows, prompts)
     progress.py        the progress bar of a merge, a grow and a router fit
-    router_inits.py    `btx eval RECIPE --router-inits`: merged models side by side, per router init
 """

@@ -7,6 +7,8 @@
     stages.py      the work of prepare, seed, branch, merge, finetune and grow
     baselines.py   the dense and sparse-upcycling baselines, matched on compute or data
     evaluation.py  `btx eval RECIPE`: every model of a run
+    router_inits.py `btx eval RECIPE --router-inits`: merged models side by side, per router init
+    prepare.py     `btx prepare`: a recipe's domains (or command-line specs) -> token shards
     branch.py      `btx branch` and `btx status`
     jobs.py        expert jobs and their state, derived from the expert directory
     progress.py    progress of expert jobs from metrics.jsonl; the status table

@@ -3,7 +3,7 @@
 Stages, in order (the work of each is a function of btx/run/stages.py, baselines.py, evaluation.py
 or this module; the modules named here do it):
 
-    prepare    domain text -> token shards                       btx.data.recipe
+    prepare    domain text -> token shards                       btx.run.prepare
     seed       the dense seed, when the recipe trains one         btx.train (seed_job)
     branch     one expert per domain from the seed               btx.run.branch (local executor)
     merge      seed + experts -> MoE (the family's form)          btx.mix.merge

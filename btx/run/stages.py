@@ -10,7 +10,6 @@ import dataclasses
 import time
 from typing import Optional
 
-from btx.data.recipe import prepare_experiment
 from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.manifest import DONE_NAME, identity_changes, input_identity, read_done
@@ -25,6 +24,7 @@ from btx.mix.options import EditOptions
 from btx.run.branch import branch
 from btx.run.jobs import expert_state, plan_jobs, wait_for_running
 from btx.run.ledger import Adopt, Pipeline, StageOutcome, _key
+from btx.run.prepare import prepare_experiment
 from btx.run.stage import Stage, Task, content, note, parts_of, stage_key
 from btx.train.finetune import finetune_job, run_finetune
 from btx.train.job import TrainJob, expert_job, seed_job, trajectory_hash

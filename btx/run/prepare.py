@@ -7,15 +7,13 @@ options). This module turns recipes and command-line specs into its arguments, a
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 from typing import Any
 
+from btx.data.corpora import BUILTIN_PREFIX, builtin_source
 from btx.errors import BtxError
 from btx.recipe.experiment import Domain, Experiment
-
-BUILTIN_PREFIX = "builtin:"
 
 
 def domain_sources(domain: Domain) -> list:
@@ -26,14 +24,6 @@ def domain_sources(domain: Domain) -> list:
     return specs
 
 
-def builtin_source(name: str, max_bytes: int = 2_000_000, seed: int = 0):
-    """A built-in corpus as a reproducible source (a partial, so its description is stable)."""
-    from btx.data.corpora import BUILTIN_CORPORA, builtin_corpus
-
-    if name not in BUILTIN_CORPORA:
-        raise BtxError(f"{BUILTIN_PREFIX}{name}: unknown built-in corpus; expected one of "
-                       f"{', '.join(sorted(BUILTIN_CORPORA))}")
-    return functools.partial(builtin_corpus, name, max_bytes, seed)
 
 
 def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool = True) -> dict[str, dict]:
