@@ -17,6 +17,7 @@ import random
 import sysconfig
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from pydoc_data.topics import topics
 
 from btx.errors import BtxError
 
@@ -54,7 +55,6 @@ def _chunks(pieces: list[str], sep: str, size: int) -> Iterator[str]:
 
 
 def python_docs(max_bytes: int = 2_000_000, seed: int = 0) -> Iterator[str]:
-    from pydoc_data.topics import topics
 
     total = 0
     for name in sorted(topics):

@@ -31,6 +31,15 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from btx.data.shards import SHARD_FORMAT, SPLITS, load_shard, token_dtype
 from btx.data.sources import (
@@ -274,8 +283,6 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
         try:
             shard = load_shard(out_dir / f"{split}.json", verify=True)
         except BtxError as e:  # damaged (a changed byte too: the sha256 is checked) or partial: prepare again
-            from rich.console import Console
-
             Console(stderr=True).print(f"[yellow]prepare {name}: {e}; preparing it again[/]", soft_wrap=True,
                                        highlight=False)
             return None
@@ -328,15 +335,6 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                DownloadColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-                TransferSpeedColumn,
-            )
 
             self._progress = Progress(
                 TextColumn("[bold]prepare {task.description}"),

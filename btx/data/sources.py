@@ -10,6 +10,7 @@ prepare compares to decide whether shards are still current.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import os
@@ -115,7 +116,6 @@ def passage_bytes(file_bytes: int) -> int:
 def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
     """A text file as passages of at least `least` bytes, each ending at a blank line (or at a line
     end once it is 2 * least long without one), streamed: memory stays about one passage."""
-    import codecs
 
     decoder = codecs.getincrementaldecoder("utf-8")()
     piece: list[str] = []

@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as RustTokenizer
 
 from btx.errors import BtxError
 
@@ -140,8 +142,6 @@ class ByteTokenizer:
         Text that literally contains a special token string ("<|eos|>") is the one difference:
         Hugging Face splits it out as the special token, btx encodes its bytes.
         """
-        from tokenizers import AddedToken, decoders, models, pre_tokenizers
-        from tokenizers import Tokenizer as RustTokenizer
 
         byte_to_char = _gpt2_bytes_to_unicode()
         vocab = {byte_to_char[b]: b for b in range(256)}
@@ -191,7 +191,6 @@ class HFTokenizer:
     kind = "hf"
 
     def __init__(self, path: str | os.PathLike, *, bos_token: str | None = None, eos_token: str | None = None):
-        from tokenizers import Tokenizer as RustTokenizer
 
         self.path = Path(path)
         if not self.path.is_file():

@@ -11,11 +11,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
-from btx.data.shards import Shard
+from btx.data.sampling import parse_domain_paths, shard_spec_path
+from btx.data.shards import Shard, check_tokenizer, load_shard
 from btx.errors import BtxError
 from btx.evaluate.btm import (
     TfidfRouter,
@@ -24,8 +33,13 @@ from btx.evaluate.btm import (
     shard_sample,
 )
 from btx.evaluate.plot import PLOT_NAME
+from btx.evaluate.routing_analysis import checkpoint_tokenizer, pick_device
 from btx.evaluate.scores import EvalRow, row_from_logprobs, window_logprobs
 from btx.evaluate.table import render, save
+from btx.io.atomic import atomic_dir
+from btx.io.checkpoint import load_model
+from btx.io.manifest import hash_dir, read_done, write_done
+from btx.io.reader import CheckpointReader
 
 DEFAULT_BATCHES = 50
 DEFAULT_BATCH_SIZE = 8
@@ -33,14 +47,11 @@ MAX_DEFAULT_SEQ_LEN = 1024
 
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
-    from btx.data.sampling import parse_domain_paths
 
     return parse_domain_paths(specs, "SHARD (a btx validation shard .bin/.json, or a prepared domain directory holding val.json)")
 
 
 def open_shard(name: str, spec: str) -> Shard:
-    from btx.data.sampling import shard_spec_path
-    from btx.data.shards import load_shard
 
     return load_shard(shard_spec_path(spec, f"--data {name}={spec}"))
 
@@ -58,7 +69,6 @@ class _Checkpoint:
 def checkpoint_train_flops(path: Path) -> float | None:
     """`train_flops` of the run that made the checkpoint: its own DONE.json, or, for a btx expert's
     `final/` export, the job's DONE.json one level up."""
-    from btx.io.manifest import read_done
 
     for directory in (path, path.parent) if path.name == "final" else (path,):
         try:
@@ -72,8 +82,6 @@ def checkpoint_train_flops(path: Path) -> float | None:
 
 
 def _open_checkpoint(spec: str | Path, name: str) -> _Checkpoint:
-    from btx.evaluate.routing_analysis import checkpoint_tokenizer
-    from btx.io.reader import CheckpointReader
 
     path = Path(spec).expanduser()
     if not path.exists():
@@ -102,9 +110,7 @@ def default_names(paths: Sequence[str | Path]) -> list[str]:
 
 def _check_data(ckpt: _Checkpoint, name: str, shard: Shard, seq_len: int, batch_size: int, batches: int) -> None:
     """The shard's tokenizer fits the model and its windows hold only ids the model knows."""
-    import numpy as np
 
-    from btx.data.shards import check_tokenizer
 
     label = f"--data {name}"
     vocab = shard.tokenizer.get("vocab_size")
@@ -146,16 +152,7 @@ def evaluate_checkpoints(
     """Rows for any HF checkpoints (dense Llama or Mixtral) on `data` ({domain: shard}), plus a
     "BTM ensemble" row of the `btm` checkpoints. Every input is checked before the first forward.
     Returns (rows, settings) where settings records what was evaluated and how."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
-    from btx.evaluate.routing_analysis import pick_device
-    from btx.io.checkpoint import load_model
 
     if not checkpoints and not btm:
         raise BtxError("eval: give at least one CHECKPOINT directory (or --btm experts)")
@@ -273,8 +270,6 @@ def btm_rows(per_expert: Sequence[dict[str, torch.Tensor]], flops: Sequence[floa
 def checkpoint_train_shard(path: Path) -> Shard | None:
     """The one training shard of the btx job that made the checkpoint (its DONE.json
     inputs.train_shards, for a domain expert), or None."""
-    from btx.data.shards import load_shard
-    from btx.io.manifest import read_done
 
     for directory in (path, path.parent) if path.name == "final" else (path,):
         try:
@@ -301,8 +296,6 @@ def written(out: Path) -> str:
 def write_outputs(rows: list[EvalRow], domains: list[str], out: Path, done: dict, extra: dict | None = None,
                   console: Console | None = None) -> None:
     """eval.json, eval.md, the plot and DONE.json (last), appearing in `out` all at once."""
-    from btx.io.atomic import atomic_dir
-    from btx.io.manifest import hash_dir, write_done
 
     with atomic_dir(out, force=True) as tmp:
         save(rows, domains, tmp, extra, console=console)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from btx.ui.pyplot import pyplot
+
 PLOT_NAME = "loss_vs_flops.png"
 PLOTS_NOTE = f"{PLOT_NAME} skipped: matplotlib is not installed (pip install 'btx[plots]' or pip install matplotlib)"
 MARKERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -63,7 +65,6 @@ def text_scatter(rows, width: int = 60, height: int = 12) -> str:
 
 
 def _pyplot():
-    from btx.ui.pyplot import pyplot
 
     return pyplot()
 

@@ -17,7 +17,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
+from btx.data.corpora import builtin_source
+from btx.data.sampling import parse_domain_paths
+from btx.data.shards import check_tokenizer, load_shard
+from btx.data.sources import PathSource, PythonSource
+from btx.data.tokenizer import BTX_TOKENIZER_FILE, HF_TOKENIZER_FILE, load_tokenizer
 from btx.errors import BtxError
 from btx.evaluate.routing import (
     DEFINITIONS,
@@ -26,6 +40,9 @@ from btx.evaluate.routing import (
     routings_of,
     top1_experts,
 )
+from btx.io.checkpoint import load_model
+from btx.io.manifest import read_done
+from btx.io.reader import CheckpointReader
 from btx.model.config import Routing
 
 REPORT_FORMAT = "btx-routing-v1"
@@ -102,7 +119,6 @@ class DomainData:
 
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
-    from btx.data.sampling import parse_domain_paths
 
     return parse_domain_paths(specs, "PATH (a btx shard .bin/.json, a text or .jsonl file)")
 
@@ -111,12 +127,9 @@ def open_domain_data(name: str, spec: str, tokenizer) -> DomainData:
     """Resolve one --data value. A `.bin`/`.json` file, or a directory holding `val.json`
     (a prepared domain), is a btx shard; its sidecar's tokenizer must be the model's. Anything
     else is text (a file, a .jsonl file, a directory of them, or builtin:CORPUS)."""
-    from btx.data.shards import check_tokenizer, load_shard
-    from btx.data.sources import PathSource, PythonSource
 
     label = f"--data {name}={spec}"
     if spec.startswith("builtin:"):
-        from btx.data.corpora import builtin_source
 
         return _text_data(name, spec, PythonSource(builtin_source(spec.removeprefix("builtin:"))), tokenizer, label)
     path = Path(spec).expanduser()
@@ -148,7 +161,6 @@ def _text_data(name, label_path, source, tokenizer, label) -> DomainData:
 
 def checkpoint_tokenizer(checkpoint: Path, explicit: str | None = None):
     """The tokenizer the checkpoint ships with (or `explicit`), or None when it has none."""
-    from btx.data.tokenizer import BTX_TOKENIZER_FILE, HF_TOKENIZER_FILE, load_tokenizer
 
     if explicit is not None:
         return load_tokenizer(explicit)
@@ -160,7 +172,6 @@ def checkpoint_tokenizer(checkpoint: Path, explicit: str | None = None):
 def moe_checkpoint_config(path: str | os.PathLike):
     """(ModelConfig, stored dtype) of an MoE checkpoint (any form btx reads), from its headers only
     (no weights), so that every input is checked before any work. Dense is a BtxError."""
-    from btx.io.reader import CheckpointReader
 
     path = Path(path).expanduser()
     if not path.exists():
@@ -179,7 +190,6 @@ def moe_checkpoint_config(path: str | os.PathLike):
 
 def load_moe_checkpoint(path: str | os.PathLike, device: torch.device, dtype: torch.dtype | None):
     """A btx Transformer from an MoE checkpoint directory; a dense checkpoint is a BtxError."""
-    from btx.io.checkpoint import load_model
 
     path = Path(path).expanduser()
     _, stored = moe_checkpoint_config(path)
@@ -194,7 +204,6 @@ def expert_names(checkpoint: Path, n_experts: int, explicit: Sequence[str] | Non
     """Expert names and where they came from: --experts, the checkpoint's DONE.json "experts"
     (btx merge writes them), a sibling merged/DONE.json (a finetuned model next to its merge),
     or e0..eN-1."""
-    from btx.io.manifest import read_done
 
     if explicit:
         names = list(explicit)
@@ -244,13 +253,6 @@ def route_batch(model, tokens_BS: torch.Tensor) -> list[Routing]:
 
 
 def _progress(console):
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
 
     return Progress(
         TextColumn("[bold]analyze {task.description}"),
@@ -282,8 +284,6 @@ def analyze_checkpoint(
     content of routing.json, see `DEFINITIONS`). `data` maps domain -> shard, text or jsonl path.
     `samples` keeps that many short token sequences per domain with their top-1 experts at every
     layer, for the coloured text view. Memory holds sums only, whatever `tokens` is."""
-    from rich.console import Console
-    from rich.markup import escape
 
     console = console or Console(stderr=True)
     if tokens < 1 or batch_size < 1 or (seq_len is not None and seq_len < 1):

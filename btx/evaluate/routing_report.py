@@ -26,13 +26,37 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+from rich.console import Console, Group
+from rich.markup import escape as rich_escape
+from rich.rule import Rule
+from rich.text import Text
+
+from btx.data.shards import load_shard
 from btx.errors import BtxError
-from btx.io.atomic import dumps_json
+from btx.evaluate.routing_analysis import (
+    DEFAULT_TOKENS,
+    analyze_checkpoint,
+    compare_reports,
+    moe_checkpoint_config,
+    parse_data_specs,
+)
+from btx.io.atomic import atomic_dir, dumps_json
+from btx.io.manifest import (
+    hash_dir,
+    identity,
+    input_identity,
+    is_done,
+    relative_identities,
+    write_done,
+)
+from btx.recipe.load import load_experiment
+from btx.ui.pyplot import pyplot
+from btx.ui.tables import Column, FitTable
 
 
 def escape(text: str) -> str:
     """User-given names (paths, domains, experts) shown inside rich markup stay literal."""
-    from rich.markup import escape as rich_escape
 
     return rich_escape(text)
 
@@ -69,7 +93,6 @@ def _blend(t: float, low=(247, 251, 255), high=(8, 48, 107)) -> str:
 
 
 def _cell(value: float, vmax: float, diverging: bool = False):
-    from rich.text import Text
 
     if diverging:  # red for B > A, blue for B < A, white at 0
         t = 0.0 if vmax <= 0 else min(abs(value) / vmax, 1.0)
@@ -86,7 +109,6 @@ def heatmap_table(matrix: Sequence[Sequence[float]], experts: Sequence[str], own
                   diverging: bool = False):
     """Layers x experts, cells in percent, coloured 0 -> table maximum (one block per layer when
     the experts do not fit across)."""
-    from btx.ui.tables import Column, FitTable
 
     vmax = max((abs(v) for row in matrix for v in row), default=0.0)
     columns = [Column("layer", "label", justify="right", style="dim"),
@@ -119,7 +141,6 @@ LEGEND = (
 
 
 def summary_table(report: dict):
-    from btx.ui.tables import Column, FitTable
 
     experts = report["experts"]
     E = len(experts)
@@ -147,7 +168,6 @@ def summary_table(report: dict):
 
 def layer_table(reports: Sequence[dict]):
     """Per-layer numbers over all domains; with two reports each cell reads "A → B"."""
-    from btx.ui.tables import Column, FitTable
 
     keys = [("load_imbalance", "imbal.", _num), ("entropy_of_mean", "H(p̄)", _num),
             ("mean_token_entropy", "H(p)", _num), ("own_top1_frac", "own top-1", _pct),
@@ -165,8 +185,6 @@ def layer_table(reports: Sequence[dict]):
 
 def text_view(report: dict, domain: str, layer: int, max_samples: int):
     """Sample text of `domain`, each token coloured by its top-1 expert at `layer` (paper Table 6)."""
-    from rich.console import Group
-    from rich.text import Text
 
     parts = []
     for sample in report.get("samples", {}).get(domain, [])[:max_samples]:
@@ -184,7 +202,6 @@ def text_view(report: dict, domain: str, layer: int, max_samples: int):
 
 
 def legend(experts: Sequence[str]):
-    from rich.text import Text
 
     line = Text("experts: ")
     for e, name in enumerate(experts):
@@ -196,7 +213,6 @@ def legend(experts: Sequence[str]):
 def render(report: dict, console, *, metric: str = "load_share", layer: int | None = None,
            show_text: int = 0, compare: dict | None = None, difference: dict | None = None) -> None:
     """Everything in the terminal: heatmaps per domain, the summary, per-layer tables, text."""
-    from rich.rule import Rule
 
     def heading(text: str) -> None:
         console.print(escape(text), style="bold", soft_wrap=True)
@@ -294,7 +310,6 @@ def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", comp
 
 
 def _pyplot():
-    from btx.ui.pyplot import pyplot
 
     return pyplot()
 
@@ -394,15 +409,7 @@ def analyze_and_write(
     with `done` (a stage manifest), DONE.json is written into it last. Returns the report of
     the first checkpoint (with "compare" when there are two).
     """
-    from rich.console import Console
 
-    from btx.evaluate.routing_analysis import (
-        analyze_checkpoint,
-        compare_reports,
-        moe_checkpoint_config,
-    )
-    from btx.io.atomic import atomic_dir
-    from btx.io.manifest import hash_dir, write_done
 
     if metric not in METRICS:
         raise BtxError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
@@ -437,7 +444,6 @@ def analyze_and_write(
 
 def run_analyze(args) -> int:
     """`btx analyze` (and tools/routing_analysis.py)."""
-    from btx.evaluate.routing_analysis import DEFAULT_TOKENS, parse_data_specs
 
     checkpoints = [args.target] if args.target else []
     if args.compare:
@@ -448,7 +454,6 @@ def run_analyze(args) -> int:
         raise BtxError("analyze: give a CHECKPOINT directory (with --data) or an experiment RECIPE")
     options = _options(args)
     if Path(checkpoints[0]).is_file():  # an experiment recipe
-        from btx.recipe.load import load_experiment
 
         if args.data:
             raise BtxError("--data: a RECIPE brings its domains' validation shards; give --data with a CHECKPOINT")
@@ -466,7 +471,6 @@ def run_analyze(args) -> int:
 
 
 def _options(args) -> dict:
-    import torch
 
     dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     return dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
@@ -480,7 +484,6 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     """Recipe mode (`btx analyze RECIPE`, `btx run`'s analyze stage): the finetuned model (else the
     merged one) on each domain's validation shard, with the recipe's analyze.tokens and
     analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
-    from btx.io.manifest import is_done
 
     for checkpoint in (exp.paths.finetuned, exp.paths.merged):
         if is_done(checkpoint):
@@ -497,8 +500,6 @@ def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (),
     tokens = tokens or exp.analyze.tokens
     show_text = exp.analyze.show_text if show_text is None else show_text
     out = out or exp.paths.analysis
-    from btx.data.shards import load_shard
-    from btx.io.manifest import identity, input_identity, relative_identities
 
     identities = {"model": input_identity(checkpoint),
                   **{f"val:{d}": identity(load_shard(v, verify=True).path) for d, v in data.items()}}

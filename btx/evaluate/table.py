@@ -16,6 +16,7 @@ from rich.markup import escape
 from btx.evaluate.plot import PLOT_NAME, plot_loss_vs_flops, text_scatter
 from btx.evaluate.scores import EvalRow, paired_differences
 from btx.io.atomic import dumps_json
+from btx.ui.tables import Column, FitTable
 
 FLOPS_NOTE = ("train FLOPs: training FLOPs beyond the seed, counted as btx.model.flops does: 6 per trained weight and "
               "token, 4 per frozen weight (no weight gradient), 2 where nothing before it trains; embedding "
@@ -34,7 +35,6 @@ def _cells(r: EvalRow, domains: list[str], domain_stderr: bool = True) -> list[s
 
 def render(rows: list[EvalRow], domains: list[str], title: str = "Validation loss (nats/token; lower is better)",
            console: Console | None = None) -> None:
-    from btx.ui.tables import Column, FitTable
 
     console = console or Console()
     columns = [Column("model", "label"), *(Column(escape(d)) for d in domains), Column("average"),

@@ -8,11 +8,13 @@ import os
 from collections.abc import Callable
 
 import torch
+from accelerate import init_empty_weights
 
 from btx.io.layout import DEFAULT_SHARD_SIZE, hf_specs_from_btx
 from btx.io.reader import CheckpointReader
 from btx.io.writer import write_checkpoint
 from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 
 def save_model(
@@ -70,16 +72,9 @@ def load_model(
     path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
 ):
     """A btx `Transformer` with the weights of an HF checkpoint (see `load_state_dict`)."""
-    from btx.model.transformer import Transformer
 
     cfg, sd = load_state_dict(path, dtype, device)
-    try:  # build parameters on the meta device and adopt the loaded tensors: no wasted init
-        from accelerate import init_empty_weights
-
-        with init_empty_weights(include_buffers=False):
-            model = Transformer(cfg)
-        model.load_state_dict(sd, strict=True, assign=True)
-    except ImportError:  # pragma: no cover - accelerate is a btx dependency
+    with init_empty_weights(include_buffers=False):  # parameters on the meta device: no wasted init
         model = Transformer(cfg)
-        model.load_state_dict(sd, strict=True)
+    model.load_state_dict(sd, strict=True, assign=True)  # adopt the loaded tensors
     return model.to(device)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from safetensors import safe_open
 
 from btx.errors import BtxError, missing_checkpoint
 from btx.families import read_config
@@ -237,7 +238,6 @@ class CheckpointReader:
         self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
     ) -> torch.Tensor:
         """One HF tensor, read from the memory-mapped file."""
-        from safetensors import safe_open
 
         info = self.info(name)
         handle = self._handles.get(info.file)

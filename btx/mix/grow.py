@@ -59,6 +59,7 @@ import os
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from btx.errors import BtxError
 from btx.io.manifest import read_done, relative_identities
@@ -166,7 +167,6 @@ def edit_command(args) -> int:
                         options=EditOptions(**given(args, EditOptions)), force=args.force,
                         allow_foreign=args.allow_foreign, router_data=pairs(args.router_data, "--router-data"),
                         progress=not args.quiet)
-    from rich.console import Console
 
     Console().print(
         f"merge --into: {manifest['n_experts']} experts ({', '.join(manifest['experts'])}), top-{manifest['top_k']} "

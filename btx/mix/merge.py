@@ -84,6 +84,7 @@ import os
 from pathlib import Path
 
 import torch
+from rich.console import Console
 
 from btx.errors import BtxError
 from btx.io.layout import CONFIG_NAME
@@ -101,6 +102,8 @@ from btx.mix.router_fit import (
     fitted_rows,
     hidden_targets,
 )
+from btx.recipe.experiment import recipe_hash
+from btx.recipe.load import load_experiment
 from btx.recipe.schema import MergeSection
 from btx.recipe.settings import flags, given, pairs
 
@@ -223,7 +226,6 @@ def merge(
 
 
 def _console(console):
-    from rich.console import Console
 
     return console or Console(stderr=True)
 
@@ -303,7 +305,6 @@ def recipe_merge_options(section: MergeSection, upcycle: int = 0, aux_loss_coef:
 def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None) -> str:
     """The recipe_hash a recipe's merge records in DONE.json (btx run compares it to adopt a merge
     made by `btx merge` with the same settings); `section` in place of the recipe's merge section."""
-    from btx.recipe.experiment import recipe_hash
 
     experts = [] if upcycle else list(exp.merged_domains)
     merge_section = effective_merge_section(exp.merge if section is None else section)
@@ -329,7 +330,6 @@ def merge_command(args) -> int:
         if named:
             raise BtxError(f"merge: {', '.join(named)}: give merge settings as recipe overrides (e.g. merge.top_k=1), "
                            "not flags")
-        from btx.recipe.load import load_experiment
 
         exp = load_experiment(args.recipe, args.overrides)
         manifest = merge_from_recipe(exp, force=args.force, allow_no_manifest=args.allow_no_manifest, progress=progress)
@@ -351,7 +351,6 @@ def merge_command(args) -> int:
         if "experts" in manifest
         else "a dense average"
     )
-    from rich.console import Console
 
     Console().print(
         f"merge: {what} -> {out}: {manifest['bytes'] / 1e9:.2f} GB in {seconds:.1f} s "

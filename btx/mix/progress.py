@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from rich import progress as bars
+
 
 class Progress:
     """A rich progress bar (bytes with GB/s, or steps), or nothing when disabled."""
@@ -12,7 +14,6 @@ class Progress:
     def __enter__(self) -> Progress:
         if self.enabled:
             # Imported here: a quiet run (tests, `--quiet`, the pipeline's own bars) never pays for it.
-            from rich import progress as bars
 
             if self.bytes_:
                 counts = [bars.DownloadColumn(binary_units=False), bars.TransferSpeedColumn()]

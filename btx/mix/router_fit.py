@@ -48,11 +48,13 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 import torch
+from accelerate import init_empty_weights
 
 from btx.io.layout import btx_shapes
 from btx.mix.output import OutputTensors
 from btx.mix.progress import Progress
 from btx.model.config import ModelConfig
+from btx.model.transformer import Transformer
 
 FIT_INITS = ("centroid", "ridge", "hidden")  # router inits that need hidden states
 
@@ -153,9 +155,7 @@ def walk(
     """Run `sets` through the MoE layer by layer; `router_for_layer(i, stats)` gives layer i's
     router rows [E, D] from its FFN-input statistics, and those rows route layer i on the way up.
     Returns {layer: rows} (fp32)."""
-    from accelerate import init_empty_weights
 
-    from btx.model.transformer import Transformer
 
     cfg = weights.cfg
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from btx.choices import GENERAL_DOMAIN
+from btx.data.tokenizer import ByteTokenizer
 from btx.errors import BtxError, missing_checkpoint, note_renamed
 from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
 from btx.recipe.check import (
@@ -89,7 +90,6 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     if recipe.model is not None:
         recipe.model.check(c.at("model"))
         if recipe.tokenizer == "byte":
-            from btx.data.tokenizer import ByteTokenizer
 
             c.that(recipe.model.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
                    f"the byte tokenizer needs vocab_size >= {ByteTokenizer.vocab_size}, got {recipe.model.vocab_size}")

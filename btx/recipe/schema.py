@@ -23,6 +23,7 @@ from btx.choices import (
     TRAINABLE,
     WEIGHT_DTYPES,
 )
+from btx.data.corpora import BUILTIN_CORPORA
 from btx.errors import BtxError
 from btx.recipe.check import Checker, _suggest
 from btx.recipe.settings import parse_weights, prompt_lists, setting
@@ -108,6 +109,7 @@ class ModelSection:
 
     def to_model_config(self, **moe):
         """A btx.model.config.ModelConfig (imports torch); `moe` sets MoE fields such as n_experts."""
+        # lazy: loading a recipe (and `btx --help`) imports no torch
         from btx.model.config import ModelConfig
 
         return ModelConfig(**dataclasses.asdict(self), **moe)
@@ -391,8 +393,6 @@ class DataSection:
         c.that(bool(self.sources) or self.builtin is not None, "sources",
                "a domain needs data: give data.sources or data.builtin")
         if self.builtin is not None:
-            from btx.data.corpora import BUILTIN_CORPORA
-
             c.that(self.builtin in BUILTIN_CORPORA, "builtin",
                    f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
                    + _suggest(self.builtin, BUILTIN_CORPORA))

@@ -22,7 +22,12 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from rich.console import Console
+from rich.panel import Panel
+from rich.text import Text
+
 from btx.errors import BtxError
+from btx.recipe.load import load_experiment
 from btx.run.jobs import (
     TRAIN_PROGRAM,
     check_ready,
@@ -41,11 +46,7 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
            train_program: Sequence[str] = TRAIN_PROGRAM, console=None, stop_grace_s: float = 300.0) -> int:
     """`btx branch`: launch every expert that is neither done nor already running. Returns the exit
     status: 0 when every launched job succeeded (or was submitted), 1 when any failed."""
-    from rich.console import Console
-    from rich.panel import Panel
-    from rich.text import Text
 
-    from btx.recipe.load import load_experiment
 
     console = console or Console()
     exp = load_experiment(recipe_path, list(overrides))
@@ -116,9 +117,7 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
 def status(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, watch: bool = False,
            interval_s: float = 2.0, console=None) -> int:
     """`btx status`: a table of every expert of the experiment, read from the run directory."""
-    from rich.console import Console
 
-    from btx.recipe.load import load_experiment
 
     console = console or Console()
     exp = load_experiment(recipe_path, list(overrides))

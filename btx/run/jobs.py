@@ -107,7 +107,10 @@ def check_ready(exp, jobs: Sequence[ExpertJob]) -> Path:
     """Refuse before launching anything when a job could not start: the seed is missing or not
     done, or a domain's shards are not prepared. The checks are btx.train's own (`expert_job`),
     so branch and train agree on them. Returns the seed directory the experts start from."""
-    from btx.train.job import expert_job
+
+    from btx.train.job import (
+        expert_job,  # lazy: `btx status` and `btx branch` start without torch
+    )
 
     seeds = {expert_job(exp, job.domain).init_from for job in jobs}
     return seeds.pop()

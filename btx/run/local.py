@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from rich.console import Console
+from rich.live import Live
+
 from btx.errors import BtxError
 from btx.run.jobs import (
     ExpertJob,
@@ -41,7 +44,7 @@ class Outcome:
 
 def visible_gpus() -> list[str]:
     """The GPU ids this process may hand out (CUDA_VISIBLE_DEVICES when set)."""
-    import torch
+    import torch  # lazy: `btx status` and `btx branch` start without torch
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
@@ -110,7 +113,6 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
     Each is waited for and recorded as interrupted, so nothing is orphaned and the next run resumes
     them. KeyboardInterrupt is then re-raised.
     """
-    from rich.console import Console
 
     console = console or Console()
     waiting = deque(jobs)
@@ -232,7 +234,6 @@ class LiveTable:
         self.console, self.renderable = console, renderable
         self.live = None
         if console.is_terminal:
-            from rich.live import Live
 
             self.live = Live(renderable, console=console, auto_refresh=False)
 

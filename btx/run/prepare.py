@@ -11,9 +11,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from btx.data.corpora import BUILTIN_PREFIX, builtin_source
+from btx.data.prepare import prepare_domains
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.recipe.experiment import Domain, Experiment
+from btx.ui.tables import Column, FitTable
 
 
 def domain_sources(domain: Domain) -> list:
@@ -29,8 +34,6 @@ def domain_sources(domain: Domain) -> list:
 def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool = True) -> dict[str, dict]:
     """Prepare every domain of `exp` (finetune.general's too) into `exp.run_dir/data/<domain>/`;
     returns per-domain summaries."""
-    from btx.data.prepare import prepare_domains
-    from btx.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(exp.tokenizer)
     domains = {
@@ -65,7 +68,6 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
 def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.05,
                   seed: int = 0, text_field: str = "text", force: bool = False,
                   progress: bool = True) -> dict[str, dict]:
-    from btx.data.prepare import prepare_domains
 
     if not 0.0 < val_fraction < 1.0:
         raise BtxError(f"--val-fraction: must be in (0, 1), got {val_fraction}")
@@ -75,9 +77,7 @@ def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLi
 
 def summary_table(summaries: dict[str, dict]):
     """A table: one row per domain (tokens and documents per split, whether it was skipped)."""
-    from rich.markup import escape
 
-    from btx.ui.tables import Column, FitTable
 
     dirs = {str(Path(s["out_dir"]).parent) for s in summaries.values()}
     caption = escape(f"shards in {_short(dirs.pop())}/<domain>/") if len(dirs) == 1 else None

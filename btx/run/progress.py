@@ -10,7 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from rich.markup import escape
+
 from btx.run.jobs import METRICS_FILE, ExpertJob, _duration, expert_state
+from btx.ui.tables import Column, FitTable
 
 
 @dataclass
@@ -95,9 +98,7 @@ _STATE_STYLE = {"pending": "dim", "queued": "cyan", "running": "yellow", "stoppe
 def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
     """The table that `btx status` prints and `btx branch` keeps live (btx.ui.tables: values and paths
     stay whole; a narrow terminal or log file gets one block per expert)."""
-    from rich.markup import escape
 
-    from btx.ui.tables import Column, FitTable
 
     columns = [Column("expert", "label"), Column("state", "text"), Column("step"), Column("loss"),
                Column("tokens/s"), Column("ETA"), Column("output / note", "text")]

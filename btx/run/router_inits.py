@@ -18,12 +18,24 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import torch
 from rich.console import Console
 from rich.markup import escape
 
 from btx.choices import ROUTER_INITS
+from btx.data.shards import load_shard
 from btx.errors import BtxError
+from btx.evaluate.checkpoints import write_outputs
+from btx.evaluate.scores import EvalRow, domain_losses
+from btx.evaluate.table import render
+from btx.io.checkpoint import load_model
 from btx.io.manifest import changed_inputs, damaged_outputs, read_done
+from btx.mix.merge import (
+    merge,
+    merge_recipe_hash,
+    recipe_merge_options,
+    recipe_router_data,
+)
 
 
 def parse_inits(text: str | None) -> list[str]:
@@ -45,19 +57,7 @@ def _reusable(path: Path, wanted_hash: str) -> bool:
 
 def router_init_table(exp, inits: list[str], *, console: Console | None = None):
     """Merge the run with each init (or reuse those merges), score them, render and save the table."""
-    import torch
 
-    from btx.data.shards import load_shard
-    from btx.evaluate.checkpoints import write_outputs
-    from btx.evaluate.scores import EvalRow, domain_losses
-    from btx.evaluate.table import render
-    from btx.io.checkpoint import load_model
-    from btx.mix.merge import (
-        merge,
-        merge_recipe_hash,
-        recipe_merge_options,
-        recipe_router_data,
-    )
 
     console = console or Console()
     rd = exp.paths

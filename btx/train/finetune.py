@@ -48,10 +48,13 @@ import torch
 from btx.choices import GENERAL_DOMAIN
 from btx.data.sampling import DataStream
 from btx.errors import BtxError
+from btx.evaluate.routing import RoutingAccumulator
 from btx.io.manifest import DONE_NAME, read_done
 from btx.io.reader import CheckpointReader
 from btx.model.transformer import Transformer
+from btx.recipe.load import load_experiment
 from btx.recipe.run_dir import FinetuneDirs
+from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
 from btx.train.job import TrainJob, _recipe_hash, _shard_path
 from btx.train.loop import run_loop
 
@@ -166,7 +169,6 @@ class RoutingLog:
         self._acc = None
 
     def setup(self, model: Transformer) -> None:
-        from btx.evaluate.routing import RoutingAccumulator
 
         cfg = model.cfg
         self._model = weakref.ref(model)  # the engine owns the model; the hook must not keep it alive
@@ -221,7 +223,6 @@ def _collective_device() -> torch.device:
 def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
     """Train a `finetune_job` with the DeepSpeed engine (its router-only phase first, when it has
     one); returns its DONE.json dict."""
-    from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
 
     if job.before is not None:
         first = run_finetune(job.before, force=force, console=console)
@@ -246,7 +247,6 @@ def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
 
 def finetune_command(args) -> int:
     """`btx finetune RECIPE [KEY=VALUE ...] [--model DIR] [--out DIR] [--force]` (arguments: btx.cli)."""
-    from btx.recipe.load import load_experiment
 
     exp = load_experiment(args.recipe, args.overrides)
     job = finetune_job(exp, model_dir=args.model, out_dir=args.out)

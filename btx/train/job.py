@@ -8,6 +8,7 @@ checkpoint or DONE.json from other settings is never resumed or adopted.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import re
@@ -17,12 +18,16 @@ from typing import Any, Callable
 
 import torch
 
+from btx.data.sampling import PlannedSampler, TokenSampler, eval_batches
+from btx.data.shards import check_tokenizer, load_shard
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.io.hashing import sha256_file
 from btx.io.manifest import DONE_NAME, read_done
 from btx.io.reader import CheckpointReader
 from btx.io.writer import has_tokenizer
 from btx.model.config import ModelConfig, ModelOutput
+from btx.recipe.experiment import recipe_hash
 
 CKPT_DIR = "ckpt"
 CKPT_MANIFEST = "btx_checkpoint.json"  # sha256 of every file of a checkpoint, written last
@@ -135,7 +140,6 @@ def seed_job(exp) -> TrainJob:
 def expert_job(exp, domain: str) -> TrainJob:
     """Domain expert `domain`: the seed continued on that domain into <run_dir>/experts/<domain>/."""
     if domain not in exp.domains:
-        import difflib
 
         close = difflib.get_close_matches(domain, list(exp.domains), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -179,16 +183,12 @@ def _shard_path(exp, domain: str, split: str) -> Path:
 
 
 def _recipe_hash(sections: dict) -> str:
-    from btx.recipe.experiment import recipe_hash
 
     return recipe_hash(sections)
 
 
 def _open_inputs(job: TrainJob):
     """Tokenizer and shards, checked against each other (BtxError naming the file at fault)."""
-    from btx.data.sampling import eval_batches
-    from btx.data.shards import check_tokenizer, load_shard
-    from btx.data.tokenizer import load_tokenizer
 
     if job.init_from is not None:
         CheckpointReader(job.init_from).close()  # config and headers sound (reads no tensor data)
@@ -262,7 +262,6 @@ def trajectory_hash(job: TrainJob) -> str:
 
 def job_sampler(job: TrainJob, train_shards: dict, global_batch: int):
     """The job's batches: its data plan, or the TokenSampler of its mixture and seed."""
-    from btx.data.sampling import PlannedSampler, TokenSampler
 
     s = job.settings
     if job.data_plan is not None:

@@ -78,7 +78,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.console import Console
 
+from btx.data.sampling import eval_batches
+from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.locks import output_lock
 from btx.io.manifest import (
@@ -94,9 +97,12 @@ from btx.model.config import ModelOutput
 from btx.model.flops import train_flops_per_token
 from btx.model.trainable import set_trainable
 from btx.model.transformer import Transformer
+from btx.recipe.load import load_experiment
 from btx.train.checkpoint import _discard_outputs, _resume, checkpoints, save_checkpoint
 from btx.train.distributed import _all_reduce_sum, _barrier, _StopRequest
+from btx.train.engines.accelerate import AccelerateEngine
 from btx.train.engines.base import build_model
+from btx.train.engines.deepspeed import DeepSpeedEngine
 from btx.train.export import _export, _export_dtype
 from btx.train.job import (
     KILL_HOOK_ENV,
@@ -150,7 +156,6 @@ def run_loop(
     force: discard this job's checkpoints, metrics and export and train from the start.
     Returns the DONE.json dict (also when the job was already done).
     """
-    from rich.console import Console
 
     console = console or Console(stderr=True)
     main = int(os.environ.get("RANK", "0")) == 0
@@ -214,10 +219,8 @@ def dense_engine(model: Transformer, job: TrainJob):
     DeepSpeed engine at ZeRO stage train.zero_stage (3 shards the model, like FSDP)."""
     stage = getattr(job.settings, "zero_stage", None)
     if stage is None:
-        from btx.train.engines.accelerate import AccelerateEngine
 
         return AccelerateEngine(model, job)
-    from btx.train.engines.deepspeed import DeepSpeedEngine
 
     return DeepSpeedEngine(model, job.settings, zero_stage=stage)
 
@@ -239,7 +242,6 @@ def job_input_identities(job: TrainJob, train_shards: dict, val_shards: dict) ->
 
 def current_input_identities(job: TrainJob) -> dict:
     """The identities of the inputs the job would use now (`job_input_identities`)."""
-    from btx.data.shards import load_shard
 
     return job_input_identities(job, {name: load_shard(path) for name, path in job.train_shards.items()}, {})
 
@@ -390,7 +392,6 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
     Batches are dealt round-robin over ranks; every rank runs the same number of forwards (padding
     with a repeat of batch 0, weighted 0) so sharded engines (ZeRO-3) stay in lockstep.
     """
-    from btx.data.sampling import eval_batches
 
     model = engine.unwrapped
     was_training = model.training
@@ -435,7 +436,6 @@ def train_command(args) -> int:
 
     Re-running resumes from the newest checkpoint and does nothing once DONE.json exists. Several
     processes: `torchrun --nproc_per_node N -m btx train ...` (DDP; gloo on CPU)."""
-    from btx.recipe.load import load_experiment
 
     exp = load_experiment(args.recipe, args.overrides)
     job = seed_job(exp) if args.seed else expert_job(exp, args.domain)

@@ -11,6 +11,13 @@ import time
 from pathlib import Path
 
 import torch
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from btx.io.atomic import dumps_json, fsync_dir
 
@@ -70,13 +77,6 @@ class _Progress:
 
     def __enter__(self):
         if self.live:
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )
 
             self.bar = Progress(
                 TextColumn(f"[bold]train {self.name}"),

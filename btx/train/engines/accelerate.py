@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 
 from btx.errors import BtxError
 from btx.io.atomic import atomic_dir, dumps_json
@@ -42,7 +44,6 @@ class AccelerateEngine:
     """
 
     def __init__(self, model: torch.nn.Module, job):
-        from accelerate import Accelerator
 
         settings = job.settings
         use_cpu = not torch.cuda.is_available()
@@ -123,7 +124,6 @@ class AccelerateEngine:
     def close(self) -> None:
         """Free everything before the process group goes: a DDP module still alive at gloo
         teardown can abort the process at exit ("terminate called without an active exception")."""
-        from accelerate.state import AcceleratorState
 
         accelerator = self.accelerator
         if accelerator is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from accelerate import init_empty_weights
 
 from btx.errors import BtxError
 from btx.io.checkpoint import load_model
@@ -49,7 +50,6 @@ def build_model(job) -> Transformer:
         return model
     model = load_model(job.init_from, dtype=torch.float32)
     if job.config_overrides:  # same weights, a model built for the changed config (e.g. router mode)
-        from accelerate import init_empty_weights
 
         cfg = dataclasses.replace(model.cfg, **job.config_overrides)
         with init_empty_weights(include_buffers=False):

@@ -41,17 +41,33 @@ Why it looks the way it does
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import importlib
 import os
+import pickle
 import shutil
 import socket
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+# deepspeed itself is imported inside the functions that use it: importing it takes seconds and probes
+# the accelerator, and dense training, merges and evals load this module without using DeepSpeed.
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
 
 from btx.errors import BtxError
 from btx.io.atomic import fsync_dir, fsync_tree
+from btx.io.reader import CheckpointReader
+from btx.model.transformer import Transformer
 from btx.train.engines.base import (
     build_model,
     make_optimizer,
@@ -85,7 +101,6 @@ def safe_globals() -> list:
 def load_weights_only(path: str, map_location=None):
     """torch.load of a DeepSpeed checkpoint file without unpickling anything but tensors,
     containers and `safe_globals()`; BtxError for a file that holds anything else."""
-    import pickle
 
     try:
         with torch.serialization.safe_globals(safe_globals()):
@@ -125,7 +140,6 @@ def _remove_env(added: dict[str, str]) -> None:
 def init_distributed() -> None:
     """Start the process group DeepSpeed uses (nccl on GPUs, gloo on CPU) unless one is up."""
     import deepspeed
-    import torch.distributed as dist
     from deepspeed.utils import groups
 
     global _env_added
@@ -179,13 +193,9 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
     created (`deepspeed.zero.Init`), then filled from the init checkpoint one tensor at a time.
     No rank ever holds the whole model: host memory is bounded by the largest tensor, where
     `btx.train.engines.base.build_model` would load the full fp32 model on every rank (~80 GB for 4 x 7B)."""
-    import dataclasses
 
     import deepspeed
-    import torch.distributed as dist
 
-    from btx.io.reader import CheckpointReader
-    from btx.model.transformer import Transformer
 
     if job.init_from is None:
         return build_model(job)  # from scratch: small models only (the demo's seed)
@@ -209,14 +219,6 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
 
 
 def _progress(enabled: bool):
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
 
     console = Console(stderr=True)
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -237,7 +239,6 @@ class DeepSpeedEngine:
 
     def __init__(self, model: torch.nn.Module, settings, *, zero_stage: int = 0, offload_optimizer: bool = False):
         import deepspeed
-        import torch.distributed as dist
 
         if not 0 <= zero_stage <= 3:
             raise BtxError(f"zero_stage: must be 0, 1, 2 or 3, got {zero_stage}")
@@ -297,7 +298,6 @@ class DeepSpeedEngine:
 
     def save(self, directory: str | os.PathLike, client_state: dict) -> None:
         """Collective: a DeepSpeed checkpoint in `directory`, which appears once every rank wrote."""
-        import torch.distributed as dist
 
         final = Path(directory)
         partial = final.parent / f".{final.name}.partial"  # one name for every rank (not per pid)
@@ -373,7 +373,6 @@ class DeepSpeedEngine:
     def close(self) -> None:
         """Free the engine (module, optimizer, scheduler), then tear the process group down
         unless another engine of this process still uses it."""
-        import torch.distributed as dist
 
         global _live_engines
         if getattr(self, "ds", None) is None:
