@@ -35,3 +35,9 @@ def note_renamed(old: str, new: str) -> None:
     if old not in _NOTED:
         _NOTED.add(old)
         print(f"btx: note: {old} is now {new}; the old name still works but will go", file=sys.stderr)
+
+
+def first_line(e: BaseException) -> str:
+    """The first line of an exception's message (OmegaConf's `msg` when it has one), for one-line errors."""
+    text = str(getattr(e, "msg", None) or e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

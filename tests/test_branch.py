@@ -26,9 +26,9 @@ from btx.run.branch import branch, status
 from btx.run.jobs import (
     STALE_AFTER_S,
     ExpertJob,
-    _process_start,
     expert_state,
     plan_jobs,
+    process_start,
     read_job,
     update_job,
 )
@@ -397,7 +397,7 @@ def test_status_derives_each_state_from_the_run_dir(tmp_path, experiment, monkey
     experts = {d: _mkdir(exp.expert_dir(d)) for d in ("a", "b", "c")}
     write_done(experts["a"], {"domain": "a"})
     update_job(experts["b"], executor="local", host=socket.gethostname(), pid=os.getpid(),
-                  pid_start=_process_start(os.getpid()), started_at=time.time(), exit_code=None)
+                  pid_start=process_start(os.getpid()), started_at=time.time(), exit_code=None)
     with open(experts["b"] / "metrics.jsonl", "w") as f:
         for step, t in ((1, 100.0), (2, 110.0)):
             f.write(json.dumps({"step": step, "loss": 2.5, "tokens_per_s": 1234.0, "elapsed_s": t}) + "\n")

@@ -47,7 +47,7 @@ class Reads:
             self.paths.add(path)
 
 
-def _join(prefix: str, name) -> str:
+def join_key(prefix: str, name) -> str:
     return f"{prefix}.{name}" if prefix else str(name)
 
 
@@ -75,7 +75,7 @@ def _recording_object(obj, prefix: str, reads: Reads):
         if callable(value) and not dataclasses.is_dataclass(value):  # a method: what it reads is noted
             return value
         # the ExperimentRecipe's sections are the Experiment's own: "recipe.merge" is "merge"
-        return recording(value, "" if name == "recipe" and not prefix else _join(prefix, name), reads)
+        return recording(value, "" if name == "recipe" and not prefix else join_key(prefix, name), reads)
 
     sub = type(f"Recording{cls.__name__}", (cls,), {"__getattribute__": get})
     twin = copy.copy(obj)
@@ -97,7 +97,7 @@ class RecordingDict(dict):
 
     def __getitem__(self, key):
         value = super().__getitem__(key)
-        return value if self._reads is None else recording(value, _join(self._prefix, key), self._reads)
+        return value if self._reads is None else recording(value, join_key(self._prefix, key), self._reads)
 
     def get(self, key, default=None):
         return self[key] if super().__contains__(key) else default

@@ -300,7 +300,7 @@ def _loss(value, se) -> str:
     return f"{value:.4f}" if not isinstance(se, (int, float)) else f"{value:.4f} ± {se:.4f}"
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 60} min {s % 60} s" if s >= 60 else f"{seconds:.1f} s"
 
@@ -381,7 +381,7 @@ def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | No
     out += spread_lines(data, spreads or [])
     stages = run["stages"]
     total = sum(s["seconds"] for s in stages)
-    out.append(f"- The run took {_duration(total)} (" + ", ".join(f"{s['stage']} {_duration(s['seconds'])}"
+    out.append(f"- The run took {duration(total)} (" + ", ".join(f"{s['stage']} {duration(s['seconds'])}"
                                                                   for s in stages) + ")")
     out += [f"  on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
     for figure in run.get("figures", []):

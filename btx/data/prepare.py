@@ -15,7 +15,7 @@
 - Documents are split into train/val **by document**: a document goes to val when a keyed hash of
   its text (the key is the seed) falls below `val_fraction`. Identical documents therefore always
   land in the same split, and adding documents never moves the others. When `val_fraction > 0` and
-  there are at least two documents, both splits get at least one document (see `_Splitter`).
+  there are at least two documents, both splits get at least one document (see `Splitter`).
 - Text is tokenized in batches and streamed to disk: memory stays bounded by the batch size,
   whatever the corpus size.
 
@@ -49,10 +49,10 @@ from btx.data.sources import (
     passage_bytes,
     resolve_sources,
 )
-from btx.data.tokenizer import Tokenizer, fsync_directory, load_tokenizer
-from btx.data.writer import _Document, _document_key, _ShardWriter, _Splitter
+from btx.data.tokenizer import Tokenizer, load_tokenizer
+from btx.data.writer import Document, ShardWriter, Splitter, document_key
 from btx.errors import BtxError
-from btx.io.atomic import dumps_json, write_bytes_atomic
+from btx.io.atomic import dumps_json, fsync_dir, write_bytes_atomic
 from btx.io.disk import disk_errors
 from btx.io.locks import output_lock
 
@@ -84,7 +84,7 @@ def prepare_domain(
     _check_domain_name(name)
     if not 0.0 <= val_fraction < 1.0:
         raise BtxError(f"domain '{name}': val_fraction must be in [0, 1), got {val_fraction}")
-    _check_seed(seed, f"domain '{name}': seed")
+    check_seed(seed, f"domain '{name}': seed")
     tokenizer = load_tokenizer(tokenizer)
     if append_eos and tokenizer.eos_id is None:
         raise BtxError(f"domain '{name}': the tokenizer has no EOS token; set append_eos=False or name one")
@@ -130,11 +130,11 @@ def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed
     _remove_leftovers(out_dir)
     delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers: dict[str, _ShardWriter] = {}
+    writers: dict[str, ShardWriter] = {}
     try:
         for split in SPLITS:
-            writers[split] = _ShardWriter(out_dir / f"{split}.bin", dtype, tokenizer.vocab_size)
-        splitter = _Splitter(writers["train"], writers["val"], val_fraction)
+            writers[split] = ShardWriter(out_dir / f"{split}.bin", dtype, tokenizer.vocab_size)
+        splitter = Splitter(writers["train"], writers["val"], val_fraction)
         eos = np.array([tokenizer.eos_id], dtype=np.uint32) if append_eos else None
         seed_key = int(seed).to_bytes(8, "little")
 
@@ -143,7 +143,7 @@ def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed
                 pieces = [ids, eos] if eos is not None else [ids]
                 if sum(len(p) for p in pieces) == 0:
                     continue  # a document that tokenizes to nothing is not a document
-                splitter.add(_Document(_document_key(text.encode("utf-8"), seed_key), pieces))
+                splitter.add(Document(document_key(text.encode("utf-8"), seed_key), pieces))
             if delay and texts:  # test hook: a slow preparation, with its temporaries on disk
                 for writer in writers.values():
                     writer.flush()
@@ -198,7 +198,7 @@ def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed
             (out_dir / f"{split}.json").unlink(missing_ok=True)
         for writer in writers.values():
             writer.commit()
-        fsync_directory(out_dir)
+        fsync_dir(out_dir)
         for split in SPLITS:
             write_bytes_atomic(out_dir / f"{split}.json", _json_bytes(sidecars[split]))
     except BaseException:
@@ -307,7 +307,7 @@ def _check_domain_name(name: str) -> None:
         raise BtxError(f"domain name {name!r}: expected a non-empty name usable as a directory name")
 
 
-def _check_seed(seed: int, what: str) -> None:
+def check_seed(seed: int, what: str) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise BtxError(f"{what}: expected a non-negative integer, got {seed!r}")
 

@@ -21,7 +21,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from btx.data.prepare import _check_seed
+from btx.data.prepare import check_seed
 from btx.data.shards import Shard
 from btx.errors import BtxError
 
@@ -56,7 +56,7 @@ class TokenSampler:
             raise BtxError(f"seq_len: expected a positive integer, got {seq_len}")
         if batch_size < 1:
             raise BtxError(f"batch_size: expected a positive integer, got {batch_size}")
-        _check_seed(seed, "seed")
+        check_seed(seed, "seed")
         self.seq_len, self.batch_size, self.seed = int(seq_len), int(batch_size), int(seed)
         self.probabilities = self._probabilities(weights)
         for name, probability in zip(self.names, self.probabilities):

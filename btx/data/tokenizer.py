@@ -22,7 +22,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Protocol, Sequence, runtime_checkable
 
@@ -30,7 +29,8 @@ import numpy as np
 from tokenizers import AddedToken, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
-from btx.errors import BtxError
+from btx.errors import BtxError, first_line
+from btx.io.atomic import write_bytes_atomic
 
 BYTE_SPEC = "byte"
 BTX_TOKENIZER_FILE = "btx_tokenizer.json"
@@ -118,7 +118,7 @@ class ByteTokenizer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         record = {**self.description(), "hash": self.identity()["hash"]}
-        atomic_write_bytes(directory / HF_TOKENIZER_FILE, self.to_hf_json().encode("utf-8"))
+        write_bytes_atomic(directory / HF_TOKENIZER_FILE, self.to_hf_json().encode("utf-8"))
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": "<|bos|>",
@@ -128,10 +128,10 @@ class ByteTokenizer:
             "add_eos_token": False,
             "clean_up_tokenization_spaces": False,
         }
-        atomic_write_bytes(directory / HF_TOKENIZER_CONFIG_FILE, _json_bytes(config))
+        write_bytes_atomic(directory / HF_TOKENIZER_CONFIG_FILE, _json_bytes(config))
         # btx's own record last: its presence means the directory's tokenizer files are complete.
         target = directory / BTX_TOKENIZER_FILE
-        atomic_write_bytes(target, _json_bytes(record))
+        write_bytes_atomic(target, _json_bytes(record))
         return target
 
     def to_hf_json(self) -> str:
@@ -199,7 +199,7 @@ class HFTokenizer:
         try:
             self._tok = RustTokenizer.from_str(self._raw.decode("utf-8"))
         except Exception as exc:  # the Rust side raises plain Exception with a parser message
-            raise BtxError(f"{self.path}: not a valid tokenizer.json ({_first_line(exc)})") from exc
+            raise BtxError(f"{self.path}: not a valid tokenizer.json ({first_line(exc)})") from exc
 
         vocab = self._tok.get_vocab(with_added_tokens=True)
         # Some models leave holes in the id space; the model needs max id + 1 rows, not len(vocab).
@@ -215,7 +215,7 @@ class HFTokenizer:
         try:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BtxError(f"{config_path}: not valid JSON ({_first_line(exc)})") from exc
+            raise BtxError(f"{config_path}: not valid JSON ({first_line(exc)})") from exc
         return config if isinstance(config, dict) else {}
 
     def _special_id(self, named: str | None, candidates: Sequence[str], key: str) -> int | None:
@@ -251,10 +251,10 @@ class HFTokenizer:
         for name in _HF_COMPANION_FILES:
             source = self.path.parent / name
             if source.is_file() and source.resolve() != (directory / name).resolve():
-                atomic_write_bytes(directory / name, source.read_bytes())
+                write_bytes_atomic(directory / name, source.read_bytes())
         target = directory / HF_TOKENIZER_FILE
         if self.path.resolve() != target.resolve():
-            atomic_write_bytes(target, self._raw)
+            write_bytes_atomic(target, self._raw)
         return target
 
 
@@ -302,7 +302,7 @@ def _load_btx_tokenizer_file(path: Path) -> Tokenizer:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BtxError(f"{path}: not valid JSON ({_first_line(exc)})") from exc
+        raise BtxError(f"{path}: not valid JSON ({first_line(exc)})") from exc
     if not isinstance(record, dict) or record.get("kind") != ByteTokenizer.kind:
         raise BtxError(f"{path}: expected a btx tokenizer record with \"kind\": \"byte\"")
     tokenizer = ByteTokenizer()
@@ -319,53 +319,5 @@ def _load_btx_tokenizer_file(path: Path) -> Tokenizer:
 # --------------------------------------------------------------------------------------------
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write into a temporary sibling, fsync, rename: a killed process leaves the old file or the
-    new one, never half of one."""
-    path = Path(path)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-
-
-def fsync_directory(directory: str | os.PathLike) -> None:
-    """Make a rename durable. Not every platform can open a directory; that is not an error."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _json_bytes(obj) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-__all__ = [
-    "BYTE_SPEC",
-    "BTX_TOKENIZER_FILE",
-    "HF_TOKENIZER_FILE",
-    "ByteTokenizer",
-    "HFTokenizer",
-    "Tokenizer",
-    "atomic_write_bytes",
-    "load_tokenizer",
-]

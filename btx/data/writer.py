@@ -1,8 +1,8 @@
 """Writing shards: the train/val split by document and the streamed, atomic shard writer.
 
-`_Splitter` sends a document to val when a keyed hash of its text falls below val_fraction, so
+`Splitter` sends a document to val when a keyed hash of its text falls below val_fraction, so
 identical documents always land in the same split and adding documents never moves the others.
-`_ShardWriter` buffers tokens and writes them to a temporary sibling, fsynced and renamed into
+`ShardWriter` buffers tokens and writes them to a temporary sibling, fsynced and renamed into
 place by prepare once the sidecar is written.
 """
 
@@ -24,7 +24,7 @@ from btx.io.atomic import temporary_sibling
 _WRITE_BUFFER_TOKENS = 4 << 20
 
 
-class _ShardWriter:
+class ShardWriter:
     """Streams token ids into a temporary sibling of `<split>.bin`; `commit` renames it into place."""
 
     def __init__(self, final_path: Path, dtype: np.dtype, vocab_size: int):
@@ -81,12 +81,12 @@ class _ShardWriter:
 
 
 @dataclass
-class _Document:
+class Document:
     key: float  # the document's hash in [0, 1): below val_fraction means val
     pieces: list[np.ndarray]
 
 
-class _Splitter:
+class Splitter:
     """Routes documents to the train or val writer by their hash, streaming.
 
     To guarantee both splits at least one document (when val_fraction > 0 and there are two or
@@ -96,12 +96,12 @@ class _Splitter:
     own split (appended after the rest of that split).
     """
 
-    def __init__(self, train: _ShardWriter, val: _ShardWriter, val_fraction: float):
+    def __init__(self, train: ShardWriter, val: ShardWriter, val_fraction: float):
         self.writers = {"train": train, "val": val}
         self.val_fraction = val_fraction
-        self.held: dict[str, _Document | None] = {"train": None, "val": None}
+        self.held: dict[str, Document | None] = {"train": None, "val": None}
 
-    def add(self, document: _Document) -> None:
+    def add(self, document: Document) -> None:
         split = "val" if document.key < self.val_fraction else "train"
         held = self.held[split]
         # Train keeps back its lowest key, val its highest: the candidates for crossing over.
@@ -125,7 +125,7 @@ class _Splitter:
                 self.held[split] = None
 
 
-def _document_key(text_bytes: bytes, seed_key: bytes) -> float:
+def document_key(text_bytes: bytes, seed_key: bytes) -> float:
     digest = hashlib.blake2b(text_bytes, digest_size=8, key=seed_key).digest()
     return int.from_bytes(digest, "little") / 2.0**64
 

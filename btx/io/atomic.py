@@ -68,10 +68,16 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:
-    """Make a directory's entries (creations, renames) durable."""
-    fd = os.open(directory, os.O_RDONLY)
+    """Make a directory's entries (creations, renames) durable. A platform or file system that
+    cannot open or fsync a directory is not an error: there is nothing more to do there."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
@@ -99,7 +105,7 @@ def fsync_tree(directory: str | os.PathLike) -> None:
         fsync_dir(root)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -120,7 +126,7 @@ def remove_stale_temporaries(path: Path) -> None:
         kind, _, rest = sibling.name[len(prefix):].partition("-")
         pid = rest.split("-", 1)[0]
         if sibling.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() \
-                and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                and int(pid) != os.getpid() and not pid_alive(int(pid)):
             shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 

@@ -193,7 +193,7 @@ def hf_specs_from_btx(
     extra = [k for k in state_dict if k not in want]
     if missing or extra:
         raise ValueError(
-            f"state dict does not match the config: missing {_few(missing)}, unexpected {_few(extra)}"
+            f"state dict does not match the config: missing {first_few(missing)}, unexpected {first_few(extra)}"
         )
     for name, shape in want.items():
         if tuple(state_dict[name].shape) != shape:
@@ -212,7 +212,7 @@ class BtxSource(NamedTuple):
     hf_names: list[str]
 
 
-def _few(names: list[str], n: int = 5) -> str:
+def first_few(names: list[str], n: int = 5) -> str:
     if not names:
         return "none"
     more = f" (and {len(names) - n} more)" if len(names) > n else ""
@@ -249,7 +249,7 @@ def plan_btx_from_hf(
             missing += [n for n in table.hf_names(name, cfg.n_experts) if n not in available]
     if missing:
         raise BtxError(
-            f"{source}: missing {len(missing)} tensor(s) that config.json implies: {_few(missing)}"
+            f"{source}: missing {len(missing)} tensor(s) that config.json implies: {first_few(missing)}"
         )
 
     fill = dict(families.fillers(cfg))  # zero tensors the form needs and btx does not load
@@ -269,7 +269,7 @@ def plan_btx_from_hf(
                 "; config.json says tie_word_embeddings=true, so lm_head.weight should be absent "
                 "(or equal model.embed_tokens.weight)"
             )
-        raise BtxError(f"{source}: {len(extra)} tensor(s) config.json does not explain: {_few(where)}{hint}")
+        raise BtxError(f"{source}: {len(extra)} tensor(s) config.json does not explain: {first_few(where)}{hint}")
 
     want = btx_shapes(cfg)
     for name, src in plan.items():
@@ -290,7 +290,7 @@ def plan_btx_from_hf(
     return plan
 
 
-def _assemble(src: BtxSource, tensors: list[torch.Tensor]) -> torch.Tensor:
+def assemble(src: BtxSource, tensors: list[torch.Tensor]) -> torch.Tensor:
     """Build one btx parameter from the HF tensors its plan names."""
     layout = src.rule.layout
     if layout == "expert":
@@ -315,4 +315,4 @@ def btx_state_dict_from_hf(
         return embed is not None and head.shape == embed.shape and torch.equal(head, embed)
 
     plan = plan_btx_from_hf(cfg, available, source, head_equals_embed=head_equals_embed)
-    return {name: _assemble(src, [hf_state_dict[n] for n in src.hf_names]) for name, src in plan.items()}
+    return {name: assemble(src, [hf_state_dict[n] for n in src.hf_names]) for name, src in plan.items()}

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from btx.errors import BtxError
-from btx.io.atomic import _pid_alive
+from btx.io.atomic import pid_alive
 
 _held_locks: dict[str, list] = {}  # lock file -> [fd, depth]: a process may nest its own locks
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -95,7 +95,7 @@ def _take_exclusive_file(lock_file: Path, target: Path, what: str) -> int:
             except (OSError, ValueError, UnicodeDecodeError):
                 raw, holder = b"", {}
             if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                    and not _pid_alive(holder["pid"]):
+                    and not pid_alive(holder["pid"]):
                 lock_file.unlink(missing_ok=True)
                 continue
             raise _locked_by(target, what, _describe_holder(raw) + "; if that process is gone, delete the lock file",

@@ -27,9 +27,9 @@ from btx.io.layout import (
     INDEX_FILE,
     SINGLE_FILE,
     FileRange,
-    _assemble,
-    _few,
+    assemble,
     btx_shapes,
+    first_few,
     plan_btx_from_hf,
 )
 
@@ -206,7 +206,7 @@ class CheckpointReader:
                 raise BtxError(f"{index}: shard name {file!r} must be a plain file name in the directory")
         absent = [f for f in files if not (self.path / f).is_file()]
         if absent:
-            raise BtxError(f"{index}: lists shard(s) that do not exist: {_few(absent)}")
+            raise BtxError(f"{index}: lists shard(s) that do not exist: {first_few(absent)}")
         self._index = weight_map
         return files
 
@@ -261,7 +261,7 @@ class CheckpointReader:
             src = self.plan[name]
         except KeyError:
             raise KeyError(f"{name!r} is not a parameter of this checkpoint's model") from None
-        return _cast(_assemble(src, [self.get(n) for n in src.hf_names]), dtype, device)
+        return _cast(assemble(src, [self.get(n) for n in src.hf_names]), dtype, device)
 
     def iter_btx(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.plan:

@@ -36,8 +36,8 @@ from btx.io.layout import (
     TOKENIZER_FILES,
     FileRange,
     TensorSpec,
-    _few,
     config_to_hf,
+    first_few,
 )
 from btx.io.reader import TORCH_TO_ST
 from btx.model.config import ModelConfig
@@ -198,7 +198,7 @@ def write_checkpoint(
     specs = [TensorSpec(*t) for t in tensors]
     dupes = sorted(n for n, c in Counter(s.name for s in specs).items() if c > 1)
     if dupes:
-        raise ValueError(f"tensor name(s) given twice: {_few(dupes)}")
+        raise ValueError(f"tensor name(s) given twice: {first_few(dupes)}")
     floating = Counter()
     for s in specs:
         if s.dtype.is_floating_point:

@@ -25,9 +25,9 @@ from btx.io.manifest import identity, input_identity, read_done
 from btx.io.reader import CheckpointReader
 from btx.mix.merge_plan import DTYPES, check_output, check_same_tokenizer
 from btx.mix.options import (
-    _MOE_FIELDS,
-    _NAME_RE,
     MAX_SHARED_DISTANCE,
+    MOE_FIELDS,
+    NAME_RE,
     SEED,
     EditOptions,
 )
@@ -109,7 +109,7 @@ def _check_compatible(moe: CheckpointReader, new: AddedExpert) -> None:
     if new.reader.cfg.is_moe:
         raise BtxError(f"{new.path}: is an MoE itself; --add-expert takes a dense expert trained from the MoE's seed")
     for key, mine in a.items():
-        if key in _MOE_FIELDS:
+        if key in MOE_FIELDS:
             continue
         if b[key] != mine:
             what = "intermediate_size (its FFN width) must equal the MoE's expert width" if key == "ffn_dim" else \
@@ -215,7 +215,7 @@ def _open_moe(into: Path, remove: list[str]) -> tuple[CheckpointReader, list[str
 def _open_new(moe: CheckpointReader, names: list[str], remove: list[str], name: str, path: Path,
               allow_foreign: bool) -> AddedExpert:
     """One expert to add, checked: a new name, and a dense model from the MoE's seed."""
-    if not _NAME_RE.match(name):
+    if not NAME_RE.match(name):
         raise _fail(f"expert name {name!r}: use letters, digits, '_', '-', '.'")
     if name in names and name not in remove:
         raise _fail(f"--add-expert {name}: {moe.path} has an expert of that name already")

@@ -25,9 +25,9 @@ from btx.io.layout import CONFIG_NAME, TOKENIZER_FILES
 from btx.io.manifest import DONE_NAME, producer_manifest
 from btx.io.reader import CheckpointReader
 from btx.mix.options import (
-    _HF_FIELD,
-    _MAY_DIFFER,
-    _NAME_RE,
+    HF_FIELD,
+    MAY_DIFFER,
+    NAME_RE,
     SEED,
     MergeOptions,
 )
@@ -151,7 +151,7 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
             raise _fail(f"{key} must be a positive number, got {getattr(o, key)!r}")
     _check_prompts(o, [*expert_names, *([SEED] if o.keep_seed else [])])
     for name in expert_names:
-        if not _NAME_RE.match(name):
+        if not NAME_RE.match(name):
             raise _fail(f"expert name {name!r}: use letters, digits, '_', '-', '.'")
         if name == SEED:
             raise _fail("'seed' names the seed; give the expert another name")
@@ -216,8 +216,8 @@ def _open_input(name: str, path: str | os.PathLike, *, need_manifest: bool, allo
 def _check_same_architecture(seed: MergeInput, other: MergeInput) -> None:
     mine, theirs = dataclasses.asdict(seed.cfg), dataclasses.asdict(other.cfg)
     for key in mine:
-        if key not in _MAY_DIFFER and mine[key] != theirs[key]:
-            name = _HF_FIELD.get(key, key)
+        if key not in MAY_DIFFER and mine[key] != theirs[key]:
+            name = HF_FIELD.get(key, key)
             raise BtxError(
                 f"{other.path / CONFIG_NAME}: {name} is {theirs[key]!r} but the seed ({seed.path}) has "
                 f"{mine[key]!r}; experts must keep the seed's architecture"

@@ -18,7 +18,7 @@ import torch
 from btx.io.layout import FileRange, btx_shapes
 from btx.io.reader import CheckpointReader
 from btx.mix.merge_plan import MergeInput, MergePlan
-from btx.mix.options import _CHUNK_BYTES
+from btx.mix.options import CHUNK_BYTES
 from btx.mix.router_fit import random_rows
 
 
@@ -63,7 +63,7 @@ class MergedTensors:
 
     @staticmethod
     def _row_step(shape: tuple[int, ...]) -> int:
-        return max(1, (_CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
+        return max(1, (CHUNK_BYTES // 4) // max(1, math.prod(shape[1:])))
 
     def _copy_rows(self, inp: MergeInput, btx_name: str, r0: int, r1: int, dst: torch.Tensor, scale: float) -> None:
         """dst <- rows [r0, r1) of a source tensor times `scale`. Raw bytes when nothing changes."""

@@ -20,12 +20,12 @@ from btx.recipe.settings import like, setting
 
 SEED = "seed"
 TEST_DELAY_ENV = "BTX_MERGE_TEST_DELAY"
-_CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+CHUNK_BYTES = 32 << 20  # fp32 working set of one averaging / conversion step
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # ModelConfig fields that may differ between seed and experts (everything else must match).
-_MAY_DIFFER = ("extra",)
+MAY_DIFFER = ("extra",)
 # config.json names of ModelConfig fields, for messages.
-_HF_FIELD = {
+HF_FIELD = {
     "family": "model_type", "dim": "hidden_size", "n_layers": "num_hidden_layers", "n_heads": "num_attention_heads",
     "n_kv_heads": "num_key_value_heads", "ffn_dim": "intermediate_size", "norm_eps": "rms_norm_eps",
     "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
@@ -65,7 +65,7 @@ class MergeOptions(MergeSection):
 
 MAX_SHARED_DISTANCE = 0.5  # relative L2 distance of shared weights above which an expert is foreign
 # ModelConfig fields that describe the MoE, not the architecture a dense expert must share with it.
-_MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor",
+MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor",
                "moe_form", "gumbel_rate", "first_layer_soft", "expert_names", "extra"}
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict
 
 from btx.errors import BtxError
-from btx.recipe.check import _suggest
+from btx.recipe.check import suggest
 
 
 def builtin_recipes_dir() -> Path:
@@ -51,5 +51,5 @@ def builtin_recipe(name: str) -> Path:
     if not path.is_file():
         available = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
         raise BtxError(f"{name}: no built-in recipe of that name (available: {', '.join(available) or 'none'})"
-                       + _suggest(name, available))
+                       + suggest(name, available))
     return path

@@ -10,8 +10,8 @@ from typing import Any, Dict, List, Optional
 
 from btx.errors import BtxError
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_GLOB_CHARS = re.compile(r"[*?\[]")
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+GLOB_CHARS = re.compile(r"[*?\[]")
 # Names the run directory and the merge give meanings of their own, so no domain may take them:
 # "seed" is the seed's expert and row, "seed.<i>" and "blend.<i>" are merge expert names, and
 # "general" is finetune.general's data-only domain (refused only when that is set).
@@ -32,10 +32,10 @@ class Checker:
         self.origins = origins or []  # (dotted key, override text) for keys set on the command line
 
     def at(self, prefix: str) -> "Checker":
-        return Checker(self.label, _join(self.prefix, prefix), self.origins)
+        return Checker(self.label, join_key(self.prefix, prefix), self.origins)
 
     def fail(self, key: str, message: str) -> typing.NoReturn:
-        full = _join(self.prefix, key)
+        full = join_key(self.prefix, key)
         label = self.label
         for okey, text in reversed(self.origins):  # name the override that set this value, if one did
             if okey == full or full.startswith((okey + ".", okey + "[")) or okey.startswith(full + "."):
@@ -61,7 +61,7 @@ class Checker:
         value = getattr(obj, key)
         if value is not None and value not in options:
             expected = ", ".join(map(str, options))
-            self.fail(key, f"expected one of {expected}; got {value!r}{_suggest(str(value), options)}")
+            self.fail(key, f"expected one of {expected}; got {value!r}{suggest(str(value), options)}")
 
     def choices(self, obj: Any) -> None:
         """Every field of `obj` that declares its choices (btx.recipe.settings.setting) holds one of them."""
@@ -70,24 +70,24 @@ class Checker:
                 self.choice(obj, f.name, f.metadata["choices"])
 
     def name(self, value: str, key: str) -> None:
-        self.that(bool(_NAME_RE.match(value)), key,
+        self.that(bool(NAME_RE.match(value)), key,
                   f"{value!r} is not a usable name (letters, digits, '_', '-', '.'; it names a directory)")
 
     def weights(self, weights: Dict[str, float], key: str, allowed: Optional[List[str]] = None) -> None:
         for name, w in weights.items():
             if allowed is not None and name not in allowed:
                 self.fail(f"{key}.{name}", f"not a domain of this experiment (domains: {', '.join(allowed) or 'none'})"
-                          + _suggest(name, allowed))
+                          + suggest(name, allowed))
             self.that(w >= 0, f"{key}.{name}", f"weights must be >= 0, got {w!r}")
         if weights:
             self.that(sum(weights.values()) > 0, key, "weights must sum to more than 0")
 
 
-def _join(prefix: str, key: str) -> str:
+def join_key(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix and key else (prefix or key)
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
 

@@ -17,7 +17,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from btx.choices import GENERAL_DOMAIN
-from btx.recipe.check import _GLOB_CHARS
+from btx.recipe.check import GLOB_CHARS
 from btx.recipe.run_dir import RunDir
 from btx.recipe.schema import (
     AnalyzeSection,
@@ -46,7 +46,7 @@ class Source:
 
     def specs(self) -> List[Dict[str, Any]]:
         """Source specs for btx.data.prepare.prepare_domain."""
-        if self.glob is None and _GLOB_CHARS.search(str(self.path)):
+        if self.glob is None and GLOB_CHARS.search(str(self.path)):
             return [{"path": str(f), "text_field": self.text_field} for f in self.files]
         spec: Dict[str, Any] = {"path": str(self.path), "text_field": self.text_field}
         if self.glob is not None:

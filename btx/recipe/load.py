@@ -43,15 +43,15 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from btx.choices import GENERAL_DOMAIN
 from btx.data.tokenizer import ByteTokenizer
-from btx.errors import BtxError, missing_checkpoint, note_renamed
+from btx.errors import BtxError, first_line, missing_checkpoint, note_renamed
 from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
 from btx.recipe.check import (
-    _GLOB_CHARS,
+    GLOB_CHARS,
     RESERVED_DOMAIN_PREFIXES,
     RESERVED_DOMAINS,
     Checker,
-    _join,
-    _suggest,
+    join_key,
+    suggest,
 )
 from btx.recipe.experiment import Domain, Experiment, Source, to_plain
 from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
@@ -202,7 +202,7 @@ def _read_yaml(path: Path) -> dict:
         hint = ""
         if os.sep not in str(path) and path.suffix not in (".yaml", ".yml"):
             names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
-            hint = f" and no built-in recipe of that name (built-in: {', '.join(names)}{_suggest(str(path), names)})"
+            hint = f" and no built-in recipe of that name (built-in: {', '.join(names)}{suggest(str(path), names)})"
         raise BtxError(f"{path}: no such recipe file{hint}")
     try:
         cfg = OmegaConf.load(path)
@@ -214,7 +214,7 @@ def _read_yaml(path: Path) -> dict:
     except (OSError, UnicodeDecodeError) as e:
         raise BtxError(f"{path}: cannot read ({e})") from None
     except OmegaConfBaseException as e:
-        raise BtxError(f"{path}: {_first_line(e)}") from None
+        raise BtxError(f"{path}: {first_line(e)}") from None
     if cfg is None or (OmegaConf.is_dict(cfg) and len(cfg) == 0):
         raise BtxError(f"{path}: the recipe is empty")
     if not OmegaConf.is_dict(cfg):
@@ -236,16 +236,11 @@ def _parse_overrides(overrides: List[str], schema: type, path: str) -> List[dict
         try:
             d = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
-            raise BtxError(f"{label}: cannot parse ({_first_line(e)})") from None
+            raise BtxError(f"{label}: cannot parse ({first_line(e)})") from None
         _rename_old_keys(d, schema, label)
         _typecheck(d, schema, label, "")
         out.append(d)
     return out
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(getattr(e, "msg", None) or e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _is_interpolation(value: Any) -> bool:
@@ -300,8 +295,8 @@ def _typecheck(value: Any, tp: Any, label: str, key: str, partial: Optional[type
             fail(f"expected a mapping, got {_describe(value)}")
         for k, v in value.items():
             if not isinstance(k, str):
-                _raise(label, _join(key, str(k)), f"keys must be strings, got {_describe(k)} (quote it)")
-            _typecheck(v, args[1] if args else Any, label, _join(key, k))
+                _raise(label, join_key(key, str(k)), f"keys must be strings, got {_describe(k)} (quote it)")
+            _typecheck(v, args[1] if args else Any, label, join_key(key, k))
         return
     if origin in (list, List):
         if not isinstance(value, list):
@@ -332,8 +327,8 @@ def _typecheck_fields(value: dict, schema: type, label: str, key: str) -> None:
     hints = typing.get_type_hints(schema)
     for k, v in value.items():
         if k not in fields:
-            _raise(label, _join(key, str(k)), f"unknown key{_suggest(str(k), fields)}")
-        _typecheck(v, hints[k], label, _join(key, k), partial=fields[k].metadata.get("partial"))
+            _raise(label, join_key(key, str(k)), f"unknown key{suggest(str(k), fields)}")
+        _typecheck(v, hints[k], label, join_key(key, k), partial=fields[k].metadata.get("partial"))
 
 
 def _rename_old_keys(value: Any, schema: Any, label: str, key: str = "") -> None:
@@ -344,11 +339,11 @@ def _rename_old_keys(value: Any, schema: Any, label: str, key: str = "") -> None
         return
     hints = typing.get_type_hints(schema)
     for f in dataclasses.fields(schema):
-        old, new = f.metadata.get("renamed"), _join(key, f.name)
+        old, new = f.metadata.get("renamed"), join_key(key, f.name)
         if old is not None and old in value:
             if f.name in value:
-                _raise(label, _join(key, old), f"the old name of {new}, which is given too: give {new} only")
-            note_renamed(_join(key, old), new)
+                _raise(label, join_key(key, old), f"the old name of {new}, which is given too: give {new} only")
+            note_renamed(join_key(key, old), new)
             value[f.name] = value.pop(old)
         _rename_old_keys(value.get(f.name), hints[f.name], label, new)
 
@@ -367,7 +362,7 @@ def _build(schema: type, raw: dict, label: str, overrides: List[str]):
         Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or "?"),
                                                          "missing (this key is required)")
     except OmegaConfBaseException as e:
-        Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), _first_line(e))
+        Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), first_line(e))
     # Interpolated values are converted by OmegaConf after our type check; check them again here.
     plain = to_plain(obj)
     _typecheck(plain, schema, label, "")
@@ -382,7 +377,7 @@ def _check_finite(value: Any, c: Checker, key: str) -> None:
         c.fail(key, f"must be a finite number, got {value!r}")
     elif isinstance(value, dict):
         for k, v in value.items():
-            _check_finite(v, c, _join(key, str(k)))
+            _check_finite(v, c, join_key(key, str(k)))
     elif isinstance(value, list):
         for i, v in enumerate(value):
             _check_finite(v, c, f"{key}[{i}]")
@@ -440,7 +435,7 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
         c.fail(key, f"expected a path or a mapping {{path, glob, text_field}}, got {_describe(spec)}")
     for k, v in spec.items():
         if k not in _SOURCE_KEYS:
-            c.fail(f"{key}.{k}", f"unknown key{_suggest(str(k), _SOURCE_KEYS)}")
+            c.fail(f"{key}.{k}", f"unknown key{suggest(str(k), _SOURCE_KEYS)}")
         if not isinstance(v, str):
             c.fail(f"{key}.{k}", f"expected a string, got {_describe(v)}")
     if "path" not in spec:
@@ -452,7 +447,7 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
             c.fail(f"{key}.path", f"{path}: no such directory")
         files = sorted(p for p in path.glob(pattern)
                        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
-    elif _GLOB_CHARS.search(str(path)):
+    elif GLOB_CHARS.search(str(path)):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     elif path.is_dir():
         files = sorted(p for p in path.rglob("*")
@@ -489,6 +484,6 @@ def _effective_train(base: TrainSection, own: Dict[str, Any], cli_train: Dict[st
         result = OmegaConf.to_object(cfg)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or ""
-        c.fail(key, _first_line(e))
+        c.fail(key, first_line(e))
     result.check(c)
     return result

@@ -25,7 +25,7 @@ from btx.choices import (
 )
 from btx.data.corpora import BUILTIN_CORPORA
 from btx.errors import BtxError
-from btx.recipe.check import Checker, _suggest
+from btx.recipe.check import Checker, suggest
 from btx.recipe.settings import parse_weights, prompt_lists, setting
 from btx.units import parse_size
 
@@ -223,7 +223,7 @@ class MergeSection:
         w = self.weights
         if isinstance(w, str):
             c.that(w in ("uniform", "tokens"), "weights",
-                   f"expected uniform, tokens or a mapping of weights; got {w!r}{_suggest(w, ('uniform', 'tokens'))}")
+                   f"expected uniform, tokens or a mapping of weights; got {w!r}{suggest(w, ('uniform', 'tokens'))}")
         elif isinstance(w, dict):
             for name, value in w.items():
                 c.that(isinstance(value, (int, float)) and not isinstance(value, bool), f"weights.{name}",
@@ -395,7 +395,7 @@ class DataSection:
         if self.builtin is not None:
             c.that(self.builtin in BUILTIN_CORPORA, "builtin",
                    f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
-                   + _suggest(self.builtin, BUILTIN_CORPORA))
+                   + suggest(self.builtin, BUILTIN_CORPORA))
 
 
 @dataclass

@@ -139,13 +139,13 @@ def update_job(expert_dir: str | os.PathLike, **fields) -> dict:
     return record
 
 
-def _new_attempt(**fields) -> dict:
+def new_attempt(**fields) -> dict:
     """The fields that start an attempt, clearing what the previous attempt left."""
     return {"submitted_at": None, "started_at": None, "ended_at": None, "exit_code": None,
             "interrupted": False, "pid": None, "pid_start": None, **fields}
 
 
-def _process_start(pid: int) -> Optional[int]:
+def process_start(pid: int) -> Optional[int]:
     """The start time of a process in clock ticks since boot (Linux /proc), to tell a live job from
     a recycled pid; None where /proc is not available."""
     try:
@@ -156,14 +156,14 @@ def _process_start(pid: int) -> Optional[int]:
     return int(stat.rsplit(")", 1)[1].split()[19])
 
 
-def _pid_alive(pid: int, start: Optional[int]) -> bool:
+def pid_alive(pid: int, start: Optional[int]) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         pass  # exists, owned by someone else
-    return start is None or _process_start(pid) in (None, start)
+    return start is None or process_start(pid) in (None, start)
 
 
 def _slurm_active(job_id: str) -> Optional[bool]:
@@ -205,7 +205,7 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
             return "queued", where
         return "pending", ""
     if job.get("pid") and job.get("host") == socket.gethostname():
-        if _pid_alive(int(job["pid"]), job.get("pid_start")):
+        if pid_alive(int(job["pid"]), job.get("pid_start")):
             return "running", where
         return "stopped", f"{where} is gone (no exit status recorded)"
     last_sign = max(job["started_at"], _mtime(expert_dir / METRICS_FILE))
@@ -213,7 +213,7 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
         return "stopped", f"{where} ended without recording an exit status"
     if now - last_sign < STALE_AFTER_S:
         return "running", where
-    return "stopped", f"{where}: no progress for {_duration(now - last_sign)}"
+    return "stopped", f"{where}: no progress for {duration(now - last_sign)}"
 
 
 def orphan_note(expert_dir: str | os.PathLike) -> str:
@@ -222,7 +222,7 @@ def orphan_note(expert_dir: str | os.PathLike) -> str:
     launcher = read_job(expert_dir).get("launcher")
     if not isinstance(launcher, dict) or not isinstance(launcher.get("pid"), int):
         return ""
-    if _pid_alive(launcher["pid"], launcher.get("start")):
+    if pid_alive(launcher["pid"], launcher.get("start")):
         return ""
     return f", left running by a btx branch / btx run (pid {launcher['pid']}) that is gone"
 
@@ -255,7 +255,7 @@ def _mtime(path: Path) -> float:
         return 0.0
 
 
-def _duration(seconds: Optional[float]) -> str:
+def duration(seconds: Optional[float]) -> str:
     if seconds is None:
         return ""
     seconds = int(seconds)

@@ -25,15 +25,15 @@ from btx.io.manifest import changed_inputs, damaged_outputs, read_done
 from btx.recipe.experiment import to_plain
 
 
-def _key(*parts) -> str:
+def key_of(*parts) -> str:
     blob = json.dumps([to_plain(p) if not isinstance(p, (str, int, float, type(None))) else p for p in parts],
                       sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _outputs_key(directories: list[Path]) -> str:
+def outputs_key(directories: list[Path]) -> str:
     """Identity of finished outputs: the sha256 of their files as their DONE.json list them."""
-    return _key([(read_done(d) or {}).get("outputs") for d in directories])
+    return key_of([(read_done(d) or {}).get("outputs") for d in directories])
 
 
 Adopt = Callable[[list[dict]], "str | None"]  # DONE.json dicts -> why they do not follow from the recipe, or None
@@ -70,7 +70,7 @@ class Pipeline:
             problems = damaged_outputs(path)
             if problems:
                 return "damaged", problems[0]
-        made_here = bool(entry) and entry.get("outputs") in (None, _outputs_key(done_dirs))
+        made_here = bool(entry) and entry.get("outputs") in (None, outputs_key(done_dirs))
         changed = [c for path, done in zip(done_dirs, dones, strict=True)
                    for c in changed_inputs(done.get("input_identities"), path)]
         if changed:

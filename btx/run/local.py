@@ -26,12 +26,12 @@ from rich.live import Live
 from btx.errors import BtxError
 from btx.run.jobs import (
     ExpertJob,
-    _new_attempt,
-    _process_start,
     describe_exit,
+    new_attempt,
+    process_start,
     update_job,
 )
-from btx.run.progress import _last_lines, expert_status, status_table
+from btx.run.progress import expert_status, last_lines, status_table
 
 
 @dataclass
@@ -136,10 +136,10 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                                 env=env, start_new_session=True)
         running.append(_Running(job, slot, proc, log_file))  # first: a Ctrl-C from here on stops it too
-        update_job(job.expert_dir, **_new_attempt(
+        update_job(job.expert_dir, **new_attempt(
             executor="local", command=cmd, host=socket.gethostname(), pid=proc.pid,
-            pid_start=_process_start(proc.pid), started_at=time.time(), devices=devices,
-            launcher={"pid": os.getpid(), "start": _process_start(os.getpid())}))
+            pid_start=process_start(proc.pid), started_at=time.time(), devices=devices,
+            launcher={"pid": os.getpid(), "start": process_start(os.getpid())}))
         where = f"GPUs {devices}" if devices is not None else "CPU"
         console.print(f"{job.domain}: started (pid {proc.pid}, {where}), log {job.log}", highlight=False)
 
@@ -255,4 +255,4 @@ class LiveTable:
 
 
 def log_tail(path: Path, lines: int = 20) -> str:
-    return "\n".join(_last_lines(path, lines))
+    return "\n".join(last_lines(path, lines))

@@ -70,7 +70,7 @@ from btx.recipe.load import load_experiment
 from btx.recipe.run_dir import BASELINE_PROTOCOLS
 from btx.run import baselines, stages
 from btx.run.evaluation import evaluate
-from btx.run.ledger import Pipeline, StageOutcome, _key
+from btx.run.ledger import Pipeline, StageOutcome, key_of
 from btx.run.stage import Parts, Read, Stage, Task, drive
 from btx.train.job import expert_job, seed_domains, seed_job
 
@@ -212,7 +212,7 @@ def _run_group(p: Pipeline, rows: list[Stage], force: bool) -> StageOutcome:
     summary = "; ".join(f"{o.name.split(':')[1]}: {o.summary}" for o in on)
     seconds = sum(o.seconds for o in on)
     if any(o.state == "ran" for o in on):
-        p.record(name, _key(p.keys[name]), summary, seconds)
+        p.record(name, key_of(p.keys[name]), summary, seconds)
         return StageOutcome(name, "ran", seconds, summary)
     return StageOutcome(name, "skipped", 0.0, summary)
 

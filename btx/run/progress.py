@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from rich.markup import escape
 
-from btx.run.jobs import METRICS_FILE, ExpertJob, _duration, expert_state
+from btx.run.jobs import METRICS_FILE, ExpertJob, duration, expert_state
 from btx.ui.tables import Column, FitTable
 
 
@@ -29,7 +29,7 @@ class ExpertStatus:
     eta_s: Optional[float] = None
 
 
-def _last_lines(path: Path, n: int, block: int = 1 << 16) -> list[str]:
+def last_lines(path: Path, n: int, block: int = 1 << 16) -> list[str]:
     """The last `n` lines of a file, reading only its end."""
     try:
         with open(path, "rb") as f:
@@ -49,7 +49,7 @@ def _last_lines(path: Path, n: int, block: int = 1 << 16) -> list[str]:
 def read_progress(expert_dir: Path) -> list[dict]:
     """The last few training records of metrics.jsonl (those with a loss), oldest first."""
     rows = []
-    for line in _last_lines(expert_dir / METRICS_FILE, 64):
+    for line in last_lines(expert_dir / METRICS_FILE, 64):
         try:
             row = json.loads(line)
         except ValueError:
@@ -108,6 +108,6 @@ def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
         loss = f"{s.loss:.4f}" if isinstance(s.loss, (int, float)) else ""
         tps = f"{s.tokens_per_s:,.0f}" if isinstance(s.tokens_per_s, (int, float)) else ""
         note = escape(str(s.path)) + (f"\n[dim]{escape(s.detail)}[/dim]" if s.detail else "")
-        rows.append([escape(s.domain), f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, _duration(s.eta_s),
+        rows.append([escape(s.domain), f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, duration(s.eta_s),
                      note])
     return FitTable(columns, rows, title=title)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from btx.errors import BtxError
-from btx.run.jobs import SLURM_STOP_GRACE_S, ExpertJob, _new_attempt, update_job
+from btx.run.jobs import SLURM_STOP_GRACE_S, ExpertJob, new_attempt, update_job
 from btx.run.local import Outcome
 
 
@@ -143,7 +143,7 @@ def submit_slurm(jobs: Sequence[ExpertJob], scripts: dict[str, str], console) ->
             outcomes.append(Outcome(job, exit_code=out.returncode, error=message))
             continue
         job_id = out.stdout.strip().split(";")[0]
-        update_job(job.expert_dir, **_new_attempt(executor="slurm", command=["sbatch", str(job.sbatch)],
+        update_job(job.expert_dir, **new_attempt(executor="slurm", command=["sbatch", str(job.sbatch)],
                                                   slurm_job_id=job_id, host=None, submitted_at=time.time()))
         console.print(f"{job.domain}: submitted Slurm job {job_id} ({job.sbatch})")
         outcomes.append(Outcome(job))
@@ -163,13 +163,13 @@ def record_event(expert_dir: str | os.PathLike, event: str, exit_code: Optional[
     now = time.time()
     slurm_job_id = os.environ.get("SLURM_JOB_ID")
     if event == "started":
-        update_job(expert_dir, **_new_attempt(executor="slurm" if slurm_job_id else "script",
+        update_job(expert_dir, **new_attempt(executor="slurm" if slurm_job_id else "script",
                                               slurm_job_id=slurm_job_id, host=socket.gethostname(),
                                               pid=os.getppid(), started_at=now))
     elif event in ("exited", "interrupted"):
         update_job(expert_dir, exit_code=exit_code, ended_at=now, interrupted=event == "interrupted")
     elif event == "requeued":
-        update_job(expert_dir, **_new_attempt(executor="slurm", slurm_job_id=slurm_job_id, submitted_at=now))
+        update_job(expert_dir, **new_attempt(executor="slurm", slurm_job_id=slurm_job_id, submitted_at=now))
     else:
         raise BtxError(f"record: unknown event {event!r} (expected started, exited, interrupted or requeued)")
 

@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from btx.io.manifest import DONE_NAME
 from btx.recipe.experiment import to_plain
-from btx.run.ledger import Adopt, Pipeline, StageOutcome, _key, _outputs_key, to_remove
+from btx.run.ledger import Adopt, Pipeline, StageOutcome, key_of, outputs_key, to_remove
 
 # Experiment attributes that are not recipe settings: where the recipe and the run are, and how
 # the run was asked for (messages and provenance records). The seed's location is in here because
@@ -133,7 +133,7 @@ def stage_key(p: Pipeline, stage: Stage, part: Optional[str] = None, inputs: Any
     """The hash of what the stage reads (its `reads`, their views) and consumes, and its inputs."""
     reads = {path: (r.view(p.exp) if isinstance(r, Read) else resolve(p.exp, path))
              for r, path in zip(stage.reads, read_paths(stage, part), strict=True)}
-    return _key(reads, consumed(p, stage, part), to_plain(inputs))
+    return key_of(reads, consumed(p, stage, part), to_plain(inputs))
 
 
 def parts_of(exp, stage: Stage) -> list[Optional[str]]:
@@ -208,7 +208,7 @@ def content(exp, stage: Stage, part: Optional[str]) -> str:
     """The identity of a finished stage's (or part's) outputs, which consumers key on."""
     if stage.content is not None:
         return stage.content(exp, part)
-    return _outputs_key(stage.outputs(exp, part))
+    return outputs_key(stage.outputs(exp, part))
 
 
 # -- driving -------------------------------------------------------------------------------------
@@ -268,11 +268,11 @@ def _settle(p: Pipeline, stage: Stage, d: Decision) -> str:
 
 def _record(p: Pipeline, stage: Stage, decisions: list[Decision], summary: str, seconds: float) -> None:
     if stage.parts is None:
-        p.record(stage.name, decisions[0].key, summary, seconds, _outputs_key(stage.outputs(p.exp, None)))
+        p.record(stage.name, decisions[0].key, summary, seconds, outputs_key(stage.outputs(p.exp, None)))
         return
     keys = {d.part: d.key for d in decisions}
-    outputs = {d.part: _outputs_key(stage.outputs(p.exp, d.part)) for d in decisions}
+    outputs = {d.part: outputs_key(stage.outputs(p.exp, d.part)) for d in decisions}
     entry = p.ledger.get(stage.name, {})
     if entry.get("parts") == keys and entry.get("outputs") == outputs:
         return  # nothing changed: the ledger stays as it is
-    p.record(stage.name, _key(keys), summary, seconds, outputs, parts=keys)
+    p.record(stage.name, key_of(keys), summary, seconds, outputs, parts=keys)

@@ -23,7 +23,7 @@ from btx.mix.merge import (
 from btx.mix.options import EditOptions
 from btx.run.branch import branch
 from btx.run.jobs import expert_state, plan_jobs, wait_for_running
-from btx.run.ledger import Adopt, Pipeline, StageOutcome, _key
+from btx.run.ledger import Adopt, Pipeline, StageOutcome, key_of
 from btx.run.prepare import prepare_experiment
 from btx.run.stage import Stage, Task, content, note, parts_of, stage_key
 from btx.train.finetune import finetune_job, run_finetune
@@ -50,7 +50,7 @@ def prepare(p: Pipeline, task: Task) -> dict[str, dict]:
 
 def shard_content(exp, domain: Optional[str]) -> str:
     """A prepared domain's identity: the sha256 of its shards, as their sidecars record them."""
-    return _key([load_shard(exp.paths.shard(domain, split)).meta["sha256"] for split in ("train", "val")])
+    return key_of([load_shard(exp.paths.shard(domain, split)).meta["sha256"] for split in ("train", "val")])
 
 
 def drive_prepare(p: Pipeline, stage: Stage, force: bool) -> StageOutcome:
@@ -64,7 +64,7 @@ def drive_prepare(p: Pipeline, stage: Stage, force: bool) -> StageOutcome:
     if all(r.get("skipped") for r in results.values()):
         return StageOutcome("prepare", "skipped", time.perf_counter() - t0, summary)
     keys = {d: stage_key(p, stage, d) for d in parts_of(p.exp, stage)}
-    p.record("prepare", _key(keys), summary, time.perf_counter() - t0, parts=keys)
+    p.record("prepare", key_of(keys), summary, time.perf_counter() - t0, parts=keys)
     return StageOutcome("prepare", "ran", time.perf_counter() - t0, summary)
 
 
@@ -108,7 +108,7 @@ def given_seed(exp) -> tuple[str, str] | None:
     (hashed once, then re-read only when it changes), so a replaced one redoes all after it."""
     if exp.seed.path is None:
         return None
-    return f"given: {exp.seed.path}", _key(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
+    return f"given: {exp.seed.path}", key_of(str(exp.seed.path), input_identity(exp.seed.path)["sha256"])
 
 
 def train_seed(p: Pipeline, task: Task) -> str:

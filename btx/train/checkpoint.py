@@ -22,8 +22,8 @@ from btx.io.manifest import (
     DONE_NAME,
     identity_changes,
 )
-from btx.train.distributed import _barrier, _distributed
-from btx.train.job import _STEP_DIR, CKPT_BYTES_PER_PARAM, CKPT_MANIFEST, TrainJob
+from btx.train.distributed import barrier, is_distributed
+from btx.train.job import CKPT_BYTES_PER_PARAM, CKPT_MANIFEST, STEP_DIR, TrainJob
 
 
 def checkpoints(job: TrainJob) -> list[tuple[int, Path]]:
@@ -33,7 +33,7 @@ def checkpoints(job: TrainJob) -> list[tuple[int, Path]]:
         return []
     found = []
     for path in root.iterdir():
-        m = _STEP_DIR.match(path.name)
+        m = STEP_DIR.match(path.name)
         if m and path.is_dir():
             found.append((int(m.group(1)), path))
     return sorted(found)
@@ -52,7 +52,7 @@ def save_checkpoint(job: TrainJob, engine, state: dict, trajectory: str) -> Path
         kept = checkpoints(job)
         for _, old in kept[: max(0, len(kept) - job.settings.keep_checkpoints)]:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier(engine)
+    barrier(engine)
     return final
 
 
@@ -66,7 +66,7 @@ def _share(items: list, engine) -> list:
 
 
 def _gather(value, engine) -> list:
-    if not _distributed(engine):
+    if not is_distributed(engine):
         return [value]
     out = [None] * engine.world_size
     torch.distributed.all_gather_object(out, value)
@@ -80,7 +80,7 @@ def _record_checkpoint(path: Path, engine) -> None:
     hashes = {k: v for part in _gather(mine, engine) for k, v in part.items()}
     if engine.is_main:
         write_json_atomic(path / CKPT_MANIFEST, {"files": dict(sorted(hashes.items()))})
-    _barrier(engine)
+    barrier(engine)
 
 
 def _checkpoint_problem(path: Path, engine) -> str | None:
@@ -109,7 +109,7 @@ def _checkpoint_problem(path: Path, engine) -> str | None:
     return problems[0] if problems else None
 
 
-def _resume(job: TrainJob, engine, trajectory: str, console, identities: dict | None = None) -> dict:
+def resume_job(job: TrainJob, engine, trajectory: str, console, identities: dict | None = None) -> dict:
     """The loop state to continue from: the newest sound checkpoint's, or a fresh start."""
     fresh = {"step": 0, "tokens": 0, "wall_time_s": 0.0, "input_identities": identities}
     found = checkpoints(job)
@@ -146,7 +146,7 @@ def _resume(job: TrainJob, engine, trajectory: str, console, identities: dict | 
             "input_identities": identities}
 
 
-def _discard_outputs(job: TrainJob) -> None:
+def discard_outputs(job: TrainJob) -> None:
     """--force: forget DONE.json first (so nothing half-redone looks finished), then the rest."""
     (Path(job.manifest_dir) / DONE_NAME).unlink(missing_ok=True)
     shutil.rmtree(job.ckpt_dir, ignore_errors=True)

@@ -24,19 +24,19 @@ from btx.io.reader import CheckpointReader
 from btx.io.writer import copy_tokenizer_files, has_tokenizer
 from btx.model.flops import describe as flops_counting
 from btx.model.flops import train_flops_per_token
-from btx.train.distributed import _barrier
+from btx.train.distributed import barrier
 from btx.train.job import TrainJob
-from btx.train.metrics import _MetricsLog
+from btx.train.metrics import MetricsLog
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
+def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
     """final HF checkpoint (atomic), then DONE.json (last)."""
     weights = engine.full_state_dict()  # collective
     if engine.is_main:
         cfg = engine.unwrapped.cfg
-        dtype = _export_dtype(job)
+        dtype = export_dtype(job)
         export_dir = Path(job.export_dir)
         size = sum(t.numel() for t in weights.values()) * dtype.itemsize
         ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
@@ -49,7 +49,7 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             if job.init_from is not None:
                 copy_tokenizer_files(job.init_from, tmp)
         del weights
-        records = _MetricsLog(job.metrics_path, enabled=False).records()
+        records = MetricsLog(job.metrics_path, enabled=False).records()
         last = records[-1] if records else {}
         tail = [r["loss"] for r in records[-10:]]
         val = {k.split("/", 1)[1]: v for k, v in last.items() if k.startswith("val_loss/")}
@@ -87,11 +87,11 @@ def _export(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, cons
             write_done(job.manifest_dir, manifest)
         console.print(f"train {job.name}: done, {state['step']} steps, {state['tokens']:,} tokens, "
                       f"val loss {manifest['val_loss']:.4f} -> {export_dir}", soft_wrap=True)
-    _barrier(engine)
+    barrier(engine)
     return read_done(job.manifest_dir)
 
 
-def _export_dtype(job: TrainJob) -> torch.dtype:
+def export_dtype(job: TrainJob) -> torch.dtype:
     if job.export_dtype is not None:
         if job.export_dtype not in _DTYPES:
             raise BtxError(f"train {job.name}: export dtype {job.export_dtype!r}; expected {', '.join(_DTYPES)}")

@@ -54,8 +54,9 @@ from btx.io.reader import CheckpointReader
 from btx.model.transformer import Transformer
 from btx.recipe.load import load_experiment
 from btx.recipe.run_dir import FinetuneDirs
+from btx.train.distributed import mean_over_ranks
 from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
-from btx.train.job import TrainJob, _recipe_hash, _shard_path
+from btx.train.job import TrainJob, job_shard_path, sections_hash
 from btx.train.loop import run_loop
 
 ROUTER_PHASE = "finetune-router"  # the router-only phase's job name (in DONE.json's train_flops_phases)
@@ -95,8 +96,8 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     job = TrainJob(
         name="finetune",
         settings=settings,
-        train_shards={name: _shard_path(exp, name, "train") for name in train_domains},
-        val_shards={name: _shard_path(exp, name, "val") for name in domains},
+        train_shards={name: job_shard_path(exp, name, "train") for name in train_domains},
+        val_shards={name: job_shard_path(exp, name, "val") for name in domains},
         mixture={name: mixture[name] for name in train_domains},
         work_dir=dirs.train,
         export_dir=dirs.export,
@@ -106,7 +107,7 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         tokenizer=str(exp.tokenizer),
         balance_alpha=ft.balance_alpha,
         z_loss_coef=ft.z_loss,
-        recipe_hash=_recipe_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
+        recipe_hash=sections_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
                                   "finetune": ft, "train": settings}),
         inputs={"merged": str(merged)},
         engine_settings={"trainable": trainable, "zero_stage": ft.zero_stage,
@@ -181,7 +182,7 @@ class RoutingLog:
         losses = torch.stack([torch.stack([s.balance_loss, s.z_loss]) for s in stats]).detach()
         drops = torch.tensor([[s.dropped / tokens] for s in stats], dtype=torch.float64)
         per_layer = torch.cat([losses.to("cpu", torch.float64), drops], dim=1)  # one device->host copy
-        per_layer = _mean_over_ranks(per_layer)
+        per_layer = mean_over_ranks(per_layer)
         record = {
             "balance_loss_layers": per_layer[:, 0].tolist(),
             "z_loss_layers": per_layer[:, 1].tolist(),
@@ -199,25 +200,6 @@ class RoutingLog:
             record["routing_mean_prob"] = summary["mean_prob"]
             self._acc.reset()
         return record
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized() and \
-        torch.distributed.get_world_size() > 1
-
-
-def _mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
-    if not _distributed():
-        return values
-    on_device = values.to(_collective_device())
-    torch.distributed.all_reduce(on_device)
-    return on_device.cpu() / torch.distributed.get_world_size()
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:

@@ -34,7 +34,7 @@ CKPT_MANIFEST = "btx_checkpoint.json"  # sha256 of every file of a checkpoint, w
 CKPT_BYTES_PER_PARAM = 16  # fp32 weights and master copy plus two AdamW moments: a checkpoint's size
 METRICS_FILE = "metrics.jsonl"
 KILL_HOOK_ENV = "BTX_TRAIN_KILL_AT_STEP"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that change what a run computes. The others (logging, eval and checkpoint cadence) may
 # change between a run and its resumption.
 _TRAJECTORY_SETTINGS = (
@@ -123,15 +123,15 @@ def seed_job(exp) -> TrainJob:
     return TrainJob(
         name="seed",
         settings=exp.seed_train,
-        train_shards={n: _shard_path(exp, n, "train") for n in names},
-        val_shards={n: _shard_path(exp, n, "val") for n in names},
+        train_shards={n: job_shard_path(exp, n, "train") for n in names},
+        val_shards={n: job_shard_path(exp, n, "val") for n in names},
         mixture={n: float(mixture[n]) for n in names},
         work_dir=exp.paths.seed_train,
         export_dir=exp.paths.seed,
         manifest_dir=exp.paths.seed,
         model_config=exp.model.to_model_config(),
         tokenizer=str(exp.tokenizer),
-        recipe_hash=_recipe_hash({"model": exp.model, "train": exp.seed_train, "mixture": mixture,
+        recipe_hash=sections_hash({"model": exp.model, "train": exp.seed_train, "mixture": mixture,
                                   "tokenizer": exp.tokenizer,
                                   "data": {n: exp.domains[n].data for n in names}}),
     )
@@ -161,33 +161,33 @@ def expert_job(exp, domain: str) -> TrainJob:
     return TrainJob(
         name=domain,
         settings=settings,
-        train_shards={domain: _shard_path(exp, domain, "train")},
-        val_shards={domain: _shard_path(exp, domain, "val")},
+        train_shards={domain: job_shard_path(exp, domain, "train")},
+        val_shards={domain: job_shard_path(exp, domain, "val")},
         work_dir=expert_dir,
         export_dir=exp.paths.expert_final(domain),
         manifest_dir=expert_dir,
         init_from=seed,
         tokenizer=str(exp.tokenizer),
-        recipe_hash=_recipe_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
+        recipe_hash=sections_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
                                   "tokenizer": exp.tokenizer}),
         inputs={"seed": str(seed)},
         trainable=settings.trainable,
     )
 
 
-def _shard_path(exp, domain: str, split: str) -> Path:
+def job_shard_path(exp, domain: str, split: str) -> Path:
     path = exp.paths.shard(domain, split)
     if not path.is_file():
         raise BtxError(f"{path}: {split} shard of domain '{domain}' not found; run `btx prepare {exp.path}` first")
     return path
 
 
-def _recipe_hash(sections: dict) -> str:
+def sections_hash(sections: dict) -> str:
 
     return recipe_hash(sections)
 
 
-def _open_inputs(job: TrainJob):
+def open_inputs(job: TrainJob):
     """Tokenizer and shards, checked against each other (BtxError naming the file at fault)."""
 
     if job.init_from is not None:
@@ -218,7 +218,7 @@ def _open_inputs(job: TrainJob):
     return tokenizer, train, val
 
 
-def _check_model_fits(job: TrainJob, cfg: ModelConfig, tokenizer) -> None:
+def check_model_fits(job: TrainJob, cfg: ModelConfig, tokenizer) -> None:
     where = str(job.init_from) if job.init_from is not None else f"train {job.name}: model"
     if cfg.vocab_size < tokenizer.vocab_size:
         raise BtxError(f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "

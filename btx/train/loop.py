@@ -98,24 +98,29 @@ from btx.model.flops import train_flops_per_token
 from btx.model.trainable import set_trainable
 from btx.model.transformer import Transformer
 from btx.recipe.load import load_experiment
-from btx.train.checkpoint import _discard_outputs, _resume, checkpoints, save_checkpoint
-from btx.train.distributed import _all_reduce_sum, _barrier, _StopRequest
+from btx.train.checkpoint import (
+    checkpoints,
+    discard_outputs,
+    resume_job,
+    save_checkpoint,
+)
+from btx.train.distributed import StopRequest, all_reduce_sum, barrier
 from btx.train.engines.accelerate import AccelerateEngine
 from btx.train.engines.base import build_model
 from btx.train.engines.deepspeed import DeepSpeedEngine
-from btx.train.export import _export, _export_dtype
+from btx.train.export import export_dtype, export_job
 from btx.train.job import (
     KILL_HOOK_ENV,
     StepHook,
     TrainJob,
-    _check_model_fits,
-    _open_inputs,
+    check_model_fits,
     expert_job,
     job_sampler,
+    open_inputs,
     seed_job,
     trajectory_hash,
 )
-from btx.train.metrics import PEAK_ENV, _MetricsLog, _Progress, peak_flops
+from btx.train.metrics import PEAK_ENV, MetricsLog, _Progress, peak_flops
 
 
 def loss_terms(output: ModelOutput, targets: torch.Tensor, balance_alpha: float, z_loss_coef: float):
@@ -191,22 +196,22 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
         return done
 
     # Everything is checked before anything is written or any process group is started.
-    tokenizer, train_shards, val_shards = _open_inputs(job)
+    tokenizer, train_shards, val_shards = open_inputs(job)
     identities = job_input_identities(job, train_shards, val_shards) if main else None
     model = (make_model or build_model)(job)
-    _check_model_fits(job, model.cfg, tokenizer)
-    _export_dtype(job)  # a bad export dtype is an error now, not after training
+    check_model_fits(job, model.cfg, tokenizer)
+    export_dtype(job)  # a bad export dtype is an error now, not after training
     set_trainable(model, job.trainable)
     if setup_model is not None:
         setup_model(model)
 
     engine = (make_engine or dense_engine)(model, job)
     del model  # the engine owns it now (closing the engine must be able to free it)
-    stop = _StopRequest()
+    stop = StopRequest()
     try:
         if force and engine.is_main:
-            _discard_outputs(job)
-        _barrier(engine)
+            discard_outputs(job)
+        barrier(engine)
         return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
                       identities)
     finally:
@@ -282,8 +287,8 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world
     flops_per_token = train_flops_per_token(cfg, s.seq_len, job.trainable)
 
-    state = _resume(job, engine, trajectory, console, identities)
-    metrics = _MetricsLog(job.metrics_path, enabled=engine.is_main)
+    state = resume_job(job, engine, trajectory, console, identities)
+    metrics = MetricsLog(job.metrics_path, enabled=engine.is_main)
     metrics.keep_until(state["step"])
     peak = peak_flops(engine.device, getattr(engine, "precision", s.precision))
     peak = peak * world if peak else None
@@ -314,7 +319,7 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
                 sums[:4] += torch.stack([t.detach().double() for t in terms])
             grad_norm = engine.step()
             sums[4] = float(stop.requested)
-            *means, stop_votes = _all_reduce_sum(sums, engine).tolist()
+            *means, stop_votes = all_reduce_sum(sums, engine).tolist()
             total, nll, balance, z = (value / (s.grad_accum * world) for value in means)
             if not (math.isfinite(total) and math.isfinite(nll)):  # the same all-reduced sums on every rank
                 _non_finite_loss(job, step, "loss", total, lr, good_upto=step - 2)
@@ -349,7 +354,7 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
                 raise KeyboardInterrupt
 
     state["wall_time_s"] = wall_before + (time.perf_counter() - session_start)
-    return _export(job, engine, tokenizer, state, trajectory, console)
+    return export_job(job, engine, tokenizer, state, trajectory, console)
 
 
 def _non_finite_loss(job: TrainJob, step: int, what: str, value: float, lr: float, good_upto: int) -> None:
@@ -411,7 +416,7 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
                 if index < len(batches):
                     sums[0] += nll.double()
                     sums[1] += targets.numel()
-            total_nll, tokens = _all_reduce_sum(sums, engine).tolist()
+            total_nll, tokens = all_reduce_sum(sums, engine).tolist()
             losses[domain] = total_nll / tokens
     finally:
         model.train(was_training)

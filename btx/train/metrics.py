@@ -24,7 +24,7 @@ from btx.io.atomic import dumps_json, fsync_dir
 PEAK_ENV = "BTX_PEAK_TFLOPS"
 
 
-class _MetricsLog:
+class MetricsLog:
     """metrics.jsonl: one object per optimizer step. Only the main rank writes."""
 
     def __init__(self, path: Path, enabled: bool):
@@ -103,7 +103,7 @@ class _Progress:
             self.bar.update(self.task, completed=step, loss=loss, tps=tps, mfu=mfu, **fields)
         elif step % self.log_every == 0 or step == self.total:
             rate = (time.perf_counter() - self.t0) / max(1, step - self.start)
-            eta = _duration(rate * (self.total - step))
+            eta = duration(rate * (self.total - step))
             val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
             self.console.print(f"train {self.name} step {step}/{self.total} loss {loss}{val} "
                                f"{tps} tok/s mfu {mfu} eta {eta}", highlight=False, soft_wrap=True)
@@ -113,7 +113,7 @@ class _Progress:
             self.bar.__exit__(*exc)
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
