@@ -46,8 +46,19 @@ ALPHA = 0.01
 
 def settings() -> SimpleNamespace:
     """The TrainSection fields the engines read (paper optimisation, fp32 on CPU)."""
-    return SimpleNamespace(lr=1e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, warmup_steps=100, steps=1000,
-                           min_lr_ratio=0.1, batch_size=4, grad_accum=1, grad_clip=1.0, precision="fp32")
+    return SimpleNamespace(
+        lr=1e-4,
+        weight_decay=0.1,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        warmup_steps=100,
+        steps=1000,
+        min_lr_ratio=0.1,
+        batch_size=4,
+        grad_accum=1,
+        grad_clip=1.0,
+        precision="fp32",
+    )
 
 
 def seed_and_moe() -> tuple[Transformer, Transformer]:
@@ -94,8 +105,10 @@ def report(times: dict[str, list[float]], tokens: int) -> dict[str, float]:
     medians = {}
     for name, ts in times.items():
         medians[name] = statistics.median(ts)
-        print(f"  {name:22s} median {medians[name] * 1e3:8.1f} ms  {tokens / medians[name]:8,.0f} tokens/s  "
-              f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms)")
+        print(
+            f"  {name:22s} median {medians[name] * 1e3:8.1f} ms  {tokens / medians[name]:8,.0f} tokens/s  "
+            f"(min {min(ts) * 1e3:.1f}, max {max(ts) * 1e3:.1f} ms)"
+        )
     return medians
 
 
@@ -117,18 +130,24 @@ def main() -> None:
     dense, moe = seed_and_moe()
     counts_d, counts_m = SEED.param_counts(), MOE.param_counts()
     flop_ratio = train_flops_per_token(MOE, args.seq) / train_flops_per_token(SEED, args.seq)
-    print(f"seed {counts_d['total'] / 1e6:.1f}M params; MoE 4 experts top-2 {counts_m['total'] / 1e6:.1f}M, "
-          f"{counts_m['active'] / 1e6:.1f}M active; batch {args.batch} x {args.seq}; CPU fp32, "
-          f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds")
+    print(
+        f"seed {counts_d['total'] / 1e6:.1f}M params; MoE 4 experts top-2 {counts_m['total'] / 1e6:.1f}M, "
+        f"{counts_m['active'] / 1e6:.1f}M active; batch {args.batch} x {args.seq}; CPU fp32, "
+        f"{torch.get_num_threads()} threads; {args.rounds} interleaved rounds"
+    )
 
     print("part 1: the model step (torch AdamW for both)")
-    times = interleaved_times({"dense seed": plain_step(dense, inputs, targets, 0.0),
-                   "MoE top-2": plain_step(moe, inputs, targets, ALPHA)}, args.rounds)
+    times = interleaved_times(
+        {"dense seed": plain_step(dense, inputs, targets, 0.0), "MoE top-2": plain_step(moe, inputs, targets, ALPHA)},
+        args.rounds,
+    )
     med = report(times, tokens)
     time_ratio = med["MoE top-2"] / med["dense seed"]
     best_ratio = min(times["MoE top-2"]) / min(times["dense seed"])
-    print(f"  MoE/dense time ratio {time_ratio:.3f} (fastest steps: {best_ratio:.3f}); active training FLOP "
-          f"ratio {flop_ratio:.3f}; time/FLOP = {time_ratio / flop_ratio:.3f} (target <= 1.25)")
+    print(
+        f"  MoE/dense time ratio {time_ratio:.3f} (fastest steps: {best_ratio:.3f}); active training FLOP "
+        f"ratio {flop_ratio:.3f}; time/FLOP = {time_ratio / flop_ratio:.3f} (target <= 1.25)"
+    )
     if args.no_engines:
         return
 
@@ -142,7 +161,9 @@ def main() -> None:
         engines[f"DeepSpeed ZeRO-{stage}"] = DeepSpeedEngine(model, settings(), zero_stage=stage)
     _, model = seed_and_moe()
     engines["accelerate"] = AccelerateEngine(model, SimpleNamespace(settings=settings()))
-    times = interleaved_times({name: engine_step(e, inputs, targets, ALPHA) for name, e in engines.items()}, args.rounds)
+    times = interleaved_times(
+        {name: engine_step(e, inputs, targets, ALPHA) for name, e in engines.items()}, args.rounds
+    )
     med = report(times, tokens)
     for name in engines:
         if name != "accelerate":

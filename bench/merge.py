@@ -217,8 +217,10 @@ def main() -> None:
     else:
         cache = "warm page cache (inputs read once before each run)"
     print(f"\nbtx merge vs the I/O floor, 3 experts + seed kept, bf16, {cache}; {os.cpu_count()} CPUs")
-    head = (f"{'scale':>5} {'in GB':>6} {'out GB':>6} {'read s':>7} {'write s':>8} {'floor s':>8} {'merge s':>8} "
-            f"{'ratio':>6} {'rounds':>11} {'merge CPU s':>11} {'peak RSS':>9}")
+    head = (
+        f"{'scale':>5} {'in GB':>6} {'out GB':>6} {'read s':>7} {'write s':>8} {'floor s':>8} {'merge s':>8} "
+        f"{'ratio':>6} {'rounds':>11} {'merge CPU s':>11} {'peak RSS':>9}"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:

@@ -56,7 +56,9 @@ def hf_block(cfg: ModelConfig, btx_moe: MoEFeedForward, impl: str, dtype):
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
     hf_cfg = MixtralConfig(
-        hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_local_experts=cfg.n_experts,
+        hidden_size=cfg.dim,
+        intermediate_size=cfg.ffn_dim,
+        num_local_experts=cfg.n_experts,
         num_experts_per_tok=cfg.top_k,
     )
     hf_cfg._experts_implementation = impl
@@ -75,8 +77,17 @@ def qwen3_blocks(device, dtype):
 
     from btx.model.transformer import Block
 
-    shape = dict(dim=512, n_heads=8, n_kv_heads=4, head_dim=128, ffn_dim=1408, qk_norm="head", family="qwen3",
-                 norm_eps=1e-6, max_seq_len=4096)
+    shape = dict(
+        dim=512,
+        n_heads=8,
+        n_kv_heads=4,
+        head_dim=128,
+        ffn_dim=1408,
+        qk_norm="head",
+        family="qwen3",
+        norm_eps=1e-6,
+        max_seq_len=4096,
+    )
     cfg = ModelConfig(**shape, n_experts=4, top_k=2)
     torch.manual_seed(0)
     block = Block(cfg, 0)
@@ -85,11 +96,20 @@ def qwen3_blocks(device, dtype):
             p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.02 * torch.randn_like(p))
     dense = Block(ModelConfig(**{**shape, "ffn_dim": cfg.top_k * cfg.ffn_dim}), 0)
     with torch.no_grad():
-        for name, p in dense.named_parameters():
+        for p in dense.parameters():
             p.normal_(0, 0.02)
-    hf_cfg = Qwen3MoeConfig(hidden_size=512, num_attention_heads=8, num_key_value_heads=4, head_dim=128,
-                            moe_intermediate_size=1408, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
-                            rms_norm_eps=1e-6, max_position_embeddings=4096)
+    hf_cfg = Qwen3MoeConfig(
+        hidden_size=512,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=128,
+        moe_intermediate_size=1408,
+        num_experts=4,
+        num_experts_per_tok=2,
+        norm_topk_prob=True,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=4096,
+    )
     hf_cfg._attn_implementation = "sdpa"
     hf_cfg._experts_implementation = "grouped_mm"  # transformers 5.x's default
     layer = Qwen3MoeDecoderLayer(hf_cfg, 0)
@@ -116,8 +136,10 @@ def run_block(args, device, dtype) -> None:
     for name, p in block.named_parameters():
         if "router" not in name:
             p.data = p.data.to(dtype)
-    print(f"device={device} dtype={dtype} threads={torch.get_num_threads()} Qwen3-MoE block: d=512 heads 8/4 "
-          "head_dim 128 q/k norm, E=4 k=2 F=1408")
+    print(
+        f"device={device} dtype={dtype} threads={torch.get_num_threads()} Qwen3-MoE block: d=512 heads 8/4 "
+        "head_dim 128 q/k norm, E=4 k=2 F=1408"
+    )
     for T in args.tokens:
         B = 8 if T >= 8 else 1
         S = T // B
@@ -131,13 +153,25 @@ def run_block(args, device, dtype) -> None:
         grad = torch.randn(B, S, cfg.dim, generator=g).to(device, dtype)
         if dtype == torch.float32:  # the two layers compute the same thing before they are timed
             with torch.no_grad():
-                torch.testing.assert_close(block(x, cos, sin)[0], layer(x, attention_mask=None, position_embeddings=hf_rope),
-                                           rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(
+                    block(x, cos, sin)[0],
+                    layer(x, attention_mask=None, position_embeddings=hf_rope),
+                    rtol=1e-4,
+                    atol=1e-4,
+                )
         fns = {
-            "floor": fwd_bwd(lambda x: dense(x, cos, sin), x, grad, unpack=True, params=dense.parameters()),
-            "btx": fwd_bwd(lambda x: block(x, cos, sin), x, grad, unpack=True, params=block.parameters()),
-            "hf": fwd_bwd(lambda x: layer(x, attention_mask=None, position_embeddings=hf_rope), x, grad,
-                          params=layer.parameters()),
+            "floor": fwd_bwd(
+                lambda x, cos=cos, sin=sin: dense(x, cos, sin), x, grad, unpack=True, params=dense.parameters()
+            ),
+            "btx": fwd_bwd(
+                lambda x, cos=cos, sin=sin: block(x, cos, sin), x, grad, unpack=True, params=block.parameters()
+            ),
+            "hf": fwd_bwd(
+                lambda x, hf_rope=hf_rope: layer(x, attention_mask=None, position_embeddings=hf_rope),
+                x,
+                grad,
+                params=layer.parameters(),
+            ),
         }
         reps = args.reps if T > 1024 else args.reps * 5
         t = timed_rounds(fns, device, reps)
@@ -167,8 +201,12 @@ def main() -> None:
             p.normal_(0, 0.02)
     dense = FeedForward(cfg.dim, cfg.ffn_dim)
     with torch.no_grad():
-        dense.w1.weight.copy_(moe.w1[0]); dense.w3.weight.copy_(moe.w3[0]); dense.w2.weight.copy_(moe.w2[0])
-    hf = {impl: hf_block(cfg, moe, impl, dtype).to(device) for impl in ("eager", "grouped_mm")}  # batched_mm gathers E weights per token: 94 GB at 8192 tokens
+        dense.w1.weight.copy_(moe.w1[0])
+        dense.w3.weight.copy_(moe.w3[0])
+        dense.w2.weight.copy_(moe.w2[0])
+    hf = {
+        impl: hf_block(cfg, moe, impl, dtype).to(device) for impl in ("eager", "grouped_mm")
+    }  # batched_mm gathers E weights per token: 94 GB at 8192 tokens
     moe = moe.to(device)
     with torch.no_grad():  # experts in the compute dtype, router stays fp32 as in btx models
         for name in ("w1", "w2", "w3"):

@@ -12,8 +12,9 @@ from typing import Callable
 import torch
 
 
-def interleaved_times(contenders: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1,
-                      repeat: int = 1, cuda: bool = False) -> dict[str, list[float]]:
+def interleaved_times(
+    contenders: dict[str, Callable[[], object]], rounds: int, *, warmup: int = 1, repeat: int = 1, cuda: bool = False
+) -> dict[str, list[float]]:
     """Seconds of every call of every contender: `rounds` rounds of `repeat` calls each, after
     `warmup` untimed calls. With `cuda`, the device is synchronised around each timed call."""
     for fn in contenders.values():

@@ -44,8 +44,18 @@ CONFIG = ModelConfig(vocab_size=8192, dim=512, n_layers=6, n_heads=8, n_kv_heads
 
 def settings(precision: str) -> SimpleNamespace:
     """The recipe's TrainSection fields the engine reads (paper defaults)."""
-    return SimpleNamespace(lr=1e-4, weight_decay=0.1, betas=[0.9, 0.95], eps=1e-8, warmup_steps=100, steps=1000,
-                           min_lr_ratio=0.1, grad_accum=1, grad_clip=1.0, precision=precision)
+    return SimpleNamespace(
+        lr=1e-4,
+        weight_decay=0.1,
+        betas=[0.9, 0.95],
+        eps=1e-8,
+        warmup_steps=100,
+        steps=1000,
+        min_lr_ratio=0.1,
+        grad_accum=1,
+        grad_clip=1.0,
+        precision=precision,
+    )
 
 
 def btx_step(engine, inputs, targets):
@@ -114,18 +124,24 @@ def main() -> None:
 
     n_params = CONFIG.param_counts()["total"]
     tokens_per_step = args.batch * args.seq
-    print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, {args.device} "
-          f"{'fp32' if engine.precision == 'no' else engine.precision}, {torch.get_num_threads()} threads, "
-          f"{args.rounds} interleaved rounds x {args.steps} steps")
+    print(
+        f"config: {n_params / 1e6:.1f}M params, batch {args.batch} x {args.seq}, {args.device} "
+        f"{'fp32' if engine.precision == 'no' else engine.precision}, {torch.get_num_threads()} threads, "
+        f"{args.rounds} interleaved rounds x {args.steps} steps"
+    )
     rate = {}
     for name, ts in times.items():
         median = statistics.median(ts)
         rate[name] = tokens_per_step / median
-        print(f"  {name:13s} median step {median * 1e3:8.1f} ms   {rate[name]:10,.0f} tokens/s   "
-              f"(min {min(ts) * 1e3:.1f} ms, max {max(ts) * 1e3:.1f} ms)")
+        print(
+            f"  {name:13s} median step {median * 1e3:8.1f} ms   {rate[name]:10,.0f} tokens/s   "
+            f"(min {min(ts) * 1e3:.1f} ms, max {max(ts) * 1e3:.1f} ms)"
+        )
     best = {name: tokens_per_step / min(ts) for name, ts in times.items()}
-    print(f"tokens/s ratio btx/transformers: {rate['btx'] / rate['transformers']:.3f} (median step), "
-          f"{best['btx'] / best['transformers']:.3f} (fastest step: background load only ever adds time)")
+    print(
+        f"tokens/s ratio btx/transformers: {rate['btx'] / rate['transformers']:.3f} (median step), "
+        f"{best['btx'] / best['transformers']:.3f} (fastest step: background load only ever adds time)"
+    )
     engine.close()
 
 

@@ -22,8 +22,10 @@ def missing_checkpoint(path, written: str | None = None) -> str:
     it, when that differs from the resolved path; a Hugging Face Hub id (org/name) gets a hint."""
     given = str(written if written is not None else path)
     if _HUB_ID.match(given) and not Path(path).exists():
-        return (f"{path}: no such directory; '{given}' looks like a Hugging Face Hub id, and btx reads local "
-                f"checkpoints only: download it first (hf download {given} --local-dir DIR) and pass DIR")
+        return (
+            f"{path}: no such directory; '{given}' looks like a Hugging Face Hub id, and btx reads local "
+            f"checkpoints only: download it first (hf download {given} --local-dir DIR) and pass DIR"
+        )
     return f"{path}: not a checkpoint directory (missing, or a file)"
 
 

@@ -17,7 +17,9 @@ def parse_size(size: int | str) -> int:
         return size
     m = _SIZE.fullmatch(str(size))
     if not m:
-        raise BtxError(f"not a size: {size!r} (expected e.g. 5GB, 500MB, 2GiB); a shard size is bytes, or a number "
-                       "with K, M, G or T (x1000) or Ki, Mi, Gi or Ti (x1024)")
+        raise BtxError(
+            f"not a size: {size!r} (expected e.g. 5GB, 500MB, 2GiB); a shard size is bytes, or a number "
+            "with K, M, G or T (x1000) or Ki, Mi, Gi or Ti (x1024)"
+        )
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))

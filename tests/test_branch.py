@@ -72,14 +72,17 @@ def make_experiment(tmp_path: Path, domains=("a", "b", "c"), extra: str = "") ->
         (tmp_path / "data" / name / "doc.txt").write_text(f"some {name} text\n" * 50)
         (tmp_path / f"{name}.yaml").write_text(f"data:\n  sources: [data/{name}]\n  val_fraction: 0.5\n")
     recipe = tmp_path / "btx.yaml"
-    recipe.write_text(textwrap.dedent(f"""\
+    recipe.write_text(
+        textwrap.dedent(f"""\
         experiment: tiny3
-        run_dir: {tmp_path / 'run'}
+        run_dir: {tmp_path / "run"}
         model: {{vocab_size: 264, dim: 16, n_layers: 1, n_heads: 2, n_kv_heads: 2, ffn_dim: 32, max_seq_len: 32}}
-        domains: {{{', '.join(f'{d}: {d}.yaml' for d in domains)}}}
+        domains: {{{", ".join(f"{d}: {d}.yaml" for d in domains)}}}
         train: {{steps: 3, batch_size: 2, seq_len: 16, warmup_steps: 1, checkpoint_every: 2, eval_every: 0,
                  log_every: 1}}
-        """) + textwrap.dedent(extra))
+        """)
+        + textwrap.dedent(extra)
+    )
     return recipe
 
 
@@ -161,8 +164,9 @@ def test_local_runs_every_expert_then_only_what_is_missing(tmp_path, experiment)
 
 def test_overrides_and_only_reach_the_jobs(tmp_path, experiment):
     program = fake_program(tmp_path)
-    jobs = plan_jobs(load_experiment(experiment, ["train.steps=2"]), experiment, ["train.steps=2"],
-                        only=["c"], train_program=program)
+    jobs = plan_jobs(
+        load_experiment(experiment, ["train.steps=2"]), experiment, ["train.steps=2"], only=["c"], train_program=program
+    )
     assert [j.domain for j in jobs] == ["c"] and jobs[0].total_steps == 2
     assert jobs[0].program == [*program, str(experiment.absolute()), "--domain", "c", "train.steps=2"]
     with pytest.raises(BtxError, match=r"--only bb: not a domain .*\(did you mean b\?\)"):
@@ -192,12 +196,14 @@ def test_ctrl_c_stops_every_child_and_they_resume(tmp_path, experiment):
     interrupted (state `stopped`), and the next run launches them again."""
     program = fake_program(tmp_path)
     driver = tmp_path / "driver.py"
-    driver.write_text(textwrap.dedent(f"""\
+    driver.write_text(
+        textwrap.dedent(f"""\
         import sys
         from btx.run.branch import branch
         sys.exit(branch({str(experiment)!r}, train_program={program!r}, max_parallel=2,
                         stop_grace_s=5))
-        """))
+        """)
+    )
     env = {**os.environ, "FAKE_SLEEP": "30", "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     experts = tmp_path / "run" / "experts"
@@ -246,7 +252,6 @@ def test_gpu_slots_group_devices_and_use_torchrun():
 # --- Slurm ----------------------------------------------------------------------------------------
 
 
-
 def slurm_section(nodes=2, gpus_per_node=4, setup='["module load cuda/12.4", "source /opt/venv/bin/activate"]'):
     return f"""\
 branch:
@@ -278,9 +283,19 @@ def test_slurm_dry_run_prints_valid_resumable_scripts(tmp_path):
         lines = script.splitlines()
         assert lines[0] == "#!/bin/bash"
         sbatch = [line.split(None, 1)[1] for line in lines if line.startswith("#SBATCH ")]
-        for expected in ("--partition=gpu-long", "--account=proj42", "--time=12:00:00", "--nodes=2",
-                         "--gpus-per-node=4", "--cpus-per-task=32", "--mem=480G", "--requeue",
-                         f"--output={job.log}", "--constraint=h100", "--qos=high"):
+        for expected in (
+            "--partition=gpu-long",
+            "--account=proj42",
+            "--time=12:00:00",
+            "--nodes=2",
+            "--gpus-per-node=4",
+            "--cpus-per-task=32",
+            "--mem=480G",
+            "--requeue",
+            f"--output={job.log}",
+            "--constraint=h100",
+            "--qos=high",
+        ):
             assert expected in sbatch, (expected, sbatch)
         assert any(s.startswith("--signal=B:USR1@") for s in sbatch)
         # the resume command: the same idempotent btx train, under torchrun on 2 nodes x 4 GPUs
@@ -331,8 +346,9 @@ def test_sbatch_values_with_spaces_quotes_and_percent_signs_are_quoted(tmp_path)
     recipe = make_experiment(base, extra=slurm_section().replace("gpu-long", "gpu long#1"))
     exp = load_experiment(recipe)
     job = plan_jobs(exp, recipe)[0]
-    lines = [line for line in sbatch_script(job, exp.branch.slurm, exp.name).splitlines()
-             if line.startswith("#SBATCH ")]
+    lines = [
+        line for line in sbatch_script(job, exp.branch.slurm, exp.name).splitlines() if line.startswith("#SBATCH ")
+    ]
     args = [arg for line in lines for arg in sbatch_arguments(line)]
     assert f"--output={str(job.log).replace('%', '%%')}" in args and "--partition=gpu long#1" in args
     assert all(len(sbatch_arguments(line)) == 1 for line in lines)
@@ -341,12 +357,16 @@ def test_sbatch_values_with_spaces_quotes_and_percent_signs_are_quoted(tmp_path)
 def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, monkeypatch):
     """With a stand-in `sbatch` on PATH the job id lands in job.json; running the script itself
     (with stand-in srun/scontrol) trains through the same command and records its exit."""
-    recipe = make_experiment(tmp_path, domains=("a", "b"),
-                             extra=slurm_section(nodes=1, gpus_per_node=0, setup='["export SETUP_RAN=1"]'))
+    recipe = make_experiment(
+        tmp_path, domains=("a", "b"), extra=slurm_section(nodes=1, gpus_per_node=0, setup='["export SETUP_RAN=1"]')
+    )
     prepare_with_seed(recipe)
     bin_dir = _mkdir(tmp_path / "bin")
-    for name, body in {"sbatch": 'echo "4242;cluster"', "scontrol": "exit 0",
-                       "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"'}.items():
+    for name, body in {
+        "sbatch": 'echo "4242;cluster"',
+        "scontrol": "exit 0",
+        "srun": 'while [[ "$1" == --* ]]; do shift; done; exec "$@"',
+    }.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -359,12 +379,16 @@ def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, mon
     # Already queued: a second branch submits nothing.
     assert branch(recipe, train_program=program, console=quiet_console()) == 0
 
-    env = {**os.environ, "SLURM_JOB_ID": "4242", "PYTHONPATH": str(REPO), "FAKE_FAIL": "b",
-           "BTX_PYTHON": sys.executable}
+    env = {
+        **os.environ,
+        "SLURM_JOB_ID": "4242",
+        "PYTHONPATH": str(REPO),
+        "FAKE_FAIL": "b",
+        "BTX_PYTHON": sys.executable,
+    }
     for domain, code in (("a", 0), ("b", 3)):
         # (run by bash, not sbatch, so the output comes here rather than into train.log)
-        result = subprocess.run(["bash", str(experts / domain / "job.sbatch")], env=env, capture_output=True,
-                                text=True)
+        result = subprocess.run(["bash", str(experts / domain / "job.sbatch")], env=env, capture_output=True, text=True)
         assert result.returncode == code, result
     assert "shard train.bin is corrupt" in result.stdout
     assert expert_state(experts / "a")[0] == "done"
@@ -378,8 +402,13 @@ def test_slurm_submit_records_job_and_the_script_reports_its_state(tmp_path, mon
     env.update(FAKE_FAIL="", FAKE_SLEEP="30")
     for sig, state in ((signal.SIGUSR1, "queued"), (signal.SIGTERM, "stopped")):
         (experts / "b" / "metrics.jsonl").unlink(missing_ok=True)
-        script = subprocess.Popen(["bash", str(experts / "b" / "job.sbatch")], env=env, stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True)
+        script = subprocess.Popen(
+            ["bash", str(experts / "b" / "job.sbatch")],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         wait_for_launches(tmp_path, len(launches(tmp_path)) + 1)
         script.send_signal(sig)
         out, _ = script.communicate(timeout=20)
@@ -396,8 +425,15 @@ def test_status_derives_each_state_from_the_run_dir(tmp_path, experiment, monkey
     exp = load_experiment(experiment)
     experts = {d: _mkdir(exp.expert_dir(d)) for d in ("a", "b", "c")}
     write_done(experts["a"], {"domain": "a"})
-    update_job(experts["b"], executor="local", host=socket.gethostname(), pid=os.getpid(),
-                  pid_start=process_start(os.getpid()), started_at=time.time(), exit_code=None)
+    update_job(
+        experts["b"],
+        executor="local",
+        host=socket.gethostname(),
+        pid=os.getpid(),
+        pid_start=process_start(os.getpid()),
+        started_at=time.time(),
+        exit_code=None,
+    )
     with open(experts["b"] / "metrics.jsonl", "w") as f:
         for step, t in ((1, 100.0), (2, 110.0)):
             f.write(json.dumps({"step": step, "loss": 2.5, "tokens_per_s": 1234.0, "elapsed_s": t}) + "\n")
@@ -433,8 +469,12 @@ def test_status_derives_each_state_from_the_run_dir(tmp_path, experiment, monkey
 
 def test_cli_status_and_branch_dry_run(tmp_path, experiment):
     def btx(*args):
-        return subprocess.run([sys.executable, "-m", "btx", *args], capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"})
+        return subprocess.run(
+            [sys.executable, "-m", "btx", *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200"},
+        )
 
     result = btx("status", str(experiment))
     assert result.returncode == 0, result.stderr

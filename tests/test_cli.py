@@ -10,6 +10,7 @@ import pytest
 
 from btx import cli
 from btx.cli import COMMANDS, build_parser, main
+from btx.cli.merge import merge_inputs
 from btx.errors import BtxError
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
@@ -90,8 +91,12 @@ def test_other_exceptions_keep_their_traceback(monkeypatch):
 
 
 def test_python_dash_m_btx_exit_status(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "btx", "prepare", str(tmp_path / "nope.yaml")],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "btx", "prepare", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2
     assert proc.stderr == f"btx: error: {tmp_path / 'nope.yaml'}: no such recipe file\n"
 
@@ -112,8 +117,23 @@ def test_prepare_from_recipe(tmp_path, capsys):
 def test_prepare_adhoc(tmp_path, capsys):
     out = tmp_path / "shards"
     code = FIXTURE.parent / "data" / "code"
-    assert main(["prepare", "--domain", f"code={code}", "--domain", "math=builtin:arithmetic",
-                 "--out", str(out), "--quiet", "--val-fraction", "0.25"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--domain",
+                f"code={code}",
+                "--domain",
+                "math=builtin:arithmetic",
+                "--out",
+                str(out),
+                "--quiet",
+                "--val-fraction",
+                "0.25",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "code" / "train.json").read_text())["documents"] >= 1
     assert (out / "math" / "val.bin").stat().st_size > 0
     capsys.readouterr()
@@ -139,11 +159,11 @@ def test_merge_inputs_are_known_before_the_merge_runs(tmp_path):
     the merge will read, and leave every error to the merge."""
     parse = build_parser().parse_args
     args = parse(["merge", "--seed", "s", "--expert", "code=c", "--expert=math=m/x", "--out", "o"])
-    assert cli._merge_inputs(args) == ["s", "c", "m/x"]
+    assert merge_inputs(args) == ["s", "c", "m/x"]
     args = parse(["merge", str(FIXTURE), f"run_dir={tmp_path}"])
     experts = [tmp_path / "experts" / d / "final" for d in ("code", "prose")]
-    assert cli._merge_inputs(args) == [tmp_path / "seed", *experts]
-    assert cli._merge_inputs(parse(["merge", str(FIXTURE), "no_such_key=1"])) == []
+    assert merge_inputs(args) == [tmp_path / "seed", *experts]
+    assert merge_inputs(parse(["merge", str(FIXTURE), "no_such_key=1"])) == []
 
 
 def test_named_recipes(tmp_path, capsys):
@@ -165,17 +185,42 @@ def test_named_recipes_from_a_wheel_install(tmp_path):
     """A wheel has no recipes/ directory to point at: `btx run demo` and `btx status demo` find
     the recipes it ships inside the package (btx/_recipes)."""
     repo = Path(__file__).parents[1]
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(repo), "--no-deps", "--no-build-isolation", "-q",
-                    "-w", str(tmp_path / "wheel")], check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(repo),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "wheel"),
+        ],
+        check=True,
+        capture_output=True,
+    )
     (wheel,) = (tmp_path / "wheel").glob("btx-*.whl")
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
     env = {"PYTHONPATH": str(site), "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "COLUMNS": "300"}
-    run = lambda *args: subprocess.run([sys.executable, "-m", "btx", *args], cwd=tmp_path, env=env,  # noqa: E731
-                                       capture_output=True, text=True)
+
+    def run(*args):
+        return subprocess.run(
+            [sys.executable, "-m", "btx", *args], cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+
     listed = run("recipes")
-    assert listed.returncode == 0 and "demo" in listed.stdout and str(site / "btx" / "_recipes") in listed.stdout.replace("\n", "")
+    assert (
+        listed.returncode == 0
+        and "demo" in listed.stdout
+        and str(site / "btx" / "_recipes") in listed.stdout.replace("\n", "")
+    )
     status = run("status", "demo", f"run_dir={tmp_path / 'run'}")
     assert status.returncode == 0, status.stderr
     assert "pending" in status.stdout

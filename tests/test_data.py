@@ -93,8 +93,9 @@ def test_prepare_is_deterministic_and_seed_changes_the_split(tmp_path, text_dir)
 
 
 def test_glob_selects_files(tmp_path, text_dir):
-    prepare_domain("d", [{"path": text_dir, "glob": "**/*.md"}], BYTE, tmp_path / "out", val_fraction=0.0,
-                   progress=False)  # one file: nothing to hold out
+    prepare_domain(
+        "d", [{"path": text_dir, "glob": "**/*.md"}], BYTE, tmp_path / "out", val_fraction=0.0, progress=False
+    )  # one file: nothing to hold out
     shards = load_domain(tmp_path / "out")
     assert documents_of(shards["train"]) + documents_of(shards["val"]) == ["a markdown note"]
 
@@ -116,7 +117,10 @@ def test_prepare_from_callable_and_generator(tmp_path):
 
     prepare_domain("code", corpus, BYTE, tmp_path / "a", progress=False)
     prepare_domain("code", (f"def f{i}(): return {i}" for i in range(10)), BYTE, tmp_path / "b", progress=False)
-    assert load_shard(tmp_path / "a" / "train.json").meta["sha256"] == load_shard(tmp_path / "b" / "train.json").meta["sha256"]
+    assert (
+        load_shard(tmp_path / "a" / "train.json").meta["sha256"]
+        == load_shard(tmp_path / "b" / "train.json").meta["sha256"]
+    )
     assert load_shard(tmp_path / "a" / "train.json").meta["sources"][0]["callable"].endswith("corpus")
 
 
@@ -126,8 +130,9 @@ def test_progress_bar_runs(tmp_path, text_dir, capsys):
 
 
 def test_val_gets_a_document_even_when_the_fraction_rounds_to_none(tmp_path):
-    summary = prepare_domain("d", PythonSource(["first doc", "second doc"]), BYTE, tmp_path / "two",
-                             val_fraction=1e-9, progress=False)
+    summary = prepare_domain(
+        "d", PythonSource(["first doc", "second doc"]), BYTE, tmp_path / "two", val_fraction=1e-9, progress=False
+    )
     assert summary["train"]["documents"] == 1 and summary["val"]["documents"] == 1
     # One document: nothing can be held out, which is an error now rather than an empty val shard
     # that only a later evaluation would trip over; nothing is left behind.
@@ -181,8 +186,14 @@ def test_hf_tokenizer_shards(tmp_path):
     path = tmp_path / "tok" / "tokenizer.json"
     path.parent.mkdir()
     tok.save(str(path))
-    prepare_domain("d", PythonSource(["the cat sat", "a bird sang", "the dog ate"]), path, tmp_path / "out",
-                   val_fraction=0.0, progress=False)
+    prepare_domain(
+        "d",
+        PythonSource(["the cat sat", "a bird sang", "the dog ate"]),
+        path,
+        tmp_path / "out",
+        val_fraction=0.0,
+        progress=False,
+    )
     train = load_shard(tmp_path / "out" / "train.bin")
     check_tokenizer(train, path)
     with pytest.raises(BtxError, match="train.bin: tokenized with a hf tokenizer"):
@@ -333,8 +344,10 @@ def test_a_planned_sampler_replays_every_stream_batch_once_interleaved_then_the_
     a = TokenSampler({"a": two_domains["a"]}, None, seq_len=16, batch_size=4, seed=1)
     b = TokenSampler({"b": two_domains["b"]}, None, seq_len=16, batch_size=4, seed=2)
     mix = TokenSampler(two_domains, {"a": 1.0, "b": 3.0}, seq_len=16, batch_size=4, seed=5)
-    plan = [[DataStream(["a"], None, 1, 0, 2), DataStream(["b"], None, 2, 0, 4)],
-            [DataStream(["a", "b"], {"a": 1.0, "b": 3.0}, 5, 3, 2)]]
+    plan = [
+        [DataStream(["a"], None, 1, 0, 2), DataStream(["b"], None, 2, 0, 4)],
+        [DataStream(["a", "b"], {"a": 1.0, "b": 3.0}, 5, 3, 2)],
+    ]
     sampler = PlannedSampler(two_domains, plan, seq_len=16, batch_size=4)
     # a's batches sit at 1/4 and 3/4 of the first phase, b's at 1/8, 3/8, 5/8, 7/8
     expected = [(b, 0), (a, 0), (b, 1), (b, 2), (a, 1), (b, 3), (mix, 3), (mix, 4)]

@@ -14,8 +14,12 @@ TOKENIZER = REPO / "recipes" / "demo" / "tokenizer"
 def test_the_committed_tokenizer_is_what_the_tool_builds():
     """`--check` compares byte for byte when the committed one was built on this Python version
     (the corpora come from the standard library) and says why it cannot otherwise."""
-    result = subprocess.run([sys.executable, str(REPO / "tools" / "demo_tokenizer.py"), "--check"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "demo_tokenizer.py"), "--check"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     built_on = json.loads((TOKENIZER / "tokenizer_config.json").read_text())["btx_built_by"]
     if f"Python {sys.version_info.major}.{sys.version_info.minor}" not in built_on:

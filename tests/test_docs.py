@@ -30,17 +30,37 @@ from btx import cli
 from btx.recipe.schema import DomainRecipe, ExperimentRecipe, ModelSection
 
 REPO = Path(__file__).resolve().parents[1]
-DOC_FILES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "recipes" / "README.md",
-             REPO / "checkpoints" / "README.md"]
+DOC_FILES = [
+    REPO / "README.md",
+    *sorted((REPO / "docs").glob("*.md")),
+    REPO / "recipes" / "README.md",
+    REPO / "checkpoints" / "README.md",
+]
 WALKTHROUGH = [REPO / "docs" / name for name in ("COMMANDS.md", "GROW.md", "ROUTING.md")]
 # Examples that need what a test machine does not have: parsed, not run.
 NOT_RUNNABLE = re.compile(r"/models/|/ckpts/|\$|llama2-7b|^(torchrun|deepspeed|srun)\b|--watch")
 # The demo, shrunk so that the whole walkthrough takes seconds per command. Command-line train.*
 # keys reach every job (the seed's, the finetune's, the baselines').
-TINY = ["model.dim=16", "model.n_layers=2", "model.n_heads=2", "model.n_kv_heads=1", "model.ffn_dim=32",
-        "model.max_seq_len=32", "train.seq_len=32", "train.batch_size=2", "train.steps=3", "train.warmup_steps=1",
-        "train.checkpoint_every=2", "train.eval_every=2", "train.eval_batches=1", "train.log_every=1",
-        "merge.router_tokens=256", "eval.batches=2", "eval.batch_size=2", "analyze.tokens=256"]
+TINY = [
+    "model.dim=16",
+    "model.n_layers=2",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.ffn_dim=32",
+    "model.max_seq_len=32",
+    "train.seq_len=32",
+    "train.batch_size=2",
+    "train.steps=3",
+    "train.warmup_steps=1",
+    "train.checkpoint_every=2",
+    "train.eval_every=2",
+    "train.eval_batches=1",
+    "train.log_every=1",
+    "merge.router_tokens=256",
+    "eval.batches=2",
+    "eval.batch_size=2",
+    "analyze.tokens=256",
+]
 DEMO_RECIPES = ("recipes/demo/btx.yaml", "demo")
 
 
@@ -116,7 +136,7 @@ def _as_btx(tokens: list[str]) -> tuple[str, list[str]] | None:
     for i, token in enumerate(tokens):
         if token == "btx" or token.endswith("/btx"):
             if i == 0 or tokens[i - 1] in ("-m", "--module"):
-                return " ".join(tokens[:max(i - 1, 0)]), tokens[i + 1:]
+                return " ".join(tokens[: max(i - 1, 0)]), tokens[i + 1 :]
     if tokens[:2] == ["python", "tools/routing_analysis.py"]:
         return "", ["analyze", *tokens[2:]]
     return None
@@ -158,8 +178,12 @@ def test_every_fenced_btx_command_parses(example: Example):
 
 
 def walkthrough() -> list[Example]:
-    return [e for path in WALKTHROUGH for e in btx_examples(path)
-            if not e.synopsis and not NOT_RUNNABLE.search(e.launcher + " " + e.text)]
+    return [
+        e
+        for path in WALKTHROUGH
+        for e in btx_examples(path)
+        if not e.synopsis and not NOT_RUNNABLE.search(e.launcher + " " + e.text)
+    ]
 
 
 def _runnable(example: Example, scratch: Path) -> list[str]:
@@ -254,8 +278,8 @@ def run_dir_doc_paths() -> set[str]:
     """The paths docs/RUN_DIR.md's listing names: its entries two spaces in (those indented deeper
     are files of the job above them), without the trailing slash of a directory."""
     text = (REPO / "docs" / "RUN_DIR.md").read_text()
-    listing = text[text.index("```\ncheckpoints/<experiment>/\n"):]
-    listing = listing[:listing.index("\n```", 4)]
+    listing = text[text.index("```\ncheckpoints/<experiment>/\n") :]
+    listing = listing[: listing.index("\n```", 4)]
     return {m.group(1).rstrip("/") for m in re.finditer(r"^  (\S+)", listing, re.M)}
 
 

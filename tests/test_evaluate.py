@@ -96,8 +96,9 @@ def make_shard(tmp_path, name, text, tokenizer="byte"):
     """A btx shard holding exactly the text's bytes (no EOS), all in the train split."""
     doc = tmp_path / f"{name}.txt"
     doc.write_text(text)
-    prepare_domain(name, [str(doc)], tokenizer, tmp_path / "data" / name, val_fraction=0.0, append_eos=False,
-                   progress=False)
+    prepare_domain(
+        name, [str(doc)], tokenizer, tmp_path / "data" / name, val_fraction=0.0, append_eos=False, progress=False
+    )
     return tmp_path / "data" / name / "train.json"
 
 
@@ -119,10 +120,17 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("eval")
     ab, ab_table = bigram_model(skewed("ab"))
     xy, xy_table = bigram_model(skewed("xy"))
-    shards = {"ab": make_shard(tmp, "ab", markov_text("ab", 1000, 1)),  # 62 windows of 16: the last partial
-              "xy": make_shard(tmp, "xy", markov_text("xy", 700, 2))}
-    return {"tmp": tmp, "models": {"ab": ab, "xy": xy}, "tables": {"ab": ab_table, "xy": xy_table},
-            "shards": shards, "loaded": {d: load_shard(p) for d, p in shards.items()}}
+    shards = {
+        "ab": make_shard(tmp, "ab", markov_text("ab", 1000, 1)),  # 62 windows of 16: the last partial
+        "xy": make_shard(tmp, "xy", markov_text("xy", 700, 2)),
+    }
+    return {
+        "tmp": tmp,
+        "models": {"ab": ab, "xy": xy},
+        "tables": {"ab": ab_table, "xy": xy_table},
+        "shards": shards,
+        "loaded": {d: load_shard(p) for d, p in shards.items()},
+    }
 
 
 # ---------------------------------------------------------------------------------------- losses
@@ -208,7 +216,8 @@ def test_btm_posterior_by_hand(world, tmp_path):
     mix = (w * p).sum(0)
     assert w[:, 0].tolist() == [0.5, 0.5]
     assert btm_losses([models["ab"], models["xy"]], {"mixed": shard}, SEQ, 1, 1)["mixed"] == pytest.approx(
-        -np.log(mix).mean(), rel=1e-6)
+        -np.log(mix).mean(), rel=1e-6
+    )
 
     lp = torch.tensor(np.log(p))[:, None, :]  # [J=2, N=1, S]
     mix_NS, log_w_JNS = btm_mixture(lp)
@@ -266,12 +275,30 @@ def test_btm_tfidf_rows_pick_each_domains_own_expert(world, ckpts, tmp_path, cap
     for name in ("ab", "xy"):
         job = tmp_path / "experts" / name
         save_ckpt(world["models"][name], job / "final")
-        write_done(job, {"stage": "train", "train_flops": 1e12, "inputs": {"train_shards": {name: str(world["shards"][name])}}})
+        write_done(
+            job, {"stage": "train", "train_flops": 1e12, "inputs": {"train_shards": {name: str(world["shards"][name])}}}
+        )
         experts[name] = job / "final"
     shards = world["shards"]
     out = tmp_path / "out"
-    status, stdout, err = run_cli(["--btm", experts["ab"], experts["xy"], "--data", f"ab={shards['ab']}",
-                                   "--data", f"xy={shards['xy']}", "--seq-len", SEQ, "--batches", 3, "--out", out], capsys)
+    status, stdout, err = run_cli(
+        [
+            "--btm",
+            experts["ab"],
+            experts["xy"],
+            "--data",
+            f"ab={shards['ab']}",
+            "--data",
+            f"xy={shards['xy']}",
+            "--seq-len",
+            SEQ,
+            "--batches",
+            3,
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert status == 0, err
     rows = {r["name"]: r for r in json.loads((out / "eval.json").read_text())["rows"]}
     assert list(rows) == ["BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)"]
@@ -288,10 +315,15 @@ def test_btm_tfidf_rows_pick_each_domains_own_expert(world, ckpts, tmp_path, cap
 
 def test_standard_errors_and_paired_differences_by_hand():
     # three windows of two tokens with mean NLLs 1, 2, 3 on domain x; 1, 1, 4 on y
-    lp = {"x": -torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), "y": -torch.tensor([[1.0, 1.0], [1.0, 1.0], [4.0, 4.0]])}
+    lp = {
+        "x": -torch.tensor([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]),
+        "y": -torch.tensor([[1.0, 1.0], [1.0, 1.0], [4.0, 4.0]]),
+    }
     row = row_from_logprobs("r", lp, 1e9, 10)
     assert row.losses == {"x": 2.0, "y": 2.0} and row.tokens == {"x": 6, "y": 6}
-    assert row.stderr["x"] == pytest.approx(1 / math.sqrt(3)) and row.stderr["y"] == pytest.approx(math.sqrt(3) / math.sqrt(3))
+    assert row.stderr["x"] == pytest.approx(1 / math.sqrt(3)) and row.stderr["y"] == pytest.approx(
+        math.sqrt(3) / math.sqrt(3)
+    )
     assert row.average_stderr == pytest.approx(math.sqrt(1 / 3 + 1) / 2)
     assert row.window_losses == {"x": [1.0, 2.0, 3.0], "y": [1.0, 1.0, 4.0]}
     # BTX is 0.5 better on every window of x and better by 0, 0, 3 on y
@@ -310,15 +342,22 @@ def test_the_loss_against_flops_plot_and_its_text_form(tmp_path, monkeypatch):
     pass  # @@EMPTYIMPORT@@
     from btx.evaluate.plot import PLOT_NAME, PLOTS_NOTE, text_scatter
 
-    rows = [EvalRow("seed", {"x": 2.0}, 0.0), EvalRow("cheap", {"x": 1.8}, 1e12, stderr={"x": 0.01}),
-            EvalRow("dear", {"x": 1.5}, 1e14), EvalRow("unknown", {"x": 1.0}, None)]
+    rows = [
+        EvalRow("seed", {"x": 2.0}, 0.0),
+        EvalRow("cheap", {"x": 1.8}, 1e12, stderr={"x": 0.01}),
+        EvalRow("dear", {"x": 1.5}, 1e14),
+        EvalRow("unknown", {"x": 1.0}, None),
+    ]
     chart = text_scatter(rows, width=21, height=5).splitlines()
     grid = [line.split("|", 1)[1] for line in chart[1:6]]
     assert grid[0] == "-" * 21  # the seed's 0 FLOPs: a reference line at its loss, the top
     assert grid[2][0] == "A" and grid[4][20] == "B"  # log FLOPs left to right; 1.8 is 2/5 of the way down
     legend = [line.strip() for line in chart[8:]]
-    assert legend == ["A  1.8000 ± 0.0100  1e+12 FLOPs  cheap", "B  1.5000  1e+14 FLOPs  dear",
-                      "-  2.0000  (0 FLOPs beyond the seed)  seed"]  # no FLOPs ("unknown"): no place on the axis
+    assert legend == [
+        "A  1.8000 ± 0.0100  1e+12 FLOPs  cheap",
+        "B  1.5000  1e+14 FLOPs  dear",
+        "-  2.0000  (0 FLOPs beyond the seed)  seed",
+    ]  # no FLOPs ("unknown"): no place on the axis
     paths = save(rows, ["x"], tmp_path / "o")
     if importlib.util.find_spec("matplotlib") is not None:
         assert paths["plot"] == tmp_path / "o" / PLOT_NAME and paths["plot"].read_bytes()[:4] == b"\x89PNG"
@@ -357,9 +396,11 @@ def table_lines(markdown: str) -> list[str]:
 
 
 def test_markdown_rows_and_average():
-    rows = [EvalRow("seed", {"code": 2.5, "math": 3.25, "prose": 1.0}, 0.0, 1_000_000),
-            EvalRow("BTX", {"code": 1.2345, "math": 2.0, "prose": 0.5}, 3.2e15, 2_500_000),
-            EvalRow("BTM ensemble", {"code": 1.5, "math": 1.75, "prose": 0.75})]
+    rows = [
+        EvalRow("seed", {"code": 2.5, "math": 3.25, "prose": 1.0}, 0.0, 1_000_000),
+        EvalRow("BTX", {"code": 1.2345, "math": 2.0, "prose": 0.5}, 3.2e15, 2_500_000),
+        EvalRow("BTM ensemble", {"code": 1.5, "math": 1.75, "prose": 0.75}),
+    ]
     domains = ["code", "math", "prose"]
     lines = table_lines(to_markdown(rows, domains))
     head = [c.strip() for c in lines[0].strip("|").split("|")]
@@ -412,9 +453,10 @@ def save_ckpt(model, path, train_flops=None, done_in_parent=False):
 @pytest.fixture(scope="module")
 def ckpts(world):
     tmp = world["tmp"]
-    return {"ab": save_ckpt(world["models"]["ab"], tmp / "ab-expert", train_flops=2e12),
-            "xy": save_ckpt(world["models"]["xy"], tmp / "experts" / "xy" / "final", train_flops=3e12,
-                            done_in_parent=True)}
+    return {
+        "ab": save_ckpt(world["models"]["ab"], tmp / "ab-expert", train_flops=2e12),
+        "xy": save_ckpt(world["models"]["xy"], tmp / "experts" / "xy" / "final", train_flops=3e12, done_in_parent=True),
+    }
 
 
 def run_cli(args, capsys):
@@ -427,10 +469,27 @@ def test_cli_two_checkpoints_and_btm(world, ckpts, tmp_path, capsys, monkeypatch
     monkeypatch.setenv("COLUMNS", "200")  # the terminal table on one line per row
     shards = world["shards"]
     out = tmp_path / "out"
-    args = [ckpts["ab"], ckpts["xy"], "--data", f"ab={shards['ab']}",
-            "--data", f"xy={shards['xy'].with_suffix('.bin')}",
-            "--seq-len", SEQ, "--batch-size", 4, "--batches", 3, "--out", out, "--device", "cpu",
-            "--btm", ckpts["ab"], ckpts["xy"]]
+    args = [
+        ckpts["ab"],
+        ckpts["xy"],
+        "--data",
+        f"ab={shards['ab']}",
+        "--data",
+        f"xy={shards['xy'].with_suffix('.bin')}",
+        "--seq-len",
+        SEQ,
+        "--batch-size",
+        4,
+        "--batches",
+        3,
+        "--out",
+        out,
+        "--device",
+        "cpu",
+        "--btm",
+        ckpts["ab"],
+        ckpts["xy"],
+    ]
     status, stdout, err = run_cli(args, capsys)
     assert status == 0, err
     data = json.loads((out / "eval.json").read_text())
@@ -456,8 +515,22 @@ def test_cli_two_checkpoints_and_btm(world, ckpts, tmp_path, capsys, monkeypatch
 
     # again into the same --out (an earlier eval output is replaced), with --names and no BTM; a
     # training job's directory stands for its final/ export
-    status, _, err = run_cli([ckpts["xy"].parent, "--data", f"xy={shards['xy']}", "--seq-len", 8, "--batches", 1,
-                              "--names", "only-xy", "--out", out], capsys)
+    status, _, err = run_cli(
+        [
+            ckpts["xy"].parent,
+            "--data",
+            f"xy={shards['xy']}",
+            "--seq-len",
+            8,
+            "--batches",
+            1,
+            "--names",
+            "only-xy",
+            "--out",
+            out,
+        ],
+        capsys,
+    )
     assert status == 0, err
     data = json.loads((out / "eval.json").read_text())
     assert [r["name"] for r in data["rows"]] == ["only-xy"] and data["domains"] == ["xy"]
@@ -472,14 +545,32 @@ def test_cli_transformers_checkpoints(world, tmp_path, capsys):
     common = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
     torch.manual_seed(0)
-    models = {"llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval(),
-              "mixtral": transformers.MixtralForCausalLM(transformers.MixtralConfig(
-                  **common, num_local_experts=4, num_experts_per_tok=2)).eval()}
+    models = {
+        "llama": transformers.LlamaForCausalLM(transformers.LlamaConfig(**common)).eval(),
+        "mixtral": transformers.MixtralForCausalLM(
+            transformers.MixtralConfig(**common, num_local_experts=4, num_experts_per_tok=2)
+        ).eval(),
+    }
     for name, model in models.items():
         model.save_pretrained(tmp_path / name)
         ByteTokenizer().save(tmp_path / name)  # a tokenizer next to the weights, as on the Hub
-    status, _, err = run_cli([tmp_path / "llama", tmp_path / "mixtral", "--data", f"ab={world['shards']['ab']}",
-                              "--seq-len", 32, "--batch-size", 2, "--batches", 2, "--out", tmp_path / "out"], capsys)
+    status, _, err = run_cli(
+        [
+            tmp_path / "llama",
+            tmp_path / "mixtral",
+            "--data",
+            f"ab={world['shards']['ab']}",
+            "--seq-len",
+            32,
+            "--batch-size",
+            2,
+            "--batches",
+            2,
+            "--out",
+            tmp_path / "out",
+        ],
+        capsys,
+    )
     assert status == 0, err
     rows = {r["name"]: r for r in json.loads((tmp_path / "out" / "eval.json").read_text())["rows"]}
     ids = torch.from_numpy(scored_ids(world["loaded"]["ab"], 32, 2, 2))
@@ -509,8 +600,7 @@ def test_cli_bad_inputs(world, ckpts, tmp_path, capsys):
     assert "nope: checkpoint not found" in one_line_error(capsys, [tmp_path / "nope", "--data", ab, *common])
     assert "DOMAIN=SHARD" in one_line_error(capsys, [ckpts["ab"], "--data", str(shards["ab"]), *common])
     missing = f"ab={tmp_path / 'missing.json'}"
-    assert "missing.json: not found" in one_line_error(capsys, [ckpts["ab"], "--data", missing,
-                                                                *common])
+    assert "missing.json: not found" in one_line_error(capsys, [ckpts["ab"], "--data", missing, *common])
     assert "--data DOMAIN=SHARD" in one_line_error(capsys, [ckpts["ab"], *common])
     # the model's vocabulary is smaller than the shard's tokenizer's
     small, _ = bigram_model(skewed("ab"), vocab=128)
@@ -552,8 +642,9 @@ def test_cli_recipe(world, tmp_path, capsys, monkeypatch):
         for i, doc in enumerate(docs):
             doc.write_text(markov_text(d, 300, 10 + i))
         (tmp_path / f"{d}.yaml").write_text(f"data:\n  sources: [{d}0.txt]\n")
-        prepare_domain(d, [str(p) for p in docs], "byte", run / "data" / d, val_fraction=0.5, append_eos=False,
-                       progress=False)
+        prepare_domain(
+            d, [str(p) for p in docs], "byte", run / "data" / d, val_fraction=0.5, append_eos=False, progress=False
+        )
     recipe = tmp_path / "btx.yaml"
     recipe.write_text(
         f"experiment: ev\nrun_dir: {run}\ntokenizer: byte\n"

@@ -38,17 +38,59 @@ VARIANTS = {
     "llama-head_dim": ("Llama", {"head_dim": 16}, True),
     "llama-bias": ("Llama", {"attention_bias": True, "mlp_bias": True}, False),
     "llama-attention-bias": ("Llama", {"attention_bias": True}, True),  # -> GraniteMoe, Mixtral has no biases
-    "llama-rope-linear": ("Llama", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": ROPE}}, True),
-    "llama-rope-dynamic": ("Llama", {"max_position_embeddings": 8,  # S > 8: the NTK base grows
-                                     "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": ROPE}}, True),
-    "llama-rope-yarn": ("Llama", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": ROPE,
-                                                      "original_max_position_embeddings": 16}}, True),
-    "llama-rope-longrope": ("Llama", {"max_position_embeddings": 32, "rope_parameters": {
-        "rope_type": "longrope", "rope_theta": ROPE, "original_max_position_embeddings": 8,  # S > 8: long factors
-        "short_factor": [1.0, 1.1, 1.3, 1.6], "long_factor": [1.0, 2.0, 3.0, 4.0]}}, True),
-    "llama-rope-llama3": ("Llama", {"rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 8}}, True),
+    "llama-rope-linear": (
+        "Llama",
+        {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": ROPE}},
+        True,
+    ),
+    "llama-rope-dynamic": (
+        "Llama",
+        {
+            "max_position_embeddings": 8,  # S > 8: the NTK base grows
+            "rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": ROPE},
+        },
+        True,
+    ),
+    "llama-rope-yarn": (
+        "Llama",
+        {
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "factor": 4.0,
+                "rope_theta": ROPE,
+                "original_max_position_embeddings": 16,
+            }
+        },
+        True,
+    ),
+    "llama-rope-longrope": (
+        "Llama",
+        {
+            "max_position_embeddings": 32,
+            "rope_parameters": {
+                "rope_type": "longrope",
+                "rope_theta": ROPE,
+                "original_max_position_embeddings": 8,  # S > 8: long factors
+                "short_factor": [1.0, 1.1, 1.3, 1.6],
+                "long_factor": [1.0, 2.0, 3.0, 4.0],
+            },
+        },
+        True,
+    ),
+    "llama-rope-llama3": (
+        "Llama",
+        {
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8,
+            }
+        },
+        True,
+    ),
     "mistral-sliding": ("Mistral", {"sliding_window": 4}, True),
     "qwen2": ("Qwen2", {}, True),
     "qwen2-tied": ("Qwen2", {"tie_word_embeddings": True}, True),
@@ -163,8 +205,15 @@ def test_merged_moe_matches_transformers(seeds, name, router_init, router_data, 
     seed = seeds[name]
     experts = {d: make_expert(seed, tmp_path / d, i) for i, d in enumerate(("code", "math"))}
     out = tmp_path / "merged"
-    merge(seed, experts, out, MergeOptions(router_std=0.5, router_init=router_init), allow_no_manifest=True,
-          router_data=router_data if router_init == "ridge" else None, progress=False)
+    merge(
+        seed,
+        experts,
+        out,
+        MergeOptions(router_std=0.5, router_init=router_init),
+        allow_no_manifest=True,
+        router_data=router_data if router_init == "ridge" else None,
+        progress=False,
+    )
     config = json.loads((out / "config.json").read_text())
     prefix = VARIANTS[name][0]
     moe_class = "GraniteMoe" if name == "llama-attention-bias" else MOE_CLASS[prefix]
@@ -202,10 +251,16 @@ def test_sliding_window_is_what_transformers_computes_beyond_the_window(seeds):
 
 def test_seed_the_moe_form_cannot_express_is_refused(seeds, tmp_path):
     seed = seeds["llama-bias"]
-    with pytest.raises(BtxError, match="MixtralForCausalLM cannot express this LlamaForCausalLM: Mixtral's "
-                                       "projections have no biases"):
-        merge(seed, {"code": make_expert(seed, tmp_path / "code", 0)}, tmp_path / "out", allow_no_manifest=True,
-              progress=False)
+    with pytest.raises(
+        BtxError, match="MixtralForCausalLM cannot express this LlamaForCausalLM: Mixtral's projections have no biases"
+    ):
+        merge(
+            seed,
+            {"code": make_expert(seed, tmp_path / "code", 0)},
+            tmp_path / "out",
+            allow_no_manifest=True,
+            progress=False,
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -220,8 +275,11 @@ def test_seed_the_moe_form_cannot_express_is_refused(seeds, tmp_path):
         ("llama", {"hidden_act": "gelu_pytorch_tanh"}, "hidden_act 'gelu_pytorch_tanh' is not supported"),
         ("qwen2", {"quantization_config": {"quant_method": "awq"}}, "a quantized checkpoint"),
         ("olmo2", {"sliding_window": 4}, "OLMo 2 has no sliding window"),
-        ("qwen3", {"layer_types": ["full_attention", "chunked_attention"], "use_sliding_window": True},
-         "layer_types ['chunked_attention'] not supported"),
+        (
+            "qwen3",
+            {"layer_types": ["full_attention", "chunked_attention"], "use_sliding_window": True},
+            "layer_types ['chunked_attention'] not supported",
+        ),
     ],
 )
 def test_configs_btx_cannot_honour_are_refused_by_name(seeds, model_type, change, message):
@@ -246,14 +304,39 @@ def test_configs_round_trip_through_btx_for_every_family(seeds):
 # analysed as they are, each with the switches its class has.
 FOREIGN_MOE = {
     "mixtral-sliding": ("Mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": 4}),
-    "qwen2_moe-shared": ("Qwen2Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
-                                      "shared_expert_intermediate_size": 40, "norm_topk_prob": False}),
-    "qwen3_moe": ("Qwen3Moe", {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 24,
-                               "head_dim": 16, "norm_topk_prob": False}),
+    "qwen2_moe-shared": (
+        "Qwen2Moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "shared_expert_intermediate_size": 40,
+            "norm_topk_prob": False,
+        },
+    ),
+    "qwen3_moe": (
+        "Qwen3Moe",
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 24,
+            "head_dim": 16,
+            "norm_topk_prob": False,
+        },
+    ),
     "flex_olmo": ("FlexOlmo", {"num_experts": 4, "num_experts_per_tok": 2, "norm_topk_prob": True}),
-    "granitemoe-neutral": ("GraniteMoe", {"num_local_experts": 4, "num_experts_per_tok": 2, "attention_bias": True,
-                                          "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
-                                          "logits_scaling": 1.0, "attention_multiplier": HD**-0.5}),
+    "granitemoe-neutral": (
+        "GraniteMoe",
+        {
+            "num_local_experts": 4,
+            "num_experts_per_tok": 2,
+            "attention_bias": True,
+            "embedding_multiplier": 1.0,
+            "residual_multiplier": 1.0,
+            "logits_scaling": 1.0,
+            "attention_multiplier": HD**-0.5,
+        },
+    ),
 }
 
 
@@ -269,10 +352,13 @@ def test_moe_checkpoints_from_elsewhere_match_transformers(name, tmp_path):
 
 
 def test_granite_multipliers_btx_does_not_implement_are_refused(tmp_path):
-    model = transformers_model("GraniteMoe", {"num_local_experts": 2, "num_experts_per_tok": 1,
-                                              "embedding_multiplier": 12.0}, seed=8)
+    model = transformers_model(
+        "GraniteMoe", {"num_local_experts": 2, "num_experts_per_tok": 1, "embedding_multiplier": 12.0}, seed=8
+    )
     model.save_pretrained(tmp_path)
-    with pytest.raises(BtxError, match="'embedding_multiplier' is 12.0; btx reads GraniteMoe only with its multipliers at 1"):
+    with pytest.raises(
+        BtxError, match="'embedding_multiplier' is 12.0; btx reads GraniteMoe only with its multipliers at 1"
+    ):
         CheckpointReader(tmp_path)
 
 
@@ -293,8 +379,12 @@ def test_cli_refusals_are_one_line_with_exit_2_and_write_nothing(seeds, tmp_path
 
     gemma = tmp_path / "gemma"
     gemma.mkdir()
-    (gemma / "config.json").write_text(json.dumps(json.loads((seeds["llama"] / "config.json").read_text())
-                                                  | {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}))
+    (gemma / "config.json").write_text(
+        json.dumps(
+            json.loads((seeds["llama"] / "config.json").read_text())
+            | {"model_type": "gemma", "architectures": ["GemmaForCausalLM"]}
+        )
+    )
     cases = [
         (["--seed", str(seeds["llama-bias"]), "--upcycle", "2"], "Mixtral's projections have no biases"),
         (["--seed", str(gemma), "--upcycle", "2"], "model_type 'gemma' is not supported"),

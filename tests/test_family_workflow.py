@@ -22,17 +22,31 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tiny"
-CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 BASE = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128)  # fmt: skip
 # family -> (transformers class prefix, config overrides, MoE class the merge writes)
 FAMILIES = {
     # a biased Llama with Llama-3 RoPE: merged into GraniteMoe (Mixtral has no biases); the plain
     # Llama -> Mixtral path is the pipeline tests' from-scratch seed, and mistral's below
-    "llama": ("Llama", {"attention_bias": True, "rope_parameters": {
-        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}}, "GraniteMoe"),
+    "llama": (
+        "Llama",
+        {
+            "attention_bias": True,
+            "rope_parameters": {
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        },
+        "GraniteMoe",
+    ),
     "mistral": ("Mistral", {"sliding_window": 8}, "Mixtral"),  # training windows of 32 > 8
     "qwen2": ("Qwen2", {"tie_word_embeddings": True}, "Qwen2Moe"),
     "qwen3": ("Qwen3", {"head_dim": 16}, "Qwen3Moe"),
@@ -46,8 +60,9 @@ def make_tokenizer(directory: Path):
     texts = [p.read_text() for p in sorted((FIXTURES / "data" / "code").iterdir())]
     bpe = tokenizers.ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=320, min_frequency=1, special_tokens=["<s>", "</s>", "<pad>"])
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>",
-                                               pad_token="<pad>")
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
     tok.chat_template = CHAT_TEMPLATE
     tok.save_pretrained(directory)
     return tok
@@ -72,8 +87,17 @@ def write_recipe(directory: Path, seed: Path, baselines: bool) -> Path:
         "tokenizer": str(seed),
         "seed": {"path": str(seed)},
         "domains": {"code": str(FIXTURES / "code.yaml")},
-        "train": {"lr": 1e-3, "warmup_steps": 1, "steps": 3, "batch_size": 2, "seq_len": 32, "checkpoint_every": 0,
-                  "eval_every": 0, "eval_batches": 1, "log_every": 1},
+        "train": {
+            "lr": 1e-3,
+            "warmup_steps": 1,
+            "steps": 3,
+            "batch_size": 2,
+            "seq_len": 32,
+            "checkpoint_every": 0,
+            "eval_every": 0,
+            "eval_batches": 1,
+            "log_every": 1,
+        },
         "finetune": {"train": {"steps": 2}},
         "eval": {"batches": 1, "batch_size": 2, "baselines": baselines},
         "analyze": {"tokens": 256, "show_text": 0},
@@ -97,13 +121,13 @@ def test_btx_run_from_a_transformers_seed(family, tmp_path):
     baselines = family == "qwen3"  # one family also runs the dense and upcycling baselines
     recipe = write_recipe(tmp_path, seed, baselines)
     run = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-m", "btx", "run", str(recipe), f"run_dir={run}"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "btx", "run", str(recipe), f"run_dir={run}"], capture_output=True, text=True, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-3000:] + result.stdout[-3000:]
 
     moe_class = f"{FAMILIES[family][2]}ForCausalLM"
-    outputs = {"experts/code/final": f"{FAMILIES[family][0]}ForCausalLM", "merged": moe_class,
-               "finetuned": moe_class}
+    outputs = {"experts/code/final": f"{FAMILIES[family][0]}ForCausalLM", "merged": moe_class, "finetuned": moe_class}
     if baselines:
         outputs |= {"baselines/dense/final": f"{FAMILIES[family][0]}ForCausalLM", "baselines/upcycled": moe_class}
     tokens = torch.randint(3, 300, (1, 24), generator=torch.Generator().manual_seed(1))

@@ -55,8 +55,10 @@ def one_line_error(status: int, err: str) -> str:
 
 def hold_lock(path: Path, what: str) -> subprocess.Popen:
     """Another process holding the lock of `path` (it prints 'held' once it has it)."""
-    code = ("import sys, time\nfrom btx.io.locks import output_lock\n"
-            "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n")
+    code = (
+        "import sys, time\nfrom btx.io.locks import output_lock\n"
+        "with output_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(path), what], stdout=subprocess.PIPE, text=True, env=ENV)
     assert holder.stdout.readline().strip() == "held"
     return holder
@@ -107,6 +109,7 @@ def test_locks_nest_in_one_process_and_work_without_flock(tmp_path, monkeypatch)
     target = tmp_path / "out"
     with output_lock(target, "x"), output_lock(target, "x"):  # btx run -> merge: the same process
         pass
+
     # A file system without flock (some NFS setups): an exclusive lock file; one of a dead process
     # of this host is stale and taken over.
     def no_flock(fd, op):
@@ -129,9 +132,27 @@ def test_two_merges_into_one_output(seed, tmp_path):
     merge into the same output, even with --force, stops with one line; after the first one
     finished, a merge without --force is refused and the first one's output stays."""
     out = tmp_path / "moe"
-    slow = subprocess.Popen([sys.executable, "-m", "btx", "merge", "--seed", seed, "--upcycle", "2", "--out", out,
-                             "--quiet", "--router-seed", "1"], env={**ENV, "BTX_MERGE_TEST_DELAY": "0.05"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    slow = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "btx",
+            "merge",
+            "--seed",
+            seed,
+            "--upcycle",
+            "2",
+            "--out",
+            out,
+            "--quiet",
+            "--router-seed",
+            "1",
+        ],
+        env={**ENV, "BTX_MERGE_TEST_DELAY": "0.05"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.monotonic() + 60
     while not any(p.name.startswith(".moe.tmp-") for p in tmp_path.iterdir()):
         assert slow.poll() is None and time.monotonic() < deadline, slow.communicate()
@@ -170,8 +191,13 @@ def small_disk(tmp_path):
         where = tmp_path / f"disk{len(mounted)}"
         where.mkdir()
         options = f"size={size}" + (",ro" if kind == "ro" else "")
-        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                                               capture_output=True).returncode != 0:
+        if (
+            os.geteuid() != 0
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True
+            ).returncode
+            != 0
+        ):
             return None
         mounted.append(where)
         return where
@@ -188,8 +214,11 @@ def fail_writes_into(monkeypatch, directory: Path, code: int) -> None:
     real_open = os.open
 
     def fake_open(path, flags, *args, **kwargs):
-        if str(os.fspath(path)).startswith(str(directory)) and flags & (os.O_WRONLY | os.O_RDWR) \
-                and not str(os.fspath(path)).endswith(".lock"):
+        if (
+            str(os.fspath(path)).startswith(str(directory))
+            and flags & (os.O_WRONLY | os.O_RDWR)
+            and not str(os.fspath(path)).endswith(".lock")
+        ):
             raise OSError(code, os.strerror(code), os.fspath(path))
         return real_open(path, flags, *args, **kwargs)
 
@@ -199,8 +228,11 @@ def fail_writes_into(monkeypatch, directory: Path, code: int) -> None:
     real_builtin_open = builtins.open
 
     def fake_builtin_open(file, mode="r", *args, **kwargs):
-        if isinstance(file, (str, os.PathLike)) and str(os.fspath(file)).startswith(str(directory)) and \
-                any(m in mode for m in "wax+"):
+        if (
+            isinstance(file, (str, os.PathLike))
+            and str(os.fspath(file)).startswith(str(directory))
+            and any(m in mode for m in "wax+")
+        ):
             raise OSError(code, os.strerror(code), os.fspath(file))
         return real_builtin_open(file, mode, *args, **kwargs)
 
@@ -214,8 +246,9 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(seed, tmp_path, small_disk, 
         from btx.io.disk import free_bytes
 
         real_free = free_bytes
-        monkeypatch.setattr("btx.io.disk.free_bytes",
-                            lambda p: 200_000 if str(p).startswith(str(where)) else real_free(p))
+        monkeypatch.setattr(
+            "btx.io.disk.free_bytes", lambda p: 200_000 if str(p).startswith(str(where)) else real_free(p)
+        )
     # Known sizes are checked before anything is written ...
     err = one_line_error(*btx("merge", "--seed", seed, "--upcycle", "4", "--out", where / "moe", "--quiet"))
     assert f"{where}: the merged checkpoint {where / 'moe'} needs about" in err and "are free there" in err
@@ -257,7 +290,9 @@ def test_a_disk_that_fills_up_during_training_keeps_the_last_checkpoint(tmp_path
         monkeypatch.setattr("btx.io.disk.free_bytes", lambda path: 1000)
     status, err = btx("train", TINY, "--seed", f"run_dir={run_dir}")
     err = one_line_error(status, err.splitlines()[-1])
-    assert "seed-train/ckpt: no space left on the device while writing checkpoint step-4" in err and "needs about" in err
+    assert (
+        "seed-train/ckpt: no space left on the device while writing checkpoint step-4" in err and "needs about" in err
+    )
     assert sorted(p.name for p in (run_dir / "seed-train" / "ckpt").iterdir()) == ["step-2"]
     assert not (run_dir / "seed").exists()
 
@@ -275,8 +310,15 @@ def test_a_read_only_destination_is_one_line(seed, tmp_path, small_disk, monkeyp
 # ------------------------------------------------------------------------ finite numbers
 
 
-@pytest.mark.parametrize("override", ["train.lr=.inf", "finetune.train.lr=-.inf", "train.betas=[0.9,.nan]",
-                                      "merge.weights={code: 1e999, prose: 1, seed: 1}"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "train.lr=.inf",
+        "finetune.train.lr=-.inf",
+        "train.betas=[0.9,.nan]",
+        "merge.weights={code: 1e999, prose: 1, seed: 1}",
+    ],
+)
 def test_every_float_of_a_recipe_is_finite(override, tmp_path):
     err = one_line_error(*btx("prepare", TINY, f"run_dir={tmp_path}", override))
     assert "must be a finite number" in err and f"(override '{override}')" in err
@@ -288,8 +330,16 @@ def test_a_loss_that_is_not_finite_stops_training(tmp_path, eval_every, what):
     """lr 1e30 is finite but blows the weights up: training stops with one line at the first step
     whose loss (or validation loss) is not finite. It saves nothing of that step, names the last
     checkpoint whose weights still gave a finite loss, and writes no DONE.json."""
-    run = [TINY, "--seed", f"run_dir={tmp_path}", "seed.train.lr=1e30", "seed.train.warmup_steps=0",
-           "seed.train.checkpoint_every=1", "seed.train.keep_checkpoints=5", f"seed.train.eval_every={eval_every}"]
+    run = [
+        TINY,
+        "--seed",
+        f"run_dir={tmp_path}",
+        "seed.train.lr=1e30",
+        "seed.train.warmup_steps=0",
+        "seed.train.checkpoint_every=1",
+        "seed.train.keep_checkpoints=5",
+        f"seed.train.eval_every={eval_every}",
+    ]
     assert btx("prepare", TINY, f"run_dir={tmp_path}", "--quiet")[0] == 0
     status, err = btx("train", *run)
     err = one_line_error(status, err.splitlines()[-1])  # after the progress lines
@@ -306,8 +356,10 @@ def test_a_loss_that_is_not_finite_stops_training(tmp_path, eval_every, what):
 
 def test_every_json_btx_writes_is_strict(tmp_path):
     write_done(tmp_path, {"loss": float("nan"), "nested": [float("inf"), 1.5]})
-    assert json.loads((tmp_path / "DONE.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == \
-        {"loss": None, "nested": [None, 1.5]}
+    assert json.loads((tmp_path / "DONE.json").read_text(), parse_constant=lambda c: pytest.fail(c)) == {
+        "loss": None,
+        "nested": [None, 1.5],
+    }
     assert dumps_json({"x": float("-inf")}) == '{"x": null}'
 
 
@@ -320,13 +372,17 @@ def test_a_killed_prepare_then_its_rerun(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " + "abc " * 50}) + "\n" for i in range(3000)))
     spec = ["--domain", f"d={corpus}", "--quiet"]
-    killed = subprocess.Popen([sys.executable, "-m", "btx", "prepare", *spec, "--out", tmp_path / "out"],
-                              env={**ENV, "BTX_PREPARE_TEST_DELAY": "30"})
+    killed = subprocess.Popen(
+        [sys.executable, "-m", "btx", "prepare", *spec, "--out", tmp_path / "out"],
+        env={**ENV, "BTX_PREPARE_TEST_DELAY": "30"},
+    )
     deadline = time.monotonic() + 60
     temporaries = []
     while not any(p.stat().st_size for p in temporaries):
         assert killed.poll() is None and time.monotonic() < deadline
-        temporaries = list((tmp_path / "out" / "d").glob(".train.bin.tmp-*")) if (tmp_path / "out" / "d").exists() else []
+        temporaries = (
+            list((tmp_path / "out" / "d").glob(".train.bin.tmp-*")) if (tmp_path / "out" / "d").exists() else []
+        )
         time.sleep(0.02)
     killed.kill()
     killed.wait()
@@ -351,11 +407,12 @@ def test_a_single_text_file_is_cut_into_passages(tmp_path):
     # Passages end at blank lines: every document but the last ends in "\n\n" before its EOS.
     ids = [int(t) for t in shards["train"].tokens]
     eos = [i for i, t in enumerate(ids) if t == 256]
-    assert all(bytes(ids[e - 2:e]) == b"\n\n" for e in eos[:-1] if ids[e - 1] < 256)
+    assert all(bytes(ids[e - 2 : e]) == b"\n\n" for e in eos[:-1] if ids[e - 1] < 256)
     # Too little text for two passages: one line saying so, nothing written.
     (tmp_path / "note.txt").write_text("one short line\n")
-    err = one_line_error(*btx("prepare", "--domain", f"note={tmp_path / 'note.txt'}", "--out", tmp_path / "o2",
-                              "--quiet"))
+    err = one_line_error(
+        *btx("prepare", "--domain", f"note={tmp_path / 'note.txt'}", "--out", tmp_path / "o2", "--quiet")
+    )
     assert "nothing to hold out for validation" in err and "one passage" in err
     assert not (tmp_path / "o2" / "note").exists()
 
@@ -375,8 +432,10 @@ def test_shards_have_the_permissions_of_any_new_file(tmp_path):
 # --------------------------------------------------------------------------- recipes, names
 
 
-@pytest.mark.parametrize("name, reason", [("seed", "the seed's expert"), ("seed.0", "merge names its experts"),
-                                          ("blend.1", "merge names its experts")])
+@pytest.mark.parametrize(
+    "name, reason",
+    [("seed", "the seed's expert"), ("seed.0", "merge names its experts"), ("blend.1", "merge names its experts")],
+)
 def test_reserved_domain_names_are_refused_when_the_recipe_loads(tmp_path, name, reason):
     shutil.copytree(TINY.parent, tmp_path / "r")
     recipe = tmp_path / "r" / "btx.yaml"
@@ -419,8 +478,9 @@ def test_a_copied_run_directory_checks_its_own_files(tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     (tmp_path / "b" / "in" / "x.bin").write_bytes(b"y")
     copied = read_done(tmp_path / "b" / "stage")["input_identities"]
-    assert changed_inputs(copied, tmp_path / "b" / "stage") == \
-        [f"{tmp_path / 'b' / 'in' / 'x.bin'}: changed since it was used (input 'x')"]
+    assert changed_inputs(copied, tmp_path / "b" / "stage") == [
+        f"{tmp_path / 'b' / 'in' / 'x.bin'}: changed since it was used (input 'x')"
+    ]
     assert changed_inputs(recorded, tmp_path / "a" / "stage") == []
 
 

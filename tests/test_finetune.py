@@ -133,8 +133,11 @@ def steps(n: int) -> str:
 
 
 def env_without_rendezvous() -> dict:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
     return env
 
@@ -166,8 +169,13 @@ def test_switch_logs_the_drop_rate_of_its_capacity(finetune, base):
     run = finetune("finetune.router_mode=switch", "finetune.capacity_factor=0.5", steps(2))
     # By hand: step 1's batch through the merged weights; capacity ceil(0.5 * T / E) per expert,
     # every token past it is dropped.
-    sampler = TokenSampler({n: load_shard(base / "shared" / "data" / n / "train.bin") for n in TEXTS},
-                           {n: 1.0 for n in TEXTS}, seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
+    sampler = TokenSampler(
+        {n: load_shard(base / "shared" / "data" / n / "train.bin") for n in TEXTS},
+        {n: 1.0 for n in TEXTS},
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        seed=0,
+    )
     inputs, _ = sampler.batch(0)
     model = switch_model(base, capacity_factor=0.5)
     model.set_routing_record(True)
@@ -230,8 +238,13 @@ def test_the_loss_adds_alpha_times_the_balancing_loss_and_the_z_loss(finetune, b
         assert r["balance_loss"] == pytest.approx(sum(r["balance_loss_layers"]), rel=1e-6)
         assert r["z_loss"] == pytest.approx(sum(r["z_loss_layers"]), rel=1e-6)
     # Step 1's balancing loss is the paper's sum over layers of E * sum_i u_i p_i on its batch.
-    sampler = TokenSampler({n: load_shard(base / "shared" / "data" / n / "train.bin") for n in TEXTS},
-                           {n: 1.0 for n in TEXTS}, seq_len=SEQ_LEN, batch_size=BATCH, seed=0)
+    sampler = TokenSampler(
+        {n: load_shard(base / "shared" / "data" / n / "train.bin") for n in TEXTS},
+        {n: 1.0 for n in TEXTS},
+        seq_len=SEQ_LEN,
+        batch_size=BATCH,
+        seed=0,
+    )
     model = load_model(base / "shared" / "merged", dtype=torch.float32)
     model.set_routing_record(True)
     with torch.no_grad():
@@ -305,8 +318,9 @@ def test_zero_stages_0_2_3_give_the_same_losses(finetune):
     runs = [finetune(f"finetune.zero_stage={stage}", steps(4)) for stage in (0, 2, 3)]
     for run in runs[1:]:
         assert run.losses == pytest.approx(runs[0].losses, rel=1e-5)
-        assert [r["grad_norm"] for r in run.records] == pytest.approx([r["grad_norm"] for r in runs[0].records],
-                                                                       rel=1e-4)
+        assert [r["grad_norm"] for r in run.records] == pytest.approx(
+            [r["grad_norm"] for r in runs[0].records], rel=1e-4
+        )
     _, zero0 = load_state_dict(runs[0].export)
     _, zero3 = load_state_dict(runs[2].export)
     for name in zero0:
@@ -334,9 +348,25 @@ def test_two_processes_zero3_with_an_idle_expert_train_and_exit_cleanly(base):
     the gate is 1 whatever the logits and the balancing loss is off, so the routers get no
     gradient and expert 3 stays idle for the whole run."""
     run_dir = make_run_dir(base, "two-ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "btx", "finetune", str(base / "btx.yaml"), f"run_dir={run_dir}", "finetune.zero_stage=3",
-           "finetune.top_k=1", "finetune.balance_alpha=0", steps(4), "--model", str(base / "shared" / "idle-expert")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "btx",
+        "finetune",
+        str(base / "btx.yaml"),
+        f"run_dir={run_dir}",
+        "finetune.zero_stage=3",
+        "finetune.top_k=1",
+        "finetune.balance_alpha=0",
+        steps(4),
+        "--model",
+        str(base / "shared" / "idle-expert"),
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env_without_rendezvous(), capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-3000:]
@@ -351,14 +381,20 @@ def test_two_processes_zero3_with_an_idle_expert_train_and_exit_cleanly(base):
 
 
 def test_a_killed_run_resumes_at_its_checkpoint_with_the_same_losses(finetune, base):
-    settings = ("finetune.router_mode=sample_top1", "finetune.zero_stage=2", steps(6), "train.checkpoint_every=2",
-                "train.keep_checkpoints=1")
+    settings = (
+        "finetune.router_mode=sample_top1",
+        "finetune.zero_stage=2",
+        steps(6),
+        "train.checkpoint_every=2",
+        "train.keep_checkpoints=1",
+    )
     uninterrupted = finetune(*settings)
     run_dir = make_run_dir(base, "killed")
     cmd = [sys.executable, "-m", "btx", "finetune", str(base / "btx.yaml"), f"run_dir={run_dir}", *settings]
     env = env_without_rendezvous()
-    killed = subprocess.run(cmd, cwd=REPO, env={**env, "BTX_TRAIN_KILL_AT_STEP": "5"}, capture_output=True,
-                            text=True, timeout=300)
+    killed = subprocess.run(
+        cmd, cwd=REPO, env={**env, "BTX_TRAIN_KILL_AT_STEP": "5"}, capture_output=True, text=True, timeout=300
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     ckpt = run_dir / "finetune-train" / "ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == ["step-4"] and not (run_dir / "finetuned").exists()
@@ -392,8 +428,18 @@ def test_export_loads_in_transformers_mixtral_with_the_same_logits(finetune, mod
 
 def test_exported_config_round_trips_every_mode():
     for mode in MIXTRAL_K:
-        cfg = ModelConfig(vocab_size=96, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=48, n_experts=E, top_k=TOP_K,
-                          router_mode=mode, capacity_factor=1.25, gumbel_rate=1e-3)
+        cfg = ModelConfig(
+            vocab_size=96,
+            dim=32,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=48,
+            n_experts=E,
+            top_k=TOP_K,
+            router_mode=mode,
+            capacity_factor=1.25,
+            gumbel_rate=1e-3,
+        )
         written = json.loads(json.dumps(config_to_hf(cfg)))
         assert written["num_experts_per_tok"] == MIXTRAL_K[mode]
         back = read_config(written)
@@ -409,12 +455,20 @@ def test_a_general_data_domain_joins_the_mixture_without_becoming_an_expert(base
     from btx.run.prepare import prepare_experiment
     from btx.train.finetune import finetune_job, run_finetune
 
-    (base / "general.jsonl").write_text("".join(json.dumps({"text": f"{i} a general sentence. " * 3}) + "\n"
-                                                for i in range(100)))
+    (base / "general.jsonl").write_text(
+        "".join(json.dumps({"text": f"{i} a general sentence. " * 3}) + "\n" for i in range(100))
+    )
     (base / "general.yaml").write_text("data:\n  sources: [general.jsonl]\n  val_fraction: 0.2\n")
     run_dir = base / "runs" / "general"
-    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", f"finetune.general={base / 'general.yaml'}",
-                                              "finetune.mixture={words: 1, sums: 1, general: 2}", steps(2)])
+    exp = load_experiment(
+        base / "btx.yaml",
+        [
+            f"run_dir={run_dir}",
+            f"finetune.general={base / 'general.yaml'}",
+            "finetune.mixture={words: 1, sums: 1, general: 2}",
+            steps(2),
+        ],
+    )
     assert list(exp.domains) == list(TEXTS) and list(exp.data_domains) == [*TEXTS, "general"]
     prepare_experiment(exp, progress=False)
     (run_dir / "merged").symlink_to(base / "shared" / "merged")
@@ -462,8 +516,9 @@ def test_resume_reads_checkpoints_weights_only_and_only_files_btx_recorded(base,
     from btx.train.job import CKPT_MANIFEST
 
     run_dir = make_run_dir(base, "weights-only")
-    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=2", steps(2),
-                                              "train.checkpoint_every=1"])
+    exp = load_experiment(
+        base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=2", steps(2), "train.checkpoint_every=1"]
+    )
     first = run_finetune(finetune_job(exp))
     ckpt = run_dir / "finetune-train" / "ckpt"
     assert json.loads((ckpt / "step-2" / CKPT_MANIFEST).read_text())["files"]

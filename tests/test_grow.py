@@ -26,9 +26,13 @@ transformers = pytest.importorskip("transformers")
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-FAMILIES = {"llama": ("Llama", {}), "qwen2": ("Qwen2", {}), "qwen3": ("Qwen3", {"head_dim": 16}),
-            "olmo2": ("Olmo2", {}),
-            "llama-biased": ("Llama", {"attention_bias": True})}  # GraniteMoe: experts fused per layer
+FAMILIES = {
+    "llama": ("Llama", {}),
+    "qwen2": ("Qwen2", {}),
+    "qwen3": ("Qwen3", {"head_dim": 16}),
+    "olmo2": ("Olmo2", {}),
+    "llama-biased": ("Llama", {"attention_bias": True}),
+}  # GraniteMoe: experts fused per layer
 TOKENS = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
 # Synthetic well-separated domains, as bytes below the tiny vocabulary (byte id = token id).
 CHARS = {"code": "ABCDEFGHIJ", "math": "0123456789", "prose": "!#$%&()*+,"}
@@ -51,7 +55,9 @@ class World:
         self.family = family
         prefix, overrides = FAMILIES[family]
         torch.manual_seed(3)
-        model = getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**BASE, **overrides))
+        model = getattr(transformers, f"{prefix}ForCausalLM")(
+            getattr(transformers, f"{prefix}Config")(**BASE, **overrides)
+        )
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
@@ -60,11 +66,16 @@ class World:
         load_tokenizer("byte").save(self.seed)  # the hidden init tokenizes prompts with it
         self.experts = {d: perturbed(self.seed, root / d, i) for i, d in enumerate(("code", "math", "prose"))}
         self.moe = root / "moe"  # code + math + seed
-        merge(self.seed, {d: self.experts[d] for d in ("code", "math")}, self.moe, MergeOptions(router_std=0.5),
-              allow_no_manifest=True, progress=False)
+        merge(
+            self.seed,
+            {d: self.experts[d] for d in ("code", "math")},
+            self.moe,
+            MergeOptions(router_std=0.5),
+            allow_no_manifest=True,
+            progress=False,
+        )
         self.full = root / "full"  # code + math + prose + seed, merged in one go
-        merge(self.seed, self.experts, self.full, MergeOptions(router_std=0.5), allow_no_manifest=True,
-              progress=False)
+        merge(self.seed, self.experts, self.full, MergeOptions(router_std=0.5), allow_no_manifest=True, progress=False)
         self.data = {}
         rng = np.random.default_rng(0)
         for d, chars in CHARS.items():
@@ -114,9 +125,11 @@ def test_an_expert_that_never_wins_changes_nothing(world, tmp_path):
     grown = tmp_path / "grown"
     grow_moe(world.moe, grown, add={"prose": world.experts["prose"]}, progress=False)
     model = load_model(grown, dtype=torch.float32).eval()
-    for i, layer in enumerate(model.layers):  # layer by layer: each row changes the next layer's inputs
+    for layer in model.layers:  # layer by layer: each row changes the next layer's inputs
         seen = []
-        hook = layer.ffn.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+        hook = layer.ffn.register_forward_pre_hook(
+            lambda m, a, seen=seen: seen.append(a[0].reshape(-1, a[0].shape[-1]))
+        )
         with torch.no_grad():
             model(TOKENS)
         hook.remove()
@@ -171,8 +184,14 @@ def test_fitted_router_inits_for_a_new_expert(world, tmp_path, init):
     grown = tmp_path / "grown"
     options = EditOptions(router_init=init, prompts=PROMPTS if init == "hidden" else {})
     data = {d: world.data[d] for d in (("code", "math", "prose") if init == "ridge" else ("prose",))}
-    done = grow_moe(world.moe, grown, add={"prose": world.experts["prose"]}, options=options,
-                    router_data=data if init != "hidden" else None, progress=False)
+    done = grow_moe(
+        world.moe,
+        grown,
+        add={"prose": world.experts["prose"]},
+        options=options,
+        router_data=data if init != "hidden" else None,
+        progress=False,
+    )
     assert done["experts"] == ["code", "math", "seed", "prose"]
     assert set(done["router_tokens"]) == ({"pos:code", "pos:math", "pos:prose"} if init == "hidden" else set(data))
     before, after = CheckpointReader(world.moe), CheckpointReader(grown)
@@ -198,17 +217,31 @@ def test_fitted_router_inits_need_their_inputs(world, tmp_path):
     far = tmp_path / "far" / "moe"  # outside the run directory whose data/ holds the experts' shards
     shutil.copytree(world.moe, far)
     with pytest.raises(BtxError, match="needs validation tokens of expert 'code'"):
-        grow_moe(far, out, add=add, options=EditOptions(router_init="ridge"),
-                 router_data={"prose": world.data["prose"]}, progress=False)
+        grow_moe(
+            far,
+            out,
+            add=add,
+            options=EditOptions(router_init="ridge"),
+            router_data={"prose": world.data["prose"]},
+            progress=False,
+        )
     with pytest.raises(BtxError, match="give the new expert 'prose' prompts"):
-        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"code": ["A"]}),
-                 progress=False)
+        grow_moe(
+            world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"code": ["A"]}), progress=False
+        )
     with pytest.raises(BtxError, match="needs negative prompts"):
-        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"prose": ["!"]}),
-                 progress=False)
+        grow_moe(
+            world.moe, out, add=add, options=EditOptions(router_init="hidden", prompts={"prose": ["!"]}), progress=False
+        )
     with pytest.raises(BtxError, match="reads the data of prose only"):
-        grow_moe(world.moe, out, add=add, options=EditOptions(router_init="centroid"),
-                 router_data={"prose": world.data["prose"], "code": world.data["code"]}, progress=False)
+        grow_moe(
+            world.moe,
+            out,
+            add=add,
+            options=EditOptions(router_init="centroid"),
+            router_data={"prose": world.data["prose"], "code": world.data["code"]},
+            progress=False,
+        )
     with pytest.raises(BtxError, match="prompts are for router_init hidden"):
         grow_moe(world.moe, out, add=add, options=EditOptions(prompts={"prose": ["!"]}), progress=False)
     assert not out.exists()
@@ -220,8 +253,9 @@ def test_shared_weights_keep_or_average(world, tmp_path):
     kept = tmp_path / "kept"
     grow_moe(world.moe, kept, add={"prose": world.experts["prose"]}, progress=False)
     avg = tmp_path / "avg"
-    grow_moe(world.moe, avg, add={"prose": world.experts["prose"]}, options=EditOptions(shared="average"),
-             progress=False)
+    grow_moe(
+        world.moe, avg, add={"prose": world.experts["prose"]}, options=EditOptions(shared="average"), progress=False
+    )
     for name in ("embed.weight", "layers.1.attn.wq.weight"):
         a, p = moe.get_btx(name), prose.get_btx(name)
         assert torch.equal(CheckpointReader(kept).get_btx(name), a)
@@ -235,14 +269,22 @@ def test_bad_edits_are_refused_and_write_nothing(world, tmp_path):
     foreign = tmp_path / "foreign"
     prefix, overrides = FAMILIES[world.family]
     torch.manual_seed(99)
-    getattr(transformers, f"{prefix}ForCausalLM")(getattr(transformers, f"{prefix}Config")(**BASE, **overrides)) \
-        .save_pretrained(foreign)
+    getattr(transformers, f"{prefix}ForCausalLM")(
+        getattr(transformers, f"{prefix}Config")(**BASE, **overrides)
+    ).save_pretrained(foreign)
     wide = tmp_path / "wide"
     getattr(transformers, f"{prefix}ForCausalLM")(
-        getattr(transformers, f"{prefix}Config")(**{**BASE, "intermediate_size": 64}, **overrides)).save_pretrained(wide)
+        getattr(transformers, f"{prefix}Config")(**{**BASE, "intermediate_size": 64}, **overrides)
+    ).save_pretrained(wide)
     split = tmp_path / "split"
-    merge(world.seed, {"code": world.experts["code"]}, split, MergeOptions(granularity="split", chunks=2),
-          allow_no_manifest=True, progress=False)
+    merge(
+        world.seed,
+        {"code": world.experts["code"]},
+        split,
+        MergeOptions(granularity="split", chunks=2),
+        allow_no_manifest=True,
+        progress=False,
+    )
     cases = [
         (dict(add={"prose": foreign}), "away from the MoE's and no DONE.json links it to the MoE's seed"),
         (dict(add={"prose": wide}), "ffn_dim is 64 but the MoE"),
@@ -267,12 +309,26 @@ def test_bad_edits_are_refused_and_write_nothing(world, tmp_path):
 
 def test_cli(world, tmp_path, capsys):
     out = tmp_path / "cli"
-    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
-                   "--router-init", "zeros", "--out", str(out), "--quiet"])
+    rc = cli_main(
+        [
+            "merge",
+            "--into",
+            str(world.moe),
+            "--add-expert",
+            f"prose={world.experts['prose']}",
+            "--router-init",
+            "zeros",
+            "--out",
+            str(out),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and CheckpointReader(out).cfg.expert_names == ["code", "math", "seed", "prose"]
     assert torch.equal(CheckpointReader(out).get_btx("layers.1.ffn.router.weight")[3], torch.zeros(32))
-    assert cli_main(["merge", "--into", str(out), "--remove-expert", "math", "--out", str(tmp_path / "less"),
-                     "--quiet"]) == 0
+    assert (
+        cli_main(["merge", "--into", str(out), "--remove-expert", "math", "--out", str(tmp_path / "less"), "--quiet"])
+        == 0
+    )
     assert CheckpointReader(tmp_path / "less").cfg.expert_names == ["code", "seed", "prose"]
     capsys.readouterr()
     assert cli_main(["merge", "--into", str(out), "--seed", str(world.seed), "--out", str(tmp_path / "x")]) == 2
@@ -285,17 +341,57 @@ def test_cli_fitted_inits(world, tmp_path, capsys):
     """--router-init ridge with --router-data and --ridge-lambda; hidden with --prompt."""
     ridge = tmp_path / "ridge"
     data = [a for d in ("code", "math", "prose") for a in ("--router-data", f"{d}={world.data[d]}")]
-    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
-                   "--router-init", "ridge", "--ridge-lambda", "0.1", *data, "--out", str(ridge), "--quiet"])
+    rc = cli_main(
+        [
+            "merge",
+            "--into",
+            str(world.moe),
+            "--add-expert",
+            f"prose={world.experts['prose']}",
+            "--router-init",
+            "ridge",
+            "--ridge-lambda",
+            "0.1",
+            *data,
+            "--out",
+            str(ridge),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and read_done(ridge)["options"]["ridge_lambda"] == 0.1
     hidden = tmp_path / "hidden"
     prompts = [a for d in ("math", "prose") for t in PROMPTS[d] for a in ("--prompt", f"{d}={t}")]
-    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
-                   "--router-init", "hidden", *prompts, "--out", str(hidden), "--quiet"])
+    rc = cli_main(
+        [
+            "merge",
+            "--into",
+            str(world.moe),
+            "--add-expert",
+            f"prose={world.experts['prose']}",
+            "--router-init",
+            "hidden",
+            *prompts,
+            "--out",
+            str(hidden),
+            "--quiet",
+        ]
+    )
     assert rc == 0 and read_done(hidden)["options"]["prompts"] == {d: PROMPTS[d] for d in ("math", "prose")}
     capsys.readouterr()
-    rc = cli_main(["merge", "--into", str(world.moe), "--add-expert", f"prose={world.experts['prose']}",
-                   "--router-init", "hidden", "--out", str(tmp_path / "bad"), "--quiet"])
+    rc = cli_main(
+        [
+            "merge",
+            "--into",
+            str(world.moe),
+            "--add-expert",
+            f"prose={world.experts['prose']}",
+            "--router-init",
+            "hidden",
+            "--out",
+            str(tmp_path / "bad"),
+            "--quiet",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "give the new expert 'prose' prompts" in err
     assert not (tmp_path / "bad").exists()

@@ -167,15 +167,27 @@ def test_merged_moe_opens_in_transformers_with_btx_logits(world, tmp_path):
 @pytest.mark.parametrize("k", [1, 2])
 def test_split_is_the_unsplit_moe_with_top_k_times_chunks(world, tmp_path, router_init, k):
     run_merge(world, tmp_path / "whole", top_k=k, router_init=router_init, router_tokens=256)
-    manifest = run_merge(world, tmp_path / "split", granularity="split", chunks=2, top_k=2 * k, router_init=router_init,
-                         router_tokens=256)
+    manifest = run_merge(
+        world,
+        tmp_path / "split",
+        granularity="split",
+        chunks=2,
+        top_k=2 * k,
+        router_init=router_init,
+        router_tokens=256,
+    )
     assert manifest["n_experts"] == 8 and manifest["ffn_dim"] == CFG.ffn_dim // 2
     assert manifest["experts"][:2] == ["code.0", "code.1"] and manifest["expert_domains"][:2] == ["code", "code"]
     torch.testing.assert_close(logits(tmp_path / "split", world.tokens), logits(tmp_path / "whole", world.tokens),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
     # ... and over copies of the seed, the seed itself
-    merge(world.copies / "seed", world.copy_experts, tmp_path / "split-copies",
-          MergeOptions(granularity="split", chunks=4, top_k=4 * k, router_init=router_init), progress=False)
+    merge(
+        world.copies / "seed",
+        world.copy_experts,
+        tmp_path / "split-copies",
+        MergeOptions(granularity="split", chunks=4, top_k=4 * k, router_init=router_init),
+        progress=False,
+    )
     torch.testing.assert_close(logits(tmp_path / "split-copies", world.tokens), logits(world.seed_model, world.tokens),
                                atol=1e-5, rtol=1e-5)  # fmt: skip
 
@@ -197,10 +209,12 @@ def test_blend_builds_each_expert_from_one_chunk_of_every_ffn(world, tmp_path, c
             w1 = out[p + f"block_sparse_moe.experts.{e}.w1.weight"]
             w2 = out[p + f"block_sparse_moe.experts.{e}.w2.weight"]
             assert w1.shape == (n * f, CFG.dim) and w2.shape == (CFG.dim, n * f)
-            assert torch.equal(w1, torch.cat([s[p + "mlp.gate_proj.weight"][e * f:(e + 1) * f] for s in src]))
-            assert torch.equal(out[p + f"block_sparse_moe.experts.{e}.w3.weight"],
-                               torch.cat([s[p + "mlp.up_proj.weight"][e * f:(e + 1) * f] for s in src]))
-            down = torch.cat([s[p + "mlp.down_proj.weight"][:, e * f:(e + 1) * f] for s in src], dim=1)
+            assert torch.equal(w1, torch.cat([s[p + "mlp.gate_proj.weight"][e * f : (e + 1) * f] for s in src]))
+            assert torch.equal(
+                out[p + f"block_sparse_moe.experts.{e}.w3.weight"],
+                torch.cat([s[p + "mlp.up_proj.weight"][e * f : (e + 1) * f] for s in src]),
+            )
+            down = torch.cat([s[p + "mlp.down_proj.weight"][:, e * f : (e + 1) * f] for s in src], dim=1)
             torch.testing.assert_close(w2, down * (c / n), atol=0, rtol=1e-6)
 
 
@@ -311,8 +325,12 @@ def test_ridge_rows_solve_the_regression():
     Y = torch.zeros(150, 3, dtype=torch.float64)
     for i in range(3):
         Y[50 * i : 50 * (i + 1), i] = 1
-    stats = LayerStats(list(X), torch.tensor([50.0] * 3, dtype=torch.float64),
-                       torch.stack([x.sum(0) for x in X.values()]), all_X.T @ all_X)
+    stats = LayerStats(
+        list(X),
+        torch.tensor([50.0] * 3, dtype=torch.float64),
+        torch.stack([x.sum(0) for x in X.values()]),
+        all_X.T @ all_X,
+    )
     lam = 0.1 * float(torch.diagonal(all_X.T @ all_X).sum()) / 6
     expected = torch.linalg.solve(all_X.T @ all_X + lam * torch.eye(6, dtype=torch.float64), all_X.T @ Y).T
     rows = ridge_rows(stats, ["a", "b", "c", None], 0.1)
@@ -343,8 +361,17 @@ def test_centroid_needs_each_domains_data(world, tmp_path):
 
 def test_centroid_data_takes_what_btx_eval_data_takes(world, tmp_path, capsys):
     """A prepared domain directory (its val shard) or a shard, as `btx eval --data` takes them."""
-    common = ["merge", "--seed", str(world.seed), "--allow-no-manifest", "--router-init", "centroid",
-              "--centroid-tokens", "64", "--quiet"]
+    common = [
+        "merge",
+        "--seed",
+        str(world.seed),
+        "--allow-no-manifest",
+        "--router-init",
+        "centroid",
+        "--centroid-tokens",
+        "64",
+        "--quiet",
+    ]
     experts = [a for n in DOMAINS for a in ("--expert", f"{n}={world.experts[n]}")]
     by_dir = [a for n in DOMAINS for a in ("--centroid-data", f"{n}={world.run / 'data' / n}")]
     by_shard = [a for n in DOMAINS for a in ("--centroid-data", f"{n}={world.run / 'data' / n / 'val.bin'}")]
@@ -352,7 +379,9 @@ def test_centroid_data_takes_what_btx_eval_data_takes(world, tmp_path, capsys):
     assert cli_main([*common, *experts, *by_shard, "--out", str(tmp_path / "b")]) == 0
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     identities = read_done(tmp_path / "a")["input_identities"]
-    assert identities["centroid:code"]["sha256"] == {"val.bin": load_shard(world.run / "data" / "code" / "val.json").meta["sha256"]}
+    assert identities["centroid:code"]["sha256"] == {
+        "val.bin": load_shard(world.run / "data" / "code" / "val.json").meta["sha256"]
+    }
     capsys.readouterr()
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -364,8 +393,14 @@ def test_centroid_data_takes_what_btx_eval_data_takes(world, tmp_path, capsys):
 
 def test_an_expert_that_is_the_seed_or_given_twice_gets_a_warning(world, tmp_path, capsys):
     (tmp_path / "link").symlink_to(world.seed, target_is_directory=True)
-    manifest = merge(world.seed, {"code": world.experts["code"], "alias": tmp_path / "link"}, tmp_path / "m",
-                     MergeOptions(), allow_no_manifest=True, progress=False)
+    manifest = merge(
+        world.seed,
+        {"code": world.experts["code"], "alias": tmp_path / "link"},
+        tmp_path / "m",
+        MergeOptions(),
+        allow_no_manifest=True,
+        progress=False,
+    )
     err = " ".join(capsys.readouterr().err.split())
     assert f"merge: warning: alias ({tmp_path / 'link'}) is the same checkpoint as seed ({world.seed})" in err
     assert f"merge: warning: seed ({world.seed}) has the same weights as alias" in err
@@ -449,7 +484,10 @@ BAD_OPTIONS = {
     "upcycle with experts": (dict(upcycle=2), "takes no experts"),
     "router init": (dict(router_init="learned"), "router_init 'learned'"),
     "hidden without prompts": (dict(router_init="hidden"), "router_init hidden needs prompts"),
-    "prompts of a stranger": (dict(router_init="hidden", prompts={"poetry": ["x"]}), "prompts of 'poetry': not an expert"),
+    "prompts of a stranger": (
+        dict(router_init="hidden", prompts={"poetry": ["x"]}),
+        "prompts of 'poetry': not an expert",
+    ),
     "prompts for ridge": (dict(router_init="ridge", prompts={"code": ["x"]}), "prompts are for router_init hidden"),
     "empty prompt": (dict(router_init="hidden", prompts={"code": [""]}), "expected a list of non-empty strings"),
     "ridge lambda": (dict(router_init="ridge", ridge_lambda=0.0), "ridge_lambda must be a positive number"),
@@ -531,7 +569,9 @@ def test_recipe_form_and_cli(world, tmp_path, capsys):
     up = merge_from_recipe(exp, upcycle=3, out_dir=tmp_path / "upcycled", progress=False)
     assert up["kind"] == "upcycle" and up["experts"] == ["seed.0", "seed.1", "seed.2"]
 
-    rc = cli_main(["merge", str(recipe), f"run_dir={run}", "merge.top_k=1", "merge.router_seed=3", "--force", "--quiet"])
+    rc = cli_main(
+        ["merge", str(recipe), f"run_dir={run}", "merge.top_k=1", "merge.router_seed=3", "--force", "--quiet"]
+    )
     assert rc == 0 and CheckpointReader(run / "merged").cfg.top_k == 1
     assert read_done(run / "merged")["options"]["router_seed"] == 3
     assert cli_main(["merge", str(recipe), f"run_dir={run}", "--top-k", "1"]) == 2

@@ -67,8 +67,14 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
 
 def merged(inputs, out: Path, **options) -> Path:
     experts = {d: inputs[d] for d in ("code", "math")}
-    merge(inputs["seed"], experts, out, MergeOptions(weights=HALVES, router_std=0.5, router_seed=7, **options),
-          allow_no_manifest=True, progress=False)
+    merge(
+        inputs["seed"],
+        experts,
+        out,
+        MergeOptions(weights=HALVES, router_std=0.5, router_seed=7, **options),
+        allow_no_manifest=True,
+        progress=False,
+    )
     return out
 
 
@@ -81,8 +87,14 @@ def test_merge_bytes_are_unchanged(inputs, tmp_path):
 def test_grow_bytes_are_unchanged(inputs, tmp_path):
     moe = merged(inputs, tmp_path / "moe")
     grown, shrunk = tmp_path / "grown", tmp_path / "shrunk"
-    grow_moe(moe, grown, add={"prose": inputs["prose"]}, allow_foreign=True, progress=False,
-             options=EditOptions(router_std=0.25, router_seed=3, shared="average", shared_weight=0.5))
+    grow_moe(
+        moe,
+        grown,
+        add={"prose": inputs["prose"]},
+        allow_foreign=True,
+        progress=False,
+        options=EditOptions(router_std=0.25, router_seed=3, shared="average", shared_weight=0.5),
+    )
     assert weights_digest(grown) == EXPECTED["grow-average"]
     grow_moe(grown, shrunk, remove=["math"], progress=False)
     assert weights_digest(shrunk) == EXPECTED["grow-remove"]

@@ -52,8 +52,9 @@ def test_moe_block_matches_transformers_mixtral_block(k):
 
     cfg = tiny(n_experts=4, top_k=k)
     layer = random_moe(cfg)
-    hf_cfg = MixtralConfig(hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_local_experts=4,
-                           num_experts_per_tok=k)
+    hf_cfg = MixtralConfig(
+        hidden_size=cfg.dim, intermediate_size=cfg.ffn_dim, num_local_experts=4, num_experts_per_tok=k
+    )
     hf_cfg._experts_implementation = "eager"
     block = MixtralSparseMoeBlock(hf_cfg)
     with torch.no_grad():
@@ -107,8 +108,9 @@ def test_balance_loss_matches_the_paper_formula_on_a_hand_built_example():
     cfg = tiny(n_experts=2, top_k=1)
     layer = random_moe(cfg)
     probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
-    routing = Routing(expert_TK=torch.tensor([[0], [1], [0]]), gate_TK=torch.tensor([[0.9], [0.8], [0.6]]),
-                      probs_TE=probs)
+    routing = Routing(
+        expert_TK=torch.tensor([[0], [1], [0]]), gate_TK=torch.tensor([[0.9], [0.8], [0.6]]), probs_TE=probs
+    )
     u = [(0.9 + 0.6) / 3, 0.8 / 3]  # batch mean of each expert's gate value (0 where not chosen)
     p = [(0.9 + 0.2 + 0.6) / 3, (0.1 + 0.8 + 0.4) / 3]  # batch mean of router probabilities
     expected = 2 * (u[0] * p[0] + u[1] * p[1])  # N * sum_i u_i p_i (alpha applied by the trainer)

@@ -16,15 +16,25 @@ CONFIGS = {
     "mha-untied": dict(n_heads=4, n_kv_heads=4, tie_embeddings=False, rope_theta=10000.0),
     "gqa-tied": dict(n_heads=4, n_kv_heads=2, tie_embeddings=True, rope_theta=500000.0),
     "mqa-theta": dict(n_heads=4, n_kv_heads=1, tie_embeddings=False, rope_theta=1234.5),
-    "llama3-scaling": dict(n_heads=4, n_kv_heads=2, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 16}),
+    "llama3-scaling": dict(
+        n_heads=4,
+        n_kv_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+    ),
 }
 
 
 def make_cfg(name: str, **moe) -> ModelConfig:
-    return ModelConfig(vocab_size=100, dim=32, n_layers=2, ffn_dim=64, max_seq_len=64, norm_eps=1e-6,
-                       **CONFIGS[name], **moe)
+    return ModelConfig(
+        vocab_size=100, dim=32, n_layers=2, ffn_dim=64, max_seq_len=64, norm_eps=1e-6, **CONFIGS[name], **moe
+    )
 
 
 def random_model(cfg: ModelConfig, seed: int = 0) -> Transformer:

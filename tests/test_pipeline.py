@@ -13,8 +13,17 @@ import pytest
 from btx.io.manifest import read_done
 
 TINY = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
-STAGE_MANIFESTS = ["seed", "experts/code", "experts/prose", "merged", "finetuned", "baselines/dense",
-                   "baselines/upcycled", "eval", "analysis"]
+STAGE_MANIFESTS = [
+    "seed",
+    "experts/code",
+    "experts/prose",
+    "merged",
+    "finetuned",
+    "baselines/dense",
+    "baselines/upcycled",
+    "eval",
+    "analysis",
+]
 
 
 def btx_run(run_dir: Path, *extra: str, **kw) -> subprocess.CompletedProcess:
@@ -38,13 +47,27 @@ def full_run(tmp_path_factory) -> Path:
 def test_every_stage_leaves_its_outputs_and_manifest(full_run):
     for rel in STAGE_MANIFESTS:
         assert read_done(full_run / rel) is not None, f"{rel}/DONE.json missing"
-    for rel in ["seed", "experts/code/final", "experts/prose/final", "merged", "finetuned",
-                "baselines/dense/final", "baselines/upcycled"]:
+    for rel in [
+        "seed",
+        "experts/code/final",
+        "experts/prose/final",
+        "merged",
+        "finetuned",
+        "baselines/dense/final",
+        "baselines/upcycled",
+    ]:
         assert (full_run / rel / "config.json").is_file(), rel
     assert (full_run / "analysis" / "routing.json").is_file()
     names = set(eval_losses(full_run))
-    assert {"seed", "expert:code", "expert:prose", "BTM ensemble", "BTX", "dense (compute-matched)",
-            "sparse upcycling (compute-matched)"} <= names
+    assert {
+        "seed",
+        "expert:code",
+        "expert:prose",
+        "BTM ensemble",
+        "BTX",
+        "dense (compute-matched)",
+        "sparse upcycling (compute-matched)",
+    } <= names
     # The baselines were given the BTX training budget (experts + finetune), within one step's FLOPs.
     ledger = json.loads((full_run / "pipeline.json").read_text())
     assert set(ledger) >= {"seed", "branch", "merge", "finetune", "baselines", "eval", "analyze"}
@@ -58,9 +81,12 @@ def test_a_second_run_does_no_work(full_run):
     before = {p: p.stat().st_mtime_ns for p in full_run.rglob("DONE.json")}
     result = btx_run(full_run)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "ran" not in [line.split("│")[2].strip() for line in result.stdout.splitlines()
-                         if line.count("│") >= 4 and line.split("│")[1].strip() in
-                         ("seed", "branch", "merge", "finetune", "baselines", "eval", "analyze")]
+    assert "ran" not in [
+        line.split("│")[2].strip()
+        for line in result.stdout.splitlines()
+        if line.count("│") >= 4
+        and line.split("│")[1].strip() in ("seed", "branch", "merge", "finetune", "baselines", "eval", "analyze")
+    ]
     after = {p: p.stat().st_mtime_ns for p in full_run.rglob("DONE.json")}
     assert before == after
 
@@ -130,8 +156,12 @@ def run_here(run_dir: Path, *extra: str) -> tuple[int, str]:
     overrides = [a for a in extra if not a.startswith("--") and "=" in a]
     until = extra[extra.index("--until") + 1] if "--until" in extra else None
     try:
-        status = run(TINY, [f"run_dir={run_dir}", "eval.baselines=true", *overrides], until=until,
-                     console=Console(file=out, width=300))
+        status = run(
+            TINY,
+            [f"run_dir={run_dir}", "eval.baselines=true", *overrides],
+            until=until,
+            console=Console(file=out, width=300),
+        )
     except BtxError as e:
         return 2, out.getvalue() + f"\nbtx: error: {e}"
     return status, out.getvalue()
@@ -204,12 +234,18 @@ def test_a_damaged_file_in_every_finished_stage_is_redone_to_the_same_result(run
     assert status == 0, printed[-3000:]
     for text in ("train code: ", "exporting it again", "merge: redoing", "finetuned/config.json: differs"):
         assert text in printed, text
-    for rel in ("data/prose/train.bin", "experts/code/final/model.safetensors", "merged/model.safetensors",
-                "finetuned/config.json", "finetuned/model.safetensors"):
+    for rel in (
+        "data/prose/train.bin",
+        "experts/code/final/model.safetensors",
+        "merged/model.safetensors",
+        "finetuned/config.json",
+        "finetuned/model.safetensors",
+    ):
         assert (run_copy / rel).read_bytes() == (full_run / rel).read_bytes(), rel
     assert eval_losses(run_copy) == eval_losses(full_run)
-    assert (run_copy / "experts" / "code" / "metrics.jsonl").read_text() == \
-        (full_run / "experts" / "code" / "metrics.jsonl").read_text()  # exported again, not retrained
+    assert (run_copy / "experts" / "code" / "metrics.jsonl").read_text() == (
+        full_run / "experts" / "code" / "metrics.jsonl"
+    ).read_text()  # exported again, not retrained
 
 
 def test_a_changed_seed_path_checkpoint_retrains_the_experts(run_copy, tmp_path):
@@ -234,8 +270,10 @@ def test_a_changed_seed_path_checkpoint_retrains_the_experts(run_copy, tmp_path)
     retrained = read_done(run_copy / "experts" / "code")
     assert retrained["outputs"] != code["outputs"]
     assert retrained["input_identities"]["init_from"]["path"] == str(seed)
-    assert read_done(run_copy / "merged")["input_identities"]["code"]["sha256"]["model.safetensors"] == \
-        retrained["outputs"]["final/model.safetensors"]
+    assert (
+        read_done(run_copy / "merged")["input_identities"]["code"]["sha256"]["model.safetensors"]
+        == retrained["outputs"]["final/model.safetensors"]
+    )
 
 
 def test_a_bit_flip_in_an_expert_shard_is_refused_by_merge(run_copy):
@@ -251,9 +289,17 @@ def test_a_bit_flip_in_an_expert_shard_is_refused_by_merge(run_copy):
 def test_two_btx_runs_of_one_recipe(run_copy):
     """The second one stops at once with one line naming the first (pid, host, command)."""
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from btx.io.locks import output_lock\n"
-         "with output_lock(sys.argv[1], 'the run directory'):\n print('held', flush=True); time.sleep(60)",
-         str(run_copy)], stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from btx.io.locks import output_lock\n"
+            "with output_lock(sys.argv[1], 'the run directory'):\n print('held', flush=True); time.sleep(60)",
+            str(run_copy),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         status, message = btx_main("run", str(TINY), f"run_dir={run_copy}", "eval.baselines=true")
@@ -279,7 +325,9 @@ def test_a_domain_added_to_a_finished_run_grows_the_moe_and_redoes_nothing_else(
     notes = recipe_dir / "data" / "notes"
     notes.mkdir()
     for i in range(4):
-        (notes / f"n{i}.txt").write_text("".join(f"NOTE {i}-{j}: remember the ZEBRA QUOTA {j * j}.\n" for j in range(60)))
+        (notes / f"n{i}.txt").write_text(
+            "".join(f"NOTE {i}-{j}: remember the ZEBRA QUOTA {j * j}.\n" for j in range(60))
+        )
     (recipe_dir / "notes.yaml").write_text("data:\n  sources:\n    - data/notes\n  val_fraction: 0.25\n")
     recipe = recipe_dir / "btx.yaml"
     text = recipe.read_text().replace("  prose: prose.yaml\n", "  prose: prose.yaml\n  notes: notes.yaml\n")
@@ -300,8 +348,9 @@ def test_a_domain_added_to_a_finished_run_grows_the_moe_and_redoes_nothing_else(
     assert {"BTX", "BTX grown (no finetune)", "BTX grown", "expert:notes"} <= set(losses)
     assert all(set(row) == {"code", "prose", "notes"} for row in losses.values())
     for path in (run_copy / "grown", run_copy / "grown-finetuned"):
-        model, info = transformers.AutoModelForCausalLM.from_pretrained(path, output_loading_info=True,
-                                                                        dtype=torch.float32)
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            path, output_loading_info=True, dtype=torch.float32
+        )
         assert not any(info.values()), info
     # and a second run does nothing
     again = done_times(run_copy, "grown", "grown-finetuned", "eval")
@@ -317,7 +366,9 @@ def test_router_init_table_on_a_run(run_copy):
     status, out = btx_main("eval", str(TINY), f"run_dir={run_copy}", *prompts, "--router-inits")
     assert status == 0, out
     table = json.loads((run_copy / "eval-router-inits" / "eval.json").read_text())["rows"]
-    assert [r["name"] for r in table] == [f"merged, {i} routers" for i in ("random", "zeros", "centroid", "ridge", "hidden")]
+    assert [r["name"] for r in table] == [
+        f"merged, {i} routers" for i in ("random", "zeros", "centroid", "ridge", "hidden")
+    ]
     assert len({round(sum(r["losses"].values()), 6) for r in table}) == 5  # five different MoEs
     assert done_times(run_copy, "merged") == merged
     assert read_done(run_copy / "router-inits" / "ridge")["options"]["router_init"] == "ridge"
@@ -355,9 +406,21 @@ def test_both_protocols_label_their_rows_and_the_baselines_train_everything(tmp_
     assert compute_done == {d: (run_dir / "baselines" / d / "DONE.json").stat().st_mtime_ns for d in compute_done}
     data = json.loads((run_dir / "eval" / "eval.json").read_text())
     names = [r["name"] for r in data["rows"]]
-    assert names == ["seed", "expert:code", "expert:prose", "BTM ensemble", "BTM top-1 (tf-idf)", "BTM top-2 (tf-idf)",
-                     "dense (compute-matched)", "dense (data-matched)", "sparse upcycling (compute-matched)",
-                     "sparse upcycling (data-matched)", "BTX merged (no finetune)", "BTX router-only (2 steps)", "BTX"]
+    assert names == [
+        "seed",
+        "expert:code",
+        "expert:prose",
+        "BTM ensemble",
+        "BTM top-1 (tf-idf)",
+        "BTM top-2 (tf-idf)",
+        "dense (compute-matched)",
+        "dense (data-matched)",
+        "sparse upcycling (compute-matched)",
+        "sparse upcycling (data-matched)",
+        "BTX merged (no finetune)",
+        "BTX router-only (2 steps)",
+        "BTX",
+    ]
     base = run_dir / "baselines"
     finetuned = read_done(run_dir / "finetuned")
     assert finetuned["trainable"] == "router_only"
@@ -371,16 +434,20 @@ def test_both_protocols_label_their_rows_and_the_baselines_train_everything(tmp_
         assert done["steps"] == 4 + 4 + 2 + 3 and done["tokens"] == done["inputs"]["data_matched_tokens"], d
     exp = load_experiment(TINY, [f"run_dir={run_dir}", *common, "eval.match=both"])
     plan = btx_data_plan(exp, exp.finetune_train)
-    assert [[(s.domains, s.count) for s in phase] for phase in plan] == [[(["code"], 4), (["prose"], 4)],
-                                                                        [(["code", "prose"], 5)]]
+    assert [[(s.domains, s.count) for s in phase] for phase in plan] == [
+        [(["code"], 4), (["prose"], 4)],
+        [(["code", "prose"], 5)],
+    ]
     # compute-matched: the budget counts both finetune phases and the experts' honest FLOPs
     budget = sum(e["train_flops"] for e in experts) + finetuned["train_flops"]
     assert finetuned["train_flops"] == sum(finetuned["train_flops_phases"].values())
     assert read_done(base / "dense")["inputs"]["compute_budget"] == budget
     rows = {r["name"]: r for r in data["rows"]}
     assert rows["BTX"]["train_flops"] == budget
-    assert rows["BTX router-only (2 steps)"]["train_flops"] == \
-        sum(e["train_flops"] for e in experts) + finetuned["train_flops_phases"]["finetune-router"]
+    assert (
+        rows["BTX router-only (2 steps)"]["train_flops"]
+        == sum(e["train_flops"] for e in experts) + finetuned["train_flops_phases"]["finetune-router"]
+    )
     # every row carries its standard errors; the paired differences are taken against BTX
     for r in data["rows"]:
         assert r["average_stderr"] > 0 and set(r["stderr"]) == {"code", "prose"}, r["name"]

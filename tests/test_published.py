@@ -32,15 +32,16 @@ def test_committed_figures_are_current():
 
 
 def test_check_mode_is_the_ci_entry_point():
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "published.py"), "--check"], capture_output=True,
-                          text=True, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "published.py"), "--check"], capture_output=True, text=True, cwd=REPO
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 def test_a_readme_number_edited_by_hand_fails(copy):
     readme = copy / published.README
     text = readme.read_text()
-    block = text[text.index(published.README_BEGIN):text.index(published.README_END)]
+    block = text[text.index(published.README_BEGIN) : text.index(published.README_END)]
     number = re.search(r"\d\.\d{4}", block).group(0)
     readme.write_text(text.replace(number, "9.9999", 1))
     problems = published.check(copy)
@@ -93,8 +94,10 @@ def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
 
     assert a.seed.flops == train_flops_per_token(cfg, exp.seed_train.seq_len) * a.seed.tokens
     expert = next(iter(exp.domains.values())).train  # FFN-only experts: frozen weights cost 4 (or 2), not 6
-    assert a.experts[next(iter(exp.domains))].flops == \
-        train_flops_per_token(cfg, expert.seq_len, expert.trainable) * expert.steps * expert.tokens_per_step
+    assert (
+        a.experts[next(iter(exp.domains))].flops
+        == train_flops_per_token(cfg, expert.seq_len, expert.trainable) * expert.steps * expert.tokens_per_step
+    )
     assert a.seed_params == cfg.param_counts()["total"]
     assert 0 < a.moe_share < 1 and a.budget == a.expert_flops + a.finetune.flops
     assert a.n_experts == len(exp.domains) + 1 and a.finetune.flops_per_token > a.dense_flops_per_token
@@ -102,12 +105,23 @@ def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
 
 def test_eval_rows_are_read_generically():
     """Rows and fields the table does not know (standard errors, new baselines) just appear."""
-    data = {"domains": ["a", "b"], "rows": [
-        {"name": "seed", "losses": {"a": 1.0, "b": 2.0}, "average": 1.5, "train_flops": 0.0, "active_params": 1000},
-        {"name": "dense (data-matched)", "losses": {"a": 0.9, "b": 2.1}, "average": 1.5, "stderr": {"a": 0.01,
-         "b": 0.02}, "average_stderr": 0.011, "train_flops": 1.8625e12, "active_params": 2_000_000, "matched": "data"},
-        {"name": "BTM | top-1 (tf-idf)", "losses": {"a": 0.8, "b": 1.9}, "average": 1.35},
-    ]}
+    data = {
+        "domains": ["a", "b"],
+        "rows": [
+            {"name": "seed", "losses": {"a": 1.0, "b": 2.0}, "average": 1.5, "train_flops": 0.0, "active_params": 1000},
+            {
+                "name": "dense (data-matched)",
+                "losses": {"a": 0.9, "b": 2.1},
+                "average": 1.5,
+                "stderr": {"a": 0.01, "b": 0.02},
+                "average_stderr": 0.011,
+                "train_flops": 1.8625e12,
+                "active_params": 2_000_000,
+                "matched": "data",
+            },
+            {"name": "BTM | top-1 (tf-idf)", "losses": {"a": 0.8, "b": 1.9}, "average": 1.35},
+        ],
+    }
     lines = published.eval_table(data)
     assert len(lines) == 2 + 3
     assert "0.9000 ± 0.0100" in lines[3] and "1.5000 ± 0.0110" in lines[3] and "1.86e+12" in lines[3]
@@ -121,9 +135,14 @@ def test_snapshot_copies_a_run(copy, tmp_path):
     (run / "eval").mkdir(parents=True)
     shutil.copyfile(copy / published.SNAPSHOT / "eval.json", run / "eval" / "eval.json")
     old = json.loads((copy / published.SNAPSHOT / "run.json").read_text())
-    (run / "pipeline.json").write_text(json.dumps({s["stage"]: {"seconds": s["seconds"], "summary": s["summary"],
-                                                                 "finished_at": old["finished_at"]}
-                                                   for s in old["stages"]}))
+    (run / "pipeline.json").write_text(
+        json.dumps(
+            {
+                s["stage"]: {"seconds": s["seconds"], "summary": s["summary"], "finished_at": old["finished_at"]}
+                for s in old["stages"]
+            }
+        )
+    )
     for name, job in old["jobs"].items():
         rel = f"experts/{name.split(':')[1]}" if name.startswith("expert:") else published.JOB_DIRS[name]
         (run / rel).mkdir(parents=True)
@@ -143,13 +162,23 @@ def test_snapshot_copies_a_run(copy, tmp_path):
 def test_the_seed_spread_line_and_its_staleness(copy):
     """A rerun's averages (docs/demo/seed-N.json) become the README's spread line; a rerun made
     from other recipe values makes the check fail."""
-    data = {"rows": [{"name": "BTX", "average": 2.0}, {"name": "dense (compute-matched)", "average": 2.01},
-                     {"name": "seed", "average": 3.0}]}
-    lines = published.spread_lines(data, [{"train_seed": 1, "averages": {"BTX": 2.02, "dense (compute-matched)": 2.02}}])
-    assert lines == ["- Seed-to-seed: the same recipe with `train.seed=1` (every job's init and batches) gives "
-                     "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200; BTX's margin over each of "
-                     "these moved by at most 0.0100."]
+    data = {
+        "rows": [
+            {"name": "BTX", "average": 2.0},
+            {"name": "dense (compute-matched)", "average": 2.01},
+            {"name": "seed", "average": 3.0},
+        ]
+    }
+    lines = published.spread_lines(
+        data, [{"train_seed": 1, "averages": {"BTX": 2.02, "dense (compute-matched)": 2.02}}]
+    )
+    assert lines == [
+        "- Seed-to-seed: the same recipe with `train.seed=1` (every job's init and batches) gives "
+        "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200; BTX's margin over each of "
+        "these moved by at most 0.0100."
+    ]
     seed_file = copy / published.SNAPSHOT / "seed-7.json"
-    seed_file.write_text(json.dumps({"train_seed": 7, "recipe_values": {"btx.yaml": {"experiment": "other"}},
-                                     "averages": {"BTX": 1.0}}))
+    seed_file.write_text(
+        json.dumps({"train_seed": 7, "recipe_values": {"btx.yaml": {"experiment": "other"}}, "averages": {"BTX": 1.0}})
+    )
     assert any(str(seed_file) in p and "other recipe values" in p for p in published.check(copy))

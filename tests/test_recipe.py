@@ -75,7 +75,8 @@ def test_override_paths_are_relative_to_the_current_directory(tmp_path, monkeypa
 
 def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     assert error_of(["merge.topk=1"]) == (
-        f"{FIXTURE} (override 'merge.topk=1'): merge.topk: unknown key (did you mean top_k?)")
+        f"{FIXTURE} (override 'merge.topk=1'): merge.topk: unknown key (did you mean top_k?)"
+    )
     bad = write(tmp_path, "exp.yaml", FIXTURE.read_text().replace("merge:\n  top_k: 2", "merge:\n  topk: 2"))
     for name in ("code.yaml", "prose.yaml"):
         (tmp_path / name).write_text((FIXTURE.parent / name).read_text())
@@ -83,34 +84,49 @@ def test_unknown_key_names_file_key_and_suggestion(tmp_path):
     assert error_of(path=bad) == f"{bad}: merge.topk: unknown key (did you mean top_k?)"
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("train.lr=abc", "train.lr: expected a number, got str 'abc'"),
-    ("train.steps=1.5", "train.steps: expected an integer, got float 1.5"),
-    ("merge.keep_seed=3", "merge.keep_seed: expected true or false, got int 3"),
-    ("branch.slurm.time=24:00:00", "branch.slurm.time: expected a string, got int 86400 (quote the value)"),
-    ("train=3", "train: expected a mapping, got int 3"),
-    ("seed.train.lrr=1", "seed.train.lrr: unknown key (did you mean lr?)"),
-    ("finetune.mixture.code=[1]", "finetune.mixture.code: expected a number, got list [1]"),
-    ("train.steps=0", "train.steps: must be > 0, got 0"),
-    ("train.lr=0", "train.lr: must be > 0, got 0.0"),
-    ("train.precision=bf-16", "train.precision: expected one of auto, fp32, bf16, fp16; got 'bf-16' (did you mean bf16?)"),
-    ("train.betas=[0.9]", "train.betas: expected two numbers in [0, 1), got [0.9]"),
-    ("finetune.router_mode=top2", "finetune.router_mode: expected one of topk, switch, soft, sample_top1; got 'top2'"),
-    ("finetune.trainable=router", "finetune.trainable: expected one of all, router_only, frozen_experts; got 'router'"),
-    ("finetune.zero_stage=4", "finetune.zero_stage: must be 0, 1, 2 or 3, got 4"),
-    ("finetune.offload_optimizer=true", "finetune.offload_optimizer: needs zero_stage >= 1"),
-    ("finetune.mixture={code: 0, prose: 0}", "finetune.mixture: weights must sum to more than 0"),
-    ("finetune.mixture.cdoe=1", "finetune.mixture.cdoe: not a domain of this experiment (domains: code, prose) (did you mean code?)"),
-    ("merge.weights=even", "merge.weights: expected uniform, tokens or a mapping of weights; got 'even'"),
-    ("merge.weights={code: 1, seed: -1}", "merge.weights.seed: weights must be >= 0, got -1"),
-    ("merge.top_k=4", "merge.top_k: must be <= the number of experts (3), got 4"),
-    ("merge.granularity=split", "merge.chunks: must be >= 2 with granularity split, got 1"),
-    ("merge.shard_size=lots", "merge.shard_size: not a size: 'lots' (expected e.g. 5GB, 500MB, 2GiB)"),
-    ("branch.executor=k8s", "branch.executor: expected one of local, slurm; got 'k8s'"),
-    ("model.n_kv_heads=3", "model.n_kv_heads: must divide n_heads (4), got 3"),
-    ("model.vocab_size=256", "model.vocab_size: the byte tokenizer needs vocab_size >= 264, got 256"),
-    ("experiment=a/b", "experiment: 'a/b' is not a usable name"),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("train.lr=abc", "train.lr: expected a number, got str 'abc'"),
+        ("train.steps=1.5", "train.steps: expected an integer, got float 1.5"),
+        ("merge.keep_seed=3", "merge.keep_seed: expected true or false, got int 3"),
+        ("branch.slurm.time=24:00:00", "branch.slurm.time: expected a string, got int 86400 (quote the value)"),
+        ("train=3", "train: expected a mapping, got int 3"),
+        ("seed.train.lrr=1", "seed.train.lrr: unknown key (did you mean lr?)"),
+        ("finetune.mixture.code=[1]", "finetune.mixture.code: expected a number, got list [1]"),
+        ("train.steps=0", "train.steps: must be > 0, got 0"),
+        ("train.lr=0", "train.lr: must be > 0, got 0.0"),
+        (
+            "train.precision=bf-16",
+            "train.precision: expected one of auto, fp32, bf16, fp16; got 'bf-16' (did you mean bf16?)",
+        ),
+        ("train.betas=[0.9]", "train.betas: expected two numbers in [0, 1), got [0.9]"),
+        (
+            "finetune.router_mode=top2",
+            "finetune.router_mode: expected one of topk, switch, soft, sample_top1; got 'top2'",
+        ),
+        (
+            "finetune.trainable=router",
+            "finetune.trainable: expected one of all, router_only, frozen_experts; got 'router'",
+        ),
+        ("finetune.zero_stage=4", "finetune.zero_stage: must be 0, 1, 2 or 3, got 4"),
+        ("finetune.offload_optimizer=true", "finetune.offload_optimizer: needs zero_stage >= 1"),
+        ("finetune.mixture={code: 0, prose: 0}", "finetune.mixture: weights must sum to more than 0"),
+        (
+            "finetune.mixture.cdoe=1",
+            "finetune.mixture.cdoe: not a domain of this experiment (domains: code, prose) (did you mean code?)",
+        ),
+        ("merge.weights=even", "merge.weights: expected uniform, tokens or a mapping of weights; got 'even'"),
+        ("merge.weights={code: 1, seed: -1}", "merge.weights.seed: weights must be >= 0, got -1"),
+        ("merge.top_k=4", "merge.top_k: must be <= the number of experts (3), got 4"),
+        ("merge.granularity=split", "merge.chunks: must be >= 2 with granularity split, got 1"),
+        ("merge.shard_size=lots", "merge.shard_size: not a size: 'lots' (expected e.g. 5GB, 500MB, 2GiB)"),
+        ("branch.executor=k8s", "branch.executor: expected one of local, slurm; got 'k8s'"),
+        ("model.n_kv_heads=3", "model.n_kv_heads: must divide n_heads (4), got 3"),
+        ("model.vocab_size=256", "model.vocab_size: the byte tokenizer needs vocab_size >= 264, got 256"),
+        ("experiment=a/b", "experiment: 'a/b' is not a usable name"),
+    ],
+)
 def test_bad_values_are_one_line_errors(override, expected):
     message = error_of([override])
     assert message.startswith(f"{FIXTURE}")
@@ -124,11 +140,14 @@ def test_command_line_train_override_is_checked_for_every_job():
     assert "train.warmup_steps: must be >= 0, got -1" in error_of(["train.warmup_steps=-1"])
 
 
-@pytest.mark.parametrize("override, expected", [
-    ("domains.code=missing.yaml", "domains.code: "),
-    ("seed.path=no/such/ckpt", "model: give either seed.path"),
-    ("tokenizer=no/such/tokenizer.json", "tokenizer: "),
-])
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("domains.code=missing.yaml", "domains.code: "),
+        ("seed.path=no/such/ckpt", "model: give either seed.path"),
+        ("tokenizer=no/such/tokenizer.json", "tokenizer: "),
+    ],
+)
 def test_missing_referenced_files(override, expected):
     assert expected in error_of([override])
 
@@ -167,11 +186,15 @@ def test_missing_experiment_name_and_interpolation_errors(tmp_path):
 
 
 def test_domain_recipe_errors_name_the_domain_file(tmp_path):
-    exp_path = write(tmp_path, "exp.yaml", """\
+    exp_path = write(
+        tmp_path,
+        "exp.yaml",
+        """\
         experiment: t
         model: {vocab_size: 264}
         domains: {d: d.yaml}
-    """)
+    """,
+    )
     write(tmp_path, "a.txt", "text")
     d = write(tmp_path, "d.yaml", "data: {sources: [a.txt]}\ntrain: {lrr: 1}\n")
     assert error_of(path=exp_path) == f"{d}: train.lrr: unknown key (did you mean lr?)"
@@ -198,7 +221,10 @@ def test_domain_recipe_errors_name_the_domain_file(tmp_path):
 def test_domain_sources_globs_and_standalone_load(tmp_path):
     for name in ("a.txt", "b.txt", "c.jsonl", "sub/d.txt", "sub/.hidden"):
         write(tmp_path, f"corpus/{name}", "x")
-    d = write(tmp_path, "d.yaml", """\
+    d = write(
+        tmp_path,
+        "d.yaml",
+        """\
         data:
           sources:
             - corpus/*.txt
@@ -206,13 +232,16 @@ def test_domain_sources_globs_and_standalone_load(tmp_path):
             - corpus
           builtin: arithmetic
         train: {steps: 7}
-    """)
+    """,
+    )
     dom = load_domain(d, ["train.lr=0.5"])
     assert dom.name == "d" and dom.train.steps == 7 and dom.train.lr == 0.5
     c = tmp_path / "corpus"
     assert dom.sources[0].files == [c / "a.txt", c / "b.txt"]
-    assert dom.sources[0].specs() == [{"path": str(c / "a.txt"), "text_field": "text"},
-                                      {"path": str(c / "b.txt"), "text_field": "text"}]
+    assert dom.sources[0].specs() == [
+        {"path": str(c / "a.txt"), "text_field": "text"},
+        {"path": str(c / "b.txt"), "text_field": "text"},
+    ]
     assert dom.sources[1].files == [c / "a.txt", c / "b.txt", c / "sub" / "d.txt"]
     assert dom.sources[1].specs() == [{"path": str(c), "text_field": "body", "glob": "**/*.txt"}]
     assert dom.sources[2].files == [c / "a.txt", c / "b.txt", c / "c.jsonl", c / "sub" / "d.txt"]

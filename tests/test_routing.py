@@ -70,8 +70,9 @@ def make_shard(tmp_path, name, text, tokenizer="byte"):
     """A btx shard holding exactly the text's bytes (no EOS), all in the train split."""
     doc = tmp_path / f"{name}.txt"
     doc.write_text(text)
-    prepare_domain(name, [str(doc)], tokenizer, tmp_path / "data" / name, val_fraction=0.0, append_eos=False,
-                   progress=False)
+    prepare_domain(
+        name, [str(doc)], tokenizer, tmp_path / "data" / name, val_fraction=0.0, append_eos=False, progress=False
+    )
     return tmp_path / "data" / name / "train.bin"
 
 
@@ -110,8 +111,9 @@ def expected_stats(ids, router_scale=1.0):
 def assert_stats(got, want, own=None):
     assert got["tokens"] == want["tokens"]
     for key, value in want.items():
-        np.testing.assert_allclose(np.asarray(got[key], dtype=float), np.asarray(value, dtype=float),
-                                   rtol=1e-6, atol=1e-9, err_msg=key)
+        np.testing.assert_allclose(
+            np.asarray(got[key], dtype=float), np.asarray(value, dtype=float), rtol=1e-6, atol=1e-9, err_msg=key
+        )
     if own is not None:
         e = EXPERT_NAMES.index(own)
         assert got["own_expert"] == own
@@ -139,8 +141,23 @@ def setup(tmp_path_factory):
 def test_every_number_matches_a_hand_computation(setup, capsys):
     tmp, ckpt, shards = setup
     out = tmp / "out-hand"
-    status, stdout, err = run_cli([ckpt, "--data", f"low={shards['low']}", "--data", f"high={shards['high']}",
-                                   "--seq-len", 16, "--batch-size", 3, "--out", out, "--show-text"], capsys)
+    status, stdout, err = run_cli(
+        [
+            ckpt,
+            "--data",
+            f"low={shards['low']}",
+            "--data",
+            f"high={shards['high']}",
+            "--seq-len",
+            16,
+            "--batch-size",
+            3,
+            "--out",
+            out,
+            "--show-text",
+        ],
+        capsys,
+    )
     assert status == 0, err
     report = json.loads((out / "routing.json").read_text())
     low_ids, high_ids = list(LOW_TEXT.encode()), list(HIGH_TEXT.encode())
@@ -231,12 +248,23 @@ def test_accumulator_matches_the_analysis(setup):
     report = analyze_checkpoint(ckpt, {n: str(p) for n, p in shards.items()}, seq_len=seq, batch_size=4)
     summary = acc.summary()
     for name in ("low", "high"):
-        for key in ("tokens", "top1_frac", "topk_frac", "load_share", "mean_prob", "load_imbalance",
-                    "entropy_of_mean", "mean_token_entropy", "top1_agreement"):
-            np.testing.assert_allclose(summary["domains"][name][key], report["domains"][name][key], rtol=1e-9,
-                                       err_msg=key)
-            np.testing.assert_allclose(mixed.summary()["domains"][name][key], summary["domains"][name][key],
-                                       rtol=1e-12, err_msg=key)
+        for key in (
+            "tokens",
+            "top1_frac",
+            "topk_frac",
+            "load_share",
+            "mean_prob",
+            "load_imbalance",
+            "entropy_of_mean",
+            "mean_token_entropy",
+            "top1_agreement",
+        ):
+            np.testing.assert_allclose(
+                summary["domains"][name][key], report["domains"][name][key], rtol=1e-9, err_msg=key
+            )
+            np.testing.assert_allclose(
+                mixed.summary()["domains"][name][key], summary["domains"][name][key], rtol=1e-12, err_msg=key
+            )
     np.testing.assert_allclose(summary["overall"]["load_share"], report["overall"]["load_share"], rtol=1e-9)
 
     acc.update(model)  # domain None: overall only
@@ -267,8 +295,10 @@ def test_transformers_mixtral_checkpoint(tmp_path, capsys):
     text = "def f(x):\n    return x * 2\n" * 6
     (tmp_path / "code.txt").write_text(text)
 
-    status, stdout, err = run_cli([tmp_path / "mix", "--data", f"code={tmp_path / 'code.txt'}", "--seq-len", 32,
-                                   "--out", tmp_path / "out"], capsys)
+    status, stdout, err = run_cli(
+        [tmp_path / "mix", "--data", f"code={tmp_path / 'code.txt'}", "--seq-len", 32, "--out", tmp_path / "out"],
+        capsys,
+    )
     assert status == 0, err
     report = json.loads((tmp_path / "out" / "routing.json").read_text())
     assert report["experts"] == ["e0", "e1", "e2", "e3"] and report["experts_from"] == "default"
@@ -295,8 +325,9 @@ def test_transformers_mixtral_checkpoint(tmp_path, capsys):
 def test_pngs_written(setup, capsys):
     pytest.importorskip("matplotlib")
     tmp, ckpt, shards = setup
-    status, _, err = run_cli([ckpt, "--data", f"low={shards['low']}", "--data", f"high={shards['high']}",
-                              "--out", tmp / "out-png"], capsys)
+    status, _, err = run_cli(
+        [ckpt, "--data", f"low={shards['low']}", "--data", f"high={shards['high']}", "--out", tmp / "out-png"], capsys
+    )
     assert status == 0, err
     for name in ("heatmap_low.png", "heatmap_high.png", "layers_stacked.png"):
         data = (tmp / "out-png" / name).read_bytes()
@@ -322,8 +353,7 @@ def test_compare_two_checkpoints(setup, capsys):
     tmp, ckpt, shards = setup
     softer = save(hand_routed_model(router_scale=0.5), tmp / "moe-soft")
     out = tmp / "out-cmp"
-    status, stdout, err = run_cli(["--compare", ckpt, softer, "--data", f"high={shards['high']}",
-                                   "--out", out], capsys)
+    status, stdout, err = run_cli(["--compare", ckpt, softer, "--data", f"high={shards['high']}", "--out", out], capsys)
     assert status == 0, err
     report = json.loads((out / "routing.json").read_text())
     b = json.loads((out / "compare" / "routing.json").read_text())
@@ -332,8 +362,9 @@ def test_compare_two_checkpoints(setup, capsys):
     diff = report["compare"]["difference"]["domains"]["high"]
     want_a, want_b = expected_stats(ids), expected_stats(ids, router_scale=0.5)
     np.testing.assert_allclose(diff["mean_prob"], np.subtract(want_b["mean_prob"], want_a["mean_prob"]), atol=1e-6)
-    np.testing.assert_allclose(diff["mean_token_entropy"],
-                               np.subtract(want_b["mean_token_entropy"], want_a["mean_token_entropy"]), atol=1e-6)
+    np.testing.assert_allclose(
+        diff["mean_token_entropy"], np.subtract(want_b["mean_token_entropy"], want_a["mean_token_entropy"]), atol=1e-6
+    )
     assert "B minus A" in stdout and "(A → B)" in stdout
     if (out / "compare").joinpath("diff_high.png").exists():  # with matplotlib
         assert (out / "compare" / "layers_stacked.png").is_file()
@@ -376,7 +407,9 @@ def test_bad_inputs(setup, tmp_path, capsys):
     assert "--experts" in one_line_error(capsys, [ckpt, "--data", low, "--experts", "a,b"])
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "notes.txt").write_text("keep me")
-    assert "not an earlier routing analysis" in one_line_error(capsys, [ckpt, "--data", low, "--out", tmp_path / "precious"])
+    assert "not an earlier routing analysis" in one_line_error(
+        capsys, [ckpt, "--data", low, "--out", tmp_path / "precious"]
+    )
     assert (tmp_path / "precious" / "notes.txt").read_text() == "keep me"
 
 
@@ -397,8 +430,15 @@ def test_recipe_mode(tmp_path, capsys):
     for name, text in (("low", LOW_TEXT), ("high", HIGH_TEXT)):
         (tmp_path / f"{name}.txt").write_text(text)
         (tmp_path / f"{name}.yaml").write_text(f"data:\n  sources: [{name}.txt]\n")
-        prepare_domain(name, [str(tmp_path / f"{name}.txt"), str(tmp_path / f"{name}.txt")], "byte",
-                       run / "data" / name, val_fraction=0.5, append_eos=False, progress=False)
+        prepare_domain(
+            name,
+            [str(tmp_path / f"{name}.txt"), str(tmp_path / f"{name}.txt")],
+            "byte",
+            run / "data" / name,
+            val_fraction=0.5,
+            append_eos=False,
+            progress=False,
+        )
     (tmp_path / "btx.yaml").write_text(
         f"experiment: rt\nrun_dir: {run}\ntokenizer: byte\n"
         "model: {vocab_size: 264, dim: 8, n_layers: 2, n_heads: 2, n_kv_heads: 2, ffn_dim: 8, max_seq_len: 64}\n"
@@ -417,7 +457,7 @@ def test_recipe_mode(tmp_path, capsys):
     assert done["stage"] == "analyze" and "routing.json" in done["files"]
     assert "top-1 expert at layer 1" in stdout  # analyze.show_text: 1
 
-    from btx.evaluate.routing_report import analyze_recipe
+    from btx.evaluate.analyze import analyze_recipe
     from btx.recipe.load import load_experiment
 
     report = analyze_recipe(load_experiment(tmp_path / "btx.yaml"))  # what btx run's analyze stage calls
@@ -453,7 +493,9 @@ def test_demo_merged_model(tmp_path, capsys):
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("routing_demo", Path(__file__).parent.parent / "tools" / "routing_demo.py")
+    spec = importlib.util.spec_from_file_location(
+        "routing_demo", Path(__file__).parent.parent / "tools" / "routing_demo.py"
+    )
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     paths = demo.build(tmp_path, dim=32, n_layers=2, data_bytes=40_000, router_tokens=2048)
@@ -467,5 +509,6 @@ def test_demo_merged_model(tmp_path, capsys):
     gain = [np.mean(centroid["overall"]["own_top1_frac"]), np.mean(random_routers["overall"]["own_top1_frac"])]
     assert gain[0] > gain[1] + 0.1, gain
     diff = random_routers["compare"]["difference"]["overall"]["own_top1_frac"]
-    np.testing.assert_allclose(diff, np.subtract(centroid["overall"]["own_top1_frac"],
-                                                 random_routers["overall"]["own_top1_frac"]), atol=1e-12)
+    np.testing.assert_allclose(
+        diff, np.subtract(centroid["overall"]["own_top1_frac"], random_routers["overall"]["own_top1_frac"]), atol=1e-12
+    )

@@ -47,31 +47,109 @@ FIXTURE = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
 
 # A value other than the default for every field of every section (the tiny fixture's domains are
 # code and prose). The tests below check that each list is complete.
-MERGE = dict(keep_seed=False, weights={"code": 2.0, "prose": 1.0}, router_init="hidden", router_std=0.5, router_seed=7,
-             router_tokens=123, ridge_lambda=0.5, router_scale=3.0, prompts={"code": ["def f():"], "prose": ["The"]},
-             negative_prompts={"code": ["Once upon"]}, granularity="split", chunks=4, top_k=3, dtype="bfloat16",
-             shard_size="5G")
-GROW = dict(domains=["prose"], router_init="hidden", shared="average", shared_weight=0.25, steps=5, trainable="all",
-            mixture={"code": 1.0, "prose": 2.0})
-TRAIN = dict(lr=3e-3, weight_decay=0.05, warmup_steps=3, min_lr_ratio=0.2, betas=[0.8, 0.9], eps=1e-6, steps=7,
-             batch_size=3, seq_len=16, grad_accum=2, grad_clip=0.5, precision="fp32", checkpoint_every=3,
-             keep_checkpoints=3, eval_every=3, eval_batches=2, log_every=2, seed=5, zero_stage=1, trainable="ffn")
-FINETUNE = dict(train={"steps": 9}, mixture={"code": 3.0, "prose": 1.0}, router_mode="switch", top_k=1,
-                capacity_factor=2.0, gumbel_rate=1e-3, balance_alpha=0.1, z_loss=0.01, trainable="frozen_experts",
-                router_only_steps=2, zero_stage=2, offload_optimizer=True, general="general.yaml")
+MERGE = dict(
+    keep_seed=False,
+    weights={"code": 2.0, "prose": 1.0},
+    router_init="hidden",
+    router_std=0.5,
+    router_seed=7,
+    router_tokens=123,
+    ridge_lambda=0.5,
+    router_scale=3.0,
+    prompts={"code": ["def f():"], "prose": ["The"]},
+    negative_prompts={"code": ["Once upon"]},
+    granularity="split",
+    chunks=4,
+    top_k=3,
+    dtype="bfloat16",
+    shard_size="5G",
+)
+GROW = dict(
+    domains=["prose"],
+    router_init="hidden",
+    shared="average",
+    shared_weight=0.25,
+    steps=5,
+    trainable="all",
+    mixture={"code": 1.0, "prose": 2.0},
+)
+TRAIN = dict(
+    lr=3e-3,
+    weight_decay=0.05,
+    warmup_steps=3,
+    min_lr_ratio=0.2,
+    betas=[0.8, 0.9],
+    eps=1e-6,
+    steps=7,
+    batch_size=3,
+    seq_len=16,
+    grad_accum=2,
+    grad_clip=0.5,
+    precision="fp32",
+    checkpoint_every=3,
+    keep_checkpoints=3,
+    eval_every=3,
+    eval_batches=2,
+    log_every=2,
+    seed=5,
+    zero_stage=1,
+    trainable="ffn",
+)
+FINETUNE = dict(
+    train={"steps": 9},
+    mixture={"code": 3.0, "prose": 1.0},
+    router_mode="switch",
+    top_k=1,
+    capacity_factor=2.0,
+    gumbel_rate=1e-3,
+    balance_alpha=0.1,
+    z_loss=0.01,
+    trainable="frozen_experts",
+    router_only_steps=2,
+    zero_stage=2,
+    offload_optimizer=True,
+    general="general.yaml",
+)
 EVAL = dict(baselines=True, match="both", batches=3, batch_size=4, seq_len=16, btm_tfidf_tokens=1000)
 ANALYZE = dict(tokens=100, show_text=1)
-SLURM = dict(partition="gpu", account="lab", time="1:00:00", nodes=2, gpus_per_node=4, cpus_per_task=8, mem="10G",
-             extra_sbatch=["--qos=high"], setup=["module load cuda"])
+SLURM = dict(
+    partition="gpu",
+    account="lab",
+    time="1:00:00",
+    nodes=2,
+    gpus_per_node=4,
+    cpus_per_task=8,
+    mem="10G",
+    extra_sbatch=["--qos=high"],
+    setup=["module load cuda"],
+)
 BRANCH = dict(executor="slurm", max_parallel=2, devices_per_expert=2, slurm=SLURM)
 SEED = dict(path=None, train={"steps": 11}, mixture={"code": 2.0, "prose": 1.0})  # path: see its own test
-MODEL = dict(vocab_size=300, dim=48, n_layers=3, n_heads=6, n_kv_heads=3, ffn_dim=96, norm_eps=1e-6,
-             rope_theta=5e5, rope_scaling={"rope_type": "linear", "factor": 2.0}, max_seq_len=128,
-             tie_embeddings=True)
-SECTIONS = {"merge": (MergeSection, MERGE), "grow": (GrowSection, GROW), "train": (TrainSection, TRAIN),
-            "finetune": (FinetuneSection, FINETUNE), "eval": (EvalSection, EVAL), "analyze": (AnalyzeSection, ANALYZE),
-            "branch": (BranchSection, BRANCH), "branch.slurm": (SlurmSection, SLURM), "seed": (SeedSection, SEED),
-            "model": (ModelSection, MODEL)}
+MODEL = dict(
+    vocab_size=300,
+    dim=48,
+    n_layers=3,
+    n_heads=6,
+    n_kv_heads=3,
+    ffn_dim=96,
+    norm_eps=1e-6,
+    rope_theta=5e5,
+    rope_scaling={"rope_type": "linear", "factor": 2.0},
+    max_seq_len=128,
+    tie_embeddings=True,
+)
+SECTIONS = {
+    "merge": (MergeSection, MERGE),
+    "grow": (GrowSection, GROW),
+    "train": (TrainSection, TRAIN),
+    "finetune": (FinetuneSection, FINETUNE),
+    "eval": (EvalSection, EVAL),
+    "analyze": (AnalyzeSection, ANALYZE),
+    "branch": (BranchSection, BRANCH),
+    "branch.slurm": (SlurmSection, SLURM),
+    "seed": (SeedSection, SEED),
+    "model": (ModelSection, MODEL),
+}
 
 
 def yaml_value(value) -> str:
@@ -133,8 +211,9 @@ def test_every_grow_key_reaches_the_edit_options():
     for key in FROM_MERGE:  # the fitted inits read the merge's token budget and prompts
         assert getattr(edit, key) == MERGE[key], key
     # prompts only of the output's experts, and only for a hidden init
-    assert EditOptions.from_sections(GrowSection(**GROW), MergeSection(**MERGE), ["prose"]).prompts == \
-        {"prose": ["The"]}
+    assert EditOptions.from_sections(GrowSection(**GROW), MergeSection(**MERGE), ["prose"]).prompts == {
+        "prose": ["The"]
+    }
     ridge = EditOptions.from_sections(GrowSection(**{**GROW, "router_init": "ridge"}), MergeSection(**MERGE), experts)
     assert ridge.prompts == {} and ridge.negative_prompts == {}
 
@@ -165,16 +244,24 @@ def every_value(tmp_path_factory):
     general = tmp / "general.yaml"
     general.write_text(f"data:\n  sources: [{FIXTURE.parent / 'data' / 'code'}]\n  val_fraction: 0.25\n")
     finetune = {**FINETUNE, "general": str(general)}
-    args = [f"run_dir={tmp / 'run'}", *overrides("train", TRAIN), *overrides("finetune", finetune),
-            *overrides("eval", EVAL), *overrides("analyze", ANALYZE), *overrides("seed", SEED),
-            *overrides("model", MODEL), *overrides("branch", {k: v for k, v in BRANCH.items() if k != "slurm"}),
-            *overrides("branch.slurm", SLURM)]
+    args = [
+        f"run_dir={tmp / 'run'}",
+        *overrides("train", TRAIN),
+        *overrides("finetune", finetune),
+        *overrides("eval", EVAL),
+        *overrides("analyze", ANALYZE),
+        *overrides("seed", SEED),
+        *overrides("model", MODEL),
+        *overrides("branch", {k: v for k, v in BRANCH.items() if k != "slurm"}),
+        *overrides("branch.slurm", SLURM),
+    ]
     exp = load_experiment(FIXTURE, args)
     prepare_experiment(exp, progress=False)
     (exp.run_dir / "seed").mkdir(parents=True)
     write_done(exp.run_dir / "seed", {"stage": "train", "outputs": {}})
-    cfg = ModelConfig(vocab_size=264, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64,
-                      n_experts=3, top_k=2)
+    cfg = ModelConfig(
+        vocab_size=264, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64, n_experts=3, top_k=2
+    )
     merged = exp.run_dir / "merged"
     torch.manual_seed(0)
     save_model(Transformer(cfg), cfg, merged, dtype=torch.float32)
@@ -214,8 +301,12 @@ def test_finetune_keys_reach_the_finetune_job(every_value):
     job = finetune_job(exp)
     assert job.settings.steps == FINETUNE["train"]["steps"] and job.mixture == FINETUNE["mixture"]
     routing = job.config_overrides
-    assert (routing["router_mode"], routing["top_k"], routing["capacity_factor"], routing["gumbel_rate"]) == \
-        (FINETUNE["router_mode"], FINETUNE["top_k"], FINETUNE["capacity_factor"], FINETUNE["gumbel_rate"])
+    assert (routing["router_mode"], routing["top_k"], routing["capacity_factor"], routing["gumbel_rate"]) == (
+        FINETUNE["router_mode"],
+        FINETUNE["top_k"],
+        FINETUNE["capacity_factor"],
+        FINETUNE["gumbel_rate"],
+    )
     assert job.balance_alpha == FINETUNE["balance_alpha"] and job.z_loss_coef == FINETUNE["z_loss"]
     assert job.engine_settings["trainable"] == FINETUNE["trainable"]
     assert (job.engine_settings["zero_stage"], job.engine_settings["offload_optimizer"]) == (2, True)
@@ -236,12 +327,12 @@ def test_eval_keys_reach_eval(every_value):
 
 
 def test_analyze_keys_reach_analyze(every_value, monkeypatch):
-    from btx.evaluate import routing_report
+    from btx.evaluate import analyze
 
     exp, _ = every_value
     seen = {}
-    monkeypatch.setattr(routing_report, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
-    routing_report.analyze_recipe(exp)
+    monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
+    analyze.analyze_recipe(exp)
     assert seen["options"]["tokens"] == ANALYZE["tokens"] and seen["show_text"] == ANALYZE["show_text"]
 
 
@@ -253,8 +344,17 @@ def test_branch_keys_reach_the_job_scripts(every_value, tmp_path):
     assert branch(FIXTURE, args, dry_run=True, console=console) == 0
     text = console.export_text()
     assert "with the slurm executor" in text
-    for line in ("--partition=gpu", "--account=lab", "--time=1:00:00", "--nodes=2", "--gpus-per-node=4",
-                 "--cpus-per-task=8", "--mem=10G", "--qos=high", "module load cuda"):
+    for line in (
+        "--partition=gpu",
+        "--account=lab",
+        "--time=1:00:00",
+        "--nodes=2",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--mem=10G",
+        "--qos=high",
+        "module load cuda",
+    ):
         assert line in text, line
     console = Console(record=True, width=400)
     assert branch(FIXTURE, args, executor="local", dry_run=True, console=console) == 0
@@ -275,11 +375,30 @@ MERGE_FLAGS = {
     "shard_size": ("5G", "5G"), "router_aux_loss_coef": ("0.5", 0.5), "upcycle": ("2", 2),
     "average_all": (None, True), "router_device": ("cpu", "cpu"),
 }  # fmt: skip
-EDIT_FLAGS = {**{k: v for k, v in MERGE_FLAGS.items() if k in {f.name for f in dataclasses.fields(EditOptions)}},
-              "shared": ("average", "average"), "shared_weight": ("0.25", 0.25), "top_k": ("1", 1)}
+EDIT_FLAGS = {
+    **{k: v for k, v in MERGE_FLAGS.items() if k in {f.name for f in dataclasses.fields(EditOptions)}},
+    "shared": ("average", "average"),
+    "shared_weight": ("0.25", 0.25),
+    "top_k": ("1", 1),
+}
 # Flags of `btx merge` that are not settings: inputs, outputs and how the command runs.
-NOT_SETTINGS = {"-h", "--help", "--debug", "--force", "--allow-no-manifest", "--quiet", "--seed", "--expert", "--out",
-                "--router-data", "--centroid-data", "--into", "--add-expert", "--remove-expert", "--allow-foreign"}
+NOT_SETTINGS = {
+    "-h",
+    "--help",
+    "--debug",
+    "--force",
+    "--allow-no-manifest",
+    "--quiet",
+    "--seed",
+    "--expert",
+    "--out",
+    "--router-data",
+    "--centroid-data",
+    "--into",
+    "--add-expert",
+    "--remove-expert",
+    "--allow-foreign",
+}
 
 
 def merge_parser():
@@ -319,8 +438,18 @@ def test_a_command_line_giving_every_merge_flag_reaches_the_merge(monkeypatch):
         return {"seconds": 1.0, "bytes": 0, "n_experts": 1, "experts": ["code"], "top_k": 1}
 
     monkeypatch.setattr("btx.mix.merge.merge", fake_merge)
-    argv = ["merge", "--seed", "s", "--expert", "code=c", "--out", "o", "--router-data", "code=d",
-            *argv_of(MERGE_FLAGS, MergeOptions)]
+    argv = [
+        "merge",
+        "--seed",
+        "s",
+        "--expert",
+        "code=c",
+        "--out",
+        "o",
+        "--router-data",
+        "code=d",
+        *argv_of(MERGE_FLAGS, MergeOptions),
+    ]
     assert cli.main(argv) == 0
     options = seen["options"]
     for name, (_, value) in MERGE_FLAGS.items():
@@ -338,8 +467,18 @@ def test_a_command_line_giving_every_edit_flag_reaches_the_edit(monkeypatch):
         return {"seconds": 1.0, "bytes": 0, "n_experts": 1, "experts": ["code"], "top_k": 1}
 
     monkeypatch.setattr("btx.mix.grow.grow_moe", fake_edit)
-    argv = ["merge", "--into", "m", "--add-expert", "new=d", "--out", "o", "--router-data", "new=v",
-            *argv_of(EDIT_FLAGS, EditOptions)]
+    argv = [
+        "merge",
+        "--into",
+        "m",
+        "--add-expert",
+        "new=d",
+        "--out",
+        "o",
+        "--router-data",
+        "new=v",
+        *argv_of(EDIT_FLAGS, EditOptions),
+    ]
     assert cli.main(argv) == 0
     for name, (_, value) in EDIT_FLAGS.items():
         assert getattr(seen["options"], name) == value, name
@@ -362,8 +501,18 @@ def test_flags_of_the_other_kind_are_refused(capsys):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("text, size", [("5G", 5 * 10**9), ("5GB", 5 * 10**9), ("5GiB", 5 << 30), ("500MB", 5 * 10**8),
-                                        ("1000", 1000), ("2gi", 2 << 30), (123, 123)])
+@pytest.mark.parametrize(
+    "text, size",
+    [
+        ("5G", 5 * 10**9),
+        ("5GB", 5 * 10**9),
+        ("5GiB", 5 << 30),
+        ("500MB", 5 * 10**8),
+        ("1000", 1000),
+        ("2gi", 2 << 30),
+        (123, 123),
+    ],
+)
 def test_one_size_grammar(text, size):
     assert parse_size(text) == size
 
@@ -425,12 +574,18 @@ def test_the_old_recipe_key_in_a_file(tmp_path, capsys, fresh_notes):
 
 
 def test_the_old_flags_still_work_with_a_note(capsys, fresh_notes):
-    args = cli.parse_args(shlex.split("merge --seed s --out o --centroid-tokens 7 --centroid-data code=d "
-                                      "--centroid-device cpu --centroid-data prose=p"))
+    args = cli.parse_args(
+        shlex.split(
+            "merge --seed s --out o --centroid-tokens 7 --centroid-data code=d "
+            "--centroid-device cpu --centroid-data prose=p"
+        )
+    )
     assert given(args, MergeOptions) == {"router_tokens": 7, "router_device": "cpu"}
     assert args.router_data == ["code=d", "prose=p"]
     lines = capsys.readouterr().err.splitlines()
-    assert lines == [f"btx: note: --centroid-{old} is now --router-{old}; the old name still works but will go"
-                     for old in ("tokens", "data", "device")]
+    assert lines == [
+        f"btx: note: --centroid-{old} is now --router-{old}; the old name still works but will go"
+        for old in ("tokens", "data", "device")
+    ]
     _, merge = merge_parser()
     assert "--centroid-tokens" not in merge.format_help()  # hidden, but working

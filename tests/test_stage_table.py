@@ -158,12 +158,16 @@ def write_recipe(root: Path) -> Path:
     data = "data:\n  sources:\n    - data/notes\n  val_fraction: 0.25\n"
     (root / "notes.yaml").write_text(data)
     (root / "notes-lr.yaml").write_text(data + "train:\n  lr: 0.002\n")
-    (root / "notes-data.yaml").write_text("data:\n  sources:\n    - data/notes/n0.txt\n    - data/notes/n1.txt\n"
-                                          "  val_fraction: 0.3\n")
+    (root / "notes-data.yaml").write_text(
+        "data:\n  sources:\n    - data/notes/n0.txt\n    - data/notes/n1.txt\n  val_fraction: 0.3\n"
+    )
     recipe = root / "btx.yaml"
     text = recipe.read_text().replace("  prose: prose.yaml\n", "  prose: prose.yaml\n  notes: notes.yaml\n")
-    text = text.replace("merge:\n  top_k: 2\n", "merge:\n  top_k: 2\n  router_init: ridge\n  router_tokens: 256\n"
-                        "  prompts: {code: [def f(x)], prose: [She said], notes: [NOTE 3]}\n")
+    text = text.replace(
+        "merge:\n  top_k: 2\n",
+        "merge:\n  top_k: 2\n  router_init: ridge\n  router_tokens: 256\n"
+        "  prompts: {code: [def f(x)], prose: [She said], notes: [NOTE 3]}\n",
+    )
     recipe.write_text(text + "grow:\n  domains: [notes]\n  router_init: hidden\n  steps: 1\n")
     return recipe
 
@@ -188,23 +192,32 @@ def covers(declared: str, path: str) -> bool:
 
 
 def declared(stage) -> list[str]:
-    return [*(r.path if isinstance(r, Read) else r for r in stage.reads), *stage.uses,
-            *([stage.parts] if stage.parts else [])]
+    return [
+        *(r.path if isinstance(r, Read) else r for r in stage.reads),
+        *stage.uses,
+        *([stage.parts] if stage.parts else []),
+    ]
 
 
 def test_every_stage_worked_and_read_what_it_declares(recorded):
     _, run_dir, reads = recorded
     assert set(reads) == {s.name for s in pipeline.STAGES}, "a row whose work did not run cannot be checked"
     # the recorder sees through sections, domains and mappings (it cannot pass by seeing nothing)
-    seen = {name: {".".join(path.split(".")[:depth]) for path in r.paths for depth in range(1, 4)}
-            for name, r in reads.items()}
+    seen = {
+        name: {".".join(path.split(".")[:depth]) for path in r.paths for depth in range(1, 4)}
+        for name, r in reads.items()
+    }
     assert {"merge.top_k", "finetune.balance_alpha"} <= seen["merge"]
     assert {"domains.code.train", "domains.notes.train", "domains"} <= seen["branch"]
     assert {"grow.router_init", "merge.prompts", "merge.keep_seed", "finetune.z_loss"} <= seen["grow"]
     assert "data_domains.notes.data" in seen["prepare"]
-    undeclared = {name: sorted(p for p in r.paths if p.split(".")[0] not in NOT_SETTINGS
-                               and not any(covers(d, p) for d in declared(stage)))
-                  for stage in pipeline.STAGES for name, r in [(stage.name, reads[stage.name])]}
+    undeclared = {
+        name: sorted(
+            p for p in r.paths if p.split(".")[0] not in NOT_SETTINGS and not any(covers(d, p) for d in declared(stage))
+        )
+        for stage in pipeline.STAGES
+        for name, r in [(stage.name, reads[stage.name])]
+    }
     assert {k: v for k, v in undeclared.items() if v} == {}, "read by a stage's work, not declared by its row"
 
 
@@ -224,12 +237,16 @@ def test_the_table_is_well_formed():
 # -- what a change redoes --------------------------------------------------------------------------
 
 
-BASELINES = ["baselines:upcycled-merged", "baselines:dense", "baselines:upcycled", "baselines:dense-data",
-             "baselines:upcycled-data"]
+BASELINES = [
+    "baselines:upcycled-merged",
+    "baselines:dense",
+    "baselines:upcycled",
+    "baselines:dense-data",
+    "baselines:upcycled-data",
+]
 UPCYCLED = ["baselines:upcycled", "baselines:upcycled-data"]
 TRAINED = BASELINES[1:]
-AFTER_SEED = ["branch:code", "branch:prose", "branch:notes", "merge", "finetune", "grow", *BASELINES, "eval",
-              "analyze"]
+AFTER_SEED = ["branch:code", "branch:prose", "branch:notes", "merge", "finetune", "grow", *BASELINES, "eval", "analyze"]
 FROM_MERGE = ["merge", "finetune", "grow", "eval", "analyze"]
 # overrides (";" between them; {recipe}: the recipe's directory, {run}: the run's) -> what `btx run`
 # redoes, in order
@@ -297,13 +314,17 @@ def test_every_declared_read_is_changed_above(recorded):
                 for part in [None] if stage.parts is None else list(resolve(base, stage.parts)):
                     path = read.path if isinstance(read, Read) else read.format(part=part)
                     try:
-                        before, after = (read.view(e) if isinstance(read, Read) else resolve(e, path)
-                                         for e in (base, exp))
+                        before, after = (
+                            read.view(e) if isinstance(read, Read) else resolve(e, path) for e in (base, exp)
+                        )
                     except (KeyError, AttributeError):  # a part the change removes
                         continue
                     if before != after:
                         reached.add((stage.name, i))
-    missing = [f"{s.name}: {r.path if isinstance(r, Read) else r}" for s in pipeline.STAGES
-               for i, r in enumerate(s.reads) if (s.name, i) not in reached
-               and (r.path if isinstance(r, Read) else r) not in UNCHANGED]
+    missing = [
+        f"{s.name}: {r.path if isinstance(r, Read) else r}"
+        for s in pipeline.STAGES
+        for i, r in enumerate(s.reads)
+        if (s.name, i) not in reached and (r.path if isinstance(r, Read) else r) not in UNCHANGED
+    ]
     assert missing == [], "declared reads that no change of CHANGES reaches"

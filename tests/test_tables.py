@@ -19,8 +19,14 @@ EVAL_ROWS = [  # the demo's eval table: long row names, FLOPs like 1.86e+12
 
 
 def eval_columns(domains=("code", "math", "prose")):
-    return [Column("model", "label"), *(Column(d) for d in domains), Column("average"),
-            Column("ppl (avg)", optional=True), Column("train FLOPs"), Column("active params")]
+    return [
+        Column("model", "label"),
+        *(Column(d) for d in domains),
+        Column("average"),
+        Column("ppl (avg)", optional=True),
+        Column("train FLOPs"),
+        Column("active params"),
+    ]
 
 
 def draw(renderable, width: int | None = 80) -> str:
@@ -41,8 +47,8 @@ def assert_whole(text: str, width: int, values, names=()):
             continue
         first = name.split()[0]
         at = next(i for i, line in enumerate(lines) if re.search(rf"│ {re.escape(first)}\b", line))
-        joined = " ".join(line.split("│")[1].strip() for line in lines[at:at + 2] if "│" in line)
-        assert joined.startswith(name), (name, lines[at:at + 3])
+        joined = " ".join(line.split("│")[1].strip() for line in lines[at : at + 2] if "│" in line)
+        assert joined.startswith(name), (name, lines[at : at + 3])
 
 
 @pytest.mark.parametrize("width", [200, 100, 80, 60, 40])
@@ -51,8 +57,7 @@ def test_eval_table_values_stay_whole(width):
     chosen = table.layout(width)
     kept = chosen[0] if chosen else range(len(eval_columns()))
     text = draw(table, width)
-    assert_whole(text, width, {row[i] for row in EVAL_ROWS for i in kept if i > 0},
-                 names=[r[0] for r in EVAL_ROWS])
+    assert_whole(text, width, {row[i] for row in EVAL_ROWS for i in kept if i > 0}, names=[r[0] for r in EVAL_ROWS])
 
 
 def test_layouts_by_width():
@@ -76,8 +81,13 @@ def test_log_file_output_is_80_columns_and_whole(monkeypatch):
 def test_text_columns_wrap_at_spaces_and_paths_stay_whole():
     path = "/very/long/run/directory/checkpoints/demo/experts/prose/final"
     rows = [["prose", "done", "100/100", "1.4522", path + "\nresumes from step 50 when started again"]]
-    cols = [Column("expert", "label"), Column("state", "text"), Column("step"), Column("loss"),
-            Column("output / note", "text")]
+    cols = [
+        Column("expert", "label"),
+        Column("state", "text"),
+        Column("step"),
+        Column("loss"),
+        Column("output / note", "text"),
+    ]
     wide = draw(FitTable(cols, rows), 120)
     assert path in wide and "resumes from step 50 when started again" in wide
     narrow = draw(FitTable(cols, rows), 80)
@@ -108,20 +118,39 @@ def test_btx_eval_render_fits_80_columns():
     from btx.evaluate.scores import EvalRow
     from btx.evaluate.table import render
 
-    rows = [EvalRow(r[0], {"code": float(r[1]), "math": float(r[2]), "prose": float(r[3])},
-                    float(r[6]), int(float(r[7][:-1]) * 1e6)) for r in EVAL_ROWS]
+    rows = [
+        EvalRow(
+            r[0],
+            {"code": float(r[1]), "math": float(r[2]), "prose": float(r[3])},
+            float(r[6]),
+            int(float(r[7][:-1]) * 1e6),
+        )
+        for r in EVAL_ROWS
+    ]
     out = io.StringIO()
     render(rows, ["code", "math", "prose"], console=Console(file=out, width=80, color_system=None))
-    assert_whole(out.getvalue(), 80, ["1.86e+12", "6.99e+12", "1.7397", "0.66M"],
-                 names=["sparse upcycling (compute-matched)"])
+    assert_whole(
+        out.getvalue(), 80, ["1.86e+12", "6.99e+12", "1.7397", "0.66M"], names=["sparse upcycling (compute-matched)"]
+    )
 
 
 def test_btx_status_table_fits_80_columns():
     from btx.run.progress import ExpertStatus, status_table
 
     path = "checkpoints/a-long-experiment-name/experts/prose/final"  # too wide for the table at 80
-    statuses = [ExpertStatus(domain="prose", state="running", step=50, total_steps=100, loss=1.4522,
-                             tokens_per_s=31415.0, eta_s=90, path=path, detail="resumes where it stopped")]
+    statuses = [
+        ExpertStatus(
+            domain="prose",
+            state="running",
+            step=50,
+            total_steps=100,
+            loss=1.4522,
+            tokens_per_s=31415.0,
+            eta_s=90,
+            path=path,
+            detail="resumes where it stopped",
+        )
+    ]
     text = draw(status_table(statuses, title="status"), 80)
     assert str(path) in text and "31,415" in text and "1.4522" in text and "50/100" in text
 

@@ -81,10 +81,17 @@ def test_hf_tokenizer_from_tokenizer_json(tmp_path):
     assert isinstance(tok, HFTokenizer)
     ids = tok.encode("the cat sat")
     assert len(ids) == 3 and tok.decode(ids) == "the cat sat"
-    assert [a.tolist() for a in tok.encode_batch(["the cat", "a bird"])] == [tok.encode("the cat"), tok.encode("a bird")]
+    assert [a.tolist() for a in tok.encode_batch(["the cat", "a bird"])] == [
+        tok.encode("the cat"),
+        tok.encode("a bird"),
+    ]
     assert tok.eos_id == tok._tok.token_to_id("</s>") and tok.bos_id == tok._tok.token_to_id("<s>")
     identity = tok.identity()
-    assert identity == {"kind": "hf", "vocab_size": tok.vocab_size, "hash": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert identity == {
+        "kind": "hf",
+        "vocab_size": tok.vocab_size,
+        "hash": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     # Directory form, and save() keeps the identity (byte-for-byte copy).
     assert load_tokenizer(tmp_path / "tok").identity() == identity
     tok.save(tmp_path / "copy")

@@ -73,8 +73,13 @@ def experiment(prepared, run_dir, *overrides):
 def btx_train(recipe, run_dir, *args, env=None, launcher=(sys.executable,)):
     """`python -m btx train RECIPE ARGS run_dir=...` in a subprocess (the real command line)."""
     environment = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run([*launcher, "-m", "btx", "train", str(recipe), *args, f"run_dir={run_dir}"],
-                          env=environment, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [*launcher, "-m", "btx", "train", str(recipe), *args, f"run_dir={run_dir}"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def curve(metrics_path):
@@ -144,8 +149,16 @@ def test_two_gloo_processes_train_one_model_together(prepared, run_dir, tmp_path
     recipe = prepared[0]
     torchrun = Path(sys.executable).with_name("torchrun")
     launcher = [str(torchrun), "--nproc_per_node", "2", "--master_port", str(_free_port())]
-    result = btx_train(recipe, run_dir, "--domain", "code", "train.grad_accum=2", "train.steps=3",
-                       env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    result = btx_train(
+        recipe,
+        run_dir,
+        "--domain",
+        "code",
+        "train.grad_accum=2",
+        "train.steps=3",
+        env={"OMP_NUM_THREADS": "1"},
+        launcher=launcher,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "terminate called" not in result.stderr
     done = read_done(run_dir / "experts" / "code")
@@ -277,8 +290,18 @@ def test_moe_loss_has_the_balance_term_and_hooks_see_every_step(prepared, run_di
     router step, and merges the on_step hook's numbers into metrics.jsonl."""
     exp = experiment(prepared, run_dir)
     base = exp.finetune_train
-    cfg = ModelConfig(vocab_size=264, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
-                      n_experts=2, top_k=1, router_mode="sample_top1")
+    cfg = ModelConfig(
+        vocab_size=264,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        max_seq_len=64,
+        n_experts=2,
+        top_k=1,
+        router_mode="sample_top1",
+    )
     steps_seen, frozen = [], []
 
     def on_step(step, output, inputs):
@@ -296,10 +319,18 @@ def test_moe_loss_has_the_balance_term_and_hooks_see_every_step(prepared, run_di
                 frozen.append(p.detach().clone())
 
     work = run_dir / "moe"
-    job = TrainJob(name="moe", settings=base, train_shards={d: run_dir / "data" / d / "train.json" for d in exp.domains},
-                   val_shards={d: run_dir / "data" / d / "val.json" for d in exp.domains},
-                   mixture={"code": 1.0, "prose": 1.0}, work_dir=work, export_dir=work / "final",
-                   manifest_dir=work, model_config=cfg, balance_alpha=0.5)
+    job = TrainJob(
+        name="moe",
+        settings=base,
+        train_shards={d: run_dir / "data" / d / "train.json" for d in exp.domains},
+        val_shards={d: run_dir / "data" / d / "val.json" for d in exp.domains},
+        mixture={"code": 1.0, "prose": 1.0},
+        work_dir=work,
+        export_dir=work / "final",
+        manifest_dir=work,
+        model_config=cfg,
+        balance_alpha=0.5,
+    )
     done = run_loop(job, setup_model=setup, on_step=on_step, console=quiet_console())
     records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, base.steps + 1))
@@ -333,14 +364,26 @@ def test_bad_inputs_give_one_clear_error_and_write_nothing(prepared, run_dir, tm
     # A seed.path that is not a checkpoint.
     not_a_checkpoint = tmp_path / "empty"
     not_a_checkpoint.mkdir()
-    fails("--domain", "code", f"run_dir={run_dir}", f"seed.path={not_a_checkpoint}", "model=null",
-          match="has no config.json")
+    fails(
+        "--domain",
+        "code",
+        f"run_dir={run_dir}",
+        f"seed.path={not_a_checkpoint}",
+        "model=null",
+        match="has no config.json",
+    )
     # A seed whose vocabulary is smaller than the tokenizer's.
     exp = experiment(prepared, run_dir)
     small = Transformer(ModelConfig(vocab_size=100, dim=32, n_heads=4, n_kv_heads=2, ffn_dim=64))
     save_model(small, None, tmp_path / "small_seed")
-    fails("--domain", "code", f"run_dir={run_dir}", f"seed.path={tmp_path / 'small_seed'}", "model=null",
-          match="vocab_size 100 is smaller than the tokenizer's 264")
+    fails(
+        "--domain",
+        "code",
+        f"run_dir={run_dir}",
+        f"seed.path={tmp_path / 'small_seed'}",
+        "model=null",
+        match="vocab_size 100 is smaller than the tokenizer's 264",
+    )
     assert not (run_dir / "experts").exists() and not (no_seed / "experts").exists()
     assert exp.domains  # the recipe itself was fine
 

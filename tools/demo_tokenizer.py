@@ -38,14 +38,25 @@ def build() -> dict[str, bytes]:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator([t for name in CORPORA for t in builtin_corpus(name, CORPUS_BYTES)], trainer)
-    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "bos_token": None,
-              "model_max_length": 256, "clean_up_tokenization_spaces": False,
-              "btx_built_by": f"tools/demo_tokenizer.py on Python {sys.version_info.major}.{sys.version_info.minor}"}
-    return {"tokenizer.json": tok.to_str().encode() + b"\n",
-            "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode()}
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": EOS,
+        "bos_token": None,
+        "model_max_length": 256,
+        "clean_up_tokenization_spaces": False,
+        "btx_built_by": f"tools/demo_tokenizer.py on Python {sys.version_info.major}.{sys.version_info.minor}",
+    }
+    return {
+        "tokenizer.json": tok.to_str().encode() + b"\n",
+        "tokenizer_config.json": (json.dumps(config, indent=2) + "\n").encode(),
+    }
 
 
 def main() -> int:
@@ -57,13 +68,18 @@ def main() -> int:
         recorded = json.loads((OUT / "tokenizer_config.json").read_text())["btx_built_by"]
         mine = json.loads(files["tokenizer_config.json"])["btx_built_by"]
         if recorded != mine:
-            print(f"demo tokenizer: committed one was built {recorded.split(' on ')[-1]}, this is {mine.split(' on ')[-1]}: "
-                  "its corpora differ, so no byte comparison", file=sys.stderr)
+            print(
+                f"demo tokenizer: committed one was built {recorded.split(' on ')[-1]}, "
+                f"this is {mine.split(' on ')[-1]}: its corpora differ, so no byte comparison",
+                file=sys.stderr,
+            )
             return 0
         differ = [n for n, data in files.items() if (OUT / n).read_bytes() != data]
         if differ:
-            print(f"demo tokenizer: {', '.join(differ)} differ from a fresh build; run tools/demo_tokenizer.py",
-                  file=sys.stderr)
+            print(
+                f"demo tokenizer: {', '.join(differ)} differ from a fresh build; run tools/demo_tokenizer.py",
+                file=sys.stderr,
+            )
             return 1
         return 0
     OUT.mkdir(parents=True, exist_ok=True)

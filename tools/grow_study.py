@@ -77,8 +77,13 @@ def main() -> int:
         shutil.copytree(getattr(rd_onego, part), getattr(rd_grown, part), symlinks=True)
     # The MoE without ADD is finetuned without ADD's data (weight 0 in the mixture) and the grown
     # one on every domain equally, as the one-go finetune.
-    grow = [f"grow.domains=[{args.add}]", f"grow.router_init={args.router_init}", f"grow.steps={steps}",
-            f"grow.trainable={args.trainable}", *([f"finetune.mixture.{args.add}=0"] if exp.finetune.mixture else [])]
+    grow = [
+        f"grow.domains=[{args.add}]",
+        f"grow.router_init={args.router_init}",
+        f"grow.steps={steps}",
+        f"grow.trainable={args.trainable}",
+        *([f"finetune.mixture.{args.add}=0"] if exp.finetune.mixture else []),
+    ]
     wall_grown = run(args.recipe, [f"run_dir={grown}", *common, *grow])
 
     from btx.recipe.load import load_experiment as load
@@ -91,12 +96,19 @@ def main() -> int:
 
     a, b = rows(rd_onego), rows(rd_grown)
     domains = list(exp.domains)
-    table = [("one go: BTX, every domain merged", a["BTX"]),
-             ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
-             (f"without {args.add}: BTX", b["BTX"]), ("grown: no finetune", b["BTX grown (no finetune)"]),
-             (f"grown: + {steps} finetune steps ({args.trainable})", b["BTX grown"])]
-    lines = [f"# Growing vs merging in one go ({args.recipe}, {args.add} added, {args.router_init} routers)", "",
-             "| MoE | " + " | ".join(domains) + " | average |", "|---|" + "---|" * (len(domains) + 1)]
+    table = [
+        ("one go: BTX, every domain merged", a["BTX"]),
+        ("one go: merged, no finetune", a["BTX merged (no finetune)"]),
+        (f"without {args.add}: BTX", b["BTX"]),
+        ("grown: no finetune", b["BTX grown (no finetune)"]),
+        (f"grown: + {steps} finetune steps ({args.trainable})", b["BTX grown"]),
+    ]
+    lines = [
+        f"# Growing vs merging in one go ({args.recipe}, {args.add} added, {args.router_init} routers)",
+        "",
+        "| MoE | " + " | ".join(domains) + " | average |",
+        "|---|" + "---|" * (len(domains) + 1),
+    ]
     for name, r in table:
         lines.append(f"| {name} | " + " | ".join(f"{r['losses'][d]:.4f}" for d in domains) + f" | {r['average']:.4f} |")
     la, lb = ledger(rd_onego), ledger(rd_grown)
@@ -104,13 +116,19 @@ def main() -> int:
     grow_s = lb["grow"]["seconds"]
     remerge_f = flops(rd_onego.finetuned)
     grow_f = flops(rd_grown.grow_finetune.export)
-    lines += ["", "| cost of the new domain (its expert aside) | wall s | training FLOPs |", "|---|---|---|",
-              f"| re-merge + re-finetune ({steps} steps) | {remerge_s:.1f} | {remerge_f:.3e} |",
-              f"| grow + finetune ({steps} steps) | {grow_s:.1f} | {grow_f:.3e} |",
-              f"| ratio grow / re-merge | {grow_s / remerge_s:.2f} | {grow_f / max(remerge_f, 1):.2f} |",
-              "", f"whole runs: one go {wall_onego:.0f} s, grown {wall_grown:.0f} s (seed and experts adopted); "
-              f"router-init table {wall_table:.0f} s", "",
-              "router-init table (merged, no finetune): " + str(rd_onego.router_init_table / "eval.md")]
+    lines += [
+        "",
+        "| cost of the new domain (its expert aside) | wall s | training FLOPs |",
+        "|---|---|---|",
+        f"| re-merge + re-finetune ({steps} steps) | {remerge_s:.1f} | {remerge_f:.3e} |",
+        f"| grow + finetune ({steps} steps) | {grow_s:.1f} | {grow_f:.3e} |",
+        f"| ratio grow / re-merge | {grow_s / remerge_s:.2f} | {grow_f / max(remerge_f, 1):.2f} |",
+        "",
+        f"whole runs: one go {wall_onego:.0f} s, grown {wall_grown:.0f} s (seed and experts adopted); "
+        f"router-init table {wall_table:.0f} s",
+        "",
+        "router-init table (merged, no finetune): " + str(rd_onego.router_init_table / "eval.md"),
+    ]
     text = "\n".join(lines) + "\n"
     (root / "grow_study.md").write_text(text)
     print(text)

@@ -60,8 +60,12 @@ FIGURES = ((RUN.analysis / "layers_stacked.png", "routing.png", "routing of the 
 # A row key holding standard errors: `stderr`, `losses_se`, `average_sem`, ... (a dict over the
 # domains for the per-domain losses; a number when the key names the average).
 STDERR_KEY = re.compile(r"(^|_)(se|sem|stderr|std_err)($|_)")
-JOB_DIRS = {"seed": RUN.seed, "finetune": RUN.finetuned, "dense baseline": RUN.dense_baseline("compute"),
-            "upcycled baseline": RUN.upcycled_baseline("compute")}
+JOB_DIRS = {
+    "seed": RUN.seed,
+    "finetune": RUN.finetuned,
+    "dense baseline": RUN.dense_baseline("compute"),
+    "upcycled baseline": RUN.upcycled_baseline("compute"),
+}
 
 
 class Stale(Exception):
@@ -125,16 +129,18 @@ def recipe_arithmetic(exp) -> Arithmetic:
     seed_cfg = exp.recipe.model.to_model_config()
     merge = exp.merge
     ffn_dim = seed_cfg.ffn_dim // merge.chunks if merge.granularity in ("split", "blend") else seed_cfg.ffn_dim
-    merged_cfg = dataclasses.replace(seed_cfg, n_experts=merge.n_experts(len(exp.domains)), top_k=merge.top_k,
-                                     ffn_dim=ffn_dim, router_mode="topk")
+    merged_cfg = dataclasses.replace(
+        seed_cfg, n_experts=merge.n_experts(len(exp.domains)), top_k=merge.top_k, ffn_dim=ffn_dim, router_mode="topk"
+    )
     top_k = exp.finetune.top_k if exp.finetune.top_k is not None else merged_cfg.top_k
     moe_cfg = dataclasses.replace(merged_cfg, **routing_overrides(merged_cfg, exp.finetune, top_k))
 
     from btx.model.flops import train_flops_per_token
 
     def stage(name, settings, cfg, trainable="all") -> Stage:
-        return Stage(name, settings.steps, settings.tokens_per_step,
-                     train_flops_per_token(cfg, settings.seq_len, trainable))
+        return Stage(
+            name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable)
+        )
 
     ft = exp.finetune_train
     finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
@@ -144,10 +150,16 @@ def recipe_arithmetic(exp) -> Arithmetic:
     # The baselines train with the finetune's settings for as many steps as spend the budget.
     matched = lambda fpt: max(1, round(budget / (fpt * ft.tokens_per_step)))  # noqa: E731
     return Arithmetic(
-        seed=stage("seed", exp.seed_train, seed_cfg), experts=experts, finetune=finetune,
-        seed_params=seed_cfg.param_counts()["total"], moe_params=moe_cfg.param_counts(),
-        n_experts=moe_cfg.n_experts, top_k=moe_cfg.experts_per_token, dense_flops_per_token=dense_fpt,
-        dense_steps=matched(dense_fpt), upcycled_steps=matched(train_flops_per_token(moe_cfg, ft.seq_len)),
+        seed=stage("seed", exp.seed_train, seed_cfg),
+        experts=experts,
+        finetune=finetune,
+        seed_params=seed_cfg.param_counts()["total"],
+        moe_params=moe_cfg.param_counts(),
+        n_experts=moe_cfg.n_experts,
+        top_k=moe_cfg.experts_per_token,
+        dense_flops_per_token=dense_fpt,
+        dense_steps=matched(dense_fpt),
+        upcycled_steps=matched(train_flops_per_token(moe_cfg, ft.seq_len)),
     )
 
 
@@ -174,12 +186,15 @@ def arithmetic_comment(exp) -> list[str]:
     ]
     if same:
         e = next(iter(a.experts.values()))
-        lines.append(f"experts   {len(a.experts)} x {e.steps} steps x {_n(e.tokens_per_step)} = {len(a.experts)} x "
-                     f"{_n(e.tokens)} tokens, each of its own domain, {len(a.experts)} x {e.flops:.3g} FLOPs")
+        lines.append(
+            f"experts   {len(a.experts)} x {e.steps} steps x {_n(e.tokens_per_step)} = {len(a.experts)} x "
+            f"{_n(e.tokens)} tokens, each of its own domain, {len(a.experts)} x {e.flops:.3g} FLOPs"
+        )
     else:
         for d, e in a.experts.items():
-            lines.append(f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, "
-                         f"{e.flops:.3g} FLOPs")
+            lines.append(
+                f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, {e.flops:.3g} FLOPs"
+            )
     lines += [
         f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} "
         "tokens of the "
@@ -230,8 +245,14 @@ def machine_description() -> str:
 
     model = ""
     try:
-        model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                      if line.startswith("model name")), "")
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
     except OSError:
         pass
     cpu = f"{os.cpu_count()} CPU cores" + (f" ({model})" if model else "")
@@ -251,12 +272,17 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
         if not needed.is_file():
             raise Stale(f"{needed}: missing; snapshot takes a run directory that `btx run` finished")
     ledger = json.loads(ledger_path.read_text())
-    stages = [{"stage": s, "seconds": ledger[s]["seconds"], "summary": ledger[s].get("summary", "")}
-              for s in STAGE_NAMES if isinstance(ledger.get(s), dict)]  # in pipeline order
+    stages = [
+        {"stage": s, "seconds": ledger[s]["seconds"], "summary": ledger[s].get("summary", "")}
+        for s in STAGE_NAMES
+        if isinstance(ledger.get(s), dict)
+    ]  # in pipeline order
     finished = max((ledger[s["stage"]].get("finished_at", "") for s in stages), default="")
     jobs = {}
-    for name, rel in [*JOB_DIRS.items(), *((f"expert:{p.name}", RUN.expert(p.name))
-                                          for p in sorted(rd.experts.glob("*")))]:
+    for name, rel in [
+        *JOB_DIRS.items(),
+        *((f"expert:{p.name}", RUN.expert(p.name)) for p in sorted(rd.experts.glob("*"))),
+    ]:
         done = read_done(run_dir / rel)
         if done is not None and "steps" in done:
             jobs[name] = {k: done.get(k) for k in ("steps", "tokens", "train_flops", "wall_time_s")}
@@ -273,8 +299,15 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
     for png in sorted(rd.eval.glob("*.png")):
         shutil.copyfile(png, out / png.name)
         figures.append({"file": png.name, "alt": f"demo eval: {png.stem.replace('_', ' ')}"})
-    record = {"recipe": RECIPE, "recipe_values": recipe_values(root / RECIPE), "machine": machine or
-              machine_description(), "finished_at": finished, "stages": stages, "jobs": jobs, "figures": figures}
+    record = {
+        "recipe": RECIPE,
+        "recipe_values": recipe_values(root / RECIPE),
+        "machine": machine or machine_description(),
+        "finished_at": finished,
+        "stages": stages,
+        "jobs": jobs,
+        "figures": figures,
+    }
     (out / "run.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -332,8 +365,14 @@ def eval_table(data: dict) -> list[str]:
     return lines
 
 
-SPREAD_ROWS = ("BTX", "BTM ensemble", "dense (compute-matched)", "dense (data-matched)",
-               "sparse upcycling (compute-matched)", "sparse upcycling (data-matched)")
+SPREAD_ROWS = (
+    "BTX",
+    "BTM ensemble",
+    "dense (compute-matched)",
+    "dense (data-matched)",
+    "sparse upcycling (compute-matched)",
+    "sparse upcycling (data-matched)",
+)
 
 
 def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
@@ -343,8 +382,18 @@ def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
         raise Stale(f"{eval_json}: missing; snapshot-seed takes a run directory that `btx run` finished")
     rows = json.loads(eval_json.read_text())["rows"]
     out = root / SNAPSHOT / f"seed-{seed}.json"
-    out.write_text(json.dumps({"train_seed": seed, "recipe_values": recipe_values(root / RECIPE),
-                               "averages": {r["name"]: r["average"] for r in rows}}, indent=2, sort_keys=True) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "train_seed": seed,
+                "recipe_values": recipe_values(root / RECIPE),
+                "averages": {r["name"]: r["average"] for r in rows},
+            },
+            indent=2,
+            sort_keys=True,
+        )
+        + "\n"
+    )
     return out
 
 
@@ -355,11 +404,17 @@ def spread_lines(data: dict, spreads: list[dict]) -> list[str]:
     out = []
     for other in spreads:
         names = [n for n in SPREAD_ROWS if n in base and n in other["averages"]]
-        moves = [abs((other["averages"]["BTX"] - other["averages"][n]) - (base["BTX"] - base[n]))
-                 for n in names if n != "BTX"]
-        out.append(f"- Seed-to-seed: the same recipe with `train.seed={other['train_seed']}` (every job's init and "
-                   "batches) gives " + ", ".join(f"{_md(n)} {base[n]:.4f} → {other['averages'][n]:.4f}" for n in names)
-                   + (f"; BTX's margin over each of these moved by at most {max(moves):.4f}." if moves else "."))
+        moves = [
+            abs((other["averages"]["BTX"] - other["averages"][n]) - (base["BTX"] - base[n]))
+            for n in names
+            if n != "BTX"
+        ]
+        out.append(
+            f"- Seed-to-seed: the same recipe with `train.seed={other['train_seed']}` (every job's init and "
+            "batches) gives "
+            + ", ".join(f"{_md(n)} {base[n]:.4f} → {other['averages'][n]:.4f}" for n in names)
+            + (f"; BTX's margin over each of these moved by at most {max(moves):.4f}." if moves else ".")
+        )
     return out
 
 
@@ -368,21 +423,32 @@ def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | No
     domains = list(data["domains"])
     rows = {r["name"]: r for r in data["rows"]}
     unit = "nats/token" + ("; the demo's tokens are bytes, so nats/token = nats/byte" if tokenizer == "byte" else "")
-    out = [f"<!-- generated by tools/published.py from {SNAPSHOT}/ (a real `btx run demo`): do not edit by hand -->",
-           "", f"Validation loss of every model of the run ({unit}; lower is better, the best of each column in "
-           "bold):", "", *eval_table(data), ""]
+    out = [
+        f"<!-- generated by tools/published.py from {SNAPSHOT}/ (a real `btx run demo`): do not edit by hand -->",
+        "",
+        f"Validation loss of every model of the run ({unit}; lower is better, the best of each column in bold):",
+        "",
+        *eval_table(data),
+        "",
+    ]
     seed = rows.get("seed")
     experts = [(d, rows[f"expert:{d}"]) for d in domains if f"expert:{d}" in rows]
     if seed and experts:
-        out.append("- Each expert on its own domain, against the seed: " + ", ".join(
-            f"{d} {r['losses'][d]:.4f} vs {seed['losses'][d]:.4f}" for d, r in experts) + ".")
+        out.append(
+            "- Each expert on its own domain, against the seed: "
+            + ", ".join(f"{d} {r['losses'][d]:.4f} vs {seed['losses'][d]:.4f}" for d, r in experts)
+            + "."
+        )
     ranked = sorted(data["rows"], key=lambda r: r.get("average", math.inf))
     out.append("- Averages, best first: " + ", ".join(f"{_md(r['name'])} {r['average']:.4f}" for r in ranked) + ".")
     out += spread_lines(data, spreads or [])
     stages = run["stages"]
     total = sum(s["seconds"] for s in stages)
-    out.append(f"- The run took {duration(total)} (" + ", ".join(f"{s['stage']} {duration(s['seconds'])}"
-                                                                  for s in stages) + ")")
+    out.append(
+        f"- The run took {duration(total)} ("
+        + ", ".join(f"{s['stage']} {duration(s['seconds'])}" for s in stages)
+        + ")"
+    )
     out += [f"  on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
     for figure in run.get("figures", []):
         out += [f"![{figure['alt']}]({SNAPSHOT}/{figure['file']})", ""]
@@ -402,7 +468,7 @@ def _replace_block(text: str, begin: str, end: str, lines: list[str], where: str
     match = pattern.search(text)
     head = match.group(0).split("\n", 1)[0]
     tail = match.group(0).rsplit("\n", 1)[1]
-    return text[:match.start()] + "\n".join([head, *lines, tail]) + text[match.end():]
+    return text[: match.start()] + "\n".join([head, *lines, tail]) + text[match.end() :]
 
 
 def expected_files(root: Path = ROOT) -> dict[Path, str]:
@@ -411,8 +477,11 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
 
     recipe_path = root / RECIPE
     exp = load_experiment(recipe_path)
-    out = {recipe_path: _replace_block(recipe_path.read_text(), RECIPE_BEGIN, RECIPE_END, arithmetic_comment(exp),
-                                       str(recipe_path))}
+    out = {
+        recipe_path: _replace_block(
+            recipe_path.read_text(), RECIPE_BEGIN, RECIPE_END, arithmetic_comment(exp), str(recipe_path)
+        )
+    }
     snap = root / SNAPSHOT
     missing = [p for p in (snap / "eval.json", snap / "run.json") if not p.is_file()]
     if missing:
@@ -421,8 +490,13 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
     run = json.loads((snap / "run.json").read_text())
     readme = root / README
     spreads = [json.loads(p.read_text()) for p in sorted(snap.glob("seed-*.json"))]
-    out[readme] = _replace_block(readme.read_text(), README_BEGIN, README_END,
-                                 readme_block(data, run, str(exp.recipe.tokenizer), spreads), str(readme))
+    out[readme] = _replace_block(
+        readme.read_text(),
+        README_BEGIN,
+        README_END,
+        readme_block(data, run, str(exp.recipe.tokenizer), spreads),
+        str(readme),
+    )
     return out
 
 
@@ -435,13 +509,16 @@ def snapshot_problems(root: Path = ROOT) -> list[str]:
     redo = "; run `btx run demo`, then `python tools/published.py snapshot checkpoints/demo`"
     changed = _differences(run.get("recipe_values"), recipe_values(root / RECIPE))
     if changed:
-        return [f"{snap / 'run.json'}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])})"
-                + redo]
+        return [
+            f"{snap / 'run.json'}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])})" + redo
+        ]
     for spread in sorted(snap.glob("seed-*.json")):
         changed = _differences(json.loads(spread.read_text()).get("recipe_values"), recipe_values(root / RECIPE))
         if changed:
-            return [f"{spread}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])}); rerun "
-                    "it, or remove it"]
+            return [
+                f"{spread}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])}); rerun "
+                "it, or remove it"
+            ]
     a = recipe_arithmetic(load_experiment(root / RECIPE))
     predicted = {"seed": a.seed, "finetune": a.finetune, **{f"expert:{d}": s for d, s in a.experts.items()}}
     problems = []
@@ -449,16 +526,20 @@ def snapshot_problems(root: Path = ROOT) -> list[str]:
         job = run["jobs"].get(name)
         if job is None:
             problems.append(f"{snap / 'run.json'}: no {name} job recorded" + redo)
-        elif (job["steps"], job["tokens"]) != (stage.steps, stage.tokens) or \
-                not math.isclose(job["train_flops"], stage.flops, rel_tol=1e-9):
-            problems.append(f"{snap / 'run.json'}: {name} ran {job['steps']} steps, {job['tokens']} tokens, "
-                            f"{job['train_flops']:.6g} FLOPs; the recipe's arithmetic says {stage.steps}, "
-                            f"{stage.tokens}, {stage.flops:.6g}")
+        elif (job["steps"], job["tokens"]) != (stage.steps, stage.tokens) or not math.isclose(
+            job["train_flops"], stage.flops, rel_tol=1e-9
+        ):
+            problems.append(
+                f"{snap / 'run.json'}: {name} ran {job['steps']} steps, {job['tokens']} tokens, "
+                f"{job['train_flops']:.6g} FLOPs; the recipe's arithmetic says {stage.steps}, "
+                f"{stage.tokens}, {stage.flops:.6g}"
+            )
     for name, steps in (("dense baseline", a.dense_steps), ("upcycled baseline", a.upcycled_steps)):
         job = run["jobs"].get(name)
         if job is not None and job["steps"] != steps:
-            problems.append(f"{snap / 'run.json'}: the {name} ran {job['steps']} steps; the recipe's arithmetic "
-                            f"says {steps}")
+            problems.append(
+                f"{snap / 'run.json'}: the {name} ran {job['steps']} steps; the recipe's arithmetic says {steps}"
+            )
     return problems
 
 
@@ -468,8 +549,10 @@ def check(root: Path = ROOT) -> list[str]:
         problems = snapshot_problems(root) if (root / SNAPSHOT / "run.json").is_file() else []
         for path, text in expected_files(root).items():
             if path.read_text() != text:
-                problems.append(f"{path}: its generated block differs from what its sources give; run "
-                                "`python tools/published.py render`")
+                problems.append(
+                    f"{path}: its generated block differs from what its sources give; run "
+                    "`python tools/published.py render`"
+                )
     except Stale as e:
         problems = [str(e)]
     return problems

@@ -30,8 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the btx packa
 DOMAINS = {"code": "python_code", "math": "arithmetic", "prose": "python_docs"}
 
 
-def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120_000,
-          router_tokens: int = 4096, progress: bool = False) -> dict[str, Path]:
+def build(
+    work: Path,
+    *,
+    dim: int = 64,
+    n_layers: int = 4,
+    data_bytes: int = 120_000,
+    router_tokens: int = 4096,
+    progress: bool = False,
+) -> dict[str, Path]:
     """Write the shards, seed, experts and both merges under `work`; returns their paths."""
     import torch
 
@@ -48,8 +55,14 @@ def build(work: Path, *, dim: int = 64, n_layers: int = 4, data_bytes: int = 120
     ByteTokenizer().save(tokenizer_dir)
     val = {}
     for name, corpus in DOMAINS.items():
-        prepare_domain(name, [builtin_source(corpus, data_bytes)], "byte", work / "data" / name,
-                       val_fraction=0.25, progress=progress)
+        prepare_domain(
+            name,
+            [builtin_source(corpus, data_bytes)],
+            "byte",
+            work / "data" / name,
+            val_fraction=0.25,
+            progress=progress,
+        )
         val[name] = work / "data" / name / "val.bin"
 
     cfg = ModelConfig(vocab_size=ByteTokenizer.vocab_size, dim=dim, n_layers=n_layers, n_heads=4, n_kv_heads=2,

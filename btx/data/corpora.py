@@ -80,11 +80,15 @@ def _problem(rng: random.Random) -> str:
         x, y = rng.randint(2, 99), rng.randint(2, 99)
         return f"Q: What is {x * y} / {y}?\nA: {x * y} / {y} = {x}. The answer is {x}.\n"
     if kind == "two_step":
-        return (f"Q: Compute {a} + {b} - {c}.\nA: First {a} + {b} = {a + b}. "
-                f"Then {a + b} - {c} = {a + b - c}. The answer is {a + b - c}.\n")
+        return (
+            f"Q: Compute {a} + {b} - {c}.\nA: First {a} + {b} = {a + b}. "
+            f"Then {a + b} - {c} = {a + b - c}. The answer is {a + b - c}.\n"
+        )
     x, y = rng.randint(2, 99), rng.randint(2, 20)
-    return (f"Q: Compute ({x} + {c}) * {y}.\nA: First {x} + {c} = {x + c}. "
-            f"Then {x + c} * {y} = {(x + c) * y}. The answer is {(x + c) * y}.\n")
+    return (
+        f"Q: Compute ({x} + {c}) * {y}.\nA: First {x} + {c} = {x + c}. "
+        f"Then {x + c} * {y} = {(x + c) * y}. The answer is {(x + c) * y}.\n"
+    )
 
 
 def arithmetic(max_bytes: int = 2_000_000, seed: int = 0) -> Iterator[str]:
@@ -114,6 +118,7 @@ def builtin_corpus(name: str, max_bytes: int, seed: int = 0) -> Iterator[str]:
 def builtin_source(name: str, max_bytes: int = 2_000_000, seed: int = 0):
     """A built-in corpus as a reproducible source (a partial, so its description is stable)."""
     if name not in BUILTIN_CORPORA:
-        raise BtxError(f"{BUILTIN_PREFIX}{name}: unknown built-in corpus; expected one of "
-                       f"{', '.join(sorted(BUILTIN_CORPORA))}")
+        raise BtxError(
+            f"{BUILTIN_PREFIX}{name}: unknown built-in corpus; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
+        )
     return functools.partial(builtin_corpus, name, max_bytes, seed)

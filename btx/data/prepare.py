@@ -91,10 +91,13 @@ def prepare_domain(
     resolved = resolve_sources(sources, text_field=text_field)  # fails on a missing path, before any write
     mark_passages(resolved, val_fraction)
     out_dir = Path(out_dir)
-    with output_lock(out_dir, f"domain '{name}'"), \
-            disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"):
-        return _prepare_locked(name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos,
-                               progress, started)
+    with (
+        output_lock(out_dir, f"domain '{name}'"),
+        disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"),
+    ):
+        return _prepare_locked(
+            name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos, progress, started
+        )
 
 
 def mark_passages(resolved: list[Source], val_fraction: float) -> None:
@@ -121,8 +124,9 @@ def _remove_leftovers(out_dir: Path) -> None:
             entry.unlink(missing_ok=True)
 
 
-def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed, text_field, append_eos,
-                    progress, started) -> dict:
+def _prepare_locked(
+    name, resolved, tokenizer, out_dir: Path, val_fraction, seed, text_field, append_eos, progress, started
+) -> dict:
     descriptions = [s.describe() for s in resolved]
     options = _options(val_fraction, seed, text_field, append_eos)
     created_dir = not out_dir.exists()
@@ -170,11 +174,17 @@ def _prepare_locked(name, resolved, tokenizer, out_dir: Path, val_fraction, seed
             raise BtxError(f"domain '{name}': no documents with any tokens in {where or 'its sources'}")
         if val_fraction > 0 and writers["val"].tokens == 0:
             lone = resolved[0] if len(resolved) == 1 and getattr(resolved[0], "passages", False) else None
-            what = (f"one passage (a lone text file is cut at blank lines into passages of at least "
-                    f"{passage_bytes(lone.total_bytes)} bytes)" if lone else f"{writers['train'].documents} document")
-            raise BtxError(f"domain '{name}': nothing to hold out for validation: {where or 'its sources'} holds "
-                           f"{what}, and a validation split needs a second; give more text, or several documents "
-                           "(a directory of files, a .jsonl file with one per line)")
+            what = (
+                f"one passage (a lone text file is cut at blank lines into passages of at least "
+                f"{passage_bytes(lone.total_bytes)} bytes)"
+                if lone
+                else f"{writers['train'].documents} document"
+            )
+            raise BtxError(
+                f"domain '{name}': nothing to hold out for validation: {where or 'its sources'} holds "
+                f"{what}, and a validation split needs a second; give more text, or several documents "
+                "(a directory of files, a .jsonl file with one per line)"
+            )
 
         sidecars = {
             split: {
@@ -275,7 +285,9 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
     if not all(s.reproducible for s in resolved):
         return None
     wanted_options = _options(
-        options.get("val_fraction", 0.05), options.get("seed", 0), options.get("text_field", "text"),
+        options.get("val_fraction", 0.05),
+        options.get("seed", 0),
+        options.get("text_field", "text"),
         options.get("append_eos", True),
     )
     sidecars = {}
@@ -283,8 +295,9 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
         try:
             shard = load_shard(out_dir / f"{split}.json", verify=True)
         except BtxError as e:  # damaged (a changed byte too: the sha256 is checked) or partial: prepare again
-            Console(stderr=True).print(f"[yellow]prepare {name}: {e}; preparing it again[/]", soft_wrap=True,
-                                       highlight=False)
+            Console(stderr=True).print(
+                f"[yellow]prepare {name}: {e}; preparing it again[/]", soft_wrap=True, highlight=False
+            )
             return None
         meta = shard.meta
         if (
@@ -299,7 +312,12 @@ def _already_prepared(name: str, sources, tokenizer: Tokenizer, out_dir: Path, o
 
 
 def _options(val_fraction: float, seed: int, text_field: str, append_eos: bool) -> dict:
-    return {"val_fraction": float(val_fraction), "seed": int(seed), "text_field": text_field, "append_eos": bool(append_eos)}
+    return {
+        "val_fraction": float(val_fraction),
+        "seed": int(seed),
+        "text_field": text_field,
+        "append_eos": bool(append_eos),
+    }
 
 
 def _check_domain_name(name: str) -> None:
@@ -335,7 +353,6 @@ class _Progress:
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
-
             self._progress = Progress(
                 TextColumn("[bold]prepare {task.description}"),
                 BarColumn(),
@@ -358,5 +375,3 @@ class _Progress:
     def __exit__(self, *exc_info) -> None:
         if self.enabled:
             self._progress.__exit__(*exc_info)
-
-

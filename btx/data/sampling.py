@@ -149,8 +149,9 @@ class PlannedSampler:
     own order. `batch(index, rank, world_size)` as TokenSampler's, every stream drawn at the global
     `batch_size` and `seq_len` given (a replayed batch is the same batch only at the same ones)."""
 
-    def __init__(self, shards: Mapping[str, Shard], plan: Sequence[Sequence[DataStream]], *, seq_len: int,
-                 batch_size: int):
+    def __init__(
+        self, shards: Mapping[str, Shard], plan: Sequence[Sequence[DataStream]], *, seq_len: int, batch_size: int
+    ):
         self.samplers: list[TokenSampler] = []
         self.order: list[tuple[int, int]] = []  # (stream, its micro-batch) for every index of the plan
         for phase in plan:
@@ -158,12 +159,19 @@ class PlannedSampler:
             for stream in phase:
                 missing = [d for d in stream.domains if d not in shards]
                 if missing:
-                    raise BtxError(f"data plan: stream over {stream.domains} names {missing}, which have no train shard")
+                    raise BtxError(
+                        f"data plan: stream over {stream.domains} names {missing}, which have no train shard"
+                    )
                 if stream.count < 0 or stream.first < 0:
                     raise BtxError(f"data plan: stream over {stream.domains}: first and count must be >= 0")
                 weights = None if stream.weights is None else {d: stream.weights[d] for d in stream.domains}
-                sampler = TokenSampler({d: shards[d] for d in stream.domains}, weights, seq_len=seq_len,
-                                       batch_size=batch_size, seed=stream.seed)
+                sampler = TokenSampler(
+                    {d: shards[d] for d in stream.domains},
+                    weights,
+                    seq_len=seq_len,
+                    batch_size=batch_size,
+                    seed=stream.seed,
+                )
                 self.samplers.append(sampler)
                 j = len(self.samplers) - 1
                 keys += [((i + 0.5) / stream.count, j, stream.first + i) for i in range(stream.count)]
@@ -188,7 +196,9 @@ def _named_shards(shards) -> dict[str, Shard]:
         named = {}
         for shard in shards:
             if shard.domain in named:
-                raise BtxError(f"{shard.path}: a second shard for domain '{shard.domain}'; pass a dict of names to shards")
+                raise BtxError(
+                    f"{shard.path}: a second shard for domain '{shard.domain}'; pass a dict of names to shards"
+                )
             named[shard.domain] = shard
     if not named:
         raise BtxError("shards: expected at least one shard")
@@ -223,8 +233,6 @@ def eval_batches(
         yield inputs, targets
 
 
-
-
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
@@ -236,12 +244,16 @@ def shard_spec_path(spec: str | os.PathLike, label: str, split: str = "val") -> 
         raise BtxError(f"{path}: not found ({label})")
     if path.is_dir():
         if not (path / f"{split}.json").is_file():
-            raise BtxError(f"{path}: a directory without {split}.json ({label}); expected a btx shard "
-                           ".bin/.json or a prepared domain directory")
+            raise BtxError(
+                f"{path}: a directory without {split}.json ({label}); expected a btx shard "
+                ".bin/.json or a prepared domain directory"
+            )
         return path / f"{split}.json"
     if path.suffix not in (".bin", ".json"):
-        raise BtxError(f"{path}: not a btx token shard ({label}); expected a .bin/.json shard made "
-                       "by btx prepare, or a prepared domain directory")
+        raise BtxError(
+            f"{path}: not a btx token shard ({label}); expected a .bin/.json shard made "
+            "by btx prepare, or a prepared domain directory"
+        )
     return path
 
 

@@ -30,7 +30,6 @@ SHARD_FORMAT = "btx-tokens-v1"
 SPLITS = ("train", "val")
 
 
-
 def token_dtype(vocab_size: int) -> np.dtype:
     """The narrowest unsigned dtype that holds every id: uint16 up to 65536 ids, else uint32."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
@@ -75,12 +74,22 @@ class Shard:
         """Check the .bin's sha256 against the sidecar (reads the file unless btx hashed it since
         it last changed: `btx.io.hashing.cached_sha256`)."""
         if cached_sha256(self.path) != self.meta["sha256"]:
-            raise BtxError(f"{self.path}: contents do not match the sha256 in its sidecar (corrupted or edited "
-                           "after btx prepare); prepare the domain again (btx prepare ... --force)")
+            raise BtxError(
+                f"{self.path}: contents do not match the sha256 in its sidecar (corrupted or edited "
+                "after btx prepare); prepare the domain again (btx prepare ... --force)"
+            )
 
 
-_SIDECAR_KEYS = {"format": str, "dtype": str, "tokens": int, "documents": int, "domain": str, "split": str,
-                 "tokenizer": dict, "sha256": str}
+_SIDECAR_KEYS = {
+    "format": str,
+    "dtype": str,
+    "tokens": int,
+    "documents": int,
+    "domain": str,
+    "split": str,
+    "tokenizer": dict,
+    "sha256": str,
+}
 
 
 def load_shard(path: str | os.PathLike, *, verify: bool = False) -> Shard:
@@ -98,7 +107,7 @@ def load_shard(path: str | os.PathLike, *, verify: bool = False) -> Shard:
         raise BtxError(f"{sidecar_path}: not valid JSON ({exc})") from exc
     if not isinstance(meta, dict) or meta.get("format") != SHARD_FORMAT:
         found = meta.get("format") if isinstance(meta, dict) else None
-        raise BtxError(f"{sidecar_path}: expected \"format\": \"{SHARD_FORMAT}\", found {found!r}")
+        raise BtxError(f'{sidecar_path}: expected "format": "{SHARD_FORMAT}", found {found!r}')
     for key, kind in _SIDECAR_KEYS.items():
         if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
             raise BtxError(f"{sidecar_path}: key {key!r} missing or not a {kind.__name__}")
@@ -117,7 +126,9 @@ def load_shard(path: str | os.PathLike, *, verify: bool = False) -> Shard:
     actual_bytes = bin_path.stat().st_size
     if actual_bytes != expected_bytes:
         state = "truncated" if actual_bytes < expected_bytes else "longer than its sidecar says"
-        raise BtxError(f"{bin_path}: {state}: expected {expected_bytes} bytes ({meta['tokens']} tokens), found {actual_bytes}")
+        raise BtxError(
+            f"{bin_path}: {state}: expected {expected_bytes} bytes ({meta['tokens']} tokens), found {actual_bytes}"
+        )
     # numpy cannot memory-map an empty file; an empty split (a one-document domain's val) is legal.
     tokens = np.memmap(bin_path, dtype=dtype, mode="r") if meta["tokens"] else np.zeros(0, dtype=dtype)
     shard = Shard(path=bin_path, meta=meta, tokens=tokens)
@@ -139,6 +150,7 @@ def check_tokenizer(shard: Shard, tokenizer: Tokenizer | dict | str | os.PathLik
     if found.get("hash") != expected.get("hash"):
         raise BtxError(
             f"{shard.path}: tokenized with a {found.get('kind')} tokenizer (hash {str(found.get('hash'))[:12]}, "
-            f"vocab {found.get('vocab_size')}), expected {expected.get('kind')} (hash {str(expected.get('hash'))[:12]}, "
-            f"vocab {expected.get('vocab_size')}); prepare the data again with this tokenizer"
+            f"vocab {found.get('vocab_size')}), expected {expected.get('kind')} "
+            f"(hash {str(expected.get('hash'))[:12]}, vocab {expected.get('vocab_size')}); "
+            "prepare the data again with this tokenizer"
         )

@@ -78,7 +78,9 @@ class PathSource(Source):
         listing = hashlib.sha256()
         for p in self.files:
             stat = p.stat()
-            listing.update(f"{p.relative_to(self.path.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            listing.update(
+                f"{p.relative_to(self.path.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
+            )
         description = {
             "path": str(self.path),
             "glob": self.glob,
@@ -192,7 +194,8 @@ class PythonSource(Source):
             text = item.get(self.text_field) if isinstance(item, Mapping) else item
             if not isinstance(text, str):
                 raise BtxError(
-                    f"{self.name}: document {index}: expected a string or a dict with a string field {self.text_field!r}"
+                    f"{self.name}: document {index}: expected a string or a dict with a string field "
+                    f"{self.text_field!r}"
                 )
             yield text, len(text.encode("utf-8"))
 
@@ -237,5 +240,3 @@ def resolve_sources(sources: SourceSpec | Sequence[SourceSpec], *, text_field: s
         else:
             raise BtxError(f"source {spec!r}: expected a path, a dict with 'path', or a callable of documents")
     return resolved
-
-

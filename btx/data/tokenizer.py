@@ -157,9 +157,7 @@ class ByteTokenizer:
 def _gpt2_bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character table, which ByteLevel pre-tokenization uses."""
     printable = (
-        list(range(ord("!"), ord("~") + 1))
-        + list(range(ord("¡"), ord("¬") + 1))
-        + list(range(ord("®"), ord("ÿ") + 1))
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     )
     table = {b: chr(b) for b in printable}
     shifted = 0
@@ -304,7 +302,7 @@ def _load_btx_tokenizer_file(path: Path) -> Tokenizer:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BtxError(f"{path}: not valid JSON ({first_line(exc)})") from exc
     if not isinstance(record, dict) or record.get("kind") != ByteTokenizer.kind:
-        raise BtxError(f"{path}: expected a btx tokenizer record with \"kind\": \"byte\"")
+        raise BtxError(f'{path}: expected a btx tokenizer record with "kind": "byte"')
     tokenizer = ByteTokenizer()
     if record.get("hash") != tokenizer.identity()["hash"]:
         raise BtxError(

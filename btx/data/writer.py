@@ -105,9 +105,7 @@ class Splitter:
         split = "val" if document.key < self.val_fraction else "train"
         held = self.held[split]
         # Train keeps back its lowest key, val its highest: the candidates for crossing over.
-        nearer_boundary = held is None or (
-            document.key < held.key if split == "train" else document.key > held.key
-        )
+        nearer_boundary = held is None or (document.key < held.key if split == "train" else document.key > held.key)
         if nearer_boundary:
             self.held[split], document = document, held
         if document is not None:
@@ -128,5 +126,3 @@ class Splitter:
 def document_key(text_bytes: bytes, seed_key: bytes) -> float:
     digest = hashlib.blake2b(text_bytes, digest_size=8, key=seed_key).digest()
     return int.from_bytes(digest, "little") / 2.0**64
-
-

@@ -7,7 +7,8 @@
     checkpoints.py       `btx eval CKPT ... --data DOMAIN=SHARD`
     routing.py           routing statistics (shared with the finetune's logging)
     routing_analysis.py  `btx analyze`'s numbers for one checkpoint on domain data
-    routing_report.py    showing and saving them; `btx analyze`
+    routing_report.py    showing and saving them
+    analyze.py           `btx analyze`, and the analyze stage of `btx run`
 
 Nothing here knows about runs or recipes' stages: `btx eval RECIPE` is btx.run.evaluation, which
 imports this package, never the other way.

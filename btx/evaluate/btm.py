@@ -62,11 +62,13 @@ def btm_posterior_logprobs(per_expert: Sequence[dict[str, torch.Tensor]]) -> dic
     return {d: btm_mixture(torch.stack([lp[d] for lp in per_expert]))[0] for d in per_expert[0]}
 
 
-def btm_losses(experts: list, shards: dict[str, Shard], seq_len: int, batch_size: int, max_batches: int,
-               progress=None) -> dict[str, float]:
+def btm_losses(
+    experts: list, shards: dict[str, Shard], seq_len: int, batch_size: int, max_batches: int, progress=None
+) -> dict[str, float]:
     """Per-domain NLL of the BTM ensemble (domain-posterior mixture of the experts)."""
-    per_expert = [{d: window_logprobs(m, s, seq_len, batch_size, max_batches) for d, s in shards.items()}
-                  for m in experts]
+    per_expert = [
+        {d: window_logprobs(m, s, seq_len, batch_size, max_batches) for d, s in shards.items()} for m in experts
+    ]
     if progress is not None:  # one tick per batch and domain, as for a single model
         for _ in range(sum(-(-len(lp) // batch_size) for lp in per_expert[0].values())):
             progress()
@@ -142,9 +144,15 @@ def window_inputs(shard: Shard, seq_len: int, batch_size: int, max_batches: int 
     return np.concatenate([inputs.numpy() for inputs, _ in eval_batches(shard, seq_len, batch_size, max_batches)])
 
 
-def btm_topk_logprobs(per_expert: Sequence[dict[str, torch.Tensor]], router: TfidfRouter, shards: dict[str, Shard],
-                      seq_len: int, batch_size: int, max_batches: int | None, k: int
-                      ) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
+def btm_topk_logprobs(
+    per_expert: Sequence[dict[str, torch.Tensor]],
+    router: TfidfRouter,
+    shards: dict[str, Shard],
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    k: int,
+) -> tuple[dict[str, torch.Tensor], dict[str, list[float]]]:
     """({domain: the top-k ensemble's token log-probabilities}, {domain: share of positions whose
     best expert is expert j, for every j})."""
     mixed, top1_share = {}, {}

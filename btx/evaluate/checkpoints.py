@@ -48,7 +48,9 @@ MAX_DEFAULT_SEQ_LEN = 1024
 
 def parse_data_specs(specs: Sequence[str]) -> dict[str, str]:
 
-    return parse_domain_paths(specs, "SHARD (a btx validation shard .bin/.json, or a prepared domain directory holding val.json)")
+    return parse_domain_paths(
+        specs, "SHARD (a btx validation shard .bin/.json, or a prepared domain directory holding val.json)"
+    )
 
 
 def open_shard(name: str, spec: str) -> Shard:
@@ -111,13 +113,14 @@ def default_names(paths: Sequence[str | Path]) -> list[str]:
 def _check_data(ckpt: _Checkpoint, name: str, shard: Shard, seq_len: int, batch_size: int, batches: int) -> None:
     """The shard's tokenizer fits the model and its windows hold only ids the model knows."""
 
-
     label = f"--data {name}"
     vocab = shard.tokenizer.get("vocab_size")
     if isinstance(vocab, int) and vocab > ckpt.cfg.vocab_size:
-        raise BtxError(f"{shard.path}: tokenized with a vocabulary of {vocab} ({shard.tokenizer.get('kind')} "
-                       f"tokenizer), but {ckpt.path} has vocab_size {ckpt.cfg.vocab_size} ({label}); "
-                       "prepare the data with the model's tokenizer")
+        raise BtxError(
+            f"{shard.path}: tokenized with a vocabulary of {vocab} ({shard.tokenizer.get('kind')} "
+            f"tokenizer), but {ckpt.path} has vocab_size {ckpt.cfg.vocab_size} ({label}); "
+            "prepare the data with the model's tokenizer"
+        )
     if ckpt.tokenizer is not None:
         try:
             check_tokenizer(shard, ckpt.tokenizer.identity())
@@ -126,8 +129,10 @@ def _check_data(ckpt: _Checkpoint, name: str, shard: Shard, seq_len: int, batch_
     used = min((len(shard) - 1) // seq_len, batches * batch_size) * seq_len + 1
     top = int(np.asarray(shard.tokens[:used]).max())
     if top >= ckpt.cfg.vocab_size:
-        raise BtxError(f"{shard.path}: token id {top} is outside the vocabulary of {ckpt.path} "
-                       f"(vocab_size {ckpt.cfg.vocab_size}; {label}); the data was made with another tokenizer")
+        raise BtxError(
+            f"{shard.path}: token id {top} is outside the vocabulary of {ckpt.path} "
+            f"(vocab_size {ckpt.cfg.vocab_size}; {label}); the data was made with another tokenizer"
+        )
 
 
 def _pick_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
@@ -153,7 +158,6 @@ def evaluate_checkpoints(
     "BTM ensemble" row of the `btm` checkpoints. Every input is checked before the first forward.
     Returns (rows, settings) where settings records what was evaluated and how."""
 
-
     if not checkpoints and not btm:
         raise BtxError("eval: give at least one CHECKPOINT directory (or --btm experts)")
     for flag, value in (("--batches", batches), ("--batch-size", batch_size), ("--seq-len", seq_len)):
@@ -165,8 +169,9 @@ def evaluate_checkpoints(
     btm = [str(c) for c in btm]
     if names is not None:
         if len(names) != len(checkpoints):
-            raise BtxError(f"--names {','.join(names)}: expected {len(checkpoints)} names (one per CHECKPOINT), "
-                           f"got {len(names)}")
+            raise BtxError(
+                f"--names {','.join(names)}: expected {len(checkpoints)} names (one per CHECKPOINT), got {len(names)}"
+            )
         if len(set(names)) != len(names) or not all(n.strip() for n in names):
             raise BtxError(f"--names {','.join(names)}: expected distinct, non-empty names")
         if "BTM ensemble" in names and btm:
@@ -195,49 +200,77 @@ def evaluate_checkpoints(
         raise BtxError(f"--seq-len {seq_len}: longer than {short.path}'s max_position_embeddings {max_len}")
     for d, shard in shards.items():
         if len(shard) < seq_len + 1:
-            raise BtxError(f"{shard.path}: {len(shard)} tokens, fewer than seq_len + 1 = {seq_len + 1} (--data {d}); "
-                           "use a shorter --seq-len or more validation data")
+            raise BtxError(
+                f"{shard.path}: {len(shard)} tokens, fewer than seq_len + 1 = {seq_len + 1} (--data {d}); "
+                "use a shorter --seq-len or more validation data"
+            )
         for c in ckpts:
             _check_data(c, d, shard, seq_len, batch_size, batches)
 
     console = console or Console(stderr=True)
     n_batches = sum(-(-min((len(s) - 1) // seq_len, batches * batch_size) // batch_size) for s in shards.values())
     lps: dict[Path, dict[str, torch.Tensor]] = {}
-    with Progress(TextColumn("[bold]eval {task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("batches"), TimeRemainingColumn(), console=console, transient=True) as bar:
+    with Progress(
+        TextColumn("[bold]eval {task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("batches"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+    ) as bar:
         for key, c in unique.items():
             task = bar.add_task(escape(c.name), total=n_batches)
             model = load_model(c.path, dtype=_pick_dtype(dtype, dev, c.stored_dtype), device=dev)
-            lps[key] = {d: window_logprobs(model, s, seq_len, batch_size, batches, lambda: bar.advance(task))
-                        for d, s in shards.items()}
+            lps[key] = {
+                d: window_logprobs(model, s, seq_len, batch_size, batches, lambda task=task: bar.advance(task))
+                for d, s in shards.items()
+            }
             del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
             bar.remove_task(task)
-    rows = [row_from_logprobs(name, lps[key], unique[key].train_flops, unique[key].cfg.param_counts()["active"],
-                              str(unique[key].path)) for name, key in zip(row_names, row_keys)]
+    rows = [
+        row_from_logprobs(
+            name, lps[key], unique[key].train_flops, unique[key].cfg.param_counts()["active"], str(unique[key].path)
+        )
+        for name, key in zip(row_names, row_keys)
+    ]
     tfidf_note = None
     if btm:
         experts = [unique[k] for k in btm_keys]
         documents = [checkpoint_train_shard(e.path) for e in experts]
         router = None
         if all(doc is not None for doc in documents):
-            router = TfidfRouter([shard_sample(doc, TFIDF_TOKENS) for doc in documents],
-                                 min(e.cfg.vocab_size for e in experts))
+            router = TfidfRouter(
+                [shard_sample(doc, TFIDF_TOKENS) for doc in documents], min(e.cfg.vocab_size for e in experts)
+            )
         else:
-            tfidf_note = ("BTM top-k (tf-idf) rows need each --btm expert's training shard, which btx finds in "
-                          "the DONE.json of a btx training job; not every expert has one")
-        rows += btm_rows([lps[k] for k in btm_keys], [e.train_flops for e in experts],
-                         [e.cfg.param_counts()["active"] for e in experts],
-                         "experts: " + ", ".join(str(e.path) for e in experts), router=router, shards=shards,
-                         seq_len=seq_len, batch_size=batch_size, batches=batches,
-                         expert_names=[e.name for e in experts])
+            tfidf_note = (
+                "BTM top-k (tf-idf) rows need each --btm expert's training shard, which btx finds in "
+                "the DONE.json of a btx training job; not every expert has one"
+            )
+        rows += btm_rows(
+            [lps[k] for k in btm_keys],
+            [e.train_flops for e in experts],
+            [e.cfg.param_counts()["active"] for e in experts],
+            "experts: " + ", ".join(str(e.path) for e in experts),
+            router=router,
+            shards=shards,
+            seq_len=seq_len,
+            batch_size=batch_size,
+            batches=batches,
+            expert_names=[e.name for e in experts],
+        )
     settings = {
         "checkpoints": {name: str(unique[key].path) for name, key in zip(row_names, row_keys)},
         "btm_experts": [str(unique[k].path) for k in btm_keys],
         "data": {d: str(s.path) for d, s in shards.items()},
-        "seq_len": seq_len, "batch_size": batch_size, "batches": batches,
-        "device": str(dev), "dtype": dtype,
+        "seq_len": seq_len,
+        "batch_size": batch_size,
+        "batches": batches,
+        "device": str(dev),
+        "dtype": dtype,
         **({"btm_tfidf": tfidf_note} if tfidf_note else {}),
     }
     return rows, settings
@@ -247,23 +280,49 @@ BTM_POSTERIOR_ROW = "BTM ensemble"
 TFIDF_TOKENS = 1_000_000  # training tokens per expert for the tf-idf documents (a recipe: eval.btm_tfidf_tokens)
 
 
-def btm_rows(per_expert: Sequence[dict[str, torch.Tensor]], flops: Sequence[float | None], active: Sequence[int],
-             note: str, *, router: TfidfRouter | None = None, shards: dict[str, Shard] | None = None,
-             seq_len: int = 0, batch_size: int = 0, batches: int | None = None,
-             expert_names: Sequence[str] = ()) -> list[EvalRow]:
+def btm_rows(
+    per_expert: Sequence[dict[str, torch.Tensor]],
+    flops: Sequence[float | None],
+    active: Sequence[int],
+    note: str,
+    *,
+    router: TfidfRouter | None = None,
+    shards: dict[str, Shard] | None = None,
+    seq_len: int = 0,
+    batch_size: int = 0,
+    batches: int | None = None,
+    expert_names: Sequence[str] = (),
+) -> list[EvalRow]:
     """The BTM rows from the experts' token log-probabilities: the domain-posterior ensemble and,
     with a tf-idf `router`, top-1 and top-2 by tf-idf. Training FLOPs are the experts'; active
     parameters those of the experts that run per token."""
     total = sum(flops) if all(f is not None for f in flops) else None
-    rows = [row_from_logprobs(BTM_POSTERIOR_ROW, btm_posterior_logprobs(per_expert), total, sum(active),
-                              "experts mixed by domain posterior; " + note)]
+    rows = [
+        row_from_logprobs(
+            BTM_POSTERIOR_ROW,
+            btm_posterior_logprobs(per_expert),
+            total,
+            sum(active),
+            "experts mixed by domain posterior; " + note,
+        )
+    ]
     if router is not None:
         for k in [k for k in (1, 2) if k <= len(per_expert)]:
             mixed, top1 = btm_topk_logprobs(per_expert, router, shards, seq_len, batch_size, batches, k)
-            picks = "; ".join(f"{d}: " + ", ".join(f"{n} {share:.0%}" for n, share in zip(expert_names, shares))
-                              for d, shares in top1.items())
-            rows.append(row_from_logprobs(f"BTM top-{k} (tf-idf)", mixed, total, sum(sorted(active)[-k:]),
-                                          ("the expert" if k == 1 else f"the {k} experts") + f" most tf-idf-similar to the context; top-1 picks: {picks}"))
+            picks = "; ".join(
+                f"{d}: " + ", ".join(f"{n} {share:.0%}" for n, share in zip(expert_names, shares))
+                for d, shares in top1.items()
+            )
+            rows.append(
+                row_from_logprobs(
+                    f"BTM top-{k} (tf-idf)",
+                    mixed,
+                    total,
+                    sum(sorted(active)[-k:]),
+                    ("the expert" if k == 1 else f"the {k} experts")
+                    + f" most tf-idf-similar to the context; top-1 picks: {picks}",
+                )
+            )
     return rows
 
 
@@ -284,8 +343,9 @@ def checkpoint_train_shard(path: Path) -> Shard | None:
 def check_out_dir(out: Path) -> None:
     """`--out` may be new, empty, or an earlier eval output (replaced); nothing else is overwritten."""
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "eval.json").is_file())):
-        raise BtxError(f"--out {out}: exists and is not an earlier btx eval output (no eval.json); "
-                       "choose another directory")
+        raise BtxError(
+            f"--out {out}: exists and is not an earlier btx eval output (no eval.json); choose another directory"
+        )
 
 
 def written(out: Path) -> str:
@@ -293,14 +353,21 @@ def written(out: Path) -> str:
     return ", ".join(name for name in ("eval.md", "eval.json", PLOT_NAME) if (out / name).is_file())
 
 
-def write_outputs(rows: list[EvalRow], domains: list[str], out: Path, done: dict, extra: dict | None = None,
-                  console: Console | None = None) -> None:
+def write_outputs(
+    rows: list[EvalRow],
+    domains: list[str],
+    out: Path,
+    done: dict,
+    extra: dict | None = None,
+    console: Console | None = None,
+) -> None:
     """eval.json, eval.md, the plot and DONE.json (last), appearing in `out` all at once."""
 
     with atomic_dir(out, force=True) as tmp:
         save(rows, domains, tmp, extra, console=console)
-        write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done,
-                         "outputs": hash_dir(tmp)})
+        write_done(
+            tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done, "outputs": hash_dir(tmp)}
+        )
 
 
 def eval_checkpoints_command(args) -> int:
@@ -321,10 +388,16 @@ def eval_checkpoints_command(args) -> int:
     check_out_dir(out)
     console = Console()
     rows, settings = evaluate_checkpoints(
-        checkpoints, data, btm=args.btm or (), names=names,
+        checkpoints,
+        data,
+        btm=args.btm or (),
+        names=names,
         batches=args.batches if args.batches is not None else DEFAULT_BATCHES,
         batch_size=args.batch_size if args.batch_size is not None else DEFAULT_BATCH_SIZE,
-        seq_len=args.seq_len, device=args.device, dtype=args.dtype, console=Console(stderr=True),
+        seq_len=args.seq_len,
+        device=args.device,
+        dtype=args.dtype,
+        console=Console(stderr=True),
     )
     domains = list(data)
     render(rows, domains, console=console)

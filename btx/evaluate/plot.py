@@ -59,7 +59,7 @@ def text_scatter(rows, width: int = 60, height: int = 12) -> str:
         label = f"{y1:.4f}" if i == 0 else f"{y0:.4f}" if i == height - 1 else ""
         lines.append(f"{label:>{label_width}} |{''.join(cells)}")
     lines.append(" " * label_width + " +" + "-" * width)
-    left, right = f"{10 ** x0:.3g}", f"{10 ** x1:.3g}"
+    left, right = f"{10**x0:.3g}", f"{10**x1:.3g}"
     lines.append(" " * (label_width + 2) + left + " " * max(1, width - len(left) - len(right)) + right)
     return "\n".join(lines + legend)
 
@@ -84,8 +84,14 @@ def plot_loss_vs_flops(rows, path: Path) -> str | None:
     # Close points would hide each other's labels: a legend names them instead (marker and colour).
     shapes = "os^vD<>pPX*h"
     for i, r in enumerate(placed):
-        ax.errorbar([r.train_flops], [r.average], yerr=[r.average_stderr or 0.0], fmt=shapes[i % len(shapes)],
-                    capsize=3, label=f"{r.name} ({r.average:.4f})")
+        ax.errorbar(
+            [r.train_flops],
+            [r.average],
+            yerr=[r.average_stderr or 0.0],
+            fmt=shapes[i % len(shapes)],
+            capsize=3,
+            label=f"{r.name} ({r.average:.4f})",
+        )
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs beyond the seed")
     ax.set_ylabel("average validation loss (nats/token)")

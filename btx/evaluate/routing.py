@@ -157,23 +157,23 @@ class RoutingAccumulator:
         if group is None:
             group = self._groups[domain] = _Sums(self.n_layers, E, device)
         top1_by_layer = []
-        for l, r in enumerate(routings):
+        for layer, r in enumerate(routings):
             expert_TK, gate_TK, probs_TE = r.expert_TK, r.gate_TK, r.probs_TE
             if token_ids is not None:
                 expert_TK, gate_TK, probs_TE = expert_TK[token_ids], gate_TK[token_ids], probs_TE[token_ids]
             if probs_TE.shape[-1] != E:
-                raise ValueError(f"layer {l}: router has {probs_TE.shape[-1]} experts, the accumulator {E}")
+                raise ValueError(f"layer {layer}: router has {probs_TE.shape[-1]} experts, the accumulator {E}")
             top1_T = top1_experts(expert_TK, gate_TK, E)
             top1_by_layer.append(top1_T)
             # A token's slots name distinct experts, so counting slots counts tokens per expert.
-            group.top1[l].scatter_add_(0, top1_T, torch.ones_like(top1_T))
+            group.top1[layer].scatter_add_(0, top1_T, torch.ones_like(top1_T))
             slots = expert_TK.reshape(-1)
-            group.slots[l].scatter_add_(0, slots, torch.ones_like(slots))
+            group.slots[layer].scatter_add_(0, slots, torch.ones_like(slots))
             probs = probs_TE.double()
-            group.prob[l] += probs.sum(0)
-            group.token_entropy[l] += torch.special.entr(probs).sum()
-        for l in range(self.n_layers - 1):
-            group.agree[l] += (top1_by_layer[l] == top1_by_layer[l + 1]).sum()
+            group.prob[layer] += probs.sum(0)
+            group.token_entropy[layer] += torch.special.entr(probs).sum()
+        for layer in range(self.n_layers - 1):
+            group.agree[layer] += (top1_by_layer[layer] == top1_by_layer[layer + 1]).sum()
         group.tokens += top1_by_layer[0].shape[0] if top1_by_layer else 0
 
     def _total(self, domains) -> _Sums:

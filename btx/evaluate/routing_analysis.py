@@ -130,7 +130,6 @@ def open_domain_data(name: str, spec: str, tokenizer) -> DomainData:
 
     label = f"--data {name}={spec}"
     if spec.startswith("builtin:"):
-
         return _text_data(name, spec, PythonSource(builtin_source(spec.removeprefix("builtin:"))), tokenizer, label)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -182,8 +181,7 @@ def moe_checkpoint_config(path: str | os.PathLike):
         cfg, stored = reader.cfg, reader.dtype
     if not cfg.is_moe:
         raise BtxError(
-            f"{path / 'config.json'}: a dense model (no experts) has no routers to analyse; "
-            "expected an MoE checkpoint"
+            f"{path / 'config.json'}: a dense model (no experts) has no routers to analyse; expected an MoE checkpoint"
         )
     return cfg, stored
 
@@ -208,7 +206,9 @@ def expert_names(checkpoint: Path, n_experts: int, explicit: Sequence[str] | Non
     if explicit:
         names = list(explicit)
         if len(names) != n_experts or len(set(names)) != len(names):
-            raise BtxError(f"--experts: expected {n_experts} distinct names (the model has {n_experts} experts), got {names}")
+            raise BtxError(
+                f"--experts: expected {n_experts} distinct names (the model has {n_experts} experts), got {names}"
+            )
         return names, "--experts"
     for directory in (checkpoint, checkpoint.parent / "merged"):
         try:
@@ -297,9 +297,12 @@ def analyze_checkpoint(
     domains = {name: open_domain_data(name, spec, tok) for name, spec in data.items()}
     unchecked = [dd.label for dd in domains.values() if dd.kind == "shard" and not dd.tokenizer_checked]
     if unchecked:
-        console.print(f"note: {checkpoint} has no tokenizer files, so the tokenizer of {', '.join(unchecked)} "
-                      "cannot be checked (token ids are only checked against vocab_size)", markup=False,
-                      soft_wrap=True)
+        console.print(
+            f"note: {checkpoint} has no tokenizer files, so the tokenizer of {', '.join(unchecked)} "
+            "cannot be checked (token ids are only checked against vocab_size)",
+            markup=False,
+            soft_wrap=True,
+        )
     names, names_from = expert_names(checkpoint, cfg.n_experts, experts)
     seq_len = seq_len or min(cfg.max_seq_len, MAX_DEFAULT_SEQ_LEN)
     if seq_len > cfg.max_seq_len:
@@ -385,10 +388,12 @@ def _keep_samples(kept: list[dict], wanted: int, batch: np.ndarray, routings: li
             return
         n = min(S, SAMPLE_TOKENS)
         ids = slice(row * S, row * S + n)
-        kept.append({
-            "token_ids": batch[row, :n].tolist(),
-            "top1": [top1_experts(r.expert_TK[ids], r.gate_TK[ids], n_experts).tolist() for r in routings],
-        })
+        kept.append(
+            {
+                "token_ids": batch[row, :n].tolist(),
+                "top1": [top1_experts(r.expert_TK[ids], r.gate_TK[ids], n_experts).tolist() for r in routings],
+            }
+        )
 
 
 def _decode_samples(samples: list[dict], tokenizer) -> list[dict]:
@@ -413,7 +418,7 @@ def token_pieces(ids: Sequence[int], tokenizer) -> list[str]:
             pieces.append("")
             continue
         if text.startswith(committed):
-            pieces.append(text[len(committed):])
+            pieces.append(text[len(committed) :])
         else:  # the tokenizer rewrote earlier text (rare normalisation); show the token alone
             pieces.append(tokenizer.decode(ids[n - 1 : n]))
         committed = text
@@ -434,8 +439,14 @@ def compare_reports(a: dict, b: dict) -> dict:
         out = {}
         for key in ("top1_frac", "topk_frac", "load_share", "mean_prob"):
             out[key] = [[y - x for x, y in zip(ra, rb)] for ra, rb in zip(sa[key], sb[key])]
-        for key in ("entropy_of_mean", "mean_token_entropy", "load_imbalance", "top1_agreement",
-                    "own_top1_frac", "own_topk_frac"):
+        for key in (
+            "entropy_of_mean",
+            "mean_token_entropy",
+            "load_imbalance",
+            "top1_agreement",
+            "own_top1_frac",
+            "own_topk_frac",
+        ):
             if sa.get(key) is not None and sb.get(key) is not None:
                 out[key] = [y - x for x, y in zip(sa[key], sb[key])]
         return out

@@ -1,8 +1,7 @@
 """Showing and saving a routing analysis: rich tables in the terminal, routing.json, CSV, PNGs.
 
 The numbers come from `btx.evaluate.routing_analysis.analyze_checkpoint` (see btx/evaluate/routing.py
-for what each means); this module only presents them, and runs `btx analyze` (`run_analyze`;
-`analyze_recipe` is the recipe form, btx run's analyze stage).
+for what each means); this module only presents them (`btx analyze` itself is btx/evaluate/analyze.py).
 
 Output directory
     routing.json            every number (structure: docs/ROUTING.md; the file's own "definitions")
@@ -26,31 +25,12 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-from rich.console import Console, Group
+from rich.console import Group
 from rich.markup import escape as rich_escape
 from rich.rule import Rule
 from rich.text import Text
 
-from btx.data.shards import load_shard
-from btx.errors import BtxError
-from btx.evaluate.routing_analysis import (
-    DEFAULT_TOKENS,
-    analyze_checkpoint,
-    compare_reports,
-    moe_checkpoint_config,
-    parse_data_specs,
-)
-from btx.io.atomic import atomic_dir, dumps_json
-from btx.io.manifest import (
-    hash_dir,
-    identity,
-    input_identity,
-    is_done,
-    relative_identities,
-    write_done,
-)
-from btx.recipe.load import load_experiment
+from btx.io.atomic import dumps_json
 from btx.ui.pyplot import pyplot
 from btx.ui.tables import Column, FitTable
 
@@ -59,6 +39,7 @@ def escape(text: str) -> str:
     """User-given names (paths, domains, experts) shown inside rich markup stay literal."""
 
     return rich_escape(text)
+
 
 # matplotlib's tab10: distinct, colour-blind-friendlier than a rainbow, and the same in the
 # terminal and in the PNGs so an expert keeps its colour everywhere.
@@ -105,15 +86,20 @@ def _cell(value: float, vmax: float, diverging: bool = False):
     return Text(label, style=f"{'white' if t > 0.55 else 'black'} on {bg}")
 
 
-def heatmap_table(matrix: Sequence[Sequence[float]], experts: Sequence[str], own: str | None = None,
-                  diverging: bool = False):
+def heatmap_table(
+    matrix: Sequence[Sequence[float]], experts: Sequence[str], own: str | None = None, diverging: bool = False
+):
     """Layers x experts, cells in percent, coloured 0 -> table maximum (one block per layer when
     the experts do not fit across)."""
 
     vmax = max((abs(v) for row in matrix for v in row), default=0.0)
-    columns = [Column("layer", "label", justify="right", style="dim"),
-               *(Column(f"[{expert_color(e)}]■[/]{escape(name)}{'*' if name == own else ''}")
-                 for e, name in enumerate(experts))]
+    columns = [
+        Column("layer", "label", justify="right", style="dim"),
+        *(
+            Column(f"[{expert_color(e)}]■[/]{escape(name)}{'*' if name == own else ''}")
+            for e, name in enumerate(experts)
+        ),
+    ]
     rows = [[str(layer), *(_cell(v, vmax, diverging) for v in row)] for layer, row in enumerate(matrix)]
     return FitTable(columns, rows, compact=True)
 
@@ -145,8 +131,16 @@ def summary_table(report: dict):
     experts = report["experts"]
     E = len(experts)
     show_dropped = any(v > 0 for s in [report["overall"]] for v in s["dropped_frac"])
-    columns = [Column("domain", "label"), Column("tokens"), Column("own top-1"), Column("busiest", justify="left"),
-               Column("imbal."), Column(f"H(p̄)\n≤{math.log(E):.2f}"), Column("H(p)"), Column("agree")]
+    columns = [
+        Column("domain", "label"),
+        Column("tokens"),
+        Column("own top-1"),
+        Column("busiest", justify="left"),
+        Column("imbal."),
+        Column(f"H(p̄)\n≤{math.log(E):.2f}"),
+        Column("H(p)"),
+        Column("agree"),
+    ]
     columns += [Column("dropped")] if show_dropped else []
     rows = []
     for name, s in list(report["domains"].items()) + [(OVERALL, report["overall"])]:
@@ -210,8 +204,16 @@ def legend(experts: Sequence[str]):
     return line
 
 
-def render(report: dict, console, *, metric: str = "load_share", layer: int | None = None,
-           show_text: int = 0, compare: dict | None = None, difference: dict | None = None) -> None:
+def render(
+    report: dict,
+    console,
+    *,
+    metric: str = "load_share",
+    layer: int | None = None,
+    show_text: int = 0,
+    compare: dict | None = None,
+    difference: dict | None = None,
+) -> None:
     """Everything in the terminal: heatmaps per domain, the summary, per-layer tables, text."""
 
     def heading(text: str) -> None:
@@ -220,11 +222,14 @@ def render(report: dict, console, *, metric: str = "load_share", layer: int | No
     experts = report["experts"]
     model = report["model"]
     console.print(Rule(escape(f"routing of {report['checkpoint']}")))
-    console.print(escape(
-        f"{model['n_experts']} experts ({', '.join(experts)}; names from {report['experts_from']}), "
-        f"top-{model['top_k']} {model['router_mode']} routing, {model['n_layers']} MoE layers. "
-        f"Heatmap cells: {metric} in %, * marks the domain's own expert."
-    ), soft_wrap=True)
+    console.print(
+        escape(
+            f"{model['n_experts']} experts ({', '.join(experts)}; names from {report['experts_from']}), "
+            f"top-{model['top_k']} {model['router_mode']} routing, {model['n_layers']} MoE layers. "
+            f"Heatmap cells: {metric} in %, * marks the domain's own expert."
+        ),
+        soft_wrap=True,
+    )
     for domain, stats in report["domains"].items():
         heading(f"\n{domain} tokens: {metric} per layer and expert")
         console.print(heatmap_table(stats[metric], experts, own=stats.get("own_expert")))
@@ -239,8 +244,9 @@ def render(report: dict, console, *, metric: str = "load_share", layer: int | No
     if compare is not None:
         for domain, d in difference["domains"].items():
             heading(f"\n{domain} tokens: {metric} of B minus A, in percentage points")
-            console.print(heatmap_table(d[metric], experts, own=report["domains"][domain].get("own_expert"),
-                                        diverging=True))
+            console.print(
+                heatmap_table(d[metric], experts, own=report["domains"][domain].get("own_expert"), diverging=True)
+            )
     if show_text:
         layer = default_layer(report) if layer is None else layer
         console.print()
@@ -268,9 +274,10 @@ def csv_text(report: dict) -> str:
     for domain, s in rows:
         for layer in range(len(s["top1_frac"])):
             for e, expert in enumerate(report["experts"]):
-                writer.writerow([domain, layer, expert] + [
-                    repr(s[key][layer][e]) for key in ("top1_frac", "topk_frac", "mean_prob", "load_share")
-                ])
+                writer.writerow(
+                    [domain, layer, expert]
+                    + [repr(s[key][layer][e]) for key in ("top1_frac", "topk_frac", "mean_prob", "load_share")]
+                )
     return buffer.getvalue()
 
 
@@ -278,8 +285,14 @@ def _file_name(domain: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", domain)
 
 
-def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", compare: dict | None = None,
-                difference: dict | None = None) -> list[str]:
+def write_files(
+    report: dict,
+    out_dir: Path,
+    *,
+    metric: str = "load_share",
+    compare: dict | None = None,
+    difference: dict | None = None,
+) -> list[str]:
     """Write routing.json, routing.csv and the PNGs into `out_dir` (which must exist).
     Returns notes for the user (e.g. that plots were skipped)."""
     full = dict(report)
@@ -296,15 +309,27 @@ def write_files(report: dict, out_dir: Path, *, metric: str = "load_share", comp
     if plt is None:
         return [PLOTS_NOTE]
     for domain, stats in report["domains"].items():
-        plot_heatmap(plt, stats[metric], report["experts"], f"{domain} tokens: {metric}",
-                     out_dir / f"heatmap_{_file_name(domain)}.png", own=stats.get("own_expert"))
+        plot_heatmap(
+            plt,
+            stats[metric],
+            report["experts"],
+            f"{domain} tokens: {metric}",
+            out_dir / f"heatmap_{_file_name(domain)}.png",
+            own=stats.get("own_expert"),
+        )
     plot_stacked(plt, report, out_dir / "layers_stacked.png")
     if compare is not None:
         names = f"A = {Path(report['checkpoint']).name}, B = {Path(compare['checkpoint']).name}"
         for domain, d in difference["domains"].items():
-            plot_heatmap(plt, d[metric], report["experts"], f"{domain} tokens: {metric}, B - A\n{names}",
-                         out_dir / "compare" / f"diff_{_file_name(domain)}.png", diverging=True,
-                         own=report["domains"][domain].get("own_expert"))
+            plot_heatmap(
+                plt,
+                d[metric],
+                report["experts"],
+                f"{domain} tokens: {metric}, B - A\n{names}",
+                out_dir / "compare" / f"diff_{_file_name(domain)}.png",
+                diverging=True,
+                own=report["domains"][domain].get("own_expert"),
+            )
         plot_stacked(plt, compare, out_dir / "compare" / "layers_stacked.png")
     return []
 
@@ -327,8 +352,15 @@ def plot_heatmap(plt, matrix, experts, title, path: Path, own: str | None = None
         for layer, row in enumerate(matrix):
             for e, v in enumerate(row):
                 dark = abs(v) / norm_max > 0.55 if norm_max else False
-                ax.text(e, layer, f"{v * 100:{'+' if diverging else ''}.0f}", ha="center", va="center",
-                        fontsize=7, color="white" if dark else "black")
+                ax.text(
+                    e,
+                    layer,
+                    f"{v * 100:{'+' if diverging else ''}.0f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if dark else "black",
+                )
     ax.set_xticks(range(n_experts), [f"{n}*" if n == own else n for n in experts], rotation=30, ha="right")
     ax.set_yticks(range(n_layers))
     ax.set_xlabel("expert" + (" (* = the domain's own expert)" if own else ""))
@@ -347,8 +379,14 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
     cols = min(len(domains), 3)
     rows = math.ceil(len(domains) / cols)
     n_layers = report["model"]["n_layers"]
-    fig, axes = plt.subplots(rows, cols, figsize=(0.6 + max(3.0, 0.22 * n_layers + 1.5) * cols, 0.8 + 2.6 * rows),
-                             squeeze=False, sharey=True, layout="constrained")
+    fig, axes = plt.subplots(
+        rows,
+        cols,
+        figsize=(0.6 + max(3.0, 0.22 * n_layers + 1.5) * cols, 0.8 + 2.6 * rows),
+        squeeze=False,
+        sharey=True,
+        layout="constrained",
+    )
     for i, domain in enumerate(domains):
         ax = axes[i // cols][i % cols]
         share = report["domains"][domain]["load_share"]
@@ -375,135 +413,3 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # btx analyze
 # --------------------------------------------------------------------------------------------
-
-
-def _prepare_out_dir(out: Path) -> None:
-    """An analysis replaces an earlier analysis in `out`, but never an unrelated directory."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "routing.json").is_file())):
-        raise BtxError(f"--out {out}: exists and is not an earlier routing analysis; choose another directory")
-
-
-def headline(report: dict) -> str:
-    """One line for `btx run`'s summary: own-expert shares when known, else the balance."""
-    doms = report["domains"]
-    own = [f"{d} {_mean(s['own_top1_frac']) * 100:.0f}%" for d, s in doms.items() if s.get("own_expert")]
-    balance = f"load imbalance {_mean(report['overall']['load_imbalance']):.2f}"
-    return (f"tokens on their own expert (top-1): {', '.join(own)}; " if own else "") + balance
-
-
-def analyze_and_write(
-    checkpoints: Sequence[str | Path],
-    data: dict[str, str],
-    out: Path,
-    *,
-    options: dict,
-    metric: str = "load_share",
-    layer: int | None = None,
-    show_text: int = 0,
-    console=None,
-    done: dict | None = None,
-) -> dict:
-    """Analyse one checkpoint (or two, side by side), show the result and write `out`.
-
-    Every checkpoint and flag is checked before the first forward. `out` appears atomically;
-    with `done` (a stage manifest), DONE.json is written into it last. Returns the report of
-    the first checkpoint (with "compare" when there are two).
-    """
-
-
-    if metric not in METRICS:
-        raise BtxError(f"--metric {metric}: expected one of {', '.join(METRICS)}")
-    _prepare_out_dir(out)
-    configs = [moe_checkpoint_config(ckpt)[0] for ckpt in checkpoints]
-    shapes = {(cfg.n_layers, cfg.n_experts) for cfg in configs}
-    if len(shapes) > 1:
-        raise BtxError(f"--compare: {checkpoints[0]} and {checkpoints[1]} differ in layers x experts "
-                       f"({' vs '.join(f'{n} x {e}' for n, e in shapes)}); a comparison needs the same shape")
-    n_layers = configs[0].n_layers
-    if layer is not None and not 0 <= layer < n_layers:
-        raise BtxError(f"--layer {layer}: the model has MoE layers 0..{n_layers - 1}")
-
-    console = console or Console()
-    err = Console(stderr=True)  # progress and notes; the analysis itself goes to `console`
-    reports = [analyze_checkpoint(ckpt, data, console=err, samples=max(show_text, 1), **options)
-               for ckpt in checkpoints]
-    report, compare = reports[0], (reports[1] if len(reports) > 1 else None)
-    difference = compare_reports(report, compare) if compare is not None else None
-    render(report, console, metric=metric, layer=layer, show_text=show_text, compare=compare,
-           difference=difference)
-    with atomic_dir(out, force=True) as tmp:
-        notes = write_files(report, tmp, metric=metric, compare=compare, difference=difference)
-        if done is not None:
-            write_done(tmp, {**done, "files": sorted(p.name for p in tmp.iterdir()), "outputs": hash_dir(tmp)})
-    for note in notes:
-        err.print(f"[yellow]note:[/] {escape(note)}", soft_wrap=True)
-    err.print(escape(f"wrote {out}/ (routing.json, routing.csv{'' if notes else ', PNGs'})"), soft_wrap=True)
-    report["headline"] = headline(report)
-    return report
-
-
-def run_analyze(args) -> int:
-    """`btx analyze` (and tools/routing_analysis.py)."""
-
-    checkpoints = [args.target] if args.target else []
-    if args.compare:
-        if len(args.compare) > 2 or len(checkpoints) + len(args.compare) != 2:
-            raise BtxError("--compare: give --compare B (with CHECKPOINT as A) or --compare A B (without CHECKPOINT)")
-        checkpoints += args.compare
-    if not checkpoints:
-        raise BtxError("analyze: give a CHECKPOINT directory (with --data) or an experiment RECIPE")
-    options = _options(args)
-    if Path(checkpoints[0]).is_file():  # an experiment recipe
-
-        if args.data:
-            raise BtxError("--data: a RECIPE brings its domains' validation shards; give --data with a CHECKPOINT")
-        exp = load_experiment(args.target, args.overrides)
-        analyze_recipe(exp, out=Path(args.out) if args.out else None, compare=checkpoints[1:], metric=args.metric,
-                       layer=args.layer, show_text=args.show_text or None, **options)
-        return 0
-    if args.overrides:
-        raise BtxError(f"analyze: overrides ({args.overrides[0]}) need an experiment RECIPE")
-    out = Path(args.out) if args.out else Path(f"analysis-{Path(checkpoints[0]).resolve().name}")
-    options["tokens"] = options["tokens"] or DEFAULT_TOKENS
-    analyze_and_write(checkpoints, parse_data_specs(args.data), out, options=options, metric=args.metric,
-                      layer=args.layer, show_text=args.show_text)
-    return 0
-
-
-def _options(args) -> dict:
-
-    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    return dict(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, device=args.device,
-                dtype=dtypes[args.dtype], experts=args.experts.split(",") if args.experts else None,
-                tokenizer=args.tokenizer)
-
-
-def analyze_recipe(exp, *, out: Path | None = None, compare: Sequence[str] = (), metric: str = "load_share",
-                   layer: int | None = None, show_text: int | None = None, tokens: int | None = None,
-                   console=None, **options) -> dict:
-    """Recipe mode (`btx analyze RECIPE`, `btx run`'s analyze stage): the finetuned model (else the
-    merged one) on each domain's validation shard, with the recipe's analyze.tokens and
-    analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
-
-    for checkpoint in (exp.paths.finetuned, exp.paths.merged):
-        if is_done(checkpoint):
-            break
-    else:
-        raise BtxError(f"{exp.run_dir}: no finished finetuned/ or merged/ model yet; run btx merge (and btx finetune) "
-                       "first")
-    data = {}
-    for name in exp.domains:
-        val = exp.paths.shard(name, "val")
-        if not val.is_file():
-            raise BtxError(f"{val}: validation shard missing; run btx prepare {exp.path}")
-        data[name] = str(val)
-    tokens = tokens or exp.analyze.tokens
-    show_text = exp.analyze.show_text if show_text is None else show_text
-    out = out or exp.paths.analysis
-
-    identities = {"model": input_identity(checkpoint),
-                  **{f"val:{d}": identity(load_shard(v, verify=True).path) for d, v in data.items()}}
-    done = {"stage": "analyze", "checkpoint": str(checkpoint), "recipe": str(exp.path), "domains": list(data),
-            "tokens_per_domain": tokens, "input_identities": relative_identities(identities, out)}
-    return analyze_and_write([checkpoint, *compare], data, out, options={**options, "tokens": tokens},
-                             metric=metric, layer=layer, show_text=show_text, console=console, done=done)

@@ -65,13 +65,25 @@ def window_scores(lp_NS: torch.Tensor) -> tuple[float, float | None, list[float]
     return nll(lp_NS), stderr, per_window.tolist()
 
 
-def row_from_logprobs(name: str, lps: dict[str, torch.Tensor], train_flops: float | None = None,
-                      active_params: int | None = None, note: str = "") -> EvalRow:
+def row_from_logprobs(
+    name: str,
+    lps: dict[str, torch.Tensor],
+    train_flops: float | None = None,
+    active_params: int | None = None,
+    note: str = "",
+) -> EvalRow:
     """An EvalRow from {domain: token log-probabilities [N, S]}: losses, standard errors, windows."""
     scores = {d: window_scores(lp) for d, lp in lps.items()}
-    return EvalRow(name, {d: sc[0] for d, sc in scores.items()}, train_flops, active_params, note,
-                   {d: lp.numel() for d, lp in lps.items()}, {d: sc[1] for d, sc in scores.items()},
-                   {d: sc[2] for d, sc in scores.items()})
+    return EvalRow(
+        name,
+        {d: sc[0] for d, sc in scores.items()},
+        train_flops,
+        active_params,
+        note,
+        {d: lp.numel() for d, lp in lps.items()},
+        {d: sc[1] for d, sc in scores.items()},
+        {d: sc[2] for d, sc in scores.items()},
+    )
 
 
 def paired_differences(rows: list[EvalRow], reference: str) -> dict[str, dict]:
@@ -83,8 +95,11 @@ def paired_differences(rows: list[EvalRow], reference: str) -> dict[str, dict]:
         return {}
     out = {}
     for r in rows:
-        if r is ref or set(r.window_losses) != set(ref.window_losses) or \
-                any(len(r.window_losses[d]) != len(w) for d, w in ref.window_losses.items()):
+        if (
+            r is ref
+            or set(r.window_losses) != set(ref.window_losses)
+            or any(len(r.window_losses[d]) != len(w) for d, w in ref.window_losses.items())
+        ):
             continue
         diffs = {d: np.asarray(r.window_losses[d]) - np.asarray(ref.window_losses[d]) for d in ref.window_losses}
         errors = [float(v.std(ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None for v in diffs.values()]
@@ -111,8 +126,14 @@ def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.
     return -F.cross_entropy(logits.transpose(1, 2), targets.to(device), reduction="none")
 
 
-def window_logprobs(model, shard: Shard, seq_len: int, batch_size: int, max_batches: int | None,
-                    progress: Callable[[], None] | None = None) -> torch.Tensor:
+def window_logprobs(
+    model,
+    shard: Shard,
+    seq_len: int,
+    batch_size: int,
+    max_batches: int | None,
+    progress: Callable[[], None] | None = None,
+) -> torch.Tensor:
     """Token log-probabilities of every evaluation window of `shard`, [N, S] fp32 on the CPU."""
     model.eval()
     out = []
@@ -128,8 +149,9 @@ def nll(lp: torch.Tensor) -> float:
     return -lp.double().sum().item() / lp.numel()
 
 
-def domain_losses(model, shards: dict[str, Shard], seq_len: int, batch_size: int, max_batches: int,
-                  progress=None) -> tuple[dict[str, float], dict[str, int]]:
+def domain_losses(
+    model, shards: dict[str, Shard], seq_len: int, batch_size: int, max_batches: int, progress=None
+) -> tuple[dict[str, float], dict[str, int]]:
     """({domain: mean NLL}, {domain: scored tokens}) of one model."""
     losses, counts = {}, {}
     for domain, shard in shards.items():

@@ -18,9 +18,11 @@ from btx.evaluate.scores import EvalRow, paired_differences
 from btx.io.atomic import dumps_json
 from btx.ui.tables import Column, FitTable
 
-FLOPS_NOTE = ("train FLOPs: training FLOPs beyond the seed, counted as btx.model.flops does: 6 per trained weight and "
-              "token, 4 per frozen weight (no weight gradient), 2 where nothing before it trains; embedding "
-              "lookups 0. ± is the standard error over the validation windows.")
+FLOPS_NOTE = (
+    "train FLOPs: training FLOPs beyond the seed, counted as btx.model.flops does: 6 per trained weight and "
+    "token, 4 per frozen weight (no weight gradient), 2 where nothing before it trains; embedding "
+    "lookups 0. ± is the standard error over the validation windows."
+)
 REFERENCE_ROW = "BTX"  # the row the paired differences are taken against
 
 
@@ -29,16 +31,32 @@ def _loss_cell(loss: float, stderr: float | None) -> str:
 
 
 def _cells(r: EvalRow, domains: list[str], domain_stderr: bool = True) -> list[str]:
-    return [r.name, *(_loss_cell(r.losses[d], r.stderr.get(d) if domain_stderr else None) for d in domains),
-            _loss_cell(r.average, r.average_stderr), _ppl(r.average), _flops(r.train_flops), _params(r.active_params)]
+    return [
+        r.name,
+        *(_loss_cell(r.losses[d], r.stderr.get(d) if domain_stderr else None) for d in domains),
+        _loss_cell(r.average, r.average_stderr),
+        _ppl(r.average),
+        _flops(r.train_flops),
+        _params(r.active_params),
+    ]
 
 
-def render(rows: list[EvalRow], domains: list[str], title: str = "Validation loss (nats/token; lower is better)",
-           console: Console | None = None) -> None:
+def render(
+    rows: list[EvalRow],
+    domains: list[str],
+    title: str = "Validation loss (nats/token; lower is better)",
+    console: Console | None = None,
+) -> None:
 
     console = console or Console()
-    columns = [Column("model", "label"), *(Column(escape(d)) for d in domains), Column("average"),
-               Column("ppl (avg)", optional=True), Column("train FLOPs"), Column("active params")]
+    columns = [
+        Column("model", "label"),
+        *(Column(escape(d)) for d in domains),
+        Column("average"),
+        Column("ppl (avg)", optional=True),
+        Column("train FLOPs"),
+        Column("active params"),
+    ]
     best = {d: min(r.losses[d] for r in rows) for d in domains}
     best_avg = min(r.average for r in rows)
     cells = []
@@ -53,8 +71,9 @@ def render(rows: list[EvalRow], domains: list[str], title: str = "Validation los
         cells.append(row)
     # btx.ui.tables keeps every number whole: a narrow terminal or a log file gets fewer columns or
     # one block per model instead of cut values.
-    console.print(FitTable(columns, cells, title=title,
-                           caption=FLOPS_NOTE if any(r.train_flops for r in rows) else None))
+    console.print(
+        FitTable(columns, cells, title=title, caption=FLOPS_NOTE if any(r.train_flops for r in rows) else None)
+    )
     differences = paired_differences(rows, REFERENCE_ROW)
     if differences:
         console.print(f"average minus {REFERENCE_ROW}'s, paired over the same windows (± standard error):")
@@ -105,18 +124,32 @@ def _perplexity(loss: float) -> float | None:
     return math.exp(loss) if loss < 700 else None
 
 
-def save(rows: list[EvalRow], domains: list[str], out_dir: str | Path, extra: dict | None = None,
-         console: Console | None = None) -> dict[str, Path]:
+def save(
+    rows: list[EvalRow],
+    domains: list[str],
+    out_dir: str | Path,
+    extra: dict | None = None,
+    console: Console | None = None,
+) -> dict[str, Path]:
     """Write `eval.json`, `eval.md` and, with matplotlib, `loss_vs_flops.png` into out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"domains": domains,
-            "rows": [asdict(r) | {"average": r.average, "average_stderr": r.average_stderr,
-                                  "perplexity": {d: _perplexity(v) for d, v in r.losses.items()},
-                                  "average_perplexity": _perplexity(r.average)} for r in rows],
-            "flops_counting": FLOPS_NOTE,
-            "differences_from": {"reference": REFERENCE_ROW, "rows": paired_differences(rows, REFERENCE_ROW)},
-            **(extra or {})}
+    data = {
+        "domains": domains,
+        "rows": [
+            asdict(r)
+            | {
+                "average": r.average,
+                "average_stderr": r.average_stderr,
+                "perplexity": {d: _perplexity(v) for d, v in r.losses.items()},
+                "average_perplexity": _perplexity(r.average),
+            }
+            for r in rows
+        ],
+        "flops_counting": FLOPS_NOTE,
+        "differences_from": {"reference": REFERENCE_ROW, "rows": paired_differences(rows, REFERENCE_ROW)},
+        **(extra or {}),
+    }
     (out / "eval.json").write_text(dumps_json(data, indent=2) + "\n")
     (out / "eval.md").write_text(to_markdown(rows, domains))
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}

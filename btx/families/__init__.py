@@ -51,6 +51,7 @@ __all__ = [
     "key_table", "moe_unsupported", "read_config", "write_config",
 ]  # fmt: skip
 
+
 def _discover() -> dict[str, Family]:
     """Every module of this package that defines FAMILY (base and form-only modules do not)."""
     found = {}
@@ -81,15 +82,15 @@ _BY_MODEL_TYPE["mixtral"] = ("mistral", True)
 # Families transformers has that btx does not read, and why (the line a user gets).
 NOT_READ = {
     "gemma": "its RMSNorm scales by (1 + weight), its embeddings by sqrt(hidden_size) and its FFN is GeGLU, "
-             "and transformers has no MoE form of it",
+    "and transformers has no MoE form of it",
     "gemma2": "it soft-caps attention and final logits and norms both sides of each sublayer; transformers has "
-              "no MoE form of it",
+    "no MoE form of it",
     "gemma3": "it soft-caps logits, mixes local and global attention with two RoPE bases and norms both sides "
-              "of each sublayer; transformers has no MoE form of it",
+    "of each sublayer; transformers has no MoE form of it",
     "gemma3_text": "it soft-caps logits, mixes local and global attention with two RoPE bases and norms both "
-                   "sides of each sublayer; transformers has no MoE form of it",
+    "sides of each sublayer; transformers has no MoE form of it",
     "phi3": "it fuses q/k/v and gate/up into single projections with partial rotary embeddings, and its MoE "
-            "class (phimoe) uses LayerNorm and a different router",
+    "class (phimoe) uses LayerNorm and a different router",
     "phi": "it uses LayerNorm, a parallel attention/MLP block and partial rotary embeddings",
     "granite": "it scales embeddings, residuals, attention and logits by multipliers btx's model does not have",
     "olmo": "it uses non-parametric LayerNorm (no weights) and optional q/k/v clipping",
@@ -176,8 +177,7 @@ def key_table(cfg: ModelConfig) -> KeyTable:
 
 def fillers(cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
     """(HF name, shape) of the zero tensors `cfg`'s form needs beyond btx's parameters."""
-    return [(f.hf.format(i=i), f.shape(cfg)) for f in form_of(cfg).fillers if f.when(cfg)
-            for i in range(cfg.n_layers)]
+    return [(f.hf.format(i=i), f.shape(cfg)) for f in form_of(cfg).fillers if f.when(cfg) for i in range(cfg.n_layers)]
 
 
 def moe_unsupported(cfg: ModelConfig) -> str | None:
@@ -218,12 +218,16 @@ def read_config(hf: Mapping, source="config.json") -> ModelConfig:
 
     archs = hf.get("architectures") or [form.architecture]
     if archs != [form.architecture]:
-        raise BtxError(f"{src}: architectures {archs!r} is not supported for model_type '{model_type}'; "
-                       f"expected ['{form.architecture}']")
+        raise BtxError(
+            f"{src}: architectures {archs!r} is not supported for model_type '{model_type}'; "
+            f"expected ['{form.architecture}']"
+        )
     for key, what in _NOT_HONOURED.items():
         if key in hf and hf[key] not in _INERT and key not in form.fields:  # a form that has it checks it
-            raise BtxError(f"{src}: '{key}' is {what}, which btx's {name} model does not implement; "
-                           f"{model_type} checkpoints with it are not supported")
+            raise BtxError(
+                f"{src}: '{key}' is {what}, which btx's {name} model does not implement; "
+                f"{model_type} checkpoints with it are not supported"
+            )
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise BtxError(f"{src}: hidden_act {act!r} is not supported; btx's FFN is SwiGLU ('silu')")
@@ -246,8 +250,9 @@ def read_config(hf: Mapping, source="config.json") -> ModelConfig:
         head_dim = getattr(form, "default_head_dim", None)
     if head_dim is None:
         if dim % n_heads:
-            raise BtxError(f"{src}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} "
-                           "and there is no head_dim")
+            raise BtxError(
+                f"{src}: hidden_size {dim} is not a multiple of num_attention_heads {n_heads} and there is no head_dim"
+            )
         head_dim = dim // n_heads
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim <= 0 or head_dim % 2:
         raise BtxError(f"{src}: head_dim must be a positive even integer, got {head_dim!r}")
@@ -283,8 +288,7 @@ def read_config(hf: Mapping, source="config.json") -> ModelConfig:
         kw |= _read_moe(hf, form, src)
         if form is not fam.moe:
             kw["moe_form"] = form.model_type
-    kw["extra"] = {k: v for k, v in hf.items()
-                   if k not in _COMMON and k not in _DROPPED and k not in _FORM_FIELDS}
+    kw["extra"] = {k: v for k, v in hf.items() if k not in _COMMON and k not in _DROPPED and k not in _FORM_FIELDS}
     cfg = ModelConfig(**kw)
     if cfg.sliding_window is not None and cfg.sliding_window <= 0:
         raise BtxError(f"{src}: sliding_window must be a positive number of tokens, got {cfg.sliding_window}")
@@ -304,8 +308,10 @@ def _read_moe(hf: Mapping, form: Form, src: str) -> dict:
     step = hf.get("decoder_sparse_step", 1)
     only_dense = hf.get("mlp_only_layers") or []
     if step != 1 or only_dense:
-        raise BtxError(f"{src}: decoder_sparse_step {step} / mlp_only_layers {only_dense}: btx's MoE makes every "
-                       "layer sparse (decoder_sparse_step 1, no mlp_only_layers)")
+        raise BtxError(
+            f"{src}: decoder_sparse_step {step} / mlp_only_layers {only_dense}: btx's MoE makes every "
+            "layer sparse (decoder_sparse_step 1, no mlp_only_layers)"
+        )
     out = {"n_experts": n, "top_k": k}
     out |= _read_btx_section(hf.get("btx"), src)
     names = out.get("expert_names")
@@ -328,7 +334,11 @@ def _read_btx_section(section, src: str) -> dict:
     out = {k: v for k, v in section.items() if k in _BTX_MOE_FIELDS}
     names = section.get(BTX_EXPERTS)
     if names is not None:
-        if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names) or len(set(names)) != len(names):
+        if (
+            not isinstance(names, list)
+            or not all(isinstance(n, str) and n for n in names)
+            or len(set(names)) != len(names)
+        ):
             raise BtxError(f"{src}: btx.experts must list distinct expert names, got {names!r}")
         out["expert_names"] = names
     if "top_k" in out and (isinstance(out["top_k"], bool) or not isinstance(out["top_k"], int) or out["top_k"] < 1):
@@ -367,15 +377,20 @@ def _read_rope(hf: Mapping, form: Form, src: str, head_dim: int, max_seq_len: in
         theta = params.get("rope_theta", top_theta)
         scaling = _read_scaling(params, src, "rope_parameters", head_dim, max_seq_len, original)
         if top_theta is not None and theta is not None and float(top_theta) != float(theta):
-            raise BtxError(f"{src}: rope_theta {top_theta} disagrees with rope_parameters.rope_theta {theta}; "
-                           "transformers 4.x would use the first, 5.x the second")
-        if top_scaling is not None and _read_scaling(top_scaling, src, "rope_scaling", head_dim, max_seq_len,
-                                                     original) != scaling:
+            raise BtxError(
+                f"{src}: rope_theta {top_theta} disagrees with rope_parameters.rope_theta {theta}; "
+                "transformers 4.x would use the first, 5.x the second"
+            )
+        if (
+            top_scaling is not None
+            and _read_scaling(top_scaling, src, "rope_scaling", head_dim, max_seq_len, original) != scaling
+        ):
             raise BtxError(f"{src}: rope_scaling disagrees with rope_parameters; fix one of them")
     else:
         theta = top_theta
-        scaling = _read_scaling(top_scaling, src, "rope_scaling", head_dim, max_seq_len, original) \
-            if top_scaling else None
+        scaling = (
+            _read_scaling(top_scaling, src, "rope_scaling", head_dim, max_seq_len, original) if top_scaling else None
+        )
     if theta is None:
         theta = form.rope_theta
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not math.isfinite(theta) or theta <= 0:
@@ -388,8 +403,10 @@ def _read_scaling(d: Mapping, src: str, where: str, head_dim: int, max_seq_len: 
         raise BtxError(f"{src}: '{where}' must be an object, got {d!r}")
     kind = d.get("rope_type") or d.get("type") or "default"  # "type": the pre-4.45 spelling
     if kind not in _ROPE_FIELDS:
-        raise BtxError(f"{src}: {where} rope_type {kind!r} is not supported; btx supports "
-                       + ", ".join(f"'{t}'" for t in ROPE_TYPES))
+        raise BtxError(
+            f"{src}: {where} rope_type {kind!r} is not supported; btx supports "
+            + ", ".join(f"'{t}'" for t in ROPE_TYPES)
+        )
     partial = d.get("partial_rotary_factor", 1.0)
     if partial not in (None, 1, 1.0):
         raise BtxError(f"{src}: {where}.partial_rotary_factor {partial} is not supported; btx rotates whole heads")
@@ -491,18 +508,26 @@ def inference_note(cfg: ModelConfig) -> str | None:
     mode, for the "btx" section of config.json; None where they run exactly what btx runs."""
     k, E = cfg.experts_per_token, cfg.n_experts
     if cfg.router_mode == "soft":
-        return (f"soft routing: num_experts_per_tok = {E} = the number of experts, so transformers' softmax -> "
-                "top-k is the softmax over all experts and it computes exactly what btx computes")
+        return (
+            f"soft routing: num_experts_per_tok = {E} = the number of experts, so transformers' softmax -> "
+            "top-k is the softmax over all experts and it computes exactly what btx computes"
+        )
     if cfg.router_mode == "switch":
-        return ("switch routing: transformers runs top-1 with no capacity limit (no token is dropped) and "
-                "a gate of 1 after renormalisation, where btx scales the chosen expert by its router "
-                f"probability and drops tokens beyond the capacity factor {cfg.capacity_factor}; outputs differ "
-                "from btx's")
+        return (
+            "switch routing: transformers runs top-1 with no capacity limit (no token is dropped) and "
+            "a gate of 1 after renormalisation, where btx scales the chosen expert by its router "
+            f"probability and drops tokens beyond the capacity factor {cfg.capacity_factor}; outputs differ "
+            "from btx's"
+        )
     if cfg.router_mode == "sample_top1":
-        note = ("sample_top1 routing: at inference btx takes the router's argmax with gate 1, which is "
-                "top-1 with renormalisation exactly")
+        note = (
+            "sample_top1 routing: at inference btx takes the router's argmax with gate 1, which is "
+            "top-1 with renormalisation exactly"
+        )
         if cfg.first_layer_soft:
-            note += (f"; but btx routes the first MoE layer softly over all {E} experts and transformers has one "
-                     f"num_experts_per_tok ({k}) for every layer, so transformers' first layer differs")
+            note += (
+                f"; but btx routes the first MoE layer softly over all {E} experts and transformers has one "
+                f"num_experts_per_tok ({k}) for every layer, so transformers' first layer differs"
+            )
         return note
     return None

@@ -158,8 +158,10 @@ COMMON_KEYS = (
 def attention_keys(attn_norm: str, ffn_norm: str) -> tuple[KeyRule, ...]:
     """q/k/v/o projections (weights and biases), q/k norms, and the block's two norms under the
     HF names the family gives them."""
-    rules = [KeyRule("layers.{i}.attn_norm.weight", f"{L}.{attn_norm}.weight"),
-             KeyRule("layers.{i}.ffn_norm.weight", f"{L}.{ffn_norm}.weight")]
+    rules = [
+        KeyRule("layers.{i}.attn_norm.weight", f"{L}.{attn_norm}.weight"),
+        KeyRule("layers.{i}.ffn_norm.weight", f"{L}.{ffn_norm}.weight"),
+    ]
     for btx, hf in (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj")):
         for part in ("weight", "bias"):
             rules.append(KeyRule(f"layers.{{i}}.attn.{btx}.{part}", f"{L}.self_attn.{hf}.{part}"))
@@ -310,5 +312,7 @@ def sliding_everywhere_or_nowhere(cfg: ModelConfig) -> str | None:
         return None
     if sorted(cfg.sliding_layers) in ([], list(range(cfg.n_layers))):
         return None
-    return (f"it slides its attention window in layers {cfg.sliding_layers} only, and this form has one "
-            "sliding_window for every layer")
+    return (
+        f"it slides its attention window in layers {cfg.sliding_layers} only, and this form has one "
+        "sliding_window for every layer"
+    )

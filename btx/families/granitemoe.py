@@ -46,19 +46,28 @@ class GraniteMoeForm(Form):
     def read(self, hf, src):
         for key in _NEUTRAL:
             if hf.get(key, 1.0) != 1.0:
-                raise BtxError(f"{src}: '{key}' is {hf[key]}; btx reads GraniteMoe only with its multipliers at 1 "
-                               "(the form btx writes for a biased Llama), not Granite's own scaled model")
+                raise BtxError(
+                    f"{src}: '{key}' is {hf[key]}; btx reads GraniteMoe only with its multipliers at 1 "
+                    "(the form btx writes for a biased Llama), not Granite's own scaled model"
+                )
         head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
         scale = hf.get("attention_multiplier", 1.0)
         if not math.isclose(scale, head_dim**-0.5, rel_tol=1e-6):
-            raise BtxError(f"{src}: 'attention_multiplier' is {scale}; btx reads GraniteMoe only with the usual "
-                           f"attention scale head_dim^-0.5 = {head_dim**-0.5:.6g}")
+            raise BtxError(
+                f"{src}: 'attention_multiplier' is {scale}; btx reads GraniteMoe only with the usual "
+                f"attention scale head_dim^-0.5 = {head_dim**-0.5:.6g}"
+            )
         bias = flag(hf, "attention_bias", src)
         return {"qkv_bias": bias, "o_bias": bias}
 
     def write(self, cfg):
-        return {"attention_bias": cfg.qkv_bias, "embedding_multiplier": 1.0, "residual_multiplier": 1.0,
-                "logits_scaling": 1.0, "attention_multiplier": cfg.head_dim**-0.5}
+        return {
+            "attention_bias": cfg.qkv_bias,
+            "embedding_multiplier": 1.0,
+            "residual_multiplier": 1.0,
+            "logits_scaling": 1.0,
+            "attention_multiplier": cfg.head_dim**-0.5,
+        }
 
     def unsupported(self, cfg):
         if cfg.qkv_bias != cfg.o_bias:

@@ -33,8 +33,10 @@ class LlamaForm(Form):
 
     def read(self, hf, src):
         if hf.get("sliding_window") is not None:
-            raise BtxError(f"{src}: 'sliding_window' is set, but Llama has no sliding window (transformers' "
-                           "LlamaForCausalLM ignores it); if this is a Mistral model, its model_type is 'mistral'")
+            raise BtxError(
+                f"{src}: 'sliding_window' is set, but Llama has no sliding window (transformers' "
+                "LlamaForCausalLM ignores it); if this is a Mistral model, its model_type is 'mistral'"
+            )
         bias = flag(hf, "attention_bias", src)
         return {"qkv_bias": bias, "o_bias": bias, "mlp_bias": flag(hf, "mlp_bias", src)}
 

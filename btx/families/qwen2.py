@@ -106,8 +106,13 @@ class Qwen2MoeForm(Form):
         Filler(f"{_E}.down_proj.weight", lambda c: (c.dim, 0), _no_shared),
         Filler(f"{L}.mlp.shared_expert_gate.weight", lambda c: (1, c.dim), _no_shared),
     )
-    fields = SLIDING_FIELDS | {"qkv_bias", "shared_expert_intermediate_size", "norm_topk_prob",
-                               "decoder_sparse_step", "mlp_only_layers"}
+    fields = SLIDING_FIELDS | {
+        "qkv_bias",
+        "shared_expert_intermediate_size",
+        "norm_topk_prob",
+        "decoder_sparse_step",
+        "mlp_only_layers",
+    }
     experts_field = "num_experts"
     expert_width_field = "moe_intermediate_size"
 

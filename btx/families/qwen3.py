@@ -59,8 +59,17 @@ class Qwen3MoeForm(Form):
     norm_eps = 1e-6
     max_positions = 32768
     ffn_keys = QWEN_STYLE_EXPERTS
-    fields = frozenset({"attention_bias", "norm_topk_prob", "decoder_sparse_step", "mlp_only_layers",
-                        "use_sliding_window", "sliding_window", "max_window_layers"})
+    fields = frozenset(
+        {
+            "attention_bias",
+            "norm_topk_prob",
+            "decoder_sparse_step",
+            "mlp_only_layers",
+            "use_sliding_window",
+            "sliding_window",
+            "max_window_layers",
+        }
+    )
     experts_field = "num_experts"
     expert_width_field = "moe_intermediate_size"
 

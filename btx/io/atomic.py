@@ -87,15 +87,9 @@ def write_json_atomic(path: str | os.PathLike, data: dict, *, durable: bool = Tr
     write_bytes_atomic(path, (dumps_json(data, indent=2, sort_keys=True) + "\n").encode(), durable=durable, tidy=tidy)
 
 
-
-
-
-
-
-
 def fsync_tree(directory: str | os.PathLike) -> None:
     """fsync every file and directory under `directory` (deepest first), then `directory` itself."""
-    for root, dirs, files in os.walk(directory, topdown=False):
+    for root, _dirs, files in os.walk(directory, topdown=False):
         for name in files:
             fd = os.open(os.path.join(root, name), os.O_RDONLY)
             try:
@@ -123,10 +117,15 @@ def remove_stale_temporaries(path: Path) -> None:
     if not path.parent.is_dir():
         return
     for sibling in path.parent.iterdir():
-        kind, _, rest = sibling.name[len(prefix):].partition("-")
+        kind, _, rest = sibling.name[len(prefix) :].partition("-")
         pid = rest.split("-", 1)[0]
-        if sibling.name.startswith(prefix) and kind in ("tmp", "old") and pid.isdigit() \
-                and int(pid) != os.getpid() and not pid_alive(int(pid)):
+        if (
+            sibling.name.startswith(prefix)
+            and kind in ("tmp", "old")
+            and pid.isdigit()
+            and int(pid) != os.getpid()
+            and not pid_alive(int(pid))
+        ):
             shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
 
 
@@ -159,8 +158,10 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         fsync_tree(tmp)
         if path.exists():
             if not force and (not path.is_dir() or any(path.iterdir())):  # appeared meanwhile
-                raise BtxError(f"{path}: appeared while this output was being written (another process?); "
-                               "pass --force to replace it")
+                raise BtxError(
+                    f"{path}: appeared while this output was being written (another process?); "
+                    "pass --force to replace it"
+                )
             # POSIX cannot rename a directory over a non-empty one, so the old output is moved
             # aside first; between the two renames `path` is absent, which never looks finished.
             old = path.parent / f".{path.name}.old-{os.getpid()}"

@@ -68,9 +68,7 @@ def load_state_dict(
         return ckpt.cfg, sd
 
 
-def load_model(
-    path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-):
+def load_model(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"):
     """A btx `Transformer` with the weights of an HF checkpoint (see `load_state_dict`)."""
 
     cfg, sd = load_state_dict(path, dtype, device)

@@ -28,8 +28,13 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:,} bytes"
 
 
-def disk_error_message(e: OSError, where: str | os.PathLike | None = None, needed: int | None = None,
-                       what: str = "the output", approx: str = "about") -> str | None:
+def disk_error_message(
+    e: OSError,
+    where: str | os.PathLike | None = None,
+    needed: int | None = None,
+    what: str = "the output",
+    approx: str = "about",
+) -> str | None:
     """One line for an OSError of a full, read-only or forbidden destination; None for others."""
     if e.errno not in DISK_ERRNOS:
         return None
@@ -41,15 +46,18 @@ def disk_error_message(e: OSError, where: str | os.PathLike | None = None, neede
             free = f", {_gb(free_bytes(path))} free there"
         except OSError:
             free = ""
-        return (f"{path}: {reason} while writing {what}{need}{free}; free some space or write elsewhere "
-                "(nothing half-written was left; re-run to continue)")
+        return (
+            f"{path}: {reason} while writing {what}{need}{free}; free some space or write elsewhere "
+            "(nothing half-written was left; re-run to continue)"
+        )
     reason = "read-only file system" if e.errno == errno.EROFS else "permission denied"
     return f"{path}: {reason} (writing {what}); choose a writable place for it (nothing half-written was left)"
 
 
 @contextmanager
-def disk_errors(where: str | os.PathLike, needed: int | None = None, what: str = "the output",
-                approx: str = "about") -> Iterator[None]:
+def disk_errors(
+    where: str | os.PathLike, needed: int | None = None, what: str = "the output", approx: str = "about"
+) -> Iterator[None]:
     """Turn ENOSPC / EDQUOT / EACCES / EPERM / EROFS raised by the body into one BtxError line."""
     try:
         yield
@@ -64,12 +72,16 @@ def disk_errors(where: str | os.PathLike, needed: int | None = None, what: str =
         if needed is None or free_bytes(where) >= needed:
             raise
         full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(where))
-        raise BtxError(f"{disk_error_message(full, where, needed, what, approx)} ({' '.join(str(e).split())[:120]})") from None
+        raise BtxError(
+            f"{disk_error_message(full, where, needed, what, approx)} ({' '.join(str(e).split())[:120]})"
+        ) from None
 
 
 def ensure_free_space(directory: str | os.PathLike, needed: int, what: str) -> None:
     """BtxError before anything is written when `directory`'s file system cannot take `needed` bytes."""
     free = free_bytes(directory)
     if free < needed:
-        raise BtxError(f"{directory}: {what} needs about {_gb(needed)}, but only {_gb(free)} are free there; "
-                       "free some space or write elsewhere")
+        raise BtxError(
+            f"{directory}: {what} needs about {_gb(needed)}, but only {_gb(free)} are free there; "
+            "free some space or write elsewhere"
+        )

@@ -54,8 +54,6 @@ def sha256_file(path: str | os.PathLike) -> str:
     return h.hexdigest()
 
 
-
-
 def _hash_cache_dir() -> Path | None:
     value = os.environ.get(HASH_CACHE_ENV)
     if value == "off":

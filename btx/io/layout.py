@@ -54,9 +54,9 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 
 def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict:
     """The config.json for `cfg` in its family's dense or MoE form (see btx.families.write_config)."""
-    return families.write_config(cfg, None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch.")))
-
-
+    return families.write_config(
+        cfg, None if dtype is None else _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    )
 
 
 # HF buffers some older checkpoints carry that are recomputed, not learned: skipped on read.
@@ -150,14 +150,16 @@ def _read_range(src: "FileRange", like: torch.Tensor) -> torch.Tensor:
     return buf
 
 
-def hf_tensors_from_btx(
-    state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig
-) -> Iterator[tuple[str, torch.Tensor]]:
+def hf_tensors_from_btx(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every tensor of a btx state dict's checkpoint: experts unstacked as
     views (nothing copied), or gathered into the fused tensors a form stores."""
     for t in key_table(cfg).layout({k: tuple(v.shape) for k, v in state_dict.items()}):
-        yield t.name, build_hf_tensor(t, lambda n, e: state_dict[n] if e is None else state_dict[n][e],
-                                      state_dict[t.pieces[0].btx].dtype)
+        yield (
+            t.name,
+            build_hf_tensor(
+                t, lambda n, e: state_dict[n] if e is None else state_dict[n][e], state_dict[t.pieces[0].btx].dtype
+            ),
+        )
 
 
 class FileRange(NamedTuple):
@@ -183,9 +185,7 @@ class TensorSpec(NamedTuple):
     produce: Callable[[], torch.Tensor | FileRange]
 
 
-def hf_specs_from_btx(
-    state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype
-) -> list[TensorSpec]:
+def hf_specs_from_btx(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, dtype: torch.dtype) -> list[TensorSpec]:
     """Write specs for a btx state dict, in checkpoint order, checked against `cfg`, plus the
     zero tensors the family's form needs (btx.families.fillers)."""
     want = btx_shapes(cfg)
@@ -197,7 +197,9 @@ def hf_specs_from_btx(
         )
     for name, shape in want.items():
         if tuple(state_dict[name].shape) != shape:
-            raise ValueError(f"state dict: {name} has shape {tuple(state_dict[name].shape)}, the config implies {shape}")
+            raise ValueError(
+                f"state dict: {name} has shape {tuple(state_dict[name].shape)}, the config implies {shape}"
+            )
 
     def piece(name: str, e: int | None) -> torch.Tensor:
         return state_dict[name] if e is None else state_dict[name][e]
@@ -248,15 +250,15 @@ def plan_btx_from_hf(
         else:  # report what the canonical spelling lacks
             missing += [n for n in table.hf_names(name, cfg.n_experts) if n not in available]
     if missing:
-        raise BtxError(
-            f"{source}: missing {len(missing)} tensor(s) that config.json implies: {first_few(missing)}"
-        )
+        raise BtxError(f"{source}: missing {len(missing)} tensor(s) that config.json implies: {first_few(missing)}")
 
     fill = dict(families.fillers(cfg))  # zero tensors the form needs and btx does not load
     for n, shape in fill.items():
         if n in available and tuple(available[n]) != shape:
             loc = f" (in {located[n]})" if n in located else ""
-            raise BtxError(f"{source}: tensor {n}{loc} has shape {list(available[n])}, but config.json implies {list(shape)}")
+            raise BtxError(
+                f"{source}: tensor {n}{loc} has shape {list(available[n])}, but config.json implies {list(shape)}"
+            )
     used = {n for src in plan.values() for n in src.hf_names} | set(fill)
     extra = [n for n in available if n not in used and not n.endswith(IGNORED_HF_SUFFIXES)]
     if cfg.tie_embeddings and "lm_head.weight" in extra and head_equals_embed and head_equals_embed():

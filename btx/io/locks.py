@@ -32,10 +32,17 @@ def lock_path(path: str | os.PathLike) -> Path:
 
 
 def _holder_record() -> bytes:
-    return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                        "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-                        "command": " ".join([_program(), *sys.argv[1:]])[:300]})
-            + "\n").encode()
+    return (
+        json.dumps(
+            {
+                "pid": os.getpid(),
+                "host": socket.gethostname(),
+                "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join([_program(), *sys.argv[1:]])[:300],
+            }
+        )
+        + "\n"
+    ).encode()
 
 
 def _program() -> str:
@@ -52,8 +59,7 @@ def _describe_holder(raw: bytes) -> str:
 
 
 def _locked_by(target: Path, what: str, holder: str, lock_file: Path) -> BtxError:
-    return BtxError(f"{target}: {what} is in use by {holder}; wait for it to finish or stop it "
-                    f"(lock {lock_file})")
+    return BtxError(f"{target}: {what} is in use by {holder}; wait for it to finish or stop it (lock {lock_file})")
 
 
 def _take_flock(lock_file: Path, target: Path, what: str) -> int | None:
@@ -94,12 +100,16 @@ def _take_exclusive_file(lock_file: Path, target: Path, what: str) -> int:
                 holder = json.loads(raw.decode())
             except (OSError, ValueError, UnicodeDecodeError):
                 raw, holder = b"", {}
-            if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) \
-                    and not pid_alive(holder["pid"]):
+            if (
+                holder.get("host") == socket.gethostname()
+                and isinstance(holder.get("pid"), int)
+                and not pid_alive(holder["pid"])
+            ):
                 lock_file.unlink(missing_ok=True)
                 continue
-            raise _locked_by(target, what, _describe_holder(raw) + "; if that process is gone, delete the lock file",
-                             lock_file) from None
+            raise _locked_by(
+                target, what, _describe_holder(raw) + "; if that process is gone, delete the lock file", lock_file
+            ) from None
 
 
 @contextmanager

@@ -25,16 +25,27 @@ from btx.io.hashing import cached_sha256, sha256_file
 DONE_NAME = "DONE.json"
 
 # Files of a checkpoint directory that make up the model (what an HF loader reads).
-_CHECKPOINT_NAMES = ("config.json", "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json",
-                     "special_tokens_map.json", "tokenizer.model", "generation_config.json", "btx_tokenizer.json")
+_CHECKPOINT_NAMES = (
+    "config.json",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "generation_config.json",
+    "btx_tokenizer.json",
+)
 
 
 def checkpoint_files(directory: str | os.PathLike) -> list[str]:
     """Names of the files of a checkpoint directory that define the model: config, weights,
     index, tokenizer and generation files (top level only; other files there do not count)."""
     root = Path(directory)
-    return sorted(p.name for p in root.iterdir()
-                  if p.is_file() and (p.name in _CHECKPOINT_NAMES or p.name.endswith(".safetensors")))
+    return sorted(
+        p.name
+        for p in root.iterdir()
+        if p.is_file() and (p.name in _CHECKPOINT_NAMES or p.name.endswith(".safetensors"))
+    )
 
 
 def identity(path: str | os.PathLike) -> dict:
@@ -57,8 +68,10 @@ def relative_identities(identities: dict | None, manifest_dir: str | os.PathLike
     if identities is None:
         return None
     base = os.path.realpath(manifest_dir)  # `..` in a path is resolved physically, after symlinks
-    return {label: {**record, "rel": os.path.relpath(os.path.realpath(record["path"]), base)}
-            for label, record in identities.items()}
+    return {
+        label: {**record, "rel": os.path.relpath(os.path.realpath(record["path"]), base)}
+        for label, record in identities.items()
+    }
 
 
 def _recorded_path(record: dict, base: Path | None) -> Path:
@@ -143,8 +156,10 @@ def damaged_outputs(directory: str | os.PathLike, prefix: str = "") -> list[str]
         if not file.is_file():
             problems.append(f"{file}: missing, though {root / DONE_NAME} lists it")
         elif cached_sha256(file) != digest:
-            problems.append(f"{file}: differs from the sha256 that {root / DONE_NAME} records "
-                            "(damaged or edited after the stage finished)")
+            problems.append(
+                f"{file}: differs from the sha256 that {root / DONE_NAME} records "
+                "(damaged or edited after the stage finished)"
+            )
     return problems
 
 

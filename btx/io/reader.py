@@ -105,15 +105,11 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:
-            raise BtxError(
-                f"{path}: tensor {name} starts at byte {begin} of the data, expected {pos} (corrupt header)"
-            )
+            raise BtxError(f"{path}: tensor {name} starts at byte {begin} of the data, expected {pos} (corrupt header)")
         pos = end
     have = size - 8 - n
     if pos != have:
-        raise BtxError(
-            f"{path}: header says {pos} bytes of data but the file has {have} (truncated or corrupt)"
-        )
+        raise BtxError(f"{path}: header says {pos} bytes of data but the file has {have} (truncated or corrupt)")
     return infos, metadata
 
 
@@ -178,9 +174,7 @@ class CheckpointReader:
             str(self.path),
             {n: i.file for n, i in self.tensors.items()},
             # Some tools store a tied head anyway; checking it costs two reads, only in that case.
-            head_equals_embed=lambda: torch.equal(
-                self.get("lm_head.weight"), self.get("model.embed_tokens.weight")
-            ),
+            head_equals_embed=lambda: torch.equal(self.get("lm_head.weight"), self.get("model.embed_tokens.weight")),
         )
 
     def _weight_files(self) -> list[str]:
@@ -234,9 +228,7 @@ class CheckpointReader:
     def total_size(self) -> int:
         return sum(info.nbytes for info in self.tensors.values())
 
-    def get(
-        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
+    def get(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """One HF tensor, read from the memory-mapped file."""
 
         info = self.info(name)
@@ -253,9 +245,7 @@ class CheckpointReader:
     def btx_shape(self, name: str) -> tuple[int, ...]:
         return self._btx_shapes[name]
 
-    def get_btx(
-        self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
-    ) -> torch.Tensor:
+    def get_btx(self, name: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> torch.Tensor:
         """One btx parameter (expert weights stacked), optionally cast."""
         try:
             src = self.plan[name]

@@ -101,8 +101,16 @@ class _GrowJob:
             scale = float(old.norm(dim=1).mean()) if len(old) else 1.0
             return torch.cat([old, fresh * scale * o.router_scale])
 
-        fit_routers(self.tensors, plan.out_cfg, plan.sets, rows_for_layer, init=o.router_init,
-                    device=o.router_device, progress=progress, console=console)
+        fit_routers(
+            self.tensors,
+            plan.out_cfg,
+            plan.sets,
+            rows_for_layer,
+            init=o.router_init,
+            device=o.router_device,
+            progress=progress,
+            console=console,
+        )
 
     def manifest(self) -> dict:
         plan, into = self.plan, self.plan.moe.path
@@ -111,8 +119,10 @@ class _GrowJob:
         return {
             "stage": "grow",
             "kind": "moe",
-            "inputs": {"moe": {"path": str(into.resolve()), "experts": plan.names},
-                       **{n.name: {"path": str(n.path.resolve())} for n in plan.new}},
+            "inputs": {
+                "moe": {"path": str(into.resolve()), "experts": plan.names},
+                **{n.name: {"path": str(n.path.resolve())} for n in plan.new},
+            },
             "input_identities": relative_identities(plan.identities, plan.out),
             "added": added,
             "removed": plan.removed,
@@ -122,9 +132,13 @@ class _GrowJob:
             "options": dataclasses.asdict(plan.options) | {"shared_weight": plan.shared_weight},
             **({"router_tokens": {st.name: st.tokens for st in plan.sets}} if plan.sets else {}),
             # the MoE's own history, then this step
-            "lineage": [*(moe_done.get("lineage") or [{"stage": moe_done.get("stage"), "path": str(into.resolve()),
-                                                       "experts": plan.names}]),
-                        {"stage": "grow", "added": added, "removed": plan.removed}],
+            "lineage": [
+                *(
+                    moe_done.get("lineage")
+                    or [{"stage": moe_done.get("stage"), "path": str(into.resolve()), "experts": plan.names}]
+                ),
+                {"stage": "grow", "added": added, "removed": plan.removed},
+            ],
         }
 
     def close(self) -> None:
@@ -151,9 +165,16 @@ def grow_moe(
     into, out = Path(into), Path(out)
 
     def open_job() -> _GrowJob:  # under the output's lock, with the exists / --force decision
-        plan = plan_grow(into, {k: Path(v) for k, v in (add or {}).items()}, list(remove or []), out,
-                         options or EditOptions(), force=force, allow_foreign=allow_foreign,
-                         router_data={k: Path(v) for k, v in (router_data or {}).items()})
+        plan = plan_grow(
+            into,
+            {k: Path(v) for k, v in (add or {}).items()},
+            list(remove or []),
+            out,
+            options or EditOptions(),
+            force=force,
+            allow_foreign=allow_foreign,
+            router_data={k: Path(v) for k, v in (router_data or {}).items()},
+        )
         return _GrowJob(plan)
 
     return write_output(out, GROW_OUTPUT, open_job, progress=progress, console=console)
@@ -163,10 +184,17 @@ def edit_command(args) -> int:
     """`btx merge --into MOE (--add-expert NAME=DIR | --remove-expert NAME)... --out DIR`."""
     if not args.out:
         raise BtxError("merge --into: give --out DIR for the edited MoE")
-    manifest = grow_moe(args.into, args.out, add=pairs(args.add_expert, "--add-expert"), remove=args.remove_expert,
-                        options=EditOptions(**given(args, EditOptions)), force=args.force,
-                        allow_foreign=args.allow_foreign, router_data=pairs(args.router_data, "--router-data"),
-                        progress=not args.quiet)
+    manifest = grow_moe(
+        args.into,
+        args.out,
+        add=pairs(args.add_expert, "--add-expert"),
+        remove=args.remove_expert,
+        options=EditOptions(**given(args, EditOptions)),
+        force=args.force,
+        allow_foreign=args.allow_foreign,
+        router_data=pairs(args.router_data, "--router-data"),
+        progress=not args.quiet,
+    )
 
     Console().print(
         f"merge --into: {manifest['n_experts']} experts ({', '.join(manifest['experts'])}), top-{manifest['top_k']} "

@@ -100,8 +100,10 @@ def _check_extendable(path: Path, reader: CheckpointReader) -> None:
     options = done.get("options") if isinstance(done.get("options"), dict) else {}
     granularity = options.get("granularity", "expert")
     if granularity != "expert":
-        raise BtxError(f"{path}: a {granularity} merge (its experts are FFN chunks that share router rows or "
-                       "belong to no domain); btx can only add or remove whole experts of an expert-granularity MoE")
+        raise BtxError(
+            f"{path}: a {granularity} merge (its experts are FFN chunks that share router rows or "
+            "belong to no domain); btx can only add or remove whole experts of an expert-granularity MoE"
+        )
 
 
 def _check_compatible(moe: CheckpointReader, new: AddedExpert) -> None:
@@ -112,10 +114,14 @@ def _check_compatible(moe: CheckpointReader, new: AddedExpert) -> None:
         if key in MOE_FIELDS:
             continue
         if b[key] != mine:
-            what = "intermediate_size (its FFN width) must equal the MoE's expert width" if key == "ffn_dim" else \
-                "experts must keep the seed's architecture"
-            raise BtxError(f"{new.path / CONFIG_NAME}: {key} is {b[key]!r} but the MoE ({moe.path}) has {mine!r}; "
-                           f"{what}")
+            what = (
+                "intermediate_size (its FFN width) must equal the MoE's expert width"
+                if key == "ffn_dim"
+                else "experts must keep the seed's architecture"
+            )
+            raise BtxError(
+                f"{new.path / CONFIG_NAME}: {key} is {b[key]!r} but the MoE ({moe.path}) has {mine!r}; {what}"
+            )
     if new.reader.cfg.mlp_bias:
         raise BtxError(f"{new.path}: its FFN has biases, which MoE experts do not have")
     check_same_tokenizer(moe.path, new.path)
@@ -180,8 +186,9 @@ def _check_options(o: EditOptions, add: dict[str, Path], remove: list[str], rout
         raise _fail(f"shared_weight must be in [0, 1], got {o.shared_weight!r}")
     if o.router_std is not None and not (o.router_std > 0 and math.isfinite(o.router_std)):
         raise _fail(f"router_std must be a positive number, got {o.router_std!r}")
-    if not all(getattr(o, k) > 0 and math.isfinite(getattr(o, k))
-               for k in ("ridge_lambda", "router_scale", "router_tokens")):
+    if not all(
+        getattr(o, k) > 0 and math.isfinite(getattr(o, k)) for k in ("ridge_lambda", "router_scale", "router_tokens")
+    ):
         raise _fail("ridge_lambda, router_scale and router_tokens must be positive numbers")
     if (o.prompts or o.negative_prompts) and o.router_init != "hidden":
         raise _fail(f"prompts are for router_init hidden, not {o.router_init}")
@@ -196,14 +203,16 @@ def _open_moe(into: Path, remove: list[str]) -> tuple[CheckpointReader, list[str
     moe = CheckpointReader(into)
     try:
         if not moe.cfg.is_moe:
-            raise BtxError(f"{into}: a dense checkpoint; --into takes an MoE (to merge dense experts, "
-                           "use btx merge --seed)")
+            raise BtxError(
+                f"{into}: a dense checkpoint; --into takes an MoE (to merge dense experts, use btx merge --seed)"
+            )
         _check_extendable(into, moe)
         names = moe_expert_names(into, moe.cfg)
         unknown = [n for n in remove if n not in names]
         if unknown:
-            raise _fail(f"--remove-expert {', '.join(unknown)}: not an expert of {into} "
-                        f"(its experts: {', '.join(names)})")
+            raise _fail(
+                f"--remove-expert {', '.join(unknown)}: not an expert of {into} (its experts: {', '.join(names)})"
+            )
         if len(set(remove)) != len(remove):
             raise _fail("--remove-expert: an expert given twice")
         return moe, names
@@ -212,8 +221,9 @@ def _open_moe(into: Path, remove: list[str]) -> tuple[CheckpointReader, list[str
         raise
 
 
-def _open_new(moe: CheckpointReader, names: list[str], remove: list[str], name: str, path: Path,
-              allow_foreign: bool) -> AddedExpert:
+def _open_new(
+    moe: CheckpointReader, names: list[str], remove: list[str], name: str, path: Path, allow_foreign: bool
+) -> AddedExpert:
     """One expert to add, checked: a new name, and a dense model from the MoE's seed."""
     if not NAME_RE.match(name):
         raise _fail(f"expert name {name!r}: use letters, digits, '_', '-', '.'")
@@ -229,8 +239,17 @@ def _open_new(moe: CheckpointReader, names: list[str], remove: list[str], name: 
         raise
 
 
-def plan_grow(into: Path, add: dict[str, Path], remove: list[str], out: Path, o: EditOptions, *, force: bool,
-              allow_foreign: bool, router_data: dict[str, Path]) -> GrowPlan:
+def plan_grow(
+    into: Path,
+    add: dict[str, Path],
+    remove: list[str],
+    out: Path,
+    o: EditOptions,
+    *,
+    force: bool,
+    allow_foreign: bool,
+    router_data: dict[str, Path],
+) -> GrowPlan:
     """Everything a grow decides, checked before anything is written; BtxError naming the fault."""
     _check_options(o, add, remove, router_data)
     check_output(out, [into, *add.values()], force)
@@ -246,8 +265,12 @@ def plan_grow(into: Path, add: dict[str, Path], remove: list[str], out: Path, o:
             raise _fail(f"removing {', '.join(remove)} would leave {into} with no expert")
         if o.top_k is not None and o.top_k > n_out:
             raise _fail(f"top_k {o.top_k} is more than the {n_out} experts left")
-        out_cfg = dataclasses.replace(moe.cfg, n_experts=n_out, top_k=min(o.top_k or moe.cfg.top_k, n_out),
-                                      expert_names=[names[e] for e in keep] + [n.name for n in new])
+        out_cfg = dataclasses.replace(
+            moe.cfg,
+            n_experts=n_out,
+            top_k=min(o.top_k or moe.cfg.top_k, n_out),
+            expert_names=[names[e] for e in keep] + [n.name for n in new],
+        )
         weight = o.shared_weight if o.shared_weight is not None else len(new) / max(n_out, 1)
         plan = GrowPlan(
             moe=moe, names=names, keep=keep, new=new, removed=list(remove), out=out, out_cfg=out_cfg,
@@ -259,8 +282,11 @@ def plan_grow(into: Path, add: dict[str, Path], remove: list[str], out: Path, o:
         elif o.router_init in FIT_INITS:
             plan.sets, plan.set_paths = _shard_sets(plan, router_data)
         # Checked against what their producers recorded: a damaged input stops the grow here.
-        plan.identities = {"moe": input_identity(into), **{n.name: input_identity(n.path) for n in new},
-                           **{f"router-data:{name}": identity(path) for name, path in plan.set_paths.items()}}
+        plan.identities = {
+            "moe": input_identity(into),
+            **{n.name: input_identity(n.path) for n in new},
+            **{f"router-data:{name}": identity(path) for name, path in plan.set_paths.items()},
+        }
         return plan
     except BaseException:
         for r in (moe, *(n.reader for n in new)):
@@ -277,8 +303,10 @@ def _prompt_sets(plan: GrowPlan) -> list[TokenSet]:
         if name not in o.prompts:
             raise _fail(f"router_init hidden: give the new expert {name!r} prompts (--prompt {name}=TEXT)")
         if name not in o.negative_prompts and not [m for m in o.prompts if m != name]:
-            raise _fail(f"router_init hidden: {name!r} needs negative prompts (--negative-prompt {name}=TEXT) "
-                        "or prompts of another expert to contrast with")
+            raise _fail(
+                f"router_init hidden: {name!r} needs negative prompts (--negative-prompt {name}=TEXT) "
+                "or prompts of another expert to contrast with"
+            )
     return prompt_sets(o.prompts, o.negative_prompts, plan.moe.path, plan.out_cfg)
 
 
@@ -289,8 +317,10 @@ def _shard_sets(plan: GrowPlan, given: dict[str, Path]) -> tuple[list[TokenSet],
     needed = new if o.router_init == "centroid" else [n for n in names if n != SEED]
     unknown = sorted(set(given) - set(needed))
     if unknown:
-        raise _fail(f"--router-data {', '.join(unknown)}: router_init {o.router_init} reads the data of "
-                    f"{', '.join(needed)} only")
+        raise _fail(
+            f"--router-data {', '.join(unknown)}: router_init {o.router_init} reads the data of "
+            f"{', '.join(needed)} only"
+        )
     sources = {n.name: n.path for n in plan.new}
     sets, paths = [], {}
     for name in needed:
@@ -300,8 +330,10 @@ def _shard_sets(plan: GrowPlan, given: dict[str, Path]) -> tuple[list[TokenSet],
         elif path is None:
             path = _moe_run_val_shard(plan.moe.path, name)
         if path is None:
-            raise _fail(f"router_init {o.router_init} needs validation tokens of expert {name!r}: pass "
-                        f"--router-data {name}=<run_dir>/data/{name}/val.bin")
+            raise _fail(
+                f"router_init {o.router_init} needs validation tokens of expert {name!r}: pass "
+                f"--router-data {name}=<run_dir>/data/{name}/val.bin"
+            )
         path = router_shard(name, path)
         shard = load_shard(path)
         check_shard(shard, f"router_init {o.router_init} (expert {name!r})", cfg.vocab_size)

@@ -52,9 +52,11 @@ class InputHashes:
             for f, digest in hashes[inp.name].items():
                 recorded = (inp.recorded_hashes or {}).get(f)
                 if recorded is not None and recorded != digest:
-                    raise BtxError(f"{inp.path / f}: its sha256 is not the one its {DONE_NAME} records (damaged or "
-                                   "edited after its job finished); nothing was merged: restore the file, or redo "
-                                   f"the job that made {inp.path}")
+                    raise BtxError(
+                        f"{inp.path / f}: its sha256 is not the one its {DONE_NAME} records (damaged or "
+                        "edited after its job finished); nothing was merged: restore the file, or redo "
+                        f"the job that made {inp.path}"
+                    )
         return hashes
 
     def stop(self) -> None:
@@ -88,8 +90,10 @@ def same_content_warnings(inputs: list[MergeInput], hashes: dict[str, dict[str, 
     for inp in inputs:
         weights = tuple(sorted((f, h) for f, h in hashes[inp.name].items() if f.endswith(".safetensors")))
         if weights in seen:
-            warnings.append(f"merge: warning: {inp.name} ({inp.path}) has the same weights as {seen[weights]}; "
-                            "the MoE gets two identical experts")
+            warnings.append(
+                f"merge: warning: {inp.name} ({inp.path}) has the same weights as {seen[weights]}; "
+                "the MoE gets two identical experts"
+            )
         else:
             seen[weights] = f"{inp.name} ({inp.path})"
     return warnings

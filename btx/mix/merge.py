@@ -129,16 +129,26 @@ class _MergeJob:
             sets = plan.prompt_sets
             rows, negative = hidden_targets([g.name for g in plan.groups], o.prompts, o.negative_prompts)
         else:
-            sets = [shard_windows(d, shard, o.router_tokens, plan.out_cfg.max_seq_len)
-                    for d, shard in plan.centroid_shards.items()]
+            sets = [
+                shard_windows(d, shard, o.router_tokens, plan.out_cfg.max_seq_len)
+                for d, shard in plan.centroid_shards.items()
+            ]
             rows, negative = [None if g.domain == SEED else g.domain for g in plan.groups], ()
 
         def rows_for_layer(layer: int, stats: LayerStats) -> torch.Tensor:
             fitted = fitted_rows(o.router_init, stats, rows, negative=negative, ridge_lambda=o.ridge_lambda)
             return fitted * o.router_scale
 
-        fit_routers(self.tensors, plan.out_cfg, sets, rows_for_layer, init=o.router_init, device=o.router_device,
-                    progress=progress, console=console)
+        fit_routers(
+            self.tensors,
+            plan.out_cfg,
+            sets,
+            rows_for_layer,
+            init=o.router_init,
+            device=o.router_device,
+            progress=progress,
+            console=console,
+        )
         self.router_tokens = {s.name: s.tokens for s in sets}
 
     def manifest(self) -> dict:
@@ -162,10 +172,13 @@ class _MergeJob:
             "inputs": inputs,
             # The same hashes in the shape every stage's manifest uses (btx.io.manifest.changed_inputs),
             # with the centroid shards, which decide the routers too.
-            "input_identities": relative_identities({
-                **{name: {"path": record["path"], "sha256": record["sha256"]} for name, record in inputs.items()},
-                **{f"centroid:{d}": identity(shard.path) for d, shard in plan.centroid_shards.items()},
-            }, plan.out),
+            "input_identities": relative_identities(
+                {
+                    **{name: {"path": record["path"], "sha256": record["sha256"]} for name, record in inputs.items()},
+                    **{f"centroid:{d}": identity(shard.path) for d, shard in plan.centroid_shards.items()},
+                },
+                plan.out,
+            ),
             "weights": plan.weights,
             "options": {**dataclasses.asdict(o), "dtype": str(plan.dtype).removeprefix("torch.")},
         }
@@ -328,8 +341,9 @@ def merge_command(args) -> int:
         named = [flag for dest, flag in _INPUT_FLAGS.items() if getattr(args, dest, None)]
         named += [flag for flag, f in flags(MergeOptions).items() if f.name in settings]
         if named:
-            raise BtxError(f"merge: {', '.join(named)}: give merge settings as recipe overrides (e.g. merge.top_k=1), "
-                           "not flags")
+            raise BtxError(
+                f"merge: {', '.join(named)}: give merge settings as recipe overrides (e.g. merge.top_k=1), not flags"
+            )
 
         exp = load_experiment(args.recipe, args.overrides)
         manifest = merge_from_recipe(exp, force=args.force, allow_no_manifest=args.allow_no_manifest, progress=progress)

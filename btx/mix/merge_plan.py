@@ -99,8 +99,10 @@ class MergePlan:
     @property
     def tokenizer_from(self) -> Path | None:
         """The first input with tokenizer files (experts may leave them out: they are the seed's)."""
-        return next((i.path for i in (self.seed, *self.experts_in)
-                     if any((i.path / f).is_file() for f in TOKENIZER_FILES)), None)
+        return next(
+            (i.path for i in (self.seed, *self.experts_in) if any((i.path / f).is_file() for f in TOKENIZER_FILES)),
+            None,
+        )
 
     def close(self) -> None:
         for inp in self.inputs:
@@ -142,8 +144,9 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     if o.granularity == "blend" and o.chunks is not None and o.chunks < 2:
         raise _fail(f"granularity blend needs chunks >= 2, got {o.chunks}")
     if o.granularity == "blend" and o.router_init in FIT_INITS:
-        raise _fail(f"blend experts mix every domain, so router_init {o.router_init} does not apply; "
-                    "use random or zeros")
+        raise _fail(
+            f"blend experts mix every domain, so router_init {o.router_init} does not apply; use random or zeros"
+        )
     if o.router_init in FIT_INITS and o.upcycle:
         raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
     for key in ("ridge_lambda", "router_scale"):
@@ -167,8 +170,10 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
 def _check_prompts(o: MergeOptions, experts: list[str]) -> None:
     check_prompts(o, experts, "this merge", _fail)
     if o.router_init == "hidden" and not o.prompts:
-        raise _fail("router_init hidden needs prompts: give each expert positive prompts "
-                    "(recipe merge.prompts {expert: [text, ...]}, or --prompt EXPERT=TEXT)")
+        raise _fail(
+            "router_init hidden needs prompts: give each expert positive prompts "
+            "(recipe merge.prompts {expert: [text, ...]}, or --prompt EXPERT=TEXT)"
+        )
 
 
 def _manifest_of(path: Path) -> tuple[dict | None, str]:
@@ -180,7 +185,7 @@ def _recorded_hashes(manifest: dict | None, prefix: str) -> dict[str, str] | Non
     outputs = (manifest or {}).get("outputs")
     if not isinstance(outputs, dict):
         return None
-    return {k[len(prefix):]: v for k, v in outputs.items() if isinstance(k, str) and k.startswith(prefix)}
+    return {k[len(prefix) :]: v for k, v in outputs.items() if isinstance(k, str) and k.startswith(prefix)}
 
 
 def _looks_like_btx_job(path: Path) -> bool:
@@ -231,11 +236,13 @@ def check_same_tokenizer(seed_dir: Path, other_dir: Path) -> None:
     for file in _TOKENIZER_IDENTITY:
         a, b = seed_dir / file, other_dir / file
         if b.is_file() and not a.is_file():
-            raise BtxError(f"{b}: the seed ({seed_dir}) has no {file}; experts must share the seed's tokenizer "
-                           "and chat template")
+            raise BtxError(
+                f"{b}: the seed ({seed_dir}) has no {file}; experts must share the seed's tokenizer and chat template"
+            )
         if a.is_file() and b.is_file() and sha256_file(a) != sha256_file(b):
-            raise BtxError(f"{b}: differs from the seed's {file} ({a}); experts must share the seed's tokenizer "
-                           "and chat template")
+            raise BtxError(
+                f"{b}: differs from the seed's {file} ({a}); experts must share the seed's tokenizer and chat template"
+            )
 
 
 def _resolve_weights(o: MergeOptions, sources: list[MergeInput]) -> dict[str, float]:
@@ -253,7 +260,7 @@ def _resolve_weights(o: MergeOptions, sources: list[MergeInput]) -> dict[str, fl
                 where = s.path if s.manifest is None else f"{s.path}'s {DONE_NAME}"
                 raise BtxError(
                     f"{where}: weights=tokens needs the tokens expert '{s.name}' trained on "
-                    "(the \"tokens\" field of its DONE.json); give explicit weights instead"
+                    '(the "tokens" field of its DONE.json); give explicit weights instead'
                 )
             raw[s.name] = float(tokens)
         if SEED in names:  # the seed's training is the shared past of every expert
@@ -363,8 +370,14 @@ def plan_merge(
             if why:
                 raise BtxError(f"{seed_in.path / CONFIG_NAME}: {why}; this seed cannot be merged into an MoE")
             out_cfg = dataclasses.replace(
-                seed_in.cfg, n_experts=len(plan_experts), top_k=o.top_k, ffn_dim=ffn_out, router_mode="topk",
-                norm_topk_prob=True, shared_expert_dim=0, expert_names=[e.name for e in plan_experts],
+                seed_in.cfg,
+                n_experts=len(plan_experts),
+                top_k=o.top_k,
+                ffn_dim=ffn_out,
+                router_mode="topk",
+                norm_topk_prob=True,
+                shared_expert_dim=0,
+                expert_names=[e.name for e in plan_experts],
                 extra={**seed_in.cfg.extra, "router_aux_loss_coef": o.router_aux_loss_coef},
             )
         groups = {e.group: e for e in plan_experts}

@@ -38,20 +38,33 @@ class MergeOptions(MergeSection):
     """How to merge: every key of the recipe's merge: section, then what only the command line gives."""
 
     # A recipe always gives chunks; without one, blend's default is one expert per source FFN.
-    chunks: Optional[int] = like(MergeSection, "chunks", default=None,
-                                 default_help="split: required; blend: the number of source FFNs")
+    chunks: Optional[int] = like(
+        MergeSection, "chunks", default=None, default_help="split: required; blend: the number of source FFNs"
+    )
     # A recipe's merge writes its finetune.balance_alpha here.
-    router_aux_loss_coef: float = setting(0.01, flag="--router-aux-loss-coef", metavar="A",
-                                          help="the load-balancing loss weight written to config.json, for whoever "
-                                               "trains the MoE further with transformers")
-    upcycle: int = setting(0, flag="--upcycle", metavar="N",
-                           help="sparse upcycling: N experts, all copies of the seed (no --expert)")
-    average_all: bool = setting(False, flag="--average-all",
-                                help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense model "
-                                     "like the seed")
-    router_device: Optional[str] = setting(None, flag="--router-device", metavar="DEV", renamed="centroid_device",
-                                           default_help="cuda if any",
-                                           help="device of the pass that fits centroid, ridge or hidden routers")
+    router_aux_loss_coef: float = setting(
+        0.01,
+        flag="--router-aux-loss-coef",
+        metavar="A",
+        help="the load-balancing loss weight written to config.json, for whoever "
+        "trains the MoE further with transformers",
+    )
+    upcycle: int = setting(
+        0, flag="--upcycle", metavar="N", help="sparse upcycling: N experts, all copies of the seed (no --expert)"
+    )
+    average_all: bool = setting(
+        False,
+        flag="--average-all",
+        help="Branch-Train-Merge style: average every tensor (FFNs too) into a dense model like the seed",
+    )
+    router_device: Optional[str] = setting(
+        None,
+        flag="--router-device",
+        metavar="DEV",
+        renamed="centroid_device",
+        default_help="cuda if any",
+        help="device of the pass that fits centroid, ridge or hidden routers",
+    )
 
     @classmethod
     def from_section(cls, section: MergeSection, **more) -> MergeOptions:
@@ -65,8 +78,19 @@ class MergeOptions(MergeSection):
 
 MAX_SHARED_DISTANCE = 0.5  # relative L2 distance of shared weights above which an expert is foreign
 # ModelConfig fields that describe the MoE, not the architecture a dense expert must share with it.
-MOE_FIELDS = {"n_experts", "top_k", "router_mode", "norm_topk_prob", "shared_expert_dim", "capacity_factor",
-               "moe_form", "gumbel_rate", "first_layer_soft", "expert_names", "extra"}
+MOE_FIELDS = {
+    "n_experts",
+    "top_k",
+    "router_mode",
+    "norm_topk_prob",
+    "shared_expert_dim",
+    "capacity_factor",
+    "moe_form",
+    "gumbel_rate",
+    "first_layer_soft",
+    "expert_names",
+    "extra",
+}
 
 
 # grow: keys that the run's grow stage reads itself; every other grow: key is an edit setting.
@@ -81,8 +105,9 @@ class EditOptions:
     grow:'s `shared` and `shared_weight`. Only the defaults where an edit keeps what the MoE has differ."""
 
     router_init: str = like(MergeOptions, "router_init")  # a recipe's grow: grow.router_init
-    router_std: Optional[float] = like(MergeOptions, "router_std", default=None,
-                                       default_help="each layer's existing rows' std")
+    router_std: Optional[float] = like(
+        MergeOptions, "router_std", default=None, default_help="each layer's existing rows' std"
+    )
     router_seed: int = like(MergeOptions, "router_seed")
     router_tokens: int = like(MergeOptions, "router_tokens")
     ridge_lambda: float = like(MergeOptions, "ridge_lambda")
@@ -92,8 +117,9 @@ class EditOptions:
     router_device: Optional[str] = like(MergeOptions, "router_device")
     shared: str = like(GrowSection, "shared")
     shared_weight: Optional[float] = like(GrowSection, "shared_weight")
-    top_k: Optional[int] = like(MergeOptions, "top_k", default=None,
-                                default_help="the MoE's, lowered when fewer experts remain")
+    top_k: Optional[int] = like(
+        MergeOptions, "top_k", default=None, default_help="the MoE's, lowered when fewer experts remain"
+    )
     dtype: Optional[str] = like(MergeOptions, "dtype", default_help="the MoE's")
     shard_size: str = like(MergeOptions, "shard_size")
 

@@ -122,8 +122,9 @@ def tensor_specs(tensors: OutputTensors, cfg: ModelConfig, dtype: torch.dtype) -
     return [TensorSpec(t.name, t.shape, dtype, lambda t=t: build_hf_tensor(t, piece, dtype)) for t in hf_layout(cfg)]
 
 
-def write_output(out: Path, names: OutputNames, open_job: Callable[[], OutputJob], *, progress: bool,
-                 console=None) -> dict:
+def write_output(
+    out: Path, names: OutputNames, open_job: Callable[[], OutputJob], *, progress: bool, console=None
+) -> dict:
     """Plan the job (`open_job`, under the output's lock), fit its routers, write its checkpoint to
     `out` with its DONE.json, and return that DONE.json."""
     started = time.monotonic()
@@ -158,12 +159,22 @@ def _stream(job: OutputJob, specs: list[TensorSpec], out: Path, bar: Progress, s
     torch.set_num_threads(1)
     try:
         with atomic_dir(out, force=plan.force) as tmp:
-            outputs = write_checkpoint(tmp, plan.out_cfg, specs, shard_size=plan.shard_size,
-                                       tokenizer_from=plan.tokenizer_from, atomic=False, on_tensor=on_tensor)
+            outputs = write_checkpoint(
+                tmp,
+                plan.out_cfg,
+                specs,
+                shard_size=plan.shard_size,
+                tokenizer_from=plan.tokenizer_from,
+                atomic=False,
+                on_tensor=on_tensor,
+            )
             fsync_tree(tmp)  # the seconds below include making the bytes durable
             manifest = job.manifest()
-            manifest |= {"outputs": outputs, "bytes": sum((tmp / f).stat().st_size for f in outputs),
-                         "seconds": round(time.monotonic() - started, 3)}
+            manifest |= {
+                "outputs": outputs,
+                "bytes": sum((tmp / f).stat().st_size for f in outputs),
+                "seconds": round(time.monotonic() - started, 3),
+            }
             write_done(tmp, manifest)  # inside the temporary: the directory appears with it
     finally:
         torch.set_num_threads(threads)

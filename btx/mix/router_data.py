@@ -45,6 +45,7 @@ def run_dir_val_shard(expert_path: Path, domain: str) -> Path | None:
             return candidate
     return None
 
+
 def check_shard(shard, what: str, vocab_size: int) -> None:
     """A validation shard a router can be fitted on: a few tokens, all within the vocabulary."""
     if len(shard) < 2:
@@ -102,5 +103,8 @@ def prompt_sets(prompts: dict, negative_prompts: dict, tokenizer_dir: Path, cfg:
         tokenizer = load_tokenizer(tokenizer_dir)
     except BtxError as e:
         raise BtxError(f"router_init hidden tokenizes the prompts with the checkpoint's tokenizer: {e}") from None
-    return [prompt_set(f"{kind}:{name}", texts, tokenizer, cfg.max_seq_len, cfg.vocab_size)
-            for kind, given in (("pos", prompts), ("neg", negative_prompts)) for name, texts in given.items()]
+    return [
+        prompt_set(f"{kind}:{name}", texts, tokenizer, cfg.max_seq_len, cfg.vocab_size)
+        for kind, given in (("pos", prompts), ("neg", negative_prompts))
+        for name, texts in given.items()
+    ]

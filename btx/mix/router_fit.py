@@ -156,7 +156,6 @@ def walk(
     router rows [E, D] from its FFN-input statistics, and those rows route layer i on the way up.
     Returns {layer: rows} (fp32)."""
 
-
     cfg = weights.cfg
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     with init_empty_weights(include_buffers=False):  # parameters on the meta device: nothing allocated
@@ -168,8 +167,9 @@ def walk(
     rope = {}
     routers: dict[int, torch.Tensor] = {}
     for i, block in enumerate(model.layers):
-        block.load_state_dict({k: v.to(device, torch.float32) for k, v in weights.block(i).items()},
-                              strict=False, assign=True)
+        block.load_state_dict(
+            {k: v.to(device, torch.float32) for k, v in weights.block(i).items()}, strict=False, assign=True
+        )
         counts = torch.zeros(len(sets), dtype=torch.float64)
         sums = torch.zeros(len(sets), cfg.dim, dtype=torch.float64)
         gram = torch.zeros(cfg.dim, cfg.dim, dtype=torch.float64) if need_gram else None
@@ -203,8 +203,14 @@ def walk(
     return routers
 
 
-def fitted_rows(init: str, stats: LayerStats, rows: Sequence[str | None], *,
-                negative: Sequence[Sequence[str]] = (), ridge_lambda: float = 0.0) -> torch.Tensor:
+def fitted_rows(
+    init: str,
+    stats: LayerStats,
+    rows: Sequence[str | None],
+    *,
+    negative: Sequence[Sequence[str]] = (),
+    ridge_lambda: float = 0.0,
+) -> torch.Tensor:
     """[len(rows), D]: `init`'s closed form for each row, named by the token set it is fitted to
     (None: the seed's row for centroid and ridge, a zero row for hidden); `negative`: hidden's
     contrast sets per row."""
@@ -244,8 +250,11 @@ class OutputLayers:
 
     def block(self, layer: int) -> dict[str, torch.Tensor]:
         p = f"layers.{layer}."
-        return {k.removeprefix(p): self.tensors.shared(k).to(torch.float32, copy=True)
-                for k in self.names if k.startswith(p) and ".ffn." not in k}
+        return {
+            k.removeprefix(p): self.tensors.shared(k).to(torch.float32, copy=True)
+            for k in self.names
+            if k.startswith(p) and ".ffn." not in k
+        }
 
     def experts(self, layer: int) -> dict[str, torch.Tensor]:
         return self.tensors.layer_experts(layer)
@@ -271,5 +280,11 @@ def fit_routers(
         return tensors.router(layer).float()
 
     with Progress(progress, f"{init} routers", cfg.n_layers, bytes_=False, console=console) as bar:
-        walk(OutputLayers(tensors, cfg), sets, router_for_layer, need_gram=init == "ridge", device=device,
-             on_layer=lambda i: bar.advance(1, f"layer {i}"))
+        walk(
+            OutputLayers(tensors, cfg),
+            sets,
+            router_for_layer,
+            need_gram=init == "ridge",
+            device=device,
+            on_layer=lambda i: bar.advance(1, f"layer {i}"),
+        )

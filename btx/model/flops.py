@@ -21,9 +21,11 @@ from __future__ import annotations
 
 from btx.model.trainable import trained_groups
 
-FLOPS_RULE = ("per token: 6 FLOPs per trained weight (forward, weight and input gradients), 4 per frozen weight "
-              "(forward, input gradient), 2 where nothing before it trains; embedding lookups 0; causal "
-              "attention scores 6 x head_dim per key and head (2 without backward)")
+FLOPS_RULE = (
+    "per token: 6 FLOPs per trained weight (forward, weight and input gradients), 4 per frozen weight "
+    "(forward, input gradient), 2 where nothing before it trains; embedding lookups 0; causal "
+    "attention scores 6 x head_dim per key and head (2 without backward)"
+)
 
 
 def _matmul(n: float, trained: bool, grad_in: bool) -> tuple[float, bool]:

@@ -206,9 +206,7 @@ class MoEFeedForward(nn.Module):
         T, E = routing.probs_TE.shape
         gate_TE = torch.zeros_like(routing.probs_TE)
         kept_TK = routing.expert_TK < E
-        gate_TE.scatter_add_(
-            1, routing.expert_TK.clamp(max=E - 1), routing.gate_TK * kept_TK.to(routing.gate_TK.dtype)
-        )
+        gate_TE.scatter_add_(1, routing.expert_TK.clamp(max=E - 1), routing.gate_TK * kept_TK.to(routing.gate_TK.dtype))
         return E * (gate_TE.mean(0) * routing.probs_TE.mean(0)).sum()
 
     def dispatch(

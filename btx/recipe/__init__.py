@@ -1,9 +1,9 @@
 """Recipes: the typed schema of experiment and domain YAML files, loading them, and their hashes.
 
-    schema.py      the sections (dataclasses), each with its `check` (start here to add a setting)
-    settings.py    `setting`: a field that is also a command-line flag; the flags made from such fields
-    check.py       the Checker that sections state their ranges with
-    load.py        load_experiment / load_domain: strict loading, overrides, paths, effective settings
-    experiment.py  the loaded objects (Experiment, Domain, Source) and recipe hashes
-    builtin.py     the recipes btx ships (`btx run demo`)
+schema.py      the sections (dataclasses), each with its `check` (start here to add a setting)
+settings.py    `setting`: a field that is also a command-line flag; the flags made from such fields
+check.py       the Checker that sections state their ranges with
+load.py        load_experiment / load_domain: strict loading, overrides, paths, effective settings
+experiment.py  the loaded objects (Experiment, Domain, Source) and recipe hashes
+builtin.py     the recipes btx ships (`btx run demo`)
 """

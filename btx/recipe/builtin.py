@@ -50,6 +50,8 @@ def builtin_recipe(name: str) -> Path:
     path = builtin_recipes_dir() / name / "btx.yaml"
     if not path.is_file():
         available = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
-        raise BtxError(f"{name}: no built-in recipe of that name (available: {', '.join(available) or 'none'})"
-                       + suggest(name, available))
+        raise BtxError(
+            f"{name}: no built-in recipe of that name (available: {', '.join(available) or 'none'})"
+            + suggest(name, available)
+        )
     return path

@@ -70,14 +70,20 @@ class Checker:
                 self.choice(obj, f.name, f.metadata["choices"])
 
     def name(self, value: str, key: str) -> None:
-        self.that(bool(NAME_RE.match(value)), key,
-                  f"{value!r} is not a usable name (letters, digits, '_', '-', '.'; it names a directory)")
+        self.that(
+            bool(NAME_RE.match(value)),
+            key,
+            f"{value!r} is not a usable name (letters, digits, '_', '-', '.'; it names a directory)",
+        )
 
     def weights(self, weights: Dict[str, float], key: str, allowed: Optional[List[str]] = None) -> None:
         for name, w in weights.items():
             if allowed is not None and name not in allowed:
-                self.fail(f"{key}.{name}", f"not a domain of this experiment (domains: {', '.join(allowed) or 'none'})"
-                          + suggest(name, allowed))
+                self.fail(
+                    f"{key}.{name}",
+                    f"not a domain of this experiment (domains: {', '.join(allowed) or 'none'})"
+                    + suggest(name, allowed),
+                )
             self.that(w >= 0, f"{key}.{name}", f"weights must be >= 0, got {w!r}")
         if weights:
             self.that(sum(weights.values()) > 0, key, "weights must sum to more than 0")
@@ -90,4 +96,3 @@ def join_key(prefix: str, key: str) -> str:
 def suggest(word: str, options) -> str:
     close = difflib.get_close_matches(word, [str(o) for o in options], n=1, cutoff=0.6)
     return f" (did you mean {close[0]}?)" if close else ""
-

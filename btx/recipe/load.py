@@ -78,11 +78,18 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     if recipe.run_dir is None:
         recipe.run_dir = str(Path("checkpoints") / recipe.experiment)
     if recipe.tokenizer != "byte":
-        c.that(Path(recipe.tokenizer).exists(), "tokenizer", f"{recipe.tokenizer}: no such file or directory "
-               "(expected 'byte', a tokenizer.json or a directory holding one)")
+        c.that(
+            Path(recipe.tokenizer).exists(),
+            "tokenizer",
+            f"{recipe.tokenizer}: no such file or directory "
+            "(expected 'byte', a tokenizer.json or a directory holding one)",
+        )
     if recipe.seed.path is not None:
-        c.that(recipe.model is None, "model",
-               "give either seed.path (an existing checkpoint) or model (a seed trained from scratch), not both")
+        c.that(
+            recipe.model is None,
+            "model",
+            "give either seed.path (an existing checkpoint) or model (a seed trained from scratch), not both",
+        )
         if not Path(recipe.seed.path).is_dir():
             c.fail("seed.path", missing_checkpoint(recipe.seed.path, _written_path(recipe.seed.path, path.parent)))
     elif recipe.model is None:
@@ -90,21 +97,33 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     if recipe.model is not None:
         recipe.model.check(c.at("model"))
         if recipe.tokenizer == "byte":
-
-            c.that(recipe.model.vocab_size >= ByteTokenizer.vocab_size, "model.vocab_size",
-                   f"the byte tokenizer needs vocab_size >= {ByteTokenizer.vocab_size}, got {recipe.model.vocab_size}")
+            c.that(
+                recipe.model.vocab_size >= ByteTokenizer.vocab_size,
+                "model.vocab_size",
+                f"the byte tokenizer needs vocab_size >= {ByteTokenizer.vocab_size}, got {recipe.model.vocab_size}",
+            )
     c.that(bool(recipe.domains), "domains", "an experiment needs at least one domain (domains: {name: recipe.yaml})")
     names = list(recipe.domains)
     folded: Dict[str, str] = {}
     for name in names:
         c.name(name, f"domains.{name}")
-        c.that(name not in RESERVED_DOMAINS, f"domains.{name}", f"{name!r} is reserved: it names the seed's expert "
-               "in the merged MoE and the seed's row in eval tables; rename this domain")
-        c.that(not name.startswith(RESERVED_DOMAIN_PREFIXES), f"domains.{name}",
-               f"{name!r} is reserved: merge names its experts seed.<i> and blend.<i>; rename this domain")
-        c.that(name.lower() not in folded, f"domains.{name}",
-               f"differs from domain {folded.get(name.lower())!r} only in case; on a case-insensitive file "
-               "system both would share one directory")
+        c.that(
+            name not in RESERVED_DOMAINS,
+            f"domains.{name}",
+            f"{name!r} is reserved: it names the seed's expert "
+            "in the merged MoE and the seed's row in eval tables; rename this domain",
+        )
+        c.that(
+            not name.startswith(RESERVED_DOMAIN_PREFIXES),
+            f"domains.{name}",
+            f"{name!r} is reserved: merge names its experts seed.<i> and blend.<i>; rename this domain",
+        )
+        c.that(
+            name.lower() not in folded,
+            f"domains.{name}",
+            f"differs from domain {folded.get(name.lower())!r} only in case; on a case-insensitive file "
+            "system both would share one directory",
+        )
         folded[name.lower()] = name
     recipe.train.check(c.at("train"))
     recipe.seed.check(c.at("seed"), names)
@@ -120,13 +139,22 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     cli_train = _cli_keys(override_dicts, "train")
     cli_seed, cli_finetune = _cli_keys(override_dicts, "seed.train"), _cli_keys(override_dicts, "finetune.train")
     seed_train = _effective_train(recipe.train, recipe.seed.train, cli_train, cli_seed, c.at("seed.train"))
-    finetune_train = _effective_train(recipe.train, recipe.finetune.train, cli_train, cli_finetune,
-                                      c.at("finetune.train"))
+    finetune_train = _effective_train(
+        recipe.train, recipe.finetune.train, cli_train, cli_finetune, c.at("finetune.train")
+    )
     # train.trainable is the experts'; the seed trains from scratch and the finetune has its own key.
-    for key, own, why in (("seed.train", {**recipe.seed.train, **cli_seed}, "the seed trains from scratch, "
-                           "so all of it trains (train.trainable applies to the experts)"),
-                          ("finetune.train", {**recipe.finetune.train, **cli_finetune},
-                           "the MoE finetune's is finetune.trainable (all, router_only, frozen_experts)")):
+    for key, own, why in (
+        (
+            "seed.train",
+            {**recipe.seed.train, **cli_seed},
+            "the seed trains from scratch, so all of it trains (train.trainable applies to the experts)",
+        ),
+        (
+            "finetune.train",
+            {**recipe.finetune.train, **cli_finetune},
+            "the MoE finetune's is finetune.trainable (all, router_only, frozen_experts)",
+        ),
+    ):
         c.that(own.get("trainable", "all") == "all", f"{key}.trainable", why)
     seed_train = dataclasses.replace(seed_train, trainable="all")
     finetune_train = dataclasses.replace(finetune_train, trainable="all")
@@ -137,19 +165,35 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
         domains[name] = load_domain(dpath, base_train=recipe.train, name=name, cli_train=cli_train)
     general = None
     if recipe.finetune.general is not None:
-        c.that(GENERAL_DOMAIN not in domains, f"domains.{GENERAL_DOMAIN}",
-               f"'{GENERAL_DOMAIN}' names finetune.general's data-only domain; rename this expert's domain")
+        c.that(
+            GENERAL_DOMAIN not in domains,
+            f"domains.{GENERAL_DOMAIN}",
+            f"'{GENERAL_DOMAIN}' names finetune.general's data-only domain; rename this expert's domain",
+        )
         gpath = Path(recipe.finetune.general)
         c.that(gpath.is_file(), "finetune.general", f"{gpath}: no such domain recipe file")
         general = load_domain(gpath, base_train=recipe.train, name=GENERAL_DOMAIN, cli_train=cli_train)
 
-    return Experiment(path=path, recipe=recipe, domains=domains, run_dir=Path(recipe.run_dir).absolute(),
-                      seed_train=seed_train, finetune_train=finetune_train, overrides=overrides, general=general)
+    return Experiment(
+        path=path,
+        recipe=recipe,
+        domains=domains,
+        run_dir=Path(recipe.run_dir).absolute(),
+        seed_train=seed_train,
+        finetune_train=finetune_train,
+        overrides=overrides,
+        general=general,
+    )
 
 
-def load_domain(path: str | os.PathLike, overrides: Optional[List[str]] = None, *,
-                base_train: Optional[TrainSection] = None, name: Optional[str] = None,
-                cli_train: Optional[Dict[str, Any]] = None) -> Domain:
+def load_domain(
+    path: str | os.PathLike,
+    overrides: Optional[List[str]] = None,
+    *,
+    base_train: Optional[TrainSection] = None,
+    name: Optional[str] = None,
+    cli_train: Optional[Dict[str, Any]] = None,
+) -> Domain:
     """Load and validate one domain recipe. `base_train` holds the experiment's training defaults
     (TrainSection() when the domain stands alone); the domain's `train:` overrides them."""
     path = Path(path)
@@ -173,8 +217,9 @@ def load_domain(path: str | os.PathLike, overrides: Optional[List[str]] = None, 
     c.name(recipe.name, "name")
     recipe.data.check(c.at("data"))
     sources = [_source(s, recipe.data, c, i) for i, s in enumerate(recipe.data.sources)]
-    train = _effective_train(base_train or TrainSection(), recipe.train, cli_train or {},
-                             _cli_keys(override_dicts, "train"), c.at("train"))
+    train = _effective_train(
+        base_train or TrainSection(), recipe.train, cli_train or {}, _cli_keys(override_dicts, "train"), c.at("train")
+    )
     return Domain(name=recipe.name, path=path, recipe=recipe, sources=sources, train=train)
 
 
@@ -359,8 +404,9 @@ def _build(schema: type, raw: dict, label: str, overrides: List[str]):
         OmegaConf.resolve(cfg)
         obj = OmegaConf.to_object(cfg)
     except MissingMandatoryValue as e:
-        Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or "?"),
-                                                         "missing (this key is required)")
+        Checker(label, origins=_origins(overrides)).fail(
+            str(getattr(e, "full_key", None) or "?"), "missing (this key is required)"
+        )
     except OmegaConfBaseException as e:
         Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), first_line(e))
     # Interpolated values are converted by OmegaConf after our type check; check them again here.
@@ -445,13 +491,19 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
     if pattern is not None:
         if not path.is_dir():
             c.fail(f"{key}.path", f"{path}: no such directory")
-        files = sorted(p for p in path.glob(pattern)
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.glob(pattern)
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     elif GLOB_CHARS.search(str(path)):
         files = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
     elif path.is_dir():
-        files = sorted(p for p in path.rglob("*")
-                       if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
+        )
     elif path.is_file():
         files = [path]
     else:
@@ -473,8 +525,9 @@ def _cli_keys(override_dicts: List[dict], dotted: str) -> Dict[str, Any]:
     return out
 
 
-def _effective_train(base: TrainSection, own: Dict[str, Any], cli_train: Dict[str, Any],
-                     cli_own: Dict[str, Any], c: Checker) -> TrainSection:
+def _effective_train(
+    base: TrainSection, own: Dict[str, Any], cli_train: Dict[str, Any], cli_own: Dict[str, Any], c: Checker
+) -> TrainSection:
     """base <- the job's own train keys <- command-line train.* <- command-line <job>.train.*"""
     merged = {**own, **cli_train, **cli_own}
     if not merged:

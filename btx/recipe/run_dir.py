@@ -102,8 +102,12 @@ class RunDir:
 
     @property
     def finetune(self) -> FinetuneDirs:
-        return FinetuneDirs(export=self.root / "finetuned", train=self.root / "finetune-train",
-                            router=self.root / "finetune-router", router_train=self.root / "finetune-router-train")
+        return FinetuneDirs(
+            export=self.root / "finetuned",
+            train=self.root / "finetune-train",
+            router=self.root / "finetune-router",
+            router_train=self.root / "finetune-router-train",
+        )
 
     @property
     def finetuned(self) -> Path:

@@ -75,12 +75,18 @@ class TrainSection:
         c.positive(self, "keep_checkpoints")
         c.non_negative(self, "weight_decay", "warmup_steps", "grad_clip", "checkpoint_every", "eval_every", "seed")
         c.that(0.0 <= self.min_lr_ratio <= 1.0, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio!r}")
-        c.that(len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas), "betas",
-               f"expected two numbers in [0, 1), got {list(self.betas)!r}")
+        c.that(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "betas",
+            f"expected two numbers in [0, 1), got {list(self.betas)!r}",
+        )
         c.choice(self, "precision", PRECISIONS)
         c.choice(self, "trainable", DENSE_TRAINABLE)
-        c.that(self.zero_stage is None or 0 <= self.zero_stage <= 3, "zero_stage",
-               f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}")
+        c.that(
+            self.zero_stage is None or 0 <= self.zero_stage <= 3,
+            "zero_stage",
+            f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}",
+        )
 
 
 @dataclass
@@ -101,11 +107,24 @@ class ModelSection:
     tie_embeddings: bool = False
 
     def check(self, c: Checker) -> None:
-        c.positive(self, "vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps",
-                   "rope_theta", "max_seq_len")
+        c.positive(
+            self,
+            "vocab_size",
+            "dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "ffn_dim",
+            "norm_eps",
+            "rope_theta",
+            "max_seq_len",
+        )
         c.that(self.dim % self.n_heads == 0, "dim", f"must be a multiple of n_heads ({self.n_heads}), got {self.dim}")
-        c.that(self.n_heads % self.n_kv_heads == 0, "n_kv_heads",
-               f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}")
+        c.that(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_kv_heads",
+            f"must divide n_heads ({self.n_heads}), got {self.n_kv_heads}",
+        )
 
     def to_model_config(self, **moe):
         """A btx.model.config.ModelConfig (imports torch); `moe` sets MoE fields such as n_experts."""
@@ -160,50 +179,91 @@ class MergeSection:
     """How the seed and the experts become one MoE (btx/mix/merge.py). Every key is also a flag of
     `btx merge` without a recipe (btx.mix.options.MergeOptions adds the flags only it has)."""
 
-    keep_seed: bool = setting(True, flag="--no-keep-seed",
-                              help="the seed's FFN is one more expert and the seed takes part in the average, as in "
-                                   "the paper (--no-keep-seed: neither)")
-    weights: Any = setting("uniform", flag="--weights", metavar="W", parse=parse_weights,
-                           help="averaging of the non-FFN tensors: uniform, tokens (each expert's training tokens, "
-                                "from its DONE.json; the seed counts as the experts' mean), or a weight per source "
-                                "(in a recipe {code: 3, seed: 1}; as a flag code=3,seed=1)")
-    router_init: str = setting("random", flag="--router-init", choices=ROUTER_INITS,
-                               help="random: normal(0, router_std); zeros: uniform routing; centroid: each expert's "
-                                    "mean hidden state on its domain's tokens; ridge: closed-form least squares on "
-                                    "those hidden states (DUME); hidden: its prompts' mean hidden state minus the "
-                                    "others' (prompts)")
+    keep_seed: bool = setting(
+        True,
+        flag="--no-keep-seed",
+        help="the seed's FFN is one more expert and the seed takes part in the average, as in "
+        "the paper (--no-keep-seed: neither)",
+    )
+    weights: Any = setting(
+        "uniform",
+        flag="--weights",
+        metavar="W",
+        parse=parse_weights,
+        help="averaging of the non-FFN tensors: uniform, tokens (each expert's training tokens, "
+        "from its DONE.json; the seed counts as the experts' mean), or a weight per source "
+        "(in a recipe {code: 3, seed: 1}; as a flag code=3,seed=1)",
+    )
+    router_init: str = setting(
+        "random",
+        flag="--router-init",
+        choices=ROUTER_INITS,
+        help="random: normal(0, router_std); zeros: uniform routing; centroid: each expert's "
+        "mean hidden state on its domain's tokens; ridge: closed-form least squares on "
+        "those hidden states (DUME); hidden: its prompts' mean hidden state minus the "
+        "others' (prompts)",
+    )
     router_std: float = setting(0.02, flag="--router-std", metavar="STD", help="random routers: their std")
-    router_seed: int = setting(0, flag="--router-seed", metavar="N",
-                               help="random routers: their seed (the same seed gives the same routers)")
-    router_tokens: int = setting(65536, flag="--router-tokens", metavar="N", renamed="centroid_tokens",
-                                 help="centroid and ridge routers: tokens per domain (a recipe's: of its train "
-                                      "shard)")
-    ridge_lambda: float = setting(0.01, flag="--ridge-lambda", metavar="L",
-                                  help="ridge routers: regularisation relative to the hidden states' mean eigenvalue "
-                                       "(btx/mix/router_fit.py)")
-    router_scale: float = setting(1.0, flag="--router-scale", metavar="S",
-                                  help="centroid, ridge and hidden routers: the fitted rows times S, an inverse "
-                                       "temperature")
+    router_seed: int = setting(
+        0, flag="--router-seed", metavar="N", help="random routers: their seed (the same seed gives the same routers)"
+    )
+    router_tokens: int = setting(
+        65536,
+        flag="--router-tokens",
+        metavar="N",
+        renamed="centroid_tokens",
+        help="centroid and ridge routers: tokens per domain (a recipe's: of its train shard)",
+    )
+    ridge_lambda: float = setting(
+        0.01,
+        flag="--ridge-lambda",
+        metavar="L",
+        help="ridge routers: regularisation relative to the hidden states' mean eigenvalue (btx/mix/router_fit.py)",
+    )
+    router_scale: float = setting(
+        1.0,
+        flag="--router-scale",
+        metavar="S",
+        help="centroid, ridge and hidden routers: the fitted rows times S, an inverse temperature",
+    )
     # Prompts are kept whatever router_init is: grow (grow.router_init hidden) and the router-init
     # table (`btx eval --router-inits`) read them too.
-    prompts: Dict[str, List[str]] = setting(factory=dict, flag="--prompt", metavar="NAME=TEXT", repeat=True,
-                                            parse=prompt_lists,
-                                            help="hidden routers: a positive prompt of expert NAME; repeat (in a "
-                                                 "recipe {NAME: [TEXT, ...]})")
-    negative_prompts: Dict[str, List[str]] = setting(factory=dict, flag="--negative-prompt", metavar="NAME=TEXT",
-                                                     repeat=True, parse=prompt_lists,
-                                                     help="hidden routers: a negative prompt of expert NAME (default: "
-                                                          "the other experts' prompts)")
-    granularity: str = setting("expert", flag="--granularity", choices=GRANULARITIES,
-                               help="expert: one expert per FFN; split: each FFN cut into C chunks (N*C experts); "
-                                    "blend: expert c made of chunk c of every FFN")
-    chunks: int = setting(1, flag="--chunks", metavar="C",
-                          help="chunks per FFN (expert: 1; split: C >= 2; blend: C >= 2 experts)")
+    prompts: Dict[str, List[str]] = setting(
+        factory=dict,
+        flag="--prompt",
+        metavar="NAME=TEXT",
+        repeat=True,
+        parse=prompt_lists,
+        help="hidden routers: a positive prompt of expert NAME; repeat (in a recipe {NAME: [TEXT, ...]})",
+    )
+    negative_prompts: Dict[str, List[str]] = setting(
+        factory=dict,
+        flag="--negative-prompt",
+        metavar="NAME=TEXT",
+        repeat=True,
+        parse=prompt_lists,
+        help="hidden routers: a negative prompt of expert NAME (default: the other experts' prompts)",
+    )
+    granularity: str = setting(
+        "expert",
+        flag="--granularity",
+        choices=GRANULARITIES,
+        help="expert: one expert per FFN; split: each FFN cut into C chunks (N*C experts); "
+        "blend: expert c made of chunk c of every FFN",
+    )
+    chunks: int = setting(
+        1, flag="--chunks", metavar="C", help="chunks per FFN (expert: 1; split: C >= 2; blend: C >= 2 experts)"
+    )
     top_k: int = setting(2, flag="--top-k", metavar="K", help="experts per token, written to config.json")
-    dtype: Optional[str] = setting(None, flag="--dtype", choices=WEIGHT_DTYPES, default_help="the inputs'",
-                                   help="the output's dtype")
-    shard_size: str = setting("5GB", flag="--shard-size", metavar="SIZE",
-                              help="the output's safetensors shard size, e.g. 5GB, 5G, 2GiB, 500MB or bytes")
+    dtype: Optional[str] = setting(
+        None, flag="--dtype", choices=WEIGHT_DTYPES, default_help="the inputs'", help="the output's dtype"
+    )
+    shard_size: str = setting(
+        "5GB",
+        flag="--shard-size",
+        metavar="SIZE",
+        help="the output's safetensors shard size, e.g. 5GB, 5G, 2GiB, 500MB or bytes",
+    )
 
     def n_experts(self, n_domains: int) -> int:
         """Experts of the merged model: one per FFN (split: chunks per FFN; blend: one per chunk)."""
@@ -222,12 +282,18 @@ class MergeSection:
         """`domains`: the merged ones; `grow`: the recipe's grow section, whose experts may have prompts."""
         w = self.weights
         if isinstance(w, str):
-            c.that(w in ("uniform", "tokens"), "weights",
-                   f"expected uniform, tokens or a mapping of weights; got {w!r}{suggest(w, ('uniform', 'tokens'))}")
+            c.that(
+                w in ("uniform", "tokens"),
+                "weights",
+                f"expected uniform, tokens or a mapping of weights; got {w!r}{suggest(w, ('uniform', 'tokens'))}",
+            )
         elif isinstance(w, dict):
             for name, value in w.items():
-                c.that(isinstance(value, (int, float)) and not isinstance(value, bool), f"weights.{name}",
-                       f"expected a number, got {value!r}")
+                c.that(
+                    isinstance(value, (int, float)) and not isinstance(value, bool),
+                    f"weights.{name}",
+                    f"expected a number, got {value!r}",
+                )
             c.weights(w, "weights", list(domains) + (["seed"] if self.keep_seed else []))
         else:
             c.fail("weights", f"expected uniform, tokens or a mapping of weights; got {w!r}")
@@ -241,8 +307,11 @@ class MergeSection:
             for name, texts in given.items():
                 c.that(name in experts, f"{key}.{name}", f"not an expert of this merge ({', '.join(experts)})")
                 c.that(all(isinstance(t, str) and t for t in texts), f"{key}.{name}", "expected non-empty strings")
-        c.that(self.router_init != "hidden" or bool(self.prompts), "prompts",
-               "router_init hidden needs each expert's positive prompts: prompts: {domain: [text, ...]}")
+        c.that(
+            self.router_init != "hidden" or bool(self.prompts),
+            "prompts",
+            "router_init hidden needs each expert's positive prompts: prompts: {domain: [text, ...]}",
+        )
         if self.granularity == "expert":
             c.that(self.chunks == 1, "chunks", f"must be 1 with granularity expert, got {self.chunks}")
         else:
@@ -284,8 +353,7 @@ class FinetuneSection:
         c.positive(self, "top_k", "capacity_factor")
         c.non_negative(self, "gumbel_rate", "balance_alpha", "z_loss", "router_only_steps")
         c.that(0 <= self.zero_stage <= 3, "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
-        c.that(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer",
-               "needs zero_stage >= 1")
+        c.that(not self.offload_optimizer or self.zero_stage >= 1, "offload_optimizer", "needs zero_stage >= 1")
 
 
 @dataclass
@@ -298,13 +366,22 @@ class GrowSection:
     (btx.mix.options.EditOptions)."""
 
     domains: List[str] = field(default_factory=list)  # each is also listed in `domains:`
-    router_init: str = setting("ridge", choices=ROUTER_INITS,
-                               help="the new experts' router rows, by any router init (ridge refits every row)")
-    shared: str = setting("keep", flag="--shared", choices=SHARED_POLICIES,
-                          help="the shared (non-FFN) weights: keep the MoE's, or average in the new experts'")
-    shared_weight: Optional[float] = setting(None, flag="--shared-weight", metavar="W",
-                                             default_help="as much as each expert already there",
-                                             help="shared average: the new experts' weight")
+    router_init: str = setting(
+        "ridge", choices=ROUTER_INITS, help="the new experts' router rows, by any router init (ridge refits every row)"
+    )
+    shared: str = setting(
+        "keep",
+        flag="--shared",
+        choices=SHARED_POLICIES,
+        help="the shared (non-FFN) weights: keep the MoE's, or average in the new experts'",
+    )
+    shared_weight: Optional[float] = setting(
+        None,
+        flag="--shared-weight",
+        metavar="W",
+        default_help="as much as each expert already there",
+        help="shared average: the new experts' weight",
+    )
     steps: int = 0  # the finetune after growing; 0: none
     trainable: str = setting("router_only", choices=TRAINABLE, help="what the finetune after growing trains")
     mixture: Dict[str, float] = field(default_factory=dict)  # empty: every domain equally
@@ -313,18 +390,27 @@ class GrowSection:
         for name in self.domains:
             c.that(name in domains, "domains", f"{name!r} is not a domain of this experiment ({', '.join(domains)})")
         c.that(len(set(self.domains)) == len(self.domains), "domains", "a domain listed twice")
-        c.that(not self.domains or len(self.domains) < len(domains), "domains",
-               "at least one domain must be merged before others can be added")
-        c.that(not self.domains or merge.granularity == "expert", "domains",
-               f"growing needs whole experts; merge.granularity is {merge.granularity}")
+        c.that(
+            not self.domains or len(self.domains) < len(domains),
+            "domains",
+            "at least one domain must be merged before others can be added",
+        )
+        c.that(
+            not self.domains or merge.granularity == "expert",
+            "domains",
+            f"growing needs whole experts; merge.granularity is {merge.granularity}",
+        )
         c.choices(self)
         c.non_negative(self, "steps")
         c.that(self.shared_weight is None or 0 <= self.shared_weight <= 1, "shared_weight", "must be in [0, 1]")
         c.weights(self.mixture, "mixture", domains)
         if self.router_init == "hidden":
             for name in self.domains:
-                c.that(name in merge.prompts, "router_init",
-                       f"hidden needs merge.prompts.{name} (the prompts of the expert to add)")
+                c.that(
+                    name in merge.prompts,
+                    "router_init",
+                    f"hidden needs merge.prompts.{name} (the prompts of the expert to add)",
+                )
 
 
 @dataclass
@@ -390,12 +476,18 @@ class DataSection:
         c.that(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
         c.positive(self, "builtin_bytes")
         c.non_negative(self, "seed")
-        c.that(bool(self.sources) or self.builtin is not None, "sources",
-               "a domain needs data: give data.sources or data.builtin")
+        c.that(
+            bool(self.sources) or self.builtin is not None,
+            "sources",
+            "a domain needs data: give data.sources or data.builtin",
+        )
         if self.builtin is not None:
-            c.that(self.builtin in BUILTIN_CORPORA, "builtin",
-                   f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
-                   + suggest(self.builtin, BUILTIN_CORPORA))
+            c.that(
+                self.builtin in BUILTIN_CORPORA,
+                "builtin",
+                f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
+                + suggest(self.builtin, BUILTIN_CORPORA),
+            )
 
 
 @dataclass

@@ -27,14 +27,31 @@ from btx.errors import BtxError, note_renamed
 MISSING = dataclasses.MISSING
 
 
-def setting(default: Any = MISSING, *, help: str, factory: Callable[[], Any] | Any = MISSING,
-            flag: str | None = None, metavar: str | None = None, choices: tuple | None = None,
-            repeat: bool = False, parse: Callable[[Any, str], Any] | None = None, renamed: str | None = None,
-            default_help: str | None = None) -> Any:
+def setting(
+    default: Any = MISSING,
+    *,
+    help: str,
+    factory: Callable[[], Any] | Any = MISSING,
+    flag: str | None = None,
+    metavar: str | None = None,
+    choices: tuple | None = None,
+    repeat: bool = False,
+    parse: Callable[[Any, str], Any] | None = None,
+    renamed: str | None = None,
+    default_help: str | None = None,
+) -> Any:
     """A dataclass field that is also a command-line flag (`flag`; None: the recipe only).
     `default_help` says what a None default means, for the flag's help."""
-    metadata = {"help": help, "flag": flag, "metavar": metavar, "choices": choices, "repeat": repeat, "parse": parse,
-                "renamed": renamed, "default_help": default_help}
+    metadata = {
+        "help": help,
+        "flag": flag,
+        "metavar": metavar,
+        "choices": choices,
+        "repeat": repeat,
+        "parse": parse,
+        "renamed": renamed,
+        "default_help": default_help,
+    }
     if factory is not MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -103,8 +120,12 @@ def add_flags(group, cls: type, skip: typing.Collection[str] = ()) -> None:
         if kind is bool:
             kwargs.update(nargs=0, const=not f.default)
         else:
-            kwargs.update(type=kind if kind in (int, float) else str, metavar=meta.get("metavar"),
-                          choices=meta.get("choices"), repeat=meta.get("repeat"))
+            kwargs.update(
+                type=kind if kind in (int, float) else str,
+                metavar=meta.get("metavar"),
+                choices=meta.get("choices"),
+                repeat=meta.get("repeat"),
+            )
         add_renamed(group, flag, renamed_flag(f), help=_help(f).replace("%", "%%"), **kwargs)
 
 

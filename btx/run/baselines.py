@@ -33,8 +33,10 @@ from btx.train.loop import run_loop
 
 # The eval row of each baseline, by kind and protocol (eval.match).
 ROWS = {
-    ("dense", "compute"): "dense (compute-matched)", ("upcycled", "compute"): "sparse upcycling (compute-matched)",
-    ("dense", "data"): "dense (data-matched)", ("upcycled", "data"): "sparse upcycling (data-matched)",
+    ("dense", "compute"): "dense (compute-matched)",
+    ("upcycled", "compute"): "sparse upcycling (compute-matched)",
+    ("dense", "data"): "dense (data-matched)",
+    ("upcycled", "data"): "sparse upcycling (data-matched)",
 }
 # Merge options an upcycle does not take: it has no routers fitted to data.
 _FIT_OPTIONS = ("router_tokens", "router_device", "ridge_lambda", "router_scale", "prompts", "negative_prompts")
@@ -70,8 +72,9 @@ def upcycle_options(exp) -> dict:
 
 def upcycle(p: Pipeline, task: Task) -> str:
     shape = task.inputs
-    merge_from_recipe(p.exp, upcycle=shape["n_experts"], out_dir=p.exp.paths.upcycled_merged, force=True,
-                      console=p.console)
+    merge_from_recipe(
+        p.exp, upcycle=shape["n_experts"], out_dir=p.exp.paths.upcycled_merged, force=True, console=p.console
+    )
     return f"{shape['n_experts']} copies of the seed, top-{shape['top_k']}"
 
 
@@ -95,8 +98,9 @@ def compute_budget(exp) -> float:
 
 def _matched_steps(budget: float, cfg, settings) -> int:
     """Steps of a baseline that trains all of `cfg` (btx.model.flops) within one step of `budget` FLOPs."""
-    flops_per_step = train_flops_per_token(cfg, settings.seq_len) * settings.batch_size * settings.seq_len * \
-        settings.grad_accum
+    flops_per_step = (
+        train_flops_per_token(cfg, settings.seq_len) * settings.batch_size * settings.seq_len * settings.grad_accum
+    )
     return max(1, round(budget / flops_per_step))
 
 
@@ -113,10 +117,12 @@ def btx_data_plan(exp, settings) -> list[list]:
         done = read_done(where)
         micro = done["steps"] * s.grad_accum
         if s.seq_len != settings.seq_len or done["tokens"] != micro * batch_tokens:
-            raise BtxError(f"{where / DONE_NAME}: trained {done['tokens']:,} tokens in {micro} micro-batches of "
-                           f"seq_len {s.seq_len}; the data-matched baselines replay BTX's batches at "
-                           f"{settings.batch_size} x {settings.seq_len} tokens (finetune.train), so every expert "
-                           "needs that batch_size and seq_len, on one process (or use eval.match: compute)")
+            raise BtxError(
+                f"{where / DONE_NAME}: trained {done['tokens']:,} tokens in {micro} micro-batches of "
+                f"seq_len {s.seq_len}; the data-matched baselines replay BTX's batches at "
+                f"{settings.batch_size} x {settings.seq_len} tokens (finetune.train), so every expert "
+                "needs that batch_size and seq_len, on one process (or use eval.match: compute)"
+            )
         return micro
 
     experts = []
@@ -137,11 +143,14 @@ def matched(exp, match: str, cfg) -> Matched:
     plan = btx_data_plan(exp, settings)
     micro = sum(stream.count for phase in plan for stream in phase)
     if micro % settings.grad_accum:
-        raise BtxError(f"{exp.path}: BTX trained {micro} micro-batches, which finetune.train.grad_accum "
-                       f"{settings.grad_accum} does not divide; the data-matched baselines replay them in "
-                       "whole steps (or use eval.match: compute)")
-    return Matched(micro // settings.grad_accum,
-                   {"data_matched_tokens": micro * settings.batch_size * settings.seq_len}, plan)
+        raise BtxError(
+            f"{exp.path}: BTX trained {micro} micro-batches, which finetune.train.grad_accum "
+            f"{settings.grad_accum} does not divide; the data-matched baselines replay them in "
+            "whole steps (or use eval.match: compute)"
+        )
+    return Matched(
+        micro // settings.grad_accum, {"data_matched_tokens": micro * settings.batch_size * settings.seq_len}, plan
+    )
 
 
 def dense_inputs(exp, match: str) -> Matched:
@@ -167,26 +176,37 @@ def dense_job(exp, match: str, m: Matched) -> TrainJob:
     rd, mixture = exp.paths, baseline_mixture(exp)
     shards = exp.data_domains if m.plan is not None else mixture  # a plan draws every domain
     return TrainJob(
-        name=f"{rd.dense_baseline(match).name}-baseline", settings=short_settings(exp.finetune_train, m.steps),
+        name=f"{rd.dense_baseline(match).name}-baseline",
+        settings=short_settings(exp.finetune_train, m.steps),
         train_shards={d: rd.shard(d, "train") for d in shards},
-        val_shards={d: rd.shard(d, "val") for d in mixture}, mixture=mixture,
-        work_dir=rd.dense_baseline(match), export_dir=rd.dense_baseline_final(match),
-        manifest_dir=rd.dense_baseline(match), init_from=exp.seed_dir, tokenizer=str(exp.tokenizer),
-        inputs=m.record, data_plan=m.plan,
+        val_shards={d: rd.shard(d, "val") for d in mixture},
+        mixture=mixture,
+        work_dir=rd.dense_baseline(match),
+        export_dir=rd.dense_baseline_final(match),
+        manifest_dir=rd.dense_baseline(match),
+        init_from=exp.seed_dir,
+        tokenizer=str(exp.tokenizer),
+        inputs=m.record,
+        data_plan=m.plan,
     )
 
 
 def upcycled_job(exp, match: str, m: Matched) -> TrainJob:
     """The upcycled MoE finetuned, all of it, as BTX's MoE is (or on BTX's batches)."""
     rd = exp.paths
-    job = finetune_job(exp, model_dir=rd.upcycled_merged, out_dir=rd.upcycled_baseline(match), trainable="all",
-                       router_only_steps=0)
+    job = finetune_job(
+        exp, model_dir=rd.upcycled_merged, out_dir=rd.upcycled_baseline(match), trainable="all", router_only_steps=0
+    )
     if m.plan is not None:
         job = dataclasses.replace(job, train_shards={d: rd.shard(d, "train") for d in exp.data_domains})
-    return dataclasses.replace(job, name=f"{rd.upcycled_baseline(match).name}-baseline",
-                               work_dir=rd.upcycled_baseline_train(match),
-                               settings=short_settings(exp.finetune_train, m.steps), data_plan=m.plan,
-                               inputs={**job.inputs, **m.record})
+    return dataclasses.replace(
+        job,
+        name=f"{rd.upcycled_baseline(match).name}-baseline",
+        work_dir=rd.upcycled_baseline_train(match),
+        settings=short_settings(exp.finetune_train, m.steps),
+        data_plan=m.plan,
+        inputs={**job.inputs, **m.record},
+    )
 
 
 def train_dense(p: Pipeline, task: Task, match: str) -> str:

@@ -41,12 +41,20 @@ from btx.run.progress import expert_status, status_table
 from btx.run.slurm import sbatch_script, submit_slurm
 
 
-def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, executor: Optional[str] = None,
-           max_parallel: Optional[int] = None, dry_run: bool = False, only: Optional[Sequence[str]] = None,
-           train_program: Sequence[str] = TRAIN_PROGRAM, console=None, stop_grace_s: float = 300.0) -> int:
+def branch(
+    recipe_path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    executor: Optional[str] = None,
+    max_parallel: Optional[int] = None,
+    dry_run: bool = False,
+    only: Optional[Sequence[str]] = None,
+    train_program: Sequence[str] = TRAIN_PROGRAM,
+    console=None,
+    stop_grace_s: float = 300.0,
+) -> int:
     """`btx branch`: launch every expert that is neither done nor already running. Returns the exit
     status: 0 when every launched job succeeded (or was submitted), 1 when any failed."""
-
 
     console = console or Console()
     exp = load_experiment(recipe_path, list(overrides))
@@ -62,8 +70,9 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
         if state == "done":
             console.print(f"{job.domain}: done ({job.final}), skipped")
         elif state in ("running", "queued"):
-            console.print(f"{job.domain}: already {state} ({detail}{orphan_note(job.expert_dir)}), skipped",
-                          highlight=False)
+            console.print(
+                f"{job.domain}: already {state} ({detail}{orphan_note(job.expert_dir)}), skipped", highlight=False
+            )
         else:
             to_run.append(job)
     if not to_run:
@@ -92,10 +101,15 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
         if dry_run:
             for i, job in enumerate(to_run):
                 env = slots.env(i % len(slots.devices))
-                prefix = "".join(f"{var}={env[var]} " for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
-                                 if var in env)
-                console.print(f"{prefix}{shlex.join(slots.command(job))} >> {job.log}", markup=False,
-                              highlight=False, soft_wrap=True)
+                prefix = "".join(
+                    f"{var}={env[var]} " for var in ("CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS") if var in env
+                )
+                console.print(
+                    f"{prefix}{shlex.join(slots.command(job))} >> {job.log}",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
             console.print(f"(at most {len(slots.devices)} at a time)")
             return 0
         outcomes = run_local(to_run, slots, console=console, stop_grace_s=stop_grace_s)
@@ -104,20 +118,34 @@ def branch(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, exe
     for o in failed:
         where = "sbatch's answer" if o.error else f"last lines of {o.job.log}"
         body = Text(o.error or log_tail(o.job.log) or "(empty log)")  # plain text: logs hold stray [brackets]
-        console.print(Panel(body, border_style="red", title_align="left",
-                            title=f"{o.job.domain} failed ({describe_exit(o.exit_code)}): {where}"))
+        console.print(
+            Panel(
+                body,
+                border_style="red",
+                title_align="left",
+                title=f"{o.job.domain} failed ({describe_exit(o.exit_code)}): {where}",
+            )
+        )
     if failed:
         names = ", ".join(f"{o.job.domain} ({describe_exit(o.exit_code)})" for o in failed)
-        print(f"btx branch: {len(failed)} of {len(outcomes)} expert job(s) failed: {names}; "
-              "fix the cause and re-run btx branch (finished experts are kept)", file=sys.stderr)
+        print(
+            f"btx branch: {len(failed)} of {len(outcomes)} expert job(s) failed: {names}; "
+            "fix the cause and re-run btx branch (finished experts are kept)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
 
-def status(recipe_path: str | os.PathLike, overrides: Sequence[str] = (), *, watch: bool = False,
-           interval_s: float = 2.0, console=None) -> int:
+def status(
+    recipe_path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    *,
+    watch: bool = False,
+    interval_s: float = 2.0,
+    console=None,
+) -> int:
     """`btx status`: a table of every expert of the experiment, read from the run directory."""
-
 
     console = console or Console()
     exp = load_experiment(recipe_path, list(overrides))

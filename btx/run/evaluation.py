@@ -55,21 +55,36 @@ def run_models(exp) -> list[RunModel]:
     rd = exp.paths
     models = [RunModel("seed", exp.seed_dir, rd.seed if exp.seed.path is None else None, "the dense seed")]
     models += [RunModel(f"expert:{d}", rd.expert_final(d), rd.expert(d), f"{d} expert alone") for d in exp.domains]
-    models += [RunModel(ROWS["dense", m], rd.dense_baseline_final(m), rd.dense_baseline(m), "the seed trained further")
-               for m in matches(exp)]
-    models += [RunModel(ROWS["upcycled", m], rd.upcycled_baseline(m), rd.upcycled_baseline(m),
-                        "seed copies as experts + MoE finetune") for m in matches(exp)]
+    models += [
+        RunModel(ROWS["dense", m], rd.dense_baseline_final(m), rd.dense_baseline(m), "the seed trained further")
+        for m in matches(exp)
+    ]
+    models += [
+        RunModel(
+            ROWS["upcycled", m],
+            rd.upcycled_baseline(m),
+            rd.upcycled_baseline(m),
+            "seed copies as experts + MoE finetune",
+        )
+        for m in matches(exp)
+    ]
     models.append(_model("BTX merged (no finetune)", rd.merged, "MiX only"))
     if exp.finetune.router_only_steps:
-        models.append(_model(f"BTX router-only ({exp.finetune.router_only_steps} steps)", rd.finetune.router,
-                             "merged + the router-only phase"))
+        models.append(
+            _model(
+                f"BTX router-only ({exp.finetune.router_only_steps} steps)",
+                rd.finetune.router,
+                "merged + the router-only phase",
+            )
+        )
     models.append(_model("BTX", rd.finetuned, "merged + MoE finetune"))
     if exp.grow.domains:
         added = "+" + ", ".join(exp.grow.domains)
         models.append(_model("BTX grown (no finetune)", rd.grown, f"BTX {added} experts"))
         if exp.grow.steps:
-            models.append(_model("BTX grown", rd.grow_finetune.export,
-                                 f"BTX {added}, then {exp.grow.steps} finetune steps"))
+            models.append(
+                _model("BTX grown", rd.grow_finetune.export, f"BTX {added}, then {exp.grow.steps} finetune steps")
+            )
     return models
 
 
@@ -99,8 +114,11 @@ def stale_models(exp) -> list[str]:
 def eval_input_identities(exp, out: Path) -> dict:
     """For eval's DONE.json: the identity of every model of the run that is evaluated, and of the
     validation shards they are scored on (paths also relative to `out`, where DONE.json goes)."""
-    identities = {str(m.path.relative_to(exp.run_dir)) if m.path.is_relative_to(exp.run_dir) else "seed":
-                  input_identity(m.path) for m in run_models(exp) if (m.path / "config.json").is_file()}
+    identities = {
+        str(m.path.relative_to(exp.run_dir)) if m.path.is_relative_to(exp.run_dir) else "seed": input_identity(m.path)
+        for m in run_models(exp)
+        if (m.path / "config.json").is_file()
+    }
     for d in exp.domains:
         identities[f"val:{d}"] = identity(load_shard(exp.paths.shard(d, "val"), verify=True).path)
     return relative_identities(identities, out)
@@ -139,8 +157,12 @@ def eval_rows(exp, console: Console):
         task = bar.add_task("eval", total=n_batches)
         for m in present:
             model = load_model(m.path, dtype=torch.float32)
-            lps = {d: window_logprobs(model, shard, seq_len, settings.batch_size, settings.batches,
-                                      lambda: bar.advance(task)) for d, shard in shards.items()}
+            lps = {
+                d: window_logprobs(
+                    model, shard, seq_len, settings.batch_size, settings.batches, lambda: bar.advance(task)
+                )
+                for d, shard in shards.items()
+            }
             active, flops = model.cfg.param_counts()["active"], _row_flops(exp, m)
             rows.append(row_from_logprobs(m.name, lps, flops, active, m.note))
             if m.name.startswith("expert:"):
@@ -150,13 +172,22 @@ def eval_rows(exp, console: Console):
         train = [exp.paths.shard(d, "train") for d, *_ in experts]
         router = None
         if len(experts) >= 2 and all(path.is_file() for path in train):
-            router = TfidfRouter([shard_sample(load_shard(path), settings.btm_tfidf_tokens) for path in train],
-                                 min(CheckpointReader(exp.paths.expert_final(d)).cfg.vocab_size
-                                     for d, *_ in experts))
-        btm = btm_rows([lps for _, lps, _, _ in experts], [f for *_, f in experts], [a for _, _, a, _ in experts],
-                       f"the {len(experts)} experts", router=router, shards=shards, seq_len=seq_len,
-                       batch_size=settings.batch_size, batches=settings.batches,
-                       expert_names=[d for d, *_ in experts])
+            router = TfidfRouter(
+                [shard_sample(load_shard(path), settings.btm_tfidf_tokens) for path in train],
+                min(CheckpointReader(exp.paths.expert_final(d)).cfg.vocab_size for d, *_ in experts),
+            )
+        btm = btm_rows(
+            [lps for _, lps, _, _ in experts],
+            [f for *_, f in experts],
+            [a for _, _, a, _ in experts],
+            f"the {len(experts)} experts",
+            router=router,
+            shards=shards,
+            seq_len=seq_len,
+            batch_size=settings.batch_size,
+            batches=settings.batches,
+            expert_names=[d for d, *_ in experts],
+        )
         at = max(i for i, r in enumerate(rows) if r.name.startswith("expert:")) + 1
         rows[at:at] = btm
     return rows
@@ -172,27 +203,38 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
         raise BtxError(f"{missing[0]}: validation shard missing; run btx prepare {exp.path}")
     stale = [] if force else stale_models(exp)
     if stale:
-        raise BtxError(f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
-                       f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are")
+        raise BtxError(
+            f"{stale[0]}; its row would not describe the models on disk: redo that stage (its command with "
+            f"--force, or btx run {exp.path}), or pass --force to evaluate the models as they are"
+        )
     out = out or exp.paths.eval
     identities = eval_input_identities(exp, out)
     rows = eval_rows(exp, console)
     if not rows:
-        raise BtxError(f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
-                       "finetuned/, baselines/); run btx run or its stages first")
+        raise BtxError(
+            f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
+            "finetuned/, baselines/); run btx run or its stages first"
+        )
     domains = list(exp.domains)
     render(rows, domains, console=console)
     settings = eval_settings(exp)
-    write_outputs(rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings},
-                  console=console)
+    write_outputs(
+        rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings}, console=console
+    )
     console.print(escape(f"wrote {out}/ ({written(out)})"), soft_wrap=True)
     return rows
 
 
 def eval_settings(exp) -> dict:
-    return {"recipe": str(exp.path), "overrides": list(exp.overrides), "batches": exp.eval.batches,
-            "batch_size": exp.eval.batch_size, "seq_len": exp.eval.seq_len or exp.train.seq_len,
-            "match": exp.eval.match, "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens}
+    return {
+        "recipe": str(exp.path),
+        "overrides": list(exp.overrides),
+        "batches": exp.eval.batches,
+        "batch_size": exp.eval.batch_size,
+        "seq_len": exp.eval.seq_len or exp.train.seq_len,
+        "match": exp.eval.match,
+        "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens,
+    }
 
 
 def eval_recipe_command(args) -> int:
@@ -222,7 +264,15 @@ def evaluate(p: Pipeline, task: Task) -> str:
     render(rows, domains, console=p.console)
     with atomic_dir(out, force=True) as tmp:
         save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
-        write_done(tmp, {"stage": "eval", "rows": [r.name for r in rows], "key": task.key, "outputs": hash_dir(tmp),
-                         "input_identities": identities})
+        write_done(
+            tmp,
+            {
+                "stage": "eval",
+                "rows": [r.name for r in rows],
+                "key": task.key,
+                "outputs": hash_dir(tmp),
+                "input_identities": identities,
+            },
+        )
     best = min(rows, key=lambda r: r.average)
     return f"best average: {best.name} ({best.average:.4f})"

@@ -80,9 +80,13 @@ class ExpertJob:
         return self.expert_dir / SBATCH_FILE
 
 
-def plan_jobs(exp, recipe_path: str | os.PathLike, overrides: Sequence[str] = (),
-              only: Optional[Sequence[str]] = None,
-              train_program: Sequence[str] = TRAIN_PROGRAM) -> list[ExpertJob]:
+def plan_jobs(
+    exp,
+    recipe_path: str | os.PathLike,
+    overrides: Sequence[str] = (),
+    only: Optional[Sequence[str]] = None,
+    train_program: Sequence[str] = TRAIN_PROGRAM,
+) -> list[ExpertJob]:
     """One job per domain of the experiment (or of `only`), in recipe order; done ones included
     (callers skip them by state). `train_program` replaces `-m btx train` (tests use a stand-in).
     Nothing is checked here (`btx status` plans a run that has not started); see `check_ready`."""
@@ -91,14 +95,20 @@ def plan_jobs(exp, recipe_path: str | os.PathLike, overrides: Sequence[str] = ()
         for name in only:
             if name not in exp.domains:
                 close = difflib.get_close_matches(name, names, n=1)
-                raise BtxError(f"--only {name}: not a domain of {exp.path} (domains: {', '.join(names)})"
-                               + (f" (did you mean {close[0]}?)" if close else ""))
+                raise BtxError(
+                    f"--only {name}: not a domain of {exp.path} (domains: {', '.join(names)})"
+                    + (f" (did you mean {close[0]}?)" if close else "")
+                )
         names = [n for n in names if n in set(only)]
     recipe = str(Path(recipe_path).absolute())
     return [
-        ExpertJob(domain=name, expert_dir=exp.paths.expert(name), final=exp.paths.expert_final(name),
-                  program=[*train_program, recipe, "--domain", name, *overrides],
-                  total_steps=exp.domains[name].train.steps)
+        ExpertJob(
+            domain=name,
+            expert_dir=exp.paths.expert(name),
+            final=exp.paths.expert_final(name),
+            program=[*train_program, recipe, "--domain", name, *overrides],
+            total_steps=exp.domains[name].train.steps,
+        )
         for name in names
     ]
 
@@ -141,8 +151,16 @@ def update_job(expert_dir: str | os.PathLike, **fields) -> dict:
 
 def new_attempt(**fields) -> dict:
     """The fields that start an attempt, clearing what the previous attempt left."""
-    return {"submitted_at": None, "started_at": None, "ended_at": None, "exit_code": None,
-            "interrupted": False, "pid": None, "pid_start": None, **fields}
+    return {
+        "submitted_at": None,
+        "started_at": None,
+        "ended_at": None,
+        "exit_code": None,
+        "interrupted": False,
+        "pid": None,
+        "pid_start": None,
+        **fields,
+    }
 
 
 def process_start(pid: int) -> Optional[int]:
@@ -171,8 +189,9 @@ def _slurm_active(job_id: str) -> Optional[bool]:
     if shutil.which("squeue") is None:
         return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["squeue", "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True, timeout=20
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     if out.returncode != 0:
@@ -217,7 +236,7 @@ def expert_state(expert_dir: str | os.PathLike, now: Optional[float] = None) -> 
 
 
 def orphan_note(expert_dir: str | os.PathLike) -> str:
-    """", left running by a btx branch / btx run (pid N) that is gone" for a local job whose
+    """ ", left running by a btx branch / btx run (pid N) that is gone" for a local job whose
     launcher died (SIGKILL); "" otherwise."""
     launcher = read_job(expert_dir).get("launcher")
     if not isinstance(launcher, dict) or not isinstance(launcher.get("pid"), int):
@@ -232,8 +251,11 @@ def wait_for_running(jobs: Sequence[ExpertJob], console, poll_s: float = 2.0) ->
     waiting = [job for job in jobs if expert_state(job.expert_dir)[0] in ("running", "queued")]
     for job in waiting:
         state, detail = expert_state(job.expert_dir)
-        console.print(f"[yellow]{job.domain}: still {state} ({detail}{orphan_note(job.expert_dir)}); waiting for "
-                      f"it to finish (log {job.log}; Ctrl-C stops waiting, not the job)[/]", soft_wrap=True)
+        console.print(
+            f"[yellow]{job.domain}: still {state} ({detail}{orphan_note(job.expert_dir)}); waiting for "
+            f"it to finish (log {job.log}; Ctrl-C stops waiting, not the job)[/]",
+            soft_wrap=True,
+        )
     while any(expert_state(job.expert_dir)[0] in ("running", "queued") for job in waiting):
         time.sleep(poll_s)
 

@@ -26,8 +26,11 @@ from btx.recipe.experiment import to_plain
 
 
 def key_of(*parts) -> str:
-    blob = json.dumps([to_plain(p) if not isinstance(p, (str, int, float, type(None))) else p for p in parts],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [to_plain(p) if not isinstance(p, (str, int, float, type(None))) else p for p in parts],
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -71,15 +74,20 @@ class Pipeline:
             if problems:
                 return "damaged", problems[0]
         made_here = bool(entry) and entry.get("outputs") in (None, outputs_key(done_dirs))
-        changed = [c for path, done in zip(done_dirs, dones, strict=True)
-                   for c in changed_inputs(done.get("input_identities"), path)]
+        changed = [
+            c
+            for path, done in zip(done_dirs, dones, strict=True)
+            for c in changed_inputs(done.get("input_identities"), path)
+        ]
         if changed:
             return ("stale" if made_here or adopt is None else "foreign"), changed[0]
         if entry.get("key") == key and made_here:
             return "fresh", ""
         if not entry:
-            why = ("this run's ledger has no record of it (made by a stage command, or by a btx run killed before it "
-                   "noted it)")
+            why = (
+                "this run's ledger has no record of it (made by a stage command, or by a btx run killed before it "
+                "noted it)"
+            )
         elif entry.get("key") != key:
             why = "its recipe sections or inputs changed"
         else:
@@ -90,9 +98,11 @@ class Pipeline:
         return ("stale", why) if made_here or adopt is None else ("foreign", reason)
 
     def refuse(self, stage: str, path: Path, reason: str) -> BtxError:
-        return BtxError(f"{path}: not made by this btx run, and it does not follow from the recipe as given "
-                        f"({reason}); give btx run the settings it was made with to go on from it, or run "
-                        f"`btx run {self.recipe_path} --from {stage}` to redo it from the recipe (or move it away)")
+        return BtxError(
+            f"{path}: not made by this btx run, and it does not follow from the recipe as given "
+            f"({reason}); give btx run the settings it was made with to go on from it, or run "
+            f"`btx run {self.recipe_path} --from {stage}` to redo it from the recipe (or move it away)"
+        )
 
     def remove(self, name: str, paths: list[Path], why: str, quiet: bool = False) -> None:
         for path in paths:
@@ -100,17 +110,30 @@ class Pipeline:
                 self.console.print(f"[yellow]{name}: redoing {path}: {why or 'its inputs changed'}[/]", soft_wrap=True)
             shutil.rmtree(path)
 
-    def record(self, stage: str, key: str, summary: str, seconds: float, outputs: str | dict | None = None,
-               parts: dict[str, str] | None = None) -> None:
-        self.ledger[stage] = {"key": key, "summary": summary, "seconds": round(seconds, 2), "outputs": outputs,
-                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              **({"parts": parts} if parts is not None else {})}
+    def record(
+        self,
+        stage: str,
+        key: str,
+        summary: str,
+        seconds: float,
+        outputs: str | dict | None = None,
+        parts: dict[str, str] | None = None,
+    ) -> None:
+        self.ledger[stage] = {
+            "key": key,
+            "summary": summary,
+            "seconds": round(seconds, 2),
+            "outputs": outputs,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"parts": parts} if parts is not None else {}),
+        }
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.ledger_path, self.ledger)
 
 
-def to_remove(verdict: str, changed: bool, repairs_itself: bool, outputs: list[Path],
-              scratch: list[Path]) -> list[Path]:
+def to_remove(
+    verdict: str, changed: bool, repairs_itself: bool, outputs: list[Path], scratch: list[Path]
+) -> list[Path]:
     """What must not survive a redo: everything of a stale stage (also an unfinished one whose key
     changed: its checkpoints are of other settings); the outputs of a damaged one, unless its work
     exports them again by itself from its checkpoints (training)."""

@@ -67,24 +67,36 @@ class LocalSlots:
         if not gpus:  # CPU: one job at a time unless asked, each with its share of the cores
             n = max_parallel or 1
             return cls([None] * n, 1, max(1, (os.cpu_count() or 1) // n))
-        groups = [",".join(gpus[i:i + devices_per_expert])
-                  for i in range(0, len(gpus) - devices_per_expert + 1, devices_per_expert)]
+        groups = [
+            ",".join(gpus[i : i + devices_per_expert])
+            for i in range(0, len(gpus) - devices_per_expert + 1, devices_per_expert)
+        ]
         if not groups:
-            raise BtxError(f"branch.devices_per_expert: {devices_per_expert} GPUs per expert, but only "
-                           f"{len(gpus)} visible ({','.join(gpus)}); override it, e.g. "
-                           f"branch.devices_per_expert={len(gpus)}")
+            raise BtxError(
+                f"branch.devices_per_expert: {devices_per_expert} GPUs per expert, but only "
+                f"{len(gpus)} visible ({','.join(gpus)}); override it, e.g. "
+                f"branch.devices_per_expert={len(gpus)}"
+            )
         if max_parallel is not None and max_parallel > len(groups):
-            raise BtxError(f"--max-parallel / branch.max_parallel: {max_parallel} jobs of {devices_per_expert} GPU(s) need "
-                           f"{max_parallel * devices_per_expert} GPUs, only {len(gpus)} visible "
-                           f"(at most {len(groups)} at a time)")
-        return cls(groups[:max_parallel or len(groups)], devices_per_expert)
+            raise BtxError(
+                f"--max-parallel / branch.max_parallel: {max_parallel} jobs of {devices_per_expert} GPU(s) need "
+                f"{max_parallel * devices_per_expert} GPUs, only {len(gpus)} visible "
+                f"(at most {len(groups)} at a time)"
+            )
+        return cls(groups[: max_parallel or len(groups)], devices_per_expert)
 
     def command(self, job: ExpertJob) -> list[str]:
         """The job's full command line: plain Python, or torchrun for several GPUs per expert."""
         if self.devices[0] is not None and self.devices_per_expert > 1:
             # --standalone: a private rendezvous on a free port, so concurrent experts do not clash.
-            return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={self.devices_per_expert}", *job.program]
+            return [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={self.devices_per_expert}",
+                *job.program,
+            ]
         return [sys.executable, *job.program]
 
     def env(self, slot: int) -> dict[str, str]:
@@ -103,8 +115,9 @@ class _Running:
         self.job, self.slot, self.proc, self.log_file = job, slot, proc, log_file
 
 
-def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, refresh_s: float = 0.5,
-              stop_grace_s: float = 300.0) -> list[Outcome]:
+def run_local(
+    jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, refresh_s: float = 0.5, stop_grace_s: float = 300.0
+) -> list[Outcome]:
     """Run `jobs` as subprocesses, at most one per slot at a time, each in its own process group
     with its output in `<expert_dir>/train.log`. A failing job does not stop the others.
 
@@ -129,17 +142,29 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
         job.expert_dir.mkdir(parents=True, exist_ok=True)
         log_file = open(job.log, "ab")
         devices = slots.devices[slot]
-        header = (f"\n=== btx branch {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}"
-                  f"{f' CUDA_VISIBLE_DEVICES={devices}' if devices is not None else ''}: {shlex.join(cmd)}\n")
+        header = (
+            f"\n=== btx branch {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}"
+            f"{f' CUDA_VISIBLE_DEVICES={devices}' if devices is not None else ''}: {shlex.join(cmd)}\n"
+        )
         log_file.write(header.encode())
         log_file.flush()
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         running.append(_Running(job, slot, proc, log_file))  # first: a Ctrl-C from here on stops it too
-        update_job(job.expert_dir, **new_attempt(
-            executor="local", command=cmd, host=socket.gethostname(), pid=proc.pid,
-            pid_start=process_start(proc.pid), started_at=time.time(), devices=devices,
-            launcher={"pid": os.getpid(), "start": process_start(os.getpid())}))
+        update_job(
+            job.expert_dir,
+            **new_attempt(
+                executor="local",
+                command=cmd,
+                host=socket.gethostname(),
+                pid=proc.pid,
+                pid_start=process_start(proc.pid),
+                started_at=time.time(),
+                devices=devices,
+                launcher={"pid": os.getpid(), "start": process_start(os.getpid())},
+            ),
+        )
         where = f"GPUs {devices}" if devices is not None else "CPU"
         console.print(f"{job.domain}: started (pid {proc.pid}, {where}), log {job.log}", highlight=False)
 
@@ -177,8 +202,9 @@ def run_local(jobs: Sequence[ExpertJob], slots: LocalSlots, *, console=None, ref
                     time.sleep(0.05)
     except KeyboardInterrupt:
         if running:
-            console.print(f"[yellow]stopping {len(running)} running job(s) (they checkpoint first; Ctrl-C "
-                          "again kills them)...[/]")
+            console.print(
+                f"[yellow]stopping {len(running)} running job(s) (they checkpoint first; Ctrl-C again kills them)...[/]"
+            )
         _stop_all(running, stop_grace_s, lambda r, code: finish(r, code, interrupted=True))
         raise
     finally:
@@ -234,7 +260,6 @@ class LiveTable:
         self.console, self.renderable = console, renderable
         self.live = None
         if console.is_terminal:
-
             self.live = Live(renderable, console=console, auto_refresh=False)
 
     def __enter__(self) -> "LiveTable":

@@ -62,7 +62,7 @@ from rich.console import Console
 from rich.table import Table
 
 from btx.errors import BtxError
-from btx.evaluate.routing_report import analyze_recipe
+from btx.evaluate.analyze import analyze_recipe
 from btx.io.locks import output_lock
 from btx.mix.merge import effective_merge_section
 from btx.recipe.builtin import builtin_recipe, resolve_recipe
@@ -90,95 +90,169 @@ def _baseline_rows(match: str) -> tuple[Stage, Stage]:
     suffix, off = BASELINE_PROTOCOLS[match], partial(baselines.baselines_off, match=match)
     data = "its validation shards, and the domains a data plan draws from (the plan, an input, names them)"
     dense = Stage(
-        f"baselines:dense{suffix}", partial(baselines.train_dense, match=match),
-        reads=("finetune_train", "finetune.mixture", "merged_domains", "tokenizer"), uses={"data_domains": data},
-        consumes=("seed",), inputs=partial(baselines.dense_inputs, match=match),
-        outputs=lambda exp, part: [exp.paths.dense_baseline(match)], off=off, repairs_itself=True,
+        f"baselines:dense{suffix}",
+        partial(baselines.train_dense, match=match),
+        reads=("finetune_train", "finetune.mixture", "merged_domains", "tokenizer"),
+        uses={"data_domains": data},
+        consumes=("seed",),
+        inputs=partial(baselines.dense_inputs, match=match),
+        outputs=lambda exp, part: [exp.paths.dense_baseline(match)],
+        off=off,
+        repairs_itself=True,
     )
     upcycled = Stage(
-        f"baselines:upcycled{suffix}", partial(baselines.train_upcycled, match=match),
-        reads=("finetune", "finetune_train", "merged_domains", "tokenizer"), uses={"data_domains": data},
-        consumes=("baselines:upcycled-merged",), inputs=partial(baselines.upcycled_inputs, match=match),
+        f"baselines:upcycled{suffix}",
+        partial(baselines.train_upcycled, match=match),
+        reads=("finetune", "finetune_train", "merged_domains", "tokenizer"),
+        uses={"data_domains": data},
+        consumes=("baselines:upcycled-merged",),
+        inputs=partial(baselines.upcycled_inputs, match=match),
         outputs=lambda exp, part: [exp.paths.upcycled_baseline(match)],
-        scratch=lambda exp, part: [exp.paths.upcycled_baseline_train(match)], off=off, repairs_itself=True,
+        scratch=lambda exp, part: [exp.paths.upcycled_baseline_train(match)],
+        off=off,
+        repairs_itself=True,
     )
     return dense, upcycled
 
 
-_BALANCE_ALPHA = ("only the default that the merged config.json records for training the MoE elsewhere; "
-                  "the finetune sets its own")
+_BALANCE_ALPHA = (
+    "only the default that the merged config.json records for training the MoE elsewhere; the finetune sets its own"
+)
 _SHARDS = "recorded in its DONE.json's recipe_hash; what it trains on is its shards' content, which it consumes"
 
 # Every stage of `btx run`, in order (btx/run/stage.py says what each field means). Reads are dotted
 # paths into the Experiment ("{part}": each part's own); a Read keys on a view of its path.
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "prepare", stages.prepare, drive=stages.drive_prepare, parts="data_domains", content=stages.shard_content,
+        "prepare",
+        stages.prepare,
+        drive=stages.drive_prepare,
+        parts="data_domains",
+        content=stages.shard_content,
         reads=("data_domains.{part}.data", "data_domains.{part}.sources", "tokenizer"),
     ),
     Stage(
-        "seed", stages.train_seed, off=stages.given_seed,
+        "seed",
+        stages.train_seed,
+        off=stages.given_seed,
         reads=("seed", "seed_train", "model", "tokenizer", "merged_domains"),
-        uses={"domains": "orders the domains of its mixture, which seed.mixture or merged_domains decide",
-              "domains.*.data": _SHARDS},
+        uses={
+            "domains": "orders the domains of its mixture, which seed.mixture or merged_domains decide",
+            "domains.*.data": _SHARDS,
+        },
         consumes=(Parts("prepare", "seed", lambda exp, part: seed_domains(exp)),),
-        outputs=lambda exp, part: [exp.paths.seed], scratch=lambda exp, part: [exp.paths.seed_train],
+        outputs=lambda exp, part: [exp.paths.seed],
+        scratch=lambda exp, part: [exp.paths.seed_train],
         repairs_itself=True,
         adopt=lambda exp, part: stages.adopt_training(seed_job(exp)),
     ),
     Stage(
-        "branch", stages.train_experts, parts="domains", part_label="expert", busy=stages.expert_busy,
+        "branch",
+        stages.train_experts,
+        parts="domains",
+        part_label="expert",
+        busy=stages.expert_busy,
         reads=("domains.{part}.train", "tokenizer", "seed.path"),
-        uses={"domains.{part}.data": _SHARDS,
-              "branch": "how the experts run (executor, parallel jobs, Slurm), not what they compute"},
+        uses={
+            "domains.{part}.data": _SHARDS,
+            "branch": "how the experts run (executor, parallel jobs, Slurm), not what they compute",
+        },
         consumes=("seed", Parts("prepare", "own", lambda exp, part: [part])),
-        outputs=lambda exp, part: [exp.paths.expert(part)], repairs_itself=True,
+        outputs=lambda exp, part: [exp.paths.expert(part)],
+        repairs_itself=True,
         adopt=lambda exp, part: stages.adopt_training(expert_job(exp, part)),
     ),
     Stage(
-        "merge", stages.merge, adopt=stages.adopt_merge, outputs=lambda exp, part: [exp.paths.merged],
+        "merge",
+        stages.merge,
+        adopt=stages.adopt_merge,
+        outputs=lambda exp, part: [exp.paths.merged],
         # prompts shape only a hidden router init: another merge does not depend on them
         reads=(Read("merge", lambda exp: effective_merge_section(exp.merge)), "merged_domains", "seed.path"),
         uses={"finetune.balance_alpha": _BALANCE_ALPHA},
         consumes=("seed", Parts("branch", "merged", lambda exp, part: exp.merged_domains)),
     ),
     Stage(
-        "finetune", stages.finetune, adopt=stages.adopt_finetune, repairs_itself=True,
+        "finetune",
+        stages.finetune,
+        adopt=stages.adopt_finetune,
+        repairs_itself=True,
         reads=("finetune", "finetune_train", "merged_domains", "tokenizer"),
         uses={"data_domains": "the validation shards it reports on: what it shows, not what it trains"},
-        consumes=("merge",), outputs=stages.finetune_outputs, scratch=stages.finetune_scratch,
+        consumes=("merge",),
+        outputs=stages.finetune_outputs,
+        scratch=stages.finetune_scratch,
     ),
     Stage(
-        "grow", stages.grow, off=stages.grow_off, repairs_itself=True,
-        reads=("grow", "merge.router_tokens", "merge.ridge_lambda", "merge.router_scale", "merge.keep_seed",
-               # only a hidden init reads the prompts
-               Read("merge.prompts", partial(stages.grow_prompts, field="prompts")),
-               Read("merge.negative_prompts", partial(stages.grow_prompts, field="negative_prompts")),
-               Read("domains", names), "merged_domains", "finetune", "finetune_train", "tokenizer"),
+        "grow",
+        stages.grow,
+        off=stages.grow_off,
+        repairs_itself=True,
+        reads=(
+            "grow",
+            "merge.router_tokens",
+            "merge.ridge_lambda",
+            "merge.router_scale",
+            "merge.keep_seed",
+            # only a hidden init reads the prompts
+            Read("merge.prompts", partial(stages.grow_prompts, field="prompts")),
+            Read("merge.negative_prompts", partial(stages.grow_prompts, field="negative_prompts")),
+            Read("domains", names),
+            "merged_domains",
+            "finetune",
+            "finetune_train",
+            "tokenizer",
+        ),
         uses={"data_domains": "the validation shards of its finetune: what it shows, not what it trains"},
         consumes=("finetune", Parts("branch", "grown", lambda exp, part: exp.grow.domains)),
-        outputs=stages.grow_dirs, scratch=stages.grow_scratch,
+        outputs=stages.grow_dirs,
+        scratch=stages.grow_scratch,
     ),
     Stage(
-        "baselines:upcycled-merged", baselines.upcycle, off=baselines.baselines_off, inputs=baselines.merge_shape,
+        "baselines:upcycled-merged",
+        baselines.upcycle,
+        off=baselines.baselines_off,
+        inputs=baselines.merge_shape,
         reads=(Read("merge", baselines.upcycle_options), "finetune.balance_alpha", "seed.path"),
-        consumes=("seed",), outputs=lambda exp, part: [exp.paths.upcycled_merged],
+        consumes=("seed",),
+        outputs=lambda exp, part: [exp.paths.upcycled_merged],
     ),
     *(row for match in BASELINE_PROTOCOLS for row in _baseline_rows(match)),
     Stage(
-        "eval", evaluate, outputs=lambda exp, part: [exp.paths.eval],
-        reads=("eval", "train.seq_len", Read("domains", names), "merged_domains", "grow.domains", "grow.steps",
-               "finetune.router_only_steps", "seed.path"),
+        "eval",
+        evaluate,
+        outputs=lambda exp, part: [exp.paths.eval],
+        reads=(
+            "eval",
+            "train.seq_len",
+            Read("domains", names),
+            "merged_domains",
+            "grow.domains",
+            "grow.steps",
+            "finetune.router_only_steps",
+            "seed.path",
+        ),
         consumes=("seed", "branch", "merge", "finetune", "grow", "baselines"),
     ),
-    Stage("analyze", analyze, reads=("analyze", Read("domains", names)), consumes=("finetune",),
-          outputs=lambda exp, part: [exp.paths.analysis]),
+    Stage(
+        "analyze",
+        analyze,
+        reads=("analyze", Read("domains", names)),
+        consumes=("finetune",),
+        outputs=lambda exp, part: [exp.paths.analysis],
+    ),
 )
 STAGE_NAMES = tuple(dict.fromkeys(stage.group for stage in STAGES))
 
 
-def run(recipe: str | Path | None = None, overrides: list[str] | None = None, *, until: str | None = None,
-        from_stage: str | None = None, console: Console | None = None) -> int:
+def run(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    until: str | None = None,
+    from_stage: str | None = None,
+    console: Console | None = None,
+) -> int:
     """Run the pipeline; returns the exit status. `recipe=None` runs the embedded demo."""
     console = console or Console()
     overrides = list(overrides or [])
@@ -225,11 +299,15 @@ def _summary(outcomes: list[StageOutcome], exp, seconds: float, console: Console
     table.add_column("result")
     colour = {"ran": "green", "skipped": "cyan", "off": "dim"}
     for o in outcomes:
-        table.add_row(o.name, f"[{colour[o.state]}]{o.state}[/]", f"{o.seconds:.1f} s" if o.state == "ran" else "",
-                      o.summary)
+        table.add_row(
+            o.name, f"[{colour[o.state]}]{o.state}[/]", f"{o.seconds:.1f} s" if o.state == "ran" else "", o.summary
+        )
     console.print(table)
-    console.print(f"outputs in {exp.run_dir}: seed/, experts/<domain>/final/, merged/, finetuned/, eval/eval.md, "
-                  "analysis/routing.json", soft_wrap=True)
+    console.print(
+        f"outputs in {exp.run_dir}: seed/, experts/<domain>/final/, merged/, finetuned/, eval/eval.md, "
+        "analysis/routing.json",
+        soft_wrap=True,
+    )
     eval_md = exp.paths.eval / "eval.md"
     if eval_md.is_file() and not any(o.name == "eval" and o.state == "ran" for o in outcomes):
         console.print(f"eval table ({eval_md}):")

@@ -29,8 +29,6 @@ def domain_sources(domain: Domain) -> list:
     return specs
 
 
-
-
 def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool = True) -> dict[str, dict]:
     """Prepare every domain of `exp` (finetune.general's too) into `exp.run_dir/data/<domain>/`;
     returns per-domain summaries."""
@@ -56,7 +54,7 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
         if not eq or not name or not path:
             raise BtxError(f"--domain {spec}: expected NAME=PATH (or NAME=builtin:CORPUS)")
         if path.startswith(BUILTIN_PREFIX):
-            source: Any = builtin_source(path[len(BUILTIN_PREFIX):])
+            source: Any = builtin_source(path[len(BUILTIN_PREFIX) :])
         else:
             if not Path(path).expanduser().exists():
                 raise BtxError(f"--domain {spec}: {path}: no such file or directory")
@@ -65,29 +63,56 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
     return out
 
 
-def prepare_adhoc(domains: dict[str, list], tokenizer: str, out: str | os.PathLike, *, val_fraction: float = 0.05,
-                  seed: int = 0, text_field: str = "text", force: bool = False,
-                  progress: bool = True) -> dict[str, dict]:
+def prepare_adhoc(
+    domains: dict[str, list],
+    tokenizer: str,
+    out: str | os.PathLike,
+    *,
+    val_fraction: float = 0.05,
+    seed: int = 0,
+    text_field: str = "text",
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, dict]:
 
     if not 0.0 < val_fraction < 1.0:
         raise BtxError(f"--val-fraction: must be in (0, 1), got {val_fraction}")
-    return prepare_domains(domains, tokenizer, Path(out), force=force, progress=progress,
-                           val_fraction=val_fraction, seed=seed, text_field=text_field)
+    return prepare_domains(
+        domains,
+        tokenizer,
+        Path(out),
+        force=force,
+        progress=progress,
+        val_fraction=val_fraction,
+        seed=seed,
+        text_field=text_field,
+    )
 
 
 def summary_table(summaries: dict[str, dict]):
     """A table: one row per domain (tokens and documents per split, whether it was skipped)."""
 
-
     dirs = {str(Path(s["out_dir"]).parent) for s in summaries.values()}
     caption = escape(f"shards in {_short(dirs.pop())}/<domain>/") if len(dirs) == 1 else None
-    columns = [Column("domain", "label"), Column("train tokens"), Column("val tokens"), Column("documents"),
-               Column("status", "text")]
+    columns = [
+        Column("domain", "label"),
+        Column("train tokens"),
+        Column("val tokens"),
+        Column("documents"),
+        Column("status", "text"),
+    ]
     rows = []
     for name, s in summaries.items():
         status = "up to date" if s.get("skipped") else f"done ({s.get('seconds', 0):.1f}s)"
-        rows.append([escape(name), f"{s['train']['tokens']:,}", f"{s['val']['tokens']:,}",
-                     f"{s['train']['documents']:,} + {s['val']['documents']:,}", status])
+        rows.append(
+            [
+                escape(name),
+                f"{s['train']['tokens']:,}",
+                f"{s['val']['tokens']:,}",
+                f"{s['train']['documents']:,} + {s['val']['documents']:,}",
+                status,
+            ]
+        )
     return FitTable(columns, rows, title="token shards", caption=caption)
 
 

@@ -61,8 +61,13 @@ def read_progress(expert_dir: Path) -> list[dict]:
 
 def expert_status(job: ExpertJob, now: Optional[float] = None) -> ExpertStatus:
     state, detail = expert_state(job.expert_dir, now)
-    status = ExpertStatus(domain=job.domain, state=state, detail=detail, total_steps=job.total_steps,
-                          path=job.final if state == "done" else job.expert_dir)
+    status = ExpertStatus(
+        domain=job.domain,
+        state=state,
+        detail=detail,
+        total_steps=job.total_steps,
+        path=job.final if state == "done" else job.expert_dir,
+    )
     rows = read_progress(job.expert_dir)
     if rows:
         last = rows[-1]
@@ -89,25 +94,36 @@ def _eta(rows: list[dict], total_steps: int) -> Optional[float]:
     return max(0.0, (total_steps - last["step"]) * seconds_per_step)
 
 
-
-
-_STATE_STYLE = {"pending": "dim", "queued": "cyan", "running": "yellow", "stopped": "magenta",
-                "failed": "bold red", "done": "green"}
+_STATE_STYLE = {
+    "pending": "dim",
+    "queued": "cyan",
+    "running": "yellow",
+    "stopped": "magenta",
+    "failed": "bold red",
+    "done": "green",
+}
 
 
 def status_table(statuses: Sequence[ExpertStatus], title: Optional[str] = None):
     """The table that `btx status` prints and `btx branch` keeps live (btx.ui.tables: values and paths
     stay whole; a narrow terminal or log file gets one block per expert)."""
 
-
-    columns = [Column("expert", "label"), Column("state", "text"), Column("step"), Column("loss"),
-               Column("tokens/s"), Column("ETA"), Column("output / note", "text")]
+    columns = [
+        Column("expert", "label"),
+        Column("state", "text"),
+        Column("step"),
+        Column("loss"),
+        Column("tokens/s"),
+        Column("ETA"),
+        Column("output / note", "text"),
+    ]
     rows = []
     for s in statuses:
         step = f"{s.step if s.step is not None else '-'}/{s.total_steps}"
         loss = f"{s.loss:.4f}" if isinstance(s.loss, (int, float)) else ""
         tps = f"{s.tokens_per_s:,.0f}" if isinstance(s.tokens_per_s, (int, float)) else ""
         note = escape(str(s.path)) + (f"\n[dim]{escape(s.detail)}[/dim]" if s.detail else "")
-        rows.append([escape(s.domain), f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, duration(s.eta_s),
-                     note])
+        rows.append(
+            [escape(s.domain), f"[{_STATE_STYLE[s.state]}]{s.state}[/]", step, loss, tps, duration(s.eta_s), note]
+        )
     return FitTable(columns, rows, title=title)

@@ -51,20 +51,25 @@ def parse_inits(text: str | None) -> list[str]:
 
 def _reusable(path: Path, wanted_hash: str) -> bool:
     done = read_done(path)
-    return (done is not None and done.get("recipe_hash") == wanted_hash and not damaged_outputs(path)
-            and not changed_inputs(done.get("input_identities"), path))
+    return (
+        done is not None
+        and done.get("recipe_hash") == wanted_hash
+        and not damaged_outputs(path)
+        and not changed_inputs(done.get("input_identities"), path)
+    )
 
 
 def router_init_table(exp, inits: list[str], *, console: Console | None = None):
     """Merge the run with each init (or reuse those merges), score them, render and save the table."""
 
-
     console = console or Console()
     rd = exp.paths
     missing = [d for d in exp.merged_domains if read_done(rd.expert(d)) is None]
     if missing or not (exp.seed_dir / "config.json").is_file():
-        raise BtxError(f"{exp.run_dir}: the router-init table needs the seed and every expert "
-                       f"({', '.join(missing) or 'seed'} not finished); run btx run {exp.path} --until branch first")
+        raise BtxError(
+            f"{exp.run_dir}: the router-init table needs the seed and every expert "
+            f"({', '.join(missing) or 'seed'} not finished); run btx run {exp.path} --until branch first"
+        )
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(rd.shard(d, "val")) for d in exp.domains}
@@ -76,8 +81,9 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
             notes.append("hidden: left out (no merge.prompts in the recipe)")
             continue
         # Prompts only shape hidden routers: other inits' merges do not depend on them.
-        section = dataclasses.replace(exp.merge, router_init=init, **({} if init == "hidden" else
-                                                                     {"prompts": {}, "negative_prompts": {}}))
+        section = dataclasses.replace(
+            exp.merge, router_init=init, **({} if init == "hidden" else {"prompts": {}, "negative_prompts": {}})
+        )
         wanted = merge_recipe_hash(exp, section=section)
         out = rd.router_init(init)
         if not _reusable(out, wanted):
@@ -85,23 +91,50 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
             options.prompts = {k: v for k, v in options.prompts.items() if k in [*experts, "seed"]}
             options.negative_prompts = {k: v for k, v in options.negative_prompts.items() if k in [*experts, "seed"]}
             console.print(escape(f"router inits: merging with {init} routers -> {out}"), soft_wrap=True)
-            merge(exp.seed_dir, experts, out, options, force=True, recipe_hash=wanted,
-                  router_data=recipe_router_data(exp, experts) if init in ("centroid", "ridge") else None,
-                  seed_needs_manifest=exp.seed.path is None, console=console)
+            merge(
+                exp.seed_dir,
+                experts,
+                out,
+                options,
+                force=True,
+                recipe_hash=wanted,
+                router_data=recipe_router_data(exp, experts) if init in ("centroid", "ridge") else None,
+                seed_needs_manifest=exp.seed.path is None,
+                console=console,
+            )
         model = load_model(out, dtype=torch.float32)
         losses, tokens = domain_losses(model, shards, seq_len, settings.batch_size, settings.batches)
-        rows.append(EvalRow(f"merged, {init} routers", losses, expert_flops, model.cfg.param_counts()["active"],
-                            "no finetune", tokens))
+        rows.append(
+            EvalRow(
+                f"merged, {init} routers",
+                losses,
+                expert_flops,
+                model.cfg.param_counts()["active"],
+                "no finetune",
+                tokens,
+            )
+        )
     if not rows:
         raise BtxError("eval --router-inits: no row to show (" + "; ".join(notes) + ")")
     domains = list(exp.domains)
-    render(rows, domains, title="Merged, no finetune: validation loss by router init (nats/token; lower is better)",
-           console=console)
+    render(
+        rows,
+        domains,
+        title="Merged, no finetune: validation loss by router init (nats/token; lower is better)",
+        console=console,
+    )
     for note in notes:
         console.print(escape(note), soft_wrap=True)
     table_dir = rd.router_init_table
-    record = {"recipe": str(exp.path), "overrides": list(exp.overrides), "inits": inits, "notes": notes,
-              "batches": settings.batches, "batch_size": settings.batch_size, "seq_len": seq_len}
+    record = {
+        "recipe": str(exp.path),
+        "overrides": list(exp.overrides),
+        "inits": inits,
+        "notes": notes,
+        "batches": settings.batches,
+        "batch_size": settings.batch_size,
+        "seq_len": seq_len,
+    }
     write_outputs(rows, domains, table_dir, {"settings": record}, {"settings": record})
     console.print(escape(f"wrote {table_dir}/ (eval.md, eval.json)"), soft_wrap=True)
     return rows

@@ -22,8 +22,9 @@ from btx.run.jobs import SLURM_STOP_GRACE_S, ExpertJob, new_attempt, update_job
 from btx.run.local import Outcome
 
 
-def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[str] = None,
-                  workdir: Optional[Path] = None) -> str:
+def sbatch_script(
+    job: ExpertJob, slurm, experiment: str, *, python: Optional[str] = None, workdir: Optional[Path] = None
+) -> str:
     """The batch script of one expert. `slurm` is the recipe's branch.slurm section."""
     workdir = Path.cwd() if workdir is None else workdir
     # After setup lines (module load, venv activation) the environment's own python is the right
@@ -35,10 +36,12 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
     if processes > 1:
         # One torchrun per node (srun starts them), gpus_per_node workers each; the first node of
         # the allocation hosts the rendezvous, on a port derived from the job id.
-        launch = ('srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '
-                  f'--nnodes="$SLURM_NNODES" --nproc_per_node={max(gpus_per_node, 1)} '
-                  '--rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
-                  + shlex.join(job.program))
+        launch = (
+            'srun --kill-on-bad-exit=1 --ntasks-per-node=1 "$PYTHON" -m torch.distributed.run '
+            f'--nnodes="$SLURM_NNODES" --nproc_per_node={max(gpus_per_node, 1)} '
+            '--rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:$RDZV_PORT" --rdzv_id="$SLURM_JOB_ID" '
+            + shlex.join(job.program)
+        )
     else:
         launch = 'srun --kill-on-bad-exit=1 "$PYTHON" ' + shlex.join(job.program)
     if slurm.cpus_per_task is not None:  # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05)
@@ -57,8 +60,13 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
         sbatch.append(f"--mem={sbatch_quote(str(slurm.mem))}")
     # Slurm expands %j, %x, ... in file names; %% is a literal %.
     log = sbatch_quote(str(job.log).replace("%", "%%"))
-    sbatch += [f"--output={log}", f"--error={log}", "--open-mode=append",
-               "--requeue", f"--signal=B:USR1@{SLURM_STOP_GRACE_S}"]
+    sbatch += [
+        f"--output={log}",
+        f"--error={log}",
+        "--open-mode=append",
+        "--requeue",
+        f"--signal=B:USR1@{SLURM_STOP_GRACE_S}",
+    ]
     sbatch += [line.removeprefix("#SBATCH").strip() for line in slurm.extra_sbatch]
 
     lines = [
@@ -79,7 +87,7 @@ def sbatch_script(job: ExpertJob, slurm, experiment: str, *, python: Optional[st
         f'PYTHON="${{BTX_PYTHON:-{python}}}"',
         f"EXPERT_DIR={q(str(job.expert_dir))}",
         'HEAD_NODE=$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)',
-        'HEAD_NODE=${HEAD_NODE:-localhost}',
+        "HEAD_NODE=${HEAD_NODE:-localhost}",
         "RDZV_PORT=$((20000 + ${SLURM_JOB_ID:-0} % 20000))",
         "",
         "# job.json tells `btx status` where this job stands (started, exit status, requeued).",
@@ -143,13 +151,23 @@ def submit_slurm(jobs: Sequence[ExpertJob], scripts: dict[str, str], console) ->
             outcomes.append(Outcome(job, exit_code=out.returncode, error=message))
             continue
         job_id = out.stdout.strip().split(";")[0]
-        update_job(job.expert_dir, **new_attempt(executor="slurm", command=["sbatch", str(job.sbatch)],
-                                                  slurm_job_id=job_id, host=None, submitted_at=time.time()))
+        update_job(
+            job.expert_dir,
+            **new_attempt(
+                executor="slurm",
+                command=["sbatch", str(job.sbatch)],
+                slurm_job_id=job_id,
+                host=None,
+                submitted_at=time.time(),
+            ),
+        )
         console.print(f"{job.domain}: submitted Slurm job {job_id} ({job.sbatch})")
         outcomes.append(Outcome(job))
     if sbatch is None and jobs:
-        console.print("[yellow]sbatch is not on PATH here[/]: submit the scripts from a Slurm login node with "
-                      + " ; ".join(f"sbatch {job.sbatch}" for job in jobs))
+        console.print(
+            "[yellow]sbatch is not on PATH here[/]: submit the scripts from a Slurm login node with "
+            + " ; ".join(f"sbatch {job.sbatch}" for job in jobs)
+        )
     return outcomes
 
 
@@ -163,9 +181,16 @@ def record_event(expert_dir: str | os.PathLike, event: str, exit_code: Optional[
     now = time.time()
     slurm_job_id = os.environ.get("SLURM_JOB_ID")
     if event == "started":
-        update_job(expert_dir, **new_attempt(executor="slurm" if slurm_job_id else "script",
-                                              slurm_job_id=slurm_job_id, host=socket.gethostname(),
-                                              pid=os.getppid(), started_at=now))
+        update_job(
+            expert_dir,
+            **new_attempt(
+                executor="slurm" if slurm_job_id else "script",
+                slurm_job_id=slurm_job_id,
+                host=socket.gethostname(),
+                pid=os.getppid(),
+                started_at=now,
+            ),
+        )
     elif event in ("exited", "interrupted"):
         update_job(expert_dir, exit_code=exit_code, ended_at=now, interrupted=event == "interrupted")
     elif event == "requeued":
@@ -176,8 +201,10 @@ def record_event(expert_dir: str | os.PathLike, event: str, exit_code: Optional[
 
 def _record_main(argv: list[str]) -> int:
     if len(argv) < 3 or argv[0] != "record":
-        print("usage: python -m btx.run.slurm record EXPERT_DIR started|exited CODE|interrupted CODE|requeued",
-              file=sys.stderr)
+        print(
+            "usage: python -m btx.run.slurm record EXPERT_DIR started|exited CODE|interrupted CODE|requeued",
+            file=sys.stderr,
+        )
         return 2
     record_event(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else None)
     return 0

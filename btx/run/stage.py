@@ -131,8 +131,10 @@ def consumed(p: Pipeline, stage: Stage, part: Optional[str] = None) -> dict:
 
 def stage_key(p: Pipeline, stage: Stage, part: Optional[str] = None, inputs: Any = None) -> str:
     """The hash of what the stage reads (its `reads`, their views) and consumes, and its inputs."""
-    reads = {path: (r.view(p.exp) if isinstance(r, Read) else resolve(p.exp, path))
-             for r, path in zip(stage.reads, read_paths(stage, part), strict=True)}
+    reads = {
+        path: (r.view(p.exp) if isinstance(r, Read) else resolve(p.exp, path))
+        for r, path in zip(stage.reads, read_paths(stage, part), strict=True)
+    }
     return key_of(reads, consumed(p, stage, part), to_plain(inputs))
 
 
@@ -155,8 +157,9 @@ class Decision:
 def decide(p: Pipeline, stage: Stage, part: Optional[str], key: str, force: bool) -> Decision:
     entry = p.ledger.get(stage.name, {})
     if part is not None:  # a part's own record inside its stage's entry
-        entry = {"key": entry["parts"][part], "outputs": entry["outputs"][part]} \
-            if part in entry.get("parts", {}) else {}
+        entry = (
+            {"key": entry["parts"][part], "outputs": entry["outputs"][part]} if part in entry.get("parts", {}) else {}
+        )
     if force:
         return Decision(part, key, "stale", f"--from {stage.group}", entry)
     adopt = stage.adopt(p.exp, part) if stage.adopt is not None else None
@@ -174,8 +177,9 @@ def plan(p: Pipeline, stages: Iterable[Stage]) -> list[str]:
         if off is not None:
             note(p, stage, off[1])
             continue
-        contents = {part: content(p.exp, stage, part) if _fresh(p, stage, part) else REDO
-                    for part in parts_of(p.exp, stage)}
+        contents = {
+            part: content(p.exp, stage, part) if _fresh(p, stage, part) else REDO for part in parts_of(p.exp, stage)
+        }
         for part, value in contents.items():
             if value == REDO:
                 redo.append(stage.name if part is None else f"{stage.name}:{part}")
@@ -232,8 +236,14 @@ def drive(p: Pipeline, stage: Stage, force: bool) -> StageOutcome:
     if todo:
         p.console.rule(f"[bold]{stage.name}")
         t0 = time.perf_counter()
-        summary = stage.run(p, Task(parts=[d.part for d in todo if d.part is not None], inputs=inputs,
-                                    key=todo[0].key if stage.parts is None else ""))
+        summary = stage.run(
+            p,
+            Task(
+                parts=[d.part for d in todo if d.part is not None],
+                inputs=inputs,
+                key=todo[0].key if stage.parts is None else "",
+            ),
+        )
         seconds = time.perf_counter() - t0
     if todo or any(d.verdict == "adopt" for d in decisions) or stage.parts is not None:
         _record(p, stage, decisions, summary, seconds)
@@ -249,19 +259,29 @@ def _settle(p: Pipeline, stage: Stage, d: Decision) -> str:
     if d.verdict == "foreign":
         raise p.refuse(stage.group, next(path for path in outputs if path.exists()), d.why)
     if d.verdict == "adopt":
-        kept = "kept " + (", ".join(str(path.relative_to(p.run_dir)) for path in outputs) if d.part is None
-                          else f"{stage.part_label} {d.part}")
-        p.console.print(f"[yellow]{stage.name}: {kept}: {d.why}, but its {DONE_NAME} records the recipe's "
-                        "settings and inputs[/]", soft_wrap=True)
+        kept = "kept " + (
+            ", ".join(str(path.relative_to(p.run_dir)) for path in outputs)
+            if d.part is None
+            else f"{stage.part_label} {d.part}"
+        )
+        p.console.print(
+            f"[yellow]{stage.name}: {kept}: {d.why}, but its {DONE_NAME} records the recipe's settings and inputs[/]",
+            soft_wrap=True,
+        )
         return kept
     if d.verdict == "fresh" or (d.part is not None and stage.busy(p.exp, d.part)):
         return ""
     changed = d.entry.get("key") not in (None, d.key)
-    remove = [path for path in to_remove(d.verdict, changed, stage.repairs_itself, outputs,
-                                         stage.scratch(p.exp, d.part)) if path.exists()]
+    remove = [
+        path
+        for path in to_remove(d.verdict, changed, stage.repairs_itself, outputs, stage.scratch(p.exp, d.part))
+        if path.exists()
+    ]
     if d.part is not None and remove:
-        p.console.print(f"[yellow]{stage.name}: {stage.part_label} {d.part}: {d.why or 'inputs changed'}; "
-                        "retraining it[/]", soft_wrap=True)
+        p.console.print(
+            f"[yellow]{stage.name}: {stage.part_label} {d.part}: {d.why or 'inputs changed'}; retraining it[/]",
+            soft_wrap=True,
+        )
     p.remove(stage.name, remove, d.why, quiet=d.part is not None)
     return ""
 

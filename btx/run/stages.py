@@ -94,7 +94,7 @@ def adopt_jobs(jobs: list[TrainJob]) -> Adopt:
     recipe when each job's DONE.json does (`adopt_training`)."""
 
     def adopt(dones: list[dict]) -> str | None:
-        for job, done in zip(jobs, dones[-len(jobs):], strict=True):
+        for job, done in zip(jobs, dones[-len(jobs) :], strict=True):
             reason = adopt_training(job)([done])
             if reason is not None:
                 return reason
@@ -127,14 +127,18 @@ def train_experts(p: Pipeline, task: Task) -> str:
         discard_damaged_export(expert_job(exp, domain), p.console)
     status = branch(p.recipe_path, p.overrides, executor="local", console=p.console)
     if status != 0:
-        raise BtxError("branch: some expert jobs failed (see above); fix the cause and re-run `btx run` "
-                       "(finished experts are kept)")
+        raise BtxError(
+            "branch: some expert jobs failed (see above); fix the cause and re-run `btx run` "
+            "(finished experts are kept)"
+        )
     wait_for_running(plan_jobs(exp, p.recipe_path, p.overrides), p.console)
     dones = {d: read_done(exp.paths.expert(d)) for d in exp.domains}
     unfinished = [d for d, done in dones.items() if done is None]
     if unfinished:
-        raise BtxError(f"branch: expert(s) {', '.join(unfinished)} not finished (see `btx status {p.recipe_path}`); "
-                       "fix the cause (train.log), then re-run `btx run`")
+        raise BtxError(
+            f"branch: expert(s) {', '.join(unfinished)} not finished (see `btx status {p.recipe_path}`); "
+            "fix the cause (train.log), then re-run `btx run`"
+        )
     return ", ".join(f"{d} val {v.get('val_loss') or float('nan'):.3f}" for d, v in dones.items())
 
 
@@ -179,10 +183,16 @@ def adopt_merge(exp, part=None) -> Adopt:
             return f"its {DONE_NAME} records no input identities (made by an older btx)"
         recipe = dataclasses.asdict(recipe_merge_options(exp.merge, aux_loss_coef=exp.finetune.balance_alpha))
         made = done.get("options") or {}
-        differ = [f"{k} {made.get(k)!r} where the recipe has {v!r}" for k, v in recipe.items()
-                  if k in made and k != "dtype" and made.get(k) != v]
-        return f"made with merge options {'; '.join(differ[:3])}" if differ else \
-            "made from other merge settings or inputs than the recipe's"
+        differ = [
+            f"{k} {made.get(k)!r} where the recipe has {v!r}"
+            for k, v in recipe.items()
+            if k in made and k != "dtype" and made.get(k) != v
+        ]
+        return (
+            f"made with merge options {'; '.join(differ[:3])}"
+            if differ
+            else "made from other merge settings or inputs than the recipe's"
+        )
 
     return adopt
 
@@ -216,15 +226,25 @@ def grow(p: Pipeline, task: Task) -> str:
     """The finetuned MoE grown by the experts of grow.domains (btx.mix.grow), then briefly finetuned."""
     exp, g, rd = p.exp, p.exp.grow, p.exp.paths
     data = {"centroid": list(g.domains), "ridge": list(exp.domains)}.get(g.router_init, [])
-    done = grow_moe(rd.finetuned, rd.grown, add={d: rd.expert_final(d) for d in g.domains}, options=grow_options(exp),
-                    force=True, router_data=recipe_router_data(exp, data), console=p.console)
+    done = grow_moe(
+        rd.finetuned,
+        rd.grown,
+        add={d: rd.expert_final(d) for d in g.domains},
+        options=grow_options(exp),
+        force=True,
+        router_data=recipe_router_data(exp, data),
+        console=p.console,
+    )
     summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
     if not g.steps:
         return summary
     job = finetune_job(exp, model_dir=rd.grown, out_dir=rd.grow_finetune.export)
     mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
     job = dataclasses.replace(
-        job, name="grow-finetune", settings=short_settings(exp.finetune_train, g.steps), mixture=mixture,
+        job,
+        name="grow-finetune",
+        settings=short_settings(exp.finetune_train, g.steps),
+        mixture=mixture,
         train_shards={d: rd.shard(d, "train") for d in mixture},
         engine_settings={**job.engine_settings, "trainable": g.trainable},
     )

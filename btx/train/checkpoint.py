@@ -92,8 +92,10 @@ def _checkpoint_problem(path: Path, engine) -> str | None:
         recorded = None
     problem = None
     if not isinstance(recorded, dict):
-        problem = (f"{path}: btx has no record of its files ({CKPT_MANIFEST}: a save cut short, or an older "
-                   "btx), so it is not resumed from")
+        problem = (
+            f"{path}: btx has no record of its files ({CKPT_MANIFEST}: a save cut short, or an older "
+            "btx), so it is not resumed from"
+        )
     else:
         on_disk = _checkpoint_files(path)
         extra = sorted(set(on_disk) - set(recorded))
@@ -129,21 +131,31 @@ def resume_job(job: TrainJob, engine, trajectory: str, console, identities: dict
     step, path = found[-1]
     state = engine.load(path)
     if state.get("trajectory_hash") != trajectory:
-        raise BtxError(f"{path}: this checkpoint was made with different settings (recipe, data or seed "
-                       "changed); pass --force to discard the job's checkpoints and start over")
+        raise BtxError(
+            f"{path}: this checkpoint was made with different settings (recipe, data or seed "
+            "changed); pass --force to discard the job's checkpoints and start over"
+        )
     recorded = state.get("input_identities")
     changed = identity_changes(recorded, identities) if engine.is_main and recorded and identities else []
     changed = [c for part in _gather(changed, engine) for c in part]
     if changed:
-        raise BtxError(f"{path}: this checkpoint was trained from other inputs ({changed[0]}); pass --force to "
-                       "discard the job's checkpoints and start over")
+        raise BtxError(
+            f"{path}: this checkpoint was trained from other inputs ({changed[0]}); pass --force to "
+            "discard the job's checkpoints and start over"
+        )
     if state.get("world_size") != engine.world_size and engine.is_main:
-        console.print(f"[yellow]train {job.name}: resuming a {state.get('world_size')}-process run on "
-                      f"{engine.world_size} processes; batches per step change accordingly[/yellow]")
+        console.print(
+            f"[yellow]train {job.name}: resuming a {state.get('world_size')}-process run on "
+            f"{engine.world_size} processes; batches per step change accordingly[/yellow]"
+        )
     if engine.is_main:
         console.print(f"train {job.name}: resuming from {path} (step {step})", soft_wrap=True)
-    return {"step": int(state["step"]), "tokens": int(state["tokens"]), "wall_time_s": float(state["wall_time_s"]),
-            "input_identities": identities}
+    return {
+        "step": int(state["step"]),
+        "tokens": int(state["tokens"]),
+        "wall_time_s": float(state["wall_time_s"]),
+        "input_identities": identities,
+    }
 
 
 def discard_outputs(job: TrainJob) -> None:

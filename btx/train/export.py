@@ -40,7 +40,10 @@ def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, c
         export_dir = Path(job.export_dir)
         size = sum(t.numel() for t in weights.values()) * dtype.itemsize
         ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
-        with disk_errors(export_dir.parent, size, f"the export {export_dir}"), atomic_dir(export_dir, force=True) as tmp:
+        with (
+            disk_errors(export_dir.parent, size, f"the export {export_dir}"),
+            atomic_dir(export_dir, force=True) as tmp,
+        ):
             save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
             # Every tokenizer file of the checkpoint it started from (chat template included);
             # a seed trained from scratch gets the run's tokenizer.
@@ -76,17 +79,23 @@ def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, c
             "trajectory_hash": trajectory,
             "export": str(export_dir),
             "outputs": _output_hashes(export_dir, Path(job.manifest_dir)),
-            "inputs": {**job.inputs, "init_from": str(job.init_from) if job.init_from else None,
-                       "train_shards": {k: str(v) for k, v in job.train_shards.items()},
-                       "mixture": job.mixture},
+            "inputs": {
+                **job.inputs,
+                "init_from": str(job.init_from) if job.init_from else None,
+                "train_shards": {k: str(v) for k, v in job.train_shards.items()},
+                "mixture": job.mixture,
+            },
             "input_identities": relative_identities(state.get("input_identities"), job.manifest_dir),
             **({"train_flops_phases": {**job.prior_flops, job.name: own_flops}} if job.prior_flops else {}),
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with disk_errors(job.manifest_dir, None, f"{job.manifest_dir / DONE_NAME}"):
             write_done(job.manifest_dir, manifest)
-        console.print(f"train {job.name}: done, {state['step']} steps, {state['tokens']:,} tokens, "
-                      f"val loss {manifest['val_loss']:.4f} -> {export_dir}", soft_wrap=True)
+        console.print(
+            f"train {job.name}: done, {state['step']} steps, {state['tokens']:,} tokens, "
+            f"val loss {manifest['val_loss']:.4f} -> {export_dir}",
+            soft_wrap=True,
+        )
     barrier(engine)
     return read_done(job.manifest_dir)
 

@@ -62,8 +62,14 @@ from btx.train.loop import run_loop
 ROUTER_PHASE = "finetune-router"  # the router-only phase's job name (in DONE.json's train_flops_phases)
 
 
-def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path | None = None, *,
-                 trainable: str | None = None, router_only_steps: int | None = None) -> TrainJob:
+def finetune_job(
+    exp,
+    model_dir: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    *,
+    trainable: str | None = None,
+    router_only_steps: int | None = None,
+) -> TrainJob:
     """The finetuning job of an experiment: the merged MoE (or `model_dir`) on the finetune mixture.
     `trainable` and `router_only_steps` replace the recipe's (the baselines train everything)."""
     ft = exp.finetune
@@ -71,15 +77,19 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
     router_steps = ft.router_only_steps if router_only_steps is None else router_only_steps
     merged = Path(model_dir) if model_dir is not None else exp.paths.merged
     if model_dir is None and read_done(merged) is None:
-        raise BtxError(f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
-                       "first, or pass --model DIR")
+        raise BtxError(
+            f"{merged}: the merged MoE is not ready (no {DONE_NAME}); run `btx merge {exp.path}` "
+            "first, or pass --model DIR"
+        )
     if not (merged / "config.json").is_file():
         raise BtxError(f"{merged}: no config.json (expected an MoE Hugging Face checkpoint directory)")
     with CheckpointReader(merged) as reader:  # config and headers sound; no tensor data read
         cfg = reader.cfg
     if not cfg.is_moe:
-        raise BtxError(f"{merged}: a dense checkpoint ({cfg.n_layers} layers, no experts); finetune needs the "
-                       "MoE that `btx merge` writes")
+        raise BtxError(
+            f"{merged}: a dense checkpoint ({cfg.n_layers} layers, no experts); finetune needs the "
+            "MoE that `btx merge` writes"
+        )
     top_k = ft.top_k if ft.top_k is not None else cfg.top_k
     if top_k > cfg.n_experts:
         raise BtxError(f"{exp.path}: finetune.top_k: {top_k} is more than the model's {cfg.n_experts} experts")
@@ -107,11 +117,19 @@ def finetune_job(exp, model_dir: str | Path | None = None, out_dir: str | Path |
         tokenizer=str(exp.tokenizer),
         balance_alpha=ft.balance_alpha,
         z_loss_coef=ft.z_loss,
-        recipe_hash=sections_hash({"merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
-                                  "finetune": ft, "train": settings}),
+        recipe_hash=sections_hash(
+            {
+                "merged": merged_manifest.get("outputs") if merged_manifest else str(merged),
+                "finetune": ft,
+                "train": settings,
+            }
+        ),
         inputs={"merged": str(merged)},
-        engine_settings={"trainable": trainable, "zero_stage": ft.zero_stage,
-                         "offload_optimizer": ft.offload_optimizer},
+        engine_settings={
+            "trainable": trainable,
+            "zero_stage": ft.zero_stage,
+            "offload_optimizer": ft.offload_optimizer,
+        },
         trainable=trainable,
     )
     return with_router_phase(job, router_steps, dirs) if router_steps else job
@@ -127,15 +145,28 @@ def with_router_phase(job: TrainJob, steps: int, dirs: FinetuneDirs) -> TrainJob
     s = job.settings
     export = dirs.router
     first = dataclasses.replace(
-        job, name=ROUTER_PHASE, settings=dataclasses.replace(
-            s, steps=steps, warmup_steps=min(s.warmup_steps, steps // 2), eval_every=steps,
-            checkpoint_every=min(s.checkpoint_every, steps) if s.checkpoint_every else 0),
-        work_dir=dirs.router_train, export_dir=export, manifest_dir=export,
-        trainable="router_only", engine_settings={**job.engine_settings, "trainable": "router_only"},
+        job,
+        name=ROUTER_PHASE,
+        settings=dataclasses.replace(
+            s,
+            steps=steps,
+            warmup_steps=min(s.warmup_steps, steps // 2),
+            eval_every=steps,
+            checkpoint_every=min(s.checkpoint_every, steps) if s.checkpoint_every else 0,
+        ),
+        work_dir=dirs.router_train,
+        export_dir=export,
+        manifest_dir=export,
+        trainable="router_only",
+        engine_settings={**job.engine_settings, "trainable": "router_only"},
     )
     stream = dataclasses.replace(finetune_stream(job), first=steps * s.grad_accum, count=s.steps * s.grad_accum)
     return dataclasses.replace(
-        job, init_from=export, before=first, data_plan=[[stream]], inputs={**job.inputs, "router_phase": str(export)},
+        job,
+        init_from=export,
+        before=first,
+        data_plan=[[stream]],
+        inputs={**job.inputs, "router_phase": str(export)},
         engine_settings={**job.engine_settings, "router_only_steps": steps},
     )
 
@@ -223,8 +254,15 @@ def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
     def make_model(job: TrainJob) -> Transformer:  # ZeRO-3: sharded as it is built
         return build_sharded_model(job, offload_optimizer=offload)
 
-    return run_loop(job, make_engine, make_model=make_model if zero_stage == 3 else None, setup_model=setup_model,
-                    on_step=log, force=force, console=console)
+    return run_loop(
+        job,
+        make_engine,
+        make_model=make_model if zero_stage == 3 else None,
+        setup_model=setup_model,
+        on_step=log,
+        force=force,
+        console=console,
+    )
 
 
 def finetune_command(args) -> int:

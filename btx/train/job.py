@@ -117,8 +117,10 @@ def seed_domains(exp) -> list[str]:
 def seed_job(exp) -> TrainJob:
     """The demo's seed: trained from scratch (recipe `model:`) on the domain mixture into <run_dir>/seed/."""
     if exp.seed.path is not None:
-        raise BtxError(f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
-                       "`btx train --seed` trains one from scratch from a `model:` section")
+        raise BtxError(
+            f"{exp.path}: seed.path is set ({exp.seed.path}): the seed exists already; "
+            "`btx train --seed` trains one from scratch from a `model:` section"
+        )
     mixture, names = _seed_weights(exp), seed_domains(exp)
     return TrainJob(
         name="seed",
@@ -131,30 +133,39 @@ def seed_job(exp) -> TrainJob:
         manifest_dir=exp.paths.seed,
         model_config=exp.model.to_model_config(),
         tokenizer=str(exp.tokenizer),
-        recipe_hash=sections_hash({"model": exp.model, "train": exp.seed_train, "mixture": mixture,
-                                  "tokenizer": exp.tokenizer,
-                                  "data": {n: exp.domains[n].data for n in names}}),
+        recipe_hash=sections_hash(
+            {
+                "model": exp.model,
+                "train": exp.seed_train,
+                "mixture": mixture,
+                "tokenizer": exp.tokenizer,
+                "data": {n: exp.domains[n].data for n in names},
+            }
+        ),
     )
 
 
 def expert_job(exp, domain: str) -> TrainJob:
     """Domain expert `domain`: the seed continued on that domain into <run_dir>/experts/<domain>/."""
     if domain not in exp.domains:
-
         close = difflib.get_close_matches(domain, list(exp.domains), n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise BtxError(f"{exp.path}: unknown domain {domain!r}{hint}; the recipe's domains are "
-                       f"{', '.join(exp.domains)}")
+        raise BtxError(
+            f"{exp.path}: unknown domain {domain!r}{hint}; the recipe's domains are {', '.join(exp.domains)}"
+        )
     seed = exp.seed_dir
     seed_manifest = None
     if exp.seed.path is None:
         seed_manifest = read_done(seed)
         if seed_manifest is None:
-            raise BtxError(f"{seed}: the seed is not trained yet (no {DONE_NAME}); run "
-                           f"`btx train {exp.path} --seed` first, or set seed.path to a checkpoint")
+            raise BtxError(
+                f"{seed}: the seed is not trained yet (no {DONE_NAME}); run "
+                f"`btx train {exp.path} --seed` first, or set seed.path to a checkpoint"
+            )
     elif not (seed / "config.json").is_file():
-        raise BtxError(f"{exp.path}: seed.path: {seed} has no config.json (expected a Hugging Face "
-                       "dense checkpoint directory)")
+        raise BtxError(
+            f"{exp.path}: seed.path: {seed} has no config.json (expected a Hugging Face dense checkpoint directory)"
+        )
     settings = exp.domains[domain].train
     expert_dir = exp.paths.expert(domain)
     seed_identity = seed_manifest.get("outputs") if seed_manifest else str(seed)
@@ -168,8 +179,9 @@ def expert_job(exp, domain: str) -> TrainJob:
         manifest_dir=expert_dir,
         init_from=seed,
         tokenizer=str(exp.tokenizer),
-        recipe_hash=sections_hash({"seed": seed_identity, "train": settings, "data": exp.domains[domain].data,
-                                  "tokenizer": exp.tokenizer}),
+        recipe_hash=sections_hash(
+            {"seed": seed_identity, "train": settings, "data": exp.domains[domain].data, "tokenizer": exp.tokenizer}
+        ),
         inputs={"seed": str(seed)},
         trainable=settings.trainable,
     )
@@ -197,8 +209,10 @@ def open_inputs(job: TrainJob):
         # The export carries the checkpoint's own tokenizer files: the data must be tokenized by it.
         own = load_tokenizer(job.init_from)
         if own.identity() != tokenizer.identity():
-            raise BtxError(f"{job.init_from}: its tokenizer differs from the run's tokenizer ({job.tokenizer}); "
-                           f"set the recipe's tokenizer to {job.init_from} (the checkpoint's own)")
+            raise BtxError(
+                f"{job.init_from}: its tokenizer differs from the run's tokenizer ({job.tokenizer}); "
+                f"set the recipe's tokenizer to {job.init_from} (the checkpoint's own)"
+            )
     if job.mixture is not None:
         unknown = sorted(set(job.mixture) - set(job.train_shards))
         if unknown:
@@ -211,8 +225,10 @@ def open_inputs(job: TrainJob):
     s = job.settings
     sampler = job_sampler(job, train, s.batch_size)
     if job.data_plan is not None and len(sampler) < s.steps * s.grad_accum:
-        raise BtxError(f"train {job.name}: its data plan holds {len(sampler)} micro-batches; {s.steps} steps of "
-                       f"{s.grad_accum} need {s.steps * s.grad_accum}")
+        raise BtxError(
+            f"train {job.name}: its data plan holds {len(sampler)} micro-batches; {s.steps} steps of "
+            f"{s.grad_accum} need {s.steps * s.grad_accum}"
+        )
     for shard in val.values():
         next(eval_batches(shard, s.seq_len, 1, 1))
     return tokenizer, train, val
@@ -221,11 +237,14 @@ def open_inputs(job: TrainJob):
 def check_model_fits(job: TrainJob, cfg: ModelConfig, tokenizer) -> None:
     where = str(job.init_from) if job.init_from is not None else f"train {job.name}: model"
     if cfg.vocab_size < tokenizer.vocab_size:
-        raise BtxError(f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
-                       f"{tokenizer.vocab_size}; the data's token ids would not fit")
+        raise BtxError(
+            f"{where}: vocab_size {cfg.vocab_size} is smaller than the tokenizer's "
+            f"{tokenizer.vocab_size}; the data's token ids would not fit"
+        )
     if job.settings.seq_len > cfg.max_seq_len:
-        raise BtxError(f"train {job.name}: train.seq_len {job.settings.seq_len} exceeds the model's "
-                       f"max_seq_len {cfg.max_seq_len}")
+        raise BtxError(
+            f"train {job.name}: train.seq_len {job.settings.seq_len} exceeds the model's max_seq_len {cfg.max_seq_len}"
+        )
 
 
 def trajectory_hash(job: TrainJob) -> str:
@@ -235,8 +254,10 @@ def trajectory_hash(job: TrainJob) -> str:
         config = Path(job.init_from) / "config.json"
         weights = sorted(Path(job.init_from).glob("*.safetensors*"))
         # Sizes and names, not contents: hashing a 13 GB seed on every start would be slow.
-        init = {"config": sha256_file(config) if config.is_file() else None,
-                "weights": [(p.name, p.stat().st_size) for p in weights]}
+        init = {
+            "config": sha256_file(config) if config.is_file() else None,
+            "weights": [(p.name, p.stat().st_size) for p in weights],
+        }
     shards = {}
     for name, path in job.train_shards.items():
         sidecar = Path(path).with_suffix(".json")

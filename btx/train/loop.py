@@ -8,8 +8,9 @@ The loop (`run_loop`) owns what every engine shares: batches (`TokenSampler`, a 
 of an MoE, per-step metrics (metrics.jsonl), the rich progress line, periodic validation,
 checkpoint cadence, resume and the HF export with its DONE.json. The engine owns the device, the
 parallelism, backward, the optimizer step and its own checkpoint files (docs/CONTRACTS.md): dense
-jobs use btx.train.engines.accelerate.AccelerateEngine (DDP; a plain process on CPU), or btx.train.engines.deepspeed's ZeRO
-engine when `train.zero_stage` is set (sharded, for models whose replicas do not fit).
+jobs use btx.train.engines.accelerate.AccelerateEngine (DDP; a plain process on CPU), or
+btx.train.engines.deepspeed's ZeRO engine when `train.zero_stage` is set (sharded, for models whose
+replicas do not fit).
 `btx finetune` passes its DeepSpeed engine through `make_engine` and routing statistics through
 `on_step`.
 
@@ -173,25 +174,40 @@ def run_loop(
 def _run_locked(job, make_engine, make_model, setup_model, on_step, force, console, main) -> dict:
     trajectory = trajectory_hash(job)
     done = read_done(job.manifest_dir)
-    if done is not None and not force and main and int(os.environ.get("WORLD_SIZE", "1")) == 1 \
-            and discard_damaged_export(job, console):
+    if (
+        done is not None
+        and not force
+        and main
+        and int(os.environ.get("WORLD_SIZE", "1")) == 1
+        and discard_damaged_export(job, console)
+    ):
         done = None  # exported again below, from the final checkpoint
     if done is not None and not force:
         if done.get("trajectory_hash") != trajectory:
-            raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
-                           "(recipe, data or seed changed); pass --force to train it again")
+            raise BtxError(
+                f"{Path(job.manifest_dir) / DONE_NAME}: this job finished with different settings "
+                "(recipe, data or seed changed); pass --force to train it again"
+            )
         if main:
             recorded = done.get("input_identities")
             stale = _damaged_export(job)
             if recorded is None:  # made by a btx from before provenance: nothing to compare
-                console.print(f"[yellow]train {job.name}: {job.manifest_dir / DONE_NAME} records no input identities "
-                              "(an older btx), so its inputs cannot be checked[/]", soft_wrap=True)
+                console.print(
+                    f"[yellow]train {job.name}: {job.manifest_dir / DONE_NAME} records no input identities "
+                    "(an older btx), so its inputs cannot be checked[/]",
+                    soft_wrap=True,
+                )
             else:
-                stale = stale or changed_inputs(recorded, job.manifest_dir) or \
-                    identity_changes(recorded, current_input_identities(job))
+                stale = (
+                    stale
+                    or changed_inputs(recorded, job.manifest_dir)
+                    or identity_changes(recorded, current_input_identities(job))
+                )
             if stale:
-                raise BtxError(f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
-                               "pass --force to train it again from its inputs as they are now")
+                raise BtxError(
+                    f"{Path(job.manifest_dir) / DONE_NAME}: job '{job.name}' finished, but {stale[0]}; "
+                    "pass --force to train it again from its inputs as they are now"
+                )
             console.print(f"train {job.name}: already done ({job.manifest_dir / DONE_NAME})", soft_wrap=True)
         return done
 
@@ -212,8 +228,7 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
         if force and engine.is_main:
             discard_outputs(job)
         barrier(engine)
-        return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
-                      identities)
+        return _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console, identities)
     finally:
         stop.restore()
         engine.close()
@@ -224,7 +239,6 @@ def dense_engine(model: Transformer, job: TrainJob):
     DeepSpeed engine at ZeRO stage train.zero_stage (3 shards the model, like FSDP)."""
     stage = getattr(job.settings, "zero_stage", None)
     if stage is None:
-
         return AccelerateEngine(model, job)
 
     return DeepSpeedEngine(model, job.settings, zero_stage=stage)
@@ -276,10 +290,9 @@ def discard_damaged_export(job: TrainJob, console=None) -> bool:
     return True
 
 
-
-
-def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console,
-           identities: dict | None = None) -> dict:
+def _train(
+    job, engine, tokenizer, train_shards, val_shards, trajectory, on_step, stop, console, identities: dict | None = None
+) -> dict:
     s = job.settings
     cfg = engine.unwrapped.cfg
     rank, world = engine.rank, engine.world_size
@@ -294,8 +307,9 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
     peak = peak * world if peak else None
     # A CPU has no datasheet peak: its MFU is against the matmul rate peak_flops measured, so say so.
     mfu_note = " (of matmul peak)" if engine.device.type == "cpu" and not os.environ.get(PEAK_ENV) else ""
-    progress = _Progress(job.name, s.steps, state["step"], s.log_every, console, enabled=engine.is_main,
-                         mfu_note=mfu_note)
+    progress = _Progress(
+        job.name, s.steps, state["step"], s.log_every, console, enabled=engine.is_main, mfu_note=mfu_note
+    )
     session_start, wall_before = time.perf_counter(), state["wall_time_s"]  # earlier sessions' time
     kill_at, kill_signal = _kill_hook()
 
@@ -327,8 +341,15 @@ def _train(job, engine, tokenizer, train_shards, val_shards, trajectory, on_step
             elapsed = time.perf_counter() - started
             state["step"], state["tokens"] = step, state["tokens"] + tokens_per_step
 
-            record = {"step": step, "loss": total, "lr": lr, "grad_norm": grad_norm, "tokens": state["tokens"],
-                      "tokens_per_s": tokens_per_step / elapsed, "step_time_s": elapsed}
+            record = {
+                "step": step,
+                "loss": total,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": state["tokens"],
+                "tokens_per_s": tokens_per_step / elapsed,
+                "step_time_s": elapsed,
+            }
             if cfg.is_moe:
                 record.update(nll=nll, balance_loss=balance, z_loss=z)
             record["mfu"] = flops_per_token * tokens_per_step / elapsed / peak if peak else None
@@ -363,9 +384,11 @@ def _non_finite_loss(job: TrainJob, step: int, what: str, value: float, lr: floa
     checkpoint is the newest one up to that step."""
     good = [path for step_n, path in checkpoints(job) if step_n <= good_upto]
     last = f"the last good checkpoint is {good[-1]}" if good else "no good checkpoint was written yet"
-    raise BtxError(f"train {job.name}: the {what} is {value} at step {step} (lr {lr:.3g}); training stopped without "
-                   f"saving this step or writing {DONE_NAME} ({last}); lower train.lr or check the data, then "
-                   "re-run with --force")
+    raise BtxError(
+        f"train {job.name}: the {what} is {value} at step {step} (lr {lr:.3g}); training stopped without "
+        f"saving this step or writing {DONE_NAME} ({last}); lower train.lr or check the data, then "
+        "re-run with --force"
+    )
 
 
 def _kill_hook() -> tuple[int, int]:
@@ -411,8 +434,9 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
                 index = first + rank
                 inputs, targets = batches[index] if index < len(batches) else batches[0]
                 logits = model(inputs.to(engine.device)).logits
-                nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                      targets.to(engine.device).reshape(-1), reduction="sum")
+                nll = F.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), targets.to(engine.device).reshape(-1), reduction="sum"
+                )
                 if index < len(batches):
                     sums[0] += nll.double()
                     sums[1] += targets.numel()
@@ -421,14 +445,6 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
     finally:
         model.train(was_training)
     return losses
-
-
-
-
-
-
-
-
 
 
 # --------------------------------------------------------------------------------------------

@@ -77,19 +77,21 @@ class _Progress:
 
     def __enter__(self):
         if self.live:
-
             self.bar = Progress(
                 TextColumn(f"[bold]train {self.name}"),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s  "
-                           "mfu {task.fields[mfu]}  eta"),
+                TextColumn(
+                    "loss {task.fields[loss]}  val {task.fields[val]}  {task.fields[tps]} tok/s  "
+                    "mfu {task.fields[mfu]}  eta"
+                ),
                 TimeRemainingColumn(),
                 console=self.console,
             )
             self.bar.__enter__()
-            self.task = self.bar.add_task("train", total=self.total, completed=self.start, loss="-", val="-",
-                                          tps="-", mfu="-")
+            self.task = self.bar.add_task(
+                "train", total=self.total, completed=self.start, loss="-", val="-", tps="-", mfu="-"
+            )
         return self
 
     def update(self, step: int, record: dict) -> None:
@@ -105,8 +107,11 @@ class _Progress:
             rate = (time.perf_counter() - self.t0) / max(1, step - self.start)
             eta = duration(rate * (self.total - step))
             val = f" val {record['val_loss']:.4f}" if "val_loss" in record else ""
-            self.console.print(f"train {self.name} step {step}/{self.total} loss {loss}{val} "
-                               f"{tps} tok/s mfu {mfu} eta {eta}", highlight=False, soft_wrap=True)
+            self.console.print(
+                f"train {self.name} step {step}/{self.total} loss {loss}{val} {tps} tok/s mfu {mfu} eta {eta}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def __exit__(self, *exc):
         if self.bar is not None:
@@ -161,5 +166,3 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
             _cpu_peak = 2 * n**3 / best
         return _cpu_peak
     return None
-
-

@@ -69,8 +69,14 @@ def _two_line_width(cell: str | Text) -> int:
 
 
 class FitTable:
-    def __init__(self, columns: Sequence[Column], rows: Sequence[Sequence[str | Text]], title: str | None = None,
-                 caption: str | None = None, compact: bool = False):
+    def __init__(
+        self,
+        columns: Sequence[Column],
+        rows: Sequence[Sequence[str | Text]],
+        title: str | None = None,
+        caption: str | None = None,
+        compact: bool = False,
+    ):
         for row in rows:
             if len(row) != len(columns):
                 raise ValueError(f"a row has {len(row)} cells for {len(columns)} columns")
@@ -123,8 +129,14 @@ class FitTable:
     # -- drawing --------------------------------------------------------------------------------
 
     def table(self, keep: list[int], widths: list[int]) -> Table:
-        table = Table(title=self.title, caption=self.caption, title_justify="left", caption_justify="left",
-                      show_edge=not self.compact, pad_edge=not self.compact)
+        table = Table(
+            title=self.title,
+            caption=self.caption,
+            title_justify="left",
+            caption_justify="left",
+            show_edge=not self.compact,
+            pad_edge=not self.compact,
+        )
         for i, w in zip(keep, widths):
             col = self.columns[i]
             justify = col.justify or ("right" if col.kind == "number" else "left")
@@ -155,7 +167,7 @@ class FitTable:
                 header.stylize("dim")
                 pair = Text.assemble(header, " ", value)
                 if _STACK_INDENT + pair.cell_len > width:  # too long for any line: the header, then
-                    if used > _STACK_INDENT:               # each line of the value on its own
+                    if used > _STACK_INDENT:  # each line of the value on its own
                         out.append(line)
                     out.append(Text.assemble(" " * _STACK_INDENT, header))
                     out += [Text.assemble(" " * 2 * _STACK_INDENT, part) for part in _lines(row[i])]

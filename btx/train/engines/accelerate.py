@@ -113,8 +113,10 @@ class AccelerateEngine:
         try:
             return json.loads((directory / CLIENT_STATE_FILE).read_text())
         except (OSError, ValueError) as e:
-            raise BtxError(f"{directory / CLIENT_STATE_FILE}: unreadable ({e}); delete {directory} to resume "
-                           "from an earlier checkpoint") from None
+            raise BtxError(
+                f"{directory / CLIENT_STATE_FILE}: unreadable ({e}); delete {directory} to resume "
+                "from an earlier checkpoint"
+            ) from None
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         if not self.is_main:

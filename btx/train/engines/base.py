@@ -50,7 +50,6 @@ def build_model(job) -> Transformer:
         return model
     model = load_model(job.init_from, dtype=torch.float32)
     if job.config_overrides:  # same weights, a model built for the changed config (e.g. router mode)
-
         cfg = dataclasses.replace(model.cfg, **job.config_overrides)
         with init_empty_weights(include_buffers=False):
             changed = Transformer(cfg)
@@ -123,8 +122,7 @@ def make_optimizer(params, settings) -> torch.optim.AdamW:
     if not groups:
         raise BtxError("train: the model has no trainable parameters")
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(groups, lr=settings.lr, betas=tuple(settings.betas), eps=settings.eps, fused=fused or None)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:

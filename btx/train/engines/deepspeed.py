@@ -107,8 +107,10 @@ def load_weights_only(path: str, map_location=None):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
         found = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), " ".join(str(e).split())[:200])
-        raise BtxError(f"{path}: holds a Python object btx does not unpickle ({found[:200]}); btx resumes only "
-                       "from checkpoints it can read with weights_only=True; pass --force to start over") from None
+        raise BtxError(
+            f"{path}: holds a Python object btx does not unpickle ({found[:200]}); btx resumes only "
+            "from checkpoints it can read with weights_only=True; pass --force to start over"
+        ) from None
 
 
 def on_gpu() -> bool:
@@ -196,12 +198,16 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
 
     import deepspeed
 
-
     if job.init_from is None:
         return build_model(job)  # from scratch: small models only (the demo's seed)
     init_distributed()
-    config = deepspeed_config(job.settings, zero_stage=3, offload_optimizer=offload_optimizer,
-                              precision=resolve_precision(job.settings), world_size=dist.get_world_size())
+    config = deepspeed_config(
+        job.settings,
+        zero_stage=3,
+        offload_optimizer=offload_optimizer,
+        precision=resolve_precision(job.settings),
+        world_size=dist.get_world_size(),
+    )
     writer = dist.get_rank() == 0
     with CheckpointReader(job.init_from) as reader, _progress(writer) as progress:
         cfg = dataclasses.replace(reader.cfg, **job.config_overrides)
@@ -221,8 +227,15 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
 def _progress(enabled: bool):
 
     console = Console(stderr=True)
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    console=console, disable=not (enabled and console.is_terminal), transient=True)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not (enabled and console.is_terminal),
+        transient=True,
+    )
 
 
 def _clips_itself(zero_stage: int, precision: str) -> bool:
@@ -233,8 +246,8 @@ def _clips_itself(zero_stage: int, precision: str) -> bool:
 class DeepSpeedEngine:
     """A btx Transformer under `deepspeed.initialize`, behind the loop's engine protocol.
 
-        make_engine = lambda model, job: DeepSpeedEngine(model, job.settings, zero_stage=3)
-        run_loop(job, make_engine)
+    make_engine = lambda model, job: DeepSpeedEngine(model, job.settings, zero_stage=3)
+    run_loop(job, make_engine)
     """
 
     def __init__(self, model: torch.nn.Module, settings, *, zero_stage: int = 0, offload_optimizer: bool = False):
@@ -255,8 +268,13 @@ class DeepSpeedEngine:
             optimizer=optimizer,
             # built on DeepSpeed's wrapper of the optimizer, stepped by DeepSpeed, saved in its checkpoints
             lr_scheduler=lambda wrapped: make_scheduler(wrapped, settings),
-            config=deepspeed_config(settings, zero_stage=zero_stage, offload_optimizer=offload_optimizer,
-                                    precision=self.precision, world_size=self.world_size),
+            config=deepspeed_config(
+                settings,
+                zero_stage=zero_stage,
+                offload_optimizer=offload_optimizer,
+                precision=self.precision,
+                world_size=self.world_size,
+            ),
             dist_init_required=False,
         )
         self.device = self.ds.device
