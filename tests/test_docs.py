@@ -314,3 +314,28 @@ def test_the_run_dir_doc_lists_every_path_of_run_dir():
     in_code = set().union(*attributes.values())
     assert sorted(in_code - documented) == [], "RunDir paths missing from docs/RUN_DIR.md"
     assert sorted(documented - in_code) == [], "docs/RUN_DIR.md lists paths that RunDir does not have"
+
+
+SOURCE_PATH = re.compile(r"\b(?:btx|tests|tools|bench|docs|recipes|scripts)/[\w./-]*[\w/]")
+
+
+def test_architecture_names_only_paths_that_exist():
+    """docs/ARCHITECTURE.md is the code map: every file or folder it names is there, and it names
+    every package of btx/."""
+    text = (REPO / "docs" / "ARCHITECTURE.md").read_text()
+    named = set(SOURCE_PATH.findall(text))
+    assert len(named) >= 40, sorted(named)
+    assert [p for p in sorted(named) if not (REPO / p).exists()] == []
+    packages = {f"btx/{p.parent.relative_to(REPO / 'btx')}/" for p in (REPO / "btx").glob("*/__init__.py")}
+    assert packages <= named, sorted(packages - named)
+
+
+def test_the_docs_name_only_source_files_that_exist():
+    """A moved module leaves no stale path behind in the README or docs/."""
+    stale = [
+        f"{doc.name}: {path}"
+        for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+        for path in SOURCE_PATH.findall(doc.read_text())
+        if path.endswith(".py") and not (REPO / path).exists()
+    ]
+    assert stale == []

@@ -325,7 +325,7 @@ def merge_recipe_hash(exp, upcycle: int = 0, section: MergeSection | None = None
 
 
 # --------------------------------------------------------------------------------------------
-# The command line (arguments are declared in btx/cli.py)
+# The command line (arguments are declared in btx/cli/merge.py)
 # --------------------------------------------------------------------------------------------
 
 # Flags (argparse dests) that name the merge's inputs and output, not its settings: with a recipe,
