@@ -11,7 +11,7 @@ This module only builds the job; everything else is shared with dense training:
   offload from the recipe);
 - routing modes are `btx.model.moe.Router.route` (the job only sets `router_mode`, `top_k`,
   `capacity_factor`, `gumbel_rate` on the model config); the export's config.json records them
-  (see `btx.io.layout.inference_note` for how transformers runs each mode).
+  (see `btx.families.inference_note` for how transformers runs each mode).
 
 What finetune adds through the loop's hooks:
 - the data: a mixture of the domains' train shards (`finetune.mixture`), optionally with the
