@@ -339,7 +339,6 @@ def test_standard_errors_and_paired_differences_by_hand():
 
 
 def test_the_loss_against_flops_plot_and_its_text_form(tmp_path, monkeypatch):
-    pass  # @@EMPTYIMPORT@@
     from btx.evaluate.plot import PLOT_NAME, PLOTS_NOTE, text_scatter
 
     rows = [

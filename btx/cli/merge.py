@@ -14,10 +14,6 @@ from btx.errors import BtxError
 from btx.mix.options import EditOptions, MergeOptions
 from btx.recipe.settings import FlagAction, add_flags, add_renamed, flags
 
-# ---------------------------------------------------------------------------------------------
-# btx merge
-# ---------------------------------------------------------------------------------------------
-
 
 def add_merge_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, required=False)

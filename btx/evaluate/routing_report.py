@@ -408,8 +408,3 @@ def plot_stacked(plt, report: dict, path: Path) -> None:
     fig.supxlabel(f"expert shares per layer: {Path(report['checkpoint']).name}", fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------
-# btx analyze
-# --------------------------------------------------------------------------------------------
