@@ -505,7 +505,7 @@ def test_reads_transformers_mixtral(tmp_path):
 
 
 def test_load_model_builds_a_transformer(tmp_path):
-    model_mod = pytest.importorskip("btx.model")
+    model_mod = pytest.importorskip("btx.model.transformer")
     if not hasattr(model_mod, "Transformer"):
         pytest.skip("btx.model.transformer.Transformer not written yet")
     cfg = tiny(n_experts=2)
