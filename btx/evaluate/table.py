@@ -18,8 +18,10 @@ from btx.evaluate.scores import EvalRow, paired_differences
 from btx.io.atomic import dumps_json
 from btx.ui.tables import Column, FitTable
 
+# The wording predates btx/model/flops.py's move; kept so that eval.json and eval.md stay byte for byte
+# what they were (docs/demo/ snapshots, published figures).
 FLOPS_NOTE = (
-    "train FLOPs: training FLOPs beyond the seed, counted as btx.model.flops does: 6 per trained weight and "
+    "train FLOPs: training FLOPs beyond the seed, counted as btx.flops does: 6 per trained weight and "
     "token, 4 per frozen weight (no weight gradient), 2 where nothing before it trains; embedding "
     "lookups 0. ± is the standard error over the validation windows."
 )
