@@ -14,6 +14,12 @@ class BtxError(Exception):
     """Bad input from the user: a recipe, a checkpoint, a data file or a flag."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread (btx.cli.main installs the handler where SIGTERM has its
+    default action): unwinds like Ctrl-C, so atomic writes remove their temporaries and locks are
+    released, and the command ends with one line and status 143 instead of vanishing."""
+
+
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

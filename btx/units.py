@@ -2,6 +2,7 @@
 `merge.shard_size`, `btx merge --shard-size`, and the writer's `shard_size`.
 """
 
+import os
 import re
 
 from btx.errors import BtxError
@@ -23,3 +24,33 @@ def parse_size(size: int | str) -> int:
         )
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index((m.group(2) or " ").upper()))
+
+
+def machine_memory() -> int:
+    """This machine's physical memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 0
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # pragma: no cover
+
+
+def oversize(need: int, limit: int, factors: dict[str, int], what: str, limit_what: str) -> tuple[str, str] | None:
+    """The one size guard, run on numbers alone before anything is allocated: None when `need`
+    bytes fit in `limit`, else (the key to blame, the message). The key is the largest of
+    `factors` (the sizes that multiply into `need`), which is the one out of line in practice: a
+    vocab_size of 1e12, a num_hidden_layers of 1e9, a batch_size of 1e8."""
+    if limit <= 0 or need <= limit:
+        return None
+    key = max(factors, key=lambda k: factors[k])
+    return key, (
+        f"{factors[key]} makes {what} about {human_bytes(need)}, more than {limit_what} "
+        f"({human_bytes(limit)}); expected a smaller value"
+    )

@@ -205,7 +205,17 @@ def test_ctrl_c_stops_every_child_and_they_resume(tmp_path, experiment):
         """)
     )
     env = {**os.environ, "FAKE_SLEEP": "30", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, str(driver)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    # Ctrl-C is what a terminal sends a foreground job. Run as a background job of a script
+    # (`cmd & wait`, nohup), this suite inherits SIGINT ignored, and btx, like any POSIX program,
+    # keeps an inherited "ignore" (docs/COMMANDS.md, Signals): give the driver the disposition a
+    # foreground job has, whatever the suite was started with.
+    proc = subprocess.Popen(
+        [sys.executable, str(driver)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     experts = tmp_path / "run" / "experts"
     wait_for_launches(tmp_path, 2)
     pids = [read_job(experts / d)["pid"] for d in "ab"]

@@ -18,6 +18,7 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import traceback
 
@@ -31,7 +32,7 @@ from btx.cli.evaluate import (
     cmd_eval,
 )
 from btx.cli.merge import add_merge_arguments, cmd_merge
-from btx.errors import BtxError
+from btx.errors import BtxError, Terminated
 
 # ---------------------------------------------------------------------------------------------
 # btx prepare
@@ -365,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous == signal.SIG_DFL:  # an inherited ignore, or a caller's handler, is kept
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         status = args._run(args)
     except BtxError as e:
@@ -372,6 +376,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"btx: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Terminated:
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"btx: terminated ({args.command} stopped by SIGTERM; finished work is kept, re-run to continue)",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         if args.debug:
             traceback.print_exc()
@@ -387,7 +399,14 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"btx: error: {_one_line(message)}", file=sys.stderr)
         return 2
+    finally:
+        if previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
     return int(status or 0)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -126,7 +126,16 @@ def remove_stale_temporaries(path: Path) -> None:
             and int(pid) != os.getpid()
             and not pid_alive(int(pid))
         ):
-            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
+            remove_path(sibling)
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, a directory tree, or a symbolic link itself (never what it points to: a
+    link a user made from a run directory to storage elsewhere leaves that storage as it was)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 @contextmanager
@@ -171,10 +180,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
             except BaseException:
                 os.rename(old, path)  # put the old output back rather than lose it
                 raise
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            remove_path(old)
         else:
             os.rename(tmp, path)
         fsync_dir(path.parent)

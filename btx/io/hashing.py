@@ -84,8 +84,11 @@ def cached_sha256(path: str | os.PathLike) -> str:
     if entry is not None:
         try:
             record = json.loads(entry.read_text())
-            if record.get("path") == real and record.get("stat") == before:
-                return record["sha256"]
+            # Any entry that is not what btx writes (a list, a number, a wrong digest) is a miss.
+            if isinstance(record, dict) and record.get("path") == real and record.get("stat") == before:
+                digest = record.get("sha256")
+                if isinstance(digest, str) and len(digest) == 64:
+                    return digest
         except (OSError, ValueError, KeyError, TypeError):
             pass
     digest = sha256_file(real)
@@ -111,5 +114,5 @@ def _prune_hash_cache(cache: Path) -> None:
         try:
             if entry.stat().st_mtime < oldest or not os.path.exists(json.loads(entry.read_text())["path"]):
                 entry.unlink()
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, IndexError):
             entry.unlink(missing_ok=True)

@@ -32,6 +32,7 @@ from btx.io.layout import (
     first_few,
     plan_btx_from_hf,
 )
+from btx.units import oversize
 
 # safetensors dtype names <-> torch dtypes
 ST_DTYPES: dict[str, torch.dtype] = {
@@ -42,6 +43,10 @@ ST_DTYPES: dict[str, torch.dtype] = {
 }  # fmt: skip
 TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
 _MAX_HEADER = 100 << 20  # the safetensors library refuses headers over 100 MB too
+# More tensors than any real shard holds (a 128-expert, 94-layer MoE has ~36k in all, over many
+# shards). Counted in the raw header before it is parsed: parsing a million entries takes ~1 GB.
+MAX_TENSORS_PER_FILE = 200_000
+_FINITE_CHUNK = 8 << 20  # elements per finiteness check: bounds the boolean scratch to 8 MB
 
 
 class TensorInfo(NamedTuple):
@@ -78,22 +83,16 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
             raw = f.read(n)
     except OSError as e:
         raise BtxError(f"{path}: cannot read ({e.strerror})") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
-        raise BtxError(f"{path}: safetensors header is not valid JSON (corrupt file?)") from None
-    if not isinstance(header, dict):
-        raise BtxError(f"{path}: safetensors header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    header, metadata = _parse_header(path, raw)
     infos: dict[str, TensorInfo] = {}
     spans = []
     for name, entry in header.items():
         try:
             dtype = ST_DTYPES[entry["dtype"]]
-            shape = tuple(int(s) for s in entry["shape"])
-            begin, end = (int(o) for o in entry["data_offsets"])
+            shape = tuple(_size(s) for s in entry["shape"])
+            begin, end = (_size(o) for o in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
-            raise BtxError(f"{path}: malformed header entry for tensor {name}: {entry!r}") from None
+            raise BtxError(f"{path}: malformed header entry for tensor {name}: {entry!r:.200}") from None
         if end - begin != math.prod(shape) * dtype.itemsize:
             raise BtxError(
                 f"{path}: tensor {name} spans {end - begin} bytes but shape {list(shape)} of "
@@ -111,6 +110,59 @@ def read_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, TensorIn
     if pos != have:
         raise BtxError(f"{path}: header says {pos} bytes of data but the file has {have} (truncated or corrupt)")
     return infos, metadata
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _size(value) -> int:
+    """A shape entry or offset: a JSON integer >= 0 (not a float, a bool or a string)."""
+    if type(value) is not int or value < 0:
+        raise ValueError(value)
+    return value
+
+
+def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
+    """The header's tensor entries and its __metadata__, refused with one line when hostile.
+
+    The tensor count is bounded on the raw bytes before parsing (memory stays near the header's
+    size); Infinity and NaN, which Python's json accepts and the format does not, are refused;
+    __metadata__ must be a map of strings to strings, as the safetensors library requires."""
+    count = raw.count(b'"data_offsets"')
+    if count > MAX_TENSORS_PER_FILE:
+        raise BtxError(
+            f"{path}: the safetensors header lists about {count} tensors, more than the "
+            f"{MAX_TENSORS_PER_FILE} btx accepts in one file (corrupt or hostile file?)"
+        )
+    try:
+        header = json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise BtxError(f"{path}: safetensors header is not valid JSON (corrupt file?)") from None
+    if not isinstance(header, dict):
+        raise BtxError(f"{path}: safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise BtxError(f"{path}: safetensors __metadata__ must be a map of strings to strings, got {metadata!r:.120}")
+    return header, metadata
+
+
+def check_finite(t: torch.Tensor, where: str, name: str) -> None:
+    """Refuse a floating tensor holding NaN or Inf, naming the file and the tensor. Every tensor
+    btx reads from a checkpoint passes here (CheckpointReader.get, read_into, file_range), so a
+    broken expert stops a merge, a grow or a load instead of making every output token NaN."""
+    if not t.dtype.is_floating_point or t.numel() == 0:
+        return
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[start : start + _FINITE_CHUNK]
+        if part.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            part = part.to(torch.float16)  # isfinite has no float8 kernel; the cast keeps NaN and Inf
+        if not bool(torch.isfinite(part).all()):
+            bad = part[~torch.isfinite(part)][0].item()
+            raise BtxError(f"{where}: tensor {name} holds a non-finite value ({bad}); refusing to use it")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
@@ -146,12 +198,14 @@ class CheckpointReader:
         if not isinstance(self.hf_config, dict):
             raise BtxError(f"{config_path}: expected a JSON object")
         self.cfg = read_config(self.hf_config, source=config_path)
+        files = self._weight_files()
+        self._refuse_oversize(config_path, sum((self.path / f).stat().st_size for f in files))
 
         self._handles: dict[str, object] = {}  # file -> open safe_open handle
         self._fds: dict[str, int] = {}  # file -> descriptor for read_into
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, dict] = {}  # file -> its __metadata__
-        for file in self._weight_files():
+        for file in files:
             infos, meta = read_safetensors_header(self.path / file)
             self.metadata[file] = meta
             for name, info in infos.items():
@@ -176,6 +230,25 @@ class CheckpointReader:
             # Some tools store a tied head anyway; checking it costs two reads, only in that case.
             head_equals_embed=lambda: torch.equal(self.get("lm_head.weight"), self.get("model.embed_tokens.weight")),
         )
+
+    def _refuse_oversize(self, config_path: Path, stored: int) -> None:
+        """The size guard (btx.units.oversize) before anything per layer or per tensor is built:
+        the weights config.json implies, at one byte each (the least any dtype takes), must fit in
+        the bytes its safetensors files hold. A num_hidden_layers of 1e9 is refused here, on
+        arithmetic alone, rather than after building a billion-layer plan."""
+        cfg, hf = self.cfg, self.hf_config
+        experts = next((k for k in ("num_local_experts", "num_experts") if k in hf), "num_local_experts")
+        factors = {
+            "num_hidden_layers": cfg.n_layers, "vocab_size": cfg.vocab_size, "hidden_size": cfg.dim,
+            "intermediate_size": cfg.ffn_dim, experts: cfg.n_experts, "num_attention_heads": cfg.n_heads,
+        }  # fmt: skip
+        need = cfg.param_counts()["total"]
+        found = oversize(
+            need, max(stored, 1), factors, "the weights (at one byte each)", "the checkpoint's safetensors files hold"
+        )
+        if found is not None:
+            key, message = found
+            raise BtxError(f"{config_path}: {key}: {message}")
 
     def _weight_files(self) -> list[str]:
         single, index = self.path / SINGLE_FILE, self.path / INDEX_FILE
@@ -235,7 +308,9 @@ class CheckpointReader:
         handle = self._handles.get(info.file)
         if handle is None:
             handle = self._handles[info.file] = safe_open(str(self.path / info.file), framework="pt")
-        return _cast(handle.get_tensor(name), dtype, device)
+        t = handle.get_tensor(name)
+        check_finite(t, str(self.path / info.file), name)
+        return _cast(t, dtype, device)
 
     # -- btx-level access -----------------------------------------------------------------
 
@@ -272,7 +347,30 @@ class CheckpointReader:
         """Where the stored bytes of HF tensor `name` (or of rows [r0, r1)) lie, for a writer to
         copy file to file (see `FileRange`)."""
         info, start, nbytes, _ = self._span(name, rows)
+        if info.dtype.is_floating_point:  # the writer copies these bytes unseen: check them here
+            step = _FINITE_CHUNK // 4 * info.dtype.itemsize
+            scratch = torch.empty(min(step, nbytes), dtype=torch.uint8)
+            for at in range(0, nbytes, step):
+                part = scratch[: min(step, nbytes - at)]
+                self._pread(info, name, part, start + at)
+                check_finite(part.view(info.dtype), str(self.path / info.file), name)
         return FileRange(self.path / info.file, start, nbytes)
+
+    def _pread(self, info: TensorInfo, name: str, out: torch.Tensor, start: int) -> None:
+        """Fill `out` (contiguous, CPU) with the file's bytes from `start` on."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        nbytes = out.nbytes
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+        done = 0
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], start + done)
+            if got <= 0:
+                raise BtxError(f"{self.path / info.file}: ends inside tensor {name} (truncated while reading?)")
+            done += got
 
     def read_into(self, name: str, out: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Copy the stored bytes of HF tensor `name` (or of rows [r0, r1) along its first dim)
@@ -287,24 +385,16 @@ class CheckpointReader:
         info, start, nbytes, shape = self._span(name, rows)
         if out.device.type != "cpu" or not out.is_contiguous() or out.nbytes != nbytes:
             raise ValueError(f"{name}: read_into needs a contiguous CPU tensor of {nbytes} bytes")
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
-            if hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
-        view = memoryview(out.reshape(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
-        done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], start + done)
-            if got <= 0:
-                raise BtxError(f"{self.path / info.file}: ends inside tensor {name} (truncated while reading?)")
-            done += got
+        self._pread(info, name, out, start)
+        fd = self._fds[info.file]
         if hasattr(os, "posix_fadvise"):
             # A merge reads several files in turn, tensor by tensor; asking the kernel for the next
             # stretch of this file now lets the disk work while the other files are read and the
             # output is written, instead of each read waiting on a cold page cache.
             os.posix_fadvise(fd, start + nbytes, READ_AHEAD_BYTES, os.POSIX_FADV_WILLNEED)
-        return out.view(info.dtype).view(shape)
+        stored = out.view(info.dtype).view(shape)
+        check_finite(stored, str(self.path / info.file), name)
+        return stored
 
     def close(self) -> None:
         self._handles.clear()  # safe_open handles unmap when dropped

@@ -30,6 +30,8 @@ from btx.mix.options import (
     NAME_RE,
     SEED,
     EditOptions,
+    check_shared_numbers,
+    config_key,
 )
 from btx.mix.router_data import (
     check_prompts,
@@ -119,8 +121,9 @@ def _check_compatible(moe: CheckpointReader, new: AddedExpert) -> None:
                 if key == "ffn_dim"
                 else "experts must keep the seed's architecture"
             )
+            name, theirs, ours = config_key(key, new.reader.hf_config, moe.hf_config, b[key], mine)
             raise BtxError(
-                f"{new.path / CONFIG_NAME}: {key} is {b[key]!r} but the MoE ({moe.path}) has {mine!r}; {what}"
+                f"{new.path / CONFIG_NAME}: {name} is {theirs!r} but the MoE ({moe.path}) has {ours!r}; {what}"
             )
     if new.reader.cfg.mlp_bias:
         raise BtxError(f"{new.path}: its FFN has biases, which MoE experts do not have")
@@ -184,12 +187,7 @@ def _check_options(o: EditOptions, add: dict[str, Path], remove: list[str], rout
         raise _fail(f"dtype {o.dtype!r}: expected one of {', '.join(DTYPES)}")
     if o.shared_weight is not None and not (0.0 <= o.shared_weight <= 1.0):
         raise _fail(f"shared_weight must be in [0, 1], got {o.shared_weight!r}")
-    if o.router_std is not None and not (o.router_std > 0 and math.isfinite(o.router_std)):
-        raise _fail(f"router_std must be a positive number, got {o.router_std!r}")
-    if not all(
-        getattr(o, k) > 0 and math.isfinite(getattr(o, k)) for k in ("ridge_lambda", "router_scale", "router_tokens")
-    ):
-        raise _fail("ridge_lambda, router_scale and router_tokens must be positive numbers")
+    check_shared_numbers(o, "merge --into")
     if (o.prompts or o.negative_prompts) and o.router_init != "hidden":
         raise _fail(f"prompts are for router_init hidden, not {o.router_init}")
     if router_data and o.router_init not in ("centroid", "ridge"):
@@ -268,7 +266,7 @@ def plan_grow(
         out_cfg = dataclasses.replace(
             moe.cfg,
             n_experts=n_out,
-            top_k=min(o.top_k or moe.cfg.top_k, n_out),
+            top_k=min(moe.cfg.top_k if o.top_k is None else o.top_k, n_out),
             expert_names=[names[e] for e in keep] + [n.name for n in new],
         )
         weight = o.shared_weight if o.shared_weight is not None else len(new) / max(n_out, 1)

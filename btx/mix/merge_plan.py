@@ -25,11 +25,12 @@ from btx.io.layout import CONFIG_NAME, TOKENIZER_FILES
 from btx.io.manifest import DONE_NAME, producer_manifest
 from btx.io.reader import CheckpointReader
 from btx.mix.options import (
-    HF_FIELD,
     MAY_DIFFER,
     NAME_RE,
     SEED,
     MergeOptions,
+    check_shared_numbers,
+    config_key,
 )
 from btx.mix.router_data import (
     check_prompts,
@@ -122,9 +123,7 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
     choice("granularity", GRANULARITIES)
     if o.dtype is not None:
         choice("dtype", tuple(DTYPES))
-    for key in ("router_std", "router_tokens", "top_k"):
-        if not getattr(o, key) > 0:
-            raise _fail(f"{key} must be > 0, got {getattr(o, key)!r}")
+    check_shared_numbers(o, "merge")
     if isinstance(o.upcycle, bool) or not isinstance(o.upcycle, int) or o.upcycle < 0:
         raise _fail(f"upcycle must be a number of experts >= 1, got {o.upcycle!r}")
     if o.upcycle and expert_names:
@@ -149,9 +148,6 @@ def _check_options(o: MergeOptions, expert_names: list[str]) -> None:
         )
     if o.router_init in FIT_INITS and o.upcycle:
         raise _fail(f"router_init {o.router_init} needs domain experts; upcycled experts are all the seed")
-    for key in ("ridge_lambda", "router_scale"):
-        if not (getattr(o, key) > 0 and math.isfinite(getattr(o, key))):
-            raise _fail(f"{key} must be a positive number, got {getattr(o, key)!r}")
     _check_prompts(o, [*expert_names, *([SEED] if o.keep_seed else [])])
     for name in expert_names:
         if not NAME_RE.match(name):
@@ -222,10 +218,10 @@ def _check_same_architecture(seed: MergeInput, other: MergeInput) -> None:
     mine, theirs = dataclasses.asdict(seed.cfg), dataclasses.asdict(other.cfg)
     for key in mine:
         if key not in MAY_DIFFER and mine[key] != theirs[key]:
-            name = HF_FIELD.get(key, key)
+            name, value, seeds = config_key(key, other.reader.hf_config, seed.reader.hf_config, theirs[key], mine[key])
             raise BtxError(
-                f"{other.path / CONFIG_NAME}: {name} is {theirs[key]!r} but the seed ({seed.path}) has "
-                f"{mine[key]!r}; experts must keep the seed's architecture"
+                f"{other.path / CONFIG_NAME}: {name} is {value!r} but the seed ({seed.path}) has "
+                f"{seeds!r}; experts must keep the seed's architecture"
             )
     check_same_tokenizer(seed.path, other.path)
 

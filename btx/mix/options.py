@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
+from btx.errors import BtxError
 from btx.recipe.schema import GrowSection, MergeSection
 from btx.recipe.settings import like, setting
 
@@ -31,6 +33,17 @@ HF_FIELD = {
     "max_seq_len": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
     "rope_scaling": "rope_parameters", "qkv_bias": "attention_bias", "o_bias": "attention_bias",
 }  # fmt: skip
+
+
+def config_key(field: str, theirs_hf: dict, ours_hf: dict, theirs, ours) -> tuple[str, object, object]:
+    """How a message names a ModelConfig field that differs between two checkpoints: its
+    config.json key and values where it has one, else (a switch the family implies, such as
+    qk_norm) the two config.json files' model_type."""
+    if field in HF_FIELD:
+        return HF_FIELD[field], theirs, ours
+    if field in ("vocab_size", "rope_theta", "sliding_window", "head_dim"):
+        return field, theirs, ours
+    return "model_type", theirs_hf.get("model_type"), ours_hf.get("model_type")
 
 
 @dataclass
@@ -137,3 +150,24 @@ class EditOptions:
         for key in ("prompts", "negative_prompts"):
             values[key] = {k: list(v) for k, v in values[key].items() if k in experts} if hidden else {}
         return cls(**values)
+
+
+# The numbers a merge and an edit share, with what each must be. None (an edit's "keep the MoE's")
+# passes; 0 is refused, never read as "the default".
+_COUNTS = ("router_tokens", "top_k")
+_POSITIVE = ("router_std", "ridge_lambda", "router_scale")
+
+
+def check_shared_numbers(o: MergeOptions | EditOptions, command: str) -> None:
+    """The one check of the router and routing numbers that `btx merge` and `btx merge --into`
+    (and a recipe's grow stage) share: counts are integers >= 1, the rest positive finite numbers."""
+    for key in _COUNTS:
+        value = getattr(o, key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise BtxError(f"{command}: {key} must be an integer >= 1, got {value!r}")
+    for key in _POSITIVE:
+        value = getattr(o, key)
+        if value is not None and not (
+            isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+        ):
+            raise BtxError(f"{command}: {key} must be a positive number, got {value!r}")

@@ -55,6 +55,33 @@ from btx.recipe.check import (
 )
 from btx.recipe.experiment import Domain, Experiment, Source, to_plain
 from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
+from btx.units import machine_memory, oversize
+
+
+def _check_sizes(c: Checker, recipe: ExperimentRecipe, trains: Dict[str, TrainSection]) -> None:
+    """The size guard (btx.units.oversize) on the recipe's numbers, before anything is built: the
+    seed's fp32 weights, and one micro-batch's tokens and fp32 logits, must fit in this machine's
+    memory (docs/RECIPES.md, Sizes)."""
+    memory = machine_memory()
+    vocab = recipe.model.vocab_size if recipe.model is not None else 0
+    if recipe.model is not None:
+        m = recipe.model
+        head_dim = m.dim // m.n_heads
+        per_layer = 2 * m.dim * m.n_heads * head_dim + 2 * m.dim * m.n_kv_heads * head_dim + 3 * m.dim * m.ffn_dim
+        params = m.vocab_size * m.dim * (1 if m.tie_embeddings else 2) + m.n_layers * per_layer
+        factors = {"vocab_size": m.vocab_size, "dim": m.dim, "n_layers": m.n_layers, "ffn_dim": m.ffn_dim}
+        found = oversize(4 * params, memory, factors, "the seed's fp32 weights", "this machine's memory")
+        if found is not None:
+            c.fail(f"model.{found[0]}", found[1])
+    batches = {key: (t.batch_size, t.seq_len) for key, t in trains.items()}
+    batches["eval"] = (recipe.eval.batch_size, recipe.eval.seq_len or recipe.train.seq_len)
+    for key, (batch_size, seq_len) in batches.items():
+        need = batch_size * seq_len * (16 + 4 * vocab)  # input and target ids (int64), fp32 logits
+        found = oversize(
+            need, memory, {"batch_size": batch_size, "seq_len": seq_len}, "one batch", "this machine's memory"
+        )
+        if found is not None:
+            c.fail(f"{key}.{found[0]}", found[1])
 
 
 def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> Experiment:
@@ -158,6 +185,7 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
         c.that(own.get("trainable", "all") == "all", f"{key}.trainable", why)
     seed_train = dataclasses.replace(seed_train, trainable="all")
     finetune_train = dataclasses.replace(finetune_train, trainable="all")
+    _check_sizes(c, recipe, {"train": recipe.train, "seed.train": seed_train, "finetune.train": finetune_train})
     domains: Dict[str, Domain] = {}
     for name, domain_path in recipe.domains.items():
         dpath = Path(domain_path)

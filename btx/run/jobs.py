@@ -40,6 +40,7 @@ from typing import Optional, Sequence
 from btx.errors import BtxError
 from btx.io.atomic import write_json_atomic
 from btx.io.manifest import is_done
+from btx.recipe.builtin import resolve_recipe
 
 JOB_FILE = "job.json"
 LOG_FILE = "train.log"
@@ -100,7 +101,9 @@ def plan_jobs(
                     + (f" (did you mean {close[0]}?)" if close else "")
                 )
         names = [n for n in names if n in set(only)]
-    recipe = str(Path(recipe_path).absolute())
+    # The file the recipe name resolved to (a name `btx recipes` lists lives in the package, not
+    # beside the working directory), absolute: jobs start elsewhere, on other machines.
+    recipe = str(Path(resolve_recipe(recipe_path)).absolute())
     return [
         ExpertJob(
             domain=name,

@@ -108,7 +108,10 @@ class Pipeline:
         for path in paths:
             if not quiet:
                 self.console.print(f"[yellow]{name}: redoing {path}: {why or 'its inputs changed'}[/]", soft_wrap=True)
-            shutil.rmtree(path)
+            if path.is_symlink():  # the link goes, not what it points to (btx.io.atomic.remove_path)
+                path.unlink()
+            else:
+                shutil.rmtree(path)
 
     def record(
         self,
