@@ -75,9 +75,15 @@ class ShardWriter:
         os.replace(self.tmp_path, self.final_path)
 
     def discard(self) -> None:
-        if not self._file.closed:
-            self._file.close()
-        self.tmp_path.unlink(missing_ok=True)
+        """Remove the temporary. Closing flushes what is buffered, which fails again on a full disk:
+        that error must not stop the removal (nor that of the other split's temporary)."""
+        try:
+            if not self._file.closed:
+                self._file.close()
+        except OSError:
+            pass
+        finally:
+            self.tmp_path.unlink(missing_ok=True)
 
 
 @dataclass

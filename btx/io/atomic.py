@@ -37,6 +37,19 @@ def dumps_json(obj, **kwargs) -> str:
     return json.dumps(finite_json(obj), allow_nan=False, **kwargs)
 
 
+def name_written_path(e: BaseException, path: str | os.PathLike) -> None:
+    """Give an OSError raised while writing output `path` that path, where the error names no file
+    (a failed write() names none) or only a temporary of ours: a full-disk line then names the
+    output and its disk (btx.io.disk.disk_error_message), not `?` and the current directory's."""
+    if isinstance(e, OSError) and (e.filename is None or is_temporary(e.filename)):
+        e.filename = str(path)
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+    """Whether `path` lies in (or is) one of btx's hidden `.<name>.tmp-<pid>...` temporaries."""
+    return any(part.startswith(".") and ".tmp-" in part for part in Path(path).parts)
+
+
 def temporary_sibling(path: str | os.PathLike) -> Path:
     """`.<name>.tmp-<pid>-<random>` next to `path`: unique, and `remove_stale_temporaries` can tell
     from its name whether its writer still runs."""
@@ -60,8 +73,9 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes, *, durable: bool = 
             if durable:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        name_written_path(e, path)
         raise
     if durable:
         fsync_dir(path.parent)
@@ -184,6 +198,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         else:
             os.rename(tmp, path)
         fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        name_written_path(e, path)
         raise

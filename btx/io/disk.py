@@ -24,6 +24,30 @@ def free_bytes(path: str | os.PathLike) -> int:
     return st.f_bavail * st.f_frsize
 
 
+def written_path(e: OSError, where: str | os.PathLike | None = None) -> str:
+    """The one rule for the path a disk error names: the output being written. A copy's
+    destination (filename2) before its source; a file the error names only when it lies inside
+    `where` (the output the caller writes), else `where` itself; a path inside one of btx's hidden
+    temporaries as the output it becomes. The free space quoted is that path's disk."""
+    named = e.filename2 or e.filename
+    if not isinstance(named, (str, os.PathLike)):  # a descriptor number, or nothing
+        named = None
+    if named is not None and where is not None and e.filename2 is None:
+        inside = Path(os.path.abspath(named)).is_relative_to(Path(os.path.abspath(where)))
+        named = named if inside else None
+    path = named if named is not None else where
+    if path is None:
+        return "?"
+    return str(Path(*(_public(part) for part in Path(os.fspath(path)).parts)))
+
+
+def _public(part: str) -> str:
+    """`.merged.tmp-123-ab12` -> `merged`: the name a hidden temporary will have."""
+    if part.startswith(".") and ".tmp-" in part:
+        return part[1:].split(".tmp-")[0]
+    return part
+
+
 def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB" if n >= 1e5 else f"{n:,} bytes"
 
@@ -38,7 +62,7 @@ def disk_error_message(
     """One line for an OSError of a full, read-only or forbidden destination; None for others."""
     if e.errno not in DISK_ERRNOS:
         return None
-    path = e.filename or where or "?"
+    path = written_path(e, where)
     need = f"; {what} needs {approx} {_gb(needed)}" if needed else ""
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         reason = "no space left on the device" if e.errno == errno.ENOSPC else "disk quota exceeded"

@@ -404,12 +404,18 @@ class GrowSection:
         c.non_negative(self, "steps")
         c.that(self.shared_weight is None or 0 <= self.shared_weight <= 1, "shared_weight", "must be in [0, 1]")
         c.weights(self.mixture, "mixture", domains)
-        if self.router_init == "hidden":
+        if self.router_init == "hidden":  # what the grow stage needs (btx.mix.grow_plan), checked at load
             for name in self.domains:
                 c.that(
                     name in merge.prompts,
                     "router_init",
                     f"hidden needs merge.prompts.{name} (the prompts of the expert to add)",
+                )
+                c.that(
+                    name in merge.negative_prompts or any(other != name for other in merge.prompts),
+                    "router_init",
+                    f"hidden needs something to contrast {name!r}'s prompts with: merge.negative_prompts.{name}, "
+                    "or merge.prompts of another expert",
                 )
 
 

@@ -27,7 +27,7 @@ from btx.run.ledger import Adopt, Pipeline, StageOutcome, key_of
 from btx.run.prepare import prepare_experiment
 from btx.run.stage import Stage, Task, content, note, parts_of, stage_key
 from btx.train.finetune import finetune_job, run_finetune
-from btx.train.job import TrainJob, expert_job, seed_job, trajectory_hash
+from btx.train.job import TrainJob, expert_job, sections_hash, seed_job, trajectory_hash
 from btx.train.loop import current_input_identities, discard_damaged_export, run_loop
 
 
@@ -222,6 +222,26 @@ def grow_options(exp) -> EditOptions:
     return EditOptions.from_sections(exp.grow, exp.merge, names)
 
 
+def grow_finetune_job(exp):
+    """The short finetune of the grown MoE: grow.steps steps of grow.trainable on grow.mixture.
+    finetune.trainable and finetune.router_only_steps are the main finetune's and do not apply:
+    the grown MoE trains what grow.trainable says from its first step (its default, router_only, is
+    itself a router-only phase), so it has no router-only phase of its own (docs/GROW.md)."""
+    g, rd = exp.grow, exp.paths
+    out = rd.grow_finetune.export
+    job = finetune_job(exp, model_dir=rd.grown, out_dir=out, trainable=g.trainable, router_only_steps=0)
+    mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
+    return dataclasses.replace(
+        job,
+        name="grow-finetune",
+        settings=short_settings(exp.finetune_train, g.steps),
+        mixture=mixture,
+        train_shards={d: rd.shard(d, "train") for d in mixture},
+        # the grow's own settings key its job too, not only the finetune: section's
+        recipe_hash=sections_hash({"finetune": job.recipe_hash, "grow": g}),
+    )
+
+
 def grow(p: Pipeline, task: Task) -> str:
     """The finetuned MoE grown by the experts of grow.domains (btx.mix.grow), then briefly finetuned."""
     exp, g, rd = p.exp, p.exp.grow, p.exp.paths
@@ -238,15 +258,5 @@ def grow(p: Pipeline, task: Task) -> str:
     summary = f"+{', '.join(g.domains)}: {done['n_experts']} experts, {g.router_init} routers"
     if not g.steps:
         return summary
-    job = finetune_job(exp, model_dir=rd.grown, out_dir=rd.grow_finetune.export)
-    mixture = {d: float(w) for d, w in (dict(g.mixture) or dict.fromkeys(exp.domains, 1.0)).items() if w > 0}
-    job = dataclasses.replace(
-        job,
-        name="grow-finetune",
-        settings=short_settings(exp.finetune_train, g.steps),
-        mixture=mixture,
-        train_shards={d: rd.shard(d, "train") for d in mixture},
-        engine_settings={**job.engine_settings, "trainable": g.trainable},
-    )
-    done = run_finetune(job, console=p.console)
+    done = run_finetune(grow_finetune_job(exp), console=p.console)
     return summary + f"; finetuned {g.steps} steps ({g.trainable}): {train_summary(done)}"
