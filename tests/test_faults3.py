@@ -474,3 +474,24 @@ def test_symlinked_tokenizer_files_are_copied_as_files(world, tmp_path):
     merge(linked, {"a": world["a"]}, out, MergeOptions(), allow_no_manifest=True, progress=False)
     assert not (out / "tokenizer.json").is_symlink()
     assert (out / "tokenizer.json").read_bytes() == (world["seed"] / "tokenizer.json").read_bytes()
+
+
+# -- 4. no advice btx run cannot follow ---------------------------------------------------------------
+
+
+def test_advice_to_pass_force_says_what_does_that_under_btx_run():
+    from btx.run.stage import followable
+
+    line = followable(
+        "x/DONE.json: this job finished with different settings; pass --force to train it again", "r.yaml", "grow"
+    )
+    assert line.endswith("(under btx run: `btx run r.yaml --from grow` redoes it from the recipe)")
+    assert followable("x: no such file", "r.yaml", "grow") == "x: no such file"
+
+
+def test_the_grow_stage_clears_its_router_phase_leftovers(tmp_path):
+    from btx.run.stages import grow_dirs, grow_scratch
+
+    exp = load_experiment(grow_recipe(tmp_path), ["finetune.router_only_steps=2"])
+    cleared = {p.name for p in grow_dirs(exp) + grow_scratch(exp)}
+    assert {"grown", "grown-finetuned", "grown-finetuned-router", "grown-finetuned-router-train"} <= cleared

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from btx.errors import BtxError
 from btx.io.manifest import DONE_NAME
 from btx.recipe.experiment import to_plain
 from btx.run.ledger import Adopt, Pipeline, StageOutcome, key_of, outputs_key, to_remove
@@ -236,20 +237,30 @@ def drive(p: Pipeline, stage: Stage, force: bool) -> StageOutcome:
     if todo:
         p.console.rule(f"[bold]{stage.name}")
         t0 = time.perf_counter()
-        summary = stage.run(
-            p,
-            Task(
-                parts=[d.part for d in todo if d.part is not None],
-                inputs=inputs,
-                key=todo[0].key if stage.parts is None else "",
-            ),
+        task = Task(
+            parts=[d.part for d in todo if d.part is not None],
+            inputs=inputs,
+            key=todo[0].key if stage.parts is None else "",
         )
+        try:
+            summary = stage.run(p, task)
+        except BtxError as e:
+            raise BtxError(followable(str(e), p.recipe_path, stage.group)) from None
         seconds = time.perf_counter() - t0
     if todo or any(d.verdict == "adopt" for d in decisions) or stage.parts is not None:
         _record(p, stage, decisions, summary, seconds)
     contents = {d.part: content(p.exp, stage, d.part) for d in decisions}
     note(p, stage, contents[None] if stage.parts is None else contents)
     return StageOutcome(stage.name, "ran" if todo else "skipped", seconds, summary)
+
+
+def followable(message: str, recipe, group: str) -> str:
+    """A stage command's advice to `pass --force` is for that command; `btx run` has no --force
+    (its ledger decides what to redo), so under it the line also says what does the same there:
+    `--from STAGE` redoes the stage from the recipe, removing its outputs and scratch first."""
+    if "--force" not in message:
+        return message
+    return f"{message} (under btx run: `btx run {recipe} --from {group}` redoes it from the recipe)"
 
 
 def _settle(p: Pipeline, stage: Stage, d: Decision) -> str:
