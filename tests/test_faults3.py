@@ -19,6 +19,7 @@ import struct
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -495,3 +496,28 @@ def test_the_grow_stage_clears_its_router_phase_leftovers(tmp_path):
     exp = load_experiment(grow_recipe(tmp_path), ["finetune.router_only_steps=2"])
     cleared = {p.name for p in grow_dirs(exp) + grow_scratch(exp)}
     assert {"grown", "grown-finetuned", "grown-finetuned-router", "grown-finetuned-router-train"} <= cleared
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e5m2, torch.float8_e4m3fn]
+)
+def test_the_bit_level_finiteness_check_agrees_with_torch(dtype):
+    """The writer's check on raw bytes (btx.io.finite.check_finite_bytes) and the reference
+    (torch.isfinite) refuse exactly the same tensors."""
+    from btx.io.finite import check_finite, check_finite_bytes
+
+    g = torch.Generator().manual_seed(0)
+    for special in (None, float("nan"), float("inf"), float("-inf"), 448.0, -0.0, 1e-40):
+        t = (torch.randn(1000, generator=g) * 100).to(dtype)
+        if special is not None:
+            t[517] = special
+        data = t.view(torch.uint8).numpy().tobytes()
+        verdicts = []
+        for check, arg in ((check_finite, t), (partial(check_finite_bytes, dtype=dtype), data)):
+            try:
+                check(arg, where="f", name="w")
+                verdicts.append(True)
+            except BtxError:
+                verdicts.append(False)
+        assert verdicts[0] == verdicts[1], (dtype, special, verdicts)
+        assert verdicts[0] == bool(torch.isfinite(t.to(torch.float32)).all())

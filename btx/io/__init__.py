@@ -11,6 +11,7 @@ lm-evaluation-harness open it with no btx code.
     checkpoint.py  whole-model save/load for small models and tests
     atomic.py      atomic files and directories, strict JSON
     hashing.py     sha256 of files and its stat-keyed cache
+    finite.py      the NaN / Inf check on every tensor read (on tensors, and on raw bytes)
     manifest.py    DONE.json and content identities (provenance)
     locks.py       one process per output
     disk.py        disk-full and permission errors as one line

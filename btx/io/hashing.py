@@ -22,8 +22,10 @@ _CHUNK = 64 << 20  # hashing window: big enough to be fast, small next to any sh
 HASH_CACHE_ENV = "BTX_HASH_CACHE"  # a directory for the hash cache, or "off"
 
 
-def update_from_file(digest, path: str | os.PathLike, offset: int, nbytes: int) -> None:
-    """Feed bytes [offset, offset + nbytes) of a file to `digest`.
+def update_from_file(digest, path: str | os.PathLike, offset: int, nbytes: int, check=None) -> None:
+    """Feed bytes [offset, offset + nbytes) of a file to `digest`, and to `check` (a callable
+    taking each window's buffer) when given: windows after the first start on a page boundary, so
+    elements aligned in the file stay whole in every window.
 
     The bytes are hashed where they lie in the page cache, through a memory map a window at a
     time, rather than copied out by read(): on a small machine those copies cost as much CPU as
@@ -35,6 +37,8 @@ def update_from_file(digest, path: str | os.PathLike, offset: int, nbytes: int) 
             f.seek(offset)
             while offset < end and (chunk := f.read(min(_CHUNK, end - offset))):
                 digest.update(chunk)
+                if check is not None:
+                    check(chunk)
                 offset += len(chunk)
             return
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)  # populate: one fault per window
@@ -44,6 +48,8 @@ def update_from_file(digest, path: str | os.PathLike, offset: int, nbytes: int) 
             with mmap.mmap(f.fileno(), stop - start, flags=flags, prot=mmap.PROT_READ, offset=start) as m:
                 with memoryview(m) as view, view[offset - start :] as part:
                     digest.update(part)
+                    if check is not None:
+                        check(part)
             offset = stop
 
 

@@ -20,6 +20,7 @@ import torch
 from btx import families
 from btx.errors import BtxError
 from btx.families import key_table
+from btx.io.finite import check_finite
 from btx.model.config import ModelConfig
 
 CONFIG_NAME = "config.json"
@@ -147,6 +148,8 @@ def _read_range(src: "FileRange", like: torch.Tensor) -> torch.Tensor:
         view = memoryview(buf.reshape(-1).view(torch.uint8).numpy())
         if f.readinto(view) != src.nbytes:
             raise BtxError(f"{src.path}: ended early while being read (truncated?)")
+    if src.dtype is not None:  # bytes the reader left for the writer to check (btx.io.finite)
+        check_finite(buf, str(src.path), src.name)
     return buf
 
 
@@ -174,6 +177,10 @@ class FileRange(NamedTuple):
     path: Path
     offset: int
     nbytes: int
+    # A floating dtype when the writer must check the bytes for NaN and Inf as it hashes them
+    # (btx.io.finite.check_finite_bytes); `name` is the tensor's, for the message.
+    dtype: torch.dtype | None = None
+    name: str = ""
 
 
 class TensorSpec(NamedTuple):

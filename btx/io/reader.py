@@ -1,7 +1,12 @@
 """Lazy checkpoint reads: safetensors headers parsed by btx, one tensor at a time.
 
 `read_safetensors_header` checks a file's header itself (shapes, dtypes, offsets, truncation)
-without touching tensor data. `CheckpointReader` opens an HF directory (single file or sharded
+without touching tensor data, and refuses a hostile one with one line: a tensor count beyond any
+real shard (counted before parsing, so memory stays near the header's size), Infinity or NaN for a
+number, a `__metadata__` that is not a map of strings. Every tensor read (`get`, `read_into`, and the
+bytes `file_range` hands a writer to copy unseen) is checked for NaN and Inf (`check_finite`), and a
+config.json whose sizes imply more weights than the files hold is refused before anything per
+layer is built (the size guard, btx.units.oversize). `CheckpointReader` opens an HF directory (single file or sharded
 index), checks every header and hands out tensors through `safe_open`, which memory-maps the file,
 or with plain reads into reused buffers (`read_into`). Nothing is ever unpickled.
 """
@@ -22,6 +27,7 @@ from safetensors import safe_open
 
 from btx.errors import BtxError, missing_checkpoint
 from btx.families import read_config
+from btx.io.finite import can_check_bytes, check_finite
 from btx.io.layout import (
     CONFIG_NAME,
     INDEX_FILE,
@@ -46,7 +52,7 @@ _MAX_HEADER = 100 << 20  # the safetensors library refuses headers over 100 MB t
 # More tensors than any real shard holds (a 128-expert, 94-layer MoE has ~36k in all, over many
 # shards). Counted in the raw header before it is parsed: parsing a million entries takes ~1 GB.
 MAX_TENSORS_PER_FILE = 200_000
-_FINITE_CHUNK = 8 << 20  # elements per finiteness check: bounds the boolean scratch to 8 MB
+_FINITE_CHUNK = 8 << 20  # elements per read-and-check step of a FileRange the writer cannot check
 
 
 class TensorInfo(NamedTuple):
@@ -147,22 +153,6 @@ def _parse_header(path: Path, raw: bytes) -> tuple[dict, dict[str, str]]:
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise BtxError(f"{path}: safetensors __metadata__ must be a map of strings to strings, got {metadata!r:.120}")
     return header, metadata
-
-
-def check_finite(t: torch.Tensor, where: str, name: str) -> None:
-    """Refuse a floating tensor holding NaN or Inf, naming the file and the tensor. Every tensor
-    btx reads from a checkpoint passes here (CheckpointReader.get, read_into, file_range), so a
-    broken expert stops a merge, a grow or a load instead of making every output token NaN."""
-    if not t.dtype.is_floating_point or t.numel() == 0:
-        return
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), _FINITE_CHUNK):
-        part = flat[start : start + _FINITE_CHUNK]
-        if part.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-            part = part.to(torch.float16)  # isfinite has no float8 kernel; the cast keeps NaN and Inf
-        if not bool(torch.isfinite(part).all()):
-            bad = part[~torch.isfinite(part)][0].item()
-            raise BtxError(f"{where}: tensor {name} holds a non-finite value ({bad}); refusing to use it")
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None, device: str | torch.device) -> torch.Tensor:
@@ -347,14 +337,18 @@ class CheckpointReader:
         """Where the stored bytes of HF tensor `name` (or of rows [r0, r1)) lie, for a writer to
         copy file to file (see `FileRange`)."""
         info, start, nbytes, _ = self._span(name, rows)
-        if info.dtype.is_floating_point:  # the writer copies these bytes unseen: check them here
+        where = self.path / info.file
+        if can_check_bytes(info.dtype) and start % info.dtype.itemsize == 0:
+            # the writer checks the bytes as it hashes them from the page cache: no read here
+            return FileRange(where, start, nbytes, info.dtype, name)
+        if info.dtype.is_floating_point:  # bytes the writer cannot check as they are: check them here
             step = _FINITE_CHUNK // 4 * info.dtype.itemsize
             scratch = torch.empty(min(step, nbytes), dtype=torch.uint8)
             for at in range(0, nbytes, step):
                 part = scratch[: min(step, nbytes - at)]
                 self._pread(info, name, part, start + at)
                 check_finite(part.view(info.dtype), str(self.path / info.file), name)
-        return FileRange(self.path / info.file, start, nbytes)
+        return FileRange(where, start, nbytes)
 
     def _pread(self, info: TensorInfo, name: str, out: torch.Tensor, start: int) -> None:
         """Fill `out` (contiguous, CPU) with the file's bytes from `start` on."""

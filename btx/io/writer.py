@@ -21,12 +21,14 @@ import sys
 from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from btx.errors import BtxError
 from btx.io.atomic import atomic_dir
+from btx.io.finite import check_finite_bytes
 from btx.io.hashing import sha256_file, update_from_file
 from btx.io.layout import (
     CONFIG_NAME,
@@ -154,7 +156,10 @@ def write_safetensors(
             if isinstance(out, FileRange):
                 if out.nbytes != nbytes:
                     raise ValueError(f"{spec.name}: produced {out.nbytes} bytes of {out.path}, announced {nbytes}")
-                file_hashes.append(hasher.submit(update_from_file, digest, out.path, out.offset, out.nbytes))
+                check = None
+                if out.dtype is not None:  # NaN and Inf, on the hashing thread from the same pages
+                    check = partial(check_finite_bytes, dtype=out.dtype, where=str(out.path), name=out.name)
+                file_hashes.append(hasher.submit(update_from_file, digest, out.path, out.offset, out.nbytes, check))
                 _copy_range(fd, out)
             else:
                 if tuple(out.shape) != tuple(spec.shape):
