@@ -39,7 +39,7 @@ def config_key(field: str, theirs_hf: dict, ours_hf: dict, theirs, ours) -> tupl
     """How a message names a ModelConfig field that differs between two checkpoints: its
     config.json key and values where it has one, else (a switch the family implies, such as
     qk_norm) the two config.json files' model_type."""
-    if field in HF_FIELD:
+    if field in HF_FIELD and field != "family":  # a family is named by its config.json's model_type
         return HF_FIELD[field], theirs, ours
     if field in ("vocab_size", "rope_theta", "sliding_window", "head_dim"):
         return field, theirs, ours
