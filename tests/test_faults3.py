@@ -440,12 +440,15 @@ def test_sigterm_stops_a_command_with_one_line(world, tmp_path):
 def test_btx_keeps_an_inherited_sigint_ignore(tmp_path):
     """As POSIX programs do (docs/COMMANDS.md, Signals): a background job of a script ignores
     Ctrl-C, and btx does not undo that; SIGTERM stops it."""
-    code = "import signal, btx.cli; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"
+    code = (
+        "import signal, sys\nfrom btx.cli import main\nmain(['recipes'])\n"
+        "print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN, file=sys.stderr)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], env=ENV, capture_output=True, text=True,
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
     )  # fmt: skip
-    assert out.stdout.strip() == "True", out.stderr
+    assert out.returncode == 0 and out.stderr.strip().splitlines()[-1] == "True", out.stderr
 
 
 # -- 15. Slurm scripts name the recipe file a name resolved to ----------------------------------------
