@@ -287,7 +287,7 @@ def test_bad_edits_are_refused_and_write_nothing(world, tmp_path):
     )
     cases = [
         (dict(add={"prose": foreign}), "away from the MoE's and no DONE.json links it to the MoE's seed"),
-        (dict(add={"prose": wide}), "ffn_dim is 64 but the MoE"),
+        (dict(add={"prose": wide}), "intermediate_size is 64 but the MoE"),
         (dict(add={"code": world.experts["prose"]}), "has an expert of that name already"),
         (dict(remove=["code", "math", "seed"]), "would leave"),
         (dict(remove=["nope"]), "--remove-expert nope: not an expert"),

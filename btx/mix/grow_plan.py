@@ -117,7 +117,7 @@ def _check_compatible(moe: CheckpointReader, new: AddedExpert) -> None:
             continue
         if b[key] != mine:
             what = (
-                "intermediate_size (its FFN width) must equal the MoE's expert width"
+                "an added expert's FFN width must equal the MoE's expert width"
                 if key == "ffn_dim"
                 else "experts must keep the seed's architecture"
             )
