@@ -23,18 +23,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
         "gpus_per_node with the slurm executor, else branch.devices_per_expert)",
     )
     p.add_argument("--nodes", type=int, metavar="M", help="nodes per job (default: branch.slurm.nodes)")
-    p.add_argument(
-        "--gpus-per-node", type=int, metavar="G", help="GPUs per node (default: branch.slurm.gpus_per_node)"
-    )
+    p.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs per node (default: branch.slurm.gpus_per_node)")
     p.add_argument(
         "--cluster-gpus",
         type=int,
         metavar="T",
         help="GPUs available at once (default: enough for every expert side by side); fewer run the experts in waves",
     )
-    p.add_argument(
-        "--mfu", type=float, metavar="X", help="model-FLOPs utilisation to assume, in (0, 1] (default 0.40)"
-    )
+    p.add_argument("--mfu", type=float, metavar="X", help="model-FLOPs utilisation to assume, in (0, 1] (default 0.40)")
     p.add_argument(
         "--measured", metavar="RUN_DIR", help="take the MFU from a finished run's metrics.jsonl (median over its steps)"
     )

@@ -54,7 +54,13 @@ GPUS: dict[str, Gpu] = {
     )
 }
 # Other spellings people type for the same cards.
-ALIASES = {"A100": "A100-80GB", "A100-80G": "A100-80GB", "A100-40G": "A100-40GB", "H100-SXM": "H100", "H100-80GB": "H100"}
+ALIASES = {
+    "A100": "A100-80GB",
+    "A100-80G": "A100-80GB",
+    "A100-40G": "A100-40GB",
+    "H100-SXM": "H100",
+    "H100-80GB": "H100",
+}
 
 
 def gpu(name: str) -> Gpu:

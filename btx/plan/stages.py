@@ -161,12 +161,34 @@ def training_jobs(exp: Experiment, seed: ModelConfig) -> list[Job]:
         engine, zero = _dense_engine(fts)  # the dense baseline trains with the finetune's train settings
         on = match in asked
         jobs.append(
-            Job(f"baseline:dense-{match}", "baseline", seed, fts, "all", engine, zero, False, "finetune.train.",
-                "finetune.train.", in_recipe=on)
+            Job(
+                f"baseline:dense-{match}",
+                "baseline",
+                seed,
+                fts,
+                "all",
+                engine,
+                zero,
+                False,
+                "finetune.train.",
+                "finetune.train.",
+                in_recipe=on,
+            )
         )
         jobs.append(
-            Job(f"baseline:upcycled-{match}", "baseline", moe, fts, "all", "deepspeed", ft.zero_stage,
-                ft.offload_optimizer, "finetune.train.", "finetune.", in_recipe=on)
+            Job(
+                f"baseline:upcycled-{match}",
+                "baseline",
+                moe,
+                fts,
+                "all",
+                "deepspeed",
+                ft.zero_stage,
+                ft.offload_optimizer,
+                "finetune.train.",
+                "finetune.",
+                in_recipe=on,
+            )
         )
     return jobs
 
@@ -190,4 +212,6 @@ def with_activation_checkpointing(jobs: list[Job], mode: str | None) -> list[Job
         return jobs
     if mode not in AC_MODES:
         raise BtxError(f"--activation-checkpointing: expected one of {', '.join(AC_MODES)}, got {mode!r}")
-    return [dataclasses.replace(job, settings=replace_settings(job.settings, activation_checkpointing=mode)) for job in jobs]
+    return [
+        dataclasses.replace(job, settings=replace_settings(job.settings, activation_checkpointing=mode)) for job in jobs
+    ]
