@@ -180,6 +180,16 @@ def test_json_output(capsys):
     assert p["gpu"]["name"] == "B200" and {j["job"] for j in p["jobs"]} >= {"finetune", "expert:code"}
 
 
+def test_demo_plan_agrees_with_the_demo_recipes_published_arithmetic():
+    # recipes/demo/btx.yaml's arithmetic block (tools/published.py): seed 8.16e+12 FLOPs, experts
+    # 1.22e+12 each, finetune 2.36e+12 = 39.2% of BTX; baselines 1106 (dense) and 765 (upcycled) steps
+    p = build_plan(parse_args(["plan", "demo", "--gpu", "H100", "--gpus-per-job", "1"]))
+    jobs = {j["job"]: j for j in p["jobs"]}
+    assert f"{jobs['seed']['flops']:.3g}" == "8.16e+12" and f"{jobs['expert:code']['flops']:.3g}" == "1.22e+12"
+    assert f"{jobs['finetune']['flops']:.3g}" == "2.36e+12" and f"{p['btx']['moe_share']:.1%}" == "39.2%"
+    assert jobs["baseline:dense-compute"]["steps"] == 1106 and jobs["baseline:upcycled-compute"]["steps"] == 765
+
+
 def test_demo_recipe_plans_without_a_seed_config(capsys):
     assert main(["plan", "demo", "--gpu", "L40S"]) == 0
     out = capsys.readouterr().out

@@ -16,11 +16,26 @@ def _tokens(n: float) -> str:
 
 
 def _hours(h: float) -> str:
-    return f"{h / 24:,.1f} d" if h >= 48 else f"{h:,.2f} h"
+    if h >= 48:
+        return f"{h / 24:,.1f} d"
+    return f"{h:,.2f} h" if h >= 1 else f"{h * 3600:,.0f} s"
+
+
+def _days(gpu_hours: float) -> str:
+    days = gpu_hours / 24
+    return f"{days:,.1f}" if days >= 10 else f"{days:.3g}"
 
 
 def _gib(b: float) -> str:
     return f"{b / GIB:,.1f}"
+
+
+def _engine(row: dict) -> str:
+    """accelerate: DDP with fp32 weights (autocast); deepspeed: its ZeRO stage."""
+    if row["engine"] == "accelerate":
+        return f"DDP {row['precision']}"
+    stage = row["engine"].rsplit("-", 1)[-1]
+    return f"ZeRO-{stage} {row['precision']}" + (" offload" if row["offload_optimizer"] else "")
 
 
 def print_plan(plan: dict, console: Console) -> None:
@@ -28,7 +43,7 @@ def print_plan(plan: dict, console: Console) -> None:
     console.print(
         f"[bold]btx plan[/] {escape(plan['recipe'])}: {gpu['name']} ({gpu['peak_flops'] / 1e12:,.0f} TFLOP/s bf16, "
         f"{gpu['memory_bytes'] / 1e9:,.0f} GB; {plan['usable_bytes'] / GIB:,.1f} GiB usable), "
-        f"{plan['gpus_per_job']} GPUs per job, {plan['cluster_gpus']} in all, MFU {plan['mfu']:.1%}"
+        f"{plan['gpus_per_job']} GPU{'s' * (plan['gpus_per_job'] != 1)} per job, {plan['cluster_gpus']} in all, MFU {plan['mfu']:.1%}"
         + (f" ({escape(plan['mfu_source'])})" if plan.get("mfu_source") else "")
     )
     compute_rows = []
@@ -40,7 +55,7 @@ def print_plan(plan: dict, console: Console) -> None:
                 f"{r['steps']:,}",
                 _tokens(r["tokens"]),
                 f"{r['flops']:.3g}",
-                f"{r['gpu_hours'] / 24:,.1f}",
+                _days(r["gpu_hours"]),
                 _hours(r["wall_hours"]),
             ]
         )
@@ -66,7 +81,7 @@ def print_plan(plan: dict, console: Console) -> None:
         memory_rows.append(
             [
                 escape(r["job"]),
-                escape(f"{r['engine']}, {r['precision']}"),
+                escape(_engine(r)),
                 f"{r['micro_batch']} x {r['grad_accum']}",
                 r["activation_checkpointing"],
                 _gib(m["params"]),
@@ -102,7 +117,7 @@ def print_plan(plan: dict, console: Console) -> None:
             escape(s["stage"]),
             _tokens(s["tokens"]),
             f"{s['flops']:.3g}",
-            f"{s['gpu_hours'] / 24:,.1f}",
+            _days(s["gpu_hours"]),
             _hours(s["wall_hours"]),
             escape(s["note"]),
         ]
