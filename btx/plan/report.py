@@ -43,8 +43,8 @@ def print_plan(plan: dict, console: Console) -> None:
     console.print(
         f"[bold]btx plan[/] {escape(plan['recipe'])}: {gpu['name']} ({gpu['peak_flops'] / 1e12:,.0f} TFLOP/s bf16, "
         f"{gpu['memory_bytes'] / 1e9:,.0f} GB; {plan['usable_bytes'] / GIB:,.1f} GiB usable), "
-        f"{plan['gpus_per_job']} GPU{'s' * (plan['gpus_per_job'] != 1)} per job, {plan['cluster_gpus']} in all, MFU {plan['mfu']:.1%}"
-        + (f" ({escape(plan['mfu_source'])})" if plan.get("mfu_source") else "")
+        f"{plan['gpus_per_job']} GPU{'s' * (plan['gpus_per_job'] != 1)} per job, {plan['cluster_gpus']} in all, "
+        f"MFU {plan['mfu']:.1%}" + (f" ({escape(plan['mfu_source'])})" if plan.get("mfu_source") else "")
     )
     compute_rows = []
     for r in plan["jobs"]:
