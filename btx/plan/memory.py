@@ -9,10 +9,12 @@ al. 2020), as btx's engines lay them out (btx/train/engines/):
   held from forward to backward (2 Psi).
 - deepspeed: weights in the run's dtype p (bf16: 2, fp32: 4); fp32 master copy (4; none at ZeRO-0
   fp32) and AdamW moments (8) per trained parameter; gradients in dtype p; the fp32 gradient of the
-  rank's partition when the optimizer steps (4 Psi_t / N, Psi_t at ZeRO-0 bf16).
+  rank's partition when the optimizer steps (4 Psi_t / N, Psi_t at ZeRO-0 bf16); the gradients
+  flattened into reduce buckets of up to 5e8 elements (reduce_bucket_size) for the all-reduce, at
+  every stage (at ZeRO-0 the engine's buffered all-reduce copies them, even at N = 1).
     stage 0: p Psi + p Psi_t + (master + 8) Psi_t
     stage 1: the master and moments are sharded: / N
-    stage 2: the gradients too (+ one reduce bucket of min(5e8, Psi_t) elements)
+    stage 2: the gradients too
     stage 3: the weights too (+ the gathered weights of about two layers: the one running and the
              prefetched one)
   optimizer offload (finetune.offload_optimizer): master, moments and fp32 gradients live in host
@@ -114,10 +116,11 @@ def state_bytes(
     stage = zero_stage or 0
     master = 0 if (stage == 0 and p == 4) else 4
     bucket = p * min(DS_BUCKET, psi_t)
-    if stage == 0:
-        params, grads, optim, buffers = p * psi, p * psi_t, (master + 8) * psi_t, (4 * psi_t if p != 4 else 0)
+    if stage == 0:  # the engine's all-reduce flattens the gradients into buckets (a copy), even at N = 1
+        params, grads, optim = p * psi, p * psi_t, (master + 8) * psi_t
+        buffers = (4 * psi_t if p != 4 else 0) + bucket
     elif stage == 1:
-        params, grads, optim, buffers = p * psi, p * psi_t, (master + 8) * psi_t / n, 4 * psi_t / n
+        params, grads, optim, buffers = p * psi, p * psi_t, (master + 8) * psi_t / n, 4 * psi_t / n + bucket
     elif stage == 2:
         params, grads, optim, buffers = p * psi, p * psi_t / n, (master + 8) * psi_t / n, 4 * psi_t / n + bucket
     else:
