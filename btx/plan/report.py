@@ -46,6 +46,15 @@ def print_plan(plan: dict, console: Console) -> None:
         f"{plan['gpus_per_job']} GPU{'s' * (plan['gpus_per_job'] != 1)} per job, {plan['cluster_gpus']} in all, "
         f"MFU {plan['mfu']:.1%}" + (f" ({escape(plan['mfu_source'])})" if plan.get("mfu_source") else "")
     )
+    m = plan.get("measured")
+    if m:
+        done = m["done_tokens_per_s"]
+        console.print(
+            f"measured: MFU {m['mfu']:.1%} and {m['tokens_per_s'] or 0:,.0f} tokens/s per step (median of "
+            f"{m['steps']} steps)"
+            + (f"; DONE.json tokens / wall time {done:,.0f} tokens/s" if done else "")
+            + "; a CPU run's MFU is against this CPU's matmul rate and says little about a GPU"
+        )
     compute_rows = []
     for r in plan["jobs"]:
         name = r["job"] + ("" if r["in_recipe"] else " *")
