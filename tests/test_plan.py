@@ -154,6 +154,10 @@ def test_suggestions_make_a_plan_that_does_not_fit_fit():
                 flags += [f for f in change.split() if f not in flags]
             else:
                 overrides.append(change)
+    jobs = {j["job"]: j for j in before["jobs"]}
+    # ZeRO-2 experts on a 40 GB card: checkpointing comes before ZeRO-3; the ZeRO-1 finetune needs both
+    assert jobs["expert:math"]["suggestion"]["changes"] == ["--activation-checkpointing full"]
+    assert jobs["finetune"]["suggestion"]["changes"] == ["--activation-checkpointing full", "finetune.zero_stage=3"]
     after = build_plan(parse_args([*argv, *overrides, *flags]))
     assert after["fits"] and all(j["fits"] for j in after["jobs"])
 

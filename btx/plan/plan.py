@@ -62,9 +62,9 @@ def _has_ac_key(job: Job) -> bool:
 def _with(job: Job, change: str) -> tuple[Job, Change] | None:
     """`job` with one more memory-saving change, or None when that change is not available."""
     s = job.settings
-    if change == "zero":
+    if change in ("zero", "zero_up_to_2"):
         stage = -1 if job.zero_stage is None else job.zero_stage
-        if stage >= 3:
+        if stage >= (2 if change == "zero_up_to_2" else 3):
             return None
         new = dataclasses.replace(
             job, engine="deepspeed", zero_stage=stage + 1, settings=replace_settings(s, zero_stage=stage + 1)
@@ -93,7 +93,7 @@ def _with(job: Job, change: str) -> tuple[Job, Change] | None:
 
 # The order a suggestion tries changes in: ZeRO up to 2 costs little; checkpointing costs ~1/3 more
 # compute; ZeRO-3 more communication; smaller micro-batches lower MFU; offload is the slowest.
-_ORDER = ("zero", "zero", "zero", "checkpointing", "zero", "micro_batch", "offload")
+_ORDER = ("zero_up_to_2", "zero_up_to_2", "zero_up_to_2", "checkpointing", "zero", "micro_batch", "offload")
 
 
 def suggest(job: Job, world: int, capacity: float) -> tuple[list[Change], Job] | None:
