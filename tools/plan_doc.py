@@ -85,7 +85,7 @@ def _table3() -> str:
         "reaches.",
         f"- The paper's upcycled baseline trained {PAPER['upcycled'][3] / 1e9:.0f}B tokens of "
         f"{up_fpt / 1e9:.1f} GFLOPs each in {PAPER['upcycled'][2]} GPU-days: an MFU of "
-        f"{paper_up_mfu:.1%} on an {GPU}, lower than BTX's dense experts reached. The paper matched the "
+        f"{paper_up_mfu:.1%} on an {GPU}, below the {implied:.1%} of BTX's jobs. The paper matched the "
         "baseline on GPU-days; btx matches FLOPs (btx.run.baselines), which gives the upcycled MoE "
         f"{up['tokens'] / 1e9:,.1f}B tokens at one MFU for every job.",
     ]
