@@ -32,6 +32,7 @@ from btx.cli.evaluate import (
     cmd_eval,
 )
 from btx.cli.merge import add_merge_arguments, cmd_merge
+from btx.cli.plan import add_plan_arguments, cmd_plan
 from btx.errors import BtxError, Terminated
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +303,12 @@ COMMANDS: dict[str, Command] = {
         "the whole pipeline from one recipe (prepare, seed, branch, merge, finetune, "
         "baselines, eval, analyze); skips finished stages; alone it runs the embedded CPU demo",
         add_run_arguments,
+    ),
+    "plan": Command(
+        cmd_plan,
+        "compute, memory per GPU and wall time of a recipe on a named cluster, with what to change "
+        "when a stage does not fit",
+        add_plan_arguments,
     ),
     "recipes": Command(
         cmd_recipes, "list the recipes btx ships (run one by name: btx run demo)", add_recipes_arguments

@@ -84,9 +84,13 @@ def _check_sizes(c: Checker, recipe: ExperimentRecipe, trains: Dict[str, TrainSe
             c.fail(f"{key}.{found[0]}", found[1])
 
 
-def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = None) -> Experiment:
+def load_experiment(
+    path: str | os.PathLike, overrides: Optional[List[str]] = None, *, inputs_exist: bool = True
+) -> Experiment:
     """Load, resolve and validate an experiment recipe and every domain recipe it names. `path` is
-    a recipe file, or the name of a recipe btx ships (`demo`; see `btx recipes`)."""
+    a recipe file, or the name of a recipe btx ships (`demo`; see `btx recipes`). With
+    `inputs_exist=False` (`btx plan`, before the seed and the data are on this machine) the
+    tokenizer, seed.path and data sources need not exist; a missing source has no files."""
     path = resolve_recipe(path)
     overrides = list(overrides or [])
     label = _label(path, overrides)
@@ -104,7 +108,7 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     c.name(recipe.experiment, "experiment")
     if recipe.run_dir is None:
         recipe.run_dir = str(Path("checkpoints") / recipe.experiment)
-    if recipe.tokenizer != "byte":
+    if recipe.tokenizer != "byte" and inputs_exist:
         c.that(
             Path(recipe.tokenizer).exists(),
             "tokenizer",
@@ -117,7 +121,7 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
             "model",
             "give either seed.path (an existing checkpoint) or model (a seed trained from scratch), not both",
         )
-        if not Path(recipe.seed.path).is_dir():
+        if inputs_exist and not Path(recipe.seed.path).is_dir():
             c.fail("seed.path", missing_checkpoint(recipe.seed.path, _written_path(recipe.seed.path, path.parent)))
     elif recipe.model is None:
         c.fail("seed", "give seed.path (an existing dense checkpoint) or a model section (a seed trained from scratch)")
@@ -190,7 +194,9 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
     for name, domain_path in recipe.domains.items():
         dpath = Path(domain_path)
         c.that(dpath.is_file(), f"domains.{name}", f"{domain_path}: no such domain recipe file")
-        domains[name] = load_domain(dpath, base_train=recipe.train, name=name, cli_train=cli_train)
+        domains[name] = load_domain(
+            dpath, base_train=recipe.train, name=name, cli_train=cli_train, inputs_exist=inputs_exist
+        )
     general = None
     if recipe.finetune.general is not None:
         c.that(
@@ -200,7 +206,9 @@ def load_experiment(path: str | os.PathLike, overrides: Optional[List[str]] = No
         )
         gpath = Path(recipe.finetune.general)
         c.that(gpath.is_file(), "finetune.general", f"{gpath}: no such domain recipe file")
-        general = load_domain(gpath, base_train=recipe.train, name=GENERAL_DOMAIN, cli_train=cli_train)
+        general = load_domain(
+            gpath, base_train=recipe.train, name=GENERAL_DOMAIN, cli_train=cli_train, inputs_exist=inputs_exist
+        )
 
     return Experiment(
         path=path,
@@ -221,6 +229,7 @@ def load_domain(
     base_train: Optional[TrainSection] = None,
     name: Optional[str] = None,
     cli_train: Optional[Dict[str, Any]] = None,
+    inputs_exist: bool = True,
 ) -> Domain:
     """Load and validate one domain recipe. `base_train` holds the experiment's training defaults
     (TrainSection() when the domain stands alone); the domain's `train:` overrides them."""
@@ -244,7 +253,7 @@ def load_domain(
     recipe.name = expected
     c.name(recipe.name, "name")
     recipe.data.check(c.at("data"))
-    sources = [_source(s, recipe.data, c, i) for i, s in enumerate(recipe.data.sources)]
+    sources = [_source(s, recipe.data, c, i, inputs_exist) for i, s in enumerate(recipe.data.sources)]
     train = _effective_train(
         base_train or TrainSection(), recipe.train, cli_train or {}, _cli_keys(override_dicts, "train"), c.at("train")
     )
@@ -501,7 +510,7 @@ def _resolve_sources(raw: dict, root: Path) -> None:
 _SOURCE_KEYS = ("path", "glob", "text_field")
 
 
-def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
+def _source(spec: Any, data: DataSection, c: Checker, i: int, inputs_exist: bool = True) -> Source:
     key = f"data.sources[{i}]"
     if isinstance(spec, str):
         spec = {"path": spec}
@@ -516,6 +525,8 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int) -> Source:
         c.fail(key, "missing path")
     path = Path(spec["path"])
     pattern = spec.get("glob")
+    if not inputs_exist and not path.exists():
+        return Source(path=path, glob=pattern, text_field=spec.get("text_field", data.text_field), files=[])
     if pattern is not None:
         if not path.is_dir():
             c.fail(f"{key}.path", f"{path}: no such directory")
