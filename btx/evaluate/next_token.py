@@ -29,6 +29,7 @@ import math
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from btx.errors import BtxError
 from btx.evaluate.btm import TfidfRouter, btm_mixture, btm_topk_mixture, btm_topk_order
@@ -44,8 +45,9 @@ def _model_logprobs(model, inputs_BS: torch.Tensor, targets_BS: torch.Tensor, po
     wanted positions [B, K, V] fp32 on the model's device)."""
     device = _device(model)
     logits = model(inputs_BS.to(device)).logits.float()
+    # The target log-probs as btx.evaluate.scores.token_logprobs computes them (the loss eval's), bit for bit.
+    lp_BS = -F.cross_entropy(logits.transpose(1, 2), targets_BS.to(device), reduction="none")
     lp_BSV = torch.log_softmax(logits, dim=-1)
-    lp_BS = lp_BSV.gather(-1, targets_BS.to(device).unsqueeze(-1)).squeeze(-1)
     index = positions_BK.to(device).unsqueeze(-1).expand(-1, -1, lp_BSV.shape[-1])
     return lp_BS.cpu(), lp_BSV.gather(1, index)
 

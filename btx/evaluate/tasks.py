@@ -232,7 +232,9 @@ class TaskSuite:
         except BtxError:
             raise
         except Exception as exc:
-            raise BtxError(f"task {spec.name!r} on {lm.name}: lm-eval failed ({first_line(exc)})") from exc
+            raise BtxError(
+                f"task {spec.name!r} on {getattr(lm, 'name', 'the model')}: lm-eval failed ({first_line(exc)})"
+            ) from exc
         return task_record(results, spec.name)
 
 
