@@ -35,6 +35,7 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.io.reader import CheckpointReader
+from btx.recipe.experiment import to_plain
 from btx.recipe.load import load_experiment
 from btx.run.baselines import ROWS, matches
 from btx.run.eval_tasks import prepare_tasks, run_tasks
@@ -238,6 +239,15 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
     return rows
 
 
+def eval_section_view(exp) -> dict:
+    """What of the eval section decides the eval stage's result: all of it, and with local tasks
+    the content of the include path (a task's YAML or data edited in place redoes the stage)."""
+    view = to_plain(exp.eval)
+    if exp.eval.tasks and exp.eval.include_path and Path(exp.eval.include_path).is_dir():
+        view["include_path_files"] = hash_dir(exp.eval.include_path)
+    return view
+
+
 def present_models(exp) -> list[RunModel]:
     """The models of the run that exist, in table order."""
     return [m for m in run_models(exp) if (m.path / "config.json").is_file()]
@@ -260,6 +270,8 @@ def eval_settings(exp) -> dict:
         "seq_len": exp.eval.seq_len or exp.train.seq_len,
         "match": exp.eval.match,
         "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens,
+        # only with tasks, so that a loss-only eval.json stays what it was
+        **({"tasks": list(exp.eval.tasks), "include_path": exp.eval.include_path} if exp.eval.tasks else {}),
     }
 
 
