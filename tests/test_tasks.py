@@ -9,14 +9,18 @@ The tasks are tests/fixtures/tasks/ (local: dataset_path json, a few documents e
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 pytest.importorskip("lm_eval")  # the eval extra, in the test extra too
 
@@ -35,6 +39,9 @@ from btx.evaluate.tasks import TaskSpec, TaskSuite, require_lm_eval, task_record
 from btx.io.checkpoint import load_model  # noqa: E402
 from btx.model.config import ModelConfig  # noqa: E402
 from btx.model.transformer import Transformer  # noqa: E402
+from btx.recipe.load import load_experiment  # noqa: E402
+from btx.run.evaluation import evaluate  # noqa: E402
+from btx.run.stage import Task  # noqa: E402
 
 TASKS = Path(__file__).parent / "fixtures" / "tasks"
 
@@ -228,6 +235,14 @@ def test_btx_eval_runs_the_tasks_on_every_model_and_ensemble_then_reuses_them(wo
     assert "0 result(s) scored, 12 reused" in capsys.readouterr().out
     after = json.loads((run / "eval" / "tasks.json").read_text())
     assert after["rows"] == json.loads(before)["rows"]
+
+    # btx run's eval stage writes the same outputs (here from the stored results)
+    exp = load_experiment(recipe, ["eval.tasks=[letters_mc, letters_gen]", f"eval.include_path={TASKS}"])
+    shutil.rmtree(run / "eval")
+    evaluate(SimpleNamespace(exp=exp, console=Console(file=io.StringIO())), Task(key="k"))
+    assert json.loads((run / "eval" / "tasks.json").read_text())["rows"] == after["rows"]
+    assert "tasks: average (%)" in (run / "eval" / "eval.md").read_text()
+    assert {"tasks.json", "tasks.md"} <= set(json.loads((run / "eval" / "DONE.json").read_text())["outputs"])
 
 
 def test_bad_tasks_are_one_line_and_write_nothing(world, tmp_path, capsys, monkeypatch):
