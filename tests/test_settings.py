@@ -110,7 +110,16 @@ FINETUNE = dict(
     offload_optimizer=True,
     general="general.yaml",
 )
-EVAL = dict(baselines=True, match="both", batches=3, batch_size=4, seq_len=16, btm_tfidf_tokens=1000)
+EVAL = dict(
+    baselines=True,
+    match="both",
+    batches=3,
+    batch_size=4,
+    seq_len=16,
+    btm_tfidf_tokens=1000,
+    tasks=["letters_mc", {"task": "letters_gen", "num_fewshot": 1, "limit": 2, "batch_size": 3}],
+    include_path=str(Path(__file__).parent / "fixtures" / "tasks"),
+)
 ANALYZE = dict(tokens=100, show_text=1)
 SLURM = dict(
     partition="gpu",
@@ -320,8 +329,14 @@ def test_eval_keys_reach_eval(every_value):
 
     exp, _ = every_value
     settings = eval_settings(exp)
-    for key in ("batches", "batch_size", "seq_len", "match", "btm_tfidf_tokens"):
+    for key in ("batches", "batch_size", "seq_len", "match", "btm_tfidf_tokens", "tasks", "include_path"):
         assert settings[key] == EVAL[key], key
+    from btx.evaluate.tasks import TaskSpec, task_specs
+
+    assert task_specs(exp.eval.tasks, exp.eval.batch_size) == [
+        TaskSpec("letters_mc", batch_size=4),
+        TaskSpec("letters_gen", num_fewshot=1, limit=2, batch_size=3),
+    ]
     assert exp.run_dir / "baselines" / "upcycled-merged" in model_stage_dirs(exp)  # eval.baselines
     assert matches(exp) == ["compute", "data"]
 

@@ -140,6 +140,19 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)",
     )
     p.add_argument(
+        "--tasks",
+        default=None,
+        metavar="T1,T2",
+        help="recipe: downstream tasks through lm-evaluation-harness on every model and the BTM ensembles "
+        "(shorthand for eval.tasks=[T1, T2]; needs pip install 'btx[eval]'; docs/TASKS.md)",
+    )
+    p.add_argument(
+        "--include-path",
+        default=None,
+        metavar="DIR",
+        help="recipe: a directory of lm-eval task YAMLs (local tasks; eval.include_path)",
+    )
+    p.add_argument(
         "--force",
         action="store_true",
         help="recipe: evaluate the run's models even when one no longer follows from its inputs "

@@ -132,11 +132,15 @@ class TfidfRouter:
 def btm_topk_mixture(lp_JNS: torch.Tensor, scores_JNS: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(mix_NS, top1_NS): the equal-weight mixture of the k best-scoring experts at every position
     (ties to the lower index), and the index of the best one."""
-    J = lp_JNS.shape[0]
-    # A stable descending sort: equal scores keep the experts' order.
-    order = torch.sort(-scores_JNS, dim=0, stable=True).indices[: min(k, J)]
+    order = btm_topk_order(scores_JNS, k)
     chosen = torch.gather(lp_JNS.double(), 0, order)
     return torch.logsumexp(chosen, dim=0) - math.log(order.shape[0]), order[0]
+
+
+def btm_topk_order(scores_JNS: torch.Tensor, k: int) -> torch.Tensor:
+    """[min(k, J), N, S]: the indices of the k best-scoring experts at every position, best first."""
+    # A stable descending sort: equal scores keep the experts' order.
+    return torch.sort(-scores_JNS, dim=0, stable=True).indices[: min(k, scores_JNS.shape[0])]
 
 
 def window_inputs(shard: Shard, seq_len: int, batch_size: int, max_batches: int | None) -> np.ndarray:

@@ -36,6 +36,7 @@ from btx.evaluate.plot import PLOT_NAME
 from btx.evaluate.routing_analysis import checkpoint_tokenizer, pick_device
 from btx.evaluate.scores import EvalRow, row_from_logprobs, window_logprobs
 from btx.evaluate.table import render, save
+from btx.evaluate.task_report import TASKS_PLOT
 from btx.io.atomic import atomic_dir
 from btx.io.checkpoint import load_model
 from btx.io.manifest import hash_dir, read_done, write_done
@@ -350,7 +351,8 @@ def check_out_dir(out: Path) -> None:
 
 def written(out: Path) -> str:
     """The files of an eval output, for the closing line."""
-    return ", ".join(name for name in ("eval.md", "eval.json", PLOT_NAME) if (out / name).is_file())
+    names = ("eval.md", "eval.json", PLOT_NAME, "tasks.md", "tasks.json", TASKS_PLOT)
+    return ", ".join(name for name in names if (out / name).is_file())
 
 
 def write_outputs(
@@ -360,11 +362,15 @@ def write_outputs(
     done: dict,
     extra: dict | None = None,
     console: Console | None = None,
+    tasks=None,
 ) -> None:
-    """eval.json, eval.md, the plot and DONE.json (last), appearing in `out` all at once."""
+    """eval.json, eval.md, the plot and DONE.json (last), appearing in `out` all at once; with
+    `tasks` (a btx.evaluate.task_report.TaskReport) tasks.json, tasks.md and their plot too."""
 
     with atomic_dir(out, force=True) as tmp:
-        save(rows, domains, tmp, extra, console=console)
+        save(rows, domains, tmp, extra, console=console, task_groups=tasks.groups() if tasks else None)
+        if tasks is not None:
+            tasks.save(tmp, console=console)
         write_done(
             tmp, {"stage": "eval", "rows": [r.name for r in rows], "domains": domains, **done, "outputs": hash_dir(tmp)}
         )
@@ -373,6 +379,9 @@ def write_outputs(
 def eval_checkpoints_command(args) -> int:
     """`btx eval CKPT [CKPT ...] --data DOMAIN=SHARD ...` (`btx eval RECIPE` is btx.run.pipeline's)."""
     rest = list(args.overrides or [])
+    for flag, name in (("--tasks", "tasks"), ("--include-path", "include_path")):
+        if getattr(args, name, None):
+            raise BtxError(f"eval: {flag} is for an experiment RECIPE (its run's models and BTM ensembles)")
     if args.target is None:
         if not args.btm:
             raise BtxError("eval: give an experiment RECIPE, or CHECKPOINT directories with --data DOMAIN=SHARD")

@@ -103,3 +103,32 @@ def plot_loss_vs_flops(rows, path: Path) -> str | None:
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return None
+
+
+def plot_points_vs_flops(points, path: Path, *, ylabel: str, title: str) -> str | None:
+    """A PNG of (name, value, train FLOPs) points on a log FLOPs axis, rows with 0 FLOPs as dashed
+    reference lines (the accuracy beside the loss plot); None when written, else why not ("" when
+    there is nothing to plot)."""
+    placed = [p for p in points if p[2]]
+    references = [p for p in points if p[2] == 0]
+    if not placed:
+        return ""
+    plt = _pyplot()
+    if plt is None:
+        return PLOTS_NOTE.replace(PLOT_NAME, path.name)
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for name, value, _ in references:
+        ax.axhline(value, color="grey", linestyle="--", linewidth=1, label=f"{name} ({value:.1f})")
+    shapes = "os^vD<>pPX*h"
+    for i, (name, value, flops) in enumerate(placed):
+        ax.plot([flops], [value], shapes[i % len(shapes)], label=f"{name} ({value:.1f})")
+    ax.set_xscale("log")
+    ax.set_xlabel("training FLOPs beyond the seed")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return None

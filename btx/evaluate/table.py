@@ -106,15 +106,22 @@ def _md_cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def to_markdown(rows: list[EvalRow], domains: list[str]) -> str:
+def to_markdown(rows: list[EvalRow], domains: list[str], task_groups: dict[str, dict] | None = None) -> str:
     """The table; below it, when there is more than the table to say, the FLOPs note and the
-    paired differences from the BTX row."""
+    paired differences from the BTX row. `task_groups` ({row: {group: score}}, when downstream
+    tasks ran) adds a column per group, in %."""
+    groups = list(dict.fromkeys(g for averages in (task_groups or {}).values() for g in averages))
     head = ["model", *domains, "average", "ppl (avg)", "train FLOPs", "active params"]
+    head += [f"tasks: {g} (%)" for g in groups]
     lines = ["| " + " | ".join(map(_md_cell, head)) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        lines.append("| " + " | ".join(map(_md_cell, _cells(r, domains))) + " |")
+        scores = (task_groups or {}).get(r.name, {})
+        extra = [f"{100 * scores[g]:.1f}" if g in scores else "-" for g in groups]
+        lines.append("| " + " | ".join(map(_md_cell, [*_cells(r, domains), *extra])) + " |")
     if any(r.train_flops for r in rows):
         lines += ["", FLOPS_NOTE]
+    if groups:
+        lines += ["", "tasks: downstream-task group averages from tasks.md (lm-evaluation-harness)."]
     differences = paired_differences(rows, REFERENCE_ROW)
     if differences:
         lines += ["", f"| model | average minus {REFERENCE_ROW}'s (paired, ± standard error) |", "|---|---|"]
@@ -132,8 +139,10 @@ def save(
     out_dir: str | Path,
     extra: dict | None = None,
     console: Console | None = None,
+    task_groups: dict[str, dict] | None = None,
 ) -> dict[str, Path]:
-    """Write `eval.json`, `eval.md` and, with matplotlib, `loss_vs_flops.png` into out_dir."""
+    """Write `eval.json`, `eval.md` and, with matplotlib, `loss_vs_flops.png` into out_dir
+    (`task_groups`: see `to_markdown`; eval.json gains them under "task_groups")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = {
@@ -151,9 +160,10 @@ def save(
         "flops_counting": FLOPS_NOTE,
         "differences_from": {"reference": REFERENCE_ROW, "rows": paired_differences(rows, REFERENCE_ROW)},
         **(extra or {}),
+        **({"task_groups": task_groups} if task_groups else {}),
     }
     (out / "eval.json").write_text(dumps_json(data, indent=2) + "\n")
-    (out / "eval.md").write_text(to_markdown(rows, domains))
+    (out / "eval.md").write_text(to_markdown(rows, domains, task_groups))
     paths = {"json": out / "eval.json", "markdown": out / "eval.md"}
     note = plot_loss_vs_flops(rows, out / PLOT_NAME)
     if note is None:

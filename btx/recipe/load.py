@@ -261,7 +261,7 @@ def load_domain(
 
 
 # Keys holding input paths, which resolve relative to the recipe file (or the CWD for overrides).
-_EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general")
+_EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general", "eval.include_path")
 
 
 def _written_path(resolved: str, recipe_dir: Path) -> str:

@@ -147,6 +147,11 @@ class RunDir:
         return self.root / "eval"
 
     @property
+    def task_cache(self) -> Path:
+        """Downstream-task results, one file per (model, task, settings) key (btx.evaluate.tasks)."""
+        return self.root / "eval-tasks"
+
+    @property
     def analysis(self) -> Path:
         return self.root / "analysis"
 

@@ -8,6 +8,7 @@ OmegaConf builds typed configs from these classes, so unknown keys and wrong typ
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from btx.choices import (
@@ -431,10 +432,64 @@ class EvalSection:
     # BTM top-k rows (the paper's BTM): experts picked per context by tf-idf similarity to a
     # sample of this many training tokens of each expert's domain (btx.evaluate.btm.TfidfRouter).
     btm_tfidf_tokens: int = 1_000_000
+    # Downstream tasks through lm-evaluation-harness (the `eval` extra; docs/TASKS.md), run on every
+    # model of the run and the BTM ensembles: task names, or mappings {task: NAME, num_fewshot: N,
+    # limit: N (documents; a fraction in (0, 1) for a share), batch_size: N (default eval.batch_size)}.
+    tasks: List[Any] = field(default_factory=list)
+    # A directory of lm-eval task YAMLs (local tasks), relative to the recipe; a relative
+    # data_files path in such a YAML is read relative to the YAML.
+    include_path: Optional[str] = None
 
     def check(self, c: Checker) -> None:
         c.positive(self, "batches", "batch_size", "seq_len", "btm_tfidf_tokens")
         c.choice(self, "match", EVAL_MATCHES)
+        seen = set()
+        for i, entry in enumerate(self.tasks):
+            name = check_task_entry(entry, c, f"tasks[{i}]")
+            c.that(name not in seen, f"tasks[{i}]", f"task {name!r} is listed twice")
+            seen.add(name)
+        if self.include_path is not None:
+            c.that(
+                Path(self.include_path).is_dir(),
+                "include_path",
+                f"{self.include_path}: no such directory (expected a directory of lm-eval task YAMLs)",
+            )
+
+
+TASK_KEYS = ("task", "num_fewshot", "limit", "batch_size")  # what a mapping in eval.tasks may hold
+
+
+def check_task_entry(entry: Any, c: Checker, key: str) -> str:
+    """One entry of eval.tasks is a task name or a mapping of TASK_KEYS; returns its name."""
+    if isinstance(entry, str):
+        c.that(bool(entry.strip()) and "," not in entry, key, f"expected a task name, got {entry!r}")
+        return entry
+    if not isinstance(entry, dict):
+        c.fail(key, f"expected a task name or a mapping {{task: NAME, num_fewshot, limit, batch_size}}, got {entry!r}")
+    unknown = [k for k in entry if k not in TASK_KEYS]
+    c.that(not unknown, key, f"unknown key {unknown[0] if unknown else ''!r}; expected {', '.join(TASK_KEYS)}")
+    name = entry.get("task")
+    c.that(isinstance(name, str) and bool(name.strip()), f"{key}.task", f"expected a task name, got {name!r}")
+    shots, limit, batch = entry.get("num_fewshot"), entry.get("limit"), entry.get("batch_size")
+    whole = (int,)
+    c.that(
+        shots is None or (isinstance(shots, whole) and not isinstance(shots, bool) and shots >= 0),
+        f"{key}.num_fewshot",
+        f"expected an integer >= 0, got {shots!r}",
+    )
+    c.that(
+        limit is None
+        or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0)
+        or (isinstance(limit, float) and 0.0 < limit < 1.0),
+        f"{key}.limit",
+        f"expected a number of documents > 0 or a fraction in (0, 1), got {limit!r}",
+    )
+    c.that(
+        batch is None or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0),
+        f"{key}.batch_size",
+        f"expected an integer > 0, got {batch!r}",
+    )
+    return name
 
 
 @dataclass

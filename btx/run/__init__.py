@@ -7,6 +7,7 @@
     stages.py      the work of prepare, seed, branch, merge, finetune and grow
     baselines.py   the dense and sparse-upcycling baselines, matched on compute or data
     evaluation.py  `btx eval RECIPE`: every model of a run
+    eval_tasks.py  its downstream tasks (eval.tasks): every model and the BTM ensembles, results reused
     router_inits.py `btx eval RECIPE --router-inits`: merged models side by side, per router init
     prepare.py     `btx prepare`: a recipe's domains (or command-line specs) -> token shards
     branch.py      `btx branch` and `btx status`

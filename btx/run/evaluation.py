@@ -6,6 +6,7 @@ FLOPs each cost; a model whose stage is stale is refused rather than scored.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from btx.evaluate.btm import TfidfRouter, shard_sample
 from btx.evaluate.checkpoints import btm_rows, check_out_dir, write_outputs, written
 from btx.evaluate.scores import row_from_logprobs, window_logprobs
 from btx.evaluate.table import render, save
+from btx.evaluate.tasks import parse_task_names
 from btx.io.atomic import atomic_dir
 from btx.io.checkpoint import load_model
 from btx.io.manifest import (
@@ -33,8 +35,10 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.io.reader import CheckpointReader
+from btx.recipe.experiment import to_plain
 from btx.recipe.load import load_experiment
 from btx.run.baselines import ROWS, matches
+from btx.run.eval_tasks import prepare_tasks, run_tasks
 from btx.run.ledger import Pipeline
 from btx.run.stage import Task
 
@@ -209,6 +213,7 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
         )
     out = out or exp.paths.eval
     identities = eval_input_identities(exp, out)
+    plan = prepare_tasks(exp, present_models(exp), **task_device(exp))  # task errors before any work
     rows = eval_rows(exp, console)
     if not rows:
         raise BtxError(
@@ -217,12 +222,43 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
         )
     domains = list(exp.domains)
     render(rows, domains, console=console)
+    tasks = run_tasks(plan, {r.name: r.train_flops for r in rows}, console) if plan else None
+    if tasks is not None:
+        tasks.render(console)
     settings = eval_settings(exp)
     write_outputs(
-        rows, domains, out, {**settings, "input_identities": identities}, {"settings": settings}, console=console
+        rows,
+        domains,
+        out,
+        {**settings, "input_identities": identities},
+        {"settings": settings},
+        console=console,
+        tasks=tasks,
     )
     console.print(escape(f"wrote {out}/ ({written(out)})"), soft_wrap=True)
     return rows
+
+
+def eval_section_view(exp) -> dict:
+    """What of the eval section decides the eval stage's result: all of it, and with local tasks
+    the content of the include path (a task's YAML or data edited in place redoes the stage)."""
+    view = to_plain(exp.eval)
+    if exp.eval.tasks and exp.eval.include_path and Path(exp.eval.include_path).is_dir():
+        view["include_path_files"] = hash_dir(exp.eval.include_path)
+    return view
+
+
+def present_models(exp) -> list[RunModel]:
+    """The models of the run that exist, in table order."""
+    return [m for m in run_models(exp) if (m.path / "config.json").is_file()]
+
+
+def task_device(exp) -> dict:
+    """The device and dtype downstream tasks run on: eval.device / eval.dtype when the recipe has
+    them, else fp32 on the CPU (as the loss eval)."""
+    device = getattr(exp.eval, "device", None) or "cpu"
+    dtype = getattr(exp.eval, "dtype", None) or "float32"
+    return {"device": device, "dtype": "float32" if dtype == "auto" and device == "cpu" else dtype}
 
 
 def eval_settings(exp) -> dict:
@@ -234,6 +270,8 @@ def eval_settings(exp) -> dict:
         "seq_len": exp.eval.seq_len or exp.train.seq_len,
         "match": exp.eval.match,
         "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens,
+        # only with tasks, so that a loss-only eval.json stays what it was
+        **({"tasks": list(exp.eval.tasks), "include_path": exp.eval.include_path} if exp.eval.tasks else {}),
     }
 
 
@@ -246,6 +284,11 @@ def eval_recipe_command(args) -> int:
     for key, value in (("batches", args.batches), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
         if value is not None:  # --batches N is shorthand for eval.batches=N
             rest.append(f"eval.{key}={value}")
+    tasks, include_path = getattr(args, "tasks", None), getattr(args, "include_path", None)
+    if tasks:  # --tasks T1,T2 is shorthand for eval.tasks=[T1, T2]
+        rest.append("eval.tasks=[" + ", ".join(json.dumps(n) for n in parse_task_names(tasks)) + "]")
+    if include_path:
+        rest.append(f"eval.include_path={json.dumps(include_path)}")
     if args.device not in (None, "cpu") or args.dtype != "auto":
         raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
     exp = load_experiment(args.target, rest)
@@ -259,11 +302,18 @@ def evaluate(p: Pipeline, task: Task) -> str:
     """btx run's eval stage: `eval_rows` into <run_dir>/eval/, with its DONE.json."""
     exp, out = p.exp, p.exp.paths.eval
     identities = eval_input_identities(exp, out)
+    plan = prepare_tasks(exp, present_models(exp), **task_device(exp))
     rows = eval_rows(exp, p.console)
     domains = list(exp.domains)
     render(rows, domains, console=p.console)
+    tasks = run_tasks(plan, {r.name: r.train_flops for r in rows}, p.console) if plan else None
+    if tasks is not None:
+        tasks.render(p.console)
     with atomic_dir(out, force=True) as tmp:
-        save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console)
+        groups = tasks.groups() if tasks is not None else None
+        save(rows, domains, tmp, {"settings": eval_settings(exp)}, console=p.console, task_groups=groups)
+        if tasks is not None:
+            tasks.save(tmp, console=p.console)
         write_done(
             tmp,
             {

@@ -68,7 +68,7 @@ from btx.mix.merge import effective_merge_section
 from btx.recipe.builtin import builtin_recipe, resolve_recipe
 from btx.recipe.load import load_experiment
 from btx.recipe.run_dir import BASELINE_PROTOCOLS
-from btx.run import baselines, stages
+from btx.run import baselines, evaluation, stages
 from btx.run.evaluation import evaluate
 from btx.run.ledger import Pipeline, StageOutcome, key_of
 from btx.run.stage import Parts, Read, Stage, Task, drive
@@ -223,7 +223,7 @@ STAGES: tuple[Stage, ...] = (
         evaluate,
         outputs=lambda exp, part: [exp.paths.eval],
         reads=(
-            "eval",
+            Read("eval", evaluation.eval_section_view),
             "train.seq_len",
             Read("domains", names),
             "merged_domains",
