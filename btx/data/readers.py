@@ -58,9 +58,7 @@ def optional_module(module: str, what: str) -> Any:
         return importlib.import_module(module)
     except ImportError as exc:
         extra = EXTRAS[module][0]
-        raise BtxError(
-            f"{what}: reading it needs the optional package {module}; pip install 'btx[{extra}]'"
-        ) from exc
+        raise BtxError(f"{what}: reading it needs the optional package {module}; pip install 'btx[{extra}]'") from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,7 +322,11 @@ def datasets_directory_files(directory: Path) -> list[Path] | None:
 # Hub datasets: hf:NAME[:CONFIG][@SPLIT]
 # ---------------------------------------------------------------------------------------------
 
-_HF_SPEC = re.compile(r"hf:(?P<name>[A-Za-z0-9][\w.\-]*(?:/[\w.\-]+)?)(?::(?P<config>[\w.\-]+))?(?:@(?P<split>[\w.\-\[\]:%]+))?")
+_HF_SPEC = re.compile(
+    r"hf:(?P<name>[A-Za-z0-9][\w.\-]*(?:/[\w.\-]+)?)"  # NAME or OWNER/NAME
+    r"(?::(?P<config>[\w.\-]+))?"  # :CONFIG
+    r"(?:@(?P<split>[\w.\-\[\]:%]+))?"  # @SPLIT, slices such as train[:10%] included
+)
 
 
 @dataclass(frozen=True)

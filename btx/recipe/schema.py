@@ -442,6 +442,17 @@ class AnalyzeSection:
 
 
 @dataclass
+class PrepareSection:
+    # Tokenizer processes per domain (btx.data.encode). The shards are byte-identical for every
+    # value, so it is not part of any stage's key. On a big node: about one per core, less the
+    # one that reads and writes.
+    workers: int = 1
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "workers")
+
+
+@dataclass
 class ExperimentRecipe:
     """The experiment recipe file."""
 
@@ -458,6 +469,7 @@ class ExperimentRecipe:
     grow: GrowSection = field(default_factory=GrowSection)
     eval: EvalSection = field(default_factory=EvalSection)
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
 
 
 @dataclass

@@ -129,7 +129,13 @@ STAGES: tuple[Stage, ...] = (
         drive=stages.drive_prepare,
         parts="data_domains",
         content=stages.shard_content,
-        reads=("data_domains.{part}.data", "data_domains.{part}.sources", "tokenizer"),
+        # prepare.workers changes how fast, never what: shards are byte-identical for any count.
+        reads=(
+            "data_domains.{part}.data",
+            "data_domains.{part}.sources",
+            "tokenizer",
+            Read("prepare.workers", lambda exp: None),
+        ),
     ),
     Stage(
         "seed",
