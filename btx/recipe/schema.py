@@ -64,6 +64,10 @@ class TrainSection:
     # shared weights stay the seed's, so their merge is exact), ffn_norms (FFNs and norm gains).
     # The seed trains from scratch and the finetune has finetune.trainable: both always train all here.
     trainable: str = "all"
+    # Attention stays inside each document of a window (documents end at the tokenizer's EOS) and
+    # positions restart at each one, as if every document had its row to itself; the job's
+    # validation windows do the same. Off: windows are one causal sequence (the SDPA fast path).
+    document_mask: bool = False
 
     @property
     def tokens_per_step(self) -> int:
