@@ -70,3 +70,17 @@ def test_a_checkpoint_of_other_sources_is_not_resumed(tmp_path):
     assert summary["resumed"]["documents"] == 0
     prepare_domain("d", corpus, "byte", tmp_path / "fresh", progress=False)
     assert _bytes(out) == _bytes(tmp_path / "fresh")
+
+
+def test_progress_shows_rates_and_a_resume_says_what_it_skipped(tmp_path, capsys):
+    corpus = _corpus(tmp_path / "c.jsonl", 3000)
+    out = tmp_path / "out"
+    env = {**os.environ, TEST_KILL_ENV: "1", "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-c", KILLED_PREPARE, str(corpus), str(out)], env=env, capture_output=True)
+    assert run.returncode == -signal.SIGKILL, run.stderr.decode()
+    prepare_domain("d", corpus, "byte", out, progress=True, workers=2)
+    err = capsys.readouterr().err
+    assert "docs/s" in err and "tok/s" in err and "prepare d" in err
+    assert "resumed a killed run after 1,024 documents" in err
+    prepare_domain("d", corpus, "byte", tmp_path / "fresh", progress=False)
+    assert _bytes(out) == _bytes(tmp_path / "fresh")  # killed at 1 worker, finished at 2: the same bytes
