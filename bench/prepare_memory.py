@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -60,12 +61,11 @@ def main() -> None:
             make_corpus(corpus, megabytes)
             for workers in args.workers:
                 out = tmp / f"out-{workers}"
-                env_path = {"PYTHONPATH": str(ROOT)}
                 result = subprocess.run(
                     [sys.executable, "-c", CHILD, str(corpus), str(out), str(workers)],
                     capture_output=True,
                     text=True,
-                    env={**__import__("os").environ, **env_path},
+                    env={**os.environ, "PYTHONPATH": str(ROOT)},
                     check=True,
                 )
                 r = json.loads(result.stdout.strip().splitlines()[-1])
