@@ -1,12 +1,13 @@
 """Preparing token shards from a domain's documents (`prepare_domain`, `prepare_domains`).
 
-- A domain's *sources* are text files, directories, `.jsonl` files and Python callables/iterables
-  of documents. Each text file, each jsonl line and each item yielded is one document. Directories
-  are walked recursively in sorted order, so the document order is deterministic.
+- A domain's *sources* are files of any format btx.data.readers reads (text, jsonl, parquet, arrow,
+  compressed), directories, globs, `hf:` datasets and Python callables/iterables of documents. Each
+  text file, jsonl line, parquet/arrow row and item yielded is one document. Directories and globs
+  are walked in sorted order, so the document order is deterministic.
 - A domain whose data is one text file (one corpus in one file, given alone or as the only file
   of a directory) would be one document, so nothing could be held out: unless val_fraction is 0,
   such a file is cut into
-  *passages* instead (`_passages`): at the first blank line once a passage is at least
+  *passages* instead (`btx.data.readers.text_passages`): at the first blank line once a passage is at least
   `passage_bytes(file size)` long (64 bytes to 64 KiB: about 200 passages for files up to 12 MB,
   more above), or at the first line end past twice that where no blank line comes. Each passage is
   a document (its own EOS, its own train/val draw).
@@ -16,11 +17,14 @@
   its text (the key is the seed) falls below `val_fraction`. Identical documents therefore always
   land in the same split, and adding documents never moves the others. When `val_fraction > 0` and
   there are at least two documents, both splits get at least one document (see `Splitter`).
-- Text is tokenized in batches and streamed to disk: memory stays bounded by the batch size,
-  whatever the corpus size.
+- Documents are read in chunks (1024 documents or 8 MB) and tokenized in this process or in
+  `workers` processes (btx.data.encode), chunks taken back in order: the shards are byte-identical
+  for any number of workers, and memory stays bounded by a few chunks, whatever the corpus size.
+- Resumable: every few seconds a checkpoint (btx.data.resume) records how far the sources were
+  read; a killed preparation run again resumes from it and ends with the same bytes.
 
 A domain is prepared under a lock on its directory, and the temporaries a killed run left there are
-removed first. The shard format is btx/data/shards.py's.
+removed first (unless its checkpoint resumes them). The shard format is btx/data/shards.py's.
 """
 
 from __future__ import annotations
