@@ -64,7 +64,7 @@ def main() -> None:
         model = Transformer(cfg)
         model.init_weights()
 
-        def step(masked: bool) -> None:
+        def step(masked: bool, model: Transformer = model) -> None:
             extra = (document_ids(tokens, EOS),) if masked else ()
             logits = model(tokens, *extra).logits
             loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
