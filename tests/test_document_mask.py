@@ -4,6 +4,8 @@ forward is the plain causal one, bit for bit."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -98,3 +100,39 @@ def test_sliding_window_and_document_mask_combine():
         masked = model(window, document_ids(window, EOS)).logits[0]
         alone = torch.cat([model(doc_a[None]).logits[0], model(doc_b[None]).logits[0]])
     torch.testing.assert_close(masked, alone, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("on", [False, True], ids=["off", "on"])
+def test_the_training_loop_passes_document_ids_when_on(tmp_path, monkeypatch, on):
+    """The seed job of the tiny fixture (byte tokenizer, EOS 257): with train.document_mask every
+    training and validation forward gets its window's document ids; off, none does."""
+    from rich.console import Console
+
+    from btx.data.tokenizer import ByteTokenizer
+    from btx.recipe.load import load_experiment
+    from btx.run.prepare import prepare_experiment
+    from btx.train.job import seed_job
+    from btx.train.loop import run_loop
+
+    fixture = Path(__file__).parent / "fixtures" / "tiny" / "btx.yaml"
+    overrides = [f"run_dir={tmp_path / 'run'}", "seed.train.steps=2", "train.eval_every=1", "train.seq_len=64"]
+    exp = load_experiment(fixture, [*overrides, f"train.document_mask={str(on).lower()}"])
+    prepare_experiment(exp, progress=False)
+    calls = []
+    forward = Transformer.forward
+
+    def spy(self, tokens_BS, document_ids_BS=None):
+        calls.append((tokens_BS.clone(), None if document_ids_BS is None else document_ids_BS.clone()))
+        return forward(self, tokens_BS, document_ids_BS)
+
+    monkeypatch.setattr(Transformer, "forward", spy)
+    run_loop(seed_job(exp), console=Console(stderr=True, quiet=True))
+    assert len(calls) >= 4  # 2 training steps, 2 validations
+    eos = ByteTokenizer.eos_id
+    for tokens, ids in calls:
+        if on:
+            assert ids is not None and torch.equal(ids, document_ids(tokens, eos))
+        else:
+            assert ids is None
+    if on:  # the windows do hold several documents, so the mask changes something
+        assert any(int(ids.max()) > 0 for _, ids in calls)
