@@ -136,3 +136,17 @@ def test_the_training_loop_passes_document_ids_when_on(tmp_path, monkeypatch, on
             assert ids is None
     if on:  # the windows do hold several documents, so the mask changes something
         assert any(int(ids.max()) > 0 for _, ids in calls)
+
+
+def test_eval_scores_honour_the_mask():
+    from btx.evaluate.scores import token_logprobs
+
+    model = _model(True)
+    doc_a, doc_b = torch.tensor([9, 10, 11, 12, EOS]), torch.tensor([13, 14, 15, 16, 17, 18])
+    window = torch.cat([doc_a, doc_b])[None]
+    inputs, targets = window[:, :-1], window[:, 1:]
+    masked = token_logprobs(model, inputs, targets, document_eos=EOS)[0]
+    plain = token_logprobs(model, inputs, targets)[0]
+    alone = token_logprobs(model, doc_b[None, :-1], doc_b[None, 1:])[0]
+    torch.testing.assert_close(masked[len(doc_a) :], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(plain[len(doc_a) :], alone, atol=1e-4)
