@@ -50,6 +50,10 @@ def _write_format(kind: str, tmp: Path) -> Path:
         datasets = pytest.importorskip("datasets")
         path = tmp / "saved"
         datasets.Dataset.from_dict({"text": DOCS, "id": list(range(len(DOCS)))}).save_to_disk(str(path))
+    elif kind == "datasets-inside":  # a directory holding a saved dataset: its metadata is no document
+        datasets = pytest.importorskip("datasets")
+        datasets.Dataset.from_dict({"text": DOCS}).save_to_disk(str(tmp / "corpus" / "saved"))
+        path = tmp / "corpus"
     elif kind == "glob":
         for part in range(3):
             chunk = DOCS[part * 20 : (part + 1) * 20]
@@ -60,7 +64,7 @@ def _write_format(kind: str, tmp: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("kind", ["jsonl.gz", "jsonl.zst", "parquet", "datasets", "glob"])
+@pytest.mark.parametrize("kind", ["jsonl.gz", "jsonl.zst", "parquet", "datasets", "datasets-inside", "glob"])
 def test_each_format_gives_the_shards_of_the_same_jsonl(tmp_path, kind):
     reference = tmp_path / "docs.jsonl"
     reference.write_bytes(_jsonl_bytes(DOCS))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 from btx.data.readers import (
+    DATASETS_METADATA,
     HF_PREFIX,
     JSONL_SUFFIXES,
     datasets_directory_files,
@@ -89,7 +90,11 @@ class PathSource(Source):
                 else:
                     pattern = glob or "**/*"
                     self.files = sorted(
-                        (p for p in self.path.glob(pattern) if p.is_file() and not _is_hidden(p, self.path)),
+                        (
+                            p
+                            for p in self.path.glob(pattern)
+                            if p.is_file() and not _is_hidden(p, self.path) and not _datasets_metadata(p)
+                        ),
                         key=lambda p: p.relative_to(self.path).as_posix(),
                     )
                 if not self.files:
@@ -153,6 +158,12 @@ def _relative(path: Path, root: Path) -> str:
 def passage_bytes(file_bytes: int) -> int:
     """The least length of a passage of a lone text file of `file_bytes` bytes."""
     return max(_PASSAGE_BYTES_MIN, min(_PASSAGE_BYTES_MAX, file_bytes // _PASSAGES_PER_FILE))
+
+
+def _datasets_metadata(path: Path) -> bool:
+    """The JSON files of a save_to_disk directory found inside a walked directory: its .arrow files
+    are the documents, these are not."""
+    return path.name in DATASETS_METADATA and (path.parent / "state.json").is_file()
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
