@@ -258,31 +258,33 @@ def _parquet_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]
 
 
 def _arrow_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    """An Arrow IPC stream (what `datasets.save_to_disk` writes), memory-mapped, batch by batch."""
+    """An Arrow IPC stream (what `datasets.save_to_disk` writes), read batch by batch (a plain read,
+    not a memory map: a mapped file's pages would count in the process's memory as it is read)."""
     pa = optional_module("pyarrow", str(file))
-    try:
-        reader = pa.ipc.open_stream(pa.memory_map(str(file)))
-    except (pa.ArrowException, OSError) as exc:
-        raise BtxError(
-            f"{file}: not an Arrow stream as datasets' save_to_disk writes it ({first_line(exc)}); "
-            "save it again with datasets' save_to_disk, or give parquet or jsonl"
-        ) from exc
-    file_bytes = file.stat().st_size
-    rows, consumed = 0, 0
-    batches = []
-    # The row count is needed for the byte shares; the batches are zero-copy views of the map.
-    try:
-        batches = list(reader)
-    except (pa.ArrowException, OSError) as exc:
-        raise BtxError(f"{file}: unreadable Arrow data ({first_line(exc)})") from exc
-    total_rows = sum(b.num_rows for b in batches)
-    for batch in batches:
-        texts = _column_texts(batch, file, text_field, rows)
-        yield from _share_documents(texts, rows, total_rows, file_bytes, consumed)
-        rows += len(texts)
-        consumed = file_bytes * rows // max(total_rows, 1)
-    if total_rows == 0:
-        yield "", file_bytes
+    with pa.OSFile(str(file), "rb") as handle:
+        try:
+            reader = pa.ipc.open_stream(handle)
+        except (pa.ArrowException, OSError) as exc:
+            raise BtxError(
+                f"{file}: not an Arrow stream as datasets' save_to_disk writes it ({first_line(exc)}); "
+                "save it again with datasets' save_to_disk, or give parquet or jsonl"
+            ) from exc
+        rows, consumed = 0, 0
+        while True:
+            try:
+                batch = reader.read_next_batch()
+            except StopIteration:
+                break
+            except (pa.ArrowException, OSError) as exc:
+                raise BtxError(f"{file}: row {rows}: unreadable Arrow data ({first_line(exc)})") from exc
+            texts = _column_texts(batch, file, text_field, rows)
+            # The batch's bytes of the file, shared out over its rows.
+            position = handle.tell()
+            yield from _share_documents(texts, 0, len(texts), position - consumed, 0)
+            rows += len(texts)
+            consumed = position
+        if file.stat().st_size > consumed:  # the end-of-stream marker
+            yield "", file.stat().st_size - consumed
 
 
 def datasets_directory_files(directory: Path) -> list[Path] | None:
