@@ -1,7 +1,8 @@
 """Tokenizing chunks of documents, in this process or in N worker processes, in order.
 
 A *chunk* is a run of consecutive documents of a domain (up to 1024 documents or 8 MB of text).
-`encode_chunk` turns one into `(split key, token ids + EOS)` per document; it is the one function
+`encode_chunk` turns one into `(split key, token ids + EOS)` per document, packed into a few
+arrays (`Packed`); it is the one function
 both paths run, so the output does not depend on the number of workers:
 - `workers == 1`: chunks are encoded here, one after the other (the reference path);
 - `workers > 1`: a `spawn` pool of N processes, each with its own copy of the tokenizer and one
@@ -34,10 +35,28 @@ class Chunk:
 
 
 @dataclass
+class Packed:
+    """A chunk's documents with tokens, packed in three arrays (one allocation each, so that what
+    crosses between processes is a few large buffers, not a thousand small ones): document i has
+    split key `keys[i]` and tokens `tokens[offsets[i]:offsets[i + 1]]`."""
+
+    keys: np.ndarray  # float64 [n]
+    offsets: np.ndarray  # int64 [n + 1]
+    tokens: np.ndarray  # the shard dtype
+
+    def documents(self) -> Iterator[tuple[float, np.ndarray]]:
+        for i, key in enumerate(self.keys.tolist()):
+            yield key, self.tokens[self.offsets[i] : self.offsets[i + 1]]
+
+
+@dataclass
 class EncodedChunk:
     chunk: Chunk
-    documents: list[tuple[float, np.ndarray]]  # (split key, token ids) of each document with tokens
-    tokens: int
+    packed: Packed
+
+    @property
+    def tokens(self) -> int:
+        return len(self.packed.tokens)
 
 
 @dataclass(frozen=True)
@@ -48,20 +67,22 @@ class EncodeOptions:
     dtype: str
 
 
-def encode_chunk(tokenizer: Tokenizer, texts: list[str], options: EncodeOptions) -> list[tuple[float, np.ndarray]]:
-    """Each text's split key and its token ids (EOS appended) in the shard dtype; documents that
-    tokenize to nothing are dropped."""
-    out = []
+def encode_chunk(tokenizer: Tokenizer, texts: list[str], options: EncodeOptions) -> Packed:
+    """Each text's split key and its token ids (EOS appended) in the shard dtype, packed; documents
+    that tokenize to nothing are dropped."""
+    keys, pieces, lengths = [], [], [0]
     eos = np.array([] if options.eos_id is None else [options.eos_id], dtype=np.uint32)
     for text, ids in zip(texts, tokenizer.encode_batch(texts)):
         ids = np.asarray(ids)
         if ids.size and int(ids.max()) >= options.vocab_size:
             raise BtxError(f"tokenizer: produced id {int(ids.max())}, beyond its vocab_size {options.vocab_size}")
-        tokens = np.concatenate([ids.astype(np.uint32, copy=False), eos]).astype(options.dtype, copy=False)
-        if tokens.size == 0:
+        if ids.size + eos.size == 0:
             continue  # a document that tokenizes to nothing is not a document
-        out.append((document_key(text.encode("utf-8"), options.seed_key), tokens))
-    return out
+        keys.append(document_key(text.encode("utf-8"), options.seed_key))
+        pieces += [ids, eos]
+        lengths.append(ids.size + eos.size)
+    tokens = np.concatenate(pieces).astype(options.dtype) if pieces else np.zeros(0, dtype=options.dtype)
+    return Packed(np.array(keys, dtype=np.float64), np.cumsum(lengths, dtype=np.int64), tokens)
 
 
 # -- worker processes ----------------------------------------------------------------------------
@@ -76,7 +97,7 @@ def _start_worker(tokenizer: Tokenizer, options: EncodeOptions) -> None:
     _worker_tokenizer, _worker_options = tokenizer, options
 
 
-def _encode_in_worker(texts: list[str]) -> list[tuple[float, np.ndarray]]:
+def _encode_in_worker(texts: list[str]) -> Packed:
     assert _worker_tokenizer is not None and _worker_options is not None
     return encode_chunk(_worker_tokenizer, texts, _worker_options)
 
@@ -87,8 +108,7 @@ def encode_chunks(
     """The chunks encoded, in their order, by `workers` processes (1: in this process)."""
     if workers <= 1:
         for chunk in chunks:
-            documents = encode_chunk(tokenizer, chunk.texts, options)
-            yield EncodedChunk(chunk, documents, sum(len(t) for _, t in documents))
+            yield EncodedChunk(chunk, encode_chunk(tokenizer, chunk.texts, options))
         return
     context = multiprocessing.get_context("spawn")
     with context.Pool(workers, initializer=_start_worker, initargs=(tokenizer, options)) as pool:
@@ -105,5 +125,4 @@ def encode_chunks(
 
 
 def _finished(chunk: Chunk, result) -> EncodedChunk:
-    documents = result.get()
-    return EncodedChunk(chunk, documents, sum(len(t) for _, t in documents))
+    return EncodedChunk(chunk, result.get())

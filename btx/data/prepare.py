@@ -207,7 +207,7 @@ def _prepare_locked(
         with _Progress(name, resolved, enabled=progress, resumed=resumed) as bar:
             stream = _chunks(resolved, skip=resumed["documents"])
             for encoded in encode_chunks(stream, tokenizer, encode_options, workers):
-                for document_key_, tokens in encoded.documents:
+                for document_key_, tokens in encoded.packed.documents():
                     splitter.add(Document(document_key_, [tokens]))
                 chunk = encoded.chunk
                 documents_read += chunk.documents_read

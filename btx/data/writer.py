@@ -50,8 +50,10 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.vocab_size = vocab_size
         self._sha256 = hashlib.sha256()
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
+        # A fixed buffer the documents are copied into: what callers pass may be views of larger
+        # arrays (a chunk's packed tokens), which must not be kept alive until the next write.
+        self._buffer = np.empty(_WRITE_BUFFER_TOKENS, dtype=self.dtype)
+        self._filled = 0
         self.tokens = 0
         self.documents = 0
         if not resumable:
@@ -74,11 +76,17 @@ class ShardWriter:
         self.tokens, self.documents = resume_tokens, resume_documents
 
     def add_document(self, pieces: Sequence[np.ndarray]) -> None:
-        self._pending.extend(pieces)
-        self._pending_tokens += sum(len(p) for p in pieces)
+        for piece in pieces:
+            if piece.size and int(piece.max()) >= self.vocab_size:
+                raise BtxError(f"tokenizer: produced id {int(piece.max())}, beyond its vocab_size {self.vocab_size}")
+            if self._filled + piece.size > self._buffer.size:
+                self._flush()
+            if piece.size > self._buffer.size:  # a document longer than the buffer: written as it is
+                self._write(piece.astype(self.dtype, copy=False))
+            else:
+                self._buffer[self._filled : self._filled + piece.size] = piece
+                self._filled += piece.size
         self.documents += 1
-        if self._pending_tokens >= _WRITE_BUFFER_TOKENS:
-            self._flush()
 
     def flush(self, durable: bool = False) -> None:
         """Write what is buffered; `durable` also fsyncs (a checkpoint's files must be on disk
@@ -89,16 +97,15 @@ class ShardWriter:
             os.fsync(self._file.fileno())
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        chunk = np.concatenate(self._pending)
-        if chunk.size and int(chunk.max()) >= self.vocab_size:
-            raise BtxError(f"tokenizer: produced id {int(chunk.max())}, beyond its vocab_size {self.vocab_size}")
-        data = chunk.astype(self.dtype, copy=False).tobytes()
+        if self._filled:
+            self._write(self._buffer[: self._filled])
+            self._filled = 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(tokens)).cast("B")
         self._file.write(data)
         self._sha256.update(data)
-        self.tokens += chunk.size
-        self._pending, self._pending_tokens = [], 0
+        self.tokens += tokens.size
 
     def finish(self) -> str:
         """Flush and fsync; returns the sha256 of the file's contents."""
