@@ -367,8 +367,8 @@ def test_every_json_btx_writes_is_strict(tmp_path):
 
 
 def test_a_killed_prepare_then_its_rerun(tmp_path):
-    """SIGKILL mid-way leaves temporaries as large as what was tokenized; the re-run removes them
-    and gives the shards an uninterrupted run gives."""
+    """SIGKILL mid-way (before any checkpoint) leaves temporaries as large as what was tokenized;
+    the re-run removes them and gives the shards an uninterrupted run gives."""
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text("".join(json.dumps({"text": f"document {i} " + "abc " * 50}) + "\n" for i in range(3000)))
     spec = ["--domain", f"d={corpus}", "--quiet"]
@@ -380,9 +380,7 @@ def test_a_killed_prepare_then_its_rerun(tmp_path):
     temporaries = []
     while not any(p.stat().st_size for p in temporaries):
         assert killed.poll() is None and time.monotonic() < deadline
-        temporaries = (
-            list((tmp_path / "out" / "d").glob(".train.bin.tmp-*")) if (tmp_path / "out" / "d").exists() else []
-        )
+        temporaries = list((tmp_path / "out" / "d").glob(".train.bin.*")) if (tmp_path / "out" / "d").exists() else []
         time.sleep(0.02)
     killed.kill()
     killed.wait()

@@ -36,6 +36,7 @@ from btx.recipe.schema import (
     GrowSection,
     MergeSection,
     ModelSection,
+    PrepareSection,
     SeedSection,
     SlurmSection,
     TrainSection,
@@ -94,7 +95,9 @@ TRAIN = dict(
     seed=5,
     zero_stage=1,
     trainable="ffn",
+    document_mask=True,
 )
+PREPARE = dict(workers=2)
 FINETUNE = dict(
     train={"steps": 9},
     mixture={"code": 3.0, "prose": 1.0},
@@ -154,6 +157,7 @@ SECTIONS = {
     "finetune": (FinetuneSection, FINETUNE),
     "eval": (EvalSection, EVAL),
     "analyze": (AnalyzeSection, ANALYZE),
+    "prepare": (PrepareSection, PREPARE),
     "branch": (BranchSection, BRANCH),
     "branch.slurm": (SlurmSection, SLURM),
     "seed": (SeedSection, SEED),
@@ -259,6 +263,7 @@ def every_value(tmp_path_factory):
         *overrides("finetune", finetune),
         *overrides("eval", EVAL),
         *overrides("analyze", ANALYZE),
+        *overrides("prepare", PREPARE),
         *overrides("seed", SEED),
         *overrides("model", MODEL),
         *overrides("branch", {k: v for k, v in BRANCH.items() if k != "slurm"}),
@@ -349,6 +354,16 @@ def test_analyze_keys_reach_analyze(every_value, monkeypatch):
     monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
     analyze.analyze_recipe(exp)
     assert seen["options"]["tokens"] == ANALYZE["tokens"] and seen["show_text"] == ANALYZE["show_text"]
+
+
+def test_prepare_keys_reach_prepare(every_value, monkeypatch):
+    from btx.run import prepare
+
+    exp, _ = every_value
+    seen = {}
+    monkeypatch.setattr(prepare, "prepare_domains", lambda *a, **kw: seen.update(kw) or {})
+    prepare.prepare_experiment(exp)
+    assert seen["workers"] == PREPARE["workers"]
 
 
 def test_branch_keys_reach_the_job_scripts(every_value, tmp_path):

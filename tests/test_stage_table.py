@@ -254,6 +254,7 @@ CHANGES = {
     "seed.train.lr=0.002": ["seed", *AFTER_SEED],
     "model.ffn_dim=48": ["seed", *AFTER_SEED],
     "train.seq_len=16": ["seed", *AFTER_SEED],  # every job's, and what eval scores on
+    "train.document_mask=true": ["seed", *AFTER_SEED],  # likewise
     # The seed given by seed.path is the one trained: what consumes it and can adopt its output (a
     # training job, a merge: their DONE.json records the same inputs) is kept; the others redone.
     "seed.path={run}/seed;model=null": [*BASELINES, "eval"],

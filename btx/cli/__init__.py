@@ -44,14 +44,21 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     add_recipe_arguments(p, required=False)
     p.add_argument("--force", action="store_true", help="re-tokenize domains whose shards are up to date")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="tokenizer processes per domain (default: prepare.workers, else 1); the shards are the same for any N",
+    )
     adhoc = p.add_argument_group("without a recipe")
     adhoc.add_argument(
         "--domain",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="a domain and one of its sources: a text file, a .jsonl file, a directory, "
-        "or builtin:CORPUS; repeat for more sources or domains",
+        help="a domain and one of its sources: a text, .jsonl(.gz/.zst), .parquet or .arrow file, a directory "
+        "(a datasets save_to_disk one too), a glob, hf:NAME[:CONFIG][@SPLIT] or builtin:CORPUS; repeat for more",
     )
     adhoc.add_argument("--tokenizer", default=None, help="'byte' (default) or a tokenizer.json / directory")
     adhoc.add_argument("--out", default=None, metavar="DIR", help="output directory (one subdirectory per domain)")
@@ -72,7 +79,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         if args.domain or args.out or args.tokenizer:
             raise BtxError("prepare: give a RECIPE or --domain/--tokenizer/--out, not both")
         exp = load_experiment_args(args)
-        summaries = prepare_experiment(exp, force=args.force, progress=not args.quiet)
+        summaries = prepare_experiment(exp, force=args.force, progress=not args.quiet, workers=args.workers)
     else:
         if args.overrides:
             raise BtxError(f"prepare: overrides ({args.overrides[0]}) need a RECIPE")
@@ -89,6 +96,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             text_field=args.text_field,
             force=args.force,
             progress=not args.quiet,
+            workers=args.workers or 1,
         )
     console().print(summary_table(summaries))
     return 0

@@ -1,12 +1,13 @@
 """Preparing token shards from a domain's documents (`prepare_domain`, `prepare_domains`).
 
-- A domain's *sources* are text files, directories, `.jsonl` files and Python callables/iterables
-  of documents. Each text file, each jsonl line and each item yielded is one document. Directories
-  are walked recursively in sorted order, so the document order is deterministic.
+- A domain's *sources* are files of any format btx.data.readers reads (text, jsonl, parquet, arrow,
+  compressed), directories, globs, `hf:` datasets and Python callables/iterables of documents. Each
+  text file, jsonl line, parquet/arrow row and item yielded is one document. Directories and globs
+  are walked in sorted order, so the document order is deterministic.
 - A domain whose data is one text file (one corpus in one file, given alone or as the only file
   of a directory) would be one document, so nothing could be held out: unless val_fraction is 0,
   such a file is cut into
-  *passages* instead (`_passages`): at the first blank line once a passage is at least
+  *passages* instead (`btx.data.readers.text_passages`): at the first blank line once a passage is at least
   `passage_bytes(file size)` long (64 bytes to 64 KiB: about 200 passages for files up to 12 MB,
   more above), or at the first line end past twice that where no blank line comes. Each passage is
   a document (its own EOS, its own train/val draw).
@@ -16,19 +17,23 @@
   its text (the key is the seed) falls below `val_fraction`. Identical documents therefore always
   land in the same split, and adding documents never moves the others. When `val_fraction > 0` and
   there are at least two documents, both splits get at least one document (see `Splitter`).
-- Text is tokenized in batches and streamed to disk: memory stays bounded by the batch size,
-  whatever the corpus size.
+- Documents are read in chunks (1024 documents or 8 MB) and tokenized in this process or in
+  `workers` processes (btx.data.encode), chunks taken back in order: the shards are byte-identical
+  for any number of workers, and memory stays bounded by a few chunks, whatever the corpus size.
+- Resumable: every few seconds a checkpoint (btx.data.resume) records how far the sources were
+  read; a killed preparation run again resumes from it and ends with the same bytes.
 
 A domain is prepared under a lock on its directory, and the temporaries a killed run left there are
-removed first. The shard format is btx/data/shards.py's.
+removed first (unless its checkpoint resumes them). The shard format is btx/data/shards.py's.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 from rich.console import Console
@@ -41,6 +46,8 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from btx.data.encode import Chunk, EncodeOptions, encode_chunks
+from btx.data.resume import clear_state, load_state, resume_key, save_state
 from btx.data.shards import SHARD_FORMAT, SPLITS, load_shard, token_dtype
 from btx.data.sources import (
     PathSource,
@@ -50,7 +57,7 @@ from btx.data.sources import (
     resolve_sources,
 )
 from btx.data.tokenizer import Tokenizer, load_tokenizer
-from btx.data.writer import Document, ShardWriter, Splitter, document_key
+from btx.data.writer import Document, ShardWriter, Splitter
 from btx.errors import BtxError
 from btx.io.atomic import dumps_json, fsync_dir, write_bytes_atomic
 from btx.io.disk import disk_errors
@@ -60,6 +67,10 @@ from btx.io.locks import output_lock
 _ENCODE_BATCH_DOCS = 1024
 _ENCODE_BATCH_BYTES = 8 << 20
 TEST_DELAY_ENV = "BTX_PREPARE_TEST_DELAY"  # test hook: seconds to sleep after each tokenized batch
+# Test hook: checkpoint after every chunk, and SIGKILL this process after this many chunks.
+TEST_KILL_ENV = "BTX_PREPARE_TEST_KILL_AFTER_CHUNKS"
+# A checkpoint (fsync of the partial shards, then the state) at most this often.
+_CHECKPOINT_SECONDS = 5.0
 
 
 def prepare_domain(
@@ -73,6 +84,7 @@ def prepare_domain(
     text_field: str = "text",
     append_eos: bool = True,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict:
     """Tokenize one domain into `out_dir/{train,val}.bin` with their `.json` sidecars.
 
@@ -86,6 +98,8 @@ def prepare_domain(
         raise BtxError(f"domain '{name}': val_fraction must be in [0, 1), got {val_fraction}")
     check_seed(seed, f"domain '{name}': seed")
     tokenizer = load_tokenizer(tokenizer)
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise BtxError(f"prepare workers: expected a positive integer, got {workers!r}")
     if append_eos and tokenizer.eos_id is None:
         raise BtxError(f"domain '{name}': the tokenizer has no EOS token; set append_eos=False or name one")
     resolved = resolve_sources(sources, text_field=text_field)  # fails on a missing path, before any write
@@ -96,7 +110,7 @@ def prepare_domain(
         disk_errors(out_dir, _shard_bytes_bound(resolved, tokenizer), f"the shards of domain '{name}'", "up to"),
     ):
         return _prepare_locked(
-            name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos, progress, started
+            name, resolved, tokenizer, out_dir, val_fraction, seed, text_field, append_eos, progress, started, workers
         )
 
 
@@ -115,60 +129,110 @@ def _shard_bytes_bound(resolved: list[Source], tokenizer: Tokenizer) -> int | No
     return 2 * sum(totals) * token_dtype(tokenizer.vocab_size).itemsize
 
 
-def _remove_leftovers(out_dir: Path) -> None:
+def _remove_leftovers(out_dir: Path, keep_partials: bool) -> None:
     """Temporaries of the shard files that a killed run left (the caller holds the domain's lock,
-    so no live writer owns any), whatever their naming (older btx used mkstemp names)."""
+    so no live writer owns any), whatever their naming (older btx used mkstemp names); the
+    `.partial` files too, unless a matching checkpoint resumes them."""
     names = [f"{split}.{ext}" for split in SPLITS for ext in ("bin", "json")]
     for entry in out_dir.iterdir():
         if entry.is_file() and any(entry.name.startswith(f".{n}.") for n in names):
+            if keep_partials and entry.name.endswith(".partial"):
+                continue
             entry.unlink(missing_ok=True)
 
 
+def _chunks(resolved: Sequence[Source], skip: int) -> Iterator[Chunk]:
+    """The sources' documents in chunks of up to _ENCODE_BATCH_DOCS documents or
+    _ENCODE_BATCH_BYTES bytes, after the first `skip` documents (read, not tokenized: resume)."""
+    texts: list[str] = []
+    documents, consumed_bytes, seen = 0, 0, 0
+    for source in resolved:
+        for text, consumed in source.documents():
+            seen += 1
+            if seen <= skip:
+                continue
+            documents += 1
+            consumed_bytes += consumed
+            if text:
+                texts.append(text)
+            if len(texts) >= _ENCODE_BATCH_DOCS or consumed_bytes >= _ENCODE_BATCH_BYTES:
+                yield Chunk(texts, documents, consumed_bytes)
+                texts, documents, consumed_bytes = [], 0, 0
+    if documents:
+        yield Chunk(texts, documents, consumed_bytes)
+
+
 def _prepare_locked(
-    name, resolved, tokenizer, out_dir: Path, val_fraction, seed, text_field, append_eos, progress, started
+    name, resolved, tokenizer, out_dir: Path, val_fraction, seed, text_field, append_eos, progress, started, workers
 ) -> dict:
     descriptions = [s.describe() for s in resolved]
     options = _options(val_fraction, seed, text_field, append_eos)
     created_dir = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir)
-    delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
     dtype = token_dtype(tokenizer.vocab_size)
+    key = resume_key(descriptions, tokenizer.identity(), options, dtype)
+    # Only sources that read the same documents again can be resumed (a one-shot iterator cannot).
+    resumable = all(s.reproducible for s in resolved)
+    state = load_state(out_dir, key, dtype) if resumable else None
+    _remove_leftovers(out_dir, keep_partials=state is not None)
+    if state is None:
+        clear_state(out_dir)
+    delay = float(os.environ.get(TEST_DELAY_ENV, 0) or 0)
+    kill_after = int(os.environ.get(TEST_KILL_ENV, 0) or 0)
     writers: dict[str, ShardWriter] = {}
+    resumed = {"documents": 0, "bytes": 0, "chunks": 0}
     try:
         for split in SPLITS:
-            writers[split] = ShardWriter(out_dir / f"{split}.bin", dtype, tokenizer.vocab_size)
+            done = state["splits"][split] if state else {"tokens": 0, "documents": 0}
+            writers[split] = ShardWriter(
+                out_dir / f"{split}.bin",
+                dtype,
+                tokenizer.vocab_size,
+                resumable=resumable,
+                resume_tokens=int(done["tokens"]),
+                resume_documents=int(done["documents"]),
+            )
         splitter = Splitter(writers["train"], writers["val"], val_fraction)
-        eos = np.array([tokenizer.eos_id], dtype=np.uint32) if append_eos else None
-        seed_key = int(seed).to_bytes(8, "little")
-
-        def tokenize(texts: list[str]) -> None:
-            for text, ids in zip(texts, tokenizer.encode_batch(texts)):
-                pieces = [ids, eos] if eos is not None else [ids]
-                if sum(len(p) for p in pieces) == 0:
-                    continue  # a document that tokenizes to nothing is not a document
-                splitter.add(Document(document_key(text.encode("utf-8"), seed_key), pieces))
-            if delay and texts:  # test hook: a slow preparation, with its temporaries on disk
-                for writer in writers.values():
-                    writer.flush()
-                time.sleep(delay)
-
-        with _Progress(name, resolved, enabled=progress) as bar:
-            pending, pending_bytes = [], 0
-            for source in resolved:
-                for text, consumed in source.documents():
-                    bar.advance(consumed, documents=1 if text else 0)
-                    if not text:
-                        continue
-                    pending.append(text)
-                    pending_bytes += consumed
-                    if len(pending) >= _ENCODE_BATCH_DOCS or pending_bytes >= _ENCODE_BATCH_BYTES:
-                        tokenize(pending)
-                        pending, pending_bytes = [], 0
-            tokenize(pending)
+        if state:
+            splitter.held = state["held"]
+            resumed = {"documents": state["documents_read"], "bytes": state["bytes_read"], "chunks": state["chunks"]}
+        encode_options = EncodeOptions(
+            seed_key=int(seed).to_bytes(8, "little"),
+            eos_id=tokenizer.eos_id if append_eos else None,
+            vocab_size=tokenizer.vocab_size,
+            dtype=dtype.name,
+        )
+        documents_read, bytes_read, chunks = resumed["documents"], resumed["bytes"], resumed["chunks"]
+        last_checkpoint = time.monotonic()
+        with _Progress(name, resolved, enabled=progress, resumed=resumed) as bar:
+            stream = _chunks(resolved, skip=resumed["documents"])
+            for encoded in encode_chunks(stream, tokenizer, encode_options, workers):
+                for document_key_, tokens in encoded.packed.documents():
+                    splitter.add(Document(document_key_, [tokens]))
+                chunk = encoded.chunk
+                documents_read += chunk.documents_read
+                bytes_read += chunk.bytes_read
+                chunks += 1
+                bar.advance(chunk.bytes_read, documents=len(chunk.texts), tokens=encoded.tokens)
+                if resumable and (kill_after or time.monotonic() - last_checkpoint >= _CHECKPOINT_SECONDS):
+                    where = {"documents_read": documents_read, "bytes_read": bytes_read, "chunks": chunks}
+                    save_state(out_dir, key, writers, splitter, **where)
+                    last_checkpoint = time.monotonic()
+                    if kill_after and chunks - resumed["chunks"] >= kill_after:  # test hook: a kill -9 here
+                        os.kill(os.getpid(), signal.SIGKILL)
+                if delay:  # test hook: a slow preparation, with its temporaries on disk
+                    for writer in writers.values():
+                        writer.flush()
+                    time.sleep(delay)
         splitter.finish()
 
         digests = {split: writer.finish() for split, writer in writers.items()}
+        if resumed["documents"] and progress:
+            Console(stderr=True).print(
+                f"prepare {name}: resumed a killed run after {resumed['documents']:,} documents "
+                f"({resumed['bytes'] / 1e6:,.1f} MB, {resumed['chunks']} chunks) that were not tokenized again",
+                highlight=False,
+            )
         where = ", ".join(d.get("path") or d.get("callable") or d.get("iterable") or "documents" for d in descriptions)
         if writers["train"].tokens == 0:
             raise BtxError(f"domain '{name}': no documents with any tokens in {where or 'its sources'}")
@@ -211,9 +275,16 @@ def _prepare_locked(
         fsync_dir(out_dir)
         for split in SPLITS:
             write_bytes_atomic(out_dir / f"{split}.json", _json_bytes(sidecars[split]))
+        clear_state(out_dir)
+    except (KeyboardInterrupt, SystemExit):
+        # Interrupted, not wrong: the partial files and the last checkpoint stay for the next run.
+        for writer in writers.values():
+            writer.close()
+        raise
     except BaseException:
         for writer in writers.values():
             writer.discard()
+        clear_state(out_dir)
         if created_dir:
             _remove_if_empty(out_dir)
         raise
@@ -225,6 +296,7 @@ def _prepare_locked(
         "val": sidecars["val"],
         "skipped": False,
         "seconds": round(time.monotonic() - started, 3),
+        "resumed": resumed,
     }
 
 
@@ -238,6 +310,7 @@ def prepare_domains(
     *,
     force: bool = False,
     progress: bool = True,
+    workers: int = 1,
     **defaults: Any,
 ) -> dict[str, dict]:
     """Prepare each domain into `out_root/<name>/`.
@@ -272,7 +345,9 @@ def prepare_domains(
             if existing is not None:
                 summaries[name] = existing
                 continue
-        summaries[name] = prepare_domain(name, sources, tokenizer, out_dir, progress=progress, **options)
+        summaries[name] = prepare_domain(
+            name, sources, tokenizer, out_dir, progress=progress, workers=workers, **options
+        )
     return summaries
 
 
@@ -342,14 +417,17 @@ def _json_bytes(obj) -> bytes:
 
 
 class _Progress:
-    """A rich progress bar over bytes read and documents seen (on stderr); a no-op when disabled."""
+    """A rich progress bar per domain (on stderr): bytes read against the sources' size, with
+    documents/s, tokens/s, MB/s and the time left; a no-op when disabled. Rates count this run's
+    work only (a resumed run starts the bar at the bytes it skipped)."""
 
-    def __init__(self, name: str, sources: Sequence[Source], *, enabled: bool):
+    def __init__(self, name: str, sources: Sequence[Source], *, enabled: bool, resumed: Mapping[str, int]):
         self.enabled = enabled
         totals = [s.total_bytes for s in sources]
         self.total = None if any(t is None for t in totals) else sum(totals)
         self.name = name
-        self.documents = 0
+        self.skipped_bytes = int(resumed.get("bytes", 0))
+        self.documents = self.tokens = self.bytes = 0
 
     def __enter__(self) -> "_Progress":
         if self.enabled:
@@ -358,19 +436,30 @@ class _Progress:
                 BarColumn(),
                 DownloadColumn(),
                 TransferSpeedColumn(),
-                TextColumn("{task.fields[documents]} docs"),
+                TextColumn("{task.fields[rates]}"),
                 TimeRemainingColumn(),
                 console=Console(stderr=True),
                 transient=False,
             )
             self._progress.__enter__()
-            self._task = self._progress.add_task(self.name, total=self.total, documents=0)
+            self._started = time.monotonic()
+            self._task = self._progress.add_task(
+                self.name, total=self.total, completed=self.skipped_bytes, rates=self.rates(0.0)
+            )
         return self
 
-    def advance(self, consumed: int, documents: int) -> None:
+    def rates(self, seconds: float) -> str:
+        if seconds <= 0:
+            return "docs/s - tok/s"
+        return f"{self.documents / seconds:,.0f} docs/s {self.tokens / seconds / 1e6:,.2f}M tok/s"
+
+    def advance(self, consumed: int, documents: int, tokens: int) -> None:
+        self.documents += documents
+        self.tokens += tokens
+        self.bytes += consumed
         if self.enabled:
-            self.documents += documents
-            self._progress.update(self._task, advance=consumed, documents=self.documents)
+            rates = self.rates(time.monotonic() - self._started)
+            self._progress.update(self._task, advance=consumed, rates=rates)
 
     def __exit__(self, *exc_info) -> None:
         if self.enabled:

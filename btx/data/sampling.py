@@ -233,6 +233,14 @@ def eval_batches(
         yield inputs, targets
 
 
+def document_ids(tokens_BS: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Which document each token of a window belongs to: the number of EOS tokens before it in its
+    row. A document's EOS is its own last token; the token after it starts the next document.
+    (The model's `document_ids_BS`: attention and positions per document.)"""
+    is_eos = (tokens_BS == eos_id).to(torch.int64)
+    return is_eos.cumsum(dim=1) - is_eos
+
+
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 

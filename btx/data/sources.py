@@ -1,8 +1,10 @@
 """Sources of documents: what a domain's `data.sources` stand for, opened one document at a time.
 
-- A `PathSource` is a file, a directory (walked recursively in sorted order) or a glob; each text
-  file and each jsonl line (its `text_field`) is one document.
-- A lone text file is cut into passages (`_passages`) so that something can be held out.
+- A `PathSource` is a file, a directory (walked recursively in sorted order), a glob, or a
+  `datasets.save_to_disk` directory; each text file, each jsonl line and each parquet/arrow row (its
+  `text_field`) is one document. Formats and compression: btx.data.readers.
+- A `HubSource` is `hf:NAME[:CONFIG][@SPLIT]`, a Hub dataset streamed by `datasets`.
+- A lone text file is cut into passages so that something can be held out (`btx.data.readers.text_passages`).
 - A `PythonSource` wraps a callable or iterable of documents (the demo's built-in corpora).
 Each source has an identity (its files' sizes and mtimes, or the callable's qualified name) that
 prepare compares to decide whether shards are still current.
@@ -10,21 +12,36 @@ prepare compares to decide whether shards are still current.
 
 from __future__ import annotations
 
-import codecs
+import glob as globlib
 import hashlib
 import json
 import os
+import re
 from abc import ABC, abstractmethod
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+from btx.data.readers import (
+    DATASETS_METADATA,
+    HF_PREFIX,
+    JSONL_SUFFIXES,
+    datasets_directory_files,
+    file_documents,
+    hub_documents,
+    is_text,
+    optional_module,
+    parse_hub_spec,
+    text_document,
+    text_passages,
+)
 from btx.errors import BtxError
 
 # Passages of a lone text file: at least this long, and as many as about _PASSAGES_PER_FILE.
 _PASSAGE_BYTES_MIN, _PASSAGE_BYTES_MAX, _PASSAGES_PER_FILE = 64, 64 << 10, 200
 
-JSONL_SUFFIXES = (".jsonl",)
+GLOB_CHARS = re.compile(r"[*?\[]")
+__all__ = ["JSONL_SUFFIXES", "PathSource", "HubSource", "PythonSource", "Source", "resolve_sources"]
 SourceSpec = Any  # str | PathLike | {"path", "glob", "text_field"} | callable | iterable of documents
 
 
@@ -45,32 +62,53 @@ class Source(ABC):
 
 
 class PathSource(Source):
-    """A text file, a `.jsonl` file, or a directory of them (recursive, sorted, hidden files skipped)."""
+    """A file, a directory of files (recursive, sorted, hidden files skipped), a glob, or a
+    `datasets.save_to_disk` directory. Each file is read by its format (btx.data.readers)."""
 
     def __init__(self, path: str | os.PathLike, *, glob: str | None = None, text_field: str = "text"):
-        self.path = Path(path).expanduser().resolve()
         self.glob = glob
         self.text_field = text_field
-        if not self.path.exists():
-            raise BtxError(f"{path}: source not found")
-        if self.path.is_dir():
-            pattern = glob or "**/*"
+        expanded = Path(path).expanduser()
+        if glob is None and GLOB_CHARS.search(str(expanded)):  # a pattern in the path itself
+            self.path = Path(os.path.abspath(expanded))
+            self.root = _pattern_root(self.path)
             self.files = sorted(
-                (p for p in self.path.glob(pattern) if p.is_file() and not _is_hidden(p, self.path)),
-                key=lambda p: p.relative_to(self.path).as_posix(),
+                (Path(p) for p in globlib.glob(str(self.path), recursive=True) if Path(p).is_file()),
+                key=lambda p: p.as_posix(),
             )
             if not self.files:
-                raise BtxError(f"{path}: no files match {pattern!r} in this directory")
+                raise BtxError(f"{path}: the pattern matches no file")
         else:
-            if glob is not None:
-                raise BtxError(f"{path}: 'glob' applies to directories, but this is a file")
-            self.files = [self.path]
+            self.path = expanded.resolve()
+            self.root = self.path.parent
+            if not self.path.exists():
+                raise BtxError(f"{path}: source not found")
+            if self.path.is_dir():
+                saved = datasets_directory_files(self.path) if glob is None else None
+                if saved is not None:
+                    self.files = saved
+                else:
+                    pattern = glob or "**/*"
+                    self.files = sorted(
+                        (
+                            p
+                            for p in self.path.glob(pattern)
+                            if p.is_file() and not _is_hidden(p, self.path) and not _datasets_metadata(p)
+                        ),
+                        key=lambda p: p.relative_to(self.path).as_posix(),
+                    )
+                if not self.files:
+                    raise BtxError(f"{path}: no files match {pattern!r} in this directory")
+            else:
+                if glob is not None:
+                    raise BtxError(f"{path}: 'glob' applies to directories, but this is a file")
+                self.files = [self.path]
         self.total_bytes = sum(p.stat().st_size for p in self.files)
         self.passages = False  # set by prepare_domain for a domain that is this one text file
 
     @property
     def lone_text_file(self) -> bool:
-        return len(self.files) == 1 and not self.files[0].name.endswith(JSONL_SUFFIXES)
+        return len(self.files) == 1 and is_text(self.files[0])
 
     def describe(self) -> dict:
         # A cheap fingerprint (names, sizes, modification times) notices edited or added files
@@ -78,9 +116,7 @@ class PathSource(Source):
         listing = hashlib.sha256()
         for p in self.files:
             stat = p.stat()
-            listing.update(
-                f"{p.relative_to(self.path.parent).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode()
-            )
+            listing.update(f"{_relative(p, self.root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         description = {
             "path": str(self.path),
             "glob": self.glob,
@@ -95,19 +131,28 @@ class PathSource(Source):
 
     def documents(self) -> Iterator[tuple[str, int]]:
         for file in self.files:
-            if file.name.endswith(JSONL_SUFFIXES):
-                yield from _jsonl_documents(file, self.text_field)
+            if not is_text(file):
+                yield from file_documents(file, self.text_field)
             elif self.passages:
-                yield from _passages(file, passage_bytes(file.stat().st_size))
+                yield from text_passages(file, passage_bytes(file.stat().st_size))
             else:
-                data = file.read_bytes()
-                try:
-                    text = data.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise BtxError(
-                        f"{file}: not UTF-8 text (byte {exc.start}); use a 'glob' to select text files"
-                    ) from exc
-                yield text, len(data)
+                yield text_document(file)
+
+
+def _pattern_root(pattern: Path) -> Path:
+    """The directory above the first component of `pattern` that holds a glob character."""
+    parts = pattern.parts
+    for i, part in enumerate(parts):
+        if GLOB_CHARS.search(part):
+            return Path(*parts[:i]).parent if i else Path("/")
+    return pattern.parent
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return path.as_posix()
 
 
 def passage_bytes(file_bytes: int) -> int:
@@ -115,52 +160,32 @@ def passage_bytes(file_bytes: int) -> int:
     return max(_PASSAGE_BYTES_MIN, min(_PASSAGE_BYTES_MAX, file_bytes // _PASSAGES_PER_FILE))
 
 
-def _passages(file: Path, least: int) -> Iterator[tuple[str, int]]:
-    """A text file as passages of at least `least` bytes, each ending at a blank line (or at a line
-    end once it is 2 * least long without one), streamed: memory stays about one passage."""
-
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    piece: list[str] = []
-    size = 0
-    offset = 0
-    with open(file, "rb") as handle:
-        while True:
-            line = handle.readline(2 * least)
-            try:
-                text = decoder.decode(line, final=not line)
-            except UnicodeDecodeError as exc:
-                raise BtxError(f"{file}: not UTF-8 text (byte {offset + exc.start})") from exc
-            offset += len(line)
-            if text:
-                piece.append(text)
-                size += len(line)
-            at_blank = not line.strip() or not line
-            if piece and (not line or (size >= least and at_blank) or size >= 2 * least):
-                yield "".join(piece), size
-                piece, size = [], 0
-            if not line:
-                return
+def _datasets_metadata(path: Path) -> bool:
+    """The JSON files of a save_to_disk directory found inside a walked directory: its .arrow files
+    are the documents, these are not."""
+    return path.name in DATASETS_METADATA and (path.parent / "state.json").is_file()
 
 
 def _is_hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def _jsonl_documents(file: Path, text_field: str) -> Iterator[tuple[str, int]]:
-    with open(file, "rb") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                yield "", len(line)  # blank lines are allowed; they still count for progress
-                continue
-            try:
-                record = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "not UTF-8"
-                raise BtxError(f"{file}:{line_number}: not valid JSON ({reason})") from exc
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise BtxError(f"{file}:{line_number}: expected a JSON object with a string field {text_field!r}")
-            yield text, len(line)
+class HubSource(Source):
+    """`hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face Hub dataset, streamed (`datasets`, extra `hf`).
+    Its identity is its name, config, split and text field: a dataset that changes on the Hub under
+    the same name is not noticed (prepare with --force)."""
+
+    def __init__(self, spec: str, *, text_field: str = "text"):
+        self.spec = parse_hub_spec(spec)
+        self.text_field = text_field
+        optional_module("datasets", str(self.spec))  # a missing extra fails before anything is written
+
+    def describe(self) -> dict:
+        s = self.spec
+        return {"hf": s.name, "config": s.config, "split": s.split, "text_field": self.text_field}
+
+    def documents(self) -> Iterator[tuple[str, int]]:
+        return hub_documents(self.spec, self.text_field)
 
 
 class PythonSource(Source):
@@ -223,6 +248,8 @@ def resolve_sources(sources: SourceSpec | Sequence[SourceSpec], *, text_field: s
     for spec in sources:
         if isinstance(spec, Source):
             resolved.append(spec)
+        elif isinstance(spec, str) and spec.startswith(HF_PREFIX):
+            resolved.append(HubSource(spec, text_field=text_field))
         elif isinstance(spec, (str, os.PathLike)):
             resolved.append(PathSource(spec, text_field=text_field))
         elif isinstance(spec, Mapping):
@@ -232,9 +259,11 @@ def resolve_sources(sources: SourceSpec | Sequence[SourceSpec], *, text_field: s
                     f"source {dict(spec)!r}: expected keys 'path' and optionally 'glob', 'text_field'"
                     + (f" (unknown: {', '.join(sorted(unknown))})" if unknown else "")
                 )
-            resolved.append(
-                PathSource(spec["path"], glob=spec.get("glob"), text_field=spec.get("text_field", text_field))
-            )
+            field = spec.get("text_field", text_field)
+            if str(spec["path"]).startswith(HF_PREFIX) and spec.get("glob") is None:
+                resolved.append(HubSource(str(spec["path"]), text_field=field))
+            else:
+                resolved.append(PathSource(spec["path"], glob=spec.get("glob"), text_field=field))
         elif callable(spec) or isinstance(spec, Iterable):
             resolved.append(PythonSource(spec, text_field=text_field))
         else:

@@ -24,44 +24,88 @@ from btx.io.atomic import temporary_sibling
 _WRITE_BUFFER_TOKENS = 4 << 20
 
 
-class ShardWriter:
-    """Streams token ids into a temporary sibling of `<split>.bin`; `commit` renames it into place."""
+def partial_path(final_path: Path) -> Path:
+    """Where a resumable writer keeps `<split>.bin` until it is complete: `.<split>.bin.partial`."""
+    return final_path.with_name(f".{final_path.name}.partial")
 
-    def __init__(self, final_path: Path, dtype: np.dtype, vocab_size: int):
+
+class ShardWriter:
+    """Streams token ids into a temporary sibling of `<split>.bin`; `commit` renames it into place.
+
+    A resumable writer (`resumable=True`) writes `.<split>.bin.partial`, a name a later run finds:
+    `resume_tokens`/`resume_documents` continue such a file from a checkpoint (btx.data.resume),
+    cutting it back to the checkpoint's length and hashing the kept prefix again."""
+
+    def __init__(
+        self,
+        final_path: Path,
+        dtype: np.dtype,
+        vocab_size: int,
+        *,
+        resumable: bool = False,
+        resume_tokens: int = 0,
+        resume_documents: int = 0,
+    ):
         self.final_path = final_path
-        self.dtype = dtype
+        self.dtype = np.dtype(dtype)
         self.vocab_size = vocab_size
-        self.tmp_path = temporary_sibling(final_path)
-        # 0666 less the umask, as for every other file btx writes (mkstemp would make it 0600).
-        self._file = os.fdopen(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
         self._sha256 = hashlib.sha256()
-        self._pending: list[np.ndarray] = []
-        self._pending_tokens = 0
+        # A fixed buffer the documents are copied into: what callers pass may be views of larger
+        # arrays (a chunk's packed tokens), which must not be kept alive until the next write.
+        self._buffer = np.empty(_WRITE_BUFFER_TOKENS, dtype=self.dtype)
+        self._filled = 0
         self.tokens = 0
         self.documents = 0
+        if not resumable:
+            self.tmp_path = temporary_sibling(final_path)
+            # 0666 less the umask, as for every other file btx writes (mkstemp would make it 0600).
+            self._file = os.fdopen(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb")
+            return
+        self.tmp_path = partial_path(final_path)
+        if resume_tokens == 0:
+            self._file = os.fdopen(os.open(self.tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666), "wb")
+            return
+        self._file = open(self.tmp_path, "r+b")
+        keep = resume_tokens * self.dtype.itemsize
+        self._file.truncate(keep)
+        while self._file.tell() < keep:
+            block = self._file.read(min(16 << 20, keep - self._file.tell()))
+            if not block:
+                raise BtxError(f"{self.tmp_path}: shorter than its checkpoint says ({keep} bytes)")
+            self._sha256.update(block)
+        self.tokens, self.documents = resume_tokens, resume_documents
 
     def add_document(self, pieces: Sequence[np.ndarray]) -> None:
-        self._pending.extend(pieces)
-        self._pending_tokens += sum(len(p) for p in pieces)
+        for piece in pieces:
+            if piece.size and int(piece.max()) >= self.vocab_size:
+                raise BtxError(f"tokenizer: produced id {int(piece.max())}, beyond its vocab_size {self.vocab_size}")
+            if self._filled + piece.size > self._buffer.size:
+                self._flush()
+            if piece.size > self._buffer.size:  # a document longer than the buffer: written as it is
+                self._write(piece.astype(self.dtype, copy=False))
+            else:
+                self._buffer[self._filled : self._filled + piece.size] = piece
+                self._filled += piece.size
         self.documents += 1
-        if self._pending_tokens >= _WRITE_BUFFER_TOKENS:
-            self._flush()
 
-    def flush(self) -> None:
+    def flush(self, durable: bool = False) -> None:
+        """Write what is buffered; `durable` also fsyncs (a checkpoint's files must be on disk
+        before the checkpoint that points into them)."""
         self._flush()
         self._file.flush()
+        if durable:
+            os.fsync(self._file.fileno())
 
     def _flush(self) -> None:
-        if not self._pending:
-            return
-        chunk = np.concatenate(self._pending)
-        if chunk.size and int(chunk.max()) >= self.vocab_size:
-            raise BtxError(f"tokenizer: produced id {int(chunk.max())}, beyond its vocab_size {self.vocab_size}")
-        data = chunk.astype(self.dtype, copy=False).tobytes()
+        if self._filled:
+            self._write(self._buffer[: self._filled])
+            self._filled = 0
+
+    def _write(self, tokens: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(tokens)).cast("B")
         self._file.write(data)
         self._sha256.update(data)
-        self.tokens += chunk.size
-        self._pending, self._pending_tokens = [], 0
+        self.tokens += tokens.size
 
     def finish(self) -> str:
         """Flush and fsync; returns the sha256 of the file's contents."""
@@ -73,6 +117,11 @@ class ShardWriter:
 
     def commit(self) -> None:
         os.replace(self.tmp_path, self.final_path)
+
+    def close(self) -> None:
+        """Close, keeping the file (an interrupted resumable preparation)."""
+        if not self._file.closed:
+            self._file.close()
 
     def discard(self) -> None:
         """Remove the temporary. Closing flushes what is buffered, which fails again on a full disk:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from btx.data.sampling import eval_batches
+from btx.data.sampling import document_ids, eval_batches
 from btx.data.shards import Shard
 
 
@@ -119,10 +119,13 @@ def _device_of(model) -> torch.device:
 
 
 @torch.inference_mode()
-def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target_t | inputs_<=t) for every position, [B, S] fp32 (on the model's device)."""
+def token_logprobs(model, inputs: torch.Tensor, targets: torch.Tensor, document_eos: int | None = None) -> torch.Tensor:
+    """log p(target_t | inputs_<=t) for every position, [B, S] fp32 (on the model's device); with
+    `document_eos`, attention stays inside the documents that token ends (document masking)."""
     device = _device_of(model)
-    logits = model(inputs.to(device)).logits.float()
+    inputs = inputs.to(device)
+    masking = () if document_eos is None else (document_ids(inputs, document_eos),)
+    logits = model(inputs, *masking).logits.float()
     return -F.cross_entropy(logits.transpose(1, 2), targets.to(device), reduction="none")
 
 
@@ -133,12 +136,14 @@ def window_logprobs(
     batch_size: int,
     max_batches: int | None,
     progress: Callable[[], None] | None = None,
+    document_eos: int | None = None,
 ) -> torch.Tensor:
-    """Token log-probabilities of every evaluation window of `shard`, [N, S] fp32 on the CPU."""
+    """Token log-probabilities of every evaluation window of `shard`, [N, S] fp32 on the CPU
+    (`document_eos`: document masking, see token_logprobs)."""
     model.eval()
     out = []
     for inputs, targets in eval_batches(shard, seq_len, batch_size, max_batches):
-        out.append(token_logprobs(model, inputs, targets).cpu())
+        out.append(token_logprobs(model, inputs, targets, document_eos).cpu())
         if progress is not None:
             progress()
     return torch.cat(out)

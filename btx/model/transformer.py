@@ -141,7 +141,12 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(width[1], cfg.norm_eps)
         self.window = cfg.window(layer_index)
 
-    def forward(self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x_BSD: torch.Tensor, cos_SHd: torch.Tensor, sin_SHd: torch.Tensor, mask_B1SS: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """`cos`/`sin` are [S, Hd], or [B, 1, S, Hd] with per-row positions (document masking).
+        `mask_B1SS` (True: may attend) replaces the plain causal mask: a document mask, already
+        causal; None keeps SDPA's is_causal fast path."""
         B, S, _ = x_BSD.shape
         q, k, v = self.wq(x_BSD), self.wk(x_BSD), self.wv(x_BSD)
         if self.qk_norm == "proj":  # over all heads at once (OLMo-2)
@@ -156,14 +161,31 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         gqa = self.n_kv_heads != self.n_heads
-        if self.window is None or S <= self.window:
+        windowed = self.window is not None and S > self.window
+        if mask_B1SS is None and not windowed:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:  # token i sees keys i - window + 1 .. i
-            i = torch.arange(S, device=x_BSD.device)
-            offset_SS = i[:, None] - i[None, :]
-            mask_SS = (offset_SS >= 0) & (offset_SS < self.window)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_SS, enable_gqa=gqa)
+        else:
+            mask = mask_B1SS
+            if windowed:  # token i sees keys i - window + 1 .. i
+                i = torch.arange(S, device=x_BSD.device)
+                offset_SS = i[:, None] - i[None, :]
+                window_SS = (offset_SS >= 0) & (offset_SS < self.window)
+                mask = window_SS if mask is None else mask & window_SS
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.wo(out.transpose(1, 2).reshape(B, S, -1))
+
+
+def document_attention(document_ids_BS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token positions inside its document [B, S] and the attention mask [B, 1, S, S]
+    (True: query i may attend key j: j <= i and the same document) of a document-id tensor."""
+    B, S = document_ids_BS.shape
+    index_S = torch.arange(S, device=document_ids_BS.device)
+    starts_BS = torch.ones_like(document_ids_BS, dtype=torch.bool)
+    starts_BS[:, 1:] = document_ids_BS[:, 1:] != document_ids_BS[:, :-1]
+    first_BS = torch.where(starts_BS, index_S, torch.zeros_like(index_S)).cummax(dim=1).values
+    same_BSS = document_ids_BS[:, :, None] == document_ids_BS[:, None, :]
+    causal_SS = index_S[:, None] >= index_S[None, :]
+    return index_S - first_BS, (same_BSS & causal_SS)[:, None]
 
 
 class Block(nn.Module):
@@ -182,11 +204,11 @@ class Block(nn.Module):
             self.ffn = FeedForward(cfg.dim, cfg.ffn_dim, cfg.mlp_bias)
 
     # The three steps of forward, public because router inits walk the layers one step at a time.
-    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The residual stream after the attention sublayer."""
+    def attend(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask=None) -> torch.Tensor:
+        """The residual stream after the attention sublayer (`mask`: see Attention.forward)."""
         if self.post_norm:
-            return x + self.attn_norm(self.attn(x, cos, sin))
-        return x + self.attn(self.attn_norm(x), cos, sin)
+            return x + self.attn_norm(self.attn(x, cos, sin, mask))
+        return x + self.attn(self.attn_norm(x), cos, sin, mask)
 
     def ffn_input(self, h: torch.Tensor) -> torch.Tensor:
         """What the FFN (and so the router) reads."""
@@ -196,8 +218,9 @@ class Block(nn.Module):
         """The residual stream after adding the FFN's output `y`."""
         return h + (self.ffn_norm(y) if self.post_norm else y)
 
-    def forward(self, x, cos, sin) -> tuple[torch.Tensor, MoEStats | None]:
-        h = self.attend(x, cos, sin)
+    # `mask` is the one argument document masking added (None: plain causal attention, as before).
+    def forward(self, x, cos, sin, mask=None) -> tuple[torch.Tensor, MoEStats | None]:
+        h = self.attend(x, cos, sin, mask)
         y = self.ffn(self.ffn_input(h))
         y, stats = y if isinstance(y, tuple) else (y, None)
         return self.add_ffn(h, y), stats
@@ -230,12 +253,16 @@ class Transformer(nn.Module):
                 with torch.no_grad():
                     p.normal_(0.0, scale, generator=generator)
 
-    def rope(self, seq_len: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def rope(self, seq_len: int, device, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [S, Hd] of positions 0 .. seq_len - 1, or [B, 1, S, Hd] of `positions` [B, S]."""
         inv_freq, scale = self.inv_freq, self.rope_scale
         if self.rope_depends_on_length:
             inv_freq, scale = rope_frequencies(self.cfg, seq_len)
-        pos = torch.arange(seq_len, device=device, dtype=torch.float32)
-        freqs_SH = torch.outer(pos, inv_freq.to(device))
+        if positions is None:
+            pos = torch.arange(seq_len, device=device, dtype=torch.float32)
+            freqs_SH = torch.outer(pos, inv_freq.to(device))
+        else:
+            freqs_SH = (positions.float()[..., None] * inv_freq.to(device))[:, None]  # [B, 1, S, Hd/2]
         emb = torch.cat((freqs_SH, freqs_SH), dim=-1)
         if scale == 1.0:
             return emb.cos(), emb.sin()
@@ -256,13 +283,22 @@ class Transformer(nn.Module):
         for ffn in self.moe_layers():
             ffn.impl = impl
 
-    def forward(self, tokens_BS: torch.Tensor) -> ModelOutput:
+    def forward(self, tokens_BS: torch.Tensor, document_ids_BS: torch.Tensor | None = None) -> ModelOutput:
+        """Logits of every position. `document_ids_BS` (optional, non-decreasing along each row)
+        marks which document each token belongs to: attention then stays inside a document and
+        positions restart at 0 at each document's first token, so each document is computed as if
+        it were alone in its row. None: one causal sequence per row (the SDPA fast path)."""
         x = self.embed(tokens_BS)
-        cos, sin = self.rope(tokens_BS.shape[1], tokens_BS.device)
+        if document_ids_BS is None:
+            cos, sin = self.rope(tokens_BS.shape[1], tokens_BS.device)
+            mask = None
+        else:
+            positions_BS, mask = document_attention(document_ids_BS)
+            cos, sin = self.rope(tokens_BS.shape[1], tokens_BS.device, positions_BS)
         zero = x.new_zeros((), dtype=torch.float32)
         balance, z, stats = zero, zero, []
         for block in self.layers:
-            x, layer_stats = block(x, cos, sin)
+            x, layer_stats = block(x, cos, sin, mask)
             if layer_stats is not None:
                 balance = balance + layer_stats.balance_loss
                 z = z + layer_stats.z_loss

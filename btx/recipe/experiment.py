@@ -30,6 +30,7 @@ from btx.recipe.schema import (
     GrowSection,
     MergeSection,
     ModelSection,
+    PrepareSection,
     SeedSection,
     TrainSection,
 )
@@ -146,6 +147,10 @@ class Experiment:
     @property
     def analyze(self) -> AnalyzeSection:
         return self.recipe.analyze
+
+    @property
+    def prepare(self) -> PrepareSection:
+        return self.recipe.prepare
 
     # -- derived ----------------------------------------------------------------------------------
 

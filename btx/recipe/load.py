@@ -42,6 +42,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from btx.choices import GENERAL_DOMAIN
+from btx.data.readers import HF_PREFIX
 from btx.data.tokenizer import ByteTokenizer
 from btx.errors import BtxError, first_line, missing_checkpoint, note_renamed
 from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
@@ -501,9 +502,9 @@ def _resolve_sources(raw: dict, root: Path) -> None:
     if not isinstance(sources, list):
         return
     for i, s in enumerate(sources):
-        if isinstance(s, str):
+        if isinstance(s, str) and not s.startswith(HF_PREFIX):
             sources[i] = _abs(s, root)
-        elif isinstance(s, dict) and "path" in s:
+        elif isinstance(s, dict) and "path" in s and not str(s["path"]).startswith(HF_PREFIX):
             s["path"] = _abs(s["path"], root)
 
 
@@ -525,6 +526,10 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int, inputs_exist: bool
         c.fail(key, "missing path")
     path = Path(spec["path"])
     pattern = spec.get("glob")
+    if spec["path"].startswith(HF_PREFIX):  # a Hub dataset: checked (and read) by btx.data.sources
+        if pattern is not None:
+            c.fail(f"{key}.glob", "applies to directories, not to hf: datasets")
+        return Source(path=path, glob=None, text_field=spec.get("text_field", data.text_field), files=[])
     if not inputs_exist and not path.exists():
         return Source(path=path, glob=pattern, text_field=spec.get("text_field", data.text_field), files=[])
     if pattern is not None:

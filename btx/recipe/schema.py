@@ -65,6 +65,10 @@ class TrainSection:
     # shared weights stay the seed's, so their merge is exact), ffn_norms (FFNs and norm gains).
     # The seed trains from scratch and the finetune has finetune.trainable: both always train all here.
     trainable: str = "all"
+    # Attention stays inside each document of a window (documents end at the tokenizer's EOS) and
+    # positions restart at each one, as if every document had its row to itself; the job's
+    # validation windows do the same. Off: windows are one causal sequence (the SDPA fast path).
+    document_mask: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -503,6 +507,17 @@ class AnalyzeSection:
 
 
 @dataclass
+class PrepareSection:
+    # Tokenizer processes per domain (btx.data.encode). The shards are byte-identical for every
+    # value, so it is not part of any stage's key. On a big node: about one per core, less the
+    # one that reads and writes.
+    workers: int = 1
+
+    def check(self, c: Checker) -> None:
+        c.positive(self, "workers")
+
+
+@dataclass
 class ExperimentRecipe:
     """The experiment recipe file."""
 
@@ -519,6 +534,7 @@ class ExperimentRecipe:
     grow: GrowSection = field(default_factory=GrowSection)
     eval: EvalSection = field(default_factory=EvalSection)
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)
+    prepare: PrepareSection = field(default_factory=PrepareSection)
 
 
 @dataclass

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.progress import Progress
 
 from btx.data.shards import load_shard
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.evaluate.btm import TfidfRouter, shard_sample
 from btx.evaluate.checkpoints import btm_rows, check_out_dir, write_outputs, written
@@ -153,6 +154,8 @@ def eval_rows(exp, console: Console):
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(exp.paths.shard(d, "val")) for d in exp.domains}
+    # train.document_mask: every model is scored with attention inside documents, as it trained.
+    eos = load_tokenizer(exp.tokenizer).eos_id if exp.train.document_mask else None
     present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
     n_batches = len(exp.domains) * settings.batches * len(present)
     rows = []
@@ -163,7 +166,7 @@ def eval_rows(exp, console: Console):
             model = load_model(m.path, dtype=torch.float32)
             lps = {
                 d: window_logprobs(
-                    model, shard, seq_len, settings.batch_size, settings.batches, lambda: bar.advance(task)
+                    model, shard, seq_len, settings.batch_size, settings.batches, lambda: bar.advance(task), eos
                 )
                 for d, shard in shards.items()
             }

@@ -71,7 +71,7 @@ from btx.recipe.run_dir import BASELINE_PROTOCOLS
 from btx.run import baselines, evaluation, stages
 from btx.run.evaluation import evaluate
 from btx.run.ledger import Pipeline, StageOutcome, key_of
-from btx.run.stage import Parts, Read, Stage, Task, drive
+from btx.run.stage import UNKEYED, Parts, Read, Stage, Task, drive
 from btx.train.job import expert_job, seed_domains, seed_job
 
 
@@ -130,6 +130,7 @@ STAGES: tuple[Stage, ...] = (
         parts="data_domains",
         content=stages.shard_content,
         reads=("data_domains.{part}.data", "data_domains.{part}.sources", "tokenizer"),
+        uses={"prepare.workers": "how fast, never what: the shards are byte-identical for any number"},
     ),
     Stage(
         "seed",
@@ -225,6 +226,8 @@ STAGES: tuple[Stage, ...] = (
         reads=(
             Read("eval", evaluation.eval_section_view),
             "train.seq_len",
+            # Scored with document masking when training used it (keyed only when on).
+            Read("train.document_mask", lambda exp: exp.train.document_mask or UNKEYED),
             Read("domains", names),
             "merged_domains",
             "grow.domains",

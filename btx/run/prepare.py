@@ -15,6 +15,8 @@ from rich.markup import escape
 
 from btx.data.corpora import BUILTIN_PREFIX, builtin_source
 from btx.data.prepare import prepare_domains
+from btx.data.readers import HF_PREFIX
+from btx.data.sources import GLOB_CHARS
 from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.recipe.experiment import Domain, Experiment
@@ -29,7 +31,9 @@ def domain_sources(domain: Domain) -> list:
     return specs
 
 
-def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool = True) -> dict[str, dict]:
+def prepare_experiment(
+    exp: Experiment, *, force: bool = False, progress: bool = True, workers: int | None = None
+) -> dict[str, dict]:
     """Prepare every domain of `exp` (finetune.general's too) into `exp.run_dir/data/<domain>/`;
     returns per-domain summaries."""
 
@@ -43,7 +47,8 @@ def prepare_experiment(exp: Experiment, *, force: bool = False, progress: bool =
         }
         for name, d in exp.data_domains.items()
     }
-    return prepare_domains(domains, tokenizer, exp.paths.data_root, force=force, progress=progress)
+    workers = exp.prepare.workers if workers is None else workers
+    return prepare_domains(domains, tokenizer, exp.paths.data_root, force=force, progress=progress, workers=workers)
 
 
 def parse_domain_specs(specs: list[str]) -> dict[str, list]:
@@ -55,6 +60,10 @@ def parse_domain_specs(specs: list[str]) -> dict[str, list]:
             raise BtxError(f"--domain {spec}: expected NAME=PATH (or NAME=builtin:CORPUS)")
         if path.startswith(BUILTIN_PREFIX):
             source: Any = builtin_source(path[len(BUILTIN_PREFIX) :])
+        elif path.startswith(HF_PREFIX):
+            source = path
+        elif GLOB_CHARS.search(path):
+            source = os.path.abspath(os.path.expanduser(path))  # checked by PathSource: matches a file?
         else:
             if not Path(path).expanduser().exists():
                 raise BtxError(f"--domain {spec}: {path}: no such file or directory")
@@ -73,8 +82,8 @@ def prepare_adhoc(
     text_field: str = "text",
     force: bool = False,
     progress: bool = True,
+    workers: int = 1,
 ) -> dict[str, dict]:
-
     if not 0.0 < val_fraction < 1.0:
         raise BtxError(f"--val-fraction: must be in (0, 1), got {val_fraction}")
     return prepare_domains(
@@ -83,6 +92,7 @@ def prepare_adhoc(
         Path(out),
         force=force,
         progress=progress,
+        workers=workers,
         val_fraction=val_fraction,
         seed=seed,
         text_field=text_field,

@@ -37,6 +37,9 @@ from btx.run.ledger import Adopt, Pipeline, StageOutcome, key_of, outputs_key, t
 # what it is, is the seed stage's content, which every stage reading the seed consumes.
 NOT_SETTINGS = {"path", "overrides", "run_dir", "paths", "name", "seed_dir"}
 REDO = "<redone>"  # a plan's content of a stage it redoes: unknown until it ran
+# What a Read's view gives to stay out of the key: a setting added after run directories existed
+# leaves their keys as they were while it keeps its old behaviour (train.document_mask off).
+UNKEYED = "<unkeyed>"
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,7 @@ def stage_key(p: Pipeline, stage: Stage, part: Optional[str] = None, inputs: Any
         path: (r.view(p.exp) if isinstance(r, Read) else resolve(p.exp, path))
         for r, path in zip(stage.reads, read_paths(stage, part), strict=True)
     }
+    reads = {path: value for path, value in reads.items() if not (isinstance(value, str) and value == UNKEYED)}
     return key_of(reads, consumed(p, stage, part), to_plain(inputs))
 
 

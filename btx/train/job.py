@@ -276,6 +276,8 @@ def trajectory_hash(job: TrainJob) -> str:
         what["engine_settings"] = job.engine_settings
     if job.trainable != "all":  # likewise
         what["trainable"] = job.trainable
+    if getattr(job.settings, "document_mask", False):  # likewise
+        what["document_mask"] = True
     if job.data_plan is not None:
         what["data_plan"] = [[dataclasses.asdict(stream) for stream in phase] for phase in job.data_plan]
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()

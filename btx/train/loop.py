@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 
-from btx.data.sampling import eval_batches
+from btx.data.sampling import document_ids, eval_batches
 from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.io.locks import output_lock
@@ -299,6 +299,9 @@ def _train(
     sampler = job_sampler(job, train_shards, s.batch_size * world)
     tokens_per_step = s.batch_size * s.seq_len * s.grad_accum * world
     flops_per_token = train_flops_per_token(cfg, s.seq_len, job.trainable)
+    eos_id = tokenizer.eos_id if s.document_mask else None
+    if s.document_mask and eos_id is None:
+        raise BtxError(f"{job.name}: train.document_mask needs a tokenizer with an EOS token (documents end at it)")
 
     state = resume_job(job, engine, trajectory, console, identities)
     metrics = MetricsLog(job.metrics_path, enabled=engine.is_main)
@@ -327,7 +330,9 @@ def _train(
                 inputs, targets = sampler.batch((step - 1) * s.grad_accum + micro, rank, world)
                 inputs = inputs.to(engine.device, non_blocking=True)
                 targets = targets.to(engine.device, non_blocking=True)
-                output = engine.model(inputs)
+                # Off, the call is the model's plain forward, exactly as without the setting.
+                masking = () if eos_id is None else (document_ids(inputs, eos_id),)
+                output = engine.model(inputs, *masking)
                 terms = loss_terms(output, targets, job.balance_alpha, job.z_loss_coef)
                 engine.backward(terms[0])
                 sums[:4] += torch.stack([t.detach().double() for t in terms])
@@ -358,7 +363,9 @@ def _train(
                 record.update(on_step(step, output, inputs) or {})
             del output, terms, inputs, targets
             if (s.eval_every and step % s.eval_every == 0) or step == s.steps:
-                record.update(_val_record(validate(engine, val_shards, s.seq_len, s.batch_size, s.eval_batches)))
+                record.update(
+                    _val_record(validate(engine, val_shards, s.seq_len, s.batch_size, s.eval_batches, eos_id))
+                )
                 if not math.isfinite(record["val_loss"]):  # this step's update broke the weights
                     _non_finite_loss(job, step, "validation loss", record["val_loss"], lr, good_upto=step - 1)
             metrics.write(record)
@@ -414,8 +421,11 @@ def _val_record(losses: dict[str, float]) -> dict:
 
 
 @torch.no_grad()
-def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batches: int) -> dict[str, float]:
-    """Mean NLL per domain over the same held-out windows every time (`btx.data.sampling.eval_batches`).
+def validate(
+    engine, val_shards: dict, seq_len: int, batch_size: int, max_batches: int, document_eos: int | None = None
+) -> dict[str, float]:
+    """Mean NLL per domain over the same held-out windows every time (`btx.data.sampling.eval_batches`);
+    with `document_eos` (document masking), attention stays inside the documents it ends.
 
     Batches are dealt round-robin over ranks; every rank runs the same number of forwards (padding
     with a repeat of batch 0, weighted 0) so sharded engines (ZeRO-3) stay in lockstep.
@@ -433,7 +443,9 @@ def validate(engine, val_shards: dict, seq_len: int, batch_size: int, max_batche
             for first in range(0, len(batches), world):
                 index = first + rank
                 inputs, targets = batches[index] if index < len(batches) else batches[0]
-                logits = model(inputs.to(engine.device)).logits
+                inputs = inputs.to(engine.device)
+                masking = () if document_eos is None else (document_ids(inputs, document_eos),)
+                logits = model(inputs, *masking).logits
                 nll = F.cross_entropy(
                     logits.reshape(-1, logits.shape[-1]).float(), targets.to(engine.device).reshape(-1), reduction="sum"
                 )

@@ -65,12 +65,13 @@ class AccelerateEngine:
         self._params = [p for p in self.unwrapped.parameters() if p.requires_grad]
         self._micro = 0  # micro-batches backpropagated since the last step
 
-    def model(self, tokens: torch.Tensor):
-        """Forward of the next micro-batch; gradient sync only for the last of the step."""
+    def model(self, tokens: torch.Tensor, *document_ids: torch.Tensor):
+        """Forward of the next micro-batch (with its document ids, under document masking);
+        gradient sync only for the last of the step."""
         if self._micro < self.grad_accum - 1:
             with self.accelerator.no_sync(self._wrapped):
-                return self._wrapped(tokens)
-        return self._wrapped(tokens)
+                return self._wrapped(tokens, *document_ids)
+        return self._wrapped(tokens, *document_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
         self.accelerator.backward(loss / self.grad_accum)
