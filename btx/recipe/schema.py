@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 from btx.choices import (
+    ACTIVATION_CHECKPOINTING,
     DENSE_TRAINABLE,
     EVAL_MATCHES,
     EXECUTORS,
@@ -64,6 +65,14 @@ class TrainSection:
     # shared weights stay the seed's, so their merge is exact), ffn_norms (FFNs and norm gains).
     # The seed trains from scratch and the finetune has finetune.trainable: both always train all here.
     trainable: str = "all"
+    # Recompute activations in the backward instead of keeping them (btx.train.blocks), per block:
+    # none; full (each block keeps only its input); selective (each block's attention sublayer is
+    # recomputed, the FFN or MoE dispatch keeps its activations: about half the memory of none for a
+    # third of a forward recomputed). Same losses and gradients; memory for time.
+    activation_checkpointing: str = "none"
+    # torch.compile each transformer block on its own (regional, as torchtitan does); the eager
+    # model is the reference. The first steps are slower (compiling), later ones faster.
+    compile: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -82,6 +91,7 @@ class TrainSection:
         )
         c.choice(self, "precision", PRECISIONS)
         c.choice(self, "trainable", DENSE_TRAINABLE)
+        c.choice(self, "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         c.that(
             self.zero_stage is None or 0 <= self.zero_stage <= 3,
             "zero_stage",

@@ -1,0 +1,76 @@
+"""Per-block training transforms: activation checkpointing and regional torch.compile.
+
+    apply_block_settings(model, settings)   # settings: a TrainSection; before the engine wraps the model
+
+Applied from outside the model, block by block (torchtitan's way): btx.model knows nothing of
+training. Both transforms patch attributes of each block *instance* (`forward`, `attend`) or
+compile it in place (`nn.Module.compile`), so no wrapper module enters the tree: parameter names,
+state dicts, checkpoints and exports are exactly those of the plain model, on either engine
+(accelerate or DeepSpeed, ZeRO-3 included, whose hooks sit on the submodules).
+
+Activation checkpointing (`train.activation_checkpointing`), with
+`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`:
+- none: every activation is kept for the backward.
+- full: each block keeps only its input; its whole forward (attention, FFN or MoE dispatch) runs
+  again in the backward.
+- selective: each block's attention sublayer (norm, projections, RoPE, SDPA, output projection,
+  residual add: `Block.attend`) is recomputed; the FFN / MoE part keeps its activations. Attention
+  holds about half a dense block's activations but costs about a third of its FLOPs, and the MoE
+  dispatch (a host sync, routing, the expert GEMMs) is never run twice.
+Recomputation restores the RNG state (sample_top1's Gumbel noise draws the same numbers), so the
+gradients are those of the plain model (tests/test_blocks.py).
+
+torch.compile (`train.compile`): each block is compiled on its own (one graph reused by every
+layer of the same shape: short compile times). The MoE's expert loop stays eager by design
+(btx.model.moe `_run_sorted`: shapes that depend on the routing); docs/RECIPES.md lists the graph
+breaks that remain. With checkpointing too, the checkpointed forward is what gets compiled.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from btx.errors import BtxError
+from btx.model.transformer import Transformer
+
+
+def _checkpointed(fn):
+    """`fn` whose activations are recomputed in the backward instead of kept."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        if not torch.is_grad_enabled():  # eval / no_grad: nothing to keep, nothing to recompute
+            return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    return run
+
+
+def checkpoint_blocks(model: Transformer, mode: str) -> None:
+    """Recompute each block's activations (`full`) or its attention sublayer's (`selective`)."""
+    if mode == "none":
+        return
+    for block in model.layers:
+        if mode == "full":
+            block.forward = _checkpointed(block.forward)
+        elif mode == "selective":
+            block.attend = _checkpointed(block.attend)
+        else:
+            raise BtxError(f"train.activation_checkpointing: expected none, full or selective; got {mode!r}")
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each transformer block in place (regional compilation)."""
+    for block in model.layers:
+        block.compile()
+
+
+def apply_block_settings(model: nn.Module, settings) -> None:
+    """train.activation_checkpointing, then train.compile, on every block of `model`."""
+    checkpoint_blocks(model, getattr(settings, "activation_checkpointing", "none"))
+    if getattr(settings, "compile", False):
+        compile_blocks(model)
