@@ -24,6 +24,8 @@ torch.compile (`train.compile`): each block is compiled on its own (one graph re
 layer of the same shape: short compile times). The MoE's expert loop stays eager by design
 (btx.model.moe `_run_sorted`: shapes that depend on the routing); docs/RECIPES.md lists the graph
 breaks that remain. With checkpointing too, the checkpointed forward is what gets compiled.
+ZeRO-3 with compile is refused (one line): DeepSpeed's parameter-gathering hooks run inside each
+block and dynamo cannot trace them; ZeRO 0-2 and accelerate compile.
 """
 
 from __future__ import annotations
@@ -69,8 +71,16 @@ def compile_blocks(model: Transformer) -> None:
         block.compile()
 
 
-def apply_block_settings(model: nn.Module, settings) -> None:
-    """train.activation_checkpointing, then train.compile, on every block of `model`."""
+def apply_block_settings(model: nn.Module, settings, zero_stage: int | None = None) -> None:
+    """train.activation_checkpointing, then train.compile, on every block of `model`; `zero_stage`
+    is the DeepSpeed stage the job trains at (None: accelerate)."""
+    if getattr(settings, "compile", False) and zero_stage == 3:
+        # ZeRO-3 gathers each submodule's weights in forward hooks that dynamo traces into: it
+        # sees the empty local partitions and fails (DeepSpeed's own compile path is not used here).
+        raise BtxError(
+            "train.compile: not supported with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks "
+            "cannot be traced); use zero_stage 0-2, or train.compile: false"
+        )
     checkpoint_blocks(model, getattr(settings, "activation_checkpointing", "none"))
     if getattr(settings, "compile", False):
         compile_blocks(model)

@@ -221,7 +221,8 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     set_trainable(model, job.trainable)
     if setup_model is not None:
         setup_model(model)
-    apply_block_settings(model, job.settings)  # activation checkpointing, torch.compile (per block)
+    zero_stage = job.engine_settings.get("zero_stage", getattr(job.settings, "zero_stage", None))
+    apply_block_settings(model, job.settings, zero_stage)  # activation checkpointing, torch.compile (per block)
 
     engine = (make_engine or dense_engine)(model, job)
     del model  # the engine owns it now (closing the engine must be able to free it)
