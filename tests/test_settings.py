@@ -94,6 +94,8 @@ TRAIN = dict(
     seed=5,
     zero_stage=1,
     trainable="ffn",
+    activation_checkpointing="selective",
+    compile=True,
 )
 FINETUNE = dict(
     train={"steps": 9},

@@ -221,7 +221,9 @@ class MoEFeedForward(nn.Module):
         E = self.w1.shape[0]
         expert_N = expert_TK.reshape(-1)  # N = T*K slots; id E marks a dropped slot
         order_N = torch.argsort(expert_N, stable=True)
-        counts_E = torch.bincount(expert_N, minlength=E + 1)
+        # bincount's output length depends on the data (a graph break under torch.compile); this
+        # count has the static length E + 1 and the same integers.
+        counts_E = expert_N.new_zeros(E + 1).index_add_(0, expert_N, torch.ones_like(expert_N))
         out_ND, order_N, counts = self._run_sorted(x_TD, order_N, counts_E, K)
         token_N = order_N // K
         gate_N = gate_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)

@@ -23,7 +23,9 @@ gradients are those of the plain model (tests/test_blocks.py).
 torch.compile (`train.compile`): each block is compiled on its own (one graph reused by every
 layer of the same shape: short compile times). The MoE's expert loop stays eager by design
 (btx.model.moe `_run_sorted`: shapes that depend on the routing); docs/RECIPES.md lists the graph
-breaks that remain. With checkpointing too, the checkpointed forward is what gets compiled.
+breaks that remain. With `full`, the checkpoint wraps the compiled block (a checkpointed region
+that dynamo traces may hold no graph break, and the MoE block has one); with `selective`, the
+compiled block holds the checkpointed attention (no graph break in it).
 ZeRO-3 with compile is refused (one line): DeepSpeed's parameter-gathering hooks run inside each
 block and dynamo cannot trace them; ZeRO 0-2 and accelerate compile.
 """
@@ -54,25 +56,32 @@ def _checkpointed(fn):
 
 def checkpoint_blocks(model: Transformer, mode: str) -> None:
     """Recompute each block's activations (`full`) or its attention sublayer's (`selective`)."""
-    if mode == "none":
-        return
-    for block in model.layers:
-        if mode == "full":
-            block.forward = _checkpointed(block.forward)
-        elif mode == "selective":
-            block.attend = _checkpointed(block.attend)
-        else:
-            raise BtxError(f"train.activation_checkpointing: expected none, full or selective; got {mode!r}")
+    _transform_blocks(model, mode, compiled=False)
 
 
 def compile_blocks(model: Transformer) -> None:
     """torch.compile each transformer block in place (regional compilation)."""
+    _transform_blocks(model, "none", compiled=True)
+
+
+def _transform_blocks(model: Transformer, mode: str, compiled: bool) -> None:
+    if mode not in ("none", "full", "selective"):
+        raise BtxError(f"train.activation_checkpointing: expected none, full or selective; got {mode!r}")
     for block in model.layers:
-        block.compile()
+        if mode == "selective":
+            block.attend = _checkpointed(block.attend)  # inside the compiled block: no graph break there
+        if mode == "full":
+            # The checkpoint goes around the compiled forward, not inside it: dynamo cannot trace a
+            # checkpointed region with a graph break in it (the MoE's eager middle) and would run
+            # the whole block eagerly.
+            forward = torch.compile(block.forward) if compiled else block.forward
+            block.forward = _checkpointed(forward)
+        elif compiled:
+            block.compile()
 
 
 def apply_block_settings(model: nn.Module, settings, zero_stage: int | None = None) -> None:
-    """train.activation_checkpointing, then train.compile, on every block of `model`; `zero_stage`
+    """train.activation_checkpointing and train.compile on every block of `model`; `zero_stage`
     is the DeepSpeed stage the job trains at (None: accelerate)."""
     if getattr(settings, "compile", False) and zero_stage == 3:
         # ZeRO-3 gathers each submodule's weights in forward hooks that dynamo traces into: it
@@ -81,6 +90,6 @@ def apply_block_settings(model: nn.Module, settings, zero_stage: int | None = No
             "train.compile: not supported with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks "
             "cannot be traced); use zero_stage 0-2, or train.compile: false"
         )
-    checkpoint_blocks(model, getattr(settings, "activation_checkpointing", "none"))
-    if getattr(settings, "compile", False):
-        compile_blocks(model)
+    _transform_blocks(
+        model, getattr(settings, "activation_checkpointing", "none"), compiled=getattr(settings, "compile", False)
+    )
