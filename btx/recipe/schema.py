@@ -67,8 +67,8 @@ class TrainSection:
     trainable: str = "all"
     # Recompute activations in the backward instead of keeping them (btx.train.blocks), per block:
     # none; full (each block keeps only its input); selective (each block's attention sublayer is
-    # recomputed, the FFN or MoE dispatch keeps its activations: about half the memory of none for a
-    # third of a forward recomputed). Same losses and gradients; memory for time.
+    # recomputed, the FFN or MoE dispatch keeps its activations: a smaller saving for less
+    # recomputation; docs/RECIPES.md has measurements). Same losses and gradients; memory for time.
     activation_checkpointing: str = "none"
     # torch.compile each transformer block on its own (regional, as torchtitan does); the eager
     # model is the reference. The first steps are slower (compiling), later ones faster.

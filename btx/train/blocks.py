@@ -14,9 +14,10 @@ Activation checkpointing (`train.activation_checkpointing`), with
 - full: each block keeps only its input; its whole forward (attention, FFN or MoE dispatch) runs
   again in the backward.
 - selective: each block's attention sublayer (norm, projections, RoPE, SDPA, output projection,
-  residual add: `Block.attend`) is recomputed; the FFN / MoE part keeps its activations. Attention
-  holds about half a dense block's activations but costs about a third of its FLOPs, and the MoE
-  dispatch (a host sync, routing, the expert GEMMs) is never run twice.
+  residual add: `Block.attend`) is recomputed; the FFN / MoE part keeps its activations, so the MoE
+  dispatch (a host sync, routing, the expert GEMMs) never runs twice. With SDPA (no stored score
+  matrix) attention holds the smaller share of a block's activations: measured savings are in
+  docs/RECIPES.md and bench/train_blocks.py.
 Recomputation restores the RNG state (sample_top1's Gumbel noise draws the same numbers), so the
 gradients are those of the plain model (tests/test_blocks.py).
 
