@@ -116,3 +116,37 @@ def test_compiled_blocks_train_like_the_eager_model(kind):
         runs[compiled] = losses
     assert runs[True] == pytest.approx(runs[False], abs=1e-4)
     assert runs[False][-1] < runs[False][0]  # it trained
+
+
+def test_graph_breaks_are_only_the_documented_ones():
+    """dynamo alone (no inductor, fast): a dense block is one graph; an MoE block breaks only at the
+    eager middle of its dispatch (btx.model.moe `_run_sorted`), and sample_top1's changing router
+    step does not recompile it."""
+    import torch._dynamo.testing
+
+    def block_of(cfg):
+        model = model_of(cfg)
+        x = torch.randn(2, 16, cfg.dim)
+        return model, model.layers[1], (x, *model.rope(16, "cpu"))
+
+    _, dense, args = block_of(DENSE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(dense)(*args)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0)
+
+    _, moe, args = block_of(MOE)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(moe)(*args)
+    reasons = {str(b.reason).splitlines()[0] for b in explained.break_reasons}
+    assert len(reasons) == 1 and "disable" in reasons.pop()
+
+    model, sampled, args = block_of(SAMPLED)
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(sampled, backend=counter)
+    frames = []
+    for step in (0, 1000, 2000):
+        model.set_router_step(step)
+        compiled(*args)
+        frames.append(counter.frame_count)
+    assert frames[0] == frames[1] == frames[2]

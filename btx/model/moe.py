@@ -57,6 +57,12 @@ class Router(nn.Module):
     def temperature(self) -> float:
         return max(0.5, math.exp(-self.gumbel_rate * self.step))
 
+    # Eager under torch.compile: `step` is a Python int that changes every step; traced, it would
+    # be a constant of the graph and recompile it at every step. As a tensor it is a graph input.
+    @torch.compiler.disable
+    def _temperature_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.temperature(), dtype=like.dtype, device=like.device)
+
     def route(self, logits_TE: torch.Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
@@ -84,7 +90,7 @@ class Router(nn.Module):
                 expert_T1 = logits_TE.argmax(dim=-1, keepdim=True)
                 return Routing(expert_T1, torch.ones_like(expert_T1, dtype=probs_TE.dtype), probs_TE)
             gumbel_TE = -torch.empty_like(logits_TE).exponential_().log()
-            sample_TE = ((logits_TE + gumbel_TE) / self.temperature()).softmax(dim=-1)
+            sample_TE = ((logits_TE + gumbel_TE) / self._temperature_tensor(logits_TE)).softmax(dim=-1)
             gate_T1, expert_T1 = sample_TE.max(dim=-1, keepdim=True)  # keep only the sample's max
             return Routing(expert_T1, gate_T1, probs_TE)
         raise ValueError(f"unknown router_mode {self.mode!r}; expected one of {ROUTER_MODES}")
