@@ -91,7 +91,7 @@ def test_block_settings_keep_names_and_eval_mode_and_refuse_unknown_modes():
     assert list(model.state_dict()) == names
     with torch.no_grad():  # no recomputation without grad: runs as the plain model
         torch.testing.assert_close(model(batch(1)[0]).logits, model_of(MOE)(batch(1)[0]).logits)
-    with pytest.raises(BtxError, match="train.activation_checkpointing: expected none, full or selective"):
+    with pytest.raises(BtxError, match="train.activation_checkpointing: expected one of none, full, selective"):
         checkpoint_blocks(model_of(DENSE), "some")
 
 

@@ -18,6 +18,9 @@ Activation checkpointing (`train.activation_checkpointing`), with
   dispatch (a host sync, routing, the expert GEMMs) never runs twice. With SDPA (no stored score
   matrix) attention holds the smaller share of a block's activations: measured savings are in
   docs/RECIPES.md and bench/train_blocks.py.
+The patched methods close over their own block: a deep copy of a patched model would still call
+the original's, so transform a model only once it is the one that trains (the loop does it just
+before the engine wraps the model).
 Recomputation restores the RNG state (sample_top1's Gumbel noise draws the same numbers), so the
 gradients are those of the plain model (tests/test_blocks.py).
 
@@ -39,6 +42,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from btx.choices import ACTIVATION_CHECKPOINTING
 from btx.errors import BtxError
 from btx.model.transformer import Transformer
 
@@ -66,8 +70,9 @@ def compile_blocks(model: Transformer) -> None:
 
 
 def _transform_blocks(model: Transformer, mode: str, compiled: bool) -> None:
-    if mode not in ("none", "full", "selective"):
-        raise BtxError(f"train.activation_checkpointing: expected none, full or selective; got {mode!r}")
+    if mode not in ACTIVATION_CHECKPOINTING:
+        expected = ", ".join(ACTIVATION_CHECKPOINTING)
+        raise BtxError(f"train.activation_checkpointing: expected one of {expected}; got {mode!r}")
     for block in model.layers:
         if mode == "selective":
             block.attend = _checkpointed(block.attend)  # inside the compiled block: no graph break there
