@@ -558,11 +558,17 @@ def test_activation_checkpointing_at_zero3_trains_the_same_moe(finetune, setting
     assert [r["grad_norm"] for r in recomputed.records] == pytest.approx(norms, rel=1e-5)
 
 
-def test_compiled_blocks_finetune_like_eager_on_deepspeed(finetune):
+def test_compiled_blocks_finetune_like_eager_on_deepspeed(finetune, base):
     """Compiled blocks on the DeepSpeed engine (tests/test_blocks.py compares 10 steps; compiling is
     slow on a CPU). ZeRO-3 is refused with one line before anything is written."""
     plain = finetune("finetune.zero_stage=2", steps(3))
     compiled = finetune("finetune.zero_stage=2", "train.compile=true", steps(3))
     assert compiled.losses == pytest.approx(plain.losses, abs=1e-4)
+    from btx.recipe.load import load_experiment
+    from btx.train.finetune import finetune_job, run_finetune
+
+    run_dir = make_run_dir(base, "compile-zero3")  # not through `finetune`: its cache counts runs
+    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=3", "train.compile=true"])
     with pytest.raises(BtxError, match="train.compile: not supported with ZeRO stage 3"):
-        finetune("finetune.zero_stage=3", "train.compile=true", steps(3))
+        run_finetune(finetune_job(exp))
+    assert not (run_dir / "finetune-train" / "metrics.jsonl").exists() and not (run_dir / "finetuned").exists()
