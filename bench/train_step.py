@@ -17,14 +17,18 @@ machine background load only ever adds time, so the minimum is the steadier esti
 
     python bench/train_step.py                    # CPU fp32, 2 threads (the README's numbers)
     python bench/train_step.py --device cuda      # bf16 autocast on a GPU (precision auto)
+    python bench/train_step.py --blocks           # the train.compile x train.activation_checkpointing table
 
 Prints tokens/s of each and the ratio btx/transformers (higher is better for btx; target >= 1.0).
+`--blocks` instead times and measures btx's own step under each `train.compile` and
+`train.activation_checkpointing` setting (bench/train_blocks.py says how).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 from types import SimpleNamespace
 
@@ -91,6 +95,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1, help="timed steps per contender per round")
+    ap.add_argument("--blocks", action="store_true", help="eager/compiled x none/full/selective (train_blocks.py)")
+    if "--blocks" in sys.argv[1:]:  # the rest of the command line is train_blocks.py's
+        import train_blocks
+
+        return train_blocks.main([a for a in sys.argv[1:] if a != "--blocks"])
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.device == "cpu":

@@ -7,6 +7,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 ROUTER_MODES = ("topk", "switch", "soft", "sample_top1")  # finetune.router_mode (btx.model.moe)
 TRAINABLE = ("all", "router_only", "frozen_experts")  # finetune.trainable (btx.model.trainable)
 DENSE_TRAINABLE = ("all", "ffn", "ffn_norms")  # train.trainable of an expert (btx.model.trainable)
+ACTIVATION_CHECKPOINTING = ("none", "full", "selective")  # train.activation_checkpointing (btx.train.blocks)
 EVAL_MATCHES = ("compute", "data", "both")
 GENERAL_DOMAIN = "general"  # the data-only domain of finetune.general
 ROUTER_INITS = ("random", "zeros", "centroid", "ridge", "hidden")

@@ -22,6 +22,7 @@ import torch
 from btx.cli import main
 from btx.data.sampling import TokenSampler
 from btx.data.shards import load_shard
+from btx.errors import BtxError
 from btx.families import read_config
 from btx.io.checkpoint import load_model, load_state_dict, save_model
 from btx.io.layout import config_to_hf
@@ -542,3 +543,32 @@ def test_resume_reads_checkpoints_weights_only_and_only_files_btx_recorded(base,
     torch.save({"state": argparse.Namespace(code="runs on load")}, tmp_path / "evil.pt")
     with pytest.raises(Exception, match="holds a Python object btx does not unpickle"):
         load_weights_only(str(tmp_path / "evil.pt"))
+
+
+# ------------------------------------------------------------------- activation checkpointing, compile
+
+
+@pytest.mark.parametrize("setting", ["train.activation_checkpointing=full", "train.activation_checkpointing=selective"])
+def test_activation_checkpointing_at_zero3_trains_the_same_moe(finetune, setting):
+    """Recomputation under ZeRO-3 (whose hooks gather each submodule's weights again in the backward)."""
+    plain = finetune("finetune.zero_stage=3", steps(3))
+    recomputed = finetune("finetune.zero_stage=3", setting, steps(3))
+    assert recomputed.losses == pytest.approx(plain.losses, abs=1e-6)
+    norms = [r["grad_norm"] for r in plain.records]
+    assert [r["grad_norm"] for r in recomputed.records] == pytest.approx(norms, rel=1e-5)
+
+
+def test_compiled_blocks_finetune_like_eager_on_deepspeed(finetune, base):
+    """Compiled blocks on the DeepSpeed engine (tests/test_blocks.py compares 10 steps; compiling is
+    slow on a CPU). ZeRO-3 is refused with one line before anything is written."""
+    plain = finetune("finetune.zero_stage=2", steps(3))
+    compiled = finetune("finetune.zero_stage=2", "train.compile=true", steps(3))
+    assert compiled.losses == pytest.approx(plain.losses, abs=1e-4)
+    from btx.recipe.load import load_experiment
+    from btx.train.finetune import finetune_job, run_finetune
+
+    run_dir = make_run_dir(base, "compile-zero3")  # not through `finetune`: its cache counts runs
+    exp = load_experiment(base / "btx.yaml", [f"run_dir={run_dir}", "finetune.zero_stage=3", "train.compile=true"])
+    with pytest.raises(BtxError, match="train.compile: not supported with ZeRO stage 3"):
+        run_finetune(finetune_job(exp))
+    assert not (run_dir / "finetune-train" / "metrics.jsonl").exists() and not (run_dir / "finetuned").exists()

@@ -96,6 +96,8 @@ TRAIN = dict(
     zero_stage=1,
     trainable="ffn",
     document_mask=True,
+    activation_checkpointing="selective",
+    compile=True,
 )
 PREPARE = dict(workers=2)
 FINETUNE = dict(

@@ -394,3 +394,30 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("engine", ["accelerate", "deepspeed"])
+def test_activation_checkpointing_and_compile_train_an_expert_like_eager(prepared, run_dir, engine):
+    """An expert job on either engine: full and selective recomputation give the eager losses
+    (fp32, 1e-6); compiled blocks too within 1e-4 (accelerate only: compiling is slow on a CPU;
+    tests/test_finetune.py compiles on DeepSpeed)."""
+    variants = {
+        "none": [],
+        "full": ["train.activation_checkpointing=full"],
+        "selective": ["train.activation_checkpointing=selective"],
+    }
+    if engine == "accelerate":
+        variants["compile"] = ["train.compile=true"]
+    losses = {}
+    for name, overrides in variants.items():
+        target = run_dir.parent / f"run-{name}"
+        shutil.copytree(run_dir, target)
+        zero = ["train.zero_stage=0"] if engine == "deepspeed" else []
+        job = expert_job(experiment(prepared, target, "train.steps=3", *zero, *overrides), "code")
+        run_loop(job, console=quiet_console())
+        losses[name] = [r["loss"] for r in map(json.loads, job.metrics_path.read_text().splitlines())]
+    assert len(losses["none"]) == 3
+    for name in ("full", "selective"):
+        assert losses[name] == pytest.approx(losses["none"], abs=1e-6), name
+    if "compile" in losses:
+        assert losses["compile"] == pytest.approx(losses["none"], abs=1e-4)

@@ -57,6 +57,12 @@ class Router(nn.Module):
     def temperature(self) -> float:
         return max(0.5, math.exp(-self.gumbel_rate * self.step))
 
+    # Eager under torch.compile: `step` is a Python int that changes every step; traced, it would
+    # be a constant of the graph and recompile it at every step. As a tensor it is a graph input.
+    @torch.compiler.disable
+    def _temperature_tensor(self, like: torch.Tensor) -> torch.Tensor:
+        return torch.tensor(self.temperature(), dtype=like.dtype, device=like.device)
+
     def route(self, logits_TE: torch.Tensor) -> Routing:
         probs_TE = logits_TE.softmax(dim=-1)
         T, E = probs_TE.shape
@@ -84,7 +90,7 @@ class Router(nn.Module):
                 expert_T1 = logits_TE.argmax(dim=-1, keepdim=True)
                 return Routing(expert_T1, torch.ones_like(expert_T1, dtype=probs_TE.dtype), probs_TE)
             gumbel_TE = -torch.empty_like(logits_TE).exponential_().log()
-            sample_TE = ((logits_TE + gumbel_TE) / self.temperature()).softmax(dim=-1)
+            sample_TE = ((logits_TE + gumbel_TE) / self._temperature_tensor(logits_TE)).softmax(dim=-1)
             gate_T1, expert_T1 = sample_TE.max(dim=-1, keepdim=True)  # keep only the sample's max
             return Routing(expert_T1, gate_T1, probs_TE)
         raise ValueError(f"unknown router_mode {self.mode!r}; expected one of {ROUTER_MODES}")
@@ -212,25 +218,42 @@ class MoEFeedForward(nn.Module):
     def dispatch(
         self, x_TD: torch.Tensor, expert_TK: torch.Tensor, gate_TK: torch.Tensor
     ) -> tuple[torch.Tensor, list[int]]:
-        """Run each token slot through its expert and sum the gated outputs per token."""
+        """Run each token slot through its expert and sum the gated outputs per token.
+
+        Three parts, so that torch.compile traces the two with static shapes (sorting the slots;
+        gating and combining) and leaves only the middle one, whose shapes depend on the routing,
+        to run eagerly (`_run_sorted`)."""
         T, K = expert_TK.shape
         E = self.w1.shape[0]
         expert_N = expert_TK.reshape(-1)  # N = T*K slots; id E marks a dropped slot
         order_N = torch.argsort(expert_N, stable=True)
-        counts_E = torch.bincount(expert_N, minlength=E + 1)
-        counts = counts_E.tolist()  # the one host sync of this layer
-        kept = T * K - counts[E]
-        order_N = order_N[:kept]
+        # bincount's output length depends on the data (a graph break under torch.compile); this
+        # count has the static length E + 1 and the same integers.
+        counts_E = expert_N.new_zeros(E + 1).index_add_(0, expert_N, torch.ones_like(expert_N))
+        out_ND, order_N, counts = self._run_sorted(x_TD, order_N, counts_E, K)
         token_N = order_N // K
-        x_ND = x_TD.index_select(0, token_N)
+        gate_N = gate_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND * gate_N[:, None])
+        return y_TD, counts
+
+    # Eager under torch.compile: the host sync (`tolist`) and the per-expert slices have shapes
+    # that depend on the routing, which would break the graph or recompile at every step; the
+    # expert GEMMs gain nothing from compiling anyway.
+    @torch.compiler.disable
+    def _run_sorted(
+        self, x_TD: torch.Tensor, order_N: torch.Tensor, counts_E: torch.Tensor, K: int
+    ) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The expert outputs of the kept slots in expert order, those slots, and the per-expert counts."""
+        counts = counts_E.tolist()  # the one host sync of this layer
+        E = len(counts) - 1
+        order_N = order_N[: order_N.shape[0] - counts[E]]  # dropped slots (id E) sort last
+        x_ND = x_TD.index_select(0, order_N // K)
         use_grouped = self.impl == "grouped" or (self.impl == "auto" and grouped_mm_supported(x_TD))
         if use_grouped:
             out_ND = self._experts_grouped(x_ND, counts_E[:E])
         else:
             out_ND = self._experts_loop(x_ND, counts[:E])
-        gate_N = gate_TK.reshape(-1).index_select(0, order_N).to(out_ND.dtype)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_N, out_ND * gate_N[:, None])
-        return y_TD, counts[:E]
+        return out_ND, order_N, counts[:E]
 
     def _experts_loop(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Portable path: one contiguous slice per expert, no further host syncs."""

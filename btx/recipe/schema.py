@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from btx.choices import (
+    ACTIVATION_CHECKPOINTING,
     DENSE_TRAINABLE,
     EVAL_MATCHES,
     EXECUTORS,
@@ -69,6 +70,14 @@ class TrainSection:
     # positions restart at each one, as if every document had its row to itself; the job's
     # validation windows do the same. Off: windows are one causal sequence (the SDPA fast path).
     document_mask: bool = False
+    # Recompute activations in the backward instead of keeping them (btx.train.blocks), per block:
+    # none; full (each block keeps only its input); selective (each block's attention sublayer is
+    # recomputed, the FFN or MoE dispatch keeps its activations: a smaller saving for less
+    # recomputation; docs/RECIPES.md has measurements). Same losses and gradients; memory for time.
+    activation_checkpointing: str = "none"
+    # torch.compile each transformer block on its own (regional, as torchtitan does); the eager
+    # model is the reference. The first steps are slower (compiling), later ones faster.
+    compile: bool = False
 
     @property
     def tokens_per_step(self) -> int:
@@ -87,6 +96,7 @@ class TrainSection:
         )
         c.choice(self, "precision", PRECISIONS)
         c.choice(self, "trainable", DENSE_TRAINABLE)
+        c.choice(self, "activation_checkpointing", ACTIVATION_CHECKPOINTING)
         c.that(
             self.zero_stage is None or 0 <= self.zero_stage <= 3,
             "zero_stage",

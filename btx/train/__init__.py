@@ -2,6 +2,7 @@
 
 job.py        TrainJob: what a run trains, on what, where it writes; jobs from a recipe
 loop.py       `run_loop` and `btx train` (start here: its docstring states the contract)
+blocks.py     per-block activation checkpointing and torch.compile (train.activation_checkpointing, train.compile)
 checkpoint.py checkpoints and exact resume
 export.py     the final HF checkpoint and DONE.json
 metrics.py    metrics.jsonl, the progress line, MFU

@@ -99,6 +99,7 @@ from btx.model.flops import train_flops_per_token
 from btx.model.trainable import set_trainable
 from btx.model.transformer import Transformer
 from btx.recipe.load import load_experiment
+from btx.train.blocks import apply_block_settings
 from btx.train.checkpoint import (
     checkpoints,
     discard_outputs,
@@ -220,6 +221,8 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     set_trainable(model, job.trainable)
     if setup_model is not None:
         setup_model(model)
+    zero_stage = job.engine_settings.get("zero_stage", getattr(job.settings, "zero_stage", None))
+    apply_block_settings(model, job.settings, zero_stage)  # activation checkpointing, torch.compile (per block)
 
     engine = (make_engine or dense_engine)(model, job)
     del model  # the engine owns it now (closing the engine must be able to free it)

@@ -1,0 +1,101 @@
+"""Per-block training transforms: activation checkpointing and regional torch.compile.
+
+    apply_block_settings(model, settings)   # settings: a TrainSection; before the engine wraps the model
+
+Applied from outside the model, block by block (torchtitan's way): btx.model knows nothing of
+training. Both transforms patch attributes of each block *instance* (`forward`, `attend`) or
+compile it in place (`nn.Module.compile`), so no wrapper module enters the tree: parameter names,
+state dicts, checkpoints and exports are exactly those of the plain model, on either engine
+(accelerate or DeepSpeed, ZeRO-3 included, whose hooks sit on the submodules).
+
+Activation checkpointing (`train.activation_checkpointing`), with
+`torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`:
+- none: every activation is kept for the backward.
+- full: each block keeps only its input; its whole forward (attention, FFN or MoE dispatch) runs
+  again in the backward.
+- selective: each block's attention sublayer (norm, projections, RoPE, SDPA, output projection,
+  residual add: `Block.attend`) is recomputed; the FFN / MoE part keeps its activations, so the MoE
+  dispatch (a host sync, routing, the expert GEMMs) never runs twice. With SDPA (no stored score
+  matrix) attention holds the smaller share of a block's activations: measured savings are in
+  docs/RECIPES.md and bench/train_blocks.py.
+The patched methods close over their own block: a deep copy of a patched model would still call
+the original's, so transform a model only once it is the one that trains (the loop does it just
+before the engine wraps the model).
+Recomputation restores the RNG state (sample_top1's Gumbel noise draws the same numbers), so the
+gradients are those of the plain model (tests/test_blocks.py).
+
+torch.compile (`train.compile`): each block is compiled on its own (one graph reused by every
+layer of the same shape: short compile times). The MoE's expert loop stays eager by design
+(btx.model.moe `_run_sorted`: shapes that depend on the routing); docs/RECIPES.md lists the graph
+breaks that remain. With `full`, the checkpoint wraps the compiled block (a checkpointed region
+that dynamo traces may hold no graph break, and the MoE block has one); with `selective`, the
+compiled block holds the checkpointed attention (no graph break in it).
+ZeRO-3 with compile is refused (one line): DeepSpeed's parameter-gathering hooks run inside each
+block and dynamo cannot trace them; ZeRO 0-2 and accelerate compile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from btx.choices import ACTIVATION_CHECKPOINTING
+from btx.errors import BtxError
+from btx.model.transformer import Transformer
+
+
+def _checkpointed(fn):
+    """`fn` whose activations are recomputed in the backward instead of kept."""
+
+    @functools.wraps(fn)
+    def run(*args):
+        if not torch.is_grad_enabled():  # eval / no_grad: nothing to keep, nothing to recompute
+            return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False)
+
+    return run
+
+
+def checkpoint_blocks(model: Transformer, mode: str) -> None:
+    """Recompute each block's activations (`full`) or its attention sublayer's (`selective`)."""
+    _transform_blocks(model, mode, compiled=False)
+
+
+def compile_blocks(model: Transformer) -> None:
+    """torch.compile each transformer block in place (regional compilation)."""
+    _transform_blocks(model, "none", compiled=True)
+
+
+def _transform_blocks(model: Transformer, mode: str, compiled: bool) -> None:
+    if mode not in ACTIVATION_CHECKPOINTING:
+        expected = ", ".join(ACTIVATION_CHECKPOINTING)
+        raise BtxError(f"train.activation_checkpointing: expected one of {expected}; got {mode!r}")
+    for block in model.layers:
+        if mode == "selective":
+            block.attend = _checkpointed(block.attend)  # inside the compiled block: no graph break there
+        if mode == "full":
+            # The checkpoint goes around the compiled forward, not inside it: dynamo cannot trace a
+            # checkpointed region with a graph break in it (the MoE's eager middle) and would run
+            # the whole block eagerly.
+            forward = torch.compile(block.forward) if compiled else block.forward
+            block.forward = _checkpointed(forward)
+        elif compiled:
+            block.compile()
+
+
+def apply_block_settings(model: nn.Module, settings, zero_stage: int | None = None) -> None:
+    """train.activation_checkpointing and train.compile on every block of `model`; `zero_stage`
+    is the DeepSpeed stage the job trains at (None: accelerate)."""
+    if getattr(settings, "compile", False) and zero_stage == 3:
+        # ZeRO-3 gathers each submodule's weights in forward hooks that dynamo traces into: it
+        # sees the empty local partitions and fails (DeepSpeed's own compile path is not used here).
+        raise BtxError(
+            "train.compile: not supported with ZeRO stage 3 (DeepSpeed's parameter-gathering hooks "
+            "cannot be traced); use zero_stage 0-2, or train.compile: false"
+        )
+    _transform_blocks(
+        model, getattr(settings, "activation_checkpointing", "none"), compiled=getattr(settings, "compile", False)
+    )
