@@ -94,6 +94,7 @@ TRAIN = dict(
     seed=5,
     zero_stage=1,
     trainable="ffn",
+    loggers=["tensorboard", "wandb"],
 )
 FINETUNE = dict(
     train={"steps": 9},
@@ -110,7 +111,16 @@ FINETUNE = dict(
     offload_optimizer=True,
     general="general.yaml",
 )
-EVAL = dict(baselines=True, match="both", batches=3, batch_size=4, seq_len=16, btm_tfidf_tokens=1000)
+EVAL = dict(
+    baselines=True,
+    match="both",
+    batches=3,
+    batch_size=4,
+    seq_len=16,
+    btm_tfidf_tokens=1000,
+    device="cpu",
+    dtype="bfloat16",
+)
 ANALYZE = dict(tokens=100, show_text=1)
 SLURM = dict(
     partition="gpu",
@@ -320,7 +330,7 @@ def test_eval_keys_reach_eval(every_value):
 
     exp, _ = every_value
     settings = eval_settings(exp)
-    for key in ("batches", "batch_size", "seq_len", "match", "btm_tfidf_tokens"):
+    for key in ("batches", "batch_size", "seq_len", "match", "btm_tfidf_tokens", "device", "dtype"):
         assert settings[key] == EVAL[key], key
     assert exp.run_dir / "baselines" / "upcycled-merged" in model_stage_dirs(exp)  # eval.baselines
     assert matches(exp) == ["compute", "data"]
@@ -334,6 +344,8 @@ def test_analyze_keys_reach_analyze(every_value, monkeypatch):
     monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
     analyze.analyze_recipe(exp)
     assert seen["options"]["tokens"] == ANALYZE["tokens"] and seen["show_text"] == ANALYZE["show_text"]
+    # where every evaluation of the run runs: eval.device and eval.dtype
+    assert seen["options"]["device"] == EVAL["device"] and seen["options"]["dtype"] == torch.bfloat16
 
 
 def test_branch_keys_reach_the_job_scripts(every_value, tmp_path):

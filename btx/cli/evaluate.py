@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from btx.choices import WEIGHT_DTYPES
 from btx.errors import BtxError
+from btx.recipe.schema import DEVICE_KEYS, EvalSection
+from btx.recipe.settings import add_flags
 
 # ---------------------------------------------------------------------------------------------
 # btx analyze
@@ -68,13 +69,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated expert names (default: the merge's DONE.json, else e0, e1, ...)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *WEIGHT_DTYPES),
-        help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)",
-    )
+    add_flags(p, EvalSection, only=DEVICE_KEYS)  # a RECIPE's eval.device and eval.dtype
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -132,13 +127,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="output directory for eval.md/eval.json (default ./eval; recipe: <run_dir>/eval)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (checkpoints; default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *WEIGHT_DTYPES),
-        help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)",
-    )
+    add_flags(p, EvalSection, only=DEVICE_KEYS)  # a RECIPE's eval.device and eval.dtype
     p.add_argument(
         "--force",
         action="store_true",

@@ -12,12 +12,13 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
+from btx.data.sampling import eval_batch_count
 from btx.data.shards import load_shard
 from btx.errors import BtxError
 from btx.evaluate.btm import TfidfRouter, shard_sample
-from btx.evaluate.checkpoints import btm_rows, check_out_dir, write_outputs, written
+from btx.evaluate.checkpoints import btm_rows, check_out_dir, pick_dtype, write_outputs, written
+from btx.evaluate.routing_analysis import pick_device
 from btx.evaluate.scores import row_from_logprobs, window_logprobs
 from btx.evaluate.table import render, save
 from btx.io.atomic import atomic_dir
@@ -34,9 +35,12 @@ from btx.io.manifest import (
 )
 from btx.io.reader import CheckpointReader
 from btx.recipe.load import load_experiment
+from btx.recipe.schema import DEVICE_KEYS, EvalSection
+from btx.recipe.settings import given
 from btx.run.baselines import ROWS, matches
 from btx.run.ledger import Pipeline
 from btx.run.stage import Task
+from btx.ui.progress import PartsProgress
 
 
 @dataclass
@@ -145,29 +149,34 @@ def _row_flops(exp, model: RunModel) -> float | None:
 
 def eval_rows(exp, console: Console):
     """Every model of the run that exists, scored on the same validation windows, and the BTM rows
-    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data)."""
+    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data).
+    The models run on eval.device in eval.dtype."""
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(exp.paths.shard(d, "val")) for d in exp.domains}
     present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
-    n_batches = len(exp.domains) * settings.batches * len(present)
+    device = pick_device(settings.device)
+    counts = {d: eval_batch_count(s, seq_len, settings.batch_size, settings.batches) for d, s in shards.items()}
     rows = []
     experts: list[tuple[str, dict, int, float | None]] = []  # (domain, logprobs, active params, flops)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("eval", total=n_batches)
+    with PartsProgress(console, "eval", total=sum(counts.values()) * len(present)) as progress:
         for m in present:
-            model = load_model(m.path, dtype=torch.float32)
-            lps = {
-                d: window_logprobs(
-                    model, shard, seq_len, settings.batch_size, settings.batches, lambda: bar.advance(task)
-                )
-                for d, shard in shards.items()
-            }
+            with CheckpointReader(m.path) as reader:
+                dtype = pick_dtype(settings.dtype, device, reader.dtype)
+            model = load_model(m.path, dtype=dtype, device=device)
+            lps = {}
+            for d, shard in shards.items():
+                with progress.part(f"{m.name} · {d}", counts[d]):
+                    lps[d] = window_logprobs(
+                        model, shard, seq_len, settings.batch_size, settings.batches, progress.advance
+                    )
             active, flops = model.cfg.param_counts()["active"], _row_flops(exp, m)
             rows.append(row_from_logprobs(m.name, lps, flops, active, m.note))
             if m.name.startswith("expert:"):
                 experts.append((m.name.split(":", 1)[1], lps, active, flops))
             del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if experts:
         train = [exp.paths.shard(d, "train") for d, *_ in experts]
         router = None
@@ -234,6 +243,9 @@ def eval_settings(exp) -> dict:
         "seq_len": exp.eval.seq_len or exp.train.seq_len,
         "match": exp.eval.match,
         "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens,
+        # only when set, so that the default run's eval.json stays what it was
+        **({"device": exp.eval.device} if exp.eval.device is not None else {}),
+        **({"dtype": exp.eval.dtype} if exp.eval.dtype != "auto" else {}),
     }
 
 
@@ -246,8 +258,8 @@ def eval_recipe_command(args) -> int:
     for key, value in (("batches", args.batches), ("batch_size", args.batch_size), ("seq_len", args.seq_len)):
         if value is not None:  # --batches N is shorthand for eval.batches=N
             rest.append(f"eval.{key}={value}")
-    if args.device not in (None, "cpu") or args.dtype != "auto":
-        raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
+    for key, value in given(args, EvalSection, only=DEVICE_KEYS).items():
+        rest.append(f"eval.{key}={value}")  # --device cuda is shorthand for eval.device=cuda
     exp = load_experiment(args.target, rest)
     if args.out:
         check_out_dir(Path(args.out))

@@ -243,6 +243,7 @@ def grow(p: Pipeline, task: Task) -> str:
     job = dataclasses.replace(
         job,
         name="grow-finetune",
+        stage="grow",
         settings=short_settings(exp.finetune_train, g.steps),
         mixture=mixture,
         train_shards={d: rd.shard(d, "train") for d in mixture},
