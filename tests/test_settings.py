@@ -348,6 +348,17 @@ def test_analyze_keys_reach_analyze(every_value, monkeypatch):
     assert seen["options"]["device"] == EVAL["device"] and seen["options"]["dtype"] == torch.bfloat16
 
 
+def test_analyze_device_flags_override_the_eval_keys(every_value, monkeypatch):
+    """`btx analyze RECIPE --device D --dtype T` is the recipe with eval.device=D eval.dtype=T."""
+    from btx.evaluate import analyze
+
+    _, args = every_value
+    seen = {}
+    monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
+    assert cli.main(["analyze", str(FIXTURE), *args, "--device", "cpu", "--dtype", "float32"]) == 0
+    assert seen["options"]["device"] == "cpu" and seen["options"]["dtype"] == torch.float32
+
+
 def test_branch_keys_reach_the_job_scripts(every_value, tmp_path):
     from btx.run.branch import branch
 

@@ -218,7 +218,7 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
         )
     out = out or exp.paths.eval
     identities = eval_input_identities(exp, out)
-    rows = eval_rows(exp, console)
+    rows = eval_rows(exp, Console(stderr=True))  # progress to stderr: stdout holds the table
     if not rows:
         raise BtxError(
             f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
