@@ -6,7 +6,7 @@ import argparse
 
 from btx.errors import BtxError
 from btx.recipe.schema import DEVICE_KEYS, EvalSection
-from btx.recipe.settings import add_flags
+from btx.recipe.settings import add_flags, given
 
 # ---------------------------------------------------------------------------------------------
 # btx analyze
@@ -155,7 +155,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         inits = parse_inits(args.router_inits)
         if args.target is None or not resolve_recipe(args.target).is_file():
             raise BtxError("eval --router-inits: give an experiment RECIPE (its run's seed and experts are merged)")
-        router_init_table(load_experiment(args.target, list(args.overrides or [])), inits)
+        devices = [f"eval.{key}={value}" for key, value in given(args, EvalSection, only=DEVICE_KEYS).items()]
+        router_init_table(load_experiment(args.target, [*(args.overrides or []), *devices]), inits)
         return 0
 
     target = args.target
