@@ -15,3 +15,5 @@ GRANULARITIES = ("expert", "split", "blend")
 SHARED_POLICIES = ("keep", "average")  # grow.shared: an MoE edit's shared (non-FFN) weights
 EXECUTORS = ("local", "slurm")
 WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # what btx writes checkpoints in (merge.dtype, --dtype)
+EVAL_DTYPES = ("auto", *WEIGHT_DTYPES)  # eval.dtype / --dtype: auto is float32 on a CPU, the checkpoint's on a GPU
+LOGGERS = ("tensorboard", "wandb")  # train.loggers: where metrics.jsonl's records also go (btx.train.loggers)

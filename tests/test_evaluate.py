@@ -670,6 +670,21 @@ def test_cli_recipe(world, tmp_path, capsys, monkeypatch):
     assert len(table_lines((run / "eval" / "eval.md").read_text())) == 2 + len(names)
     assert "BTM ensemble" in stdout
     assert "--btm is for checkpoints" in one_line_error(capsys, [recipe, "--btm", run / "seed", run / "seed"])
+    # progress per model and domain; off a terminal one plain line each, with the ETA of the whole
+    assert "eval expert:ab · xy: 2 batches in" in err and "(8/12, eta" in err
+
+    # --device and --dtype are the recipe's eval.device and eval.dtype: bf16 weights on the CPU
+    status, _, err = run_cli(
+        [recipe, "eval.batches=2", "--batch-size", 1, "--device", "cpu", "--dtype", "bfloat16"], capsys
+    )
+    assert status == 0, err
+    low = json.loads((run / "eval" / "eval.json").read_text())
+    assert (low["settings"]["device"], low["settings"]["dtype"]) == ("cpu", "bfloat16")
+    assert "device" not in data["settings"]  # the default run's eval.json is what it was
+    for row in low["rows"]:
+        fp32 = rows[row["name"]]["losses"]
+        assert row["losses"] != fp32 and row["losses"] == pytest.approx(fp32, rel=0.05), row["name"]
+    assert "eval.device: expected cpu, cuda or cuda:N" in one_line_error(capsys, [recipe, "--device", "tpu"])
 
 
 def test_eval_is_registered():

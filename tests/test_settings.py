@@ -98,6 +98,7 @@ TRAIN = dict(
     document_mask=True,
     activation_checkpointing="selective",
     compile=True,
+    loggers=["tensorboard", "wandb"],
 )
 PREPARE = dict(workers=2)
 FINETUNE = dict(
@@ -124,6 +125,8 @@ EVAL = dict(
     btm_tfidf_tokens=1000,
     tasks=["letters_mc", {"task": "letters_gen", "num_fewshot": 1, "limit": 2, "batch_size": 3}],
     include_path=str(Path(__file__).parent / "fixtures" / "tasks"),
+    device="cpu",
+    dtype="bfloat16",
 )
 ANALYZE = dict(tokens=100, show_text=1)
 SLURM = dict(
@@ -336,7 +339,17 @@ def test_eval_keys_reach_eval(every_value):
 
     exp, _ = every_value
     settings = eval_settings(exp)
-    for key in ("batches", "batch_size", "seq_len", "match", "btm_tfidf_tokens", "tasks", "include_path"):
+    for key in (
+        "batches",
+        "batch_size",
+        "seq_len",
+        "match",
+        "btm_tfidf_tokens",
+        "tasks",
+        "include_path",
+        "device",
+        "dtype",
+    ):
         assert settings[key] == EVAL[key], key
     from btx.evaluate.tasks import TaskSpec, task_specs
 
@@ -356,6 +369,19 @@ def test_analyze_keys_reach_analyze(every_value, monkeypatch):
     monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
     analyze.analyze_recipe(exp)
     assert seen["options"]["tokens"] == ANALYZE["tokens"] and seen["show_text"] == ANALYZE["show_text"]
+    # where every evaluation of the run runs: eval.device and eval.dtype
+    assert seen["options"]["device"] == EVAL["device"] and seen["options"]["dtype"] == torch.bfloat16
+
+
+def test_analyze_device_flags_override_the_eval_keys(every_value, monkeypatch):
+    """`btx analyze RECIPE --device D --dtype T` is the recipe with eval.device=D eval.dtype=T."""
+    from btx.evaluate import analyze
+
+    _, args = every_value
+    seen = {}
+    monkeypatch.setattr(analyze, "analyze_and_write", lambda *a, **kw: seen.update(kw) or {})
+    assert cli.main(["analyze", str(FIXTURE), *args, "--device", "cpu", "--dtype", "float32"]) == 0
+    assert seen["options"]["device"] == "cpu" and seen["options"]["dtype"] == torch.float32
 
 
 def test_prepare_keys_reach_prepare(every_value, monkeypatch):

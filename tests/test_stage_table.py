@@ -277,6 +277,8 @@ CHANGES = {
     "grow.steps=2": ["grow", "eval"],
     "eval.batches=2": ["eval"],
     "analyze.tokens=512": ["analyze"],
+    "eval.dtype=bfloat16": ["eval", "analyze"],  # where and how every evaluation runs
+    "eval.device=cpu": ["eval", "analyze"],
     "branch.max_parallel=1": [],  # how the experts run, not what they are
 }
 # A declared read no change above reaches, and why.

@@ -166,6 +166,30 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# btx export
+# ---------------------------------------------------------------------------------------------
+
+
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT_DIR",
+        help="a training checkpoint (<job>/ckpt/step-N/ of btx train, btx finetune or btx run, either "
+        "engine, any ZeRO stage), or a job directory (its newest checkpoint)",
+    )
+    p.add_argument(
+        "--out", metavar="DIR", required=True, help="the HF checkpoint to write, in the form of the job's final export"
+    )
+    p.add_argument("--force", action="store_true", help="replace DIR if it exists")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from btx.train.checkpoint_export import export_command
+
+    return export_command(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # btx branch / btx status
 # ---------------------------------------------------------------------------------------------
 
@@ -285,6 +309,12 @@ COMMANDS: dict[str, Command] = {
         "MoE finetuning of the merged checkpoint on the domain mixture (DeepSpeed "
         "ZeRO 0-3; routing mode, balancing loss and freezing from the recipe); resumes by itself",
         add_finetune_arguments,
+    ),
+    "export": Command(
+        cmd_export,
+        "write any training checkpoint (either engine, any ZeRO stage) as an HF checkpoint, in the form "
+        "of the job's final export",
+        add_export_arguments,
     ),
     "analyze": Command(
         cmd_analyze, "routing analysis: which expert each domain's tokens go to, layer by layer", add_analyze_arguments

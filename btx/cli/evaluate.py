@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from btx.choices import WEIGHT_DTYPES
 from btx.errors import BtxError
+from btx.recipe.schema import DEVICE_KEYS, EvalSection
+from btx.recipe.settings import add_flags, given
 
 # ---------------------------------------------------------------------------------------------
 # btx analyze
@@ -68,13 +69,7 @@ def add_analyze_arguments(p: argparse.ArgumentParser) -> None:
         help="comma-separated expert names (default: the merge's DONE.json, else e0, e1, ...)",
     )
     p.add_argument("--tokenizer", default=None, help="tokenizer for text data (default: the checkpoint's)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *WEIGHT_DTYPES),
-        help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)",
-    )
+    add_flags(p, EvalSection, only=DEVICE_KEYS)  # a RECIPE's eval.device and eval.dtype
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -132,13 +127,7 @@ def add_eval_arguments(p: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="output directory for eval.md/eval.json (default ./eval; recipe: <run_dir>/eval)",
     )
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (checkpoints; default: cuda when available)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        choices=("auto", *WEIGHT_DTYPES),
-        help="weights dtype (default: float32 on CPU, the checkpoint's on GPU)",
-    )
+    add_flags(p, EvalSection, only=DEVICE_KEYS)  # a RECIPE's eval.device and eval.dtype
     p.add_argument(
         "--tasks",
         default=None,
@@ -179,7 +168,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         inits = parse_inits(args.router_inits)
         if args.target is None or not resolve_recipe(args.target).is_file():
             raise BtxError("eval --router-inits: give an experiment RECIPE (its run's seed and experts are merged)")
-        router_init_table(load_experiment(args.target, list(args.overrides or [])), inits)
+        devices = [f"eval.{key}={value}" for key, value in given(args, EvalSection, only=DEVICE_KEYS).items()]
+        router_init_table(load_experiment(args.target, [*(args.overrides or []), *devices]), inits)
         return 0
 
     target = args.target

@@ -205,6 +205,14 @@ def _named_shards(shards) -> dict[str, Shard]:
     return named
 
 
+def eval_batch_count(shard: Shard, seq_len: int, batch_size: int, max_batches: int | None = None) -> int:
+    """How many batches `eval_batches` yields (for progress bars)."""
+    windows = (len(shard) - 1) // seq_len if len(shard) else 0
+    if max_batches is not None:
+        windows = min(windows, max_batches * batch_size)
+    return -(-windows // batch_size)
+
+
 def eval_batches(
     shard: Shard, seq_len: int, batch_size: int, max_batches: int | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

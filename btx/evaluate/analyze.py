@@ -32,6 +32,8 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.recipe.load import load_experiment
+from btx.recipe.schema import DEVICE_KEYS, EvalSection
+from btx.recipe.settings import given
 
 
 def _prepare_out_dir(out: Path) -> None:
@@ -114,7 +116,10 @@ def run_analyze(args) -> int:
     if Path(checkpoints[0]).is_file():  # an experiment recipe
         if args.data:
             raise BtxError("--data: a RECIPE brings its domains' validation shards; give --data with a CHECKPOINT")
-        exp = load_experiment(args.target, args.overrides)
+        # --device and --dtype are shorthand for the recipe's eval.device and eval.dtype
+        devices = [f"eval.{key}={value}" for key, value in given(args, EvalSection, only=DEVICE_KEYS).items()]
+        exp = load_experiment(args.target, [*args.overrides, *devices])
+        del options["device"], options["dtype"]
         analyze_recipe(
             exp,
             out=Path(args.out) if args.out else None,
@@ -141,14 +146,16 @@ def run_analyze(args) -> int:
     return 0
 
 
+_DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _options(args) -> dict:
-    dtypes = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     return dict(
         tokens=args.tokens,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         device=args.device,
-        dtype=dtypes[args.dtype],
+        dtype=_DTYPES[args.dtype or "auto"],
         experts=args.experts.split(",") if args.experts else None,
         tokenizer=args.tokenizer,
     )
@@ -168,7 +175,8 @@ def analyze_recipe(
 ) -> dict:
     """Recipe mode (`btx analyze RECIPE`, `btx run`'s analyze stage): the finetuned model (else the
     merged one) on each domain's validation shard, with the recipe's analyze.tokens and
-    analyze.show_text; output <run_dir>/analysis/ with DONE.json. Returns the report."""
+    analyze.show_text, on eval.device in eval.dtype (one place says where a run's models are
+    evaluated); output <run_dir>/analysis/ with DONE.json. Returns the report."""
 
     for checkpoint in (exp.paths.finetuned, exp.paths.merged):
         if is_done(checkpoint):
@@ -203,7 +211,7 @@ def analyze_recipe(
         [checkpoint, *compare],
         data,
         out,
-        options={**options, "tokens": tokens},
+        options={**options, "tokens": tokens, "device": exp.eval.device, "dtype": _DTYPES[exp.eval.dtype]},
         metric=metric,
         layer=layer,
         show_text=show_text,

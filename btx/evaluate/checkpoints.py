@@ -15,15 +15,8 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
-from btx.data.sampling import parse_domain_paths, shard_spec_path
+from btx.data.sampling import eval_batch_count, parse_domain_paths, shard_spec_path
 from btx.data.shards import Shard, check_tokenizer, load_shard
 from btx.errors import BtxError
 from btx.evaluate.btm import (
@@ -41,6 +34,7 @@ from btx.io.atomic import atomic_dir
 from btx.io.checkpoint import load_model
 from btx.io.manifest import hash_dir, read_done, write_done
 from btx.io.reader import CheckpointReader
+from btx.ui.progress import PartsProgress
 
 DEFAULT_BATCHES = 50
 DEFAULT_BATCH_SIZE = 8
@@ -136,7 +130,8 @@ def _check_data(ckpt: _Checkpoint, name: str, shard: Shard, seq_len: int, batch_
         )
 
 
-def _pick_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+def pick_dtype(name: str, device: torch.device, stored: torch.dtype) -> torch.dtype:
+    """The weights dtype of eval.dtype / --dtype `name` on `device` for a checkpoint stored in `stored`."""
     if name == "auto":  # fp32 on the CPU (bf16 matmuls are slow there); as stored on a GPU
         return torch.float32 if device.type == "cpu" else stored
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
@@ -209,28 +204,18 @@ def evaluate_checkpoints(
             _check_data(c, d, shard, seq_len, batch_size, batches)
 
     console = console or Console(stderr=True)
-    n_batches = sum(-(-min((len(s) - 1) // seq_len, batches * batch_size) // batch_size) for s in shards.values())
+    counts = {d: eval_batch_count(s, seq_len, batch_size, batches) for d, s in shards.items()}
     lps: dict[Path, dict[str, torch.Tensor]] = {}
-    with Progress(
-        TextColumn("[bold]eval {task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("batches"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
+    with PartsProgress(console, "eval", total=sum(counts.values()) * len(unique)) as progress:
         for key, c in unique.items():
-            task = bar.add_task(escape(c.name), total=n_batches)
-            model = load_model(c.path, dtype=_pick_dtype(dtype, dev, c.stored_dtype), device=dev)
-            lps[key] = {
-                d: window_logprobs(model, s, seq_len, batch_size, batches, lambda task=task: bar.advance(task))
-                for d, s in shards.items()
-            }
+            model = load_model(c.path, dtype=pick_dtype(dtype, dev, c.stored_dtype), device=dev)
+            lps[key] = {}
+            for d, s in shards.items():
+                with progress.part(f"{c.name} · {d}", counts[d]):
+                    lps[key][d] = window_logprobs(model, s, seq_len, batch_size, batches, progress.advance)
             del model
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
-            bar.remove_task(task)
     rows = [
         row_from_logprobs(
             name, lps[key], unique[key].train_flops, unique[key].cfg.param_counts()["active"], str(unique[key].path)
@@ -405,7 +390,7 @@ def eval_checkpoints_command(args) -> int:
         batch_size=args.batch_size if args.batch_size is not None else DEFAULT_BATCH_SIZE,
         seq_len=args.seq_len,
         device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype or "auto",
         console=Console(stderr=True),
     )
     domains = list(data)

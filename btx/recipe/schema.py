@@ -7,6 +7,7 @@ OmegaConf builds typed configs from these classes, so unknown keys and wrong typ
 """
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -14,10 +15,12 @@ from typing import Any, Dict, List, Optional
 from btx.choices import (
     ACTIVATION_CHECKPOINTING,
     DENSE_TRAINABLE,
+    EVAL_DTYPES,
     EVAL_MATCHES,
     EXECUTORS,
     GENERAL_DOMAIN,
     GRANULARITIES,
+    LOGGERS,
     PRECISIONS,
     ROUTER_INITS,
     ROUTER_MODES,
@@ -78,6 +81,10 @@ class TrainSection:
     # torch.compile each transformer block on its own (regional, as torchtitan does); the eager
     # model is the reference. The first steps are slower (compiling), later ones faster.
     compile: bool = False
+    # Where every metrics.jsonl record also goes (main rank only): any of tensorboard (event files in
+    # the job's tensorboard/) and wandb (its run in the job's wandb/; WANDB_MODE=offline logs without
+    # network). Extras: pip install 'btx[tensorboard]', 'btx[wandb]'. Not part of what a run computes.
+    loggers: List[str] = field(default_factory=list)
 
     @property
     def tokens_per_step(self) -> int:
@@ -97,6 +104,13 @@ class TrainSection:
         c.choice(self, "precision", PRECISIONS)
         c.choice(self, "trainable", DENSE_TRAINABLE)
         c.choice(self, "activation_checkpointing", ACTIVATION_CHECKPOINTING)
+        for name in self.loggers:
+            c.that(
+                name in LOGGERS,
+                "loggers",
+                f"unknown logger {name!r}; expected any of {', '.join(LOGGERS)}{suggest(str(name), LOGGERS)}",
+            )
+        c.that(len(set(self.loggers)) == len(self.loggers), "loggers", "a logger listed twice")
         c.that(
             self.zero_stage is None or 0 <= self.zero_stage <= 3,
             "zero_stage",
@@ -434,6 +448,9 @@ class GrowSection:
                 )
 
 
+DEVICE_KEYS = ("device", "dtype")  # the eval section's keys that are flags of btx eval and btx analyze too
+
+
 @dataclass
 class EvalSection:
     baselines: bool = False  # also train/evaluate dense and sparse-upcycling baselines
@@ -453,10 +470,32 @@ class EvalSection:
     # A directory of lm-eval task YAMLs (local tasks), relative to the recipe; a relative
     # data_files path in such a YAML is read relative to the YAML.
     include_path: Optional[str] = None
+    # Where and in what precision `btx eval RECIPE` and `btx analyze RECIPE` (and their stages of
+    # btx run) run the models; --device and --dtype override them.
+    device: Optional[str] = setting(
+        None,
+        flag="--device",
+        metavar="DEVICE",
+        default_help="cuda when available, else cpu",
+        help="where the models run: cpu, cuda, cuda:1, ...",
+    )
+    dtype: str = setting(
+        "auto",
+        flag="--dtype",
+        choices=EVAL_DTYPES,
+        help="the models' weights dtype; auto: float32 on a CPU (bf16 matmuls are slow there), the "
+        "checkpoint's own on a GPU",
+    )
 
     def check(self, c: Checker) -> None:
         c.positive(self, "batches", "batch_size", "seq_len", "btm_tfidf_tokens")
         c.choice(self, "match", EVAL_MATCHES)
+        c.choice(self, "dtype", EVAL_DTYPES)
+        c.that(
+            self.device is None or re.fullmatch(r"cpu|cuda(:\d+)?|mps|xpu(:\d+)?", self.device) is not None,
+            "device",
+            f"expected cpu, cuda or cuda:N, got {self.device!r}",
+        )
         seen = set()
         for i, entry in enumerate(self.tasks):
             name = check_task_entry(entry, c, f"tasks[{i}]")

@@ -108,11 +108,21 @@ class FlagAction(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
-def add_flags(group, cls: type, skip: typing.Collection[str] = ()) -> None:
-    """Declare the flag of every field of `cls` but those named in `skip` on `group` (an argparse
-    parser or argument group). Each stores under the field's name, None when not given."""
+def flags_of(cls: type, names: typing.Collection[str]) -> dict[str, dataclasses.Field]:
+    """{flag: field} of the fields `names` of `cls` (a section whose other fields are recipe keys only)."""
+    return {flag: f for flag, f in _all_flags(cls).items() if f.name in names}
+
+
+def _all_flags(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.metadata["flag"]: f for f in dataclasses.fields(cls) if f.metadata.get("flag")}
+
+
+def add_flags(group, cls: type, skip: typing.Collection[str] = (), only: typing.Collection[str] | None = None) -> None:
+    """Declare the flag of every field of `cls` (or of the fields named in `only`) but those named
+    in `skip` on `group` (an argparse parser or argument group). Each stores under the field's
+    name, None when not given."""
     hints = typing.get_type_hints(cls)
-    for flag, f in flags(cls).items():
+    for flag, f in (flags(cls) if only is None else flags_of(cls, only)).items():
         if f.name in skip:
             continue
         meta, kind = f.metadata, _plain_type(hints[f.name])
@@ -136,10 +146,11 @@ def add_renamed(group, flag: str, old: str | None, **kwargs) -> None:
         group.add_argument(old, **{**kwargs, "help": argparse.SUPPRESS, "renamed_to": flag})
 
 
-def given(args: argparse.Namespace, cls: type) -> dict[str, Any]:
-    """{field name: value} of the fields of `cls` whose flags the command line gave, parsed."""
+def given(args: argparse.Namespace, cls: type, only: typing.Collection[str] | None = None) -> dict[str, Any]:
+    """{field name: value} of the fields of `cls` (or of those named in `only`) whose flags the
+    command line gave, parsed."""
     out = {}
-    for flag, f in flags(cls).items():
+    for flag, f in (flags(cls) if only is None else flags_of(cls, only)).items():
         value = getattr(args, f.name, None)
         if value is not None:
             parse = f.metadata.get("parse")

@@ -177,6 +177,8 @@ def dense_job(exp, match: str, m: Matched) -> TrainJob:
     shards = exp.data_domains if m.plan is not None else mixture  # a plan draws every domain
     return TrainJob(
         name=f"{rd.dense_baseline(match).name}-baseline",
+        experiment=exp.name,
+        stage="baselines",
         settings=short_settings(exp.finetune_train, m.steps),
         train_shards={d: rd.shard(d, "train") for d in shards},
         val_shards={d: rd.shard(d, "val") for d in mixture},
@@ -202,6 +204,7 @@ def upcycled_job(exp, match: str, m: Matched) -> TrainJob:
     return dataclasses.replace(
         job,
         name=f"{rd.upcycled_baseline(match).name}-baseline",
+        stage="baselines",
         work_dir=rd.upcycled_baseline_train(match),
         settings=short_settings(exp.finetune_train, m.steps),
         data_plan=m.plan,

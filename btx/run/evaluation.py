@@ -13,13 +13,14 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
+from btx.data.sampling import eval_batch_count
 from btx.data.shards import load_shard
 from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.evaluate.btm import TfidfRouter, shard_sample
-from btx.evaluate.checkpoints import btm_rows, check_out_dir, write_outputs, written
+from btx.evaluate.checkpoints import btm_rows, check_out_dir, pick_dtype, write_outputs, written
+from btx.evaluate.routing_analysis import pick_device
 from btx.evaluate.scores import row_from_logprobs, window_logprobs
 from btx.evaluate.table import render, save
 from btx.evaluate.tasks import parse_task_names
@@ -38,10 +39,13 @@ from btx.io.manifest import (
 from btx.io.reader import CheckpointReader
 from btx.recipe.experiment import to_plain
 from btx.recipe.load import load_experiment
+from btx.recipe.schema import DEVICE_KEYS, EvalSection
+from btx.recipe.settings import given
 from btx.run.baselines import ROWS, matches
 from btx.run.eval_tasks import prepare_tasks, run_tasks
 from btx.run.ledger import Pipeline
 from btx.run.stage import Task
+from btx.ui.progress import PartsProgress
 
 
 @dataclass
@@ -150,31 +154,36 @@ def _row_flops(exp, model: RunModel) -> float | None:
 
 def eval_rows(exp, console: Console):
     """Every model of the run that exists, scored on the same validation windows, and the BTM rows
-    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data)."""
+    of its experts (domain posterior; top-1 and top-2 by tf-idf against each domain's train data).
+    The models run on eval.device in eval.dtype."""
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
     shards = {d: load_shard(exp.paths.shard(d, "val")) for d in exp.domains}
     # train.document_mask: every model is scored with attention inside documents, as it trained.
     eos = load_tokenizer(exp.tokenizer).eos_id if exp.train.document_mask else None
     present = [m for m in run_models(exp) if (m.path / "config.json").is_file()]
-    n_batches = len(exp.domains) * settings.batches * len(present)
+    device = pick_device(settings.device)
+    counts = {d: eval_batch_count(s, seq_len, settings.batch_size, settings.batches) for d, s in shards.items()}
     rows = []
     experts: list[tuple[str, dict, int, float | None]] = []  # (domain, logprobs, active params, flops)
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("eval", total=n_batches)
+    with PartsProgress(console, "eval", total=sum(counts.values()) * len(present)) as progress:
         for m in present:
-            model = load_model(m.path, dtype=torch.float32)
-            lps = {
-                d: window_logprobs(
-                    model, shard, seq_len, settings.batch_size, settings.batches, lambda: bar.advance(task), eos
-                )
-                for d, shard in shards.items()
-            }
+            with CheckpointReader(m.path) as reader:
+                dtype = pick_dtype(settings.dtype, device, reader.dtype)
+            model = load_model(m.path, dtype=dtype, device=device)
+            lps = {}
+            for d, shard in shards.items():
+                with progress.part(f"{m.name} · {d}", counts[d]):
+                    lps[d] = window_logprobs(
+                        model, shard, seq_len, settings.batch_size, settings.batches, progress.advance, eos
+                    )
             active, flops = model.cfg.param_counts()["active"], _row_flops(exp, m)
             rows.append(row_from_logprobs(m.name, lps, flops, active, m.note))
             if m.name.startswith("expert:"):
                 experts.append((m.name.split(":", 1)[1], lps, active, flops))
             del model
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     if experts:
         train = [exp.paths.shard(d, "train") for d, *_ in experts]
         router = None
@@ -217,7 +226,7 @@ def eval_recipe(exp, *, out: Path | None = None, console: Console | None = None,
     out = out or exp.paths.eval
     identities = eval_input_identities(exp, out)
     plan = prepare_tasks(exp, present_models(exp), **task_device(exp))  # task errors before any work
-    rows = eval_rows(exp, console)
+    rows = eval_rows(exp, Console(stderr=True))  # progress to stderr: stdout holds the table
     if not rows:
         raise BtxError(
             f"{exp.run_dir}: no finished model to evaluate yet (seed/, experts/<domain>/final/, merged/, "
@@ -257,11 +266,13 @@ def present_models(exp) -> list[RunModel]:
 
 
 def task_device(exp) -> dict:
-    """The device and dtype downstream tasks run on: eval.device / eval.dtype when the recipe has
-    them, else fp32 on the CPU (as the loss eval)."""
-    device = getattr(exp.eval, "device", None) or "cpu"
-    dtype = getattr(exp.eval, "dtype", None) or "float32"
-    return {"device": device, "dtype": "float32" if dtype == "auto" and device == "cpu" else dtype}
+    """The device and dtype downstream tasks run on: eval.device and eval.dtype, as the loss eval
+    (auto: float32 on the CPU, bfloat16 on a GPU; tasks key their cached results on one name)."""
+    device = pick_device(exp.eval.device)
+    dtype = exp.eval.dtype
+    if dtype == "auto":
+        dtype = "float32" if device.type == "cpu" else "bfloat16"
+    return {"device": str(device), "dtype": dtype}
 
 
 def eval_settings(exp) -> dict:
@@ -273,8 +284,10 @@ def eval_settings(exp) -> dict:
         "seq_len": exp.eval.seq_len or exp.train.seq_len,
         "match": exp.eval.match,
         "btm_tfidf_tokens": exp.eval.btm_tfidf_tokens,
-        # only with tasks, so that a loss-only eval.json stays what it was
+        # only when set, so that a loss-only eval.json stays what it was
         **({"tasks": list(exp.eval.tasks), "include_path": exp.eval.include_path} if exp.eval.tasks else {}),
+        **({"device": exp.eval.device} if exp.eval.device is not None else {}),
+        **({"dtype": exp.eval.dtype} if exp.eval.dtype != "auto" else {}),
     }
 
 
@@ -292,8 +305,8 @@ def eval_recipe_command(args) -> int:
         rest.append("eval.tasks=[" + ", ".join(json.dumps(n) for n in parse_task_names(tasks)) + "]")
     if include_path:
         rest.append(f"eval.include_path={json.dumps(include_path)}")
-    if args.device not in (None, "cpu") or args.dtype != "auto":
-        raise BtxError("eval: --device/--dtype are for checkpoints; a RECIPE is evaluated in fp32 on the CPU")
+    for key, value in given(args, EvalSection, only=DEVICE_KEYS).items():
+        rest.append(f"eval.{key}={value}")  # --device cuda is shorthand for eval.device=cuda
     exp = load_experiment(args.target, rest)
     if args.out:
         check_out_dir(Path(args.out))

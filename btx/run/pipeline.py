@@ -240,7 +240,7 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "analyze",
         analyze,
-        reads=("analyze", Read("domains", names)),
+        reads=("analyze", "eval.device", "eval.dtype", Read("domains", names)),
         consumes=("finetune",),
         outputs=lambda exp, part: [exp.paths.analysis],
     ),

@@ -18,18 +18,19 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import torch
 from rich.console import Console
 from rich.markup import escape
 
 from btx.choices import ROUTER_INITS
 from btx.data.shards import load_shard
 from btx.errors import BtxError
-from btx.evaluate.checkpoints import write_outputs
+from btx.evaluate.checkpoints import pick_dtype, write_outputs
+from btx.evaluate.routing_analysis import pick_device
 from btx.evaluate.scores import EvalRow, domain_losses
 from btx.evaluate.table import render
 from btx.io.checkpoint import load_model
 from btx.io.manifest import changed_inputs, damaged_outputs, read_done
+from btx.io.reader import CheckpointReader
 from btx.mix.merge import (
     merge,
     merge_recipe_hash,
@@ -72,6 +73,7 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
         )
     settings = exp.eval
     seq_len = settings.seq_len or exp.train.seq_len
+    device = pick_device(settings.device)
     shards = {d: load_shard(rd.shard(d, "val")) for d in exp.domains}
     experts = {d: rd.expert_final(d) for d in exp.merged_domains}
     expert_flops = sum((read_done(rd.expert(d)) or {}).get("train_flops", 0.0) for d in experts)
@@ -102,7 +104,9 @@ def router_init_table(exp, inits: list[str], *, console: Console | None = None):
                 seed_needs_manifest=exp.seed.path is None,
                 console=console,
             )
-        model = load_model(out, dtype=torch.float32)
+        with CheckpointReader(out) as reader:  # where every evaluation of the run runs: eval.device, eval.dtype
+            dtype = pick_dtype(settings.dtype, device, reader.dtype)
+        model = load_model(out, dtype=dtype, device=device)
         losses, tokens = domain_losses(model, shards, seq_len, settings.batch_size, settings.batches)
         rows.append(
             EvalRow(

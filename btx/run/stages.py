@@ -234,6 +234,7 @@ def grow_finetune_job(exp):
     return dataclasses.replace(
         job,
         name="grow-finetune",
+        stage="grow",
         settings=short_settings(exp.finetune_train, g.steps),
         mixture=mixture,
         train_shards={d: rd.shard(d, "train") for d in mixture},

@@ -23,6 +23,7 @@ from btx.io.manifest import (
     identity_changes,
 )
 from btx.train.distributed import barrier, is_distributed
+from btx.train.export import EXPORT_RECORD_DIR, write_export_record
 from btx.train.job import CKPT_BYTES_PER_PARAM, CKPT_MANIFEST, STEP_DIR, TrainJob
 
 
@@ -47,6 +48,9 @@ def save_checkpoint(job: TrainJob, engine, state: dict, trajectory: str) -> Path
     size = CKPT_BYTES_PER_PARAM * engine.unwrapped.cfg.param_counts()["total"]
     with disk_errors(job.ckpt_dir, size, f"checkpoint {final.name}"):
         engine.save(final, client_state)
+        if engine.is_main:  # before the files are listed: btx_checkpoint.json covers it
+            write_export_record(job, engine.unwrapped, final / EXPORT_RECORD_DIR)
+        barrier(engine)
         _record_checkpoint(final, engine)
     if engine.is_main:
         kept = checkpoints(job)

@@ -1,16 +1,23 @@
 """The export of a finished job: the final weights as an HF checkpoint of the family's class, with
 the run's tokenizer files, and DONE.json written last (steps, tokens, losses, FLOPs, hashes).
+
+Every checkpoint also gets `export/` (`write_export_record`): the same tokenizer files and the
+config and dtype the export uses, so that `btx export` (btx.train.checkpoint_export) writes any
+checkpoint in the form of the final export, through the same `write_export`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
+from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
-from btx.io.atomic import atomic_dir
+from btx.io.atomic import atomic_dir, dumps_json
 from btx.io.checkpoint import save_model
 from btx.io.disk import disk_errors, ensure_free_space
 from btx.io.manifest import (
@@ -25,10 +32,13 @@ from btx.io.writer import copy_tokenizer_files, has_tokenizer
 from btx.model.flops import describe as flops_counting
 from btx.model.flops import train_flops_per_token
 from btx.train.distributed import barrier
+from btx.train.engines.base import param_groups
 from btx.train.job import TrainJob
 from btx.train.metrics import MetricsLog
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+EXPORT_RECORD_DIR = "export"  # in every checkpoint: what `btx export` needs besides the weights
+EXPORT_RECORD = "export.json"
 
 
 def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
@@ -36,21 +46,8 @@ def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, c
     weights = engine.full_state_dict()  # collective
     if engine.is_main:
         cfg = engine.unwrapped.cfg
-        dtype = export_dtype(job)
         export_dir = Path(job.export_dir)
-        size = sum(t.numel() for t in weights.values()) * dtype.itemsize
-        ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
-        with (
-            disk_errors(export_dir.parent, size, f"the export {export_dir}"),
-            atomic_dir(export_dir, force=True) as tmp,
-        ):
-            save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
-            # Every tokenizer file of the checkpoint it started from (chat template included);
-            # a seed trained from scratch gets the run's tokenizer.
-            if job.init_from is None or not has_tokenizer(job.init_from):
-                tokenizer.save(tmp)
-            if job.init_from is not None:
-                copy_tokenizer_files(job.init_from, tmp)
+        write_export(weights, cfg, export_dir, export_dtype(job), lambda tmp: save_tokenizer_files(job, tmp, tokenizer))
         del weights
         records = MetricsLog(job.metrics_path, enabled=False).records()
         last = records[-1] if records else {}
@@ -98,6 +95,55 @@ def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, c
         )
     barrier(engine)
     return read_done(job.manifest_dir)
+
+
+def write_export(
+    weights: dict[str, torch.Tensor],
+    cfg,
+    export_dir: Path,
+    dtype: torch.dtype,
+    add_tokenizer: Callable[[Path], object],
+    force: bool = True,
+) -> None:
+    """The HF form of a job's weights (a btx state dict) in `export_dir`, atomically: the family's
+    config.json and safetensors in `dtype`, and the files `add_tokenizer(directory)` writes. The
+    final export and `btx export` of a checkpoint (btx.train.checkpoint_export) both write here."""
+    size = sum(t.numel() for t in weights.values()) * dtype.itemsize
+    ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
+    with (
+        disk_errors(export_dir.parent, size, f"the export {export_dir}"),
+        atomic_dir(export_dir, force=force) as tmp,
+    ):
+        save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
+        add_tokenizer(tmp)
+
+
+def save_tokenizer_files(job: TrainJob, directory: Path, tokenizer=None) -> None:
+    """Every tokenizer file of the checkpoint the job started from (chat template included); a
+    seed trained from scratch gets the run's tokenizer (`tokenizer`, loaded when not given)."""
+    if job.init_from is None or not has_tokenizer(job.init_from):
+        (tokenizer if tokenizer is not None else load_tokenizer(job.tokenizer)).save(directory)
+    if job.init_from is not None:
+        copy_tokenizer_files(job.init_from, directory)
+
+
+def write_export_record(job: TrainJob, model, directory: Path) -> None:
+    """What `btx export` needs to turn a checkpoint into the job's HF form, written into each
+    checkpoint (`directory`: its EXPORT_RECORD_DIR): the tokenizer files the final export gets,
+    and EXPORT_RECORD (the model's config, the export dtype, the names of the parameters in each
+    optimizer group, in the order the optimizer holds them, for engines that keep fp32 masters
+    in those groups)."""
+    names = {id(p): name for name, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in param_groups(model.parameters(), 0.0)]
+    directory.mkdir(parents=True, exist_ok=True)
+    save_tokenizer_files(job, directory)
+    record = {
+        "job": job.name,
+        "config": dataclasses.asdict(model.cfg),
+        "dtype": str(export_dtype(job)).removeprefix("torch."),
+        "optimizer_groups": groups,
+    }
+    (directory / EXPORT_RECORD).write_text(dumps_json(record, indent=1) + "\n")
 
 
 def export_dtype(job: TrainJob) -> torch.dtype:

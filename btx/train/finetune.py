@@ -105,6 +105,8 @@ def finetune_job(
     merged_manifest = read_done(merged)
     job = TrainJob(
         name="finetune",
+        experiment=exp.name,
+        stage="finetune",
         settings=settings,
         train_shards={name: job_shard_path(exp, name, "train") for name in train_domains},
         val_shards={name: job_shard_path(exp, name, "val") for name in domains},

@@ -85,6 +85,10 @@ class TrainJob:
     # in this one's train_flops: the finetune's router-only phase (btx.train.finetune runs it).
     before: "TrainJob | None" = None
     prior_flops: dict = field(default_factory=dict)  # {earlier phase's name: its train_flops}
+    # Names the job in experiment trackers (btx.train.loggers.run_name): the recipe's experiment and
+    # the stage of btx run the job belongs to (seed, branch, finetune, baselines, grow).
+    experiment: str = ""
+    stage: str = ""
 
     @property
     def ckpt_dir(self) -> Path:
@@ -124,6 +128,8 @@ def seed_job(exp) -> TrainJob:
     mixture, names = _seed_weights(exp), seed_domains(exp)
     return TrainJob(
         name="seed",
+        experiment=exp.name,
+        stage="seed",
         settings=exp.seed_train,
         train_shards={n: job_shard_path(exp, n, "train") for n in names},
         val_shards={n: job_shard_path(exp, n, "val") for n in names},
@@ -171,6 +177,8 @@ def expert_job(exp, domain: str) -> TrainJob:
     seed_identity = seed_manifest.get("outputs") if seed_manifest else str(seed)
     return TrainJob(
         name=domain,
+        experiment=exp.name,
+        stage="branch",
         settings=settings,
         train_shards={domain: job_shard_path(exp, domain, "train")},
         val_shards={domain: job_shard_path(exp, domain, "val")},

@@ -122,6 +122,7 @@ from btx.train.job import (
     seed_job,
     trajectory_hash,
 )
+from btx.train.loggers import check_loggers, open_loggers
 from btx.train.metrics import PEAK_ENV, MetricsLog, _Progress, peak_flops
 
 
@@ -218,6 +219,7 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     model = (make_model or build_model)(job)
     check_model_fits(job, model.cfg, tokenizer)
     export_dtype(job)  # a bad export dtype is an error now, not after training
+    check_loggers(getattr(job.settings, "loggers", None) or [])  # a missing tracker package, likewise
     set_trainable(model, job.trainable)
     if setup_model is not None:
         setup_model(model)
@@ -318,8 +320,9 @@ def _train(
     )
     session_start, wall_before = time.perf_counter(), state["wall_time_s"]  # earlier sessions' time
     kill_at, kill_signal = _kill_hook()
+    loggers = open_loggers(job, state["step"], main=engine.is_main)  # train.loggers: tensorboard, wandb
 
-    with progress:
+    with progress, loggers:
         for step in range(state["step"] + 1, s.steps + 1):
             started = time.perf_counter()
             seed_everything(s.seed, step, rank)
@@ -372,6 +375,7 @@ def _train(
                 if not math.isfinite(record["val_loss"]):  # this step's update broke the weights
                     _non_finite_loss(job, step, "validation loss", record["val_loss"], lr, good_upto=step - 1)
             metrics.write(record)
+            loggers.log(record)
             progress.update(step, record)
             if kill_at == step and engine.is_main:  # test hook: die like a preempted node would
                 os.kill(os.getpid(), kill_signal)  # SIGTERM: seen by every rank at the next step

@@ -1,3 +1,3 @@
-"""Presentation shared by every command: tables that fit the terminal (tables.py) and the optional
-matplotlib import (pyplot.py).
+"""Presentation shared by every command: tables that fit the terminal (tables.py), the optional
+matplotlib import (pyplot.py), and progress of work in named parts with an ETA (progress.py).
 """
