@@ -280,6 +280,9 @@ CHANGES = {
     "eval.dtype=bfloat16": ["eval", "analyze"],  # where and how every evaluation runs
     "eval.device=cpu": ["eval", "analyze"],
     "branch.max_parallel=1": [],  # how the experts run, not what they are
+    # how every job runs, not what it computes (TrainSection.HOW_IT_RUNS)
+    "train.loggers=[tensorboard];train.activation_checkpointing=full;train.compile=true": [],
+    "finetune.train.loggers=[wandb]": [],
 }
 # A declared read no change above reaches, and why.
 UNCHANGED = {"tokenizer": "the tiny recipe has one tokenizer; another one changes every shard, so all"}

@@ -86,6 +86,18 @@ class TrainSection:
     # network). Extras: pip install 'btx[tensorboard]', 'btx[wandb]'. Not part of what a run computes.
     loggers: List[str] = field(default_factory=list)
 
+    # How a job runs, never what it computes: left out of every stage's key (btx.run.stage), so that
+    # turning a logger, checkpointing or compile on for a finished run redoes nothing. (compile moves
+    # losses by ~1e-6 in fp32, as another number of GPUs would.)
+    HOW_IT_RUNS = ("activation_checkpointing", "compile", "loggers")
+
+    def key_view(self) -> dict:
+        """What of this section decides a stage's result (btx.run.stage keys on it)."""
+        view = {k: v for k, v in dataclasses.asdict(self).items() if k not in self.HOW_IT_RUNS}
+        if not self.document_mask:  # keyed only when on: run directories from before it keep their keys
+            del view["document_mask"]
+        return view
+
     @property
     def tokens_per_step(self) -> int:
         """Tokens per optimizer step on one data-parallel rank."""
@@ -116,6 +128,13 @@ class TrainSection:
             "zero_stage",
             f"must be null (DDP), 0, 1, 2 or 3, got {self.zero_stage!r}",
         )
+
+
+def key_view_with_train(section) -> dict:
+    """A section holding a partial `train:` (seed, finetune), without how its jobs run."""
+    view = dataclasses.asdict(section)
+    view["train"] = {k: v for k, v in view["train"].items() if k not in TrainSection.HOW_IT_RUNS}
+    return view
 
 
 @dataclass
@@ -168,6 +187,8 @@ class SeedSection:
     path: Optional[str] = None  # an existing HF dense checkpoint; None: train one from `model:`
     train: Dict[str, Any] = field(default_factory=dict, metadata={"partial": TrainSection})
     mixture: Dict[str, float] = field(default_factory=dict)  # domain weights; empty: all equal
+
+    key_view = key_view_with_train
 
     def check(self, c: Checker, domains: List[str]) -> None:
         c.weights(self.mixture, "mixture", domains)
@@ -374,6 +395,8 @@ class FinetuneSection:
     # prepared into data/general/ with the other domains and sampled in the mixture as "general",
     # but never branched into an expert (the seed, kept as an expert, stands for it).
     general: Optional[str] = None
+
+    key_view = key_view_with_train
 
     def check(self, c: Checker, domains: List[str]) -> None:
         c.weights(self.mixture, "mixture", domains + ([GENERAL_DOMAIN] if self.general else []))

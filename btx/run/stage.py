@@ -140,6 +140,8 @@ def stage_key(p: Pipeline, stage: Stage, part: Optional[str] = None, inputs: Any
         for r, path in zip(stage.reads, read_paths(stage, part), strict=True)
     }
     reads = {path: value for path, value in reads.items() if not (isinstance(value, str) and value == UNKEYED)}
+    # a section that knows what of it decides results (TrainSection: not how the job runs)
+    reads = {path: value.key_view() if hasattr(value, "key_view") else value for path, value in reads.items()}
     return key_of(reads, consumed(p, stage, part), to_plain(inputs))
 
 
