@@ -4,6 +4,7 @@ the run's tokenizer files, and DONE.json written last (steps, tokens, losses, FL
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import torch
 
 from btx.errors import BtxError
 from btx.io.atomic import atomic_dir
-from btx.io.checkpoint import save_model
 from btx.io.disk import disk_errors, ensure_free_space
+from btx.io.layout import btx_shapes, hf_specs
 from btx.io.manifest import (
     DONE_NAME,
     hash_dir,
@@ -21,7 +22,7 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.io.reader import CheckpointReader
-from btx.io.writer import copy_tokenizer_files, has_tokenizer
+from btx.io.writer import copy_tokenizer_files, has_tokenizer, write_checkpoint
 from btx.model.flops import describe as flops_counting
 from btx.model.flops import train_flops_per_token
 from btx.train.distributed import barrier
@@ -32,26 +33,30 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
-    """final HF checkpoint (atomic), then DONE.json (last)."""
-    weights = engine.full_state_dict()  # collective
+    """final HF checkpoint (atomic), then DONE.json (last).
+
+    The weights stream to disk: the writer asks the engine for each parameter as it writes the
+    tensors made of it (a sharded engine gathers one layer at a time), so no rank holds a whole
+    copy of the model."""
+    cfg = engine.unwrapped.cfg
+    dtype = export_dtype(job)
+    export_dir = Path(job.export_dir)
+    with engine.exported_weights() as weight:  # collective: the other ranks serve the gathers
+        if engine.is_main:
+            size = sum(math.prod(shape) for shape in btx_shapes(cfg).values()) * dtype.itemsize
+            ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
+            with (
+                disk_errors(export_dir.parent, size, f"the export {export_dir}"),
+                atomic_dir(export_dir, force=True) as tmp,
+            ):
+                write_checkpoint(tmp, cfg, hf_specs(cfg, weight, dtype), atomic=False)
+                # Every tokenizer file of the checkpoint it started from (chat template included);
+                # a seed trained from scratch gets the run's tokenizer.
+                if job.init_from is None or not has_tokenizer(job.init_from):
+                    tokenizer.save(tmp)
+                if job.init_from is not None:
+                    copy_tokenizer_files(job.init_from, tmp)
     if engine.is_main:
-        cfg = engine.unwrapped.cfg
-        dtype = export_dtype(job)
-        export_dir = Path(job.export_dir)
-        size = sum(t.numel() for t in weights.values()) * dtype.itemsize
-        ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
-        with (
-            disk_errors(export_dir.parent, size, f"the export {export_dir}"),
-            atomic_dir(export_dir, force=True) as tmp,
-        ):
-            save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
-            # Every tokenizer file of the checkpoint it started from (chat template included);
-            # a seed trained from scratch gets the run's tokenizer.
-            if job.init_from is None or not has_tokenizer(job.init_from):
-                tokenizer.save(tmp)
-            if job.init_from is not None:
-                copy_tokenizer_files(job.init_from, tmp)
-        del weights
         records = MetricsLog(job.metrics_path, enabled=False).records()
         last = records[-1] if records else {}
         tail = [r["loss"] for r in records[-10:]]
