@@ -164,10 +164,13 @@ def init_distributed() -> None:
         raise
 
 
-def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int) -> dict:
+def deepspeed_config(
+    settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int, dim: int
+) -> dict:
     """The DeepSpeed config for a TrainSection (batch_size per rank, grad_accum, grad_clip) plus
-    the finetune section's ZeRO settings; `precision` is resolved (fp32 | bf16 | fp16)."""
-    zero: dict = {"stage": zero_stage}
+    the finetune section's ZeRO settings; `precision` is resolved (fp32 | bf16 | fp16); `dim` is
+    the model's hidden size, which sizes ZeRO-3's buffers (`stage3_buffers`)."""
+    zero: dict = {"stage": zero_stage, **(stage3_buffers(dim) if zero_stage == 3 else {})}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     config = {
@@ -185,6 +188,30 @@ def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, prec
     elif precision == "fp16":
         config["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
     return config
+
+
+def stage3_buffers(dim: int) -> dict:
+    """ZeRO-3's buffers sized by the model rather than by DeepSpeed's defaults, which are sized for
+    GPUs and models of billions of parameters and, below that, hold more than the shards save:
+    - a gradient bucket of 5e8 elements whatever the model (2 GB in fp32, filled up to the whole
+      model's gradients before it is reduced): here dim^2, with the prefetch bucket 0.9 dim^2 and
+      parameters under 10 dim kept whole, the rules of the "auto" values of transformers and
+      accelerate;
+    - parameters used again within 1e9 elements stay gathered from the forward to the backward,
+      which for a model under 1B parameters is every one of them, a whole copy on every rank:
+      here about two layers' worth (24 dim^2), and as many live at once;
+    - one optimizer sub-group of up to 1e9 elements, whose fp32 gradient buffer is then a whole
+      partition beside the partition's own gradients: here sub-groups of about two layers.
+    """
+    layers = 24 * dim * dim
+    return {
+        "reduce_bucket_size": dim * dim,
+        "stage3_prefetch_bucket_size": int(0.9 * dim * dim),
+        "stage3_param_persistence_threshold": 10 * dim,
+        "stage3_max_live_parameters": layers,
+        "stage3_max_reuse_distance": layers,
+        "sub_group_size": layers,
+    }
 
 
 def resolve_precision(settings) -> str:
@@ -205,13 +232,6 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
     import deepspeed
 
     init_distributed()
-    config = deepspeed_config(
-        job.settings,
-        zero_stage=3,
-        offload_optimizer=offload_optimizer,
-        precision=resolve_precision(job.settings),
-        world_size=dist.get_world_size(),
-    )
     writer = dist.get_rank() == 0
     with contextlib.ExitStack() as stack:
         if job.init_from is not None:
@@ -222,6 +242,14 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
                 raise BtxError(f"train {job.name}: give init_from (a checkpoint) or model_config (from scratch)")
             reader, cfg, source = None, job.model_config, "initial weights"
         cfg = dataclasses.replace(cfg, **job.config_overrides)
+        config = deepspeed_config(
+            job.settings,
+            zero_stage=3,
+            offload_optimizer=offload_optimizer,
+            precision=resolve_precision(job.settings),
+            world_size=dist.get_world_size(),
+            dim=cfg.dim,
+        )
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = Transformer(cfg)
         generator = torch.Generator().manual_seed(job.settings.seed)
@@ -299,6 +327,7 @@ class DeepSpeedEngine:
                 offload_optimizer=offload_optimizer,
                 precision=self.precision,
                 world_size=self.world_size,
+                dim=model.cfg.dim,
             ),
             dist_init_required=False,
         )
