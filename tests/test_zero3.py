@@ -123,7 +123,11 @@ def test_sharded_model_holds_what_build_model_builds_and_exports_the_same_bytes(
 def test_two_rank_zero3_expert_is_sharded_and_trains_and_exports_as_zero0(prepared, tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
     runs = {}
     for stage in ("0", "3"):
