@@ -208,8 +208,16 @@ def hf_specs_from_btx(state_dict: Mapping[str, torch.Tensor], cfg: ModelConfig, 
                 f"state dict: {name} has shape {tuple(state_dict[name].shape)}, the config implies {shape}"
             )
 
+    return hf_specs(cfg, state_dict.__getitem__, dtype)
+
+
+def hf_specs(cfg: ModelConfig, weight: Callable[[str], torch.Tensor], dtype: torch.dtype) -> list[TensorSpec]:
+    """Write specs for the checkpoint of `cfg`, in checkpoint order, whose btx parameters come
+    from `weight(btx_name)`, called only when the writer produces a tensor made of it (an
+    engine that gathers sharded weights on demand; `hf_specs_from_btx` for a state dict)."""
+
     def piece(name: str, e: int | None) -> torch.Tensor:
-        return state_dict[name] if e is None else state_dict[name][e]
+        return weight(name) if e is None else weight(name)[e]
 
     return [TensorSpec(t.name, t.shape, dtype, lambda t=t: build_hf_tensor(t, piece, dtype)) for t in hf_layout(cfg)]
 

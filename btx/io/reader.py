@@ -318,6 +318,18 @@ class CheckpointReader:
             raise KeyError(f"{name!r} is not a parameter of this checkpoint's model") from None
         return _cast(assemble(src, [self.get(n) for n in src.hf_names]), dtype, device)
 
+    def read_btx(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """`get_btx` through plain reads (`read_into`) instead of the memory map, on the CPU: once
+        the tensor is dropped nothing of the file stays in this process's memory. For a pass over
+        a whole checkpoint with the reader kept open (sharded construction under ZeRO-3), where
+        the mapped pages would otherwise add up to the checkpoint's size."""
+        try:
+            src = self.plan[name]
+        except KeyError:
+            raise KeyError(f"{name!r} is not a parameter of this checkpoint's model") from None
+        parts = [self.read_into(n, torch.empty(self.info(n).nbytes, dtype=torch.uint8)) for n in src.hf_names]
+        return _cast(assemble(src, parts), dtype, "cpu")
+
     def iter_btx(self, dtype: torch.dtype | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.plan:
             yield name, self.get_btx(name, dtype)

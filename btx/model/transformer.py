@@ -242,16 +242,26 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Normal(0, std) weights; residual-output projections scaled by 1/sqrt(2 n_layers) (GPT-2);
         norm gains 1, biases 0."""
-        out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                nn.init.ones_(p)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
-            else:
-                scale = out_std if name.endswith(("wo.weight", "w2.weight", "ffn.w2")) else std
-                with torch.no_grad():
-                    p.normal_(0.0, scale, generator=generator)
+            self.init_parameter(name, p, std, generator)
+
+    @torch.no_grad()
+    def init_parameter(
+        self, name: str, p: torch.Tensor, std: float = 0.02, generator: torch.Generator | None = None
+    ) -> None:
+        """`init_weights` for the one parameter `name`, written into `p` (that parameter, or a tensor
+        of its shape). Called for every parameter in `named_parameters` order with one generator,
+        it draws exactly what `init_weights` draws: sharded construction (ZeRO-3) fills a model
+        whose parameters exist only in pieces this way, one gathered parameter at a time."""
+        if name.endswith("norm.weight"):
+            nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            nn.init.zeros_(p)
+        else:
+            scale = (
+                std / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight", "ffn.w2")) else std
+            )
+            p.normal_(0.0, scale, generator=generator)
 
     def rope(self, seq_len: int, device, positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """cos and sin [S, Hd] of positions 0 .. seq_len - 1, or [B, 1, S, Hd] of `positions` [B, S]."""

@@ -39,6 +39,7 @@ from btx.choices import WEIGHT_DTYPES
 from btx.errors import BtxError
 from btx.io.checkpoint import load_state_dict
 from btx.io.hashing import cached_sha256
+from btx.io.layout import hf_specs_from_btx
 from btx.model.config import ModelConfig
 from btx.model.transformer import Transformer
 from btx.train.export import EXPORT_RECORD, EXPORT_RECORD_DIR, write_export
@@ -201,7 +202,12 @@ def export_checkpoint(path: str | Path, out: str | Path, *, force: bool = False,
                 shutil.copyfile(item, directory / item.name)
 
     with console.status(f"writing {out}"):
-        write_export(weights, record["model_config"], out, record["export_dtype"], add_tokenizer, force=force)
+        cfg, dtype = record["model_config"], record["export_dtype"]
+        try:
+            specs = hf_specs_from_btx(weights, cfg, dtype)
+        except ValueError as e:
+            raise BtxError(f"{ckpt}: {e}") from None
+        write_export(specs, cfg, out, add_tokenizer, force=force)
     console.print(f"export: {ckpt} ({record['job']}) -> {out} ({record['dtype']})", soft_wrap=True, highlight=False)
     return ckpt
 

@@ -9,6 +9,7 @@ checkpoint in the form of the final export, through the same `write_export`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Callable
@@ -18,8 +19,8 @@ import torch
 from btx.data.tokenizer import load_tokenizer
 from btx.errors import BtxError
 from btx.io.atomic import atomic_dir, dumps_json
-from btx.io.checkpoint import save_model
 from btx.io.disk import disk_errors, ensure_free_space
+from btx.io.layout import TensorSpec, hf_specs
 from btx.io.manifest import (
     DONE_NAME,
     hash_dir,
@@ -28,7 +29,7 @@ from btx.io.manifest import (
     write_done,
 )
 from btx.io.reader import CheckpointReader
-from btx.io.writer import copy_tokenizer_files, has_tokenizer
+from btx.io.writer import copy_tokenizer_files, has_tokenizer, write_checkpoint
 from btx.model.flops import describe as flops_counting
 from btx.model.flops import train_flops_per_token
 from btx.train.distributed import barrier
@@ -42,13 +43,19 @@ EXPORT_RECORD = "export.json"
 
 
 def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, console) -> dict:
-    """final HF checkpoint (atomic), then DONE.json (last)."""
-    weights = engine.full_state_dict()  # collective
+    """final HF checkpoint (atomic), then DONE.json (last).
+
+    The weights stream to disk: the writer asks the engine for each parameter as it writes the
+    tensors made of it (a sharded engine gathers one layer at a time), so no rank holds a whole
+    copy of the model."""
+    cfg = engine.unwrapped.cfg
+    dtype = export_dtype(job)
+    export_dir = Path(job.export_dir)
+    with engine.exported_weights() as weight:  # collective: the other ranks serve the gathers
+        if engine.is_main:
+            specs = hf_specs(cfg, weight, dtype)
+            write_export(specs, cfg, export_dir, lambda tmp: save_tokenizer_files(job, tmp, tokenizer))
     if engine.is_main:
-        cfg = engine.unwrapped.cfg
-        export_dir = Path(job.export_dir)
-        write_export(weights, cfg, export_dir, export_dtype(job), lambda tmp: save_tokenizer_files(job, tmp, tokenizer))
-        del weights
         records = MetricsLog(job.metrics_path, enabled=False).records()
         last = records[-1] if records else {}
         tail = [r["loss"] for r in records[-10:]]
@@ -98,23 +105,24 @@ def export_job(job: TrainJob, engine, tokenizer, state: dict, trajectory: str, c
 
 
 def write_export(
-    weights: dict[str, torch.Tensor],
+    specs: list[TensorSpec],
     cfg,
     export_dir: Path,
-    dtype: torch.dtype,
     add_tokenizer: Callable[[Path], object],
     force: bool = True,
 ) -> None:
-    """The HF form of a job's weights (a btx state dict) in `export_dir`, atomically: the family's
-    config.json and safetensors in `dtype`, and the files `add_tokenizer(directory)` writes. The
-    final export and `btx export` of a checkpoint (btx.train.checkpoint_export) both write here."""
-    size = sum(t.numel() for t in weights.values()) * dtype.itemsize
+    """The HF form of a job's weights in `export_dir`, atomically: the family's config.json and
+    the safetensors of `specs` (btx.io.layout: `hf_specs` streams from an engine that gathers on
+    demand, `hf_specs_from_btx` from a state dict), and the files `add_tokenizer(directory)`
+    writes. The final export and `btx export` of a checkpoint (btx.train.checkpoint_export) both
+    write here."""
+    size = sum(math.prod(spec.shape) * spec.dtype.itemsize for spec in specs)
     ensure_free_space(export_dir.parent, size, f"the export {export_dir}")
     with (
         disk_errors(export_dir.parent, size, f"the export {export_dir}"),
         atomic_dir(export_dir, force=force) as tmp,
     ):
-        save_model(weights, cfg, tmp, dtype=dtype, atomic=False)
+        write_checkpoint(tmp, cfg, specs, atomic=False)
         add_tokenizer(tmp)
 
 

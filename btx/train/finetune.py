@@ -55,6 +55,7 @@ from btx.model.transformer import Transformer
 from btx.recipe.load import load_experiment
 from btx.recipe.run_dir import FinetuneDirs
 from btx.train.distributed import mean_over_ranks
+from btx.train.engines.base import build_model
 from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
 from btx.train.job import TrainJob, job_shard_path, sections_hash
 from btx.train.loop import run_loop
@@ -254,12 +255,14 @@ def run_finetune(job: TrainJob, *, force: bool = False, console=None) -> dict:
         return DeepSpeedEngine(model, job.settings, zero_stage=zero_stage, offload_optimizer=offload)
 
     def make_model(job: TrainJob) -> Transformer:  # ZeRO-3: sharded as it is built
-        return build_sharded_model(job, offload_optimizer=offload)
+        if zero_stage == 3:
+            return build_sharded_model(job, offload_optimizer=offload)
+        return build_model(job)  # finetune.zero_stage decides, not train.zero_stage (dense jobs')
 
     return run_loop(
         job,
         make_engine,
-        make_model=make_model if zero_stage == 3 else None,
+        make_model=make_model,
         setup_model=setup_model,
         on_step=log,
         force=force,

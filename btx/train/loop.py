@@ -109,7 +109,7 @@ from btx.train.checkpoint import (
 from btx.train.distributed import StopRequest, all_reduce_sum, barrier
 from btx.train.engines.accelerate import AccelerateEngine
 from btx.train.engines.base import build_model
-from btx.train.engines.deepspeed import DeepSpeedEngine
+from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
 from btx.train.export import export_dtype, export_job
 from btx.train.job import (
     KILL_HOOK_ENV,
@@ -156,8 +156,8 @@ def run_loop(
     """Train `job` to its last step (resuming from its newest checkpoint), export, write DONE.json.
 
     make_engine(model, job) -> engine (default: `dense_engine`, by job.settings.zero_stage).
-    make_model(job) -> the starting model (default: `build_model`); DeepSpeed ZeRO-3 builds one whose
-    parameters are sharded over the ranks as they are created.
+    make_model(job) -> the starting model (default: `dense_model`, by job.settings.zero_stage); at
+    ZeRO-3 it is `build_sharded_model`, whose parameters are sharded over the ranks as they are created.
     setup_model(model) runs before the engine wraps the model (e.g. freeze parameters).
     on_step(step, output, inputs) runs on every rank after each optimizer step with the last
     micro-batch's ModelOutput and inputs; the dict it returns is merged into the step's metrics.
@@ -216,7 +216,7 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     # Everything is checked before anything is written or any process group is started.
     tokenizer, train_shards, val_shards = open_inputs(job)
     identities = job_input_identities(job, train_shards, val_shards) if main else None
-    model = (make_model or build_model)(job)
+    model = (make_model or dense_model)(job)
     check_model_fits(job, model.cfg, tokenizer)
     export_dtype(job)  # a bad export dtype is an error now, not after training
     check_loggers(getattr(job.settings, "loggers", None) or [])  # a missing tracker package, likewise
@@ -237,6 +237,14 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     finally:
         stop.restore()
         engine.close()
+
+
+def dense_model(job: TrainJob) -> Transformer:
+    """The starting model of a dense job: at train.zero_stage 3 built sharded over the ranks
+    (`build_sharded_model`, as the finetune's), so that no rank holds the whole model; whole otherwise."""
+    if getattr(job.settings, "zero_stage", None) == 3:
+        return build_sharded_model(job)
+    return build_model(job)
 
 
 def dense_engine(model: Transformer, job: TrainJob):

@@ -5,6 +5,7 @@ loop's trainer_state.json; they are loaded with `weights_only=True`.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 from pathlib import Path
@@ -123,6 +124,15 @@ class AccelerateEngine:
         if not self.is_main:
             return None
         return {k: v.detach().to("cpu", torch.float32) for k, v in self.unwrapped.state_dict().items()}
+
+    @contextlib.contextmanager
+    def exported_weights(self):
+        """Every rank holds the whole model: the main rank reads its own copy, one parameter at a time."""
+        if not self.is_main:
+            yield None
+            return
+        params = dict(self.unwrapped.named_parameters())
+        yield lambda name: params[name].detach().to("cpu", torch.float32)
 
     def close(self) -> None:
         """Free everything before the process group goes: a DDP module still alive at gloo

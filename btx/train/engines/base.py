@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from accelerate import init_empty_weights
@@ -38,9 +38,9 @@ CLIENT_STATE_FILE = "trainer_state.json"  # the loop's own state (step, tokens, 
 
 
 def build_model(job) -> Transformer:
-    """The starting fp32 model of a training job (`btx.train.job.TrainJob`): the init checkpoint's
-    weights, or `init_weights` from job.settings.seed. Here, below the loop and every engine, because
-    both the loop and DeepSpeed's ZeRO-3 path (`engine_deepspeed.build_sharded_model`) start from it."""
+    """The starting fp32 model of a training job (`btx.train.job.TrainJob`), whole on this rank: the
+    init checkpoint's weights, or `init_weights` from job.settings.seed. A ZeRO-3 job builds the
+    same model sharded instead (`btx.train.engines.deepspeed.build_sharded_model`)."""
     if job.init_from is None:
         if job.model_config is None:
             raise BtxError(f"train {job.name}: give init_from (a checkpoint) or model_config (from scratch)")
@@ -89,6 +89,11 @@ class Engine(Protocol):
 
     def full_state_dict(self) -> dict[str, torch.Tensor] | None:
         """Collective: the full btx state dict on the main rank (gathered if sharded), None elsewhere."""
+
+    def exported_weights(self) -> ContextManager[Callable[[str], torch.Tensor] | None]:
+        """Collective for the life of the context: on the main rank a function from a btx parameter
+        name to its full fp32 weight on the CPU (gathered on demand if sharded, so that an export
+        streams to disk without a whole copy), None on the other ranks."""
 
     def close(self) -> None:
         """Drop model/optimizer references, collect garbage, end the process group if it owns it."""

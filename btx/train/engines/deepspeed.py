@@ -29,10 +29,12 @@ Why it looks the way it does
   ZeRO stage enum, a tensor-fragment address). A file holding anything else is refused with one
   line. The loop also resumes only from checkpoints whose files it recorded at save (sha256 of
   each, btx.train.job.CKPT_MANIFEST), so a damaged or swapped file is never read.
-- ZeRO-3 builds the model sharded (`build_sharded_model`: `deepspeed.zero.Init`, then filled
-  from the checkpoint one tensor at a time), so no rank ever holds the whole model.
-- Export: `full_state_dict` takes each trained parameter from the optimizer's fp32 master copy
-  (the bf16 module only holds its rounding), gathered one parameter at a time under ZeRO-3.
+- Every ZeRO-3 job, dense or MoE, builds its model sharded (`build_sharded_model`:
+  `deepspeed.zero.Init`, then filled from the checkpoint, or with the from-scratch init, one
+  parameter at a time), so no rank ever holds the whole model.
+- Export: `exported_weights` takes each trained parameter from the optimizer's fp32 master copy
+  (the bf16 module only holds its rounding), gathered one layer at a time as the main rank's
+  writer asks for it, so that the export streams to disk without a whole copy on any rank.
 - Every engine of a process shares one process group; the last one to close tears it down.
 - Stacked expert weights (`w1[E,F,D]`, ...) are single parameters of the MoE layer, so ZeRO-3
   gathers and reduces them whether or not an expert received tokens: no rank waits on a
@@ -41,6 +43,7 @@ Why it looks the way it does
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib
@@ -69,7 +72,6 @@ from btx.io.atomic import fsync_dir, fsync_tree
 from btx.io.reader import CheckpointReader
 from btx.model.transformer import Transformer
 from btx.train.engines.base import (
-    build_model,
     make_optimizer,
     make_scheduler,
     mixed_precision,
@@ -162,10 +164,13 @@ def init_distributed() -> None:
         raise
 
 
-def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int) -> dict:
+def deepspeed_config(
+    settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int, dim: int
+) -> dict:
     """The DeepSpeed config for a TrainSection (batch_size per rank, grad_accum, grad_clip) plus
-    the finetune section's ZeRO settings; `precision` is resolved (fp32 | bf16 | fp16)."""
-    zero: dict = {"stage": zero_stage}
+    the finetune section's ZeRO settings; `precision` is resolved (fp32 | bf16 | fp16); `dim` is
+    the model's hidden size, which sizes ZeRO-3's buffers (`stage3_buffers`)."""
+    zero: dict = {"stage": zero_stage, **(stage3_buffers(dim) if zero_stage == 3 else {})}
     if offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu()}
     config = {
@@ -185,43 +190,91 @@ def deepspeed_config(settings, *, zero_stage: int, offload_optimizer: bool, prec
     return config
 
 
+def stage3_buffers(dim: int) -> dict:
+    """ZeRO-3's buffers sized by the model rather than by DeepSpeed's defaults, which are sized for
+    GPUs and models of billions of parameters and, below that, hold more than the shards save:
+    - a gradient bucket of 5e8 elements whatever the model (2 GB in fp32, filled up to the whole
+      model's gradients before it is reduced): here dim^2, with the prefetch bucket 0.9 dim^2 and
+      parameters under 10 dim kept whole, the rules of the "auto" values of transformers and
+      accelerate;
+    - parameters used again within 1e9 elements stay gathered from the forward to the backward,
+      which for a model under 1B parameters is every one of them, a whole copy on every rank:
+      here about two layers' worth (24 dim^2), and as many live at once;
+    - one optimizer sub-group of up to 1e9 elements, whose fp32 gradient buffer is then a whole
+      partition beside the partition's own gradients: here sub-groups of about two layers.
+    """
+    layers = 24 * dim * dim
+    return {
+        "reduce_bucket_size": dim * dim,
+        "stage3_prefetch_bucket_size": int(0.9 * dim * dim),
+        "stage3_param_persistence_threshold": 10 * dim,
+        "stage3_max_live_parameters": layers,
+        "stage3_max_reuse_distance": layers,
+        "sub_group_size": layers,
+    }
+
+
 def resolve_precision(settings) -> str:
     """A TrainSection's `precision` as DeepSpeed runs it: auto -> bf16 where the device has it."""
     return PRECISIONS[mixed_precision(settings.precision, "cuda" if on_gpu() else "cpu")]
 
 
 def build_sharded_model(job, *, offload_optimizer: bool = False):
-    """ZeRO-3: the job's starting model with every parameter partitioned over the ranks as it is
-    created (`deepspeed.zero.Init`), then filled from the init checkpoint one tensor at a time.
-    No rank ever holds the whole model: host memory is bounded by the largest tensor, where
-    `btx.train.engines.base.build_model` would load the full fp32 model on every rank (~80 GB for 4 x 7B)."""
+    """The starting model of any ZeRO-3 job, dense or MoE, with every parameter partitioned over
+    the ranks as it is created (`deepspeed.zero.Init`), then filled one parameter at a time:
+    from the init checkpoint (read by rank 0 with plain reads, `CheckpointReader.read_btx`), or,
+    from scratch, with what `btx.train.engines.base.build_model` would draw (rank 0 runs
+    `Transformer.init_parameter` in the same order with the same generator).
+
+    No rank ever holds the whole model: host memory is bounded by the largest parameter, where
+    `build_model` would hold the full fp32 model on every rank (~80 GB for 4 x 7B)."""
 
     import deepspeed
 
-    if job.init_from is None:
-        return build_model(job)  # from scratch: small models only (the demo's seed)
     init_distributed()
-    config = deepspeed_config(
-        job.settings,
-        zero_stage=3,
-        offload_optimizer=offload_optimizer,
-        precision=resolve_precision(job.settings),
-        world_size=dist.get_world_size(),
-    )
     writer = dist.get_rank() == 0
-    with CheckpointReader(job.init_from) as reader, _progress(writer) as progress:
-        cfg = dataclasses.replace(reader.cfg, **job.config_overrides)
+    with contextlib.ExitStack() as stack:
+        if job.init_from is not None:
+            reader = stack.enter_context(CheckpointReader(job.init_from))
+            cfg, source = reader.cfg, str(job.init_from)
+        else:
+            if job.model_config is None:
+                raise BtxError(f"train {job.name}: give init_from (a checkpoint) or model_config (from scratch)")
+            reader, cfg, source = None, job.model_config, "initial weights"
+        cfg = dataclasses.replace(cfg, **job.config_overrides)
+        config = deepspeed_config(
+            job.settings,
+            zero_stage=3,
+            offload_optimizer=offload_optimizer,
+            precision=resolve_precision(job.settings),
+            world_size=dist.get_world_size(),
+            dim=cfg.dim,
+        )
         with deepspeed.zero.Init(config_dict_or_path=config):
             model = Transformer(cfg)
+        generator = torch.Generator().manual_seed(job.settings.seed)
         params = list(model.named_parameters())
-        task = progress.add_task(f"loading {job.init_from} (ZeRO-3 shards)", total=len(params))
+        progress = stack.enter_context(_progress(writer))
+        task = progress.add_task(f"loading {source} (ZeRO-3 shards)", total=len(params))
         for name, param in params:
-            # Rank 0 reads and writes the full tensor; leaving the context re-partitions it.
+            # Rank 0 writes the full parameter; leaving the context broadcasts and re-partitions it.
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if writer:
-                    param.data.copy_(reader.get_btx(name, torch.float32))
+                    if reader is not None:
+                        value = reader.read_btx(name, torch.float32)
+                    else:  # drawn in fp32, as build_model draws it, whatever dtype ZeRO holds
+                        value = torch.empty(param.shape, dtype=torch.float32)
+                        model.init_parameter(name, value, generator=generator)
+                    param.data.copy_(value)
+                    del value
             progress.advance(task)
     return model
+
+
+def _export_group(name: str) -> str:
+    """What `exported_weights` gathers together: a layer ("layers.3"), or one top-level parameter."""
+    head, _, rest = name.partition(".")
+    return f"{head}.{rest.partition('.')[0]}" if head == "layers" else name
 
 
 def _progress(enabled: bool):
@@ -274,6 +327,7 @@ class DeepSpeedEngine:
                 offload_optimizer=offload_optimizer,
                 precision=self.precision,
                 world_size=self.world_size,
+                dim=model.cfg.dim,
             ),
             dist_init_required=False,
         )
@@ -359,27 +413,74 @@ class DeepSpeedEngine:
             raise BtxError(f"{directory}: no DeepSpeed checkpoint inside (expected {Path(directory) / _TAG}/)")
         return client_state or {}
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """Collective: the full fp32 weights on the main rank (None elsewhere).
+    @contextlib.contextmanager
+    def exported_weights(self):
+        """Collective for the life of the context: on the main rank a function that returns the
+        full fp32 weight (CPU) of a btx parameter, None on the other ranks.
 
-        Trained parameters come from the optimizer's fp32 master copy, gathered one parameter at a
-        time (bounded device memory under ZeRO-3); frozen ones from the module itself.
+        Trained parameters come from the optimizer's fp32 master copy (the bf16 module only holds
+        its rounding), frozen ones from the module. Nothing holds the whole model: the main rank
+        gathers one group at a time (a layer's parameters, or one top-level parameter), in
+        whatever order its writer asks for them, and keeps only that group; every other rank
+        joins each gather until the main rank leaves the context.
         """
+        params = dict(self.ds.module.named_parameters())
+        groups: dict[str, list[str]] = {}
+        for name in params:
+            groups.setdefault(_export_group(name), []).append(name)
+        order = list(groups)
+        masters = self._stage0_masters()
+
+        def gather(index: int) -> dict[str, torch.Tensor]:
+            return {name: self._full_fp32(params[name], masters) for name in groups[order[index]]}
+
+        if not self.is_main:
+            while (index := self._export_request()) >= 0:
+                gather(index)
+            yield None
+            return
+        held: dict[str, torch.Tensor] = {}
+
+        def weight(name: str) -> torch.Tensor:
+            nonlocal held
+            if name not in held:
+                held = {}  # the previous group goes before the next one is gathered
+                index = order.index(_export_group(name))
+                self._export_request(index)
+                held = gather(index)
+            return held[name]
+
+        try:
+            yield weight
+        finally:
+            self._export_request(-1)  # the other ranks stop serving
+
+    def _export_request(self, index: int | None = None) -> int:
+        """The main rank's next group for `exported_weights` (-1: done), sent to every rank."""
+        message = torch.tensor([-1 if index is None else index], dtype=torch.int64, device=self.device)
+        dist.broadcast(message, src=0)
+        return int(message.item())
+
+    def _full_fp32(self, param: torch.Tensor, masters: dict) -> torch.Tensor | None:
+        """Collective: one parameter's full fp32 weight on the main rank's CPU, None elsewhere."""
         import deepspeed
         from deepspeed.utils import safe_get_full_fp32_param
 
-        masters = self._stage0_masters()
-        state = {} if self.is_main else None
-        for name, param in self.ds.module.named_parameters():
-            full = safe_get_full_fp32_param(param) if param.requires_grad else None  # collective
-            if full is None and hasattr(param, "ds_id"):  # ZeRO-3 and frozen: gather the module's copy
-                with deepspeed.zero.GatheredParameters([param]):
-                    full = param.detach().clone() if self.is_main else None
-            elif full is None:
-                full = masters.get(param, param)
-            if self.is_main:
-                state[name] = full.detach().to("cpu", torch.float32, copy=True)
-        return state
+        full = safe_get_full_fp32_param(param) if param.requires_grad else None  # collective
+        if full is None and hasattr(param, "ds_id"):  # ZeRO-3 and frozen: gather the module's copy
+            with deepspeed.zero.GatheredParameters([param]):
+                full = param.detach().clone() if self.is_main else None
+        elif full is None:
+            full = masters.get(param, param)
+        return full.detach().to("cpu", torch.float32, copy=True) if self.is_main else None
+
+    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
+        """Collective: the full fp32 weights on the main rank (None elsewhere), all at once;
+        the export streams through `exported_weights` instead."""
+        with self.exported_weights() as weight:
+            if weight is None:
+                return None
+            return {name: weight(name) for name, _ in self.ds.module.named_parameters()}
 
     def _stage0_masters(self) -> dict:
         """ZeRO-0 in bf16/fp16 keeps the fp32 masters in parallel lists of its wrapper optimizer."""
