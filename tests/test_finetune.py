@@ -572,3 +572,6 @@ def test_compiled_blocks_finetune_like_eager_on_deepspeed(finetune, base):
     with pytest.raises(BtxError, match="train.compile: not supported with ZeRO stage 3"):
         run_finetune(finetune_job(exp))
     assert not (run_dir / "finetune-train" / "metrics.jsonl").exists() and not (run_dir / "finetuned").exists()
+    # the sharded build had started a process group: a refused job leaves none, and no rendezvous
+    # port in the environment (later jobs in this process and its children would collide on it)
+    assert not torch.distributed.is_initialized() and "MASTER_PORT" not in os.environ

@@ -109,7 +109,7 @@ from btx.train.checkpoint import (
 from btx.train.distributed import StopRequest, all_reduce_sum, barrier
 from btx.train.engines.accelerate import AccelerateEngine
 from btx.train.engines.base import build_model
-from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model
+from btx.train.engines.deepspeed import DeepSpeedEngine, build_sharded_model, release_idle_world
 from btx.train.export import export_dtype, export_job
 from btx.train.job import (
     KILL_HOOK_ENV,
@@ -216,17 +216,20 @@ def _run_locked(job, make_engine, make_model, setup_model, on_step, force, conso
     # Everything is checked before anything is written or any process group is started.
     tokenizer, train_shards, val_shards = open_inputs(job)
     identities = job_input_identities(job, train_shards, val_shards) if main else None
-    model = (make_model or dense_model)(job)
-    check_model_fits(job, model.cfg, tokenizer)
     export_dtype(job)  # a bad export dtype is an error now, not after training
     check_loggers(getattr(job.settings, "loggers", None) or [])  # a missing tracker package, likewise
-    set_trainable(model, job.trainable)
-    if setup_model is not None:
-        setup_model(model)
-    zero_stage = job.engine_settings.get("zero_stage", getattr(job.settings, "zero_stage", None))
-    apply_block_settings(model, job.settings, zero_stage)  # activation checkpointing, torch.compile (per block)
-
-    engine = (make_engine or dense_engine)(model, job)
+    model = (make_model or dense_model)(job)  # a ZeRO-3 job's sharded build starts the process group
+    try:
+        check_model_fits(job, model.cfg, tokenizer)
+        set_trainable(model, job.trainable)
+        if setup_model is not None:
+            setup_model(model)
+        zero_stage = job.engine_settings.get("zero_stage", getattr(job.settings, "zero_stage", None))
+        apply_block_settings(model, job.settings, zero_stage)  # activation checkpointing, torch.compile (per block)
+        engine = (make_engine or dense_engine)(model, job)
+    except BaseException:
+        release_idle_world()  # nothing of a job that never started may outlive it (its port, its group)
+        raise
     del model  # the engine owns it now (closing the engine must be able to free it)
     stop = StopRequest()
     try:

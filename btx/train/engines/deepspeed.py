@@ -164,6 +164,16 @@ def init_distributed() -> None:
         raise
 
 
+def release_idle_world() -> None:
+    """Tear down the process group and the rendezvous variables btx set, when no engine of this
+    process uses them: after the last engine closes, or when a job fails between a sharded build
+    (which starts the group) and its engine. Later jobs and child processes then start clean."""
+    if _live_engines == 0:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        _remove_env(_env_added)
+
+
 def deepspeed_config(
     settings, *, zero_stage: int, offload_optimizer: bool, precision: str, world_size: int, dim: int
 ) -> dict:
@@ -500,7 +510,4 @@ class DeepSpeedEngine:
         self.ds = self.optimizer = self.scheduler = None
         gc.collect()  # nothing of the engine may outlive the process group
         _live_engines -= 1
-        if _live_engines == 0:
-            if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
-            _remove_env(_env_added)
+        release_idle_world()
