@@ -92,17 +92,14 @@ def plot_loss_vs_flops(rows, path: Path) -> str | None:
             capsize=3,
             label=f"{r.name} ({r.average:.4f})",
         )
-    ax.set_xscale("log")
-    ax.set_xlabel("training FLOPs beyond the seed")
-    ax.set_ylabel("average validation loss (nats/token)")
-    ax.set_title("Validation loss against training compute (error bars: standard error over windows)", fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    fig.tight_layout()
-    # No timestamps in the file, so the same rows give the same bytes.
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
-    return None
+    return _finish(
+        plt,
+        fig,
+        ax,
+        path,
+        "average validation loss (nats/token)",
+        "Validation loss against training compute (error bars: standard error over windows)",
+    )
 
 
 def plot_points_vs_flops(points, path: Path, *, ylabel: str, title: str) -> str | None:
@@ -122,6 +119,11 @@ def plot_points_vs_flops(points, path: Path, *, ylabel: str, title: str) -> str 
     shapes = "os^vD<>pPX*h"
     for i, (name, value, flops) in enumerate(placed):
         ax.plot([flops], [value], shapes[i % len(shapes)], label=f"{name} ({value:.1f})")
+    return _finish(plt, fig, ax, path, ylabel, title)
+
+
+def _finish(plt, fig, ax, path: Path, ylabel: str, title: str) -> None:
+    """The FLOPs axis, labels and legend every plot against compute shares, and the file."""
     ax.set_xscale("log")
     ax.set_xlabel("training FLOPs beyond the seed")
     ax.set_ylabel(ylabel)
@@ -129,6 +131,7 @@ def plot_points_vs_flops(points, path: Path, *, ylabel: str, title: str) -> str 
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
+    # No timestamps in the file, so the same rows give the same bytes.
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
     return None

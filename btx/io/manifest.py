@@ -216,3 +216,19 @@ def read_done(directory: str | os.PathLike) -> dict | None:
 
 def is_done(directory: str | os.PathLike) -> bool:
     return (Path(directory) / DONE_NAME).is_file()
+
+
+def read_step_records(path: Path) -> list[dict]:
+    """The step records of a job's metrics.jsonl (btx.train.metrics writes it), in order; a line
+    cut short by a kill is skipped. [] when there is no such file."""
+    if not Path(path).is_file():
+        return []
+    out = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and "step" in record:
+            out.append(record)
+    return out

@@ -14,21 +14,10 @@ import statistics
 from pathlib import Path
 
 from btx.errors import BtxError
+from btx.io.manifest import read_step_records
 
 METRICS_NAME = "metrics.jsonl"
 DONE_NAME = "DONE.json"
-
-
-def _records(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and "step" in record:
-            out.append(record)
-    return out
 
 
 def measured(run_dir: str | Path) -> dict:
@@ -40,7 +29,7 @@ def measured(run_dir: str | Path) -> dict:
     files = sorted(root.rglob(METRICS_NAME))
     mfus, tps = [], []
     for f in files:
-        records = _records(f)[1:]
+        records = read_step_records(f)[1:]
         mfus += [r["mfu"] for r in records if isinstance(r.get("mfu"), (int, float))]
         tps += [r["tokens_per_s"] for r in records if isinstance(r.get("tokens_per_s"), (int, float))]
     if not mfus:

@@ -303,8 +303,8 @@ def eval_recipe_command(args) -> int:
     tasks, include_path = getattr(args, "tasks", None), getattr(args, "include_path", None)
     if tasks:  # --tasks T1,T2 is shorthand for eval.tasks=[T1, T2]
         rest.append("eval.tasks=[" + ", ".join(json.dumps(n) for n in parse_task_names(tasks)) + "]")
-    if include_path:
-        rest.append(f"eval.include_path={json.dumps(include_path)}")
+    if include_path:  # a path typed on the command line is the shell's, not the recipe's
+        rest.append(f"eval.include_path={json.dumps(str(Path(include_path).resolve()))}")
     for key, value in given(args, EvalSection, only=DEVICE_KEYS).items():
         rest.append(f"eval.{key}={value}")  # --device cuda is shorthand for eval.device=cuda
     exp = load_experiment(args.target, rest)

@@ -4,7 +4,6 @@ progress line (loss, tokens/s, MFU, ETA) and the peak FLOP/s MFU is measured aga
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,6 +19,7 @@ from rich.progress import (
 )
 
 from btx.io.atomic import dumps_json, fsync_dir
+from btx.io.manifest import read_step_records
 
 PEAK_ENV = "BTX_PEAK_TFLOPS"
 
@@ -31,17 +31,7 @@ class MetricsLog:
         self.path, self.enabled = Path(path), enabled
 
     def records(self) -> list[dict]:
-        if not self.path.is_file():
-            return []
-        out = []
-        for line in self.path.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue  # a line cut short by a kill
-            if isinstance(record, dict) and "step" in record:
-                out.append(record)
-        return out
+        return read_step_records(self.path)
 
     def keep_until(self, step: int) -> None:
         """On (re)start: keep the records of steps <= `step`, the ones the checkpoint has seen."""
