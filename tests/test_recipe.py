@@ -207,6 +207,11 @@ def test_domain_recipe_errors_name_the_domain_file(tmp_path):
     d.write_text("data: {sources: [{path: a.txt, fromat: text}]}\n")
     assert "data.sources[0].fromat: unknown key (did you mean format?)" not in error_of(path=exp_path)
     assert "data.sources[0].fromat: unknown key" in error_of(path=exp_path)
+    d.write_text("data: {sources: [a.txt], document_mask: true}\n")  # issue 22's spelling: one pointer
+    assert error_of(path=exp_path) == (
+        f"{d}: data.document_mask: not a key of this section: it is train.document_mask "
+        "(in this domain recipe's train:, or the experiment's)"
+    )
     d.write_text("name: other\ndata: {sources: [a.txt]}\n")
     assert "name: this recipe is for domain 'other'" in error_of(path=exp_path)
     d.write_text("data: {}\n")

@@ -410,6 +410,9 @@ def _typecheck_fields(value: dict, schema: type, label: str, key: str) -> None:
     hints = typing.get_type_hints(schema)
     for k, v in value.items():
         if k not in fields:
+            moved = getattr(schema, "MOVED_KEYS", {}).get(k)
+            if moved is not None:
+                _raise(label, join_key(key, str(k)), f"not a key of this section: it is {moved}")
             _raise(label, join_key(key, str(k)), f"unknown key{suggest(str(k), fields)}")
         _typecheck(v, hints[k], label, join_key(key, k), partial=fields[k].metadata.get("partial"))
 

@@ -614,6 +614,10 @@ class DataSection:
     # Files, directories or globs (relative to the domain recipe), or mappings {path, glob,
     # text_field}. Directories are read recursively (hidden files skipped). A `.jsonl` file holds one
     # JSON document per line (its text under `text_field`); any other file is one text document.
+    # Keys that belong to another section, and where: a one-line pointer instead of "unknown key".
+    # Document masking decides how a job trains, so it is a train setting (a domain recipe's
+    # `train:` for one domain, the experiment's `train:` for all of them).
+    MOVED_KEYS = {"document_mask": "train.document_mask (in this domain recipe's train:, or the experiment's)"}
     sources: List[Any] = field(default_factory=list)
     builtin: Optional[str] = None  # a named built-in corpus (btx.data.corpora: the demo's)
     builtin_bytes: int = 2_000_000  # how much of the built-in corpus to take
