@@ -27,7 +27,8 @@ import pytest
 import yaml
 
 from btx import cli
-from btx.recipe.schema import DomainRecipe, ExperimentRecipe, ModelSection
+from btx.recipe.domain_schema import DomainRecipe
+from btx.recipe.schema import ExperimentRecipe, ModelSection
 
 REPO = Path(__file__).resolve().parents[1]
 DOC_FILES = [

@@ -18,12 +18,11 @@ from omegaconf import OmegaConf
 
 from btx.choices import GENERAL_DOMAIN
 from btx.recipe.check import GLOB_CHARS
+from btx.recipe.domain_schema import DataSection, DomainRecipe
 from btx.recipe.run_dir import RunDir
 from btx.recipe.schema import (
     AnalyzeSection,
     BranchSection,
-    DataSection,
-    DomainRecipe,
     EvalSection,
     ExperimentRecipe,
     FinetuneSection,

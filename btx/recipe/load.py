@@ -54,8 +54,9 @@ from btx.recipe.check import (
     join_key,
     suggest,
 )
+from btx.recipe.domain_schema import DataSection, DomainRecipe
 from btx.recipe.experiment import Domain, Experiment, Source, to_plain
-from btx.recipe.schema import DataSection, DomainRecipe, ExperimentRecipe, TrainSection
+from btx.recipe.schema import ExperimentRecipe, TrainSection
 from btx.units import machine_memory, oversize
 
 

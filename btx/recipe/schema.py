@@ -28,10 +28,10 @@ from btx.choices import (
     TRAINABLE,
     WEIGHT_DTYPES,
 )
-from btx.data.corpora import BUILTIN_CORPORA
 from btx.errors import BtxError
 from btx.recipe.check import Checker, suggest
 from btx.recipe.settings import parse_weights, prompt_lists, setting
+from btx.recipe.task_entries import check_task_entry
 from btx.units import parse_size
 
 
@@ -532,42 +532,6 @@ class EvalSection:
             )
 
 
-TASK_KEYS = ("task", "num_fewshot", "limit", "batch_size")  # what a mapping in eval.tasks may hold
-
-
-def check_task_entry(entry: Any, c: Checker, key: str) -> str:
-    """One entry of eval.tasks is a task name or a mapping of TASK_KEYS; returns its name."""
-    if isinstance(entry, str):
-        c.that(bool(entry.strip()) and "," not in entry, key, f"expected a task name, got {entry!r}")
-        return entry
-    if not isinstance(entry, dict):
-        c.fail(key, f"expected a task name or a mapping {{task: NAME, num_fewshot, limit, batch_size}}, got {entry!r}")
-    unknown = [k for k in entry if k not in TASK_KEYS]
-    c.that(not unknown, key, f"unknown key {unknown[0] if unknown else ''!r}; expected {', '.join(TASK_KEYS)}")
-    name = entry.get("task")
-    c.that(isinstance(name, str) and bool(name.strip()), f"{key}.task", f"expected a task name, got {name!r}")
-    shots, limit, batch = entry.get("num_fewshot"), entry.get("limit"), entry.get("batch_size")
-    whole = (int,)
-    c.that(
-        shots is None or (isinstance(shots, whole) and not isinstance(shots, bool) and shots >= 0),
-        f"{key}.num_fewshot",
-        f"expected an integer >= 0, got {shots!r}",
-    )
-    c.that(
-        limit is None
-        or (isinstance(limit, int) and not isinstance(limit, bool) and limit > 0)
-        or (isinstance(limit, float) and 0.0 < limit < 1.0),
-        f"{key}.limit",
-        f"expected a number of documents > 0 or a fraction in (0, 1), got {limit!r}",
-    )
-    c.that(
-        batch is None or (isinstance(batch, int) and not isinstance(batch, bool) and batch > 0),
-        f"{key}.batch_size",
-        f"expected an integer > 0, got {batch!r}",
-    )
-    return name
-
-
 @dataclass
 class AnalyzeSection:
     tokens: int = 16384  # validation tokens per domain
@@ -607,46 +571,3 @@ class ExperimentRecipe:
     eval: EvalSection = field(default_factory=EvalSection)
     analyze: AnalyzeSection = field(default_factory=AnalyzeSection)
     prepare: PrepareSection = field(default_factory=PrepareSection)
-
-
-@dataclass
-class DataSection:
-    # Files, directories or globs (relative to the domain recipe), or mappings {path, glob,
-    # text_field}. Directories are read recursively (hidden files skipped). A `.jsonl` file holds one
-    # JSON document per line (its text under `text_field`); any other file is one text document.
-    # Keys that belong to another section, and where: a one-line pointer instead of "unknown key".
-    # Document masking decides how a job trains, so it is a train setting (a domain recipe's
-    # `train:` for one domain, the experiment's `train:` for all of them).
-    MOVED_KEYS = {"document_mask": "train.document_mask (in this domain recipe's train:, or the experiment's)"}
-    sources: List[Any] = field(default_factory=list)
-    builtin: Optional[str] = None  # a named built-in corpus (btx.data.corpora: the demo's)
-    builtin_bytes: int = 2_000_000  # how much of the built-in corpus to take
-    val_fraction: float = 0.05  # share of documents held out for validation
-    text_field: str = "text"  # jsonl: the field holding the document text
-    seed: int = 0  # keys the train/val split (independent of the training seed)
-
-    def check(self, c: Checker) -> None:
-        c.that(0.0 < self.val_fraction < 1.0, "val_fraction", f"must be in (0, 1), got {self.val_fraction!r}")
-        c.positive(self, "builtin_bytes")
-        c.non_negative(self, "seed")
-        c.that(
-            bool(self.sources) or self.builtin is not None,
-            "sources",
-            "a domain needs data: give data.sources or data.builtin",
-        )
-        if self.builtin is not None:
-            c.that(
-                self.builtin in BUILTIN_CORPORA,
-                "builtin",
-                f"unknown built-in corpus {self.builtin!r}; expected one of {', '.join(sorted(BUILTIN_CORPORA))}"
-                + suggest(self.builtin, BUILTIN_CORPORA),
-            )
-
-
-@dataclass
-class DomainRecipe:
-    """One domain recipe file."""
-
-    name: Optional[str] = None  # default: the name the experiment gives it (or the file's stem)
-    data: DataSection = field(default_factory=DataSection)
-    train: Dict[str, Any] = field(default_factory=dict, metadata={"partial": TrainSection})
