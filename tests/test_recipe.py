@@ -290,3 +290,45 @@ def test_defaults_follow_the_paper():
 def test_parse_size_and_builtin_recipes_dir():
     assert parse_size("5GB") == 5_000_000_000 and parse_size("2GiB") == 2 << 30 and parse_size("100") == 100
     assert builtin_recipes_dir().is_dir()
+
+
+def test_base_recipe_gives_every_key_the_child_does_not_change(tmp_path):
+    """`base:` a path relative to the child: the base's keys, its paths relative to the base file,
+    the child's keys over them (mappings merged key by key); the base's run_dir is not inherited."""
+    study = tmp_path / "study"
+    study.mkdir()
+    text = f"base: {FIXTURE}\nexperiment: tiny-study\neval:\n  match: both\nmerge:\n  top_k: 1\n"
+    (study / "btx.yaml").write_text(text)
+    child, parent = load_experiment(study / "btx.yaml"), load_experiment(FIXTURE)
+    assert child.name == "tiny-study" and child.recipe.base == str(FIXTURE)
+    assert child.eval.match == "both" and child.merge.top_k == 1
+    assert child.recipe.tokenizer == parent.recipe.tokenizer  # relative to the base's file
+    assert {d: x.sources for d, x in child.domains.items()} == {d: x.sources for d, x in parent.domains.items()}
+    assert child.merge.router_init == parent.merge.router_init and child.train == parent.train
+    assert child.run_dir.name == "tiny-study"
+
+
+def test_base_by_builtin_name_and_relative_path(tmp_path):
+    (tmp_path / "a.yaml").write_text("base: demo\nexperiment: a\neval:\n  match: both\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nexperiment: b\nfinetune:\n  top_k: 1\n")
+    b, demo = load_experiment(tmp_path / "b.yaml"), load_experiment("demo")
+    assert (b.eval.match, b.finetune.top_k, b.name) == ("both", 1, "b")
+    assert b.recipe.tokenizer == demo.recipe.tokenizer and b.merge.router_scale == demo.merge.router_scale
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"a.yaml": "base: b.yaml\nexperiment: a\n", "b.yaml": "base: a.yaml\nexperiment: b\n"}, "form a cycle"),
+        ({"a.yaml": "base: a.yaml\nexperiment: a\n"}, "form a cycle"),
+        ({"a.yaml": "base: demo\neval:\n  match: both\n"}, "experiment: required with base:"),
+        ({"a.yaml": "base: demoo\nexperiment: a\n"}, "base: demoo: no such recipe"),
+        ({"a.yaml": "base: b.yaml\nexperiment: a\n", "b.yaml": "experiment: b\nmerge:\n  top_kk: 1\n"}, "top_kk"),
+    ],
+)
+def test_bad_base_is_one_line(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(BtxError, match=expected) as e:
+        load_experiment(tmp_path / "a.yaml")
+    assert "\n" not in str(e.value)

@@ -96,10 +96,7 @@ def load_experiment(
     path = resolve_recipe(path)
     overrides = list(overrides or [])
     label = _label(path, overrides)
-    raw = _read_yaml(path)
-    _rename_old_keys(raw, ExperimentRecipe, str(path))
-    _typecheck(raw, ExperimentRecipe, str(path), "")
-    _resolve_paths(raw, _EXPERIMENT_PATHS, path.parent)
+    raw = _experiment_raw(path, ())
     override_dicts = _parse_overrides(overrides, ExperimentRecipe, str(path))
     for od in override_dicts:
         _resolve_paths(od, _EXPERIMENT_PATHS, Path.cwd())
@@ -264,6 +261,36 @@ def load_domain(
 
 # Keys holding input paths, which resolve relative to the recipe file (or the CWD for overrides).
 _EXPERIMENT_PATHS = ("seed.path", "tokenizer", "domains.*", "finetune.general", "eval.include_path")
+
+
+def _experiment_raw(path: Path, chain: tuple) -> dict:
+    """An experiment recipe file's keys, its paths resolved, over those of its `base:` recipe (and
+    the base's base): a recipe names only what it changes. Mappings merge key by key, as overrides
+    do; each file's paths are relative to that file."""
+    raw = _read_yaml(path)
+    _rename_old_keys(raw, ExperimentRecipe, str(path))
+    _typecheck(raw, ExperimentRecipe, str(path), "")
+    _resolve_paths(raw, _EXPERIMENT_PATHS, path.parent)
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    beside = Path(_abs(base, path.parent))
+    base_path = beside if beside.is_file() else resolve_recipe(base)
+    if not base_path.is_file():
+        names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+        raise BtxError(
+            f"{path}: base: {base}: no such recipe (a path relative to this file, or a built-in "
+            f"recipe: {', '.join(names)}{suggest(base, names)})"
+        )
+    if base_path.resolve() in chain + (path.resolve(),):
+        raise BtxError(f"{path}: base: {base} leads back to this recipe (the bases form a cycle)")
+    if "experiment" not in raw:
+        raise BtxError(f"{path}: experiment: required with base: (its own name, so it gets its own run directory)")
+    merged = _experiment_raw(base_path, chain + (path.resolve(),))
+    merged.pop("run_dir", None)  # an output of the base's run, not of this one
+    _deep_merge(merged, raw)
+    merged["base"] = str(base_path)
+    return merged
 
 
 def _written_path(resolved: str, recipe_dir: Path) -> str:

@@ -558,6 +558,7 @@ class ExperimentRecipe:
     """The experiment recipe file."""
 
     experiment: str = "???"  # required; names the run directory
+    base: Optional[str] = None  # another experiment recipe (a path, or a built-in name) this one changes
     run_dir: Optional[str] = None  # default checkpoints/<experiment>, relative to the current directory
     tokenizer: str = "byte"  # "byte" or a tokenizer.json / a directory holding one
     seed: SeedSection = field(default_factory=SeedSection)
