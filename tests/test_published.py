@@ -20,7 +20,9 @@ _spec.loader.exec_module(published)
 @pytest.fixture
 def copy(tmp_path) -> Path:
     """The files the published figures live in and come from, in a scratch root."""
-    for rel in (published.README, "recipes/demo", published.SNAPSHOT):
+    for rel in (published.README, *(p.recipe.rsplit("/", 1)[0] for p in published.PUBLISHED.values())) + tuple(
+        p.snapshot for p in published.PUBLISHED.values()
+    ):
         src, dst = REPO / rel, tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
@@ -174,11 +176,28 @@ def test_the_seed_spread_line_and_its_staleness(copy):
     )
     assert lines == [
         "- Seed-to-seed: the same recipe with `train.seed=1` (every job's init and batches) gives "
-        "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200; BTX's margin over each of "
-        "these moved by at most 0.0100."
+        "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200.",
+        "- BTX's margin over each (its average minus BTX's; positive: BTX is lower), seed 0 / seed 1: "
+        "dense (compute-matched) +0.0100 / +0.0000 (spread 0.0100).",
     ]
     seed_file = copy / published.SNAPSHOT / "seed-7.json"
     seed_file.write_text(
         json.dumps({"train_seed": 7, "recipe_values": {"btx.yaml": {"experiment": "other"}}, "averages": {"BTX": 1.0}})
     )
     assert any(str(seed_file) in p and "other recipe values" in p for p in published.check(copy))
+
+
+def test_the_study_recipe_changes_only_the_protocol_and_its_values_count_its_base(copy):
+    """demo-study is the demo with both protocols: a value edited in the demo makes both snapshots stale."""
+    from btx.recipe.load import load_experiment
+
+    demo, study = (load_experiment(copy / p.recipe) for p in (published.DEMO, published.STUDY))
+    assert (demo.eval.match, study.eval.match) == ("compute", "both")
+    assert study.merge == demo.merge and study.finetune == demo.finetune and study.train == demo.train
+    assert published.recipe_values(copy / published.STUDY.recipe)["base"] == published.recipe_values(
+        copy / published.DEMO.recipe
+    )
+    recipe = copy / published.DEMO.recipe
+    recipe.write_text(recipe.read_text().replace("router_scale: 10", "router_scale: 3", 1))
+    stale = " ".join(published.check(copy))
+    assert "docs/demo/run.json" in stale and "docs/demo-study/run.json" in stale

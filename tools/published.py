@@ -1,31 +1,30 @@
 #!/usr/bin/env python
 """The figures btx publishes, generated from a real run and from the recipe, never typed in.
 
-Two blocks are generated:
+Generated blocks:
 
-- the README's demo block (between `<!-- demo:begin -->` and `<!-- demo:end -->`): the eval table
-  of a real demo run (every row of its eval/eval.json, with standard errors where the rows carry
-  them), the stage times from its pipeline.json, the machine it ran on, and its figures;
+- one README block per published recipe (PUBLISHED: `demo`, between `<!-- demo:begin -->` and
+  `<!-- demo:end -->`, and `demo-study`, the demo with both baseline protocols): the eval table of
+  a real run of that recipe (every row of its eval/eval.json, with standard errors where the rows
+  carry them), the seed-to-seed lines (BTX's margin over each baseline under both seeds), the
+  stage times from its pipeline.json, the machine it ran on, and its figures;
 - the arithmetic comment in the demo recipe's header (between `# <arithmetic>` and
-  `# </arithmetic>`): tokens per step, each stage's tokens and training FLOPs, tokens per seed
-  parameter, the MoE stage's share of compute and the compute-matched baseline steps, computed
-  from the recipe's values with the FLOP count the training loop records
-  (`btx.model.flops.train_flops_per_token`, frozen parameters included) and the finetune's routing settings
-  (`btx.train.finetune.routing_overrides`).
+  `# </arithmetic>`; tools/published_arithmetic.py says how it is computed).
 
-A run is kept in the repository as a snapshot, docs/demo/: its eval.json as written, run.json (the
-stage times, the machine, each training job's steps, tokens and FLOPs from its DONE.json, and the
-recipe's values it was run with) and its PNGs. The README block is rendered from the snapshot
-only, so it can be checked without rerunning the demo.
+A run is kept in the repository as a snapshot, docs/<recipe>/: its eval.json as written, run.json
+(the stage times, the machine, each training job's steps, tokens and FLOPs from its DONE.json, and
+the recipe's values it was run with, its base's included) and its PNGs. The README blocks are
+rendered from the snapshots only, so they can be checked without rerunning anything.
 
-    python tools/published.py snapshot checkpoints/demo [--machine TEXT]   # after `btx run demo`
-    python tools/published.py snapshot-seed RUN_DIR --seed 1                # a rerun with train.seed=1
-    python tools/published.py render                                      # rewrite both blocks
-    python tools/published.py --check                                     # CI: exit 1 when stale
+    python tools/published.py snapshot checkpoints/demo [--machine TEXT]          # after `btx run demo`
+    python tools/published.py snapshot checkpoints/demo-study --recipe demo-study  # after `btx run demo-study`
+    python tools/published.py snapshot-seed RUN_DIR --seed 1 [--recipe NAME]      # a rerun with train.seed=1
+    python tools/published.py render                                             # rewrite every block
+    python tools/published.py --check                                            # CI: exit 1 when stale
 
 `--check` (tests/test_published.py runs it) fails when a block differs from what its sources
-give, when the snapshot was made from other recipe values than the recipe's now, or when the
-run's steps and FLOPs are not what the recipe's arithmetic predicts.
+give, when a snapshot was made from other recipe values than its recipe's now, or when the run's
+steps and FLOPs are not what the recipe's arithmetic predicts.
 """
 
 from __future__ import annotations
@@ -46,12 +45,38 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the btx package next to tools/, as in tools/routing_analysis.py
+if str(ROOT / "tools") not in sys.path:
+    sys.path.insert(0, str(ROOT / "tools"))
+from published_arithmetic import Stale, arithmetic_comment, params_text, recipe_arithmetic  # noqa: E402
+
 from btx.recipe.run_dir import RunDir  # noqa: E402  (light: paths only)
 
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """A recipe whose real run the README shows: its snapshot directory and its README block."""
+
+    name: str  # the built-in recipe's name: `btx run NAME`
+
+    @property
+    def recipe(self) -> str:
+        return f"recipes/{self.name}/btx.yaml"
+
+    @property
+    def snapshot(self) -> str:
+        return f"docs/{self.name}"
+
+    @property
+    def markers(self) -> tuple[str, str]:
+        return f"<!-- {self.name}:begin -->", f"<!-- {self.name}:end -->"
+
+
+# The demo (compute-matched baselines, as the paper's Table 3) and the study of both protocols.
+DEMO, STUDY = Published("demo"), Published("demo-study")
+PUBLISHED = {p.name: p for p in (DEMO, STUDY)}
 README = "README.md"
-RECIPE = "recipes/demo/btx.yaml"
-SNAPSHOT = "docs/demo"
-README_BEGIN, README_END = "<!-- demo:begin -->", "<!-- demo:end -->"
+RECIPE, SNAPSHOT = DEMO.recipe, DEMO.snapshot  # the recipe whose header holds the arithmetic
+README_BEGIN, README_END = DEMO.markers
 RECIPE_BEGIN, RECIPE_END = "# <arithmetic>", "# </arithmetic>"
 RUN = RunDir(Path())  # the layout of a run directory, relative to it
 # The run's pictures, copied into the snapshot: (file in the run directory, name in docs/demo/, alt text).
@@ -68,147 +93,6 @@ JOB_DIRS = {
 }
 
 
-class Stale(Exception):
-    """A published block or snapshot that no longer follows from its sources."""
-
-
-# ---------------------------------------------------------------------------------------------
-# The recipe's arithmetic
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Stage:
-    name: str
-    steps: int
-    tokens_per_step: int
-    flops_per_token: float
-
-    @property
-    def tokens(self) -> int:
-        return self.steps * self.tokens_per_step
-
-    @property
-    def flops(self) -> float:
-        return self.flops_per_token * self.tokens  # as btx.train records train_flops in DONE.json
-
-
-@dataclasses.dataclass
-class Arithmetic:
-    seed: Stage
-    experts: dict[str, Stage]
-    finetune: Stage
-    seed_params: int
-    moe_params: dict[str, int]  # total, active
-    n_experts: int
-    top_k: int
-    dense_flops_per_token: float
-    dense_steps: int  # compute-matched baselines
-    upcycled_steps: int
-
-    @property
-    def expert_flops(self) -> float:
-        return sum(s.flops for s in self.experts.values())
-
-    @property
-    def budget(self) -> float:
-        """BTX's training FLOPs beyond the seed: the experts and the MoE finetune."""
-        return self.expert_flops + self.finetune.flops
-
-    @property
-    def moe_share(self) -> float:
-        return self.finetune.flops / self.budget
-
-
-def recipe_arithmetic(exp) -> Arithmetic:
-    """What the recipe's training stages cost, from its values alone (a seed trained from scratch)."""
-    from btx.train.finetune import routing_overrides
-
-    if exp.recipe.model is None:
-        raise Stale(f"{exp.path}: the arithmetic block needs a seed trained from scratch (a model: section)")
-    seed_cfg = exp.recipe.model.to_model_config()
-    merge = exp.merge
-    ffn_dim = seed_cfg.ffn_dim // merge.chunks if merge.granularity in ("split", "blend") else seed_cfg.ffn_dim
-    merged_cfg = dataclasses.replace(
-        seed_cfg, n_experts=merge.n_experts(len(exp.domains)), top_k=merge.top_k, ffn_dim=ffn_dim, router_mode="topk"
-    )
-    top_k = exp.finetune.top_k if exp.finetune.top_k is not None else merged_cfg.top_k
-    moe_cfg = dataclasses.replace(merged_cfg, **routing_overrides(merged_cfg, exp.finetune, top_k))
-
-    from btx.model.flops import train_flops_per_token
-
-    def stage(name, settings, cfg, trainable="all") -> Stage:
-        return Stage(
-            name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable)
-        )
-
-    ft = exp.finetune_train
-    finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
-    experts = {d: stage(d, dom.train, seed_cfg, dom.train.trainable) for d, dom in exp.domains.items()}
-    budget = sum(s.flops for s in experts.values()) + finetune.flops
-    dense_fpt = train_flops_per_token(seed_cfg, ft.seq_len)  # the baselines train everything
-    # The baselines train with the finetune's settings for as many steps as spend the budget.
-    matched = lambda fpt: max(1, round(budget / (fpt * ft.tokens_per_step)))  # noqa: E731
-    return Arithmetic(
-        seed=stage("seed", exp.seed_train, seed_cfg),
-        experts=experts,
-        finetune=finetune,
-        seed_params=seed_cfg.param_counts()["total"],
-        moe_params=moe_cfg.param_counts(),
-        n_experts=moe_cfg.n_experts,
-        top_k=moe_cfg.experts_per_token,
-        dense_flops_per_token=dense_fpt,
-        dense_steps=matched(dense_fpt),
-        upcycled_steps=matched(train_flops_per_token(moe_cfg, ft.seq_len)),
-    )
-
-
-def _n(x: float) -> str:
-    return f"{x:,.0f}"
-
-
-def _params(p: int) -> str:
-    return f"{p / 1e6:.2f}M"
-
-
-def arithmetic_comment(exp) -> list[str]:
-    """The recipe header's arithmetic lines (without the markers), each starting with '# '."""
-    a = recipe_arithmetic(exp)
-    t = exp.finetune_train
-    same = len({(s.steps, s.tokens_per_step) for s in a.experts.values()}) == 1
-    lines = [
-        f"tokens per optimizer step = batch_size x seq_len x grad_accum = {t.batch_size} x {t.seq_len} x "
-        f"{t.grad_accum} = {_n(t.tokens_per_step)}",
-        f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of the mixture, "
-        f"{a.seed.flops:.3g} FLOPs:",
-        f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter "
-        f"({_params(a.seed_params)} parameters)",
-    ]
-    if same:
-        e = next(iter(a.experts.values()))
-        lines.append(
-            f"experts   {len(a.experts)} x {e.steps} steps x {_n(e.tokens_per_step)} = {len(a.experts)} x "
-            f"{_n(e.tokens)} tokens, each of its own domain, {len(a.experts)} x {e.flops:.3g} FLOPs"
-        )
-    else:
-        for d, e in a.experts.items():
-            lines.append(
-                f"expert    {d}: {e.steps} steps x {_n(e.tokens_per_step)} = {_n(e.tokens)} tokens, {e.flops:.3g} FLOPs"
-            )
-    lines += [
-        f"finetune  {a.finetune.steps} steps x {_n(a.finetune.tokens_per_step)} = {_n(a.finetune.tokens)} "
-        "tokens of the "
-        f"mixture, {a.finetune.flops:.3g} FLOPs:",
-        f"          {a.moe_share:.1%} of BTX's {a.budget:.3g} training FLOPs beyond the seed",
-        f"training FLOPs per token: dense {a.dense_flops_per_token / 1e6:.2f}M, MoE {a.n_experts} experts top-"
-        f"{a.top_k} {a.finetune.flops_per_token / 1e6:.2f}M",
-        f"MoE parameters: {_params(a.moe_params['active'])} active of {_params(a.moe_params['total'])}",
-        f"compute-matched baselines ({a.budget:.3g} FLOPs each): dense {a.dense_steps} steps, sparse upcycling "
-        f"{a.upcycled_steps} steps",
-    ]
-    return ["# " + line for line in lines]
-
-
 # ---------------------------------------------------------------------------------------------
 # The snapshot of a run
 # ---------------------------------------------------------------------------------------------
@@ -221,6 +105,8 @@ def recipe_values(recipe_path: Path) -> dict:
     values = {recipe_path.name: raw}
     for _, rel in sorted((raw.get("domains") or {}).items()):
         values[str(rel)] = yaml.safe_load((recipe_path.parent / rel).read_text()) or {}
+    if raw.get("base"):  # a recipe that changes another: the base's values count too
+        values["base"] = recipe_values(recipe_path.parent / raw["base"])
     return values
 
 
@@ -260,8 +146,8 @@ def machine_description() -> str:
     return f"{cpu}, {gpu}, {platform.system()}, Python {platform.python_version()}, torch {torch.__version__}"
 
 
-def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Path:
-    """Copy a finished demo run's published figures into `root`/docs/demo/ (replacing the old ones)."""
+def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None, pub: Published = DEMO) -> Path:
+    """Copy a finished run of `pub`'s recipe into `root`/docs/<name>/ (replacing the old one)."""
     from btx.io.manifest import read_done
     from btx.run.pipeline import STAGE_NAMES
 
@@ -286,7 +172,7 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
         done = read_done(run_dir / rel)
         if done is not None and "steps" in done:
             jobs[name] = {k: done.get(k) for k in ("steps", "tokens", "train_flops", "wall_time_s")}
-    out = root / SNAPSHOT
+    out = root / pub.snapshot
     if out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True)
@@ -300,8 +186,8 @@ def snapshot(run_dir: Path, root: Path = ROOT, machine: str | None = None) -> Pa
         shutil.copyfile(png, out / png.name)
         figures.append({"file": png.name, "alt": f"demo eval: {png.stem.replace('_', ' ')}"})
     record = {
-        "recipe": RECIPE,
-        "recipe_values": recipe_values(root / RECIPE),
+        "recipe": pub.recipe,
+        "recipe_values": recipe_values(root / pub.recipe),
         "machine": machine or machine_description(),
         "finished_at": finished,
         "stages": stages,
@@ -360,7 +246,7 @@ def eval_table(data: dict) -> list[str]:
         cells.append(f"**{cell}**" if average == min(averages) else cell)
         flops, active = row.get("train_flops"), row.get("active_params")
         cells.append("-" if flops is None else f"{flops:.3g}")
-        cells.append("-" if active is None else _params(active))
+        cells.append("-" if active is None else params_text(active))
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -375,18 +261,18 @@ SPREAD_ROWS = (
 )
 
 
-def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
-    """Record the averages of a rerun of the demo with train.seed=`seed` (docs/demo/seed-N.json)."""
+def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT, pub: Published = DEMO) -> Path:
+    """Record the averages of a rerun of `pub`'s recipe with train.seed=`seed` (docs/<name>/seed-N.json)."""
     eval_json = RunDir(Path(run_dir)).eval / "eval.json"
     if not eval_json.is_file():
         raise Stale(f"{eval_json}: missing; snapshot-seed takes a run directory that `btx run` finished")
     rows = json.loads(eval_json.read_text())["rows"]
-    out = root / SNAPSHOT / f"seed-{seed}.json"
+    out = root / pub.snapshot / f"seed-{seed}.json"
     out.write_text(
         json.dumps(
             {
                 "train_seed": seed,
-                "recipe_values": recipe_values(root / RECIPE),
+                "recipe_values": recipe_values(root / pub.recipe),
                 "averages": {r["name"]: r["average"] for r in rows},
             },
             indent=2,
@@ -398,33 +284,41 @@ def snapshot_seed(run_dir: Path, seed: int, root: Path = ROOT) -> Path:
 
 
 def spread_lines(data: dict, spreads: list[dict]) -> list[str]:
-    """The seed-to-seed spread: each rerun's averages beside the snapshot's, and how far BTX's
-    margin over each baseline moved."""
+    """The seed-to-seed spread: each rerun's averages beside the snapshot's, and BTX's margin over
+    each baseline (the baseline's average minus BTX's: positive when BTX is lower) under both seeds."""
     base = {r["name"]: r["average"] for r in data["rows"]}
     out = []
     for other in spreads:
+        seed = other["train_seed"]
         names = [n for n in SPREAD_ROWS if n in base and n in other["averages"]]
-        moves = [
-            abs((other["averages"]["BTX"] - other["averages"][n]) - (base["BTX"] - base[n]))
-            for n in names
-            if n != "BTX"
-        ]
         out.append(
-            f"- Seed-to-seed: the same recipe with `train.seed={other['train_seed']}` (every job's init and "
-            "batches) gives "
+            f"- Seed-to-seed: the same recipe with `train.seed={seed}` (every job's init and batches) gives "
             + ", ".join(f"{_md(n)} {base[n]:.4f} → {other['averages'][n]:.4f}" for n in names)
-            + (f"; BTX's margin over each of these moved by at most {max(moves):.4f}." if moves else ".")
+            + "."
         )
+        margins = []
+        for n in names:
+            if n == "BTX":
+                continue
+            first, second = base[n] - base["BTX"], other["averages"][n] - other["averages"]["BTX"]
+            margins.append(f"{_md(n)} {first:+.4f} / {second:+.4f} (spread {abs(first - second):.4f})")
+        if margins:
+            out.append(
+                f"- BTX's margin over each (its average minus BTX's; positive: BTX is lower), seed 0 / seed {seed}: "
+                + "; ".join(margins)
+                + "."
+            )
     return out
 
 
-def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | None = None) -> list[str]:
-    """The README's demo block (without the markers), from a snapshot's eval.json and run.json."""
+def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | None = None, pub=DEMO) -> list[str]:
+    """`pub`'s README block (without the markers), from its snapshot's eval.json and run.json."""
     domains = list(data["domains"])
     rows = {r["name"]: r for r in data["rows"]}
     unit = "nats/token" + ("; the demo's tokens are bytes, so nats/token = nats/byte" if tokenizer == "byte" else "")
     out = [
-        f"<!-- generated by tools/published.py from {SNAPSHOT}/ (a real `btx run demo`): do not edit by hand -->",
+        f"<!-- generated by tools/published.py from {pub.snapshot}/ (a real `btx run {pub.name}`): "
+        "do not edit by hand -->",
         "",
         f"Validation loss of every model of the run ({unit}; lower is better, the best of each column in bold):",
         "",
@@ -451,7 +345,7 @@ def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | No
     )
     out += [f"  on {run['machine']}, finishing {run['finished_at'][:10]}.", ""]
     for figure in run.get("figures", []):
-        out += [f"![{figure['alt']}]({SNAPSHOT}/{figure['file']})", ""]
+        out += [f"![{figure['alt']}]({pub.snapshot}/{figure['file']})", ""]
     return out[:-1] if out[-1] == "" else out
 
 
@@ -472,7 +366,7 @@ def _replace_block(text: str, begin: str, end: str, lines: list[str], where: str
 
 
 def expected_files(root: Path = ROOT) -> dict[Path, str]:
-    """{file: its text with both blocks as their sources give them}."""
+    """{file: its text with every generated block as its sources give it}."""
     from btx.recipe.load import load_experiment
 
     recipe_path = root / RECIPE
@@ -482,44 +376,52 @@ def expected_files(root: Path = ROOT) -> dict[Path, str]:
             recipe_path.read_text(), RECIPE_BEGIN, RECIPE_END, arithmetic_comment(exp), str(recipe_path)
         )
     }
-    snap = root / SNAPSHOT
-    missing = [p for p in (snap / "eval.json", snap / "run.json") if not p.is_file()]
-    if missing:
-        raise Stale(f"{missing[0]}: missing; run the demo and `python tools/published.py snapshot checkpoints/demo`")
-    data = json.loads((snap / "eval.json").read_text())
-    run = json.loads((snap / "run.json").read_text())
     readme = root / README
-    spreads = [json.loads(p.read_text()) for p in sorted(snap.glob("seed-*.json"))]
-    out[readme] = _replace_block(
-        readme.read_text(),
-        README_BEGIN,
-        README_END,
-        readme_block(data, run, str(exp.recipe.tokenizer), spreads),
-        str(readme),
-    )
+    text = readme.read_text()
+    for pub in PUBLISHED.values():
+        snap = root / pub.snapshot
+        missing = [p for p in (snap / "eval.json", snap / "run.json") if not p.is_file()]
+        if missing:
+            raise Stale(
+                f"{missing[0]}: missing; run `btx run {pub.name}` and "
+                f"`python tools/published.py snapshot checkpoints/{pub.name} --recipe {pub.name}`"
+            )
+        data = json.loads((snap / "eval.json").read_text())
+        run = json.loads((snap / "run.json").read_text())
+        spreads = [json.loads(p.read_text()) for p in sorted(snap.glob("seed-*.json"))]
+        tokenizer = str(load_experiment(root / pub.recipe).recipe.tokenizer)
+        text = _replace_block(text, *pub.markers, readme_block(data, run, tokenizer, spreads, pub), str(readme))
+    out[readme] = text
     return out
 
 
-def snapshot_problems(root: Path = ROOT) -> list[str]:
-    """Why the snapshot in docs/demo/ does not describe a run of the recipe as it is now."""
+def snapshot_problems(root: Path = ROOT, pub: Published = DEMO) -> list[str]:
+    """Why `pub`'s snapshot (docs/<name>/) does not describe a run of its recipe as it is now."""
     from btx.recipe.load import load_experiment
 
-    snap = root / SNAPSHOT
+    snap = root / pub.snapshot
+    if not (snap / "run.json").is_file():
+        return []  # expected_files names it
     run = json.loads((snap / "run.json").read_text())
-    redo = "; run `btx run demo`, then `python tools/published.py snapshot checkpoints/demo`"
-    changed = _differences(run.get("recipe_values"), recipe_values(root / RECIPE))
+    redo = (
+        f"; run `btx run {pub.name}`, then "
+        f"`python tools/published.py snapshot checkpoints/{pub.name} --recipe {pub.name}`"
+    )
+    values = recipe_values(root / pub.recipe)
+    changed = _differences(run.get("recipe_values"), values)
     if changed:
         return [
-            f"{snap / 'run.json'}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])})" + redo
+            f"{snap / 'run.json'}: made from other recipe values than {pub.recipe}'s now ({'; '.join(changed[:3])})"
+            + redo
         ]
     for spread in sorted(snap.glob("seed-*.json")):
-        changed = _differences(json.loads(spread.read_text()).get("recipe_values"), recipe_values(root / RECIPE))
+        changed = _differences(json.loads(spread.read_text()).get("recipe_values"), values)
         if changed:
             return [
-                f"{spread}: made from other recipe values than {RECIPE}'s now ({'; '.join(changed[:3])}); rerun "
+                f"{spread}: made from other recipe values than {pub.recipe}'s now ({'; '.join(changed[:3])}); rerun "
                 "it, or remove it"
             ]
-    a = recipe_arithmetic(load_experiment(root / RECIPE))
+    a = recipe_arithmetic(load_experiment(root / pub.recipe))
     predicted = {"seed": a.seed, "finetune": a.finetune, **{f"expert:{d}": s for d, s in a.experts.items()}}
     problems = []
     for name, stage in predicted.items():
@@ -546,7 +448,7 @@ def snapshot_problems(root: Path = ROOT) -> list[str]:
 def check(root: Path = ROOT) -> list[str]:
     """Every way the published figures under `root` disagree with their sources (empty: all true)."""
     try:
-        problems = snapshot_problems(root) if (root / SNAPSHOT / "run.json").is_file() else []
+        problems = [p for pub in PUBLISHED.values() for p in snapshot_problems(root, pub)]
         for path, text in expected_files(root).items():
             if path.read_text() != text:
                 problems.append(
@@ -559,7 +461,7 @@ def check(root: Path = ROOT) -> list[str]:
 
 
 def render(root: Path = ROOT) -> list[Path]:
-    """Rewrite both blocks; returns the files that changed."""
+    """Rewrite every block; returns the files that changed."""
     changed = []
     for path, text in expected_files(root).items():
         if path.read_text() != text:
@@ -572,13 +474,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tools/published.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true", help="exit 1 when a published figure is stale (for CI)")
     sub = parser.add_subparsers(dest="command")
-    snap = sub.add_parser("snapshot", help="copy a finished demo run into docs/demo/, then render")
+    snap = sub.add_parser("snapshot", help="copy a finished run into docs/<recipe>/, then render")
     snap.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     snap.add_argument("--machine", default=None, help="the machine it ran on (default: this one, detected)")
-    seed = sub.add_parser("snapshot-seed", help="record a rerun's averages (train.seed=N) for the spread line")
+    seed = sub.add_parser("snapshot-seed", help="record a rerun's averages (train.seed=N) for the spread lines")
     seed.add_argument("run_dir", metavar="RUN_DIR", type=Path)
     seed.add_argument("--seed", type=int, required=True)
-    sub.add_parser("render", help="rewrite the README block and the recipe's arithmetic block")
+    for p in (snap, seed):
+        p.add_argument("--recipe", choices=sorted(PUBLISHED), default=DEMO.name, help="the recipe it ran (demo)")
+    sub.add_parser("render", help="rewrite the README blocks and the recipe's arithmetic block")
     args = parser.parse_args(argv)
     try:
         if args.check or args.command is None:
@@ -587,12 +491,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"published: {p}", file=sys.stderr)
             return 1 if problems else 0
         if args.command == "snapshot":
-            print(f"wrote {snapshot(args.run_dir, machine=args.machine)}")
+            print(f"wrote {snapshot(args.run_dir, machine=args.machine, pub=PUBLISHED[args.recipe])}")
         if args.command == "snapshot-seed":
-            print(f"wrote {snapshot_seed(args.run_dir, args.seed)}")
+            print(f"wrote {snapshot_seed(args.run_dir, args.seed, pub=PUBLISHED[args.recipe])}")
         for path in render():
             print(f"rewrote {path}")
-        problems = snapshot_problems() if (ROOT / SNAPSHOT / "run.json").is_file() else []
+        problems = [p for pub in PUBLISHED.values() for p in snapshot_problems(ROOT, pub)]
         for p in problems:  # e.g. a run made before the recipe's values were edited
             print(f"published: {p}", file=sys.stderr)
         return 1 if problems else 0
