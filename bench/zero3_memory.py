@@ -190,6 +190,11 @@ def losses(metrics: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
 
 
+def median_step_s(metrics: Path) -> float:
+    times = sorted(json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines())
+    return times[len(times) // 2]
+
+
 def max_weight_diff(a: Path, b: Path) -> float:
     """Largest |a - b| over every tensor of two checkpoints, one tensor at a time."""
     worst = 0.0
@@ -246,7 +251,8 @@ def main() -> None:
                 started = time.perf_counter()
                 peaks[stage] = run_ranks([*cmd, f"run_dir={run_dir}"], root / f"{job}-zero{stage}.log")
                 print(
-                    f"{job} ZeRO-{stage}: {time.perf_counter() - started:.0f} s, peak RSS per rank "
+                    f"{job} ZeRO-{stage}: {time.perf_counter() - started:.0f} s (median step "
+                    f"{median_step_s(metrics):.2f} s), peak RSS per rank "
                     + ", ".join(f"{p / 1e9:.2f} GB" for p in peaks[stage]),
                     flush=True,
                 )

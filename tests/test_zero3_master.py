@@ -13,6 +13,7 @@ import dataclasses
 import subprocess
 import sys
 import textwrap
+import weakref
 from pathlib import Path
 
 import pytest
@@ -77,8 +78,11 @@ def test_fp32_master_shares_the_module_partition_and_trains_bit_identically(monk
             losses += train(engine, range(4, 7))
             runs[shared] = losses, weights(engine)
             assert shares_fp32_master(opt) is shared  # DeepSpeed's steps kept the sharing
+            freed = weakref.ref(opt)
+            del opt
         finally:
             engine.close()
+        assert freed() is None  # closing frees the partitions and moments (DeepSpeed's module stack let go)
     assert runs[True][0] == runs[False][0]  # bit-identical, not approximately
     assert runs[True][0][-1] < runs[True][0][0]  # and it learned
     for name, expected in runs[False][1].items():

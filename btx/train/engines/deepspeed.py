@@ -80,7 +80,7 @@ from btx.train.engines.base import (
     mixed_precision,
 )
 from btx.train.engines.host_memory import keep_freed_memory_returned
-from btx.train.engines.zero3_master import share_fp32_master
+from btx.train.engines.zero3_master import release_zero3_references, share_fp32_master
 
 _live_engines = 0  # engines in this process that still need the process group (see `close`)
 _env_added: dict[str, str] = {}  # rendezvous variables btx set for a world of one (see `init_distributed`)
@@ -521,6 +521,7 @@ class DeepSpeedEngine:
         if getattr(self, "ds", None) is None:
             return  # closed already
         self.ds.destroy()
+        release_zero3_references(self.ds.module)  # else DeepSpeed's module-level state keeps the engine alive
         self.ds = self.optimizer = self.scheduler = None
         gc.collect()  # nothing of the engine may outlive the process group
         _live_engines -= 1

@@ -1,4 +1,5 @@
-"""ZeRO-3 in fp32: the optimizer's master partition shares the module's partition instead of copying it.
+"""ZeRO-3's host memory: in fp32 the optimizer's master partition shares the module's partition
+instead of copying it, and a closed engine leaves nothing behind.
 
 DeepSpeed's ZeRO-3 optimizer holds, per optimizer sub-group, the module's flat partition
 (`fp16_partitioned_groups_flat`, named for mixed precision, fp32 when training in fp32) and the
@@ -25,9 +26,20 @@ sub-group's master is an fp32 tensor on the module partition's device with its s
 it; otherwise nothing is changed (the stock copies stay: bf16, fp16, offload, another DeepSpeed)
 and the reason is returned. A DeepSpeed whose internals moved therefore costs memory, never
 correctness.
+
+`release_zero3_references` runs when an engine closes. DeepSpeed 0.19's ZeRO-3 keeps two references
+that `destroy` leaves: its module-level stack of running modules (`FWD_MODULE_STACK`) keeps the
+model, and an unbounded `functools.lru_cache` on a coordinator method (`__params_to_release`, keyed
+by the coordinator, a submodule and the step) keeps the coordinator and through it the parameters;
+either keeps the whole engine (partitions, gradients, moments) alive for the rest of the process,
+which for a process that runs several jobs (a pipeline, the tests) is that much more per job.
+Dropping the model from that stack and clearing that cache only forgets what a new forward computes
+again.
 """
 
 from __future__ import annotations
+
+import importlib
 
 import torch
 
@@ -75,3 +87,31 @@ def shares_fp32_master(zero_optimizer) -> bool:
     return bool(masters) and all(
         a is not None and a.data_ptr() == b.data_ptr() and a.numel() == b.numel() for a, b in zip(modules, masters)
     )
+
+
+def release_zero3_references(module: torch.nn.Module) -> None:
+    """Drop what DeepSpeed's ZeRO-3 keeps of a destroyed engine in module-level state (see the module doc)."""
+    offload = importlib.import_module("deepspeed.runtime.zero.parameter_offload")
+    stack = getattr(offload, "FWD_MODULE_STACK", None)
+    if isinstance(stack, list):
+        stack[:] = [m for m in stack if m is not module]
+    coordinator = importlib.import_module("deepspeed.runtime.zero.partitioned_param_coordinator")
+    for attribute in vars(getattr(coordinator, "PartitionedParameterCoordinator", object)).values():
+        for cache in _caches(attribute):
+            cache.cache_clear()
+
+
+def _caches(function, depth: int = 0):
+    """The functools caches a (possibly wrapped) function holds: itself, its __wrapped__, its closure."""
+    if depth > 3 or function is None:
+        return
+    if callable(getattr(function, "cache_clear", None)):
+        yield function
+    yield from _caches(getattr(function, "__wrapped__", None), depth + 1)
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            content = cell.cell_contents
+        except ValueError:  # an empty cell
+            continue
+        if callable(content):
+            yield from _caches(content, depth + 1)
