@@ -11,10 +11,26 @@ so that the model, its gradients and AdamW's state dominate memory and activatio
 
 Each rank is started by this script (the rendezvous variables torchrun would set), so
 `os.wait4` gives each rank's own peak resident set (ru_maxrss), which is what a machine must hold.
-Model state in fp32 with AdamW is 16 bytes per parameter at ZeRO-0 (weights, gradients, two
-moments) and 16/N at ZeRO-3 over N ranks, so with 2 ranks ZeRO-3 should need about half, plus
-what every process holds anyway (torch, DeepSpeed, the data). The target (issue 21): the dense
-job's ZeRO-3 peak is at most 0.6x its ZeRO-0 peak, and the losses agree within 1e-5.
+The target (issue 21): the dense job's ZeRO-3 peak is at most 0.6x its ZeRO-0 peak, and the
+losses agree within 1e-5.
+
+Where a rank's bytes are (P parameters, fp32, AdamW; measured phase by phase, docs/BENCHMARKS.md):
+- ZeRO-0 (DeepSpeed's engine): weights 4P, gradients 4P, moments 8P, and at the end of each
+  backward the all-reduce's flat copy of the gradients 4P: 20P at the peak.
+- ZeRO-3 over N ranks: the weights' partition, the gradients' partition and the moments, 16P / N,
+  plus what a backward holds for a while (the gathered layers, each parameter's full gradient until
+  it is reduced; the largest here are the 32000 x 1024 embedding and output matrices).
+Two things used to add to ZeRO-3 (0.86x dense, 0.83x MoE): DeepSpeed's fp32 master partition, an
+exact copy of the weights' partition in fp32 (4P / N), now shared with it
+(btx/train/engines/zero3_master.py); and glibc's heaps, which kept 1.75 GB of freed tensors
+resident per rank, now returned (btx/train/engines/host_memory.py).
+
+Measured (2 gloo ranks, 2-core CPU, default sizes, 3 steps of 1 x 64 tokens per rank):
+
+| job | params | ZeRO-0 | ZeRO-3 | ZeRO-3 / ZeRO-0 | max loss diff | max weight diff |
+|---|---|---|---|---|---|---|
+| dense | 220M | 5.01 GB / 5.04 GB | 2.71 GB / 2.71 GB | 0.54x | 4.8e-07 | 1.5e-06 |
+| moe | 219M | 5.45 GB / 5.44 GB | 2.59 GB / 2.59 GB | 0.47x | 9.5e-07 | 2.0e-06 |
 
 Printed: per-rank peak RSS in GB, the ZeRO-3 / ZeRO-0 ratio (of the larger rank), the largest
 loss difference over the steps, and the largest difference between the two exports' weights.

@@ -4,7 +4,7 @@ processes hand freed tensors back to the system (btx.train.engines.host_memory).
 A tiny btx Transformer trained under the DeepSpeed engine at ZeRO-3 in one process (a world of one,
 gloo): with the master shared, each fp32 master partition is a view of the module's partition; the
 losses, the exported weights and a save / resume cycle give exactly what the stock path (the master
-a separate copy) gives. bf16, and an untested DeepSpeed, keep the stock copies.
+a separate copy) gives, and a closed engine is freed. bf16, and an untested DeepSpeed, keep the stock copies.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import btx.train.engines.deepspeed as ds_engine
 from btx.model.config import ModelConfig
 from btx.model.transformer import Transformer
 from btx.recipe.schema import TrainSection
+from btx.train.checkpoint_export import zero_weights
 from btx.train.engines.zero3_master import share_fp32_master, shares_fp32_master
 
 pytest.importorskip("deepspeed")
@@ -74,7 +75,12 @@ def test_fp32_master_shares_the_module_partition_and_trains_bit_identically(monk
                     assert master.untyped_storage().data_ptr() == module.untyped_storage().data_ptr()
                     assert master.data_ptr() == module.data_ptr() and master.dtype == torch.float32
             losses = train(engine, range(1, 4))
+            at_step3 = weights(engine)
             engine.save(tmp_path / f"ckpt-{shared}", {"step": 3})
+            # `btx export` of the checkpoint (zero_to_fp32 over the saved master partitions) reads those weights
+            saved = zero_weights(tmp_path / f"ckpt-{shared}" / "deepspeed")
+            assert saved.keys() == at_step3.keys()
+            assert all(torch.equal(saved[name], at_step3[name]) for name in saved)
             losses += train(engine, range(4, 7))
             runs[shared] = losses, weights(engine)
             assert shares_fp32_master(opt) is shared  # DeepSpeed's steps kept the sharing
