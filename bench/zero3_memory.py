@@ -14,7 +14,7 @@ Each rank is started by this script (the rendezvous variables torchrun would set
 The target (issue 21): the dense job's ZeRO-3 peak is at most 0.6x its ZeRO-0 peak, and the
 losses agree within 1e-5.
 
-Where a rank's bytes are (P parameters, fp32, AdamW; measured phase by phase, docs/BENCHMARKS.md):
+Where a rank's bytes are (P parameters, fp32, AdamW; measured phase by phase with --phases, docs/BENCHMARKS.md):
 - ZeRO-0 (DeepSpeed's engine): weights 4P, gradients 4P, moments 8P, and at the end of each
   backward the all-reduce's flat copy of the gradients 4P: 20P at the peak.
 - ZeRO-3 over N ranks: the weights' partition, the gradients' partition and the moments, 16P / N,
@@ -38,6 +38,9 @@ loss difference over the steps, and the largest difference between the two expor
     flock /work/heavy.lock python bench/zero3_memory.py               # both jobs (~12 GB at peak)
     python bench/zero3_memory.py --jobs dense --steps 2 --seq-len 32
     python bench/zero3_memory.py --small                              # a quick check of the script
+    python bench/zero3_memory.py --jobs dense --phases                # where rank 0's memory goes
+
+(--phases walks the live objects at each phase, which takes time but no memory worth counting.)
 """
 
 from __future__ import annotations
@@ -168,9 +171,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(args: list[str], log: Path) -> list[int]:
-    """`python -m btx ARGS` on WORLD ranks; each rank's peak RSS in bytes."""
+def run_ranks(args: list[str], log: Path, phases: bool = False) -> list[int]:
+    """`python -m btx ARGS` on WORLD ranks; each rank's peak RSS in bytes. With `phases`, every rank
+    logs its memory phase by phase into LOG.phases.txt (bench/rss_phases/sitecustomize.py)."""
     port = str(free_port())
+    tracing = (
+        {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'bench' / 'rss_phases'}", "BTX_PHASE_TRACE": str(phase_log(log))}
+        if phases
+        else {}
+    )
     procs = []
     with open(log, "w") as out:
         for rank in range(WORLD):
@@ -184,6 +193,7 @@ def run_ranks(args: list[str], log: Path) -> list[int]:
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(WORLD),
                 "LOCAL_WORLD_SIZE": str(WORLD),
+                **tracing,
             }
             procs.append(
                 subprocess.Popen(
@@ -200,6 +210,10 @@ def run_ranks(args: list[str], log: Path) -> list[int]:
     if failed:
         sys.exit(f"{' '.join(args[:2])} failed (exit {failed}); see {log}:\n{log.read_text()[-3000:]}")
     return peaks
+
+
+def phase_log(log: Path) -> Path:
+    return log.with_suffix(".phases.txt")
 
 
 def losses(metrics: Path) -> list[float]:
@@ -232,6 +246,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="tiny models: checks the script, measures nothing")
     parser.add_argument("--keep", help="work in this directory and keep it")
+    parser.add_argument(
+        "--phases", action="store_true", help="print rank 0's memory phase by phase (RSS, live tensors, heaps)"
+    )
     args = parser.parse_args()
     jobs = [j for j in args.jobs.split(",") if j]
 
@@ -265,7 +282,10 @@ def main() -> None:
                     cmd = ["finetune", str(path), "--model", str(root / "moe"), f"finetune.zero_stage={stage}"]
                     metrics, export = run_dir / "finetune-train" / "metrics.jsonl", run_dir / "finetuned"
                 started = time.perf_counter()
-                peaks[stage] = run_ranks([*cmd, f"run_dir={run_dir}"], root / f"{job}-zero{stage}.log")
+                log = root / f"{job}-zero{stage}.log"
+                peaks[stage] = run_ranks([*cmd, f"run_dir={run_dir}"], log, args.phases)
+                if args.phases:
+                    print("".join(line for line in phase_log(log).open() if line.startswith("rank0")), end="")
                 print(
                     f"{job} ZeRO-{stage}: {time.perf_counter() - started:.0f} s (median step "
                     f"{median_step_s(metrics):.2f} s), peak RSS per rank "
