@@ -11,10 +11,26 @@ so that the model, its gradients and AdamW's state dominate memory and activatio
 
 Each rank is started by this script (the rendezvous variables torchrun would set), so
 `os.wait4` gives each rank's own peak resident set (ru_maxrss), which is what a machine must hold.
-Model state in fp32 with AdamW is 16 bytes per parameter at ZeRO-0 (weights, gradients, two
-moments) and 16/N at ZeRO-3 over N ranks, so with 2 ranks ZeRO-3 should need about half, plus
-what every process holds anyway (torch, DeepSpeed, the data). The target (issue 21): the dense
-job's ZeRO-3 peak is at most 0.6x its ZeRO-0 peak, and the losses agree within 1e-5.
+The target (issue 21): the dense job's ZeRO-3 peak is at most 0.6x its ZeRO-0 peak, and the
+losses agree within 1e-5.
+
+Where a rank's bytes are (P parameters, fp32, AdamW; measured phase by phase with --phases, docs/BENCHMARKS.md):
+- ZeRO-0 (DeepSpeed's engine): weights 4P, gradients 4P, moments 8P, and at the end of each
+  backward the all-reduce's flat copy of the gradients 4P: 20P at the peak.
+- ZeRO-3 over N ranks: the weights' partition, the gradients' partition and the moments, 16P / N,
+  plus what a backward holds for a while (the gathered layers, each parameter's full gradient until
+  it is reduced; the largest here are the 32000 x 1024 embedding and output matrices).
+Two things used to add to ZeRO-3 (0.86x dense, 0.83x MoE): DeepSpeed's fp32 master partition, an
+exact copy of the weights' partition in fp32 (4P / N), now shared with it
+(btx/train/engines/zero3_master.py); and glibc's heaps, which kept 1.75 GB of freed tensors
+resident per rank, now returned (btx/train/engines/host_memory.py).
+
+Measured (2 gloo ranks, 2-core CPU, default sizes, 3 steps of 1 x 64 tokens per rank):
+
+| job | params | ZeRO-0 | ZeRO-3 | ZeRO-3 / ZeRO-0 | max loss diff | max weight diff |
+|---|---|---|---|---|---|---|
+| dense | 220M | 5.01 GB / 5.04 GB | 2.71 GB / 2.71 GB | 0.54x | 4.8e-07 | 1.5e-06 |
+| moe | 219M | 5.45 GB / 5.44 GB | 2.59 GB / 2.59 GB | 0.47x | 9.5e-07 | 2.0e-06 |
 
 Printed: per-rank peak RSS in GB, the ZeRO-3 / ZeRO-0 ratio (of the larger rank), the largest
 loss difference over the steps, and the largest difference between the two exports' weights.
@@ -22,6 +38,9 @@ loss difference over the steps, and the largest difference between the two expor
     flock /work/heavy.lock python bench/zero3_memory.py               # both jobs (~12 GB at peak)
     python bench/zero3_memory.py --jobs dense --steps 2 --seq-len 32
     python bench/zero3_memory.py --small                              # a quick check of the script
+    python bench/zero3_memory.py --jobs dense --phases                # where rank 0's memory goes
+
+(--phases walks the live objects at each phase, which takes time but no memory worth counting.)
 """
 
 from __future__ import annotations
@@ -152,9 +171,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(args: list[str], log: Path) -> list[int]:
-    """`python -m btx ARGS` on WORLD ranks; each rank's peak RSS in bytes."""
+def run_ranks(args: list[str], log: Path, phases: bool = False) -> list[int]:
+    """`python -m btx ARGS` on WORLD ranks; each rank's peak RSS in bytes. With `phases`, every rank
+    logs its memory phase by phase into LOG.phases.txt (bench/rss_phases/sitecustomize.py)."""
     port = str(free_port())
+    tracing = (
+        {"PYTHONPATH": f"{REPO}{os.pathsep}{REPO / 'bench' / 'rss_phases'}", "BTX_PHASE_TRACE": str(phase_log(log))}
+        if phases
+        else {}
+    )
     procs = []
     with open(log, "w") as out:
         for rank in range(WORLD):
@@ -168,6 +193,7 @@ def run_ranks(args: list[str], log: Path) -> list[int]:
                 "LOCAL_RANK": str(rank),
                 "WORLD_SIZE": str(WORLD),
                 "LOCAL_WORLD_SIZE": str(WORLD),
+                **tracing,
             }
             procs.append(
                 subprocess.Popen(
@@ -186,8 +212,17 @@ def run_ranks(args: list[str], log: Path) -> list[int]:
     return peaks
 
 
+def phase_log(log: Path) -> Path:
+    return log.with_suffix(".phases.txt")
+
+
 def losses(metrics: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in metrics.read_text().splitlines()]
+
+
+def median_step_s(metrics: Path) -> float:
+    times = sorted(json.loads(line)["step_time_s"] for line in metrics.read_text().splitlines())
+    return times[len(times) // 2]
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
@@ -211,6 +246,9 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--small", action="store_true", help="tiny models: checks the script, measures nothing")
     parser.add_argument("--keep", help="work in this directory and keep it")
+    parser.add_argument(
+        "--phases", action="store_true", help="print rank 0's memory phase by phase (RSS, live tensors, heaps)"
+    )
     args = parser.parse_args()
     jobs = [j for j in args.jobs.split(",") if j]
 
@@ -244,9 +282,13 @@ def main() -> None:
                     cmd = ["finetune", str(path), "--model", str(root / "moe"), f"finetune.zero_stage={stage}"]
                     metrics, export = run_dir / "finetune-train" / "metrics.jsonl", run_dir / "finetuned"
                 started = time.perf_counter()
-                peaks[stage] = run_ranks([*cmd, f"run_dir={run_dir}"], root / f"{job}-zero{stage}.log")
+                log = root / f"{job}-zero{stage}.log"
+                peaks[stage] = run_ranks([*cmd, f"run_dir={run_dir}"], log, args.phases)
+                if args.phases:
+                    print("".join(line for line in phase_log(log).open() if line.startswith("rank0")), end="")
                 print(
-                    f"{job} ZeRO-{stage}: {time.perf_counter() - started:.0f} s, peak RSS per rank "
+                    f"{job} ZeRO-{stage}: {time.perf_counter() - started:.0f} s (median step "
+                    f"{median_step_s(metrics):.2f} s), peak RSS per rank "
                     + ", ".join(f"{p / 1e9:.2f} GB" for p in peaks[stage]),
                     flush=True,
                 )

@@ -127,6 +127,8 @@ def test_memory_arithmetic_on_a_tiny_config_by_hand():
     assert state_bytes(counts, zero_stage=3, **{**bf16, "offload": True}) == (106, 106, 0, 424 + 512)
     fp32 = dict(engine="deepspeed", precision="fp32", world=1, offload=False)
     assert state_bytes(counts, zero_stage=0, **fp32) == (848, 848, 1696, 848)  # no master copy at ZeRO-0 fp32
+    assert state_bytes(counts, zero_stage=3, **fp32) == (848, 848, 1696, 848 + 848)  # ZeRO-3 fp32: shared master
+    assert state_bytes(counts, zero_stage=1, **fp32) == (848, 848, 2544, 848 + 848)  # ZeRO-1 fp32: a master copy
     # activations, fp32, 1 x 3 tokens: per layer and token norms 2 x 48, attention 72, FFN 96 = 264;
     # loss (16 x 10 + the final norm's 48) per token
     acts = activation_bytes(TINY, batch=1, seq=3, act_bytes=4, residual_bytes=4, checkpointing="none")

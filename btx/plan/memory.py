@@ -7,11 +7,12 @@ al. 2020), as btx's engines lay them out (btx/train/engines/):
   (bf16 is autocast of the forward), fp32 gradients 4 Psi_t, AdamW moments 8 Psi_t. With N > 1 DDP
   keeps its own gradient buckets (4 Psi_t). Under bf16 autocast the bf16 copies of the weights are
   held from forward to backward (2 Psi).
-- deepspeed: weights in the run's dtype p (bf16: 2, fp32: 4); fp32 master copy (4; none at ZeRO-0
-  fp32) and AdamW moments (8) per trained parameter; gradients in dtype p; the fp32 gradient of the
-  rank's partition when the optimizer steps (4 Psi_t / N, Psi_t at ZeRO-0 bf16); the gradients
-  flattened into reduce buckets of up to 5e8 elements (reduce_bucket_size) for the all-reduce, at
-  every stage (at ZeRO-0 the engine's buffered all-reduce copies them, even at N = 1).
+- deepspeed: weights in the run's dtype p (bf16: 2, fp32: 4); fp32 master copy (4; none in fp32 at
+  ZeRO-0, and at ZeRO-3 where btx.train.engines.zero3_master shares it with the weights) and AdamW
+  moments (8) per trained parameter; gradients in dtype p; the fp32 gradient of the rank's partition
+  when the optimizer steps (4 Psi_t / N, Psi_t at ZeRO-0 bf16); the gradients flattened into reduce
+  buckets of up to 5e8 elements (reduce_bucket_size) for the all-reduce, at every stage (at ZeRO-0
+  the engine's buffered all-reduce copies them, even at N = 1).
     stage 0: p Psi + p Psi_t + (master + 8) Psi_t
     stage 1: the master and moments are sharded: / N
     stage 2: the gradients too
@@ -114,7 +115,7 @@ def state_bytes(
         return 4 * psi, 4 * psi_t, 8 * psi_t, buffers
     p = 4 if precision == "fp32" else 2
     stage = zero_stage or 0
-    master = 0 if (stage == 0 and p == 4) else 4
+    master = 0 if (stage in (0, 3) and p == 4) else 4  # fp32: ZeRO-0 has none, ZeRO-3's shares the weights
     bucket = p * min(DS_BUCKET, psi_t)
     if stage == 0:  # the engine's all-reduce flattens the gradients into buckets (a copy), even at N = 1
         params, grads, optim = p * psi, p * psi_t, (master + 8) * psi_t

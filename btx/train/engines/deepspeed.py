@@ -32,6 +32,9 @@ Why it looks the way it does
 - Every ZeRO-3 job, dense or MoE, builds its model sharded (`build_sharded_model`:
   `deepspeed.zero.Init`, then filled from the checkpoint, or with the from-scratch init, one
   parameter at a time), so no rank ever holds the whole model.
+- Memory at ZeRO-3 in fp32: the optimizer's master partition shares the module's instead of
+  DeepSpeed's copy of it (btx.train.engines.zero3_master). On the CPU, a ZeRO-3 job's freed tensors
+  of 1 MiB or more leave the process (btx.train.engines.host_memory): glibc would keep them resident.
 - Export: `exported_weights` takes each trained parameter from the optimizer's fp32 master copy
   (the bf16 module only holds its rounding), gathered one layer at a time as the main rank's
   writer asks for it, so that the export streams to disk without a whole copy on any rank.
@@ -76,6 +79,8 @@ from btx.train.engines.base import (
     make_scheduler,
     mixed_precision,
 )
+from btx.train.engines.host_memory import keep_freed_memory_returned
+from btx.train.engines.zero3_master import release_zero3_references, share_fp32_master
 
 _live_engines = 0  # engines in this process that still need the process group (see `close`)
 _env_added: dict[str, str] = {}  # rendezvous variables btx set for a world of one (see `init_distributed`)
@@ -241,6 +246,11 @@ def build_sharded_model(job, *, offload_optimizer: bool = False):
 
     import deepspeed
 
+    if not on_gpu():
+        # Freed tensors leave the resident set (btx.train.engines.host_memory). Only ZeRO-3 jobs,
+        # which allocate and free gathered layers and full gradients all the time: elsewhere the
+        # page faults of each new large tensor would cost time for no memory that matters.
+        keep_freed_memory_returned()
     init_distributed()
     writer = dist.get_rank() == 0
     with contextlib.ExitStack() as stack:
@@ -342,6 +352,13 @@ class DeepSpeedEngine:
             dist_init_required=False,
         )
         self.device = self.ds.device
+        # In fp32 the ZeRO-3 master partition would be a copy of the module's (btx.train.engines.zero3_master).
+        self.master_not_shared = share_fp32_master(self.ds.optimizer) if zero_stage == 3 else "not ZeRO-3"
+        if zero_stage == 3 and self.precision == "fp32" and not offload_optimizer and self.master_not_shared:
+            if self.is_main:
+                Console(stderr=True).print(
+                    f"[yellow]ZeRO-3: the fp32 master weights stay a copy ({self.master_not_shared})[/]", soft_wrap=True
+                )
         if zero_stage == 0 and self.world_size == 1:
             # A world of one has nothing to all-reduce; DeepSpeed would still flatten every
             # gradient into buckets and copy it back after a no-op collective.
@@ -507,6 +524,7 @@ class DeepSpeedEngine:
         if getattr(self, "ds", None) is None:
             return  # closed already
         self.ds.destroy()
+        release_zero3_references(self.ds.module)  # else DeepSpeed's module-level state keeps the engine alive
         self.ds = self.optimizer = self.scheduler = None
         gc.collect()  # nothing of the engine may outlive the process group
         _live_engines -= 1
