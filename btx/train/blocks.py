@@ -1,10 +1,11 @@
 """Per-block training transforms: activation checkpointing and regional torch.compile.
 
     apply_block_settings(model, settings)   # settings: a TrainSection; before the engine wraps the model
+    cross_entropy = cross_entropy_for(settings)   # the loss's (btx.train.loop.loss_terms)
 
 Applied from outside the model, block by block (torchtitan's way): btx.model knows nothing of
-training. Both transforms patch attributes of each block *instance* (`forward`, `attend`) or
-compile it in place (`nn.Module.compile`), so no wrapper module enters the tree: parameter names,
+training. Both transforms patch attributes of each block *instance* (`forward`, `attend`; the
+compiled forward is `torch.compile` of the block's own), so no wrapper module enters the tree: parameter names,
 state dicts, checkpoints and exports are exactly those of the plain model, on either engine
 (accelerate or DeepSpeed, ZeRO-3 included, whose hooks sit on the submodules).
 
@@ -25,11 +26,14 @@ Recomputation restores the RNG state (sample_top1's Gumbel noise draws the same 
 gradients are those of the plain model (tests/test_blocks.py).
 
 torch.compile (`train.compile`): each block is compiled on its own (one graph reused by every
-layer of the same shape: short compile times). The MoE's expert loop stays eager by design
-(btx.model.moe `_run_sorted`: shapes that depend on the routing); docs/RECIPES.md lists the graph
-breaks that remain. With `full`, the checkpoint wraps the compiled block (a checkpointed region
-that dynamo traces may hold no graph break, and the MoE block has one); with `selective`, the
-compiled block holds the checkpointed attention (no graph break in it).
+layer of the same shape: short compile times), traced with dynamo's nested graph breaks. The MoE's
+expert loop stays eager by design (btx.model.moe `_run_sorted`: shapes that depend on the
+routing), so an MoE block runs as the graph before it and the graph after it; docs/RECIPES.md
+lists the graph breaks that remain. With `full`, the checkpoint wraps the compiled block (a
+checkpointed region that dynamo traces may hold no graph break, and the MoE block has one); with
+`selective`, the compiled block holds the checkpointed attention (no graph break in it).
+The loss's cross-entropy is compiled too (`cross_entropy_for`): `one_hot_cross_entropy`, the
+reference `token_cross_entropy` in a form inductor fuses into one pass each way.
 ZeRO-3 with compile is refused (one line): DeepSpeed's parameter-gathering hooks run inside each
 block and dynamo cannot trace them; ZeRO 0-2 and accelerate compile.
 """
