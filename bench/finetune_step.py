@@ -61,10 +61,11 @@ def settings() -> SimpleNamespace:
     )
 
 
-def seed_and_moe() -> tuple[Transformer, Transformer]:
-    dense = Transformer(SEED)
+def seed_and_moe(seed: ModelConfig = SEED) -> tuple[Transformer, Transformer]:
+    """The dense `seed` and its 4-expert top-2 upcycled MoE (experts = its FFN + noise, random routers)."""
+    dense = Transformer(seed)
     dense.init_weights(generator=torch.Generator().manual_seed(0))
-    moe = Transformer(MOE)
+    moe = Transformer(dataclasses.replace(seed, n_experts=4, top_k=2))
     moe.init_weights(generator=torch.Generator().manual_seed(1))  # routers: random normal(0, 0.02)
     state = dense.state_dict()
     with torch.no_grad():

@@ -78,8 +78,8 @@ class TrainSection:
     # recomputed, the FFN or MoE dispatch keeps its activations: a smaller saving for less
     # recomputation; docs/RECIPES.md has measurements). Same losses and gradients; memory for time.
     activation_checkpointing: str = "none"
-    # torch.compile each transformer block on its own (regional, as torchtitan does); the eager
-    # model is the reference. The first steps are slower (compiling), later ones faster.
+    # torch.compile each transformer block on its own (regional, as torchtitan does) and the loss's
+    # cross-entropy; the eager model is the reference. Each job's first step is slower (compiling).
     compile: bool = False
     # Where every metrics.jsonl record also goes (main rank only): any of tensorboard (event files in
     # the job's tensorboard/) and wandb (its run in the job's wandb/; WANDB_MODE=offline logs without

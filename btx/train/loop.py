@@ -99,7 +99,7 @@ from btx.model.flops import train_flops_per_token
 from btx.model.trainable import set_trainable
 from btx.model.transformer import Transformer
 from btx.recipe.load import load_experiment
-from btx.train.blocks import apply_block_settings
+from btx.train.blocks import apply_block_settings, cross_entropy_for, token_cross_entropy
 from btx.train.checkpoint import (
     checkpoints,
     discard_outputs,
@@ -126,10 +126,16 @@ from btx.train.loggers import check_loggers, open_loggers
 from btx.train.metrics import PEAK_ENV, MetricsLog, _Progress, peak_flops
 
 
-def loss_terms(output: ModelOutput, targets: torch.Tensor, balance_alpha: float, z_loss_coef: float):
-    """(total, nll, balance, z): total = NLL + alpha * balance + z_coef * z; NLL in fp32, mean per token."""
-    logits = output.logits
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+def loss_terms(
+    output: ModelOutput,
+    targets: torch.Tensor,
+    balance_alpha: float,
+    z_loss_coef: float,
+    cross_entropy: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = token_cross_entropy,
+):
+    """(total, nll, balance, z): total = NLL + alpha * balance + z_coef * z; NLL in fp32, mean per
+    token, by `cross_entropy` (btx.train.blocks.cross_entropy_for: compiled with train.compile)."""
+    nll = cross_entropy(output.logits, targets)
     total = nll
     if balance_alpha:
         total = total + balance_alpha * output.balance_loss
@@ -333,6 +339,7 @@ def _train(
     kill_at, kill_signal = _kill_hook()
     loggers = open_loggers(job, state["step"], main=engine.is_main)  # train.loggers: tensorboard, wandb
 
+    cross_entropy = cross_entropy_for(s)  # compiled with train.compile
     with progress, loggers:
         for step in range(state["step"] + 1, s.steps + 1):
             started = time.perf_counter()
@@ -350,7 +357,7 @@ def _train(
                 # Off, the call is the model's plain forward, exactly as without the setting.
                 masking = () if eos_id is None else (document_ids(inputs, eos_id),)
                 output = engine.model(inputs, *masking)
-                terms = loss_terms(output, targets, job.balance_alpha, job.z_loss_coef)
+                terms = loss_terms(output, targets, job.balance_alpha, job.z_loss_coef, cross_entropy)
                 engine.backward(terms[0])
                 sums[:4] += torch.stack([t.detach().double() for t in terms])
             grad_norm = engine.step()
