@@ -33,7 +33,6 @@ import dataclasses
 import glob
 import math
 import os
-import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -44,7 +43,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from btx.choices import GENERAL_DOMAIN
 from btx.data.readers import HF_PREFIX
 from btx.data.tokenizer import ByteTokenizer
-from btx.errors import BtxError, first_line, missing_checkpoint, note_renamed
+from btx.errors import BtxError, first_line, missing_checkpoint
 from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
 from btx.recipe.check import (
     GLOB_CHARS,
@@ -57,6 +56,7 @@ from btx.recipe.check import (
 from btx.recipe.domain_schema import DataSection, DomainRecipe
 from btx.recipe.experiment import Domain, Experiment, Source, to_plain
 from btx.recipe.schema import ExperimentRecipe, TrainSection
+from btx.recipe.typecheck import describe, is_interpolation, rename_old_keys, typecheck
 from btx.units import machine_memory, oversize
 
 
@@ -236,8 +236,8 @@ def load_domain(
     overrides = list(overrides or [])
     label = _label(path, overrides)
     raw = _read_yaml(path)
-    _rename_old_keys(raw, DomainRecipe, str(path))
-    _typecheck(raw, DomainRecipe, str(path), "")
+    rename_old_keys(raw, DomainRecipe, str(path))
+    typecheck(raw, DomainRecipe, str(path), "")
     _resolve_sources(raw, path.parent)
     override_dicts = _parse_overrides(overrides, DomainRecipe, str(path))
     for od in override_dicts:
@@ -268,8 +268,8 @@ def _experiment_raw(path: Path, chain: tuple) -> dict:
     the base's base): a recipe names only what it changes. Mappings merge key by key, as overrides
     do; each file's paths are relative to that file."""
     raw = _read_yaml(path)
-    _rename_old_keys(raw, ExperimentRecipe, str(path))
-    _typecheck(raw, ExperimentRecipe, str(path), "")
+    rename_old_keys(raw, ExperimentRecipe, str(path))
+    typecheck(raw, ExperimentRecipe, str(path), "")
     _resolve_paths(raw, _EXPERIMENT_PATHS, path.parent)
     base = raw.pop("base", None)
     if base is None:
@@ -348,122 +348,10 @@ def _parse_overrides(overrides: List[str], schema: type, path: str) -> List[dict
             d = OmegaConf.to_container(OmegaConf.from_dotlist([item]), resolve=False)
         except (OmegaConfBaseException, yaml.YAMLError, ValueError) as e:
             raise BtxError(f"{label}: cannot parse ({first_line(e)})") from None
-        _rename_old_keys(d, schema, label)
-        _typecheck(d, schema, label, "")
+        rename_old_keys(d, schema, label)
+        typecheck(d, schema, label, "")
         out.append(d)
     return out
-
-
-def _is_interpolation(value: Any) -> bool:
-    return isinstance(value, str) and "${" in value
-
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}" if value is not None else "null"
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or null"
-    if origin in (dict, Dict):
-        return "a mapping"
-    if origin in (list, List):
-        return "a list"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
-
-
-def _typecheck(value: Any, tp: Any, label: str, key: str, partial: Optional[type] = None) -> None:
-    """Check a plain YAML value against a schema type; unknown keys and wrong types are errors."""
-    if _is_interpolation(value) or tp is Any:
-        return
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    fail = lambda msg: _raise(label, key, msg)  # noqa: E731
-
-    if partial is not None:  # a Dict[str, Any] that overrides some keys of `partial`
-        if not isinstance(value, dict):
-            fail(f"expected a mapping of {partial.__name__} keys, got {_describe(value)}")
-        _typecheck_fields(value, partial, label, key)
-        return
-    if origin is typing.Union:
-        if value is None and type(None) in args:
-            return
-        inner = [a for a in args if a is not type(None)]
-        if value is None:
-            fail(f"expected {_type_name(tp)}, got null")
-        _typecheck(value, inner[0], label, key)
-        return
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            fail(f"expected a mapping, got {_describe(value)}")
-        _typecheck_fields(value, tp, label, key)
-        return
-    if origin in (dict, Dict):
-        if not isinstance(value, dict):
-            fail(f"expected a mapping, got {_describe(value)}")
-        for k, v in value.items():
-            if not isinstance(k, str):
-                _raise(label, join_key(key, str(k)), f"keys must be strings, got {_describe(k)} (quote it)")
-            _typecheck(v, args[1] if args else Any, label, join_key(key, k))
-        return
-    if origin in (list, List):
-        if not isinstance(value, list):
-            fail(f"expected a list, got {_describe(value)}")
-        for i, v in enumerate(value):
-            _typecheck(v, args[0] if args else Any, label, f"{key}[{i}]")
-        return
-    if value is None:
-        fail(f"expected {_type_name(tp)}, got null")
-    if tp is bool:
-        ok = isinstance(value, bool)
-    elif tp is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif tp is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif tp is str:
-        ok = isinstance(value, str)
-        if not ok and isinstance(value, (int, float)) and not isinstance(value, bool):
-            fail(f"expected a string, got {_describe(value)} (quote the value)")
-    else:
-        ok = True
-    if not ok:
-        fail(f"expected {_type_name(tp)}, got {_describe(value)}")
-
-
-def _typecheck_fields(value: dict, schema: type, label: str, key: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    hints = typing.get_type_hints(schema)
-    for k, v in value.items():
-        if k not in fields:
-            moved = getattr(schema, "MOVED_KEYS", {}).get(k)
-            if moved is not None:
-                _raise(label, join_key(key, str(k)), f"not a key of this section: it is {moved}")
-            _raise(label, join_key(key, str(k)), f"unknown key{suggest(str(k), fields)}")
-        _typecheck(v, hints[k], label, join_key(key, k), partial=fields[k].metadata.get("partial"))
-
-
-def _rename_old_keys(value: Any, schema: Any, label: str, key: str = "") -> None:
-    """A key given by its setting's old name (btx.recipe.settings.setting(renamed=...)) takes the
-    new name, with a one-line note; both names at once is an error."""
-    schema = next((t for t in (schema, *typing.get_args(schema)) if dataclasses.is_dataclass(t)), None)
-    if schema is None or not isinstance(value, dict):
-        return
-    hints = typing.get_type_hints(schema)
-    for f in dataclasses.fields(schema):
-        old, new = f.metadata.get("renamed"), join_key(key, f.name)
-        if old is not None and old in value:
-            if f.name in value:
-                _raise(label, join_key(key, old), f"the old name of {new}, which is given too: give {new} only")
-            note_renamed(join_key(key, old), new)
-            value[f.name] = value.pop(old)
-        _rename_old_keys(value.get(f.name), hints[f.name], label, new)
-
-
-def _raise(label: str, key: str, msg: str) -> typing.NoReturn:
-    raise BtxError(f"{label}: {key}: {msg}" if key else f"{label}: {msg}")
 
 
 def _build(schema: type, raw: dict, label: str, overrides: List[str]):
@@ -480,7 +368,7 @@ def _build(schema: type, raw: dict, label: str, overrides: List[str]):
         Checker(label, origins=_origins(overrides)).fail(str(getattr(e, "full_key", None) or ""), first_line(e))
     # Interpolated values are converted by OmegaConf after our type check; check them again here.
     plain = to_plain(obj)
-    _typecheck(plain, schema, label, "")
+    typecheck(plain, schema, label, "")
     _check_finite(plain, Checker(label, origins=_origins(overrides)), "")
     return obj
 
@@ -507,7 +395,7 @@ def _deep_merge(base: dict, new: dict) -> None:
 
 
 def _abs(value: Any, root: Path) -> Any:
-    if not isinstance(value, str) or _is_interpolation(value):
+    if not isinstance(value, str) or is_interpolation(value):
         return value
     p = Path(value).expanduser()
     return str(p if p.is_absolute() else (root / p).absolute())
@@ -547,12 +435,12 @@ def _source(spec: Any, data: DataSection, c: Checker, i: int, inputs_exist: bool
     if isinstance(spec, str):
         spec = {"path": spec}
     if not isinstance(spec, dict):
-        c.fail(key, f"expected a path or a mapping {{path, glob, text_field}}, got {_describe(spec)}")
+        c.fail(key, f"expected a path or a mapping {{path, glob, text_field}}, got {describe(spec)}")
     for k, v in spec.items():
         if k not in _SOURCE_KEYS:
             c.fail(f"{key}.{k}", f"unknown key{suggest(str(k), _SOURCE_KEYS)}")
         if not isinstance(v, str):
-            c.fail(f"{key}.{k}", f"expected a string, got {_describe(v)}")
+            c.fail(f"{key}.{k}", f"expected a string, got {describe(v)}")
     if "path" not in spec:
         c.fail(key, "missing path")
     path = Path(spec["path"])
