@@ -74,21 +74,21 @@ def write_text(path: Path, n_docs: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
+# --small: both seeds at a size that runs in seconds (a check of the script, not a measurement).
+SMALL_MODEL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    intermediate_size=128,
+    vocab_size=512,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
+
+
 def write_dense_seed(out: Path, small: bool) -> int:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    size = (
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            intermediate_size=128,
-            vocab_size=512,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-        if small
-        else {}
-    )
+    size = SMALL_MODEL if small else {}
     config = LlamaConfig(
         **{
             "hidden_size": 1024,
@@ -111,18 +111,7 @@ def write_dense_seed(out: Path, small: bool) -> int:
 def write_moe(out: Path, small: bool) -> int:
     from transformers import MixtralConfig, MixtralForCausalLM
 
-    size = (
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            intermediate_size=128,
-            vocab_size=512,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        )
-        if small
-        else {}
-    )
+    size = SMALL_MODEL if small else {}
     config = MixtralConfig(
         **{
             "hidden_size": 768,

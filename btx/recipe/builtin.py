@@ -31,6 +31,11 @@ def resolve_recipe(spec: str | os.PathLike) -> Path:
     return shipped if shipped.is_file() else path
 
 
+def builtin_recipe_names() -> list[str]:
+    """The names of the recipes btx ships, sorted (`demo`, `llama2-7b`, ...)."""
+    return sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+
+
 def builtin_recipes() -> Dict[str, str]:
     """{name: first line of its description} for every recipe btx ships."""
     out = {}
@@ -49,7 +54,7 @@ def builtin_recipe(name: str) -> Path:
     """`builtin_recipe("demo")` -> the demo's experiment recipe (recipes/demo/btx.yaml)."""
     path = builtin_recipes_dir() / name / "btx.yaml"
     if not path.is_file():
-        available = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+        available = builtin_recipe_names()
         raise BtxError(
             f"{name}: no built-in recipe of that name (available: {', '.join(available) or 'none'})"
             + suggest(name, available)

@@ -44,7 +44,7 @@ from btx.choices import GENERAL_DOMAIN
 from btx.data.readers import HF_PREFIX
 from btx.data.tokenizer import ByteTokenizer
 from btx.errors import BtxError, first_line, missing_checkpoint
-from btx.recipe.builtin import builtin_recipes_dir, resolve_recipe
+from btx.recipe.builtin import builtin_recipe_names, resolve_recipe
 from btx.recipe.check import (
     GLOB_CHARS,
     RESERVED_DOMAIN_PREFIXES,
@@ -277,7 +277,7 @@ def _experiment_raw(path: Path, chain: tuple) -> dict:
     beside = Path(_abs(base, path.parent))
     base_path = beside if beside.is_file() else resolve_recipe(base)
     if not base_path.is_file():
-        names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+        names = builtin_recipe_names()
         raise BtxError(
             f"{path}: base: {base}: no such recipe (a path relative to this file, or a built-in "
             f"recipe: {', '.join(names)}{suggest(base, names)})"
@@ -312,7 +312,7 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         hint = ""
         if os.sep not in str(path) and path.suffix not in (".yaml", ".yml"):
-            names = sorted(p.parent.name for p in builtin_recipes_dir().glob("*/btx.yaml"))
+            names = builtin_recipe_names()
             hint = f" and no built-in recipe of that name (built-in: {', '.join(names)}{suggest(str(path), names)})"
         raise BtxError(f"{path}: no such recipe file{hint}")
     try:
