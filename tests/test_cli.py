@@ -225,3 +225,5 @@ def test_named_recipes_from_a_wheel_install(tmp_path):
     status = run("status", "demo", f"run_dir={tmp_path / 'run'}")
     assert status.returncode == 0, status.stderr
     assert "pending" in status.stdout
+    shipped_seed = site / "btx" / "_recipes" / "demo" / "seed"
+    assert {p.name for p in shipped_seed.iterdir()} >= {"config.json", "model.safetensors", "SEED.json"}

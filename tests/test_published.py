@@ -175,7 +175,7 @@ def test_the_seed_spread_line_and_its_staleness(copy):
         data, [{"train_seed": 1, "averages": {"BTX": 2.02, "dense (compute-matched)": 2.02}}]
     )
     assert lines == [
-        "- Seed-to-seed: the same recipe with `train.seed=1` (every job's init and batches) gives "
+        "- Seed-to-seed: the same recipe with `train.seed=1` (the init and batches of every job it trains) gives "
         "BTX 2.0000 → 2.0200, dense (compute-matched) 2.0100 → 2.0200.",
         "- BTX's margin over each (its average minus BTX's; positive: BTX is lower), seed 0 / seed 1: "
         "dense (compute-matched) +0.0100 / +0.0000 (spread 0.0100).",

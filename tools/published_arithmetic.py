@@ -10,6 +10,8 @@ them into the recipe's header and checks a run's DONE.json files against them.
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 
 
 class Stale(Exception):
@@ -34,7 +36,8 @@ class Stage:
 
 @dataclasses.dataclass
 class Arithmetic:
-    seed: Stage
+    seed: Stage  # trained by this recipe, or by the recipe that made its shipped seed.path
+    seed_recipe: str | None  # that recipe, for a shipped seed (None: this recipe trains it)
     experts: dict[str, Stage]
     finetune: Stage
     seed_params: int
@@ -59,13 +62,32 @@ class Arithmetic:
         return self.finetune.flops / self.budget
 
 
+def seed_stage(exp, seed_cfg) -> tuple[Stage, str | None]:
+    """The seed's training: this recipe's, or the one SEED.json beside a shipped seed.path names
+    (tools/demo_seed.py writes it)."""
+    from btx.recipe.load import load_experiment
+
+    if exp.seed.path is None:
+        return _stage("seed", exp.seed_train, seed_cfg), None
+    manifest = Path(exp.seed.path) / "SEED.json"
+    if not manifest.is_file():
+        raise Stale(f"{manifest}: missing; the arithmetic block needs the recipe that trained seed.path")
+    recipe = Path(exp.seed.path) / json.loads(manifest.read_text())["recipe"]
+    return _stage("seed", load_experiment(recipe, inputs_exist=False).seed_train, seed_cfg), str(recipe)
+
+
+def _stage(name, settings, cfg, trainable="all") -> Stage:
+    from btx.model.flops import train_flops_per_token
+
+    return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
+
+
 def recipe_arithmetic(exp) -> Arithmetic:
-    """What the recipe's training stages cost, from its values alone (a seed trained from scratch)."""
+    """What the recipe's training stages cost, from its values alone (and a shipped seed's config.json)."""
+    from btx.plan.stages import seed_config
     from btx.train.finetune import routing_overrides
 
-    if exp.recipe.model is None:
-        raise Stale(f"{exp.path}: the arithmetic block needs a seed trained from scratch (a model: section)")
-    seed_cfg = exp.recipe.model.to_model_config()
+    seed_cfg = seed_config(exp)
     merge = exp.merge
     ffn_dim = seed_cfg.ffn_dim // merge.chunks if merge.granularity in ("split", "blend") else seed_cfg.ffn_dim
     merged_cfg = dataclasses.replace(
@@ -76,11 +98,7 @@ def recipe_arithmetic(exp) -> Arithmetic:
 
     from btx.model.flops import train_flops_per_token
 
-    def stage(name, settings, cfg, trainable="all") -> Stage:
-        return Stage(
-            name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable)
-        )
-
+    stage = _stage
     ft = exp.finetune_train
     finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
     experts = {d: stage(d, dom.train, seed_cfg, dom.train.trainable) for d, dom in exp.domains.items()}
@@ -88,8 +106,10 @@ def recipe_arithmetic(exp) -> Arithmetic:
     dense_fpt = train_flops_per_token(seed_cfg, ft.seq_len)  # the baselines train everything
     # The baselines train with the finetune's settings for as many steps as spend the budget.
     matched = lambda fpt: max(1, round(budget / (fpt * ft.tokens_per_step)))  # noqa: E731
+    seed, seed_recipe = seed_stage(exp, seed_cfg)
     return Arithmetic(
-        seed=stage("seed", exp.seed_train, seed_cfg),
+        seed=seed,
+        seed_recipe=seed_recipe,
         experts=experts,
         finetune=finetune,
         seed_params=seed_cfg.param_counts()["total"],
@@ -110,6 +130,11 @@ def params_text(p: int) -> str:
     return f"{p / 1e6:.2f}M"
 
 
+def _shipped_by(exp, a: Arithmetic) -> str:
+    """The recipe that trained a shipped seed, as its directory's name (recipes/<name>/btx.yaml)."""
+    return Path(a.seed_recipe).resolve().parent.name
+
+
 def arithmetic_comment(exp) -> list[str]:
     """The recipe header's arithmetic lines (without the markers), each starting with '# '."""
     a = recipe_arithmetic(exp)
@@ -118,8 +143,9 @@ def arithmetic_comment(exp) -> list[str]:
     lines = [
         f"tokens per optimizer step = batch_size x seq_len x grad_accum = {t.batch_size} x {t.seq_len} x "
         f"{t.grad_accum} = {_n(t.tokens_per_step)}",
-        f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of the mixture, "
-        f"{a.seed.flops:.3g} FLOPs:",
+        f"seed      {a.seed.steps} steps x {_n(a.seed.tokens_per_step)} = {_n(a.seed.tokens)} tokens of "
+        + (f"{_shipped_by(exp, a)}'s mixture, trained once and shipped, " if a.seed_recipe else "the mixture, ")
+        + f"{a.seed.flops:.3g} FLOPs:",
         f"          {a.seed.tokens / a.seed_params:.2f} tokens per seed parameter "
         f"({params_text(a.seed_params)} parameters)",
     ]
