@@ -36,7 +36,16 @@ RECIPE = ROOT / "recipes" / "demo-seed" / "btx.yaml"
 SHIPPED_DIR = ROOT / "recipes" / "demo" / "seed"
 MANIFEST = "SEED.json"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
-TRAINING_KEYS = ("steps", "tokens", "train_flops", "params", "train_loss_last10", "val_loss", "val_losses", "wall_time_s")
+TRAINING_KEYS = (
+    "steps",
+    "tokens",
+    "train_flops",
+    "params",
+    "train_loss_last10",
+    "val_loss",
+    "val_losses",
+    "wall_time_s",
+)
 
 
 def sha256(path: Path) -> str:
@@ -129,7 +138,8 @@ def data_comment(recorded: dict) -> list[str]:
     for domain, tokens in recorded["data"].items():
         drawn = t["tokens"] * weights[domain] / sum(weights.values())
         lines.append(
-            f"#   {domain:6s} {tokens['train']:>10,} train tokens, {drawn:>12,.0f} drawn ({drawn / tokens['train']:.1f} epochs)"
+            f"#   {domain:6s} {tokens['train']:>10,} train tokens, {drawn:>12,.0f} drawn "
+            f"({drawn / tokens['train']:.1f} epochs)"
         )
     return lines
 
@@ -153,8 +163,11 @@ def render(recipe: Path = RECIPE, dest: Path = SHIPPED_DIR) -> bool:
 def compare(seed: Path, dest: Path = SHIPPED_DIR) -> list[str]:
     """The files of a fresh training that differ from the shipped ones."""
     recorded = json.loads((dest / MANIFEST).read_text())["files"]
-    return [f"{name}: {sha256(seed / name)} trained, {digest} shipped" for name, digest in recorded.items()
-            if sha256(seed / name) != digest]
+    return [
+        f"{name}: {sha256(seed / name)} trained, {digest} shipped"
+        for name, digest in recorded.items()
+        if sha256(seed / name) != digest
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

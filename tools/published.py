@@ -295,7 +295,8 @@ def spread_lines(data: dict, spreads: list[dict]) -> list[str]:
         seed = other["train_seed"]
         names = [n for n in SPREAD_ROWS if n in base and n in other["averages"]]
         out.append(
-            f"- Seed-to-seed: the same recipe with `train.seed={seed}` (the init and batches of every job it trains) gives "
+            f"- Seed-to-seed: the same recipe with `train.seed={seed}` "
+            "(the init and batches of every job it trains) gives "
             + ", ".join(f"{_md(n)} {base[n]:.4f} → {other['averages'][n]:.4f}" for n in names)
             + "."
         )

@@ -79,7 +79,9 @@ def seed_stage(exp, seed_cfg) -> tuple[Stage, str | None]:
 def _stage(name, settings, cfg, trainable="all") -> Stage:
     from btx.model.flops import train_flops_per_token
 
-    return Stage(name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable))
+    return Stage(
+        name, settings.steps, settings.tokens_per_step, train_flops_per_token(cfg, settings.seq_len, trainable)
+    )
 
 
 def recipe_arithmetic(exp) -> Arithmetic:
