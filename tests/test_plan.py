@@ -206,7 +206,10 @@ def test_demo_plan_agrees_with_the_demo_recipes_published_arithmetic():
     a = arithmetic.recipe_arithmetic(load_experiment("demo"))
     p = build_plan(parse_args(["plan", "demo", "--gpu", "H100", "--gpus-per-job", "1"]))
     jobs = {j["job"]: j for j in p["jobs"]}
-    assert jobs["seed"]["flops"] == pytest.approx(a.seed.flops, rel=1e-9)
+    assert "seed" not in jobs  # the demo's seed ships (recipes/demo/seed/); demo-seed's plan has it
+    seed_plan = build_plan(parse_args(["plan", "demo-seed", "--gpu", "H100", "--gpus-per-job", "1"]))
+    (seed_job,) = [j for j in seed_plan["jobs"] if j["job"] == "seed"]
+    assert seed_job["flops"] == pytest.approx(a.seed.flops, rel=1e-9) and a.seed_recipe is not None
     assert jobs["expert:code"]["flops"] == pytest.approx(a.experts["code"].flops, rel=1e-9)
     assert jobs["finetune"]["flops"] == pytest.approx(a.finetune.flops, rel=1e-9)
     assert p["btx"]["moe_share"] == pytest.approx(a.moe_share, rel=1e-9)

@@ -1,5 +1,6 @@
 """The published figures (README demo block, demo recipe arithmetic) are what their sources give."""
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -20,9 +21,8 @@ _spec.loader.exec_module(published)
 @pytest.fixture
 def copy(tmp_path) -> Path:
     """The files the published figures live in and come from, in a scratch root."""
-    for rel in (published.README, *(p.recipe.rsplit("/", 1)[0] for p in published.PUBLISHED.values())) + tuple(
-        p.snapshot for p in published.PUBLISHED.values()
-    ):
+    recipes = (*(p.recipe.rsplit("/", 1)[0] for p in published.PUBLISHED.values()), "recipes/demo-seed")
+    for rel in (published.README, *recipes, *(p.snapshot for p in published.PUBLISHED.values())):
         src, dst = REPO / rel, tmp_path / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         (shutil.copytree if src.is_dir() else shutil.copyfile)(src, dst)
@@ -55,17 +55,18 @@ def test_a_readme_number_edited_by_hand_fails(copy):
 def test_a_recipe_value_changed_without_rerunning_fails(copy):
     recipe = copy / published.RECIPE
     text = recipe.read_text()
-    assert "\n  steps: 300\n" in text
-    recipe.write_text(text.replace("\n  steps: 300\n", "\n  steps: 320\n", 1))
+    line = next(ln for ln in text.splitlines() if ln.startswith("  steps: "))  # train.steps
+    steps = int(line.split()[1])
+    recipe.write_text(text.replace(line, f"  steps: {steps + 20}", 1))
     problems = published.check(copy)
     # the arithmetic comment is stale, and so is the run snapshot, which names the changed key
     assert any(str(recipe) in p and "render" in p for p in problems)
-    assert any("train.steps: 300 then, 320 now" in p for p in problems)
+    assert any(f"train.steps: {steps} then, {steps + 20} now" in p for p in problems)
     published.render(copy)
     comment = recipe.read_text()
-    assert "3 x 320 steps" in comment and "3 x 300 steps" not in comment
+    assert f"3 x {steps + 20} steps" in comment and f"3 x {steps} steps" not in comment
     assert [p for p in published.check(copy) if str(recipe) in p and "render" in p] == []
-    assert any("320 now" in p for p in published.check(copy))  # until the demo is rerun
+    assert any(f"{steps + 20} now" in p for p in published.check(copy))  # until the demo is rerun
 
 
 def test_a_hand_edited_arithmetic_comment_fails(copy):
@@ -88,13 +89,19 @@ def test_a_snapshot_from_another_run_fails(copy):
 def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
     from btx.recipe.load import load_experiment
 
+    from btx.plan.stages import seed_config
+
     exp = load_experiment(REPO / published.RECIPE)
     a = published.recipe_arithmetic(exp)
-    cfg = exp.recipe.model.to_model_config()
-    assert a.seed.tokens == exp.seed_train.steps * exp.seed_train.batch_size * exp.seed_train.seq_len
+    # The demo's seed ships (recipes/demo/seed/): its cost is its own recipe's, demo-seed's.
+    made_by = load_experiment(REPO / "recipes" / "demo-seed" / "btx.yaml")
+    cfg = made_by.recipe.model.to_model_config()
+    assert dataclasses.replace(seed_config(exp), extra={}) == cfg and exp.recipe.model is None
+    st = made_by.seed_train
+    assert a.seed.tokens == st.steps * st.batch_size * st.seq_len
     from btx.model.flops import train_flops_per_token
 
-    assert a.seed.flops == train_flops_per_token(cfg, exp.seed_train.seq_len) * a.seed.tokens
+    assert a.seed.flops == train_flops_per_token(cfg, st.seq_len) * a.seed.tokens
     expert = next(iter(exp.domains.values())).train  # FFN-only experts: frozen weights cost 4 (or 2), not 6
     assert (
         a.experts[next(iter(exp.domains))].flops
