@@ -87,9 +87,8 @@ def test_a_snapshot_from_another_run_fails(copy):
 
 
 def test_the_arithmetic_uses_the_recipe_and_the_loops_flop_count():
-    from btx.recipe.load import load_experiment
-
     from btx.plan.stages import seed_config
+    from btx.recipe.load import load_experiment
 
     exp = load_experiment(REPO / published.RECIPE)
     a = published.recipe_arithmetic(exp)
