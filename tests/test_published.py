@@ -186,6 +186,14 @@ def test_the_seed_spread_line_and_its_staleness(copy):
         "- BTX's margin over each (its average minus BTX's; positive: BTX is lower), seed 0 / seed 1: "
         "dense (compute-matched) +0.0100 / +0.0000 (spread 0.0100).",
     ]
+    two = [
+        {"train_seed": k, "averages": {"BTX": 2.0, "dense (compute-matched)": 2.0 + m}}
+        for k, m in ((1, 0.03), (2, 0.02))
+    ]
+    assert published.spread_lines(data, two)[-1] == (
+        "- Over seeds 0, 1, 2, BTX's lowest and highest margin over each: "
+        "dense (compute-matched) +0.0100 to +0.0300 (spread 0.0200)."
+    )
     seed_file = copy / published.SNAPSHOT / "seed-7.json"
     seed_file.write_text(
         json.dumps({"train_seed": 7, "recipe_values": {"btx.yaml": {"experiment": "other"}}, "averages": {"BTX": 1.0}})

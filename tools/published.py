@@ -312,7 +312,22 @@ def spread_lines(data: dict, spreads: list[dict]) -> list[str]:
                 + "; ".join(margins)
                 + "."
             )
+    if len(spreads) > 1:
+        out.append(_margin_ranges(base, spreads))
     return out
+
+
+def _margin_ranges(base: dict, spreads: list[dict]) -> str:
+    """BTX's margin over each baseline under every seed at once: its lowest, its highest, their spread."""
+    runs = [(0, base), *((o["train_seed"], o["averages"]) for o in spreads)]
+    parts = []
+    for n in SPREAD_ROWS:
+        if n == "BTX" or not all(n in avg and "BTX" in avg for _, avg in runs):
+            continue
+        margins = [avg[n] - avg["BTX"] for _, avg in runs]
+        parts.append(f"{_md(n)} {min(margins):+.4f} to {max(margins):+.4f} (spread {max(margins) - min(margins):.4f})")
+    seeds = ", ".join(str(seed) for seed, _ in runs)
+    return f"- Over seeds {seeds}, BTX's lowest and highest margin over each: " + "; ".join(parts) + "."
 
 
 def readme_block(data: dict, run: dict, tokenizer: str, spreads: list[dict] | None = None, pub=DEMO) -> list[str]:
