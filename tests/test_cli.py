@@ -176,7 +176,7 @@ def test_named_recipes(tmp_path, capsys):
     assert "demo" in capsys.readouterr().out
     assert main(["status", "demo", f"run_dir={tmp_path}"]) == 0
     assert main(["status", "demoo"]) == 2
-    expected = "no built-in recipe of that name (built-in: demo, demo-study, llama2-7b (did you mean demo?))"
+    expected = "no built-in recipe of that name (built-in: demo, demo-seed, demo-study, llama2-7b (did you mean demo?))"
     assert expected in capsys.readouterr().err
     proc = subprocess.run([sys.executable, "-m", "btx", "status"], capture_output=True, text=True)
     assert proc.returncode == 2 and "KEY=VALUE" not in proc.stderr and "required: RECIPE (" in proc.stderr

@@ -28,10 +28,12 @@ def test_the_committed_tokenizer_is_what_the_tool_builds():
 
 def test_btx_and_transformers_read_it_alike():
     from btx.data.tokenizer import load_tokenizer
+    from btx.plan.stages import seed_config
     from btx.recipe.load import load_experiment
 
     tok = load_tokenizer(TOKENIZER)
-    assert tok.vocab_size == 1024 == load_experiment("demo").recipe.model.vocab_size
+    assert tok.vocab_size == 1024 == seed_config(load_experiment("demo")).vocab_size  # the shipped seed's
+    assert tok.vocab_size == load_experiment("demo-seed").recipe.model.vocab_size
     assert tok.eos_id == tok._tok.token_to_id("<|endoftext|>") and tok.bos_id is None
     text = "def f(x):\n    return 12 * 3  # the answer\n"
     ids = tok.encode(text)
