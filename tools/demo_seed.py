@@ -29,12 +29,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 from published import recipe_values  # noqa: E402
+from published_arithmetic import SEED_MANIFEST as MANIFEST  # noqa: E402
 
 SPLITS = ("train", "val")
 BLOCK = ("# <seed-data>", "# </seed-data>")
 RECIPE = ROOT / "recipes" / "demo-seed" / "btx.yaml"
 SHIPPED_DIR = ROOT / "recipes" / "demo" / "seed"
-MANIFEST = "SEED.json"
 FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 TRAINING_KEYS = (
     "steps",
@@ -121,10 +121,8 @@ def problems(dest: Path = SHIPPED_DIR, recipe: Path = RECIPE) -> list[str]:
         return [f"{path}: missing; run python tools/demo_seed.py"]
     recorded = json.loads(path.read_text())
     out = [
-        f"{dest / name}: sha256 {sha256(dest / name) if (dest / name).is_file() else 'missing'}, "
-        f"SEED.json records {digest}"
-        for name, digest in recorded["files"].items()
-        if not (dest / name).is_file() or sha256(dest / name) != digest
+        f"{dest / name}: sha256 {found or 'missing'}, {MANIFEST} records {digest}"
+        for name, found, digest in differing_files(dest, recorded["files"])
     ]
     if recorded["recipe_sha256"] != recipe_fingerprint(recipe):
         out.append(f"{recipe}: changed since the shipped seed was trained; run python tools/demo_seed.py")
@@ -164,13 +162,19 @@ def render(recipe: Path = RECIPE, dest: Path = SHIPPED_DIR) -> bool:
     return new != text
 
 
+def differing_files(directory: Path, recorded: dict[str, str]) -> list[tuple[str, str | None, str]]:
+    """(name, its sha256 in `directory` or None when missing, the recorded sha256) of each file
+    that is not as recorded."""
+    found = {name: sha256(directory / name) if (directory / name).is_file() else None for name in recorded}
+    return [(name, found[name], digest) for name, digest in recorded.items() if found[name] != digest]
+
+
 def compare(seed: Path, dest: Path = SHIPPED_DIR) -> list[str]:
     """The files of a fresh training that differ from the shipped ones."""
     recorded = json.loads((dest / MANIFEST).read_text())["files"]
     return [
-        f"{name}: {sha256(seed / name)} trained, {digest} shipped"
-        for name, digest in recorded.items()
-        if sha256(seed / name) != digest
+        f"{name}: {found or 'missing'} trained, {digest} shipped"
+        for name, found, digest in differing_files(seed, recorded)
     ]
 
 

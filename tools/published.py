@@ -47,7 +47,13 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # the btx package next to tools/, as in tools/routing_analysis.py
 if str(ROOT / "tools") not in sys.path:
     sys.path.insert(0, str(ROOT / "tools"))
-from published_arithmetic import Stale, arithmetic_comment, params_text, recipe_arithmetic  # noqa: E402
+from published_arithmetic import (  # noqa: E402
+    SEED_MANIFEST,
+    Stale,
+    arithmetic_comment,
+    params_text,
+    recipe_arithmetic,
+)
 
 from btx.recipe.run_dir import RunDir  # noqa: E402  (light: paths only)
 
@@ -107,7 +113,7 @@ def recipe_values(recipe_path: Path) -> dict:
         values[str(rel)] = yaml.safe_load((recipe_path.parent / rel).read_text()) or {}
     if raw.get("base"):  # a recipe that changes another: the base's values count too
         values["base"] = recipe_values(recipe_path.parent / raw["base"])
-    shipped_seed = recipe_path.parent / str((raw.get("seed") or {}).get("path")) / "SEED.json"
+    shipped_seed = recipe_path.parent / str((raw.get("seed") or {}).get("path")) / SEED_MANIFEST
     if shipped_seed.is_file():  # a seed that ships with the recipe: its bytes count too
         values["seed"] = json.loads(shipped_seed.read_text())["files"]
     return values

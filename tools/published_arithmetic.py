@@ -13,6 +13,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+SEED_MANIFEST = "SEED.json"  # beside a shipped seed: what made it (tools/demo_seed.py writes it)
+
 
 class Stale(Exception):
     """A published block or snapshot that no longer follows from its sources."""
@@ -69,7 +71,7 @@ def seed_stage(exp, seed_cfg) -> tuple[Stage, str | None]:
 
     if exp.seed.path is None:
         return _stage("seed", exp.seed_train, seed_cfg), None
-    manifest = Path(exp.seed.path) / "SEED.json"
+    manifest = Path(exp.seed.path) / SEED_MANIFEST
     if not manifest.is_file():
         raise Stale(f"{manifest}: missing; the arithmetic block needs the recipe that trained seed.path")
     recipe = Path(exp.seed.path) / json.loads(manifest.read_text())["recipe"]
@@ -100,10 +102,9 @@ def recipe_arithmetic(exp) -> Arithmetic:
 
     from btx.model.flops import train_flops_per_token
 
-    stage = _stage
     ft = exp.finetune_train
-    finetune = stage("finetune", ft, moe_cfg, exp.finetune.trainable)
-    experts = {d: stage(d, dom.train, seed_cfg, dom.train.trainable) for d, dom in exp.domains.items()}
+    finetune = _stage("finetune", ft, moe_cfg, exp.finetune.trainable)
+    experts = {d: _stage(d, dom.train, seed_cfg, dom.train.trainable) for d, dom in exp.domains.items()}
     budget = sum(s.flops for s in experts.values()) + finetune.flops
     dense_fpt = train_flops_per_token(seed_cfg, ft.seq_len)  # the baselines train everything
     # The baselines train with the finetune's settings for as many steps as spend the budget.

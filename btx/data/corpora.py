@@ -62,15 +62,14 @@ def _top_level_modules(seed: int) -> list[Path]:
 
 def _package_modules(seed: int) -> list[Path]:
     stdlib = _stdlib()
-    files = sorted(
-        p
-        for p in stdlib.glob("*/**/*.py")
-        if not _SKIP_PACKAGES & set(p.relative_to(stdlib).parts)
-        and not _TEST_DIRS & set(p.relative_to(stdlib).parts)
-        and not p.relative_to(stdlib).parts[0].startswith("config-")
-    )
+    files = sorted(p for p in stdlib.glob("*/**/*.py") if _is_library_module(p.relative_to(stdlib).parts))
     random.Random(seed).shuffle(files)
     return files
+
+
+def _is_library_module(parts: tuple[str, ...]) -> bool:
+    """A module of a standard-library package (path parts under Lib/), not a test or a build file."""
+    return not (_SKIP_PACKAGES | _TEST_DIRS) & set(parts) and not parts[0].startswith("config-")
 
 
 def _module_documents(files: Iterable[Path]) -> Iterator[str]:
